@@ -1,0 +1,26 @@
+# Set-up and the two quick-start commands. Each target creates or reuses .venv and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.priorlab-installed
+
+.PHONY: run test lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0          # the local CPU wheel, before anything can ask for a CUDA build
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The main job on the embedded default: a base and a CFG fine-tune on the bundled MNIST at 16 px.
+run: $(STAMP)
+	$(VENV)/bin/priorlab train stage=base study=quick trainer.max_steps=600
+	$(VENV)/bin/priorlab train stage=finetune study=quick base=runs/quick/base cond_dropout=0.1 trainer.max_steps=300
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests

@@ -1,0 +1,3 @@
+"""priorlab: the unconditional prior in classifier-free-guided diffusion models."""
+
+__version__ = "0.1.0"

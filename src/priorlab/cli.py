@@ -1,0 +1,49 @@
+"""The `priorlab` command: `priorlab COMMAND [hydra overrides]`.
+
+Each command is a Hydra app over configs/<command>.yaml, so overrides, `-m` multiruns and launchers work
+as in any Hydra program. User mistakes end with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from priorlab.errors import UserError
+
+CONFIG_DIR = Path(os.environ.get("PRIORLAB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+COMMANDS = {"train": "priorlab.train:train"}
+USAGE = "usage: priorlab {" + ",".join(COMMANDS) + "} [key=value ...]   (Hydra overrides; --help for each)"
+
+
+def _run(target: str, cfg: DictConfig) -> None:
+    module, func = target.split(":")
+    try:
+        getattr(__import__(module, fromlist=[func]), func)(cfg)
+    except UserError as err:
+        print(f"priorlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args and args[0] in COMMANDS:
+        command, args = args[0], args[1:]
+    elif "PRIORLAB_COMMAND" in os.environ and os.environ.get("LOCAL_RANK"):
+        command = os.environ["PRIORLAB_COMMAND"]  # a DDP worker that Lightning started with our overrides
+    else:
+        print(USAGE, file=sys.stderr)
+        sys.exit(0 if args[:1] in (["-h"], ["--help"]) else 2)
+    if not (CONFIG_DIR / f"{command}.yaml").exists():
+        print(f"priorlab: error: configs not found at {CONFIG_DIR}; set PRIORLAB_CONFIGS", file=sys.stderr)
+        sys.exit(2)
+    os.environ["PRIORLAB_COMMAND"] = command
+    sys.argv = [sys.argv[0], *args]
+    app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(
+        lambda cfg: _run(COMMANDS[command], cfg)
+    )
+    app()

@@ -1,0 +1,96 @@
+"""The shared in-memory datamodule: load once, validate, split deterministically."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from priorlab.errors import UserError
+
+
+def resize_images(x: Tensor, image_size: int) -> Tensor:
+    """Resize (N, C, H, W) images to image_size × image_size with antialiased bilinear filtering."""
+    if x.shape[-1] == image_size and x.shape[-2] == image_size:
+        return x
+    return F.interpolate(
+        x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+    )
+
+
+class TensorDataModule(L.LightningDataModule):
+    """A datamodule over tensors (x, label) that fit in memory.
+
+    Subclasses implement `load()`. The split is a permutation drawn from `split_seed`, so the same
+    config gives the same train and validation sets on every machine and every DDP rank.
+
+    Args:
+        batch_size: samples per batch on each process.
+        val_fraction: share of the data held out for validation and evaluation.
+        split_seed: seed of the train/val permutation.
+        num_workers: DataLoader workers (0 keeps everything in the main process).
+    """
+
+    def __init__(
+        self, batch_size: int = 128, val_fraction: float = 0.1, split_seed: int = 0, num_workers: int = 0
+    ):
+        super().__init__()
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+        if batch_size < 1:
+            raise UserError(f"data.batch_size={batch_size} must be at least 1")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.num_workers = num_workers
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.num_classes: int = 0
+
+    def load(self) -> tuple[Tensor, Tensor, int]:
+        """Return all samples x (N, ...), integer labels (N,) and the number of classes."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y, num_classes = self.load()
+        check_labels(y, num_classes, source=type(self).__name__)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, round(self.val_fraction * len(x)))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        self.train_set = TensorDataset(x[train_idx].float(), y[train_idx].long())
+        self.val_set = TensorDataset(x[val_idx].float(), y[val_idx].long())
+        self.num_classes = num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. (1, 16, 16) or (2,)."""
+        if self.train_set is None:
+            self.setup()
+        return tuple(self.train_set.tensors[0].shape[1:])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+        )
+
+
+def check_labels(y: Tensor, num_classes: int, source: str) -> None:
+    """Raise a UserError naming the offending label when a label is outside [0, num_classes)."""
+    if len(y) == 0:
+        raise UserError(f"{source}: the data set is empty")
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        first = int(y[bad][0])
+        raise UserError(
+            f"{source}: label {first} is outside [0, {num_classes}) ({int(bad.sum())} labels out of range); "
+            "set data.num_classes to cover every label or fix the label column"
+        )

@@ -1,0 +1,32 @@
+"""sklearn's 8×8 handwritten digits (1,797 images, shipped with scikit-learn)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from priorlab.data.base import TensorDataModule, resize_images
+from priorlab.data.mnist import select_classes
+
+
+class DigitsDataModule(TensorDataModule):
+    """sklearn's digits scaled to [-1, 1]; `image_size` upsamples them (8 keeps the original).
+
+    Args:
+        image_size: side length after resizing.
+        classes: keep only these digits (labels unchanged).
+    """
+
+    def __init__(self, image_size: int = 8, classes: list[int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size = image_size
+        self.classes = None if classes is None else [int(c) for c in classes]
+
+    def load(self) -> tuple[Tensor, Tensor, int]:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.as_tensor(digits.images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+        y = torch.as_tensor(digits.target, dtype=torch.long)
+        x, y = select_classes(x, y, self.classes)
+        return resize_images(x, self.image_size) * 2 - 1, y, 10

@@ -1,0 +1,99 @@
+"""Any Hugging Face `datasets` source: a hub name (online), or a local imagefolder or parquet (offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from priorlab.data.base import TensorDataModule
+from priorlab.errors import UserError
+
+
+class HFDataModule(TensorDataModule):
+    """Images and integer labels from a `datasets` source, resized and scaled to [-1, 1].
+
+    Args:
+        source: a local folder of class sub-folders (imagefolder), a folder of or path to parquet files,
+            or a hub data set name (needs network).
+        split: the split to read.
+        image_column: column holding the images.
+        label_column: column holding integer (or ClassLabel) labels.
+        image_size: side length after resizing.
+        channels: 1 (grayscale) or 3 (RGB).
+        num_classes: number of classes; taken from a ClassLabel column or the largest label when None.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        split: str = "train",
+        image_column: str = "image",
+        label_column: str = "label",
+        image_size: int = 32,
+        channels: int = 3,
+        num_classes: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if channels not in (1, 3):
+            raise UserError(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB)")
+        self.source = source
+        self.split = split
+        self.image_column = image_column
+        self.label_column = label_column
+        self.image_size = image_size
+        self.channels = channels
+        self.configured_classes = num_classes
+
+    def _open(self):
+        import datasets
+
+        path = Path(self.source).expanduser()
+        looks_local = self.source.startswith((".", "/", "~")) or path.exists()
+        if looks_local and not path.exists():
+            raise UserError(f"data.source={self.source}: no such file or folder")
+        try:
+            if path.is_file() or (path.is_dir() and any(path.rglob("*.parquet"))):
+                files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+                ds = datasets.load_dataset("parquet", data_files={self.split: files}, split=self.split)
+            elif path.is_dir():
+                ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=self.split)
+            else:
+                ds = datasets.load_dataset(self.source, split=self.split)
+        except UserError:
+            raise
+        except Exception as err:  # datasets raises many types; the user needs the source and the reason
+            raise UserError(f"data.source={self.source}: could not load split {self.split!r}: {err}") from err
+        for role, column in (("image_column", self.image_column), ("label_column", self.label_column)):
+            if column not in ds.column_names:
+                raise UserError(
+                    f"data.{role}={column!r} is not a column of {self.source}; "
+                    f"its columns are {ds.column_names}"
+                )
+        return ds
+
+    def load(self) -> tuple[Tensor, Tensor, int]:
+        ds = self._open()
+        if len(ds) == 0:
+            raise UserError(f"data.source={self.source}: split {self.split!r} holds no rows")
+        mode = "L" if self.channels == 1 else "RGB"
+        images = [self._to_array(img, mode) for img in ds[self.image_column]]
+        x = torch.from_numpy(np.stack(images)).float() / 127.5 - 1  # (N, H, W[, C])
+        x = x[:, None] if self.channels == 1 else x.permute(0, 3, 1, 2)
+        y = torch.as_tensor(ds[self.label_column], dtype=torch.long)
+        feature = ds.features[self.label_column]
+        num_classes = self.configured_classes or getattr(feature, "num_classes", None) or int(y.max()) + 1
+        return x, y, num_classes
+
+    def _to_array(self, img, mode: str) -> np.ndarray:
+        from PIL import Image
+
+        if not isinstance(img, Image.Image):
+            raise UserError(
+                f"data.image_column={self.image_column!r} does not hold images (found {type(img).__name__})"
+            )
+        img = img.convert(mode).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)

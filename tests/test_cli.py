@@ -1,0 +1,99 @@
+"""`priorlab train` end to end through the installed command, and its one-line errors."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import run_cli
+
+TINY = [
+    "trainer.max_steps=6",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+    "data.batch_size=32",
+    "callbacks.checkpoint.every_n_train_steps=3",
+    "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    out = run_cli("train", "stage=base", "study=s", *TINY, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+def _check_run_folder(run, max_steps=6):
+    assert (run / "config.yaml").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "model" / "diffusion_pytorch_model.safetensors").exists()
+    assert (run / "model" / "config.json").exists() and (run / "model" / "scheduler_config.json").exists()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert any(r.get("train/loss") for r in rows) and any(r.get("val/loss_uncond") for r in rows)
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    return json.loads((run / "model" / "priorlab.json").read_text())
+
+
+def test_base_then_finetune_write_their_run_folders(base_run):
+    meta = _check_run_folder(base_run / "runs/s/base")
+    assert meta["stage"] == "base" and meta["cond_dropout"] == 1.0 and meta["step"] == 6
+    out = run_cli(
+        "train", "stage=finetune", "study=s", "base=runs/s/base", "cond_dropout=0.2", *TINY, cwd=base_run
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = _check_run_folder(base_run / "runs/s/finetune/p=0.2/seed=0")
+    assert meta["stage"] == "finetune" and meta["cond_dropout"] == 0.2
+    assert meta["base"]["path"].endswith("runs/s/base/model") and len(meta["base"]["sha256"]) == 64
+
+
+def test_dry_run_prints_the_resolved_config(tmp_path):
+    out = run_cli("train", "dry_run=true", "study=x", "cond_dropout=0.3", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "cond_dropout: 0.3" in out.stdout and "run_dir: runs/x/base" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["cond_dropout=1.5"], "cond_dropout=1.5 is outside [0, 1]"),
+        (["stage=finetune", "base=nowhere"], "base=nowhere: no such folder"),
+        (["stage=finetune"], "stage=finetune needs base=PATH"),
+        (["data=hf", "data.source=/no/such/folder"], "data.source=/no/such/folder: no such file or folder"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    out = run_cli("train", *args, *TINY, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("priorlab: error:")]
+    assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
+
+
+def test_base_of_another_size_and_unknown_column_are_refused(base_run, tmp_path):
+    out = run_cli(
+        "train", "stage=finetune", "base=runs/s/base", "model.block_out_channels=[16,32]", *TINY, cwd=base_run
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "another architecture or size" in out.stderr and "block_out_channels" in out.stderr
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / "0.png")
+    out = run_cli(
+        "train", "data=hf", f"data.source={tmp_path / 'imgs'}", "data.label_column=digit", *TINY, cwd=tmp_path
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "data.label_column='digit' is not a column" in out.stderr
+
+
+def test_two_process_ddp_fit(tmp_path):
+    out = run_cli("train", "trainer=ddp_cpu", "data=digits", "logger=csv", "study=d", *TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "distributed_backend=gloo" in text and "Starting with 2 processes" in text
+    meta = json.loads((tmp_path / "runs/d/base/model/priorlab.json").read_text())
+    assert meta["step"] == 6

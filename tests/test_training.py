@@ -1,0 +1,78 @@
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from priorlab.models import save_denoiser
+from priorlab.train import build_module
+
+
+def test_finetune_module_starts_at_the_base_prior(compose_tmp, tmp_path):
+    base_cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=32"])
+    dm = instantiate(base_cfg.data)
+    dm.setup()
+    base_module, meta = build_module(base_cfg, dm)
+    assert meta["cond_dropout"] == 1.0 and base_module.cond_dropout == 1.0
+    with torch.no_grad():
+        for p in base_module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_denoiser(base_module.denoiser, base_module.scheduler, tmp_path / "base")
+    ft_cfg = compose_tmp(
+        [
+            "data=toy2d",
+            "model=mlp",
+            "model.hidden=32",
+            "stage=finetune",
+            f"base={tmp_path / 'base'}",
+            "cond_dropout=0.1",
+        ]
+    )
+    module, meta = build_module(ft_cfg, dm)
+    x, y = dm.val_set.tensors
+    t = torch.randint(0, 1000, (len(x),))
+    with torch.no_grad():
+        assert torch.equal(
+            module.denoiser.eval()(x, t, y, force_drop=True),
+            base_module.denoiser.eval()(x, t, y, force_drop=True),
+        )
+    assert meta["base"]["sha256"] and meta["cond_dropout"] == 0.1
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_reduces_loss_and_drops_labels_at_rate_p(compose_tmp, prediction_type):
+    cfg = compose_tmp(
+        [
+            "data=toy2d",
+            "model=mlp",
+            "model.hidden=64",
+            "data.batch_size=256",
+            "logger=csv",
+            "stage=finetune",
+            f"diffusion.prediction_type={prediction_type}",
+        ]
+    )
+    dm = instantiate(cfg.data)
+    dm.setup()
+    cfg.stage.name = "base"  # a base-shaped module, then the dropout of a fine-tune
+    module, _ = build_module(cfg, dm)
+    module.cond_dropout = 0.3
+    rates, losses = [], []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rates.append(trainer.callback_metrics["train/drop_rate"].item())
+            losses.append(outputs["loss"].item())
+
+    trainer = L.Trainer(
+        max_steps=60,
+        logger=False,
+        callbacks=[Record()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    trainer.fit(module, dm)
+    # 60 batches of 256 labels: the standard error of the mean rate is about 0.004
+    assert sum(rates) / len(rates) == pytest.approx(0.3, abs=0.02)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
