@@ -30,15 +30,11 @@ def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"
         return compose(config_name=config_name, overrides=[f"paths.runs={tmp_path}/runs", *overrides])
 
 
-def run_cli(
-    *args: str, cwd: Path, env: dict | None = None, timeout: int = 300
-) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the installed `priorlab` command and capture its output."""
     exe = Path(sys.executable).parent / "priorlab"
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run(
-        [str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

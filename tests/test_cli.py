@@ -39,9 +39,7 @@ def _check_run_folder(run, max_steps=6):
 def test_base_then_finetune_write_their_run_folders(base_run):
     meta = _check_run_folder(base_run / "runs/s/base")
     assert meta["stage"] == "base" and meta["cond_dropout"] == 1.0 and meta["step"] == 6
-    out = run_cli(
-        "train", "stage=finetune", "study=s", "base=runs/s/base", "cond_dropout=0.2", *TINY, cwd=base_run
-    )
+    out = run_cli("train", "stage=finetune", "study=s", "base=runs/s/base", "cond_dropout=0.2", *TINY, cwd=base_run)
     assert out.returncode == 0, out.stderr[-3000:]
     meta = _check_run_folder(base_run / "runs/s/finetune/p=0.2/seed=0")
     assert meta["stage"] == "finetune" and meta["cond_dropout"] == 0.2
@@ -74,7 +72,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
 
 def test_base_of_another_size_and_unknown_column_are_refused(base_run, tmp_path):
     out = run_cli(
-        "train", "stage=finetune", "base=runs/s/base", "model.block_out_channels=[16,32]", *TINY, cwd=base_run
+        "train", "stage=finetune", "base=runs/s/base", "model.block_out_channels=[8,16]", *TINY, cwd=base_run
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "another architecture or size" in out.stderr and "block_out_channels" in out.stderr

@@ -42,9 +42,7 @@ def test_noise_and_velocity_agree_with_diffusers():
     t = torch.tensor([0, 10, 500, 999])
     abar = sched.alphas_cumprod[t]
     torch.testing.assert_close(diffusion.add_noise(x0, noise, abar), sched.add_noise(x0, noise, t))
-    torch.testing.assert_close(
-        diffusion.target("v_prediction", x0, noise, abar), sched.get_velocity(x0, noise, t)
-    )
+    torch.testing.assert_close(diffusion.target("v_prediction", x0, noise, abar), sched.get_velocity(x0, noise, t))
 
 
 def test_match_timesteps_against_hand_computed_values():

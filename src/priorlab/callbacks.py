@@ -26,7 +26,5 @@ class SaveDenoiser(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_denoiser(
-                pl_module.denoiser, pl_module.scheduler, self.path, step=trainer.global_step, **self.meta
-            )
+            save_denoiser(pl_module.denoiser, pl_module.scheduler, self.path, step=trainer.global_step, **self.meta)
         trainer.strategy.barrier()

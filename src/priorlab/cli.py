@@ -7,6 +7,7 @@ as in any Hydra program. User mistakes end with one line on stderr and exit stat
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from omegaconf import DictConfig
 from priorlab.errors import UserError
 
 CONFIG_DIR = Path(os.environ.get("PRIORLAB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
-COMMANDS = {"train": "priorlab.train:train"}
+COMMANDS = {
+    "train": "priorlab.train:train",
+    "train-evaluator": "priorlab.evaluate:train_evaluator",
+    "evaluate": "priorlab.evaluate:evaluate",
+}
+# `model` is also a config group (the architecture presets of `train`); where a command takes a model folder,
+# `model=PATH` is renamed to that command's key for it.
+PATH_KEYS = {"evaluate": {"model": "model_dir"}}
 USAGE = "usage: priorlab {" + ",".join(COMMANDS) + "} [key=value ...]   (Hydra overrides; --help for each)"
 
 
@@ -27,6 +35,20 @@ def _run(target: str, cfg: DictConfig) -> None:
     except UserError as err:
         print(f"priorlab: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def rewrite_overrides(command: str, args: list[str]) -> list[str]:
+    """Rename path keys (PATH_KEYS) and quote values that contain '=' (run folders such as p=0.1/seed=0)."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in PATH_KEYS.get(command, {}):
+            key = PATH_KEYS[command][key]
+            arg = f"{key}={value}"
+        if sep and "=" in value and value[:1] not in ("'", '"') and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
 
 
 def main() -> None:
@@ -42,7 +64,7 @@ def main() -> None:
         print(f"priorlab: error: configs not found at {CONFIG_DIR}; set PRIORLAB_CONFIGS", file=sys.stderr)
         sys.exit(2)
     os.environ["PRIORLAB_COMMAND"] = command
-    sys.argv = [sys.argv[0], *args]
+    sys.argv = [sys.argv[0], *rewrite_overrides(command, args)]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(
         lambda cfg: _run(COMMANDS[command], cfg)
     )

@@ -54,13 +54,9 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
 def check_same_schedule(base_cfg, cfg) -> None:
     """A fine-tune continues its base's schedule and parameterization; differences are a user error."""
     keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
-    diff = [
-        f"{k}: {base_cfg.get(k)!r} (base) vs {cfg.get(k)!r}" for k in keys if base_cfg.get(k) != cfg.get(k)
-    ]
+    diff = [f"{k}: {base_cfg.get(k)!r} (base) vs {cfg.get(k)!r}" for k in keys if base_cfg.get(k) != cfg.get(k)]
     if diff:
-        raise UserError(
-            "the base was trained with another schedule: " + "; ".join(diff) + ". Set diffusion.* to match"
-        )
+        raise UserError("the base was trained with another schedule: " + "; ".join(diff) + ". Set diffusion.* to match")
 
 
 def train(cfg: DictConfig) -> Path:

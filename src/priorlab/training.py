@@ -40,9 +40,7 @@ class DiffusionModule(L.LightningModule):
     ):
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
-            raise UserError(
-                f"cond_dropout={cond_dropout} is outside [0, 1]; pass a rate such as cond_dropout=0.1"
-            )
+            raise UserError(f"cond_dropout={cond_dropout} is outside [0, 1]; pass a rate such as cond_dropout=0.1")
         if scheduler.config.prediction_type != denoiser.prediction_type:
             raise UserError(
                 f"the schedule predicts {scheduler.config.prediction_type} but the denoiser "

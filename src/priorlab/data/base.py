@@ -15,9 +15,7 @@ def resize_images(x: Tensor, image_size: int) -> Tensor:
     """Resize (N, C, H, W) images to image_size × image_size with antialiased bilinear filtering."""
     if x.shape[-1] == image_size and x.shape[-2] == image_size:
         return x
-    return F.interpolate(
-        x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
-    )
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
 
 
 class TensorDataModule(L.LightningDataModule):
@@ -27,6 +25,7 @@ class TensorDataModule(L.LightningDataModule):
     config gives the same train and validation sets on every machine and every DDP rank.
 
     Args:
+        name: identifies the data set and its settings (the evaluator cache is keyed by it).
         batch_size: samples per batch on each process.
         val_fraction: share of the data held out for validation and evaluation.
         split_seed: seed of the train/val permutation.
@@ -34,9 +33,11 @@ class TensorDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, batch_size: int = 128, val_fraction: float = 0.1, split_seed: int = 0, num_workers: int = 0
-    ):
+        self, name: str = "data", batch_size: int = 128, val_fraction: float = 0.1, split_seed: int = 0,
+        num_workers: int = 0,
+    ):  # fmt: skip
         super().__init__()
+        self.name = name
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
         if batch_size < 1:
@@ -72,15 +73,17 @@ class TensorDataModule(L.LightningDataModule):
             self.setup()
         return tuple(self.train_set.tensors[0].shape[1:])
 
+    def all_data(self) -> tuple[Tensor, Tensor]:
+        """Train and validation samples together, (x, labels)."""
+        self.setup()
+        return (torch.cat([self.train_set.tensors[0], self.val_set.tensors[0]]),
+                torch.cat([self.train_set.tensors[1], self.val_set.tensors[1]]))  # fmt: skip
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers
-        )
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
-        )
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
 
 def check_labels(y: Tensor, num_classes: int, source: str) -> None:

@@ -70,8 +70,7 @@ class HFDataModule(TensorDataModule):
         for role, column in (("image_column", self.image_column), ("label_column", self.label_column)):
             if column not in ds.column_names:
                 raise UserError(
-                    f"data.{role}={column!r} is not a column of {self.source}; "
-                    f"its columns are {ds.column_names}"
+                    f"data.{role}={column!r} is not a column of {self.source}; its columns are {ds.column_names}"
                 )
         return ds
 

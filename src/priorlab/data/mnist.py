@@ -40,7 +40,5 @@ def select_classes(x: Tensor, y: Tensor, classes: list[int] | None) -> tuple[Ten
         return x, y
     keep = torch.isin(y, torch.tensor(classes))
     if not keep.any():
-        raise UserError(
-            f"data.classes={classes} selects no sample; labels present: {sorted(set(y.tolist()))}"
-        )
+        raise UserError(f"data.classes={classes} selects no sample; labels present: {sorted(set(y.tolist()))}")
     return x[keep], y[keep]

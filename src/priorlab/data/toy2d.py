@@ -31,15 +31,9 @@ class GaussianMixture:
         self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, 2)
         self.std = float(std)
         k = len(self.means)
-        w = (
-            torch.ones(k, dtype=torch.float64)
-            if weights is None
-            else torch.as_tensor(weights, dtype=torch.float64)
-        )
+        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (k,) or (w < 0).any() or w.sum() <= 0:
-            raise UserError(
-                f"mixture weights must be {k} non-negative numbers with a positive sum, got {w.tolist()}"
-            )
+            raise UserError(f"mixture weights must be {k} non-negative numbers with a positive sum, got {w.tolist()}")
         self.weights = w / w.sum()
 
     @classmethod

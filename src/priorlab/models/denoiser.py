@@ -25,9 +25,7 @@ CLASS_COUNT_KEYS = {
 }
 
 
-def drop_labels(
-    labels: Tensor, p: float, null_class: int, generator: torch.Generator | None = None
-) -> Tensor:
+def drop_labels(labels: Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
     """Replace each label by `null_class` independently with probability p (conditioning dropout)."""
     if p <= 0:
         return labels
@@ -68,9 +66,7 @@ class Denoiser(nn.Module):
             if table.num_embeddings != num_classes + 1:
                 raise ValueError(f"label table has {table.num_embeddings} rows, expected {num_classes + 1}")
 
-    def forward(
-        self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None) -> Tensor:
         """The network's prediction at (x_t, t) for `labels`; rows where force_drop is True get ∅.
 
         Args:
@@ -83,6 +79,14 @@ class Denoiser(nn.Module):
             drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.net(x, t, class_labels=labels, return_dict=False)[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The input shape of one sample, read from the network's config."""
+        c = self.net.config
+        if isinstance(self.net, MLPDenoiser):
+            return (c.dim,)
+        return (c.in_channels, c.sample_size, c.sample_size)
 
     @property
     def class_name(self) -> str:

@@ -26,18 +26,14 @@ class MLPDenoiser(ModelMixin, ConfigMixin):
         self.class_embedding = nn.Embedding(num_class_embeds, hidden)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
-            nn.Sequential(
-                nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
-            )
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
             for _ in range(depth)
         )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
 
     def forward(self, sample: Tensor, timestep: Tensor, class_labels: Tensor, return_dict: bool = False):
         t = timestep.expand(len(sample)) if timestep.ndim == 0 else timestep
-        emb = self.time_embedding(self.time_proj(t).to(sample.dtype)) + self.class_embedding(
-            class_labels
-        )  # (N, H)
+        emb = self.time_embedding(self.time_proj(t).to(sample.dtype)) + self.class_embedding(class_labels)  # (N, H)
         h = self.inp(sample)
         for block in self.blocks:
             h = h + block(h + emb)

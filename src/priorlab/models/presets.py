@@ -17,9 +17,7 @@ from priorlab.models.mlp import MLPDenoiser
 
 def _image_shape(sample_shape: Sequence[int], model: str) -> tuple[int, int]:
     if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
-        raise UserError(
-            f"model={model} needs square images (C, H, W), but the data gives {tuple(sample_shape)}"
-        )
+        raise UserError(f"model={model} needs square images (C, H, W), but the data gives {tuple(sample_shape)}")
     return sample_shape[0], sample_shape[1]
 
 
@@ -38,9 +36,7 @@ def unet(
     if len(attention) != len(block_out_channels):
         raise UserError("model.attention needs one flag per entry of model.block_out_channels")
     if size % 2 ** (len(block_out_channels) - 1):
-        raise UserError(
-            f"image size {size} is not divisible by 2^{len(block_out_channels) - 1}; use fewer levels"
-        )
+        raise UserError(f"image size {size} is not divisible by 2^{len(block_out_channels) - 1}; use fewer levels")
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     net = UNet2DModel(
@@ -93,8 +89,6 @@ def mlp(
 ) -> Denoiser:
     """The residual MLP for vector data such as toy2d."""
     if len(sample_shape) != 1:
-        raise UserError(
-            f"model=mlp takes vector data, but the data gives samples of shape {tuple(sample_shape)}"
-        )
+        raise UserError(f"model=mlp takes vector data, but the data gives samples of shape {tuple(sample_shape)}")
     net = MLPDenoiser(dim=sample_shape[0], num_class_embeds=num_classes + 1, hidden=hidden, depth=depth)
     return Denoiser(net, num_classes, null_class=num_classes, prediction_type=prediction_type)

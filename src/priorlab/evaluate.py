@@ -1,0 +1,93 @@
+"""`priorlab evaluate` and `priorlab train-evaluator`: the evaluation of saved models, outside training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from priorlab.errors import UserError
+from priorlab.evaluation.core import EvalSettings, conditional_quality, prior_quality
+from priorlab.evaluation.images import save_grid
+from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior, train_and_cache_evaluator
+from priorlab.models.io import load_denoiser
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _data_config(cfg: DictConfig, model_dir: Path) -> DictConfig:
+    """The data config given on the command line, or the one in the model's run folder."""
+    if cfg.get("data"):
+        return cfg.data
+    run_config = model_dir.parent / "config.yaml"
+    if not run_config.exists():
+        raise UserError(f"no data config: {run_config} is missing; pass data=<name> (e.g. data=mnist)")
+    return OmegaConf.load(run_config).data
+
+
+def train_evaluator(cfg: DictConfig) -> Path:
+    """Train (or reuse) the evaluator of a data set and print its held-out accuracy."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    out = Path(cfg.out) if cfg.out else evaluator_dir(cfg.paths.runs, datamodule)
+    if (out / "evaluator.json").exists() and not cfg.force:
+        ev = ensure_evaluator(out, datamodule)
+        msg = f"evaluator for {datamodule.name} already at {out} (held-out accuracy {ev.accuracy:.4f})"
+        print(msg + "; force=true retrains")
+        return out
+    ev = train_and_cache_evaluator(out, datamodule, steps=cfg.steps, seed=cfg.seed, progress=True)
+    print(f"evaluator for {datamodule.name} written to {out}: held-out accuracy {ev.accuracy:.4f}")
+    return out
+
+
+def evaluate(cfg: DictConfig) -> Path:
+    """Evaluate a saved model with prior=self and prior=base; write eval/*.json and sample grids."""
+    device = _device(cfg.device)
+    model = load_denoiser(cfg.model_dir, role="model")
+    base = load_denoiser(cfg.base, role="base") if cfg.base else None
+    datamodule = instantiate(_data_config(cfg, model.path))
+    datamodule.setup()
+    if tuple(datamodule.sample_shape) != model.denoiser.sample_shape:
+        raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
+                        f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
+    evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule, progress=True)
+    channels = slice(*cfg.prior_channels) if cfg.prior_channels else None
+    prior = make_prior(model, base, channels)
+    settings = EvalSettings(**OmegaConf.to_container(cfg.eval, resolve=True))
+    for part in (model.denoiser, evaluator.net, base.denoiser if base else None):
+        if part is not None:
+            part.to(device).eval()
+    mixture = getattr(datamodule, "mixture", None)
+    with torch.no_grad():
+        cond, grids = conditional_quality(model.denoiser, model.scheduler, prior, evaluator,
+                                          datamodule.sample_shape, settings, mixture)  # fmt: skip
+        prior_metrics = prior_quality(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors,
+                                      evaluator, settings, mixture)  # fmt: skip
+    out = Path(cfg.out) if cfg.out else model.path.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"model": str(model.path), "base": str(base.path) if base else None, "settings": vars(settings),
+            "evaluator_accuracy": evaluator.accuracy}  # fmt: skip
+    for name, values in (("conditional", cond), ("prior", prior_metrics)):
+        tmp = out / f".{name}.json.tmp"
+        tmp.write_text(json.dumps({**info, "metrics": values}, indent=1))
+        tmp.rename(out / f"{name}.json")
+    for prior_name, x in grids.items():
+        save_grid(x, model.denoiser.num_classes, out / f"grid_prior={prior_name}.png")
+    _print_table(cond)
+    print(f"wrote {out}/conditional.json and {out}/prior.json")
+    return out
+
+
+def _print_table(cond: dict[str, float]) -> None:
+    rows = sorted({k.split("/", 3)[3] for k in cond if k.startswith("eval/cond/fd/")})
+    print(f"{'setting':<22}{'FD':>10}{'KID':>10}{'prec':>8}{'recall':>8}{'acc':>8}")
+    for r in rows:
+        v = [cond.get(f"eval/cond/{m}/{r}", float("nan")) for m in ("fd", "kid", "precision", "recall", "accuracy")]
+        print(f"{r:<22}{v[0]:>10.3f}{v[1]:>10.4f}{v[2]:>8.3f}{v[3]:>8.3f}{v[4]:>8.3f}")

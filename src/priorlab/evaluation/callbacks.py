@@ -1,0 +1,107 @@
+"""Evaluation callbacks: every N steps (at validation, with EMA weights) and at the end of fit.
+
+Both shard their sampling over DDP ranks (`evaluation.distributed`) and log on rank 0 to every logger,
+and write `<run>/eval/step=<n>_<kind>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from priorlab.evaluation.core import EvalSettings, conditional_quality, prior_quality
+from priorlab.evaluation.images import log_image, save_grid
+from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior
+from priorlab.models.io import load_denoiser
+
+
+class _Evaluation(L.Callback):
+    kind = ""
+
+    def __init__(
+        self, out_dir: str, runs: str = "runs", base: str | None = None, every_n_steps: int = 1000,
+        settings: dict | None = None, evaluator: str | None = None,
+    ):  # fmt: skip
+        self.out_dir = Path(out_dir)
+        self.runs = runs
+        self.base_path = base
+        self.every_n_steps = every_n_steps
+        self.settings = EvalSettings(**(settings or {}))
+        self.evaluator_path = evaluator
+        self.last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        dm = trainer.datamodule
+        path = self.evaluator_path or evaluator_dir(self.runs, dm)
+        if trainer.is_global_zero:
+            ensure_evaluator(path, dm)
+        trainer.strategy.barrier()
+        self.evaluator = ensure_evaluator(path, dm)
+        self.base = None if not self.base_path else load_denoiser(self.base_path, role="base")
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.sanity_checking and step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self.last_step:
+            return
+        self.last_step = step
+        denoiser = pl_module.denoiser
+        was_training = denoiser.training
+        denoiser.eval()
+        device = pl_module.device
+        self.evaluator.net.to(device)
+        prior = None
+        if self.base is not None:
+            self.base.denoiser.to(device)
+            prior = make_prior((denoiser, pl_module.scheduler), self.base)
+        with torch.no_grad():
+            metrics, grids = self.measure(trainer, pl_module, prior)
+        denoiser.train(was_training)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_dir / f".step={step}_{self.kind}.json.tmp"
+            tmp.write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
+            tmp.rename(self.out_dir / f"step={step}_{self.kind}.json")
+            for prior_name, x in grids.items():
+                path = save_grid(
+                    x, pl_module.denoiser.num_classes, self.out_dir / f"grid_step={step}_prior={prior_name}.png"
+                )
+                log_image(trainer.loggers, f"eval/grid/prior={prior_name}", path, step)
+        trainer.strategy.barrier()
+
+    def measure(self, trainer, pl_module, prior) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+
+class PriorQuality(_Evaluation):
+    """The fine-tune's unconditional branch vs the base: per-bucket loss, disagreement, unconditional FD/KID."""
+
+    kind = "prior"
+
+    def measure(self, trainer, pl_module, prior):
+        dm = trainer.datamodule
+        return prior_quality(pl_module.denoiser, pl_module.scheduler, prior, dm.val_set.tensors, self.evaluator,
+                             self.settings, getattr(dm, "mixture", None)), {}  # fmt: skip
+
+
+class ConditionalQuality(_Evaluation):
+    """FD, KID, precision, recall and accuracy for each prior and guidance scale, plus sample grids."""
+
+    kind = "cond"
+
+    def measure(self, trainer, pl_module, prior):
+        dm = trainer.datamodule
+        return conditional_quality(pl_module.denoiser, pl_module.scheduler, prior, self.evaluator, dm.sample_shape,
+                                   self.settings, getattr(dm, "mixture", None))  # fmt: skip

@@ -1,0 +1,87 @@
+"""The sampling loop over any diffusers scheduler, with one random generator per sample.
+
+Sample i draws its initial noise (and any per-step noise) from its own generator seeded with seeds[i], so it
+is the same whatever the batch size, the number of processes, or the prior (EDM2's per-sample seeding).
+The scheduler always receives the guided eps: every branch is converted to eps first.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from priorlab.errors import UserError
+from priorlab.guidance import Prior, guide
+from priorlab.models.denoiser import Denoiser
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def make_scheduler(name: str, train_scheduler: DDPMScheduler) -> SchedulerMixin:
+    """A sampling scheduler by short name (ddim, ddpm, euler, ...) or any diffusers scheduler class name."""
+    cls = getattr(diffusers, SCHEDULERS.get(name, name), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise UserError(f"sampler={name} is not a diffusers scheduler; use one of {', '.join(SCHEDULERS)}")
+    return cls.from_config(train_scheduler.config, prediction_type="epsilon")
+
+
+def initial_noise(seeds: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, list[torch.Generator]]:
+    """Per-sample initial noise (N, *shape) and the generators that continue each sample's stream."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
+
+
+@torch.no_grad()
+def sample(
+    model: Denoiser,
+    labels: Tensor,
+    seeds: Tensor,
+    train_scheduler: DDPMScheduler,
+    sample_shape: tuple[int, ...],
+    scale: float = 1.0,
+    prior: str = "self",
+    base: Prior | None = None,
+    interval: tuple[float, float] | None = None,
+    sampler: str = "ddim",
+    num_steps: int = 25,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> Tensor:
+    """Generate one sample per (label, seed) pair with guidance; returns (N, *sample_shape) on the model's device.
+
+    Args:
+        model: the conditional denoiser θ.
+        labels: class of each sample (N,); the null class gives unconditional samples.
+        seeds: seed of each sample (N,).
+        train_scheduler: θ's training schedule (its ᾱ and timestep count).
+        scale, prior, base, interval: guidance, see `priorlab.guidance.guide`.
+        sampler: scheduler name; num_steps: denoising steps.
+    """
+    device = next(model.parameters()).device
+    abar = train_scheduler.alphas_cumprod.to(device)
+    out = []
+    chunks = range(0, len(labels), batch_size)
+    for start in tqdm(chunks, desc=f"sampling prior={prior} w={scale}", disable=not progress, leave=False):
+        y = labels[start : start + batch_size].to(device)
+        x, gens = initial_noise(seeds[start : start + batch_size], tuple(sample_shape))
+        scheduler = make_scheduler(sampler, train_scheduler)
+        scheduler.set_timesteps(num_steps)
+        x = x.to(device) * scheduler.init_noise_sigma
+        for step_t in scheduler.timesteps:
+            t = step_t.round().long().to(device).expand(len(y))
+            x_in = scheduler.scale_model_input(x, step_t)
+            branches = guide(model, x_in, t, y, abar[t], scale, prior, base, interval)
+            x = scheduler.step(branches.guided, step_t, x, generator=gens).prev_sample
+        out.append(x)
+    return torch.cat(out)

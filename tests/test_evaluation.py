@@ -1,0 +1,135 @@
+"""Evaluation: DDP invariance, the toy2d ground truth, the callbacks and `priorlab evaluate`."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers import DDPMScheduler
+from hydra.utils import instantiate
+
+from conftest import run_cli
+from priorlab.evaluation.core import EvalSettings, conditional_quality, prior_quality
+from priorlab.evaluation.features import Classifier, Evaluator
+from priorlab.guidance import Prior
+from priorlab.models import unet
+from priorlab.train import build_module
+
+
+def _tiny_setup():
+    torch.manual_seed(0)
+    model = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).eval()
+    base = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).eval()
+    for m in (model, base):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    net = Classifier((1, 8, 8), 3, width=8, feature_dim=16).eval()
+    real = torch.randn(60, 1, 8, 8)
+    with torch.no_grad():
+        evaluator = Evaluator(net, net.features(real), torch.arange(60) % 3, 1.0)
+    sched = DDPMScheduler()
+    settings = EvalSettings(num_samples=10, num_steps=3, guidance_scales=[1.0, 2.0], heldout=10, kid_subset=5,
+                            batch_size=4, buckets=2, grid_per_class=1)  # fmt: skip
+    return (
+        model,
+        sched,
+        Prior(base, sched, sched.alphas_cumprod),
+        evaluator,
+        settings,
+        (real[:10], torch.arange(10) % 3),
+    )
+
+
+def _evaluate_all():
+    model, sched, prior, evaluator, settings, heldout = _tiny_setup()
+    with torch.no_grad():
+        cond, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings)
+        pq = prior_quality(model, sched, prior, heldout, evaluator, settings)
+    return {**cond, **pq}
+
+
+def _worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = _evaluate_all()
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.destroy_process_group()
+
+
+def test_metrics_from_two_gloo_processes_equal_those_from_one(tmp_path):
+    torch.set_num_threads(1)
+    single = _evaluate_all()
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    double = torch.load(tmp_path / "out.pt")
+    assert set(single) == set(double) and len(single) > 20
+    for key, value in single.items():
+        assert double[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _fit(module, dm, steps):
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        limit_val_batches=0, accelerator="cpu", enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, dm)
+
+
+def test_toy2d_ground_truth_base_prior_beats_an_untrained_unconditional_branch(compose_tmp, tmp_path):
+    """With cond_dropout=0 the fine-tune's ∅ branch never trains: the base prior must give a lower exact NLL."""
+    from priorlab.models import save_denoiser
+
+    common = ["data=toy2d", "model=mlp", "model.hidden=128", "data.num_samples=4096", "optimizer.lr=1e-3"]
+    base_cfg = compose_tmp(common)
+    dm = instantiate(base_cfg.data)
+    dm.setup()
+    L.seed_everything(0, verbose=False)
+    base_module, _ = build_module(base_cfg, dm)
+    _fit(base_module, dm, 1200)
+    save_denoiser(base_module.denoiser, base_module.scheduler, tmp_path / "base")
+    ft_cfg = compose_tmp([*common, "stage=finetune", f"base={tmp_path / 'base'}", "cond_dropout=0"])
+    ft_module, _ = build_module(ft_cfg, dm)
+    _fit(ft_module, dm, 800)
+    model, base = ft_module.denoiser.eval(), base_module.denoiser.eval()
+    sched = ft_module.scheduler
+    settings = EvalSettings(num_samples=800, num_steps=25, guidance_scales=[3.0], heldout=500, buckets=4)
+    net = Classifier((2,), 8).eval()
+    with torch.no_grad():
+        evaluator = Evaluator(net, net.features(dm.val_set.tensors[0]), dm.val_set.tensors[1], 1.0)
+        prior = Prior(base, sched, sched.alphas_cumprod)
+        cond, _ = conditional_quality(model, sched, prior, evaluator, (2,), settings, dm.mixture)
+        pq = prior_quality(model, sched, prior, dm.val_set.tensors, None, settings, dm.mixture)
+    nll_self, nll_base = cond["eval/cond/nll/prior=self/w=3.0"], cond["eval/cond/nll/prior=base/w=3.0"]
+    assert nll_base < nll_self - 0.5, (nll_base, nll_self)
+    assert pq["eval/prior/score_error/model=base/all"] < pq["eval/prior/score_error/model=self/all"]
+
+
+TINY = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.batch_size=32",
+        "trainer.log_every_n_steps=1", "logger=csv", "eval=tiny", "data=digits"]  # fmt: skip
+
+
+def test_callbacks_and_evaluate_command(tmp_path):
+    out = run_cli("train", "study=e", *TINY, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli("train", "stage=finetune", "study=e", "base=runs/e/base", "callbacks=eval",
+                  "callbacks.prior_quality.every_n_steps=2", "callbacks.conditional_quality.every_n_steps=2", *TINY,
+                  cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs/e/finetune/p=0.1/seed=0"
+    assert (tmp_path / "runs/evaluators/digits8/evaluator.json").exists()
+    for step in (2, 4):
+        cond = json.loads((run / f"eval/step={step}_cond.json").read_text())["metrics"]
+        assert {"eval/cond/fd/prior=base/w=3.0", "eval/cond/accuracy/prior=self/w=1.0"} <= set(cond)
+        prior = json.loads((run / f"eval/step={step}_prior.json").read_text())["metrics"]
+        assert "eval/prior/disagreement/all" in prior and "eval/uncond/fd/model=base" in prior
+    assert (run / "eval/grid_step=4_prior=base.png").exists() and (run / "eval/grid_step=4_prior=self.png").exists()
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "eval/cond/fd/prior=base/w=3.0" in header and "eval/prior/loss/model=self/all" in header
+    out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "base=runs/e/base", "eval=tiny", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cond = json.loads((run / "eval/conditional.json").read_text())["metrics"]
+    assert cond["eval/cond/fd/prior=self/w=1.0"] == cond["eval/cond/fd/prior=base/w=1.0"]
+    assert (run / "eval/prior.json").exists() and (run / "eval/grid_prior=base.png").exists()
+    out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "eval.guidance_scales=[-1]", cwd=tmp_path)
+    assert out.returncode == 2 and "guidance_scale=-1 must be" in out.stderr and "Traceback" not in out.stderr

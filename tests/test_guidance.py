@@ -1,0 +1,155 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from priorlab import diffusion
+from priorlab.errors import UserError
+from priorlab.guidance import Prior, cfg, cfg_two_conditions, check_scale, guide, sigma
+from priorlab.models import mlp, unet
+
+
+def _model(seed=0, prediction_type="epsilon", **kw):
+    torch.manual_seed(seed)
+    m = mlp((2,), 4, hidden=32, depth=2, prediction_type=prediction_type, **kw).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture
+def setup():
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 2, generator=g)
+    t = torch.tensor([5, 100, 300, 500, 700, 990])
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    return sched, x, t, y, sched.alphas_cumprod[t]
+
+
+class Counting(torch.nn.Module):
+    """Wraps a denoiser and counts the rows it was asked to predict."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rows = inner, 0
+        self.null_class, self.prediction_type, self.num_classes = (
+            inner.null_class,
+            inner.prediction_type,
+            inner.num_classes,
+        )
+
+    def forward(self, x, t, labels, force_drop=None):
+        self.rows += len(x)
+        return self.inner(x, t, labels, force_drop)
+
+
+def test_scale_one_gives_the_conditional_prediction(setup):
+    sched, x, t, y, abar = setup
+    model = _model()
+    with torch.no_grad():
+        cond = model(x, t, y)
+        for prior in ("self", "base", "none"):
+            base = Prior(_model(1), sched, sched.alphas_cumprod)
+            out = guide(model, x, t, y, abar, 1.0, prior, base)
+            assert torch.equal(out.guided, cond) and torch.equal(out.cond, cond)
+
+
+def test_prior_base_with_the_model_itself_is_standard_cfg(setup):
+    sched, x, t, y, abar = setup
+    model = _model()
+    with torch.no_grad():
+        standard = guide(model, x, t, y, abar, 3.0, "self")
+        swapped = guide(model, x, t, y, abar, 3.0, "base", Prior(model, sched, sched.alphas_cumprod))
+        hand = model(x, t, torch.full_like(y, 4)) + 3.0 * (model(x, t, y) - model(x, t, torch.full_like(y, 4)))
+    torch.testing.assert_close(swapped.guided, standard.guided, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(standard.guided, hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(swapped.uncond, standard.uncond, rtol=1e-5, atol=1e-6)
+
+
+def test_swap_uses_the_base_unconditional_prediction(setup):
+    sched, x, t, y, abar = setup
+    model, other = _model(0), _model(1)
+    with torch.no_grad():
+        out = guide(model, x, t, y, abar, 2.5, "base", Prior(other, sched, sched.alphas_cumprod))
+        eps_base = other(x, t, torch.full_like(y, 4))
+        torch.testing.assert_close(out.uncond, eps_base)
+        torch.testing.assert_close(out.guided, eps_base + 2.5 * (model(x, t, y) - eps_base))
+
+
+def test_v_prediction_prior_guides_an_eps_model(setup):
+    sched, x, t, y, abar = setup
+    model, vbase = _model(0), _model(1, prediction_type="v_prediction")
+    with torch.no_grad():
+        out = guide(model, x, t, y, abar, 2.0, "base", Prior(vbase, sched, sched.alphas_cumprod))
+        v = vbase(x, t, torch.full_like(y, 4))
+        expected = abar.sqrt()[:, None] * v + (1 - abar).sqrt()[:, None] * x
+    torch.testing.assert_close(out.uncond, expected)
+
+
+def test_prior_with_another_schedule_is_queried_at_the_closest_alpha_bar(setup):
+    sched, x, t, y, abar = setup
+    other_sched = DDPMScheduler(beta_schedule="linear", num_train_timesteps=500)
+    base = _model(1)
+    prior = Prior(base, other_sched, sched.alphas_cumprod)
+    with torch.no_grad():
+        tp = diffusion.match_timesteps(sched.alphas_cumprod, other_sched.alphas_cumprod, t)
+        torch.testing.assert_close(prior(x, t), base(x, tp, torch.full_like(y, 4)))
+    assert not torch.equal(tp, t)
+
+
+def test_two_condition_formula_against_hand_computation():
+    uu, cu, cc = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0]), torch.tensor([0.5, 4.0])
+    out = cfg_two_conditions(uu, cu, cc, 1.5, 7.5)
+    # 1 + 1.5·(3 − 1) + 7.5·(0.5 − 3) = −14.75 ; 2 + 1.5·(−1 − 2) + 7.5·(4 + 1) = 35
+    torch.testing.assert_close(out, torch.tensor([-14.75, 35.0]))
+    swapped = cfg_two_conditions(torch.tensor([0.0, 0.0]), cu, cc, 1.5, 7.5)
+    torch.testing.assert_close(out - swapped, (1 - 1.5) * uu)  # only eps(∅,∅) changed
+
+
+def test_guidance_interval_skips_the_prior_outside(setup):
+    sched, x, t, y, abar = setup
+    model = _model()
+    base = Counting(_model(1))
+    s = sigma(abar)
+    lo, hi = float(s[2]), float(s[4])
+    with torch.no_grad():
+        out = guide(model, x, t, y, abar, 4.0, "base", Prior(base, sched, sched.alphas_cumprod), (lo, hi))
+        full = guide(model, x, t, y, abar, 4.0, "base", Prior(_model(1), sched, sched.alphas_cumprod))
+    inside = out.guided_rows
+    assert inside.tolist() == [False, False, True, True, True, False]
+    assert base.rows == 3
+    torch.testing.assert_close(out.guided[~inside], out.cond[~inside])
+    torch.testing.assert_close(out.guided[inside], full.guided[inside])
+
+
+def test_prior_shape_mismatch_is_an_error_unless_channels_are_given():
+    from priorlab.guidance import check_prior_fits
+
+    sched = DDPMScheduler()
+    base = unet((1, 16, 16), 10)
+    prior = Prior(base, sched, sched.alphas_cumprod)
+    with pytest.raises(UserError, match="prior takes inputs of shape"):
+        check_prior_fits((2, 16, 16), base.sample_shape, prior)
+    with pytest.raises(UserError, match="prior takes inputs of shape"):
+        check_prior_fits((1, 8, 8), base.sample_shape, prior)
+    check_prior_fits((2, 16, 16), base.sample_shape, Prior(base, sched, sched.alphas_cumprod, slice(0, 1)))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_bad_guidance_scales_are_refused(bad):
+    with pytest.raises(UserError, match="guidance_scale"):
+        check_scale(bad)
+
+
+def test_unknown_prior_and_missing_base(setup):
+    sched, x, t, y, abar = setup
+    with pytest.raises(UserError, match="prior=auto is unknown"):
+        guide(_model(), x, t, y, abar, 2.0, "auto")
+    with pytest.raises(UserError, match="prior=base needs a base"):
+        guide(_model(), x, t, y, abar, 2.0, "base")
+
+
+def test_cfg_is_linear_in_the_scale():
+    c, u = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(cfg(c, u, 3.0) - cfg(c, u, 2.0), c - u)

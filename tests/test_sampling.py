@@ -1,0 +1,47 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from priorlab.errors import UserError
+from priorlab.guidance import Prior
+from priorlab.models import mlp, unet
+from priorlab.sampling import sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler_a"])
+def test_per_sample_seeds_are_invariant_to_batch_size(model, sampler):
+    sched = DDPMScheduler()
+    labels, seeds = torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.arange(100, 107)
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=2.0, sampler=sampler, num_steps=5)
+    full = sample(model, labels, seeds, batch_size=7, **kw)
+    for bs in (1, 3):
+        torch.testing.assert_close(sample(model, labels, seeds, batch_size=bs, **kw), full, rtol=1e-4, atol=1e-5)
+    part = sample(model, labels[4:], seeds[4:], batch_size=2, **kw)  # sample i does not depend on the others
+    torch.testing.assert_close(part, full[4:], rtol=1e-4, atol=1e-5)
+    other = sample(model, labels, seeds + 1, batch_size=7, **kw)
+    assert (other - full).abs().mean() > 0.1
+
+
+def test_prior_self_and_base_share_noise(model):
+    sched = DDPMScheduler()
+    labels, seeds = torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7])
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=5, batch_size=3)
+    a = sample(model, labels, seeds, prior="self", **kw)
+    b = sample(model, labels, seeds, prior="base", base=Prior(model, sched, sched.alphas_cumprod), **kw)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_sampler_is_an_error():
+    m = mlp((2,), 2, hidden=8, depth=1)
+    with pytest.raises(UserError, match="sampler=nope is not a diffusers scheduler"):
+        sample(m, torch.tensor([0]), torch.tensor([0]), DDPMScheduler(), (2,), sampler="nope")
