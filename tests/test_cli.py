@@ -12,7 +12,6 @@ TINY = [
     "trainer.val_check_interval=3",
     "trainer.limit_val_batches=1",
     "data.batch_size=32",
-    "callbacks.checkpoint.every_n_train_steps=3",
     "trainer.log_every_n_steps=1",
 ]
 
@@ -71,9 +70,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
 
 
 def test_base_of_another_size_and_unknown_column_are_refused(base_run, tmp_path):
-    out = run_cli(
-        "train", "stage=finetune", "base=runs/s/base", "model.block_out_channels=[8,16]", *TINY, cwd=base_run
-    )
+    out = run_cli("train", "stage=finetune", "base=runs/s/base", "model.block_out_channels=[8,16]", *TINY, cwd=base_run)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "another architecture or size" in out.stderr and "block_out_channels" in out.stderr
     import numpy as np

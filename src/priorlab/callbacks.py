@@ -5,8 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from priorlab.models.io import save_denoiser
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's EMAWeightAveraging that also puts the average into the module at the end of fit.
+
+    Lightning copies the average at `on_train_end`, which does not run when a run is resumed from a
+    checkpoint taken at its last step; copying again at `on_fit_end` (idempotent otherwise) makes the saved
+    and evaluated weights the EMA weights in both cases. List it before callbacks that use the weights.
+    """
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None:
+            self._copy_average_to_current(pl_module)
 
 
 class SaveDenoiser(L.Callback):

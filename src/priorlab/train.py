@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -46,7 +47,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
     meta["cond_dropout"] = cond_dropout
     module = DiffusionModule(
-        denoiser, scheduler, instantiate(cfg.optimizer), cond_dropout=cond_dropout, compile=cfg.compile
+        denoiser, scheduler, instantiate(cfg.optimizer), cond_dropout=cond_dropout, compile=cfg.compile, seed=cfg.seed
     )
     return module, meta
 
@@ -59,14 +60,25 @@ def check_same_schedule(base_cfg, cfg) -> None:
         raise UserError("the base was trained with another schedule: " + "; ".join(diff) + ". Set diffusion.* to match")
 
 
+DONE = "done.json"
+
+
 def train(cfg: DictConfig) -> Path:
-    """Fit one run and return its model folder; a run folder with a last checkpoint is resumed."""
+    """Fit one run and return its model folder.
+
+    A run folder holding `done.json` is finished and skipped; one holding `checkpoints/last.ckpt` is resumed
+    from it, and ends with the same weights as an unbroken run (batches, noise and dropout are drawn from
+    (seed, step)).
+    """
     check_config(cfg)
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return Path(cfg.paths.run_dir) / "model"
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = Path(cfg.paths.run_dir)
+    if (run_dir / DONE).exists():
+        print(f"{run_dir} is finished ({DONE} present); skipping")
+        return run_dir / "model"
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module, meta = build_module(cfg, datamodule)
@@ -81,4 +93,8 @@ def train(cfg: DictConfig) -> Path:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None)
+    if trainer.is_global_zero:
+        tmp = run_dir / f".{DONE}.tmp"
+        tmp.write_text(json.dumps({"step": trainer.global_step, "stage": cfg.stage.name}))
+        tmp.rename(run_dir / DONE)
     return run_dir / "model"

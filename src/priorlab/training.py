@@ -28,6 +28,8 @@ class DiffusionModule(L.LightningModule):
         optimizer: a partial optimizer, called with the parameters.
         cond_dropout: probability p of replacing a label by the null class during training.
         compile: wrap the network in torch.compile (GPU runs).
+        seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), so a run
+            resumed from a checkpoint continues exactly as an unbroken one.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class DiffusionModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         cond_dropout: float,
         compile: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
@@ -50,6 +53,7 @@ class DiffusionModule(L.LightningModule):
         self.scheduler = scheduler
         self.optimizer_factory = optimizer
         self.cond_dropout = cond_dropout
+        self.seed = seed
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         if compile:
             denoiser.net.compile()  # in place: parameter names stay those of the plain network
@@ -66,8 +70,11 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
-        labels = drop_labels(labels, self.cond_dropout, self.denoiser.null_class)
-        loss = self.loss(x0, labels).mean()
+        gen = torch.Generator(device=x0.device).manual_seed(
+            (self.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
+        )
+        labels = drop_labels(labels, self.cond_dropout, self.denoiser.null_class, generator=gen)
+        loss = self.loss(x0, labels, generator=gen).mean()
         dropped = (labels == self.denoiser.null_class).float().mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/drop_rate", dropped)

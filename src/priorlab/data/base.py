@@ -80,10 +80,36 @@ class TensorDataModule(L.LightningDataModule):
                 torch.cat([self.train_set.tensors[1], self.val_set.tensors[1]]))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        """Batches that are a pure function of (split_seed, step, rank): a resumed run sees the same data."""
+        trainer = getattr(self, "trainer", None)
+        start = trainer.global_step if trainer is not None else 0
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.split_seed, start, rank, world)
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class StepBatchSampler:
+    """An endless stream of batches, batch k drawn with replacement from a generator seeded by (seed, k).
+
+    All ranks draw the same global batch of batch_size · world indices and each takes its own slice, so the
+    data of optimizer step k depends only on the seed and k: resuming at step s continues the same stream,
+    and the union over ranks equals a single-process batch of the global size.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.rank, self.world = start_step, rank, world
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            idx = torch.randint(0, self.n, (self.batch_size * self.world,), generator=g)
+            yield idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            step += 1
 
 
 def check_labels(y: Tensor, num_classes: int, source: str) -> None:

@@ -31,7 +31,7 @@ def drop_labels(labels: Tensor, p: float, null_class: int, generator: torch.Gene
         return labels
     if p >= 1:
         return torch.full_like(labels, null_class)
-    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
+    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p  # (N,)
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 

@@ -1,0 +1,41 @@
+"""A run killed with SIGKILL and started again with the same command ends with the weights of an unbroken run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ARGS = ["train", "data=toy2d", "model=mlp", "model.hidden=64", "logger=csv", "trainer.max_steps=1500",
+        "trainer.val_check_interval=50", "trainer.log_every_n_steps=50", "callbacks.ema.decay=0.99"]  # fmt: skip
+
+
+def _cmd(study):
+    return [str(Path(sys.executable).parent / "priorlab"), *ARGS, f"study={study}"]
+
+
+def test_sigkill_then_resume_gives_identical_weights(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    subprocess.run(_cmd("unbroken"), cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_cmd("killed"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "runs/killed/base/checkpoints/last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
+    assert 0 < step < 1500 and not (tmp_path / "runs/killed/base/done.json").exists()
+    subprocess.run(_cmd("killed"), cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    a = load_file(tmp_path / "runs/unbroken/base/model/diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "runs/killed/base/model/diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # started again once finished, it trains nothing
+    out = subprocess.run(_cmd("killed"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "is finished" in out.stdout
