@@ -21,7 +21,12 @@ COMMANDS = {
     "train": "priorlab.train:train",
     "train-evaluator": "priorlab.evaluate:train_evaluator",
     "evaluate": "priorlab.evaluate:evaluate",
+    "study": "priorlab.studies:run_study",
+    "report": "priorlab.analysis.report:report_command",
+    "dashboard": "priorlab.dashboard:dashboard",
 }
+# A first argument without '=' is the value of this key: `priorlab study NAME`, `priorlab report runs/NAME`.
+POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name"}
 # `model` is also a config group (the architecture presets of `train`); where a command takes a model folder,
 # `model=PATH` is renamed to that command's key for it.
 PATH_KEYS = {"evaluate": {"model": "model_dir"}}
@@ -40,6 +45,8 @@ def _run(target: str, cfg: DictConfig) -> None:
 def rewrite_overrides(command: str, args: list[str]) -> list[str]:
     """Rename path keys (PATH_KEYS) and quote values that contain '=' (run folders such as p=0.1/seed=0)."""
     out = []
+    if args and command in POSITIONAL and "=" not in args[0] and not args[0].startswith("-"):
+        args = [f"{POSITIONAL[command]}={args[0]}", *args[1:]]
     for arg in args:
         key, sep, value = arg.partition("=")
         if sep and key in PATH_KEYS.get(command, {}):

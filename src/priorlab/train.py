@@ -93,8 +93,18 @@ def train(cfg: DictConfig) -> Path:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None)
+    _finish_wandb()
     if trainer.is_global_zero:
         tmp = run_dir / f".{DONE}.tmp"
         tmp.write_text(json.dumps({"step": trainer.global_step, "stage": cfg.stage.name}))
         tmp.rename(run_dir / DONE)
     return run_dir / "model"
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run, so that the next run of a multirun in this process starts its own."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

@@ -31,7 +31,7 @@ class _Evaluation(L.Callback):
         self.every_n_steps = every_n_steps
         self.settings = EvalSettings(**(settings or {}))
         self.evaluator_path = evaluator
-        self.last_step = -1
+        self.last_key: tuple[int, bool] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
@@ -45,16 +45,17 @@ class _Evaluation(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
         if not trainer.sanity_checking and step % self.every_n_steps == 0:
-            self.run(trainer, pl_module)
+            self.run(trainer, pl_module, final=False)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run(trainer, pl_module)
+        self.run(trainer, pl_module, final=True)
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         step = trainer.global_step
-        if step == self.last_step:
+        key = (step, final and self.final_differs)
+        if key == self.last_key:  # already measured at this step (validation at the last step, then fit end)
             return
-        self.last_step = step
+        self.last_key = key
         denoiser = pl_module.denoiser
         was_training = denoiser.training
         denoiser.eval()
@@ -65,7 +66,7 @@ class _Evaluation(L.Callback):
             self.base.denoiser.to(device)
             prior = make_prior((denoiser, pl_module.scheduler), self.base)
         with torch.no_grad():
-            metrics, grids = self.measure(trainer, pl_module, prior)
+            metrics, grids = self.measure(trainer, pl_module, prior, final)
         denoiser.train(was_training)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -81,18 +82,37 @@ class _Evaluation(L.Callback):
                 log_image(trainer.loggers, f"eval/grid/prior={prior_name}", path, step)
         trainer.strategy.barrier()
 
-    def measure(self, trainer, pl_module, prior) -> tuple[dict, dict]:
+    @property
+    def final_differs(self) -> bool:
+        """Whether the evaluation at the end of fit measures more than the ones during fit."""
+        return False
+
+    def measure(self, trainer, pl_module, prior, final: bool) -> tuple[dict, dict]:
         raise NotImplementedError
 
 
 class PriorQuality(_Evaluation):
-    """The fine-tune's unconditional branch vs the base: per-bucket loss, disagreement, unconditional FD/KID."""
+    """The fine-tune's unconditional branch vs the base: per-bucket loss, disagreement, unconditional FD/KID.
+
+    Args:
+        samples_during_fit: also sample unconditionally (FD/KID) at the intermediate evaluations, not only at
+            the end of fit; the per-bucket losses and the disagreement are measured every time.
+    """
 
     kind = "prior"
 
-    def measure(self, trainer, pl_module, prior):
+    def __init__(self, *args, samples_during_fit: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.samples_during_fit = samples_during_fit
+
+    @property
+    def final_differs(self) -> bool:
+        return not self.samples_during_fit
+
+    def measure(self, trainer, pl_module, prior, final: bool):
         dm = trainer.datamodule
-        return prior_quality(pl_module.denoiser, pl_module.scheduler, prior, dm.val_set.tensors, self.evaluator,
+        evaluator = self.evaluator if final or self.samples_during_fit else None
+        return prior_quality(pl_module.denoiser, pl_module.scheduler, prior, dm.val_set.tensors, evaluator,
                              self.settings, getattr(dm, "mixture", None)), {}  # fmt: skip
 
 
@@ -101,7 +121,7 @@ class ConditionalQuality(_Evaluation):
 
     kind = "cond"
 
-    def measure(self, trainer, pl_module, prior):
+    def measure(self, trainer, pl_module, prior, final: bool):
         dm = trainer.datamodule
         return conditional_quality(pl_module.denoiser, pl_module.scheduler, prior, self.evaluator, dm.sample_shape,
                                    self.settings, getattr(dm, "mixture", None))  # fmt: skip

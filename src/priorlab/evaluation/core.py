@@ -123,11 +123,10 @@ def conditional_quality(
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
     g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)
     g_seeds = settings.seed * 1_000_000 + torch.arange(len(g_labels))
-    if len(shape) == 3:
-        for prior in settings.priors:
-            if prior == "base" and base is None:
-                continue
-            grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, base)
+    for prior in settings.priors:
+        if prior == "base" and base is None:
+            continue
+        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, base)
     return results, grids
 
 

@@ -23,12 +23,32 @@ def grid_image(x: Tensor, rows: int) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
 
 
+def scatter_image(x: Tensor, rows: int) -> Image.Image:
+    """2-D samples as a scatter plot, coloured by class (samples are ordered class by class, `rows` classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = x.detach().float().cpu()
+    labels = torch.arange(len(x)) // max(1, len(x) // rows)
+    fig, ax = plt.subplots(figsize=(3.2, 3.2))
+    ax.scatter(x[:, 0], x[:, 1], c=labels, cmap="tab10", s=6)
+    ax.set_aspect("equal")
+    ax.set_xlim(-3.5, 3.5)
+    ax.set_ylim(-3.5, 3.5)
+    fig.canvas.draw()
+    img = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy())
+    plt.close(fig)
+    return img
+
+
 def save_grid(x: Tensor, rows: int, path: str | Path) -> Path:
-    """Write the grid atomically (temporary file, then rename)."""
+    """Write the grid (images) or scatter plot (2-D samples) atomically: temporary file, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    grid_image(x, rows).save(tmp)
+    (grid_image(x, rows) if x.ndim == 4 else scatter_image(x, rows)).save(tmp)
     tmp.rename(path)
     return path
 

@@ -1,0 +1,1 @@
+"""Loading study results, aggregation over seeds with confidence intervals, figures and the report."""

@@ -1,0 +1,59 @@
+"""`priorlab dashboard NAME`: a W&B workspace with the study's panels, or what to run when offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from priorlab.errors import UserError
+from priorlab.loggers import wandb_mode
+
+
+def panel_spec(scales: list[float], priors: tuple[str, ...] = ("self", "base")) -> dict[str, list[str]]:
+    """The workspace sections and the metric keys plotted in each (one line plot per key, grouped by dropout)."""
+    fmt = [f"{w:g}" if w != int(w) else f"{w:.1f}" for w in scales]
+    return {
+        "(a) FD per guidance scale": [f"eval/cond/fd/prior={p}/w={w}" for w in fmt for p in priors],
+        "Accuracy and precision/recall": [
+            f"eval/cond/{m}/prior={p}/w={w}" for m in ("accuracy", "precision", "recall") for w in fmt for p in priors
+        ],  # fmt: skip
+        "(c) Drift of the unconditional branch": [
+            "eval/prior/disagreement/all",
+            "eval/prior/loss/model=self/all",
+            "eval/prior/loss/model=base/all",
+        ],  # fmt: skip
+        "Unconditional samples": ["eval/uncond/fd/model=self", "eval/uncond/fd/model=base"],
+        "Training": ["train/loss", "val/loss_cond", "val/loss_uncond"],
+    }
+
+
+def offline_runs(study_dir: Path) -> list[Path]:
+    return sorted(study_dir.glob("**/wandb/offline-run-*"))
+
+
+def dashboard(cfg: DictConfig) -> None:
+    study_dir = Path(cfg.paths.runs) / cfg.name
+    if not study_dir.exists():
+        raise UserError(f"{study_dir} does not exist; run `priorlab study {cfg.name}` first")
+    offline = offline_runs(study_dir)
+    if wandb_mode() != "online":
+        print(f"W&B is offline here, so no dashboard is built; {len(offline)} offline run(s) of {cfg.name} to sync:")
+        print("  wandb login")
+        if offline:
+            print(f"  wandb sync {' '.join(str(p) for p in offline)}")
+        print(f"  priorlab dashboard {cfg.name}")
+        return
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        import wandb_workspaces.workspaces as ws
+    except ImportError as err:
+        raise UserError("the dashboard needs wandb-workspaces: pip install wandb-workspaces") from err
+    sections = [ws.Section(name=title, panels=[wr.LinePlot(x="Step", y=[key]) for key in keys], is_open=True)
+                for title, keys in panel_spec(list(cfg.guidance_scales)).items()]  # fmt: skip
+    workspace = ws.Workspace(entity=cfg.entity, project=cfg.project, name=f"priorlab {cfg.name}", sections=sections)
+    try:
+        workspace.save()
+    except Exception as err:  # network or permission problems: the user needs W&B's words
+        raise UserError(f"W&B refused the workspace: {err}") from err
+    print(f"dashboard for {cfg.name}: {workspace.url} (runs grouped by W&B group {cfg.name!r})")

@@ -1,0 +1,131 @@
+"""`priorlab study NAME`: one base, a Hydra multirun of fine-tunes, results, report; resumable.
+
+An experiment file (experiments/NAME.yaml) lists, per preset, the overrides shared by every run, those of
+the base and of the fine-tunes, and the sweep (cond_dropout × seed). Running the same command again skips
+finished runs (done.json) and resumes unfinished ones from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig
+
+from priorlab.errors import UserError
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+LAUNCHERS = {"basic": [], "slurm": ["hydra/launcher=slurm"]}
+
+
+def load_experiment(name: str, experiments_dir: str | Path | None = None) -> dict:
+    """The experiment spec of a name (experiments/NAME.yaml) or of a YAML path."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(experiments_dir or EXPERIMENTS_DIR) / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in Path(experiments_dir or EXPERIMENTS_DIR).glob("*.yaml"))
+        raise UserError(f"no experiment {name!r} (looked for {path}); known: {', '.join(known) or 'none'}")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
+    if not isinstance(spec, dict):
+        raise UserError(f"{path} must hold a mapping with a `presets` key")
+    spec.setdefault("name", path.stem)
+    return spec
+
+
+def preset_overrides(spec: dict, preset: str) -> dict:
+    """The preset's override lists (common, base, finetune) and its sweep."""
+    presets = spec.get("presets", {})
+    if preset not in presets:
+        raise UserError(f"experiment {spec['name']} has no preset {preset!r}; presets: {', '.join(presets)}")
+    p = presets[preset]
+    sweep = p.get("sweep", {})
+    if not sweep.get("cond_dropout") or not sweep.get("seed"):
+        raise UserError(f"preset {preset} of {spec['name']} needs sweep.cond_dropout and sweep.seed lists")
+    return {
+        "common": [*spec.get("common", []), *p.get("common", [])],
+        "base": p.get("base", []),
+        "finetune": p.get("finetune", []),
+        "sweep": sweep,
+    }
+
+
+def claim_study_dir(study_dir: Path, name: str, preset: str) -> None:
+    """Mark the folder as this study's, or refuse a folder that holds another study's runs."""
+    marker = study_dir / "study.json"
+    if marker.exists():
+        held = json.loads(marker.read_text())
+        if (held.get("name"), held.get("preset")) != (name, preset):
+            raise UserError(
+                f"{study_dir} holds the runs of study {held.get('name')} preset {held.get('preset')}; "
+                f"choose another paths.runs for {name} preset {preset}, or remove that folder"
+            )
+        return
+    if study_dir.exists() and any(study_dir.iterdir()):
+        raise UserError(f"{study_dir} already holds files that are not a priorlab study; choose another paths.runs")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    tmp = study_dir / ".study.json.tmp"
+    tmp.write_text(json.dumps({"name": name, "preset": preset}))
+    tmp.rename(marker)
+
+
+def _priorlab(args: list[str]) -> None:
+    exe = Path(sys.executable).parent / "priorlab"
+    cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m", "priorlab", *args]
+    result = subprocess.run(cmd, env={**os.environ, "PRIORLAB_COMMAND": ""})
+    if result.returncode != 0:
+        raise UserError(f"`priorlab {' '.join(args[:3])} ...` failed (exit {result.returncode}); see its output above. "
+                        "Run the same study command again to resume")  # fmt: skip
+
+
+def _values(values: list) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def sweep_yaml(name: str, study_dir: Path, common: list[str], finetune: list[str], sweep: dict) -> str:
+    """A W&B sweep config running the same fine-tunes through `wandb agent` (grid over the sweep)."""
+    fixed = ["train", "stage=finetune", f"base={study_dir / 'base'}", *common, *finetune]
+    config = {
+        "name": name,
+        "program": "priorlab",
+        "method": "grid",
+        "command": ["${program}", *fixed, "${args_no_hyphens}"],
+        "parameters": {key: {"values": list(values)} for key, values in sweep.items()},
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def run_study(cfg: DictConfig) -> Path:
+    """Base → fine-tune multirun → results.csv → report.md, each step skipping finished work."""
+    from priorlab.analysis.report import build_report
+    from priorlab.analysis.results import collect_results
+
+    spec = load_experiment(cfg.name, cfg.get("experiments"))
+    parts = preset_overrides(spec, cfg.preset)
+    if cfg.launcher not in LAUNCHERS:
+        raise UserError(f"launcher={cfg.launcher} is unknown; use one of {', '.join(LAUNCHERS)}")
+    runs = Path(cfg.paths.runs).resolve()
+    study_dir = runs / spec["name"]
+    common = [f"study={spec['name']}", f"paths.runs={runs}", *parts["common"], *cfg.get("extra", [])]
+    if cfg.dry_run:
+        sweep_args = " ".join(f"{key}={_values(values)}" for key, values in parts["sweep"].items())
+        print(f"base:      priorlab train stage=base {' '.join(common + parts['base'])}")
+        print(f"finetunes: priorlab train -m stage=finetune {' '.join(common + parts['finetune'])} {sweep_args}")
+        return study_dir
+    claim_study_dir(study_dir, spec["name"], cfg.preset)
+    (study_dir / "wandb_sweep.yaml").write_text(
+        sweep_yaml(spec["name"], study_dir, common, parts["finetune"], parts["sweep"])
+    )
+    _priorlab(["train", "stage=base", *common, *parts["base"]])
+    sweep = [f"{key}={_values(values)}" for key, values in parts["sweep"].items()]
+    _priorlab(["train", "-m", "stage=finetune", f"base={study_dir / 'base'}", *common, *parts["finetune"], *sweep,
+               *LAUNCHERS[cfg.launcher]])  # fmt: skip
+    collect_results(study_dir)
+    report = build_report(study_dir)
+    print(f"study {spec['name']} done: {study_dir / 'results.csv'}, {report}")
+    return study_dir
