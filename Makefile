@@ -12,10 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on the embedded default: a base and a CFG fine-tune on the bundled MNIST at 16 px.
+# The main job on the embedded default: the dropout-vs-prior study, quick preset (MNIST 16 px, CPU, ~12 min).
 run: $(STAMP)
-	$(VENV)/bin/priorlab train stage=base study=quick trainer.max_steps=600
-	$(VENV)/bin/priorlab train stage=finetune study=quick base=runs/quick/base cond_dropout=0.1 trainer.max_steps=300
+	$(VENV)/bin/priorlab study dropout_vs_prior preset=quick
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests

@@ -76,3 +76,32 @@ def test_training_reduces_loss_and_drops_labels_at_rate_p(compose_tmp, predictio
     # 60 batches of 256 labels: the standard error of the mean rate is about 0.004
     assert sum(rates) / len(rates) == pytest.approx(0.3, abs=0.02)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_throughput_excludes_validation_time(compose_tmp, tmp_path):
+    import json
+    import time
+
+    from priorlab.callbacks import Throughput
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+
+    class SlowValidation(L.Callback):  # like the evaluation callbacks, which run at validation epoch start
+        def on_validation_epoch_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                time.sleep(1.0)
+
+    meter = Throughput(tmp_path / "throughput.json", warmup=2)
+    trainer = L.Trainer(max_steps=12, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        accelerator="cpu", val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,
+                        num_sanity_val_steps=0, callbacks=[SlowValidation(), meter])  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    wall = time.perf_counter() - start
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    assert result["steps"] == 10 and result["world_size"] == 1
+    assert result["seconds"] < wall - 1.9  # both 1-second validations (steps 5 and 10) are left out
+    assert result["images_per_s"] == pytest.approx(10 * 32 / result["seconds"], rel=0.15)

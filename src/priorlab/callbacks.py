@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from priorlab.models.io import save_denoiser
@@ -42,3 +45,73 @@ class SaveDenoiser(L.Callback):
         if trainer.is_global_zero:
             save_denoiser(pl_module.denoiser, pl_module.scheduler, self.path, step=trainer.global_step, **self.meta)
         trainer.strategy.barrier()
+
+
+class Throughput(L.Callback):
+    """Training images per second over all processes, after `warmup` steps; logged and written to a JSON.
+
+    Time spent in validation and in the evaluation callbacks is excluded, so the figure is the training
+    loop's own pace.
+
+    Args:
+        path: where to write {images_per_s, images_per_s_per_device, world_size, steps, seconds}.
+        warmup: steps excluded from the timing (compilation, allocator warm-up).
+    """
+
+    def __init__(self, path: str | Path, warmup: int = 20):
+        self.path = Path(path)
+        self.warmup = warmup
+        self.start: float | None = None
+        self.start_step = 0
+        self.images = 0
+        self.paused = 0.0
+        self.pause_start: float | None = None
+        self.end: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.start is None:  # the only per-step synchronisation is this one, when timing starts
+            if trainer.global_step >= self.warmup:
+                _sync(pl_module)
+                self.start, self.start_step = time.perf_counter(), trainer.global_step
+            return
+        self.images += len(batch[0]) * trainer.world_size
+        self.end = time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.start is not None:
+            _sync(pl_module)
+            self.pause_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.pause_start is not None:
+            _sync(pl_module)
+            self.paused += time.perf_counter() - self.pause_start
+            self.pause_start = None
+
+    def measured(self) -> dict | None:
+        """The figures so far, or None before two timed steps."""
+        if self.start is None or self.end is None or self.images == 0:
+            return None
+        seconds = self.end - self.start - self.paused
+        return {"images_per_s": self.images / seconds, "seconds": seconds}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.end is not None:
+            _sync(pl_module)  # the queued steps finish; a validation after the last step was paused out
+            self.end = time.perf_counter()
+        result = self.measured()
+        if result is None:
+            return
+        rate = result["images_per_s"]
+        result.update({"images_per_s_per_device": rate / trainer.world_size, "world_size": trainer.world_size,
+                       "steps": trainer.global_step - self.start_step})  # fmt: skip
+        for logger in trainer.loggers:
+            logger.log_metrics({"perf/images_per_s": rate}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(result, indent=1))
+
+
+def _sync(pl_module: L.LightningModule) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)

@@ -122,6 +122,7 @@ def guide(
     prior: str = "self",
     base: Prior | None = None,
     interval: tuple[float, float] | None = None,
+    overlap: bool = True,
 ) -> Branches:
     """One guided eps prediction with its branches.
 
@@ -132,6 +133,7 @@ def guide(
         scale: guidance scale w.
         prior: "self" (θ with the null class), "base" (the `base` prior ψ) or "none" (conditional only).
         interval: apply guidance only where σ(ᾱ_t) ∈ [lo, hi].
+        overlap: on a GPU, run the base prior on a side CUDA stream concurrently with the model.
     """
     if prior not in PRIORS:
         raise UserError(f"prior={prior} is unknown; use one of {', '.join(PRIORS)}")
@@ -153,12 +155,29 @@ def guide(
         both = diffusion.to_eps(both, model.prediction_type, torch.cat([x_t, x_t]), torch.cat([abar_t, abar_t]))
         cond, uncond = both.chunk(2)
         return Branches(cfg(cond, uncond, scale), cond, uncond, rows)
-    cond = diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
-    uncond = torch.zeros_like(cond)
-    if prior == "self":
-        pred = model(x_t[rows], t[rows], torch.full_like(labels[rows], model.null_class))
-        uncond[rows] = diffusion.to_eps(pred, model.prediction_type, x_t[rows], abar_t[rows])
+    if prior == "base" and overlap and x_t.is_cuda:
+        cond, prior_eps = _overlapped(model, base, x_t, t, labels, abar_t, rows)
     else:
-        uncond[rows] = base(x_t[rows], t[rows])
+        cond = diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
+        if prior == "self":
+            pred = model(x_t[rows], t[rows], torch.full_like(labels[rows], model.null_class))
+            prior_eps = diffusion.to_eps(pred, model.prediction_type, x_t[rows], abar_t[rows])
+        else:
+            prior_eps = base(x_t[rows], t[rows])
+    uncond = torch.zeros_like(cond)
+    uncond[rows] = prior_eps.to(cond.dtype)
     guided = torch.where(rows.reshape(-1, *[1] * (cond.ndim - 1)), cfg(cond, uncond, scale), cond)
     return Branches(guided, cond, uncond, rows)
+
+
+def _overlapped(model, base, x_t, t, labels, abar_t, rows):
+    """The model's conditional pass on the current CUDA stream and the base's on a side stream, concurrently."""
+    main = torch.cuda.current_stream(x_t.device)
+    side = torch.cuda.Stream(x_t.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        prior_eps = base(x_t[rows], t[rows])
+    cond = diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
+    main.wait_stream(side)
+    prior_eps.record_stream(main)
+    return cond, prior_eps

@@ -57,6 +57,7 @@ def sample(
     num_steps: int = 25,
     batch_size: int = 256,
     progress: bool = False,
+    autocast: bool = False,
 ) -> Tensor:
     """Generate one sample per (label, seed) pair with guidance; returns (N, *sample_shape) on the model's device.
 
@@ -67,6 +68,7 @@ def sample(
         train_scheduler: θ's training schedule (its ᾱ and timestep count).
         scale, prior, base, interval: guidance, see `priorlab.guidance.guide`.
         sampler: scheduler name; num_steps: denoising steps.
+        autocast: run the networks under bf16 autocast (the scheduler's update stays in fp32).
     """
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
@@ -81,7 +83,8 @@ def sample(
         for step_t in scheduler.timesteps:
             t = step_t.round().long().to(device).expand(len(y))
             x_in = scheduler.scale_model_input(x, step_t)
-            branches = guide(model, x_in, t, y, abar[t], scale, prior, base, interval)
-            x = scheduler.step(branches.guided, step_t, x, generator=gens).prev_sample
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                branches = guide(model, x_in, t, y, abar[t], scale, prior, base, interval)
+            x = scheduler.step(branches.guided.float(), step_t, x, generator=gens).prev_sample
         out.append(x)
     return torch.cat(out)

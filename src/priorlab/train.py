@@ -47,7 +47,13 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
     meta["cond_dropout"] = cond_dropout
     module = DiffusionModule(
-        denoiser, scheduler, instantiate(cfg.optimizer), cond_dropout=cond_dropout, compile=cfg.compile, seed=cfg.seed
+        denoiser,
+        scheduler,
+        instantiate(cfg.optimizer),
+        cond_dropout=cond_dropout,
+        compile=cfg.compile,
+        seed=cfg.seed,
+        channels_last=cfg.get("channels_last", False),
     )
     return module, meta
 

@@ -28,6 +28,7 @@ class DiffusionModule(L.LightningModule):
         optimizer: a partial optimizer, called with the parameters.
         cond_dropout: probability p of replacing a label by the null class during training.
         compile: wrap the network in torch.compile (GPU runs).
+        channels_last: keep convolution weights and inputs in channels-last memory format (GPU runs).
         seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), so a run
             resumed from a checkpoint continues exactly as an unbroken one.
     """
@@ -40,6 +41,7 @@ class DiffusionModule(L.LightningModule):
         cond_dropout: float,
         compile: bool = False,
         seed: int = 0,
+        channels_last: bool = False,
     ):
         super().__init__()
         if not 0.0 <= cond_dropout <= 1.0:
@@ -55,6 +57,9 @@ class DiffusionModule(L.LightningModule):
         self.cond_dropout = cond_dropout
         self.seed = seed
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.channels_last = channels_last and denoiser.sample_shape.__len__() == 3
+        if self.channels_last:
+            denoiser.net.to(memory_format=torch.channels_last)
         if compile:
             denoiser.net.compile()  # in place: parameter names stay those of the plain network
 
@@ -70,6 +75,8 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, labels = batch
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         gen = torch.Generator(device=x0.device).manual_seed(
             (self.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
         )

@@ -37,6 +37,7 @@ class EvalSettings:
         buckets: timestep buckets of the prior-quality measures; heldout: held-out samples they use.
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
+        autocast: sample under bf16 autocast (GPU presets).
     """
 
     num_samples: int = 1000
@@ -53,6 +54,7 @@ class EvalSettings:
     per_class_fd: bool = False
     grid_scale: float | None = None
     grid_per_class: int = 6
+    autocast: bool = False
 
     def __post_init__(self):
         self.guidance_scales = [check_scale(w) for w in self.guidance_scales]
@@ -90,7 +92,7 @@ def generate(
     idx = shard(len(labels))
     interval = tuple(settings.interval) if settings.interval else None
     x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, base, interval,
-               settings.sampler, settings.num_steps, settings.batch_size)  # fmt: skip
+               settings.sampler, settings.num_steps, settings.batch_size, autocast=settings.autocast)  # fmt: skip
     return gather(x, len(labels))
 
 

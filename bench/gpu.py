@@ -1,0 +1,314 @@
+"""GPU benchmark: training throughput and MFU, sampling step time, evaluation throughput, peak memory.
+
+Everything is measured in one run on one card; medians over `--steps` steps after `--warmup` steps.
+
+    python bench/gpu.py                     # writes bench/results/<card>-<date>.json and prints a table
+    python bench/gpu.py --smoke             # tiny models on the CPU: checks the script, measures nothing
+
+Training compares priorlab's own path (DiffusionModule through Lightning's Trainer, with the trainer=gpu
+preset's settings) against a plain PyTorch loop over the same network, in fp32 and in bf16 + torch.compile.
+MFU divides the model FLOPs of one step (counted by torch.utils.flop_counter on the forward and backward
+pass) by the step time and by the card's bf16 matrix rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from torch.utils.flop_counter import FlopCounterMode
+
+from priorlab import diffusion
+from priorlab.guidance import Prior
+from priorlab.models import dit, unet
+from priorlab.sampling import sample
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_bf16_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """The card's dense bf16 matrix rate: median TFLOP/s of n×n×n products on random data."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def models(smoke: bool) -> dict:
+    """name → (builder, sample_shape, num_classes)."""
+    if smoke:
+        return {
+            "dit": (
+                lambda: dit((4, 8, 8), 10, num_layers=1, num_attention_heads=2, attention_head_dim=8),
+                (4, 8, 8),
+                10,
+            ),
+            "unet": (lambda: unet((3, 8, 8), 10, block_out_channels=(8, 16), norm_num_groups=4), (3, 8, 8), 10),
+        }
+    return {
+        "DiT-B/2": (
+            lambda: dit((4, 32, 32), 1000, num_layers=12, num_attention_heads=12, attention_head_dim=64, patch_size=2),
+            (4, 32, 32),
+            1000,
+        ),
+        "UNet-36M": (
+            lambda: unet(
+                (3, 32, 32),
+                10,
+                block_out_channels=(128, 256, 256, 256),
+                attention=(False, True, False, False),
+                layers_per_block=2,
+                norm_num_groups=32,
+                attention_head_dim=64,
+            ),  # fmt: skip
+            (3, 32, 32),
+            10,
+        ),
+    }
+
+
+def step_flops(build, shape, num_classes, batch: int, device) -> float:
+    """FLOPs of one training step's forward and backward pass (optimizer excluded)."""
+    model = build().to(device)
+    x = torch.randn(batch, *shape, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t, y).float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
+
+
+def plain_loop(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int) -> dict:
+    """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU."""
+    torch.manual_seed(0)
+    model = build().to(device)
+    if len(shape) == 3 and "unet" in type(model.net).__name__.lower():
+        model.net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    net = torch.compile(model) if compile else model
+    abar = DDPMScheduler().alphas_cumprod.to(device)
+    x0 = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    times = []
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        t = torch.randint(0, 1000, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = net(diffusion.add_noise(x0, noise, abar[t]), t, y)
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return _summary(times, batch, device)
+
+
+def _summary(times: list[float], batch: int, device) -> dict:
+    med = statistics.median(times)
+    out = {"median_step_s": med, "images_per_s": batch / med, "steps_timed": len(times)}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int) -> dict:
+    """DiffusionModule through Lightning's Trainer with the trainer=gpu preset's settings, EMA on."""
+    import lightning as L
+
+    from priorlab.callbacks import EMA
+    from priorlab.data.base import TensorDataModule
+    from priorlab.training import DiffusionModule
+
+    class RandomData(TensorDataModule):
+        def load(self):
+            g = torch.Generator().manual_seed(0)
+            n = 8 * batch
+            return torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g), num_classes
+
+    class StepTimer(L.Callback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_train_batch_start(self, trainer, pl_module, b, i):
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
+            sync()
+            self.times.append(time.perf_counter() - self.t0)
+
+    torch.manual_seed(0)
+    dm = RandomData(batch_size=batch, val_fraction=0.01)
+    module = DiffusionModule(build(), DDPMScheduler(), lambda params: torch.optim.AdamW(params, lr=1e-4,
+                             fused=device.type == "cuda"), cond_dropout=0.1, compile=compile,
+                             channels_last=len(shape) == 3)  # fmt: skip
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+                        precision="bf16-mixed" if bf16 else "32-true", max_steps=warmup + steps,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False,
+                        callbacks=[EMA(decay=0.999), timer])  # fmt: skip
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, dm)
+    return _summary(timer.times[warmup:], batch, device)
+
+
+def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile: bool) -> dict:
+    """Time per denoising step at B=batch in bf16: batched CFG, prior=base, prior=base with an interval."""
+    torch.manual_seed(0)
+    model, base = build().to(device).eval(), build().to(device).eval()
+    if len(shape) == 3 and "UNet" in model.class_name:
+        for m in (model, base):
+            m.net.to(memory_format=torch.channels_last)
+    if compile:
+        for m in (model, base):
+            m.net.compile()
+    sched = DDPMScheduler()
+    prior = Prior(base, sched, sched.alphas_cumprod)
+    labels = torch.arange(batch) % num_classes
+    seeds = torch.arange(batch)
+    # σ of the DDIM timesteps: an interval covering the middle half of them
+    from priorlab.guidance import sigma
+    from priorlab.sampling import make_scheduler
+
+    ddim = make_scheduler("ddim", sched)
+    ddim.set_timesteps(steps)
+    sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
+    interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
+    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", base=prior),
+               "prior_base_interval": dict(prior="base", base=prior, interval=interval)}  # fmt: skip
+    out = {}
+    for name, kw in configs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
+                      autocast=device.type == "cuda", **kw)  # fmt: skip
+        with torch.inference_mode():
+            sample(model, labels, seeds, **kwargs)  # warm-up (and compilation)
+            runs = []
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                sample(model, labels, seeds, **kwargs)
+                sync()
+                runs.append((time.perf_counter() - t0) / steps * 1000)
+        out[name] = {"ms_per_step": statistics.median(runs)}
+        if device.type == "cuda":
+            out[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    ref = out["batched_cfg"]["ms_per_step"]
+    for name in out:
+        out[name]["ratio_to_batched_cfg"] = out[name]["ms_per_step"] / ref
+    out["interval_sigma"] = interval
+    return out
+
+
+def eval_bench(build, shape, num_classes, device, n: int, steps: int) -> dict:
+    """Images/s through sampling (prior=base, w=2, bf16), evaluator features and FD, for n samples."""
+    from priorlab.evaluation import metrics
+    from priorlab.evaluation.core import EvalSettings, generate
+    from priorlab.evaluation.features import Classifier
+
+    torch.manual_seed(0)
+    model, base = build().to(device).eval(), build().to(device).eval()
+    sched = DDPMScheduler()
+    prior = Prior(base, sched, sched.alphas_cumprod)
+    net = Classifier(shape, num_classes).to(device).eval()
+    reference = torch.randn(n, net.feature_dim)
+    settings = EvalSettings(num_samples=n, num_steps=steps, batch_size=1000, autocast=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        x = generate(model, sched, torch.arange(n) % num_classes, torch.arange(n), shape, settings, 2.0, "base", prior)
+        t_sample = time.perf_counter() - t0
+        feats = torch.cat([net.features(c.to(device)) for c in x.split(1000)]).cpu()
+        fd = metrics.frechet_distance(feats, reference)
+    sync()
+    total = time.perf_counter() - t0
+    out = {"num_samples": n, "num_steps": steps, "seconds": total, "sampling_seconds": t_sample,
+           "images_per_s": n / total, "fd": fd}  # fmt: skip
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--eval-samples", type=int, default=10_000)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="one model name, e.g. DiT-B/2 or UNet-36M")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.steps, args.warmup, args.batch, args.sample_steps, args.eval_samples = 3, 1, 4, 2, 8
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {"card": card, "date": str(datetime.date.today()), "torch": torch.__version__, "batch": args.batch,
+              "steps_timed": args.steps, "warmup": args.warmup, "models": {}}  # fmt: skip
+    if device.type == "cuda":
+        result["peak_bf16_tflops"] = peak_bf16_tflops(device)
+    for name, (build, shape, k) in models(args.smoke).items():
+        if args.only and name != args.only:
+            continue
+        print(f"== {name}", flush=True)
+        entry = {"params_m": sum(p.numel() for p in build().parameters()) / 1e6,
+                 "train_step_flops": step_flops(build, shape, k, args.batch, device), "train": {}}  # fmt: skip
+        for label, bf16, comp in (("fp32", False, False), ("bf16", True, False), ("bf16+compile", True, True)):
+            if args.smoke and comp:
+                continue
+            for path, fn in (("plain", plain_loop), ("priorlab", priorlab_path)):
+                r = fn(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup)
+                if device.type == "cuda":
+                    r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
+                entry["train"][f"{path}/{label}"] = r
+                print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s", flush=True)
+        for comp in (False, True) if not args.smoke else (False,):
+            s = sampling_bench(build, shape, k, args.batch, device, args.sample_steps, comp)
+            entry[f"sampling{'/compile' if comp else ''}"] = s
+            print(f"  sampling compile={comp}: " + ", ".join(
+                f"{n} {v['ms_per_step']:.1f} ms" for n, v in s.items() if isinstance(v, dict)), flush=True)  # fmt: skip
+        if "UNet" in name or name == "unet":
+            entry["eval"] = eval_bench(build, shape, k, device, args.eval_samples, 25 if not args.smoke else 2)
+            print(f"  eval {entry['eval']['images_per_s']:.1f} img/s", flush=True)
+        result["models"][name] = entry
+    suffix = f"-{args.only.replace('/', '')}" if args.only else ""
+    out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m priorlab`: the same as the `priorlab` command."""
+
+from priorlab.cli import main
+
+main()

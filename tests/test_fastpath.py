@@ -1,0 +1,60 @@
+"""The GPU presets' fast settings give the slow path's results within bf16 tolerance (checked on the CPU)."""
+
+import torch
+from diffusers import DDPMScheduler
+
+from priorlab.guidance import Prior
+from priorlab.models import unet
+from priorlab.sampling import sample
+from priorlab.training import DiffusionModule
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = unet((3, 16, 16), 4, block_out_channels=(16, 32), norm_num_groups=8)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    return m
+
+
+def _step(channels_last: bool, fused: bool, autocast: bool) -> tuple[float, torch.Tensor]:
+    module = DiffusionModule(_model(), DDPMScheduler(), lambda params: torch.optim.AdamW(params, lr=1e-3, fused=fused),
+                             cond_dropout=0.1, channels_last=channels_last)  # fmt: skip
+    opt = module.configure_optimizers()
+    g = torch.Generator().manual_seed(0)
+    x0, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = module.loss(x0, y, generator=torch.Generator().manual_seed(1)).mean()
+    loss.backward()
+    opt.step()
+    return loss.item(), torch.cat([p.detach().flatten() for p in module.denoiser.parameters()])
+
+
+def test_channels_last_and_fused_adamw_match_the_plain_step():
+    loss, params = _step(False, False, False)
+    loss_cl, params_cl = _step(True, True, False)
+    assert abs(loss - loss_cl) < 1e-5
+    # Adam normalises each gradient, so float rounding moves a few weights by a small share of one step (lr 1e-3)
+    torch.testing.assert_close(params_cl, params, rtol=0, atol=5e-5)
+
+
+def test_bf16_autocast_training_step_within_tolerance():
+    loss, params = _step(False, False, False)
+    loss_bf, params_bf = _step(True, True, True)
+    assert abs(loss - loss_bf) / loss < 0.02
+    # one AdamW step moves each weight by about lr; bf16 gradients may flip the smallest updates only
+    assert (params_bf - params).abs().max() < 2.5e-3
+
+
+def test_bf16_sampling_within_tolerance_of_fp32():
+    model, base = _model(0).eval(), _model(1).eval()
+    sched = DDPMScheduler(clip_sample=False)
+    labels, seeds = torch.arange(6) % 4, torch.arange(6)
+    kw = dict(train_scheduler=sched, sample_shape=(3, 16, 16), scale=2.0, prior="base",
+              base=Prior(base, sched, sched.alphas_cumprod), num_steps=8, batch_size=6)  # fmt: skip
+    fp32 = sample(model, labels, seeds, **kw)
+    bf16 = sample(model, labels, seeds, autocast=True, **kw)
+    other_seeds = sample(model, labels, seeds + 100, **kw)
+    # bf16 moves each sample by under 2% of the distance between samples of different seeds
+    assert (bf16 - fp32).abs().mean() < 0.02 * (other_seeds - fp32).abs().mean()
