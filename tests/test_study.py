@@ -140,3 +140,11 @@ def test_mean_ci_matches_the_t_interval():
     assert est.mean == pytest.approx(2.0) and est.hi - est.mean == pytest.approx(2.4841, rel=1e-4)
     assert mean_ci([5.0]).n == 1 and str(mean_ci([5.0])) == "5 (n=1)"
     assert mean_ci([1.0, 1.1]).excludes_zero and not mean_ci([-1.0, 1.0]).excludes_zero
+
+
+def test_analysis_scripts_run_on_a_study(toy_study):
+    root, study = toy_study
+    for script in sorted((Path(__file__).parents[1] / "analysis").glob("*.py")):
+        out = subprocess.run([sys.executable, str(script), str(study)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (script.name, out.stderr[-2000:])
+        assert out.stdout.strip(), script.name

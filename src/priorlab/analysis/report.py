@@ -37,9 +37,17 @@ def headline(frame: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+HIGHER_IS_BETTER = {"accuracy", "precision", "recall"}
+
+
 def statements(frame: pd.DataFrame, metric: str = "fd") -> list[str]:
-    """One sentence per dropout rate: where the base prior helps, hurts, or is within noise (paired over seeds)."""
+    """One sentence per dropout rate: where the base prior helps, hurts, or is within noise (paired over seeds).
+
+    The difference is metric(self) − metric(base); the base helps where it is positive for lower-is-better
+    metrics (FD, KID, NLL) and negative for higher-is-better ones (accuracy, precision, recall).
+    """
     diffs = paired_difference(final_rows(frame), metric)
+    sign = -1 if metric in HIGHER_IS_BETTER else 1
     out = []
     for p, g in diffs.groupby("cond_dropout"):
         helps, hurts, noise = [], [], []
@@ -48,7 +56,7 @@ def statements(frame: pd.DataFrame, metric: str = "fd") -> list[str]:
             if w == 1:
                 continue  # identical by construction: scale 1 never evaluates the prior
             text = f"w={_fmt_w(w)}: {est}"
-            (helps if est.excludes_zero and est.mean > 0 else hurts if est.excludes_zero else noise).append(text)
+            (helps if est.excludes_zero and sign * est.mean > 0 else hurts if est.excludes_zero else noise).append(text)
         n = int(g["estimate"].iloc[0].n) if len(g) else 0
         parts = [f"**cond_dropout={p:g}** ({n} seeds; {metric.upper()}(self) − {metric.upper()}(base), mean [95% CI]):"]
         parts.append(f"the base prior helps at {'; '.join(helps)}." if helps else "the base prior helps at no scale.")
