@@ -65,7 +65,7 @@ def test_logger_and_callback_configs(compose_tmp, logger):
     loggers = [instantiate(c) for c in cfg.logger.values()]
     assert loggers and all(isinstance(lg, L.pytorch.loggers.Logger) for lg in loggers)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "EMA"}
+    assert {type(c).__name__ for c in callbacks} >= {"AtomicCheckpoint", "EMA"}
 
 
 @pytest.mark.parametrize("stage", _options("stage"))

@@ -80,3 +80,9 @@ def test_hf_local_parquet_with_custom_columns(tmp_path):
 def test_hf_missing_path_is_named(tmp_path):
     with pytest.raises(UserError, match="no such file or folder"):
         HFDataModule(source=str(tmp_path / "nowhere")).setup()
+
+
+def test_hf_empty_folder_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="data.source=.*empty"):
+        HFDataModule(source=str(tmp_path / "empty")).setup()

@@ -39,3 +39,32 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     # started again once finished, it trains nothing
     out = subprocess.run(_cmd("killed"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert "is finished" in out.stdout
+
+
+def test_corrupt_checkpoint_is_a_one_line_error_and_nothing_is_overwritten(tmp_path):
+    from conftest import run_cli
+
+    args = ["train", "data=toy2d", "model=mlp", "model.hidden=16", "logger=csv", "trainer.max_steps=4",
+            "trainer.val_check_interval=2", "study=c"]  # fmt: skip
+    ckpt_dir = tmp_path / "runs/c/base/checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    (ckpt_dir / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    out = run_cli(*args, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "cannot be loaded" in out.stderr and "Delete it to start the run over" in out.stderr
+    assert (ckpt_dir / "last.ckpt").read_bytes() == b"PK\x03\x04 truncated"
+    assert not (tmp_path / "runs/c/base/model").exists()
+
+
+def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
+    from conftest import run_cli
+
+    out = run_cli("train", "data=toy2d", "model=mlp", "model.hidden=16", "logger=csv", "trainer.max_steps=200",
+                  "trainer.val_check_interval=5", "optimizer.lr=1e30", "study=n", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "at step" in out.stderr and ("training loss became" in out.stderr or "non-finite" in out.stderr)
+    ckpt = tmp_path / "runs/n/base/checkpoints/last.ckpt"
+    if ckpt.exists():  # a checkpoint written before the blow-up holds finite weights only
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not (tmp_path / "runs/n/base/done.json").exists()

@@ -105,3 +105,19 @@ def test_throughput_excludes_validation_time(compose_tmp, tmp_path):
     assert result["steps"] == 10 and result["world_size"] == 1
     assert result["seconds"] < wall - 1.9  # both 1-second validations (steps 5 and 10) are left out
     assert result["images_per_s"] == pytest.approx(10 * 32 / result["seconds"], rel=0.15)
+
+
+def test_base_with_another_schedule_or_prediction_type_is_refused():
+    from diffusers import DDPMScheduler
+
+    from priorlab.errors import UserError
+    from priorlab.train import check_same_schedule
+
+    base = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon").config
+    check_same_schedule(base, DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon").config)
+    with pytest.raises(UserError, match="prediction_type: 'epsilon' \\(base\\) vs 'v_prediction'"):
+        check_same_schedule(
+            base, DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").config
+        )
+    with pytest.raises(UserError, match="beta_schedule"):
+        check_same_schedule(base, DDPMScheduler(beta_schedule="linear").config)

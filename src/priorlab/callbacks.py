@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from priorlab.models.io import save_denoiser
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint writing each checkpoint to a temporary file that is then renamed into place,
+    so a process killed while saving leaves the previous checkpoint whole, never a truncated one."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier()
+        self._last_checkpoint_saved = filepath
 
 
 class EMA(EMAWeightAveraging):

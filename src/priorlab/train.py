@@ -69,6 +69,21 @@ def check_same_schedule(base_cfg, cfg) -> None:
 DONE = "done.json"
 
 
+def check_checkpoint(path: Path) -> None:
+    """A checkpoint must load as tensors and plain data (weights-only: no pickled code is ever run)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or holding objects that weights-only loading refuses
+        raise UserError(
+            f"the checkpoint {path} cannot be loaded ({type(err).__name__}); nothing was changed. Delete it to "
+            "start the run over, or restore it"
+        ) from err
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise UserError(f"{path} is not a Lightning checkpoint; delete it to start the run over")
+
+
 def train(cfg: DictConfig) -> Path:
     """Fit one run and return its model folder.
 
@@ -98,7 +113,9 @@ def train(cfg: DictConfig) -> Path:
         for logger in trainer.loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None)
+    if last.exists():
+        check_checkpoint(last)
+    trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     _finish_wandb()
     if trainer.is_global_zero:
         tmp = run_dir / f".{DONE}.tmp"

@@ -56,6 +56,7 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.cond_dropout = cond_dropout
         self.seed = seed
+        self.finite_check_every = 25
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.channels_last = channels_last and denoiser.sample_shape.__len__() == 3
         if self.channels_last:
@@ -82,10 +83,35 @@ class DiffusionModule(L.LightningModule):
         )
         labels = drop_labels(labels, self.cond_dropout, self.denoiser.null_class, generator=gen)
         loss = self.loss(x0, labels, generator=gen).mean()
+        self.check_finite(loss)
         dropped = (labels == self.denoiser.null_class).float().mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/drop_rate", dropped)
         return loss
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop on a non-finite loss, naming the step; no checkpoint is written after it.
+
+        On the CPU every step is checked; on a GPU every `finite_check_every` steps (each check waits for the
+        GPU), and the weights are checked before every validation, so the checkpoint written after a
+        validation is always finite.
+        """
+        if loss.device.type != "cpu" and self.global_step % self.finite_check_every:
+            return
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"the training loss became {loss.item()} at step {self.global_step}; training stopped and the last "
+                "checkpoint (from before) is kept. Lower optimizer.lr or use a more stable precision"
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        if not all(torch.isfinite(p).all() for p in self.denoiser.parameters()):
+            raise UserError(
+                f"the weights hold non-finite values at step {self.global_step}; training stopped and the last "
+                "checkpoint (from before) is kept. Lower optimizer.lr or use a more stable precision"
+            )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, labels = batch

@@ -55,6 +55,9 @@ class HFDataModule(TensorDataModule):
         looks_local = self.source.startswith((".", "/", "~")) or path.exists()
         if looks_local and not path.exists():
             raise UserError(f"data.source={self.source}: no such file or folder")
+        if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+            raise UserError(f"data.source={self.source} is an empty folder; put class sub-folders of images or "
+                            "parquet files there")  # fmt: skip
         try:
             if path.is_file() or (path.is_dir() and any(path.rglob("*.parquet"))):
                 files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
