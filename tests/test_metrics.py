@@ -38,3 +38,13 @@ def test_precision_recall_of_identical_and_disjoint_sets(feats):
 def test_accuracy():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     assert metrics.accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("name", ["inception", "dinov2", "clip"])
+def test_feature_networks_without_local_weights_give_a_clear_error(name):
+    from priorlab.errors import UserError
+    from priorlab.evaluation.core import EvalSettings
+
+    with pytest.raises(UserError, match=f"features={name}"):
+        EvalSettings(features=name)
+    assert EvalSettings(features="domain").features == "domain"

@@ -17,7 +17,7 @@ from priorlab import diffusion
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.evaluation import metrics
 from priorlab.evaluation.distributed import gather, shard
-from priorlab.evaluation.features import Evaluator
+from priorlab.evaluation.features import Evaluator, external_features
 from priorlab.guidance import Prior, check_scale
 from priorlab.models.denoiser import Denoiser
 from priorlab.sampling import sample
@@ -38,6 +38,8 @@ class EvalSettings:
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
         autocast: sample under bf16 autocast (GPU presets).
+        features: "domain" (the classifier of `train-evaluator`), or "inception" / "dinov2", which need their
+            weights on disk and say so when they are missing.
     """
 
     num_samples: int = 1000
@@ -55,9 +57,12 @@ class EvalSettings:
     grid_scale: float | None = None
     grid_per_class: int = 6
     autocast: bool = False
+    features: str = "domain"
 
     def __post_init__(self):
         self.guidance_scales = [check_scale(w) for w in self.guidance_scales]
+        if self.features != "domain":
+            external_features(self.features)
 
 
 def _fmt(w: float) -> str:
