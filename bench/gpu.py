@@ -136,9 +136,15 @@ def _summary(times: list[float], batch: int, device) -> dict:
     return out
 
 
-def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int) -> dict:
-    """DiffusionModule through Lightning's Trainer with the trainer=gpu preset's settings, EMA on."""
+def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int,
+                  ema: str = "priorlab") -> dict:
+    """DiffusionModule through Lightning's Trainer with the trainer=gpu preset's settings, EMA on.
+
+    ema: "priorlab" (the project's fused, synchronisation-free EMA), "lightning" (Lightning's
+    EMAWeightAveraging, which priorlab used before) or "none"; the last two are ablations.
+    """
     import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging
 
     from priorlab.callbacks import EMA
     from priorlab.data.base import TensorDataModule
@@ -168,11 +174,12 @@ def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile:
                              fused=device.type == "cuda"), cond_dropout=0.1, compile=compile,
                              channels_last=len(shape) == 3)  # fmt: skip
     timer = StepTimer()
+    ema_callbacks = {"priorlab": [EMA(decay=0.999)], "lightning": [EMAWeightAveraging(decay=0.999)], "none": []}
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
                         precision="bf16-mixed" if bf16 else "32-true", max_steps=warmup + steps,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[EMA(decay=0.999), timer])  # fmt: skip
+                        callbacks=[*ema_callbacks[ema], timer])  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, dm)
@@ -269,6 +276,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", default=None, help="one model name, e.g. DiT-B/2 or UNet-36M")
+    parser.add_argument("--ablate", action="store_true", help="also priorlab bf16+compile with Lightning's EMA / none")
+    parser.add_argument("--precisions", default="fp32,bf16,bf16+compile", help="training precisions to run")
+    parser.add_argument("--train-only", action="store_true", help="skip the sampling and evaluation parts")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -279,6 +289,8 @@ def main() -> None:
               "steps_timed": args.steps, "warmup": args.warmup, "models": {}}  # fmt: skip
     if device.type == "cuda":
         result["peak_bf16_tflops"] = peak_bf16_tflops(device)
+    suffix = f"-{args.only.replace('/', '')}" if args.only else ""
+    out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}{suffix}.json"
     for name, (build, shape, k) in models(args.smoke).items():
         if args.only and name != args.only:
             continue
@@ -286,7 +298,7 @@ def main() -> None:
         entry = {"params_m": sum(p.numel() for p in build().parameters()) / 1e6,
                  "train_step_flops": step_flops(build, shape, k, args.batch, device), "train": {}}  # fmt: skip
         for label, bf16, comp in (("fp32", False, False), ("bf16", True, False), ("bf16+compile", True, True)):
-            if args.smoke and comp:
+            if (args.smoke and comp) or label not in args.precisions.split(","):
                 continue
             for path, fn in (("plain", plain_loop), ("priorlab", priorlab_path)):
                 r = fn(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup)
@@ -294,20 +306,35 @@ def main() -> None:
                     r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
                 entry["train"][f"{path}/{label}"] = r
                 print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s", flush=True)
+            if args.ablate and comp:
+                for ema in ("lightning", "none"):
+                    r = priorlab_path(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, ema)
+                    r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
+                    entry["train"][f"priorlab-ema={ema}/{label}"] = r
+                    print(f"  train priorlab ema={ema:9s} {label} {r['images_per_s']:9.1f} img/s", flush=True)
+        result["models"][name] = entry
+        write(result, out)
+        if args.train_only:
+            continue
         for comp in (False, True) if not args.smoke else (False,):
             s = sampling_bench(build, shape, k, args.batch, device, args.sample_steps, comp)
             entry[f"sampling{'/compile' if comp else ''}"] = s
+            write(result, out)
             print(f"  sampling compile={comp}: " + ", ".join(
                 f"{n} {v['ms_per_step']:.1f} ms" for n, v in s.items() if isinstance(v, dict)), flush=True)  # fmt: skip
         if "UNet" in name or name == "unet":
             entry["eval"] = eval_bench(build, shape, k, device, args.eval_samples, 25 if not args.smoke else 2)
             print(f"  eval {entry['eval']['images_per_s']:.1f} img/s", flush=True)
-        result["models"][name] = entry
-    suffix = f"-{args.only.replace('/', '')}" if args.only else ""
-    out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+        write(result, out)
     print(f"wrote {out}")
+
+
+def write(result: dict, out: Path) -> None:
+    """Write the figures so far (after each part, so a run cut short keeps what it measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

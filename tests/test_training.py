@@ -121,3 +121,29 @@ def test_base_with_another_schedule_or_prediction_type_is_refused():
         )
     with pytest.raises(UserError, match="beta_schedule"):
         check_same_schedule(base, DDPMScheduler(beta_schedule="linear").config)
+
+
+def test_ema_is_the_exponential_average_of_the_weights_after_each_step(compose_tmp):
+    from priorlab.callbacks import EMA
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32", "optimizer.lr=1e-2"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+    seen = []
+
+    class Record(L.Callback):  # listed before EMA: sees the weights the EMA update is about to take in
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append([p.detach().clone() for p in pl_module.denoiser.parameters()])
+
+    decay = 0.7
+    trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        accelerator="cpu", limit_val_batches=0, callbacks=[Record(), EMA(decay=decay)])  # fmt: skip
+    trainer.fit(module, dm)
+    expected = seen[0]
+    for weights in seen[1:]:
+        expected = [decay * a + (1 - decay) * w for a, w in zip(expected, weights, strict=True)]
+    final = list(module.denoiser.parameters())  # the average is copied into the module at the end of fit
+    assert not torch.equal(seen[-1][0], seen[0][0])  # the weights moved, so the average is not trivial
+    for got, want in zip(final, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,49 @@ class EMA(EMAWeightAveraging):
     Lightning copies the average at `on_train_end`, which does not run when a run is resumed from a
     checkpoint taken at its last step; copying again at `on_fit_end` (idempotent otherwise) makes the saved
     and evaluated weights the EMA weights in both cases. List it before callbacks that use the weights.
+
+    The update is one fused `torch._foreach_lerp_` over all floating-point parameters and buffers, with no
+    host-device synchronisation: Lightning's version calls `AveragedModel.update_parameters`, which applies the
+    average tensor by tensor and reads its step counter from the GPU twice per step, stalling the queue of
+    kernels at every optimizer step (`bench/gpu.py --ablate` times both). The average is the same,
+    avg ← avg + (1 − decay) · (θ − avg), starting from a copy of θ at the first update.
     """
+
+    def __init__(self, decay: float = 0.999, **kwargs):
+        super().__init__(decay=decay, **kwargs)
+        self.decay = decay
+        self._count: int | None = None  # updates so far, read once from the averaged model's counter
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._count = None  # after a checkpoint restore the counter may differ
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step_idx = trainer.global_step - 1
+        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+            self.update_average(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def update_average(self, pl_module: L.LightningModule) -> None:
+        """One EMA step of the averaged model towards the module's current weights."""
+        avg = self._average_model
+        if self._count is None:
+            self._count = int(avg.n_averaged)
+        dst = [*avg.module.parameters(), *(avg.module.buffers() if self._use_buffers else [])]
+        src = [*pl_module.parameters(), *(pl_module.buffers() if self._use_buffers else [])]
+        src = [s.detach().to(d.device) for d, s in zip(dst, src, strict=True)]
+        if self._count == 0:
+            torch._foreach_copy_(dst, src)
+        else:
+            floats = [i for i, d in enumerate(dst) if d.is_floating_point()]
+            others = [i for i, d in enumerate(dst) if not d.is_floating_point()]
+            if floats:
+                torch._foreach_lerp_([dst[i] for i in floats], [src[i] for i in floats], 1.0 - self.decay)
+            if others:
+                torch._foreach_copy_([dst[i] for i in others], [src[i] for i in others])
+        avg.n_averaged.add_(1)
+        self._count += 1
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._average_model is not None:

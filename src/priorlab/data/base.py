@@ -85,10 +85,25 @@ class TensorDataModule(L.LightningDataModule):
         start = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.split_seed, start, rank, world)
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=self.num_workers)
+        # A batch is one indexing of the tensors (not a stack of single samples); pinned host memory lets the
+        # copy to the GPU run without stalling the queue of kernels.
+        return DataLoader(_Indexable(*self.train_set.tensors), batch_sampler=sampler, collate_fn=_as_batch,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class _Indexable(TensorDataset):
+    """A TensorDataset that returns a whole batch from one index list (DataLoader's `__getitems__`)."""
+
+    def __getitems__(self, idx: list[int]) -> list[Tensor]:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return [t[index] for t in self.tensors]
+
+
+def _as_batch(items: list[Tensor]) -> list[Tensor]:
+    return items
 
 
 class StepBatchSampler:
