@@ -11,7 +11,9 @@ from diffusers import DDPMScheduler
 from hydra.utils import instantiate
 
 from conftest import run_cli
-from priorlab.evaluation.core import EvalSettings, conditional_quality, prior_quality
+from priorlab.calibration import PriorWeights
+from priorlab.errors import UserError
+from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
 from priorlab.evaluation.features import Classifier, Evaluator
 from priorlab.guidance import Prior
 from priorlab.models import unet
@@ -32,22 +34,24 @@ def _tiny_setup():
         evaluator = Evaluator(net, net.features(real), torch.arange(60) % 3, 1.0)
     sched = DDPMScheduler()
     settings = EvalSettings(num_samples=10, num_steps=3, guidance_scales=[1.0, 2.0], heldout=10, kid_subset=5,
-                            batch_size=4, buckets=2, grid_per_class=1)  # fmt: skip
+                            batch_size=4, buckets=2, grid_per_class=1, calibration=20,
+                            priors=["self", "base", "auto", "mix"])  # fmt: skip
     return (
         model,
         sched,
         Prior(base, sched, sched.alphas_cumprod),
         evaluator,
         settings,
-        (real[:10], torch.arange(10) % 3),
+        (real[:30], torch.arange(30) % 3),
     )
 
 
 def _evaluate_all():
     model, sched, prior, evaluator, settings, heldout = _tiny_setup()
     with torch.no_grad():
-        cond, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings)
-        pq = prior_quality(model, sched, prior, heldout, evaluator, settings)
+        weights = fit_priors(model, sched, prior, heldout, settings)
+        cond, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
+        pq = prior_quality(model, sched, prior, heldout, evaluator, settings, weights=weights)
     return {**cond, **pq}
 
 
@@ -66,6 +70,8 @@ def test_metrics_from_two_gloo_processes_equal_those_from_one(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
     double = torch.load(tmp_path / "out.pt")
     assert set(single) == set(double) and len(single) > 20
+    assert {"eval/cond/fd/prior=mix/w=2.0", "eval/calib/weight/prior=auto/t=0-499", "eval/prior/loss/model=mix/all",
+            "eval/calib/loss/model=base/t=500-999"} <= set(single)  # fmt: skip
     for key, value in single.items():
         assert double[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
@@ -134,3 +140,52 @@ def test_callbacks_and_evaluate_command(tmp_path):
     assert (run / "eval/prior.json").exists() and (run / "eval/grid_prior=base.png").exists()
     out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "eval.guidance_scales=[-1]", cwd=tmp_path)
     assert out.returncode == 2 and "guidance_scale=-1 must be" in out.stderr and "Traceback" not in out.stderr
+    fitted = ("model=runs/e/finetune/p=0.1/seed=0", "base=runs/e/base", "eval=tiny", "eval.priors=[self,auto,mix]")
+    out = run_cli("evaluate", *fitted, "out=runs/fitted", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cond = json.loads((tmp_path / "runs/fitted/conditional.json").read_text())["metrics"]
+    assert {"eval/cond/fd/prior=auto/w=3.0", "eval/cond/fd/prior=mix/w=3.0", "eval/calib/loss/model=base/all"} <= set(
+        cond
+    )
+    mix = PriorWeights.load(tmp_path / "runs/fitted/prior_weights_mix.json")
+    assert [cond[f"eval/calib/weight/prior=mix/t={100 * b}-{100 * b + 99}"] for b in range(10)] == pytest.approx(
+        mix.base_weight.tolist()
+    )
+    (tmp_path / "all_base.json").write_text(json.dumps({**mix.to_dict(), "base_weight": [1.0] * 10}))
+    out = run_cli("evaluate", *fitted, "prior_weights=all_base.json", "eval.priors=[base,mix]", "out=runs/given",
+                  cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    cond = json.loads((tmp_path / "runs/given/conditional.json").read_text())["metrics"]
+    assert cond["eval/cond/fd/prior=mix/w=3.0"] == pytest.approx(cond["eval/cond/fd/prior=base/w=3.0"], rel=1e-5)
+    (tmp_path / "bad.json").write_text("{not json")
+    out = run_cli("evaluate", *fitted, "prior_weights=bad.json", cwd=tmp_path)
+    assert out.returncode == 2 and "prior weights file bad.json is not valid JSON" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout():
+    model, sched, prior, evaluator, settings, heldout = _tiny_setup()
+    with torch.no_grad():
+        weights = fit_priors(model, sched, prior, heldout, settings)
+        assert set(weights) == {"auto", "mix"} and sum(weights["mix"].losses["count"]) == 20
+        moved = (heldout[0].clone(), heldout[1])
+        moved[0][:10] += 100.0  # the metric held-out samples do not enter the fit
+        again = fit_priors(model, sched, prior, moved, settings)
+        assert torch.equal(again["mix"].base_weight, weights["mix"].base_weight)
+        assert again["mix"].losses == weights["mix"].losses
+        given = PriorWeights(torch.tensor([0, 1000]), torch.tensor([1.0]), "auto")
+        assert fit_priors(model, sched, prior, heldout, settings, {"auto": given})["auto"] is given
+        assert fit_priors(model, sched, None, heldout, settings) == {}  # without a base, no fitted prior
+        cond, grids = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
+        assert set(grids) == {"self", "base", "auto", "mix"}
+        assert cond["eval/cond/fd/prior=mix/w=1.0"] == cond["eval/cond/fd/prior=self/w=1.0"]
+        pq = prior_quality(model, sched, prior, heldout, None, settings, weights=weights)
+        for b in ("t=0-499", "t=500-999"):  # loss of auto on the metric held-out set is that of its choice
+            chosen = "base" if weights["auto"].base_weight[int(b[2] != "0")] == 1 else "self"
+            assert pq[f"eval/prior/loss/model=auto/{b}"] == pq[f"eval/prior/loss/model={chosen}/{b}"]
+    with pytest.raises(UserError, match="eval.calibration=20 held-out samples after the eval.heldout=10"):
+        fit_priors(model, sched, prior, (heldout[0][:25], heldout[1][:25]), settings)
+    with pytest.raises(UserError, match="prior=auto needs weights fitted"):
+        conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings)
+    with pytest.raises(UserError, match="eval.priors holds best"):
+        EvalSettings(priors=["self", "best"])

@@ -3,6 +3,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from priorlab import diffusion
+from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.guidance import Prior, cfg, cfg_two_conditions, check_scale, guide, sigma
 from priorlab.models import mlp, unet
@@ -144,10 +145,18 @@ def test_bad_guidance_scales_are_refused(bad):
 
 def test_unknown_prior_and_missing_base(setup):
     sched, x, t, y, abar = setup
-    with pytest.raises(UserError, match="prior=auto is unknown"):
-        guide(_model(), x, t, y, abar, 2.0, "auto")
+    with pytest.raises(UserError, match="prior=nope is unknown; use one of self, base, none, auto, mix"):
+        guide(_model(), x, t, y, abar, 2.0, "nope")
     with pytest.raises(UserError, match="prior=base needs a base"):
         guide(_model(), x, t, y, abar, 2.0, "base")
+    base = Prior(_model(1), sched, sched.alphas_cumprod)
+    with pytest.raises(UserError, match="prior=auto needs a base"):
+        guide(_model(), x, t, y, abar, 2.0, "auto")
+    with pytest.raises(UserError, match="prior=mix needs per-noise-level weights"):
+        guide(_model(), x, t, y, abar, 2.0, "mix", base)
+    auto = PriorWeights(torch.tensor([0, 500, 1000]), torch.tensor([0.0, 1.0]), "auto")
+    with pytest.raises(UserError, match="prior=mix was given weights fitted for prior=auto"):
+        guide(_model(), x, t, y, abar, 2.0, "mix", base, weights=auto)
 
 
 def test_cfg_is_linear_in_the_scale():

@@ -1,5 +1,7 @@
 """The study pipeline end to end at minimal settings: results, report, figures, skip, kill and resume."""
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -9,12 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from conftest import run_cli
-from priorlab.analysis.results import parse_key
+from priorlab.analysis.results import parse_key, run_axes
 from priorlab.analysis.stats import mean_ci
+from priorlab.analysis.swap import Proportion, fitted_vs_fixed, sign_rule, swap_points
 from priorlab.errors import UserError
-from priorlab.studies import claim_study_dir, load_experiment, preset_overrides
+from priorlab.studies import check_bases, claim_study_dir, finetune_subdir, load_experiment, preset_overrides
 
 FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_loss_per_timestep.png",
            "e_sample_grids.png"]  # fmt: skip
@@ -127,6 +131,8 @@ def test_experiment_errors_name_what_exists():
         ("eval/prior/loss/model=self/t=0-99", ("loss/t=0-99", "self", float("nan"))),
         ("eval/prior/disagreement/all", ("disagreement/all", "", float("nan"))),
         ("eval/uncond/kid/model=base", ("uncond_kid", "base", float("nan"))),
+        ("eval/calib/loss/model=mix/t=0-99", ("calib_loss/t=0-99", "mix", float("nan"))),
+        ("eval/calib/weight/prior=auto/t=900-999", ("calib_weight/t=900-999", "auto", float("nan"))),
     ],
 )
 def test_parse_key(key, parsed):
@@ -148,3 +154,104 @@ def test_analysis_scripts_run_on_a_study(toy_study):
         out = subprocess.run([sys.executable, str(script), str(study)], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, (script.name, out.stderr[-2000:])
         assert out.stdout.strip(), script.name
+
+
+@pytest.fixture(scope="module")
+def swap_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("swap")
+    out = run_cli("study", "when_swap_pays", "preset=tiny", cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return root, root / "runs/when_swap_pays"
+
+
+def test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis(swap_study):
+    _, study = swap_study
+    assert sorted(p.parent.name for p in study.glob("base/*/done.json")) == ["narrow", "shifted"]
+    hidden = {name: json.loads((study / f"base/{name}/model/config.json").read_text())["hidden"]
+              for name in ("narrow", "shifted")}  # fmt: skip
+    assert hidden == {"narrow": 16, "shifted": 32}
+    assert yaml.safe_load((study / "base/shifted/config.yaml").read_text())["data"]["rotation"] == 0.3927
+    run = study / "finetune/base=shifted/max_steps=6/p=0.2/seed=0"
+    narrow_ft = study / "finetune/base=narrow/max_steps=3/p=0.0/seed=0/model/config.json"
+    assert json.loads(narrow_ft.read_text())["hidden"] == 16  # the width of a base is its fine-tunes' width
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["rotation"] == 0.0 and config["base"].endswith("base/shifted")  # fine-tuned on the target
+    frame = pd.read_csv(study / "results.csv")
+    assert list(frame.columns) == ["run", "base_name", "max_steps", "cond_dropout", "seed", "step", "prior",
+                                   "guidance_scale", "metric", "value"]  # fmt: skip
+    assert frame["run"].nunique() == 8 and sorted(frame["max_steps"].unique()) == [3, 6]
+    assert set(frame.groupby("run")["step"].max()) == {3, 6}  # the fine-tune length axis sets the steps
+    nll = frame[frame["metric"] == "nll"]
+    assert set(nll["prior"]) == {"self", "base", "auto", "mix"} and set(nll["guidance_scale"]) == {1.0, 2.0, 4.0}
+    calib = frame[frame["metric"].str.startswith("calib_loss/t=")]
+    assert set(calib["prior"]) == {"self", "base", "auto", "mix"} and calib.groupby("run").size().min() == 40
+    weights = json.loads((run / "eval/prior_weights_mix_step=6.json").read_text())
+    assert len(weights["base_weight"]) == 10 and sum(weights["losses"]["count"]) == 40
+    heldout = frame[(frame["run"] == str(run.relative_to(study))) & (frame["metric"] == "loss/all")]
+    assert set(heldout["prior"]) == {"self", "base", "auto", "mix"}  # fitted weights scored on the other split
+    report = (study / "report.md").read_text()
+    assert "## When does the swap pay? The sign rule" in report and "- all scales: the sign rule held at" in report
+    assert "**prior=auto** at 16 (run, w) points" in report and "**prior=mix** at 16" in report
+    assert "| base_name | max_steps | cond_dropout |" in report
+    for name in ("f_swap_vs_loss_ratio.png", "g_log_ratio_per_bucket.png"):
+        assert (study / "figures" / name).stat().st_size > 1000 and f"figures/{name}" in report
+
+
+def test_when_swap_pays_again_trains_nothing(swap_study):
+    root, study = swap_study
+    results = (study / "results.csv").read_text()
+    out = run_cli("study", "when_swap_pays", "preset=tiny", cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("is finished") == 2 + 8
+    assert (study / "results.csv").read_text() == results
+
+
+def test_bases_and_their_run_folders():
+    bases = check_bases({"a": None, "b": {"base": ["data.rotation=1"], "common": ["model.hidden=8"]}}, "p")
+    assert bases == {"a": {"common": [], "base": [], "finetune": []},
+                     "b": {"common": ["model.hidden=8"], "base": ["data.rotation=1"], "finetune": []}}  # fmt: skip
+    with pytest.raises(UserError, match="base b takes only `common`, `base` and `finetune`"):
+        check_bases({"b": {"data": ["x"]}}, "p")
+    with pytest.raises(UserError, match="base name 'a/b' may hold only"):
+        check_bases({"a/b": {}}, "p")
+    sweep = {"cond_dropout": [0], "trainer.max_steps": [5], "seed": [0]}
+    expected = "finetune/base=a/max_steps=${trainer.max_steps}/p=${cond_dropout}/seed=${seed}"
+    assert finetune_subdir("a", sweep) == expected
+    assert finetune_subdir("", {"cond_dropout": [0], "seed": [0]}) is None  # the default folder of one-base studies
+    assert preset_overrides(load_experiment("toy2d"), "quick")["bases"] is None
+    assert set(preset_overrides(load_experiment("when_swap_pays"), "quick_toy2d")["bases"]) == {"same", "shifted",
+                                                                                              "narrow"}  # fmt: skip
+    study = Path("/s")
+    assert run_axes(study / "finetune/base=a/max_steps=50/p=0.1/seed=2", study) == {"base_name": "a", "max_steps": "50"}
+    assert run_axes(study / "finetune/p=0.1/seed=2", study) == {}
+
+
+def _points_frame():
+    """Two runs at w = 2 and 4: run a's base has the lower ∅ loss, run b's the higher."""
+    rows = []
+    fd = {("a", 2.0): {"self": 10, "base": 8, "auto": 7, "mix": 8}, ("a", 4.0): {"self": 12, "base": 9, "auto": 9},
+          ("b", 2.0): {"self": 5, "base": 6, "auto": 6}, ("b", 4.0): {"self": 5, "base": 4, "auto": 6}}  # fmt: skip
+    for (run, w), values in fd.items():
+        rows += [{"run": run, "cond_dropout": 0.0, "seed": 0, "step": 1, "prior": p, "guidance_scale": w,
+                  "metric": "fd", "value": v} for p, v in values.items()]  # fmt: skip
+    for run, (ls, lb) in {"a": (2.0, 1.0), "b": (1.0, 4.0)}.items():
+        for t in ("t=0-499", "t=500-999"):
+            rows += [{"run": run, "cond_dropout": 0.0, "seed": 0, "step": 1, "prior": p, "guidance_scale": float("nan"),
+                      "metric": f"calib_loss/{t}", "value": v} for p, v in (("self", ls), ("base", lb))]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_sign_rule_and_fitted_comparison_count_what_they_say():
+    points = swap_points(_points_frame(), "fd")
+    assert sorted(points["benefit"]) == [-1, 1, 2, 3]
+    ratio = points.set_index("run")["log_ratio"]
+    assert ratio["a"].iloc[0] == pytest.approx(math.log(2)) and ratio["b"].iloc[0] == pytest.approx(math.log(0.25))
+    rule = sign_rule(points)
+    # a: ratio > 0 and benefit 2, 3 (holds twice); b: ratio < 0, benefit −1 (holds) and +1 (fails)
+    assert (rule["all"].k, rule["all"].n) == (3, 4) and (rule[4.0].k, rule[4.0].n) == (1, 2)
+    auto = fitted_vs_fixed(points, "auto")
+    assert (auto.beats_both.k, auto.ties_better, auto.worse_than_better, auto.worse_than_both) == (1, 1, 2, 1)
+    assert auto.vs_better.mean == pytest.approx((-1 + 0 + 1 + 2) / 4)
+    assert fitted_vs_fixed(points, "mix").beats_both.n == 1  # mix was measured at one point only
+    lo, hi = Proportion(3, 4).interval  # Wilson: 0.75 of 4 → [0.301, 0.954]
+    assert lo == pytest.approx(0.3006, abs=1e-3) and hi == pytest.approx(0.9544, abs=1e-3)

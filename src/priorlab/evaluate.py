@@ -9,8 +9,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
-from priorlab.evaluation.core import EvalSettings, conditional_quality, prior_quality
+from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
 from priorlab.evaluation.images import save_grid
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior, train_and_cache_evaluator
 from priorlab.models.io import load_denoiser
@@ -48,7 +49,11 @@ def train_evaluator(cfg: DictConfig) -> Path:
 
 
 def evaluate(cfg: DictConfig) -> Path:
-    """Evaluate a saved model with prior=self and prior=base; write eval/*.json and sample grids."""
+    """Evaluate a saved model with each prior of eval.priors; write eval/*.json and sample grids.
+
+    prior=auto|mix use the weights files of `prior_weights` where given, and are otherwise fitted on the
+    calibration split of the validation data; the weights used are written to prior_weights_<p>.json.
+    """
     device = _device(cfg.device)
     model = load_denoiser(cfg.model_dir, role="model")
     base = load_denoiser(cfg.base, role="base") if cfg.base else None
@@ -65,13 +70,19 @@ def evaluate(cfg: DictConfig) -> Path:
         if part is not None:
             part.to(device).eval()
     mixture = getattr(datamodule, "mixture", None)
+    paths = cfg.get("prior_weights") or []
+    given = [PriorWeights.load(path) for path in ([paths] if isinstance(paths, str) else paths)]
     with torch.no_grad():
+        weights = fit_priors(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors, settings,
+                             {w.mode: w for w in given})  # fmt: skip
         cond, grids = conditional_quality(model.denoiser, model.scheduler, prior, evaluator,
-                                          datamodule.sample_shape, settings, mixture)  # fmt: skip
+                                          datamodule.sample_shape, settings, mixture, weights)  # fmt: skip
         prior_metrics = prior_quality(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors,
-                                      evaluator, settings, mixture)  # fmt: skip
+                                      evaluator, settings, mixture, weights)  # fmt: skip
     out = Path(cfg.out) if cfg.out else model.path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    for mode, w in weights.items():
+        w.save(out / f"prior_weights_{mode}.json")
     info = {"model": str(model.path), "base": str(base.path) if base else None, "settings": vars(settings),
             "evaluator_accuracy": evaluator.accuracy}  # fmt: skip
     for name, values in (("conditional", cond), ("prior", prior_metrics)):

@@ -9,6 +9,9 @@ Two conditions (their Eq. 8/9, InstructPix2Pix's three-way guidance); the swap r
 A guidance interval (Kynkäänniemi et al. 2024) applies guidance only where the noise level
 σ = sqrt((1 − ᾱ)/ᾱ) lies in [lo, hi]; elsewhere the conditional prediction is used and the prior's
 network is not evaluated.
+Fitted priors (`priorlab.calibration`): `auto` and `mix` take the unconditional term per timestep bucket as
+(1 − w_b)·eps_θ(x_t, ∅) + w_b·eps_ψ(x_t, ∅), with w_b fitted on held-out denoising loss; `auto`'s w_b is 0 or 1,
+so each row evaluates only its chosen network.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from priorlab import diffusion
+from priorlab.calibration import MODES as FITTED
+from priorlab.calibration import PriorWeights, combine
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
 
-PRIORS = ("self", "base", "none")
+PRIORS = ("self", "base", "none", *FITTED)
 
 
 @dataclass
@@ -33,14 +38,18 @@ class Branches:
     Attributes:
         guided: the combined prediction.
         cond: eps_θ(x_t, c).
-        uncond: the unconditional prediction that was combined (None where it was not evaluated).
+        uncond: the unconditional prediction that was combined (None where it was not evaluated); zero in rows
+            outside `guided_rows`.
         guided_rows: boolean mask (N,) of rows where guidance was applied.
+        base_weight: the base's weight in `uncond` per row (N,): 0 for prior=self, 1 for prior=base, fitted
+            for auto and mix (read only where `guided_rows`); None when no prior was evaluated.
     """
 
     guided: Tensor
     cond: Tensor
     uncond: Tensor | None
     guided_rows: Tensor
+    base_weight: Tensor | None = None
 
 
 def cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
@@ -112,6 +121,20 @@ def check_prior_fits(model_shape: tuple[int, ...], prior_in: tuple[int, ...], pr
         )
 
 
+def check_prior(prior: str, base: Prior | None, weights: PriorWeights | None = None) -> None:
+    """The prior is known, and has the base and the fitted weights it needs."""
+    if prior not in PRIORS:
+        raise UserError(f"prior={prior} is unknown; use one of {', '.join(PRIORS)}")
+    if prior in ("base", *FITTED) and base is None:
+        raise UserError(f"prior={prior} needs a base model (base=PATH)")
+    if prior in FITTED:
+        if weights is None:
+            raise UserError(f"prior={prior} needs per-noise-level weights fitted on a calibration split "
+                            "(priorlab.calibration); give calibration data or a weights file")  # fmt: skip
+        if weights.mode != prior:
+            raise UserError(f"prior={prior} was given weights fitted for prior={weights.mode}")
+
+
 def guide(
     model: Denoiser,
     x_t: Tensor,
@@ -123,6 +146,7 @@ def guide(
     base: Prior | None = None,
     interval: tuple[float, float] | None = None,
     overlap: bool = True,
+    weights: PriorWeights | None = None,
 ) -> Branches:
     """One guided eps prediction with its branches.
 
@@ -131,14 +155,15 @@ def guide(
         x_t: noisy samples (N, ...); t: timesteps (N,); labels: classes (N,).
         abar_t: the model's ᾱ at t, (N,).
         scale: guidance scale w.
-        prior: "self" (θ with the null class), "base" (the `base` prior ψ) or "none" (conditional only).
+        prior: "self" (θ with the null class), "base" (the `base` prior ψ), "none" (conditional only), or the
+            fitted "auto" / "mix" (per timestep bucket, the `weights` convex combination of self and base).
         interval: apply guidance only where σ(ᾱ_t) ∈ [lo, hi].
         overlap: on a GPU, run the base prior on a side CUDA stream concurrently with the model.
+        weights: the fitted base weights of prior=auto|mix (`priorlab.calibration.PriorWeights`).
+    Each network is evaluated only on the rows that need it: θ's ∅ branch where the base weight is below 1 (in
+    one batched pass with the conditional branch), ψ where it is above 0.
     """
-    if prior not in PRIORS:
-        raise UserError(f"prior={prior} is unknown; use one of {', '.join(PRIORS)}")
-    if prior == "base" and base is None:
-        raise UserError("prior=base needs a base model (base=PATH)")
+    check_prior(prior, base, weights)
     rows = torch.ones(len(x_t), dtype=torch.bool, device=x_t.device)
     if interval is not None:
         s = sigma(abar_t.to(x_t.device))
@@ -146,38 +171,56 @@ def guide(
     if prior == "none" or scale == 1 or not rows.any():
         cond = diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
         return Branches(cond, cond, None, rows & False)
-    if prior == "self" and rows.all():  # one batched pass over [x_t; x_t] with [c; ∅]
-        both = model(
-            torch.cat([x_t, x_t]),
-            torch.cat([t, t]),
-            torch.cat([labels, torch.full_like(labels, model.null_class)]),
-        )
-        both = diffusion.to_eps(both, model.prediction_type, torch.cat([x_t, x_t]), torch.cat([abar_t, abar_t]))
-        cond, uncond = both.chunk(2)
-        return Branches(cfg(cond, uncond, scale), cond, uncond, rows)
-    if prior == "base" and overlap and x_t.is_cuda:
-        cond, prior_eps = _overlapped(model, base, x_t, t, labels, abar_t, rows)
+    w = _base_weight(prior, weights, t, x_t.device)
+    use_self, use_base = rows & (w < 1), rows & (w > 0)
+    if use_base.any() and overlap and x_t.is_cuda:
+        (cond, eps_self), eps_base = _overlapped(lambda: _model_pass(model, x_t, t, labels, abar_t, use_self),
+                                                 base, x_t[use_base], t[use_base])  # fmt: skip
     else:
-        cond = diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
-        if prior == "self":
-            pred = model(x_t[rows], t[rows], torch.full_like(labels[rows], model.null_class))
-            prior_eps = diffusion.to_eps(pred, model.prediction_type, x_t[rows], abar_t[rows])
-        else:
-            prior_eps = base(x_t[rows], t[rows])
-    uncond = torch.zeros_like(cond)
-    uncond[rows] = prior_eps.to(cond.dtype)
+        cond, eps_self = _model_pass(model, x_t, t, labels, abar_t, use_self)
+        eps_base = base(x_t[use_base], t[use_base]) if use_base.any() else None
+    uncond = combine(_rows(use_self, eps_self, cond), _rows(use_base, eps_base, cond), w)
     guided = torch.where(rows.reshape(-1, *[1] * (cond.ndim - 1)), cfg(cond, uncond, scale), cond)
-    return Branches(guided, cond, uncond, rows)
+    return Branches(guided, cond, uncond, rows, w)
 
 
-def _overlapped(model, base, x_t, t, labels, abar_t, rows):
-    """The model's conditional pass on the current CUDA stream and the base's on a side stream, concurrently."""
-    main = torch.cuda.current_stream(x_t.device)
-    side = torch.cuda.Stream(x_t.device)
+def _base_weight(prior: str, weights: PriorWeights | None, t: Tensor, device: torch.device) -> Tensor:
+    """The base's weight per row: 0 for self, 1 for base, the fitted bucket weight for auto and mix."""
+    if prior in FITTED:
+        return weights.at(t.to(device)).float()
+    return torch.full((len(t),), float(prior == "base"), device=device)
+
+
+def _model_pass(model, x_t, t, labels, abar_t, sel) -> tuple[Tensor, Tensor | None]:
+    """eps_θ(x_t, c) for every row and eps_θ(x_t, ∅) for rows `sel`, in one batched pass over [x_t; x_t[sel]]."""
+    if not sel.any():
+        return diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t), None
+    x = torch.cat([x_t, x_t[sel]])
+    abar = torch.cat([abar_t, abar_t[sel]])
+    y = torch.cat([labels, torch.full_like(labels[sel], model.null_class)])
+    both = diffusion.to_eps(model(x, torch.cat([t, t[sel]]), y), model.prediction_type, x, abar)
+    return both[: len(x_t)], both[len(x_t) :]
+
+
+def _rows(sel: Tensor, values: Tensor | None, like: Tensor) -> Tensor:
+    """Values of rows `sel` placed in a zero tensor shaped like `like` (all zero where no row was evaluated)."""
+    if values is None:
+        return torch.zeros_like(like)
+    if sel.all():
+        return values.to(like.dtype)
+    full = torch.zeros_like(like)
+    full[sel] = values.to(like.dtype)
+    return full
+
+
+def _overlapped(model_pass, base, x_base, t_base):
+    """The model's pass on the current CUDA stream and the base's on a side stream, concurrently."""
+    main = torch.cuda.current_stream(x_base.device)
+    side = torch.cuda.Stream(x_base.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        prior_eps = base(x_t[rows], t[rows])
-    cond = diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
+        prior_eps = base(x_base, t_base)
+    out = model_pass()
     main.wait_stream(side)
     prior_eps.record_stream(main)
-    return cond, prior_eps
+    return out, prior_eps

@@ -14,8 +14,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
-from priorlab.guidance import Prior, guide
+from priorlab.guidance import Prior, check_prior, guide
 from priorlab.models.denoiser import Denoiser
 
 SCHEDULERS = {
@@ -58,6 +59,7 @@ def sample(
     batch_size: int = 256,
     progress: bool = False,
     autocast: bool = False,
+    weights: PriorWeights | None = None,
 ) -> Tensor:
     """Generate one sample per (label, seed) pair with guidance; returns (N, *sample_shape) on the model's device.
 
@@ -66,10 +68,16 @@ def sample(
         labels: class of each sample (N,); the null class gives unconditional samples.
         seeds: seed of each sample (N,).
         train_scheduler: θ's training schedule (its ᾱ and timestep count).
-        scale, prior, base, interval: guidance, see `priorlab.guidance.guide`.
+        scale, prior, base, interval, weights: guidance, see `priorlab.guidance.guide`; `weights` (prior=auto
+            or mix) must be fitted over θ's training timesteps.
         sampler: scheduler name; num_steps: denoising steps.
         autocast: run the networks under bf16 autocast (the scheduler's update stays in fp32).
     """
+    check_prior(prior, base, weights)
+    num_t = train_scheduler.config.num_train_timesteps
+    if weights is not None and weights.num_train_timesteps != num_t:
+        raise UserError(f"the prior weights were fitted over {weights.num_train_timesteps} training timesteps but "
+                        f"the model has {num_t}; fit them for this model")  # fmt: skip
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     out = []
@@ -84,7 +92,7 @@ def sample(
             t = step_t.round().long().to(device).expand(len(y))
             x_in = scheduler.scale_model_input(x, step_t)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                branches = guide(model, x_in, t, y, abar[t], scale, prior, base, interval)
+                branches = guide(model, x_in, t, y, abar[t], scale, prior, base, interval, weights=weights)
             x = scheduler.step(branches.guided.float(), step_t, x, generator=gens).prev_sample
         out.append(x)
     return torch.cat(out)

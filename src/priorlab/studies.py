@@ -1,16 +1,22 @@
-"""`priorlab study NAME`: one base, a Hydra multirun of fine-tunes, results, report; resumable.
+"""`priorlab study NAME`: the base(s), a Hydra multirun of fine-tunes per base, results, report; resumable.
 
 An experiment file (experiments/NAME.yaml) lists, per preset, the overrides shared by every run, those of
-the base and of the fine-tunes, and the sweep (cond_dropout × seed). Running the same command again skips
-finished runs (done.json) and resumes unfinished ones from their last checkpoint.
+the base and of the fine-tunes, and the sweep (cond_dropout × seed × any other key, e.g. trainer.max_steps).
+A preset may list several `bases`, each with its own overrides (`common` for the base and its fine-tunes,
+`base`, `finetune`): each base is trained once under base/<name>/ and its sweep runs under
+finetune/base=<name>/<key>=<value>/.../p=<p>/seed=<s>/. Without `bases` there is one base, under base/.
+Running the same command again skips finished runs (done.json) and resumes unfinished ones from their last
+checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -52,7 +58,34 @@ def preset_overrides(spec: dict, preset: str) -> dict:
         "base": p.get("base", []),
         "finetune": p.get("finetune", []),
         "sweep": sweep,
+        "bases": check_bases(p.get("bases"), f"preset {preset} of {spec['name']}"),
     }
+
+
+def check_bases(bases: dict | None, where: str) -> dict[str, dict[str, list]] | None:
+    """The `bases` of a preset: name → lists of overrides under common (base and fine-tunes), base, finetune."""
+    if bases is None:
+        return None
+    if not isinstance(bases, dict) or not bases:
+        raise UserError(f"{where}: `bases` must map each base's name to its overrides")
+    out = {}
+    for name, entry in bases.items():
+        entry = entry or {}
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
+            raise UserError(f"{where}: base name {name!r} may hold only letters, digits, '_', '.' and '-'")
+        if not isinstance(entry, dict) or set(entry) - {"common", "base", "finetune"}:
+            raise UserError(f"{where}: base {name} takes only `common`, `base` and `finetune` override lists")
+        out[str(name)] = {key: list(entry.get(key) or []) for key in ("common", "base", "finetune")}
+    return out
+
+
+def finetune_subdir(base: str, sweep: dict) -> str | None:
+    """The fine-tunes' run folder: base=<name>/ (several bases), one level per sweep key other than cond_dropout
+    and seed, then p=/seed=; None where that is the default folder, finetune/p=<p>/seed=<s>."""
+    extra = "".join(f"{key.split('.')[-1]}=${{{key}}}/" for key in sweep if key not in ("cond_dropout", "seed"))
+    if not base and not extra:
+        return None
+    return f"finetune/{f'base={base}/' if base else ''}{extra}p=${{cond_dropout}}/seed=${{seed}}"
 
 
 def claim_study_dir(study_dir: Path, name: str, preset: str) -> None:
@@ -87,9 +120,9 @@ def _values(values: list) -> str:
     return ",".join(str(v) for v in values)
 
 
-def sweep_yaml(name: str, study_dir: Path, common: list[str], finetune: list[str], sweep: dict) -> str:
+def sweep_yaml(name: str, base_dir: Path, common: list[str], finetune: list[str], sweep: dict) -> str:
     """A W&B sweep config running the same fine-tunes through `wandb agent` (grid over the sweep)."""
-    fixed = ["train", "stage=finetune", f"base={study_dir / 'base'}", *common, *finetune]
+    fixed = ["train", "stage=finetune", f"base={base_dir}", *common, *finetune]
     config = {
         "name": name,
         "program": "priorlab",
@@ -100,8 +133,34 @@ def sweep_yaml(name: str, study_dir: Path, common: list[str], finetune: list[str
     return yaml.safe_dump(config, sort_keys=False)
 
 
+@dataclass
+class BaseRuns:
+    """One base of a study and the overrides of its training run and of its fine-tunes (without the sweep)."""
+
+    label: str
+    base_dir: Path
+    base: list[str]
+    finetune: list[str]
+
+
+def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
+    """The bases of a preset: one under base/ without `bases`, else one under base/<name>/ each."""
+    if parts["bases"] is None:
+        subdir = finetune_subdir("", parts["sweep"])
+        folder = [f"stage.run_subdir={subdir}"] if subdir else []
+        return [BaseRuns("", study_dir / "base", [*common, *parts["base"]], [*common, *parts["finetune"], *folder])]
+    out = []
+    for name, entry in parts["bases"].items():
+        own = [*common, *entry["common"]]
+        out.append(BaseRuns(name, study_dir / "base" / name,
+                            [*own, *parts["base"], *entry["base"], f"stage.run_subdir=base/{name}"],
+                            [*own, *parts["finetune"], *entry["finetune"],
+                             f"stage.run_subdir={finetune_subdir(name, parts['sweep'])}"]))  # fmt: skip
+    return out
+
+
 def run_study(cfg: DictConfig) -> Path:
-    """Base → fine-tune multirun → results.csv → report.md, each step skipping finished work."""
+    """For each base: base → fine-tune multirun; then results.csv → report.md, each step skipping finished work."""
     from priorlab.analysis.report import build_report
     from priorlab.analysis.results import collect_results
 
@@ -112,19 +171,22 @@ def run_study(cfg: DictConfig) -> Path:
     runs = Path(cfg.paths.runs).resolve()
     study_dir = runs / spec["name"]
     common = [f"study={spec['name']}", f"paths.runs={runs}", *parts["common"], *cfg.get("extra", [])]
+    bases = study_bases(study_dir, common, parts)
+    sweep = [f"{key}={_values(values)}" for key, values in parts["sweep"].items()]
     if cfg.dry_run:
-        sweep_args = " ".join(f"{key}={_values(values)}" for key, values in parts["sweep"].items())
-        print(f"base:      priorlab train stage=base {' '.join(common + parts['base'])}")
-        print(f"finetunes: priorlab train -m stage=finetune {' '.join(common + parts['finetune'])} {sweep_args}")
+        for b in bases:
+            tag = f" ({b.label})" if b.label else ""
+            print(f"base{tag}:      priorlab train stage=base {' '.join(b.base)}")
+            print(f"finetunes{tag}: priorlab train -m stage=finetune base={b.base_dir} {' '.join(b.finetune + sweep)}")
         return study_dir
     claim_study_dir(study_dir, spec["name"], cfg.preset)
-    (study_dir / "wandb_sweep.yaml").write_text(
-        sweep_yaml(spec["name"], study_dir, common, parts["finetune"], parts["sweep"])
-    )
-    _priorlab(["train", "stage=base", *common, *parts["base"]])
-    sweep = [f"{key}={_values(values)}" for key, values in parts["sweep"].items()]
-    _priorlab(["train", "-m", "stage=finetune", f"base={study_dir / 'base'}", *common, *parts["finetune"], *sweep,
-               *LAUNCHERS[cfg.launcher]])  # fmt: skip
+    for b in bases:
+        name = f"wandb_sweep_base={b.label}.yaml" if b.label else "wandb_sweep.yaml"
+        (study_dir / name).write_text(sweep_yaml(spec["name"], b.base_dir, b.finetune, [], parts["sweep"]))
+    for b in bases:
+        _priorlab(["train", "stage=base", *b.base])
+        _priorlab(["train", "-m", "stage=finetune", f"base={b.base_dir}", *b.finetune, *sweep,
+                   *LAUNCHERS[cfg.launcher]])  # fmt: skip
     collect_results(study_dir)
     report = build_report(study_dir)
     print(f"study {spec['name']} done: {study_dir / 'results.csv'}, {report}")

@@ -137,3 +137,60 @@ def sample_grids(study_dir: Path, frame: pd.DataFrame, path: Path) -> Path | Non
             ax.set_title(f"p={p:g}, seed={seed}, prior={prior}", fontsize=8)
             ax.axis("off")
     return _save(fig, path)
+
+
+def swap_vs_loss_ratio(points: pd.DataFrame, path: Path, metric: str = "fd") -> Path | None:
+    """(f) The swap's benefit, metric(self) − metric(base), against log(L_self / L_base) of the unconditional
+    branches, one point per (run, w) and a least-squares line per guidance scale."""
+    p = points.dropna(subset=["benefit", "log_ratio"])
+    if p.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    scales = sorted(p["guidance_scale"].unique())
+    cmap = plt.get_cmap("plasma")
+    for i, w in enumerate(scales):
+        s = p[p["guidance_scale"] == w]
+        color = cmap(i / max(1, len(scales)))
+        ax.scatter(s["log_ratio"], s["benefit"], s=14, color=color, alpha=0.7, label=f"w={w:g}")
+        if s["log_ratio"].nunique() > 1:
+            slope, icept = np.polyfit(s["log_ratio"], s["benefit"], 1)
+            xs = np.linspace(s["log_ratio"].min(), s["log_ratio"].max(), 2)
+            ax.plot(xs, slope * xs + icept, color=color, lw=1.2)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_xlabel("mean over t buckets of log(L_self / L_base)  (> 0: base's ∅ loss lower)")
+    ax.set_ylabel(f"{metric.upper()}(self) − {metric.upper()}(base)  (> 0: swap helps)")
+    ax.set_title("sign rule: points in the upper-right and lower-left quadrants", fontsize=8)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def log_ratio_per_bucket(per_bucket: pd.DataFrame, axes: list[str], path: Path) -> Path | None:
+    """(g) Per timestep bucket, log(L_self / L_base) on the calibration split and the fitted mix weight, one
+    panel per base, one line per other condition (mean over seeds)."""
+    if per_bucket.empty:
+        return None
+    panel_key = axes[0] if axes else None
+    panels = sorted(per_bucket[panel_key].unique()) if panel_key else [None]
+    line_keys = [*axes[1:], "cond_dropout"] if panel_key else ["cond_dropout"]
+    fig, axs = plt.subplots(2, len(panels), figsize=(3.4 * len(panels), 5.2), squeeze=False, sharex=True)
+    for col, panel in enumerate(panels):
+        sub = per_bucket if panel is None else per_bucket[per_bucket[panel_key] == panel]
+        groups = list(sub.groupby(line_keys))
+        cmap = plt.get_cmap("viridis")
+        for i, (key, g) in enumerate(groups):
+            key = key if isinstance(key, tuple) else (key,)
+            label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in zip(line_keys, key, strict=True))  # fmt: skip
+            mean = g.groupby("t")[["log_ratio", "mix_weight"]].mean()
+            color = cmap(i / max(1, len(groups) - 1))
+            axs[0][col].plot(mean.index, mean["log_ratio"], "o-", ms=3, color=color, label=label)
+            axs[1][col].plot(mean.index, mean["mix_weight"], "o-", ms=3, color=color)
+        axs[0][col].axhline(0, color="k", lw=0.6)
+        axs[0][col].set_title(f"{panel_key}={panel}" if panel_key else "", fontsize=9)
+        axs[1][col].set_xlabel("timestep bucket start")
+        axs[1][col].set_ylim(-0.05, 1.05)
+    axs[0][0].set_ylabel("log(L_self / L_base)")
+    axs[1][0].set_ylabel("mix: base weight")
+    axs[0][0].legend(fontsize=6)
+    return _save(fig, path)

@@ -7,13 +7,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from priorlab.analysis import figures
-from priorlab.analysis.results import final_rows, load_results
+from priorlab.analysis import figures, swap
+from priorlab.analysis.results import axis_columns, final_rows, load_results
 from priorlab.analysis.stats import mean_ci, paired_difference
 
 
 def _fmt_w(w: float) -> str:
     return f"{w:g}"
+
+
+def _fmt_axis(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def headline(frame: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
@@ -91,26 +95,52 @@ def build_report(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     frame = load_results(study_dir)
     fig_dir = study_dir / "figures"
-    made = {
-        "a": figures.fd_vs_scale(frame, fig_dir / "a_fd_vs_scale.png"),
-        "b": figures.best_fd_vs_dropout(frame, fig_dir / "b_best_fd_vs_dropout.png"),
-        "c": figures.drift(frame, fig_dir / "c_drift.png"),
-        "d": figures.loss_per_timestep(frame, fig_dir / "d_loss_per_timestep.png"),
-        "e": figures.sample_grids(study_dir, frame, fig_dir / "e_sample_grids.png"),
-    }
     meta = json.loads((study_dir / "study.json").read_text()) if (study_dir / "study.json").exists() else {}
     final = final_rows(frame)
+    axes = axis_columns(frame)
     rates = ", ".join(f"{p:g}" for p in sorted(frame["cond_dropout"].unique()))
     scales = ", ".join(_fmt_w(w) for w in sorted(final["guidance_scale"].dropna().unique()))
+    conditions = "".join(f"{a} ∈ {{{', '.join(map(str, sorted(frame[a].unique(), key=str)))}}}, " for a in axes)
     lines = [
         f"# Study {meta.get('name', study_dir.name)} (preset {meta.get('preset', '?')})",
         "",
-        f"{final['run'].nunique()} fine-tunes: cond_dropout ∈ {{{rates}}}, "
+        f"{final['run'].nunique()} fine-tunes: {conditions}cond_dropout ∈ {{{rates}}}, "
         f"seeds {sorted(frame['seed'].unique().tolist())}; guidance scales {{{scales}}}. "
         "FD, KID, precision and recall use the study's evaluator features; intervals are 95% Student-t over seeds "
         "(with 2 seeds they are wide: t = 12.7). Scale 1 never uses the prior, so both priors coincide there.",
         "",
     ]
+    made: dict[str, tuple[str, Path | None]] = {}
+    if not axes:
+        body, figs = _per_dropout_sections(study_dir, frame, fig_dir)
+        lines += body
+        made.update(figs)
+    swap_lines, swap_figs = _swap_sections(frame, fig_dir)
+    lines += swap_lines
+    made.update(swap_figs)
+    lines += ["## Figures", ""]
+    for title, path in made.values():
+        if path is not None:
+            lines += [f"### {title}", "", f"![{title}](figures/{path.name})", ""]
+    report = study_dir / "report.md"
+    tmp = study_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines))
+    tmp.rename(report)
+    return report
+
+
+def _per_dropout_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path) -> tuple[list[str], dict]:
+    """The headline, where-the-swap-helps and drift sections of a one-base study, with figures (a)–(e)."""
+    made = {
+        "a": ("(a) FD vs guidance scale", figures.fd_vs_scale(frame, fig_dir / "a_fd_vs_scale.png")),
+        "b": ("(b) best FD vs dropout rate", figures.best_fd_vs_dropout(frame, fig_dir / "b_best_fd_vs_dropout.png")),
+        "c": ("(c) drift over fine-tuning", figures.drift(frame, fig_dir / "c_drift.png")),
+        "d": ("(d) ∅ loss per timestep", figures.loss_per_timestep(frame, fig_dir / "d_loss_per_timestep.png")),
+        "e": ("(e) samples, same seeds, prior=self | prior=base",
+              figures.sample_grids(study_dir, frame, fig_dir / "e_sample_grids.png")),
+    }  # fmt: skip
+    final = final_rows(frame)
+    lines = []
     metrics = [m for m in ("fd", "nll") if (final["metric"] == m).any()]
     for metric in metrics:
         name = {"fd": "FD", "nll": "exact NLL of the samples under the true conditional density"}[metric]
@@ -118,24 +148,63 @@ def build_report(study_dir: str | Path) -> Path:
     for metric in metrics:
         lines += [f"## Where the base prior helps ({metric.upper()}, lower is better)", "",
                   *[f"- {s}" for s in statements(frame, metric)], ""]  # fmt: skip
+    lines += ["## Drift of the unconditional branch (final step)", "", *[f"- {s}" for s in drift_statement(frame)], ""]
+    return lines, made
+
+
+def _swap_sections(frame: pd.DataFrame, fig_dir: Path) -> tuple[list[str], dict]:
+    """Per-condition table (several axes), the sign rule and auto/mix against the fixed priors, figures (f), (g)."""
+    metric = swap.benefit_metric(frame)
+    axes = axis_columns(frame)
+    points = swap.swap_points(frame, metric)
+    lines: list[str] = []
+    made: dict[str, tuple[str, Path | None]] = {}
+    if axes:
+        lines += [f"## Best {metric.upper()} over guidance scales per condition (mean [95% CI] over seeds)", "",
+                  _markdown_table(swap.condition_table(frame, metric)), ""]  # fmt: skip
+    if points.empty or points["log_ratio"].isna().all():
+        return lines, made
+    source = "calibration" if final_rows(frame)["metric"].str.startswith("calib_loss/").any() else "metric held-out"
+    rule = swap.sign_rule(points)
     lines += [
-        "## Drift of the unconditional branch (final step)",
+        "## When does the swap pay? The sign rule",
         "",
-        *[f"- {s}" for s in drift_statement(frame)],
+        f"Benefit = {metric.upper()}(self) − {metric.upper()}(base) at each fine-tune's final step and each w ≠ 1 "
+        f"(> 0: the base prior helped). Loss ratio = mean over timestep buckets of log(L_self / L_base), the "
+        f"held-out ∅ denoising losses on the {source} split (> 0: the base's loss is lower). The rule predicts "
+        "equal signs. Intervals are Wilson 95% intervals treating points as independent; points of one run at "
+        "several scales are not, so read the per-scale counts too.",
         "",
-        "## Figures",
+        f"- all scales: the sign rule held at {rule['all']}.",
+        *[f"- w={_fmt_w(w)}: {p}." for w, p in rule.items() if w != "all"],
+        *[f"- {key}={_fmt_axis(v)}: {p}." for key in [*axes, "cond_dropout"] if points[key].nunique() > 1
+          for v, p in swap.sign_rule(points, key).items() if v != "all"],
+        "- Spearman's ρ(log ratio, benefit) = {:.2f} (p = {:.2g}, n = {}).".format(*swap.rank_correlation(points)),
         "",
-    ]
-    titles = {"a": "(a) FD vs guidance scale", "b": "(b) best FD vs dropout rate", "c": "(c) drift over fine-tuning",
-              "d": "(d) ∅ loss per timestep", "e": "(e) samples, same seeds, prior=self | prior=base"}  # fmt: skip
-    for key, path in made.items():
-        if path is not None:
-            lines += [f"### {titles[key]}", "", f"![{titles[key]}](figures/{path.name})", ""]
-    report = study_dir / "report.md"
-    tmp = study_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.rename(report)
-    return report
+    ]  # fmt: skip
+    made["f"] = ("(f) the swap's benefit vs the ∅ loss ratio",
+                 figures.swap_vs_loss_ratio(points, fig_dir / "f_swap_vs_loss_ratio.png", metric))  # fmt: skip
+    lines += _fitted_lines(points, metric)
+    made["g"] = ("(g) log(L_self / L_base) and the mix weight per timestep bucket",
+                 figures.log_ratio_per_bucket(swap.bucket_log_ratios(frame), axes,
+                                              fig_dir / "g_log_ratio_per_bucket.png"))  # fmt: skip
+    return lines, made
+
+
+def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
+    """The section comparing prior=auto and prior=mix with the better and the worse fixed prior at each point."""
+    fitted = [c for c in (swap.fitted_vs_fixed(points, p) for p in swap.FITTED) if c is not None]
+    if not fitted:
+        return []
+    lines = [f"## prior=auto and prior=mix against both fixed priors ({metric.upper()}, lower is better)", ""]
+    for c in fitted:
+        lines.append(
+            f"- **prior={c.prior}** at {c.beats_both.n} (run, w) points: better than both fixed priors at "
+            f"{c.beats_both}; equal to the better at {c.ties_better}; worse than the better at {c.worse_than_better} "
+            f"(worse than both at {c.worse_than_both}). {metric.upper()}({c.prior}) − min(self, base): "
+            f"{c.vs_better}; − self: {c.vs_self}; − base: {c.vs_base} (mean [95% t-CI] over points)."
+        )
+    return [*lines, ""]
 
 
 def report_command(cfg) -> Path:

@@ -1,4 +1,8 @@
-"""The tidy results table: one row per (run, cond_dropout, seed, step, prior, guidance_scale, metric, value)."""
+"""The tidy results table: one row per (run, cond_dropout, seed, step, prior, guidance_scale, metric, value).
+
+Studies with several bases or more sweep keys (finetune/base=<name>/<key>=<value>/p=<p>/seed=<s>/) get one more
+column per folder level between `run` and `cond_dropout`: `base_name`, then each key (e.g. `max_steps`).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ def parse_key(key: str) -> tuple[str, str, float]:
     eval/prior/loss/model=self/t=0-99        → ("loss/t=0-99", "self", nan)
     eval/prior/disagreement/all              → ("disagreement/all", "", nan)
     eval/uncond/fd/model=base                → ("uncond_fd", "base", nan)
+    eval/calib/loss/model=self/t=0-99        → ("calib_loss/t=0-99", "self", nan)
     """
     parts = key.split("/")[1:]
     prior, scale, rest = "", float("nan"), []
@@ -32,36 +37,59 @@ def parse_key(key: str) -> tuple[str, str, float]:
         else:
             rest.append(part)
     metric = "/".join(rest)
-    if parts[0] == "uncond":
-        metric = f"uncond_{metric}"
+    if parts[0] in ("uncond", "calib"):
+        metric = f"{parts[0]}_{metric}"
     return metric, prior, scale
+
+
+def run_axes(run_dir: Path, study_dir: Path) -> dict[str, str]:
+    """The study axes a fine-tune's folder names besides p and seed: finetune/base=a/max_steps=200/p=0/seed=0
+    → {"base_name": "a", "max_steps": "200"} (`base` is a prior's name, so the base's axis is `base_name`)."""
+    levels = [level.split("=", 1) for level in run_dir.relative_to(study_dir / "finetune").parts if "=" in level]
+    return {("base_name" if key == "base" else key): value for key, value in levels if key not in ("p", "seed")}
 
 
 def run_rows(run_dir: Path, study_dir: Path) -> list[dict]:
     """Rows of every evaluation JSON a fine-tune wrote (eval/step=<n>_<kind>.json)."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    axes = run_axes(run_dir, study_dir)
     rows = []
     for path in sorted((run_dir / "eval").glob("step=*_*.json")):
         record = json.loads(path.read_text())
         for key, value in record["metrics"].items():
             metric, prior, scale = parse_key(key)
-            rows.append({"run": str(run_dir.relative_to(study_dir)), "cond_dropout": float(config["cond_dropout"]),
-                         "seed": int(config["seed"]), "step": int(record["step"]), "prior": prior,
-                         "guidance_scale": scale, "metric": metric, "value": float(value)})  # fmt: skip
+            rows.append({"run": str(run_dir.relative_to(study_dir)), **axes,
+                         "cond_dropout": float(config["cond_dropout"]), "seed": int(config["seed"]),
+                         "step": int(record["step"]), "prior": prior, "guidance_scale": scale, "metric": metric,
+                         "value": float(value)})  # fmt: skip
     return rows
 
 
 def collect_results(study_dir: str | Path) -> pd.DataFrame:
     """Gather every finished fine-tune of a study into results.csv (written atomically) and return it."""
     study_dir = Path(study_dir)
-    runs = sorted(p.parent for p in study_dir.glob("finetune/*/*/done.json"))
+    runs = sorted(p.parent for p in (study_dir / "finetune").rglob("done.json"))
+    axes = list(dict.fromkeys(axis for run in runs for axis in run_axes(run, study_dir)))
     rows = [row for run in runs for row in run_rows(run, study_dir)]
-    frame = pd.DataFrame(rows, columns=COLUMNS)
-    frame = frame.sort_values(["cond_dropout", "seed", "step", "metric", "prior", "guidance_scale"], kind="stable")
+    frame = pd.DataFrame(rows, columns=[COLUMNS[0], *axes, *COLUMNS[1:]])
+    order = [*axes, "cond_dropout", "seed", "step", "metric", "prior", "guidance_scale"]
+    frame = frame.sort_values(order, kind="stable", key=_natural)
     tmp = study_dir / ".results.csv.tmp"
     frame.to_csv(tmp, index=False)
     tmp.rename(study_dir / "results.csv")
     return frame
+
+
+def _natural(column: pd.Series) -> pd.Series:
+    """Sort folder values numerically where they are all numbers (max_steps=50 before 400)."""
+    numeric = pd.to_numeric(column, errors="coerce")
+    return numeric if column.dtype == object and numeric.notna().all() else column
+
+
+def axis_columns(frame: pd.DataFrame) -> list[str]:
+    """The study-axis columns of a results table (between `run` and `cond_dropout`)."""
+    cols = list(frame.columns)
+    return cols[cols.index("run") + 1 : cols.index("cond_dropout")]
 
 
 def load_results(study_dir: str | Path) -> pd.DataFrame:

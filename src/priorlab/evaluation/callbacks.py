@@ -1,7 +1,8 @@
 """Evaluation callbacks: every N steps (at validation, with EMA weights) and at the end of fit.
 
 Both shard their sampling over DDP ranks (`evaluation.distributed`) and log on rank 0 to every logger,
-and write `<run>/eval/step=<n>_<kind>.json`.
+and write `<run>/eval/step=<n>_<kind>.json`. Where the settings ask for prior=auto|mix, each evaluation first
+fits their weights on the calibration split of the validation data (`evaluation.core.fit_priors`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from priorlab.evaluation.core import EvalSettings, conditional_quality, prior_quality
+from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
 from priorlab.evaluation.images import log_image, save_grid
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior
 from priorlab.models.io import load_denoiser
@@ -65,8 +66,12 @@ class _Evaluation(L.Callback):
         if self.base is not None:
             self.base.denoiser.to(device)
             prior = make_prior((denoiser, pl_module.scheduler), self.base)
-        with torch.no_grad():
-            metrics, grids = self.measure(trainer, pl_module, prior, final)
+        # Eager, even where the network is compiled for training: evaluation batch shapes differ from the
+        # training batch, and each new shape would recompile the network in the middle of training.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            weights = fit_priors(denoiser, pl_module.scheduler, prior, trainer.datamodule.val_set.tensors,
+                                 self.settings)  # fmt: skip
+            metrics, grids = self.measure(trainer, pl_module, prior, final, weights)
         denoiser.train(was_training)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -75,6 +80,9 @@ class _Evaluation(L.Callback):
             tmp = self.out_dir / f".step={step}_{self.kind}.json.tmp"
             tmp.write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
             tmp.rename(self.out_dir / f"step={step}_{self.kind}.json")
+            if self.kind == "cond":
+                for mode, w in weights.items():
+                    w.save(self.out_dir / f"prior_weights_{mode}_step={step}.json")
             for prior_name, x in grids.items():
                 path = save_grid(
                     x, pl_module.denoiser.num_classes, self.out_dir / f"grid_step={step}_prior={prior_name}.png"
@@ -87,7 +95,7 @@ class _Evaluation(L.Callback):
         """Whether the evaluation at the end of fit measures more than the ones during fit."""
         return False
 
-    def measure(self, trainer, pl_module, prior, final: bool) -> tuple[dict, dict]:
+    def measure(self, trainer, pl_module, prior, final: bool, weights: dict) -> tuple[dict, dict]:
         raise NotImplementedError
 
 
@@ -109,11 +117,11 @@ class PriorQuality(_Evaluation):
     def final_differs(self) -> bool:
         return not self.samples_during_fit
 
-    def measure(self, trainer, pl_module, prior, final: bool):
+    def measure(self, trainer, pl_module, prior, final: bool, weights: dict):
         dm = trainer.datamodule
         evaluator = self.evaluator if final or self.samples_during_fit else None
         return prior_quality(pl_module.denoiser, pl_module.scheduler, prior, dm.val_set.tensors, evaluator,
-                             self.settings, getattr(dm, "mixture", None)), {}  # fmt: skip
+                             self.settings, getattr(dm, "mixture", None), weights), {}  # fmt: skip
 
 
 class ConditionalQuality(_Evaluation):
@@ -121,7 +129,7 @@ class ConditionalQuality(_Evaluation):
 
     kind = "cond"
 
-    def measure(self, trainer, pl_module, prior, final: bool):
+    def measure(self, trainer, pl_module, prior, final: bool, weights: dict):
         dm = trainer.datamodule
         return conditional_quality(pl_module.denoiser, pl_module.scheduler, prior, self.evaluator, dm.sample_shape,
-                                   self.settings, getattr(dm, "mixture", None))  # fmt: skip
+                                   self.settings, getattr(dm, "mixture", None), weights)  # fmt: skip

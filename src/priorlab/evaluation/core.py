@@ -1,8 +1,9 @@
 """The evaluation itself, shared by the training callbacks and `priorlab evaluate`.
 
 `conditional_quality` samples with each prior and guidance scale and scores the samples; `prior_quality`
-compares the fine-tune's unconditional branch with the base's on held-out data. Both shard their work over
-DDP ranks by sample index and return the same numbers whatever the number of processes.
+compares the fine-tune's unconditional branch with the base's on held-out data; `fit_priors` fits the weights
+of prior=auto|mix on a calibration split of the held-out data, disjoint from the samples `prior_quality` uses.
+All shard their work over DDP ranks by sample index and return the same numbers whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,24 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from priorlab import diffusion
+from priorlab.calibration import (
+    MODES,
+    PriorWeights,
+    bucket_edges,
+    bucket_index,
+    bucket_name,
+    calibrate,
+    calibration_metrics,
+    combine,
+    heldout_noise,
+    uncond_predictions,
+)
 from priorlab.data.toy2d import GaussianMixture
+from priorlab.errors import UserError
 from priorlab.evaluation import metrics
 from priorlab.evaluation.distributed import gather, shard
 from priorlab.evaluation.features import Evaluator, external_features
-from priorlab.guidance import Prior, check_scale
+from priorlab.guidance import PRIORS, Prior, check_scale
 from priorlab.models.denoiser import Denoiser
 from priorlab.sampling import sample
 
@@ -30,11 +44,15 @@ class EvalSettings:
     Attributes:
         num_samples: generated samples per (prior, guidance scale); classes cycle 0..K-1.
         num_steps: sampler steps; sampler: scheduler name.
-        guidance_scales: the scales w to evaluate; priors: a subset of self, base.
+        guidance_scales: the scales w to evaluate; priors: a subset of self, base, auto, mix (auto and mix are
+            fitted per timestep bucket on the calibration split, see `priorlab.calibration`).
         interval: guidance interval [lo, hi] in σ, or None.
         batch_size: samples per forward pass on each process.
         seed: offset of the per-sample seeds (sample i uses seed·10⁶ + i).
-        buckets: timestep buckets of the prior-quality measures; heldout: held-out samples they use.
+        buckets: timestep buckets of the prior-quality measures and of the fitted priors; heldout: held-out
+            samples the prior-quality measures use (the first ones of the validation split).
+        calibration: held-out samples that auto and mix are fitted on, the next ones of the validation split
+            after `heldout`, so the two sets are disjoint.
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
         autocast: sample under bf16 autocast (GPU presets).
@@ -52,6 +70,7 @@ class EvalSettings:
     seed: int = 0
     buckets: int = 10
     heldout: int = 500
+    calibration: int = 500
     kid_subset: int = 500
     per_class_fd: bool = False
     grid_scale: float | None = None
@@ -61,6 +80,9 @@ class EvalSettings:
 
     def __post_init__(self):
         self.guidance_scales = [check_scale(w) for w in self.guidance_scales]
+        unknown = [p for p in self.priors if p not in PRIORS]
+        if unknown:
+            raise UserError(f"eval.priors holds {', '.join(map(str, unknown))}; use some of {', '.join(PRIORS)}")
         if self.features != "domain":
             external_features(self.features)
 
@@ -92,12 +114,13 @@ def sample_scores(
 def generate(
     model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
     settings: EvalSettings, scale: float = 1.0, prior: str = "self", base: Prior | None = None,
+    weights: PriorWeights | None = None,
 ) -> Tensor:  # fmt: skip
     """All samples for (labels, seeds), this rank generating its shard; gathered on every rank."""
     idx = shard(len(labels))
     interval = tuple(settings.interval) if settings.interval else None
-    x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, base, interval,
-               settings.sampler, settings.num_steps, settings.batch_size, autocast=settings.autocast)  # fmt: skip
+    x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, base, interval, settings.sampler,
+               settings.num_steps, settings.batch_size, autocast=settings.autocast, weights=weights)  # fmt: skip
     return gather(x, len(labels))
 
 
@@ -106,22 +129,64 @@ def eval_labels_seeds(num_samples: int, num_classes: int, seed: int) -> tuple[Te
     return labels, seed * 1_000_000 + torch.arange(num_samples)
 
 
+def usable_priors(settings: EvalSettings, base: Prior | None) -> list[str]:
+    """The priors of `settings` that can run: those that need a base are left out without one."""
+    return [p for p in settings.priors if base is not None or p in ("self", "none")]
+
+
+def calibration_split(heldout: tuple[Tensor, Tensor], settings: EvalSettings) -> Tensor:
+    """The calibration samples: the `calibration` held-out samples after the first `heldout` ones."""
+    x = heldout[0]
+    if len(x) < settings.heldout + settings.calibration:
+        raise UserError(
+            f"prior=auto|mix are fitted on eval.calibration={settings.calibration} held-out samples after the "
+            f"eval.heldout={settings.heldout} used for metrics, but the validation split holds {len(x)}; lower "
+            "eval.heldout or eval.calibration, or raise data.val_fraction"
+        )
+    return x[settings.heldout : settings.heldout + settings.calibration]
+
+
+def fit_priors(
+    model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, heldout: tuple[Tensor, Tensor] | None,
+    settings: EvalSettings, given: dict[str, PriorWeights] | None = None,
+) -> dict[str, PriorWeights]:  # fmt: skip
+    """The weights of each fitted prior (auto, mix) in settings.priors: `given` ones, the others fitted on the
+    calibration split of `heldout` (the validation split) before any sampling. Empty without a base."""
+    usable = [p for p in usable_priors(settings, base) if p in MODES]
+    out = {p: w for p, w in (given or {}).items() if p in usable}
+    wanted = [p for p in usable if p not in out]
+    if wanted and heldout is None:
+        raise UserError(f"prior={wanted[0]} needs a calibration split (held-out data) or a weights file")
+    if wanted:
+        x0 = calibration_split(heldout, settings)
+        out.update(calibrate(model, scheduler, base, x0, settings.buckets, tuple(wanted), seed=settings.seed + 54321,
+                             batch_size=settings.batch_size))  # fmt: skip
+    return out
+
+
 def conditional_quality(
     model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, evaluator: Evaluator, shape: tuple[int, ...],
-    settings: EvalSettings, mixture: GaussianMixture | None = None,
+    settings: EvalSettings, mixture: GaussianMixture | None = None, weights: dict[str, PriorWeights] | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:  # fmt: skip
-    """Metrics under keys eval/cond/<metric>/prior=<p>/w=<w>, and a grid of samples per prior."""
+    """Metrics under keys eval/cond/<metric>/prior=<p>/w=<w>, and a grid of samples per prior.
+
+    Fitted priors (auto, mix) take their weights from `weights` (see `fit_priors`); their calibration losses and
+    weights are reported under eval/calib/... .
+    """
+    weights = weights or {}
+    priors = usable_priors(settings, base)
+    missing = [p for p in priors if p in MODES and p not in weights]
+    if missing:
+        raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed)
-    results: dict[str, float] = {}
+    results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in MODES})
     unguided: dict[str, float] | None = None  # w = 1 never evaluates the prior: the same for every prior
-    for prior in settings.priors:
-        if prior == "base" and base is None:
-            continue
+    for prior in priors:
         for w in settings.guidance_scales:
             if w == 1 and unguided is not None:
                 scores = unguided
             else:
-                x = generate(model, scheduler, labels, seeds, shape, settings, w, prior, base)
+                x = generate(model, scheduler, labels, seeds, shape, settings, w, prior, base, weights.get(prior))
                 scores = sample_scores(x, labels, evaluator, settings, mixture)
                 unguided = scores if w == 1 else unguided
             for name, value in scores.items():
@@ -130,10 +195,9 @@ def conditional_quality(
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
     g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)
     g_seeds = settings.seed * 1_000_000 + torch.arange(len(g_labels))
-    for prior in settings.priors:
-        if prior == "base" and base is None:
-            continue
-        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, base)
+    for prior in priors:
+        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, base,
+                                weights.get(prior))  # fmt: skip
     return results, grids
 
 
@@ -141,37 +205,38 @@ def conditional_quality(
 def prior_quality(
     model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, heldout: tuple[Tensor, Tensor],
     evaluator: Evaluator | None, settings: EvalSettings, mixture: GaussianMixture | None = None,
+    weights: dict[str, PriorWeights] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Unconditional branch of the model (self) vs the base, per timestep bucket and by unconditional samples.
 
     On held-out data x0 with fixed noise and timesteps: the eps-space denoising loss of each, their
     disagreement ‖eps_self(x_t, ∅) − eps_base(x_t, ∅)‖² (per element), and on toy2d each one's error against
-    the exact marginal eps. Then FD/KID of unconditional samples of each against the data.
+    the exact marginal eps; with fitted `weights` (auto, mix, fitted on another split) also their loss. Then
+    FD/KID of unconditional samples of each against the data.
     """
     device = next(model.parameters()).device
     x0_all = heldout[0][: settings.heldout]
-    n, T = len(x0_all), scheduler.config.num_train_timesteps
-    g = torch.Generator().manual_seed(settings.seed + 12345)
-    t_all = torch.randint(0, T, (n,), generator=g)
-    noise_all = torch.randn(x0_all.shape, generator=g)
+    n, num_t = len(x0_all), scheduler.config.num_train_timesteps
+    t_all, noise_all = heldout_noise(n, tuple(x0_all.shape[1:]), num_t, settings.seed + 12345)
     idx = shard(n)
     x0, t, noise = x0_all[idx].to(device), t_all[idx].to(device), noise_all[idx].to(device)
-    abar = scheduler.alphas_cumprod.to(device)[t]
-    x_t = diffusion.add_noise(x0, noise, abar)
-    per_sample: dict[str, Tensor] = {}
-    eps_self = diffusion.to_eps(model(x_t, t, torch.full_like(t, model.null_class)), model.prediction_type, x_t, abar)
-    per_sample["loss/model=self"] = _sq(eps_self - noise)
-    truth = None if mixture is None else mixture.eps(x_t.cpu(), abar.cpu()).float().to(device)
-    if truth is not None:
+    eps_self, eps_base = uncond_predictions(model, scheduler, base, x0, t, noise, settings.batch_size)
+    per_sample: dict[str, Tensor] = {"loss/model=self": _sq(eps_self - noise)}
+    truth = None
+    if mixture is not None:
+        abar = scheduler.alphas_cumprod.to(device)[t]
+        x_t = diffusion.add_noise(x0, noise, abar)
+        truth = mixture.eps(x_t.cpu(), abar.cpu()).float().to(device)
         per_sample["score_error/model=self"] = _sq(eps_self - truth)
-    if base is not None:
-        eps_base = base(x_t, t)
+    if eps_base is not None:
         per_sample["loss/model=base"] = _sq(eps_base - noise)
         per_sample["disagreement"] = _sq(eps_self - eps_base)
         if truth is not None:
             per_sample["score_error/model=base"] = _sq(eps_base - truth)
-    edges = torch.linspace(0, T, settings.buckets + 1).long()
-    bucket = torch.bucketize(t_all, edges[1:-1], right=True)
+        for mode, pw in (weights or {}).items():
+            per_sample[f"loss/model={mode}"] = _sq(combine(eps_self, eps_base, pw.at(t)) - noise)
+    edges = bucket_edges(num_t, settings.buckets)
+    bucket = bucket_index(t_all, edges)
     results = {}
     for name, values in per_sample.items():
         values = gather(values, n)
@@ -179,7 +244,7 @@ def prior_quality(
         for b in range(settings.buckets):
             sel = bucket == b
             if sel.any():
-                results[f"eval/prior/{name}/t={int(edges[b])}-{int(edges[b + 1]) - 1}"] = float(values[sel].mean())
+                results[f"eval/prior/{name}/{bucket_name(edges, b)}"] = float(values[sel].mean())
     if evaluator is not None:
         results.update(unconditional_quality(model, scheduler, base, evaluator, tuple(x0_all.shape[1:]), settings))
     return results

@@ -1,0 +1,171 @@
+"""When does the swap pay? The sign rule and the fitted priors, from the tidy results.
+
+The swap's benefit at one (run, guidance scale w ≠ 1) is metric(prior=self) − metric(prior=base) for metrics where
+lower is better (exact NLL on toy2d, FD otherwise), so positive means the base prior helped. The hypothesis
+(issue 9) is that it helps where the base's unconditional denoising loss on the fine-tune data is below the model's
+own: the sign rule predicts sign(benefit) = sign(log_ratio), with log_ratio the mean over timestep buckets of
+log(L_self / L_base) on the calibration split (on the metric held-out split when no calibration was run).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from priorlab.analysis.results import axis_columns, bucket_start, final_rows
+from priorlab.analysis.stats import Estimate, mean_ci
+
+FIXED = ("self", "base")
+FITTED = ("auto", "mix")
+
+
+@dataclass
+class Proportion:
+    """k successes of n with a 95% Wilson score interval."""
+
+    k: int
+    n: int
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        if self.n == 0:
+            return float("nan"), float("nan")
+        z, p = stats.norm.ppf(0.975), self.k / self.n
+        centre = (p + z * z / (2 * self.n)) / (1 + z * z / self.n)
+        half = z / (1 + z * z / self.n) * math.sqrt(p * (1 - p) / self.n + z * z / (4 * self.n**2))
+        return centre - half, centre + half
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "0 of 0"
+        lo, hi = self.interval
+        return f"{self.k} of {self.n} ({self.k / self.n:.0%}, 95% CI {lo:.0%}–{hi:.0%})"
+
+
+def benefit_metric(frame: pd.DataFrame) -> str:
+    """The exact NLL where the study has it (toy2d), FD otherwise."""
+    return "nll" if (frame["metric"] == "nll").any() else "fd"
+
+
+def log_ratios(final: pd.DataFrame) -> pd.Series:
+    """Per run: the mean over timestep buckets of log(L_self / L_base) of the unconditional branches."""
+    for prefix in ("calib_loss/t=", "loss/t="):
+        sub = final[final["metric"].str.startswith(prefix) & final["prior"].isin(FIXED)]
+        if len(sub):
+            wide = sub.pivot_table(index=["run", "metric"], columns="prior", values="value")
+            if set(FIXED) <= set(wide.columns):
+                ratio = np.log(wide["self"] / wide["base"]).dropna()
+                return ratio.groupby(level="run").mean()
+    return pd.Series(dtype=float)
+
+
+def swap_points(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (run, guidance scale w ≠ 1) at each run's final step: the study axes, cond_dropout, seed, w, the
+    metric under each prior, `benefit` = metric(self) − metric(base) and `log_ratio`."""
+    final = final_rows(frame)
+    index = ["run", *axis_columns(frame), "cond_dropout", "seed", "guidance_scale"]
+    sub = final[(final["metric"] == metric) & final["prior"].isin(FIXED + FITTED) & (final["guidance_scale"] != 1)]
+    if sub.empty:
+        return pd.DataFrame(columns=[*index, "benefit", "log_ratio"])
+    wide = sub.pivot_table(index=index, columns="prior", values="value").reset_index()
+    wide.columns.name = None
+    if not set(FIXED) <= set(wide.columns):
+        return pd.DataFrame(columns=[*index, "benefit", "log_ratio"])
+    wide["benefit"] = wide["self"] - wide["base"]
+    wide["log_ratio"] = wide["run"].map(log_ratios(final))
+    return wide
+
+
+def sign_rule(points: pd.DataFrame, by: str = "guidance_scale") -> dict[object, Proportion]:
+    """How often sign(benefit) = sign(log_ratio), over all points ("all") and per value of column `by`.
+
+    Points with a zero benefit or ratio, or without a ratio, are left out."""
+    usable = points.dropna(subset=["benefit", "log_ratio"])
+    usable = usable[(usable["benefit"] != 0) & (usable["log_ratio"] != 0)]
+    holds = np.sign(usable["benefit"]) == np.sign(usable["log_ratio"])
+    out: dict[object, Proportion] = {"all": Proportion(int(holds.sum()), len(usable))}
+    for value, g in holds.groupby(usable[by], sort=True):
+        out[value] = Proportion(int(g.sum()), len(g))
+    return out
+
+
+def rank_correlation(points: pd.DataFrame) -> tuple[float, float, int]:
+    """Spearman's ρ between log_ratio and benefit over the points, its two-sided p-value and the count."""
+    usable = points.dropna(subset=["benefit", "log_ratio"])
+    if len(usable) < 3 or usable["log_ratio"].nunique() < 2:
+        return float("nan"), float("nan"), len(usable)
+    result = stats.spearmanr(usable["log_ratio"], usable["benefit"])
+    return float(result.statistic), float(result.pvalue), len(usable)
+
+
+@dataclass
+class FittedComparison:
+    """A fitted prior against the better and the worse of the two fixed priors at each point (lower is better)."""
+
+    prior: str
+    beats_both: Proportion
+    ties_better: int
+    worse_than_better: int
+    worse_than_both: int
+    vs_better: Estimate  # metric(fitted) − min(self, base)
+    vs_self: Estimate
+    vs_base: Estimate
+
+
+def fitted_vs_fixed(points: pd.DataFrame, prior: str) -> FittedComparison | None:
+    """Counts of points where `prior` beats both fixed priors, ties the better, or is worse; paired differences."""
+    if prior not in points:
+        return None
+    p = points.dropna(subset=[prior, "self", "base"])
+    if p.empty:
+        return None
+    better, worse = np.minimum(p["self"], p["base"]), np.maximum(p["self"], p["base"])
+    value = p[prior]
+    return FittedComparison(
+        prior,
+        Proportion(int((value < better).sum()), len(p)),
+        int((value == better).sum()),
+        int((value > better).sum()),
+        int((value > worse).sum()),
+        mean_ci(value - better),
+        mean_ci(value - p["self"]),
+        mean_ci(value - p["base"]),
+    )
+
+
+def condition_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per condition (study axes, cond_dropout): each prior's best metric over scales, mean [CI] over seeds."""
+    final = final_rows(frame)
+    keys = [*axis_columns(frame), "cond_dropout"]
+    sub = final[(final["metric"] == metric) & final["prior"].isin(FIXED + FITTED)]
+    best = sub.groupby(["run", *keys, "seed", "prior"], dropna=False)["value"].min().reset_index()
+    rows = []
+    for cond, g in best.groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        row = dict(zip(keys, cond, strict=True))
+        for prior in FIXED + FITTED:
+            values = g[g["prior"] == prior]["value"]
+            if len(values):
+                row[f"best {metric} {prior}"] = str(mean_ci(values))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def bucket_log_ratios(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per run and timestep bucket: log(L_self / L_base) on the calibration split and the mix weight (final step)."""
+    final = final_rows(frame)
+    keys = ["run", *axis_columns(frame), "cond_dropout", "seed"]
+    loss = final[final["metric"].str.startswith("calib_loss/t=") & final["prior"].isin(FIXED)].copy()
+    if loss.empty:
+        return pd.DataFrame(columns=[*keys, "t", "log_ratio", "mix_weight"])
+    loss["t"] = loss["metric"].map(bucket_start)
+    wide = loss.pivot_table(index=[*keys, "t"], columns="prior", values="value").reset_index()
+    wide["log_ratio"] = np.log(wide["self"] / wide["base"])
+    mix = final[final["metric"].str.startswith("calib_weight/t=") & (final["prior"] == "mix")].copy()
+    mix["t"] = mix["metric"].map(bucket_start)
+    mix = mix[[*keys, "t", "value"]].rename(columns={"value": "mix_weight"})
+    return wide[[*keys, "t", "log_ratio"]].merge(mix, on=[*keys, "t"], how="left")

@@ -1,0 +1,289 @@
+"""`prior=auto` and `prior=mix`: the unconditional prior chosen per noise level from held-out denoising loss.
+
+On a calibration split x0 with fixed noise eps and timesteps t, the two unconditional candidates are the guided
+model's own branch eps_θ(x_t, ∅) ("self") and the base's eps_ψ(x_t, ∅) ("base"). In timestep bucket b the
+convex combination eps_w = (1 − w)·eps_θ + w·eps_ψ has the denoising loss (per element)
+
+    L_b(w) = E_b ‖a + w·d‖² = E_b‖a‖² + 2w·E_b[a·d] + w²·E_b‖d‖²,   a = eps_θ − eps,  d = eps_ψ − eps_θ.
+
+`auto` takes w_b ∈ {0, 1}, the candidate with the lower loss (self on ties); `mix` takes the least-squares
+minimiser w_b = −E_b[a·d] / E_b‖d‖² clipped to [0, 1], the minimiser of the convex quadratic on [0, 1], so
+L_b(w_b) ≤ min(L_b(0), L_b(1)) on the calibration data. Guidance then uses
+eps_ψ,θ(x_t, ∅) = (1 − w_b)·eps_θ(x_t, ∅) + w_b·eps_ψ(x_t, ∅) in place of the unconditional prediction.
+
+`fit_weights` and `combine` are pure functions of tensors, for any pair of denoisers (the pipeline adapters call
+them with their own predictions); `calibrate` computes the predictions of priorlab's own denoisers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from priorlab import diffusion
+from priorlab.errors import UserError
+from priorlab.evaluation.distributed import gather, shard
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+
+    from priorlab.guidance import Prior
+    from priorlab.models.denoiser import Denoiser
+
+MODES = ("auto", "mix")
+FORMAT = "priorlab.prior_weights"
+
+
+def bucket_edges(num_train_timesteps: int, buckets: int) -> Tensor:
+    """K + 1 integer boundaries splitting the training timesteps [0, T) into K equal buckets, (K + 1,)."""
+    if not 1 <= buckets <= num_train_timesteps:
+        raise UserError(f"buckets={buckets} must lie between 1 and the {num_train_timesteps} training timesteps")
+    return torch.linspace(0, num_train_timesteps, buckets + 1).long()
+
+
+def bucket_index(t: Tensor, edges: Tensor) -> Tensor:
+    """The bucket b of each timestep, edges[b] ≤ t < edges[b + 1]; timesteps outside [0, T) go to the end buckets."""
+    inner = edges[1:-1].to(t.device)
+    return torch.bucketize(t, inner.to(t.dtype) if t.is_floating_point() else inner, right=True)
+
+
+def bucket_name(edges: Tensor, b: int) -> str:
+    """The metric-key name of bucket b, e.g. t=100-199."""
+    return f"t={int(edges[b])}-{int(edges[b + 1]) - 1}"
+
+
+@dataclass
+class PriorWeights:
+    """Per-bucket convex weights of the base in the unconditional prediction (1 = all base, 0 = all self).
+
+    Attributes:
+        edges: K + 1 integer boundaries over the guided model's training timesteps [0, T].
+        base_weight: (K,) weights in [0, 1]; `auto` weights are 0 or 1.
+        mode: "auto" or "mix".
+        losses: per-bucket held-out losses it was fitted from: lists of K values under "self", "base" and the
+            mode's name (None where a bucket had no calibration sample), and "count".
+    """
+
+    edges: Tensor
+    base_weight: Tensor
+    mode: str
+    losses: dict[str, list] | None = field(default=None)
+
+    def __post_init__(self):
+        self.edges = torch.as_tensor(self.edges).long().cpu()
+        self.base_weight = torch.as_tensor(self.base_weight, dtype=torch.float32).cpu()
+        if self.mode not in MODES:
+            raise UserError(f"prior weights of mode {self.mode!r}: the mode must be one of {', '.join(MODES)}")
+        if self.edges.ndim != 1 or len(self.edges) < 2 or self.edges[0] != 0 or (self.edges.diff() <= 0).any():
+            raise UserError(f"prior weights: edges {self.edges.tolist()} must rise strictly from 0 to T")
+        if self.base_weight.shape != (len(self.edges) - 1,):
+            raise UserError(f"prior weights: {len(self.edges) - 1} buckets need as many weights, "
+                            f"got {tuple(self.base_weight.shape)}")  # fmt: skip
+        w = self.base_weight
+        if not torch.isfinite(w).all() or (w < 0).any() or (w > 1).any():
+            raise UserError(f"prior weights {w.tolist()} must lie in [0, 1]")
+        if self.mode == "auto" and not ((w == 0) | (w == 1)).all():
+            raise UserError(f"prior=auto weights must each be 0 (self) or 1 (base), got {w.tolist()}")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.edges[-1])
+
+    def at(self, t: Tensor) -> Tensor:
+        """The base weight of each row for integer timesteps t (N,), on t's device."""
+        return self.base_weight.to(t.device)[bucket_index(t, self.edges)]
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "mode": self.mode, "edges": self.edges.tolist(),
+                "base_weight": self.base_weight.tolist(), "losses": self.losses}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PriorWeights:
+        """Build from `to_dict()`'s output; a mapping of another shape is a UserError."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise UserError(f"not a priorlab prior-weights record (expected format {FORMAT!r})")
+        try:
+            return cls(torch.tensor(data["edges"]), torch.tensor(data["base_weight"]), data["mode"], data.get("losses"))
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise UserError(f"prior-weights record is malformed ({type(err).__name__}: {err})") from err
+
+    def save(self, path: str | Path) -> Path:
+        """Write the weights as JSON atomically (a temporary sibling renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PriorWeights:
+        """Read weights written by `save`; a missing, corrupt or foreign file is a one-line UserError."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"prior weights file {path} does not exist; fit weights first or pass another path")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"prior weights file {path} is not valid JSON ({err}); fit the weights again") from err
+        try:
+            return cls.from_dict(data)
+        except UserError as err:
+            raise UserError(f"prior weights file {path}: {err}") from err
+
+
+def combine(eps_self: Tensor | None, eps_base: Tensor | None, w_base: Tensor) -> Tensor:
+    """(1 − w)·eps_self + w·eps_base per row, exactly eps_self where w = 0 and eps_base where w = 1.
+
+    Args:
+        eps_self, eps_base: (N, ...) predictions; either may be None where every w is 1 (resp. 0), and the rows
+            of one that the other's weight excludes are never read (they may hold anything).
+        w_base: (N,) base weights.
+    """
+    if eps_self is None and eps_base is None:
+        raise ValueError("combine needs eps_self or eps_base")
+    if eps_self is None or eps_base is None:
+        needed, given = (1.0, eps_base) if eps_self is None else (0.0, eps_self)
+        if not (w_base == needed).all():
+            raise ValueError(f"combine: every weight must be {needed:g} when only one prediction is given")
+        return given
+    w = w_base.to(eps_self.device, eps_self.dtype).reshape(-1, *[1] * (eps_self.ndim - 1))
+    mixed = eps_self + w * (eps_base - eps_self)
+    return torch.where(w == 0, eps_self, torch.where(w == 1, eps_base, mixed))
+
+
+def fit_weights(
+    eps_self: Tensor, eps_base: Tensor, noise: Tensor, t: Tensor, num_train_timesteps: int, buckets: int, mode: str
+) -> PriorWeights:
+    """Per-bucket base weights minimising the held-out eps loss of the unconditional prediction (module doc).
+
+    Args:
+        eps_self: the guided model's ∅ predictions (N, ...), as eps; eps_base: the base's, the same shape.
+        noise: the eps each x_t was made with (N, ...); t: integer timesteps (N,) of the guided model.
+        num_train_timesteps: T of the guided model; buckets: K equal timestep buckets over [0, T).
+        mode: "auto" (each bucket's better candidate) or "mix" (the least-squares convex weight).
+    Buckets without a calibration sample take the weight of the nearest bucket that has one.
+    """
+    if mode not in MODES:
+        raise UserError(f"prior={mode} cannot be fitted; fitted priors are {', '.join(MODES)}")
+    if not (eps_self.shape == eps_base.shape == noise.shape) or len(t) != len(noise):
+        raise ValueError(f"shapes differ: eps_self {tuple(eps_self.shape)}, eps_base {tuple(eps_base.shape)}, "
+                         f"noise {tuple(noise.shape)}, t {tuple(t.shape)}")  # fmt: skip
+    if len(t) == 0:
+        raise UserError("the calibration split is empty; prior=auto|mix need held-out samples to fit on")
+    edges = bucket_edges(num_train_timesteps, buckets)
+    a = (eps_self.double() - noise.double()).flatten(1).cpu()  # (N, D)
+    d = (eps_base.double() - eps_self.double()).flatten(1).cpu()
+    index = bucket_index(t.cpu(), edges)
+
+    def per_bucket(values: Tensor) -> Tensor:  # (N,) → (K,) sums
+        return torch.zeros(buckets, dtype=torch.float64).index_add_(0, index, values)
+
+    count = per_bucket(torch.ones(len(t), dtype=torch.float64))
+    aa, ad, dd = (per_bucket(v.mean(1)) / count.clamp(min=1) for v in (a * a, a * d, d * d))
+
+    def loss(w: Tensor) -> Tensor:
+        return aa + 2 * w * ad + w * w * dd
+
+    zero, one = torch.zeros(buckets, dtype=torch.float64), torch.ones(buckets, dtype=torch.float64)
+    if mode == "auto":
+        w = (loss(one) < loss(zero)).double()
+    else:
+        w = torch.where(dd > 0, -ad / dd.clamp(min=torch.finfo(torch.float64).tiny), zero).clamp(0, 1)
+    w = _fill_empty(w, count > 0)
+    losses = {"self": loss(zero), "base": loss(one), mode: loss(w)}
+    record = {k: [v if n > 0 else None for v, n in zip(x.tolist(), count.tolist(), strict=True)]
+              for k, x in losses.items()}  # fmt: skip
+    record["count"] = [int(n) for n in count.tolist()]
+    return PriorWeights(edges, w.float(), mode, record)
+
+
+def _fill_empty(w: Tensor, has_data: Tensor) -> Tensor:
+    """Give each bucket without data the weight of its nearest bucket with data (the earlier one on ties)."""
+    full = torch.nonzero(has_data).flatten()
+    if len(full) == len(w):
+        return w
+    nearest = full[(torch.arange(len(w))[:, None] - full[None, :]).abs().argmin(dim=1)]
+    return w[nearest]
+
+
+def heldout_noise(n: int, shape: tuple[int, ...], num_train_timesteps: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Fixed timesteps (n,) and noise (n, *shape) for held-out measurements, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, num_train_timesteps, (n,), generator=g)
+    return t, torch.randn((n, *shape), generator=g)
+
+
+@torch.no_grad()
+def uncond_predictions(
+    model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, x0: Tensor, t: Tensor, noise: Tensor,
+    batch_size: int | None = None,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """eps_θ(x_t, ∅) of the model and eps_ψ(x_t, ∅) of the base (None without one) at x_t = noised x0.
+
+    x0, t and noise lie on the model's device; x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise with the model's ᾱ.
+    """
+    abar_all = scheduler.alphas_cumprod.to(x0.device)
+    selves, bases = [], []
+    step = batch_size or max(1, len(x0))
+    for start in range(0, len(x0), step):
+        tb, abar = t[start : start + step], abar_all[t[start : start + step]]
+        x_t = diffusion.add_noise(x0[start : start + step], noise[start : start + step], abar)
+        null = torch.full_like(tb, model.null_class)
+        selves.append(diffusion.to_eps(model(x_t, tb, null), model.prediction_type, x_t, abar))
+        if base is not None:
+            bases.append(base(x_t, tb))
+    return torch.cat(selves), torch.cat(bases) if base is not None else None
+
+
+@torch.no_grad()
+def calibrate(
+    model: Denoiser, scheduler: DDPMScheduler, base: Prior, x0: Tensor, buckets: int, modes: tuple[str, ...] = MODES,
+    seed: int = 0, batch_size: int | None = None,
+) -> dict[str, PriorWeights]:  # fmt: skip
+    """Fit `modes` weights for model θ and base ψ on calibration samples x0 (N, ...), one noise draw per sample.
+
+    The work is sharded over DDP ranks and gathered, so every rank fits the same weights.
+    """
+    device = next(model.parameters()).device
+    n, num_t = len(x0), scheduler.config.num_train_timesteps
+    t, noise = heldout_noise(n, tuple(x0.shape[1:]), num_t, seed)
+    idx = shard(n)
+    eps_self, eps_base = uncond_predictions(model, scheduler, base, x0[idx].to(device), t[idx].to(device),
+                                            noise[idx].to(device), batch_size)  # fmt: skip
+    eps_self, eps_base = gather(eps_self, n), gather(eps_base, n)
+    return {mode: fit_weights(eps_self, eps_base, noise, t, num_t, buckets, mode) for mode in modes}
+
+
+def calibration_metrics(weights: dict[str, PriorWeights]) -> dict[str, float]:
+    """The calibration losses per bucket and overall (eval/calib/loss/model=<m>/...) and each mode's weights.
+
+    `all` is the count-weighted mean over buckets; `log_ratio` is the mean over buckets with data of
+    log(L_self / L_base), positive where the base's loss is lower.
+    """
+    out: dict[str, float] = {}
+    for mode, pw in weights.items():
+        losses, edges = pw.losses or {}, pw.edges
+        count = losses.get("count", [])
+        for b in range(len(pw.base_weight)):
+            out[f"eval/calib/weight/prior={mode}/{bucket_name(edges, b)}"] = float(pw.base_weight[b])
+        for model in ("self", "base", mode):
+            values = losses.get(model, [])
+            for b, v in enumerate(values):
+                if v is not None:
+                    out[f"eval/calib/loss/model={model}/{bucket_name(edges, b)}"] = float(v)
+            pairs = [(v, c) for v, c in zip(values, count, strict=False) if v is not None]
+            if pairs:
+                out[f"eval/calib/loss/model={model}/all"] = sum(v * c for v, c in pairs) / sum(c for _, c in pairs)
+        ratios = [math.log(s / b) for s, b in zip(losses.get("self", []), losses.get("base", []), strict=False)
+                  if s is not None and b is not None and s > 0 and b > 0]  # fmt: skip
+        if ratios:
+            out["eval/calib/log_ratio/all"] = sum(ratios) / len(ratios)
+    return out
