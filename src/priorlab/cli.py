@@ -24,12 +24,13 @@ COMMANDS = {
     "study": "priorlab.studies:run_study",
     "report": "priorlab.analysis.report:report_command",
     "dashboard": "priorlab.dashboard:dashboard",
+    "sample": "priorlab.pipelines.sample:sample_command",
 }
 # A first argument without '=' is the value of this key: `priorlab study NAME`, `priorlab report runs/NAME`.
 POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name"}
 # `model` is also a config group (the architecture presets of `train`); where a command takes a model folder,
 # `model=PATH` is renamed to that command's key for it.
-PATH_KEYS = {"evaluate": {"model": "model_dir"}}
+PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"}}
 USAGE = "usage: priorlab {" + ",".join(COMMANDS) + "} [key=value ...]   (Hydra overrides; --help for each)"
 
 

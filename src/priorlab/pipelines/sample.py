@@ -1,0 +1,216 @@
+"""`priorlab sample model=PATH base=PATH prior=base|self|auto|mix prompt=... image=... guidance_scale=... seed=...`
+
+Writes the images (for video: each video's frames and a GIF) and sample.json with every setting; with
+`compare=true` it samples prior=self and the chosen prior from identical seeds and writes compare.png, a grid
+with one row per prior. The output folder is assembled under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from priorlab.calibration import PriorWeights
+from priorlab.errors import UserError
+from priorlab.pipelines.families import Family, family_of
+from priorlab.pipelines.prior import load_pipeline, load_prior
+from priorlab.pipelines.swap import MODES, encode_images, fit_pipeline_weights, model_null_condition, swap_prior
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+NEEDS_IMAGE = ("instruct-pix2pix", "image-variation", "image-text-to-video")
+NEEDS_PROMPT = ("text-to-image", "instruct-pix2pix", "text-to-video", "image-text-to-video")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu")
+    return torch.device(name)
+
+
+def _open_image(path: str | None, role: str = "image") -> Image.Image:
+    if path is None:
+        raise UserError(f"this pipeline needs {role}=PATH (an input image)")
+    try:
+        return Image.open(path).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{role}={path} is not a readable image ({type(err).__name__})") from err
+
+
+def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
+    """The pipeline's keyword arguments for the settings (all but the generators), and the number of outputs."""
+    kw: dict = {"num_inference_steps": int(cfg.num_steps)}
+    if cfg.guidance_scale is not None:
+        kw["guidance_scale"] = float(cfg.guidance_scale)
+    if cfg.height is not None:
+        kw["height"] = int(cfg.height)
+    if cfg.width is not None:
+        kw["width"] = int(cfg.width)
+    n = int(cfg.num_images)
+    if family.name in NEEDS_PROMPT:
+        if cfg.prompt is None:
+            raise UserError(f"the {family.name} pipeline needs prompt='...'")
+        kw["prompt"] = str(cfg.prompt)
+        if cfg.negative_prompt is not None:
+            kw["negative_prompt"] = str(cfg.negative_prompt)
+    if family.name in NEEDS_IMAGE:
+        kw["image"] = _open_image(cfg.image)
+    if family.name == "instruct-pix2pix" and cfg.image_guidance_scale is not None:
+        kw["image_guidance_scale"] = float(cfg.image_guidance_scale)
+    if family.class_labels:
+        labels = cfg.class_labels
+        if labels is None:
+            raise UserError("the DiT pipeline needs class_labels=[...] (class indices)")
+        labels = [int(v) for v in (labels if OmegaConf.is_list(labels) or isinstance(labels, list) else [labels])]
+        kw["class_labels"] = labels * n
+        n = len(kw["class_labels"])
+        kw.pop("height", None), kw.pop("width", None)
+    else:
+        if family.video:
+            kw["num_frames"] = int(cfg.num_frames) if cfg.num_frames is not None else 16
+            kw["output_type"] = "np"
+        accepted = inspect.signature(call).parameters
+        per_prompt = next((k for k in ("num_images_per_prompt", "num_videos_per_prompt") if k in accepted), None)
+        if per_prompt:
+            kw[per_prompt] = n
+        elif n > 1:  # e.g. TextToVideoSDPipeline: a batch of prompts instead
+            kw["prompt"] = [kw["prompt"]] * n
+            if "negative_prompt" in kw:
+                kw["negative_prompt"] = [kw["negative_prompt"]] * n
+    if not family.video:
+        kw["output_type"] = "pil"
+    return kw, n
+
+
+def _frames(output, family: Family) -> list:
+    """A list of images (PIL) or of videos (lists of PIL frames)."""
+    if not family.video:
+        return list(output.images)
+    frames = output.frames
+    frames = frames.cpu().float().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if frames.ndim == 4:
+        frames = frames[None]
+    return [[Image.fromarray((np.clip(f, 0, 1) * 255).round().astype("uint8")) for f in video] for video in frames]
+
+
+def _save(results: list, folder: Path, prefix: str, video: bool, fps: int) -> list[str]:
+    paths = []
+    for i, item in enumerate(results):
+        if video:
+            frame_dir = folder / f"{prefix}{i}"
+            frame_dir.mkdir()
+            for k, frame in enumerate(item):
+                frame.save(frame_dir / f"frame_{k:03d}.png")
+            gif = folder / f"{prefix}{i}.gif"
+            item[0].save(gif, save_all=True, append_images=item[1:], duration=int(1000 / fps), loop=0)
+            paths.append(gif.name)
+        else:
+            path = folder / f"{prefix}{i}.png"
+            item.save(path)
+            paths.append(path.name)
+    return paths
+
+
+def compare_grid(rows: dict[str, list], video: bool) -> Image.Image:
+    """One row per prior: its images side by side (for video, the first video's frames)."""
+    cells = {name: (items[0] if video else items) for name, items in rows.items()}
+    w, h = next(iter(cells.values()))[0].size
+    cols = max(len(c) for c in cells.values())
+    grid = Image.new("RGB", (cols * w, len(cells) * h), "white")
+    for r, images in enumerate(cells.values()):
+        for c, im in enumerate(images):
+            grid.paste(im, (c * w, r * h))
+    return grid
+
+
+def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | None:
+    if cfg.prior not in ("auto", "mix"):
+        return None
+    if cfg.prior_weights is not None:
+        weights = PriorWeights.load(cfg.prior_weights)
+        if weights.mode != cfg.prior:
+            raise UserError(f"prior_weights={cfg.prior_weights} were fitted for prior={weights.mode}, not {cfg.prior}")
+        return weights
+    if cfg.calibration is None:
+        raise UserError(f"prior={cfg.prior} needs prior_weights=PATH or calibration=FOLDER (images of the "
+                        "fine-tuning domain) to fit them on")  # fmt: skip
+    folder = Path(cfg.calibration)
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise UserError(f"calibration={folder} holds no .png/.jpg/.webp images")
+    size = cfg.calibration_size
+    images = [
+        _open_image(str(p), "calibration image").resize((size, size)) if size else _open_image(str(p)) for p in files
+    ]
+    latents = encode_images(pipe, images)
+    return fit_pipeline_weights(pipe, prior, latents, model_null_condition(pipe, family), cfg.prior,
+                                int(cfg.calibration_buckets), int(cfg.seed), family)  # fmt: skip
+
+
+def sample_command(cfg: DictConfig) -> Path:
+    """Run `priorlab sample` (see the module doc); returns the output folder."""
+    if cfg.prior not in MODES:
+        raise UserError(f"prior={cfg.prior} is unknown; use one of {', '.join(MODES)}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype={cfg.dtype} is unknown; use one of {', '.join(DTYPES)}")
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
+    device, dtype = _device(cfg.device), DTYPES[cfg.dtype]
+    pipe = load_pipeline(str(cfg.model_dir), dtype, role="model")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=not cfg.progress)
+    family = family_of(pipe)
+    kw, n = call_arguments(cfg, family, pipe.__call__)
+    prior = None
+    if cfg.prior != "self" or cfg.compare:
+        if cfg.base is None:
+            if cfg.prior != "self":
+                raise UserError(f"prior={cfg.prior} needs base=PATH (the unconditional prior)")
+        else:
+            prior = load_prior(str(cfg.base), cfg.negative_prompt or "", device, dtype)
+    weights = _weights(cfg, pipe, prior, family)
+    modes = (
+        [cfg.prior] if not cfg.compare else list(dict.fromkeys(["self", cfg.prior if cfg.prior != "self" else "base"]))
+    )
+    if "base" in modes and prior is None:
+        raise UserError("compare=true needs base=PATH")
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        results, files, seconds = {}, {}, {}
+        for mode in modes:
+            start = time.perf_counter()
+            # one generator per output, seeded seed + i: the same noise for every prior
+            args = {**kw, "generator": [torch.Generator().manual_seed(int(cfg.seed) + i) for i in range(n)]}
+            with swap_prior(pipe, prior, mode, weights if mode in ("auto", "mix") else None, family) as swapped:
+                results[mode] = _frames(pipe(**args), family)
+            seconds[mode] = round(time.perf_counter() - start, 3)
+            files[mode] = _save(results[mode], tmp, f"prior={mode}_", family.video, int(cfg.fps))
+            calls = swapped.calls
+        if cfg.compare:
+            compare_grid(results, family.video).save(tmp / "compare.png")
+        if weights is not None:
+            weights.save(tmp / f"prior_weights_{weights.mode}.json")
+        settings = OmegaConf.to_container(cfg, resolve=True)
+        settings.update({"family": family.name, "pipeline": type(pipe).__name__, "files": files, "seconds": seconds,
+                         "denoiser_calls": calls, "device": str(device)})  # fmt: skip
+        (tmp / "sample.json").write_text(json.dumps(settings, indent=1, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {sum(len(f) for f in files.values())} outputs to {out}")
+    return out

@@ -1,0 +1,262 @@
+"""The prior swap inside a diffusers pipeline.
+
+`swap_prior(pipe, prior, mode)` puts a `SwappedDenoiser` in place of the pipeline's denoiser for the duration of
+a `with` block. On every guided call it recognises the pipeline's guidance batch (the family's `chunks` copies of
+the same noisy latents), evaluates the fine-tuned network θ only where it is needed and fills the fully
+unconditional chunk with the prior's prediction, converted to θ's parameterization at θ's ᾱ. The pipeline then
+combines the chunks with its own formula, which for the chunk layouts of `families` is exactly priorlab's
+`guidance.cfg` (two chunks) or `guidance.cfg_two_conditions` (InstructPix2Pix) with eps(∅, ∅) from ψ (Eq. 7–9
+of Phunyaphibarn et al. 2025).
+
+Modes: "self" passes every call through unchanged (the pipeline's own output, bit for bit); "base" takes ψ's
+prediction for the ∅ chunk; "auto" / "mix" take the per-noise-level convex combination of θ's and ψ's ∅
+predictions given by `calibration.PriorWeights` (fitted on the user's calibration latents with
+`fit_pipeline_weights`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from priorlab import diffusion
+from priorlab.calibration import PriorWeights, combine, fit_weights
+from priorlab.errors import UserError
+from priorlab.pipelines.families import Family, family_of
+from priorlab.pipelines.prior import DiffusersPrior, check_latent_space, latent_space
+
+MODES = ("self", "base", "auto", "mix")
+PIPELINE_NULL_CLASS = 1000  # DiTPipeline's hard-coded null label
+
+
+class SwappedDenoiser(nn.Module):
+    """A stand-in for a pipeline's denoiser that routes the unconditional chunk of the guidance batch to ψ.
+
+    Attribute reads other than its own (config, dtype, device, …) go to the wrapped network, so the pipeline
+    sees the network it expects.
+
+    Args:
+        net: θ, the pipeline's fine-tuned network.
+        family: the pipeline's batch layout.
+        model_abar: θ's training ᾱ (the pipeline scheduler's alphas_cumprod).
+        prediction_type: what θ predicts (the pipeline scheduler's prediction_type).
+        latent_channels: channels of the noisy latent at the front of θ's input (the rest, e.g. InstructPix2Pix's
+            image latents, are conditioning that ψ never sees).
+        prior: ψ; mode: one of MODES; weights: the fitted per-bucket base weights for auto / mix.
+    """
+
+    def __init__(self, net: nn.Module, family: Family, model_abar: Tensor, prediction_type: str,
+                 latent_channels: int, prior: DiffusersPrior | None, mode: str,
+                 weights: PriorWeights | None = None):  # fmt: skip
+        super().__init__()
+        self.net = net
+        self.family = family
+        self.model_abar = model_abar.float()
+        self.prediction_type = prediction_type
+        self.latent_channels = latent_channels
+        self.prior = prior
+        self.mode = mode
+        self.weights = weights
+        self.null_class = _model_null_class(net) if family.class_labels else None
+        self.calls = {"guided": 0, "unguided": 0}
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["net"], name)
+
+    def forward(self, sample: Tensor, timestep, *args, **kwargs):
+        kwargs = self._map_null_class(sample, kwargs)
+        chunk = self._guided_chunk(sample)
+        self.calls["guided" if chunk else "unguided"] += 1
+        if self.mode == "self" or not chunk:
+            return self.net(sample, timestep, *args, **kwargs)
+        n, g = len(sample), chunk
+        rows = torch.arange(n, device=sample.device)
+        uncond = (rows >= self.family.uncond * g) & (rows < (self.family.uncond + 1) * g)
+        lc = self.latent_channels
+        abar = self.model_abar.to(sample.device)
+        t_u = _per_row(timestep, n, sample.device)[uncond]
+        abar_u = abar[t_u.round().long().clamp(0, len(abar) - 1)]
+        x_u = sample[uncond][:, :lc].float()
+        if self.mode == "base":
+            w = torch.ones(g, device=sample.device)
+        else:
+            w = self.weights.at(t_u.round().long()).to(sample.device)
+        need_self = bool((w < 1).any())
+        out = self._call_net(sample, timestep, args, kwargs, torch.ones_like(uncond) if need_self else ~uncond)
+        pred = _output_tensor(out)
+        if need_self:
+            full = pred.clone()
+            eps_self = diffusion.to_eps(full[uncond][:, :lc].float(), self.prediction_type, x_u, abar_u)
+        else:  # θ ran on the conditional chunks only
+            full = pred.new_zeros((n, *pred.shape[1:]))
+            full[~uncond] = pred
+            eps_self = None
+        eps_base = self.prior.eps(x_u, t_u, abar) if bool((w > 0).any()) else None
+        eps_u = combine(eps_self, eps_base, w)
+        full[uncond, :lc] = diffusion.from_eps(eps_u, self.prediction_type, x_u, abar_u).to(full.dtype)
+        return _with_output(out, full)
+
+    def _guided_chunk(self, sample: Tensor) -> int:
+        """The chunk size when `sample` is a guidance batch (the same noisy latents in every chunk), else 0."""
+        k = self.family.chunks
+        if len(sample) % k or len(sample) < k:
+            return 0
+        parts = sample[:, : self.latent_channels].chunk(k)
+        return len(parts[0]) if all(torch.equal(parts[0], p) for p in parts[1:]) else 0
+
+    def _map_null_class(self, sample: Tensor, kwargs: dict) -> dict:
+        """DiTPipeline passes label 1000 for ∅ whatever the model: map it to θ's own null class."""
+        labels = kwargs.get("class_labels")
+        if self.null_class is None or labels is None or self.null_class == PIPELINE_NULL_CLASS:
+            return kwargs
+        labels = torch.where(labels == PIPELINE_NULL_CLASS, torch.full_like(labels, self.null_class), labels)
+        return {**kwargs, "class_labels": labels}
+
+    def _call_net(self, sample: Tensor, timestep, args: tuple, kwargs: dict, keep: Tensor):
+        """θ on the rows in `keep` only, every batched argument sliced alike."""
+        n = len(sample)
+        if bool(keep.all()):
+            return self.net(sample, timestep, *args, **kwargs)
+        idx = keep.nonzero().flatten()
+        return self.net(sample[idx], _take(timestep, idx, n), *(_take(a, idx, n) for a in args),
+                        **{k: _take(v, idx, n) for k, v in kwargs.items()})  # fmt: skip
+
+
+def _model_null_class(net: nn.Module) -> int:
+    classes = net.config.get("num_embeds_ada_norm")
+    if not classes:
+        raise UserError(f"{type(net).__name__} has no num_embeds_ada_norm in its config: its null class is unknown")
+    return int(classes)
+
+
+def _per_row(timestep, n: int, device) -> Tensor:
+    t = torch.as_tensor(timestep, device=device)
+    return t.expand(n) if t.ndim == 0 else t.reshape(-1).expand(n) if t.numel() == 1 else t
+
+
+def _take(value, idx: Tensor, n: int):
+    """Rows idx of every tensor with a leading batch dimension n (recursively in dicts, lists and tuples)."""
+    if isinstance(value, Tensor):
+        return value[idx.to(value.device)] if value.ndim > 0 and len(value) == n else value
+    if isinstance(value, dict):
+        return {k: _take(v, idx, n) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_take(v, idx, n) for v in value)
+    return value
+
+
+def _output_tensor(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
+def _with_output(out, tensor: Tensor):
+    if isinstance(out, tuple):
+        return (tensor, *out[1:])
+    return type(out)(sample=tensor)
+
+
+def _latent_channels(pipe, net: nn.Module, family: Family) -> int:
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        return int(vae.config.latent_channels)
+    return int(net.config.in_channels)
+
+
+@contextlib.contextmanager
+def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: PriorWeights | None = None,
+               family: Family | None = None) -> Iterator[SwappedDenoiser]:  # fmt: skip
+    """Within the block, `pipe(...)` guides with the unconditional prediction of `mode` (see the module doc).
+
+    Yields the stand-in network (its `calls` count guided and unguided calls). The pipeline's own denoiser is
+    put back on leaving the block, also after an error.
+    """
+    if mode not in MODES:
+        raise UserError(f"prior={mode} is unknown; use one of {', '.join(MODES)}")
+    if mode != "self" and prior is None:
+        raise UserError(f"prior={mode} needs a base model (base=PATH)")
+    if mode in ("auto", "mix") and weights is None:
+        raise UserError(f"prior={mode} needs fitted weights (prior_weights=PATH, or fit them on calibration images)")
+    family = family or family_of(pipe)
+    net = getattr(pipe, family.component, None)
+    if net is None:
+        raise UserError(f"{type(pipe).__name__} has no {family.component}; the family {family.name} needs it")
+    if isinstance(net, SwappedDenoiser):
+        raise UserError("the pipeline's prior is already swapped; nest swap_prior blocks only around other pipelines")
+    if prior is not None:
+        check_latent_space(latent_space(pipe), prior)
+    sched = pipe.scheduler
+    if weights is not None and int(weights.edges[-1]) != len(sched.alphas_cumprod):
+        raise UserError(f"the prior weights were fitted over {int(weights.edges[-1])} timesteps but the model has "
+                        f"{len(sched.alphas_cumprod)}")  # fmt: skip
+    swapped = SwappedDenoiser(net, family, sched.alphas_cumprod, sched.config.prediction_type,
+                              _latent_channels(pipe, net, family), prior, mode, weights)  # fmt: skip
+    object.__setattr__(pipe, family.component, swapped)
+    try:
+        yield swapped
+    finally:
+        object.__setattr__(pipe, family.component, net)
+
+
+@torch.no_grad()
+def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwargs: dict, mode: str = "auto",
+                         buckets: int = 10, seed: int = 0, family: Family | None = None) -> PriorWeights:  # fmt: skip
+    """Fit prior=auto|mix weights for a pipeline's θ against ψ on the user's calibration latents.
+
+    Args:
+        latents: clean latents x0 of the fine-tuning domain (N, C, [F,] H, W), already scaled by the VAE's
+            scaling factor (`encode_images` does this for a folder of images).
+        null_kwargs: θ's null condition for one sample (`model_null_condition` gives the pipeline's own).
+            Input channels beyond the latent (InstructPix2Pix's, Zero-1-to-3's image latents) are zeros, their ∅.
+        mode: "auto" or "mix"; buckets: timestep buckets; seed: of the calibration noise and timesteps.
+    """
+    family = family or family_of(pipe)
+    net = getattr(pipe, family.component)
+    sched = pipe.scheduler
+    abar = sched.alphas_cumprod.float().to(latents.device)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, len(abar), (len(latents),), generator=g).to(latents.device)
+    noise = torch.randn(latents.shape, generator=g).to(latents.device)
+    x_t = diffusion.add_noise(latents.float(), noise, abar[t])
+    extra = int(net.config.in_channels) - latents.shape[1]
+    inp = x_t if extra <= 0 else torch.cat([x_t, x_t.new_zeros((len(x_t), extra, *x_t.shape[2:]))], dim=1)
+    param = next(net.parameters())
+    kwargs = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}
+    own = net(inp.to(param.dtype), t, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
+    eps_self = diffusion.to_eps(own, sched.config.prediction_type, x_t, abar[t])
+    eps_base = prior.eps(x_t, t, abar)
+    return fit_weights(eps_self, eps_base, noise, t, len(abar), buckets, mode)
+
+
+@torch.no_grad()
+def model_null_condition(pipe, family: Family | None = None) -> dict:
+    """θ's null condition as the pipeline itself builds it for the unconditional chunk, for one sample."""
+    family = family or family_of(pipe)
+    net = getattr(pipe, family.component)
+    device = next(net.parameters()).device
+    if family.class_labels:
+        return {"class_labels": torch.tensor([_model_null_class(net)], device=device)}
+    if family.name == "image-variation":
+        return {"encoder_hidden_states": torch.zeros(1, 1, net.config.cross_attention_dim, device=device)}
+    if family.name == "instruct-pix2pix":
+        return {"encoder_hidden_states": pipe._encode_prompt("", device, 1, False)}
+    if hasattr(pipe, "encode_prompt") and getattr(pipe, "text_encoder", None) is not None:
+        return {"encoder_hidden_states": pipe.encode_prompt("", device, 1, False)[0]}
+    raise UserError(f"the null condition of {type(pipe).__name__} is not known to priorlab; pass null_kwargs")
+
+
+@torch.no_grad()
+def encode_images(pipe, images: list, height: int | None = None, width: int | None = None) -> Tensor:
+    """Clean latents of PIL images through the pipeline's VAE, scaled by its scaling factor."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        raise UserError(f"{type(pipe).__name__} has no VAE to encode calibration images with")
+    pixels = VaeImageProcessor().preprocess(images, height=height, width=width).to(vae.device, vae.dtype)
+    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor

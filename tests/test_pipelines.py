@@ -1,0 +1,446 @@
+"""The prior swap in diffusers pipelines, on tiny random-weight models saved locally inside the tests."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pipeline_models as pm
+from priorlab import diffusion
+from priorlab.calibration import PriorWeights
+from priorlab.errors import UserError
+from priorlab.guidance import cfg, cfg_two_conditions
+from priorlab.pipelines import IMAGE_CONDITIONED, load_pipeline, load_prior, null_condition, swap_prior
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "sd": pm.stable_diffusion(root / "sd", seed=1),
+        "sd_base": pm.stable_diffusion(root / "sd_base", seed=2),
+        "sd_base_v": pm.stable_diffusion(
+            root / "sd_base_v", seed=3, prediction_type="v_prediction", beta_schedule="linear"
+        ),  # fmt: skip
+        "sd_other_vae": pm.stable_diffusion(root / "sd_other_vae", seed=4, scaling_factor=0.13025),
+        "ip2p": pm.instruct_pix2pix(root / "ip2p", seed=5),
+        "dit": pm.dit_pipeline(root / "dit", seed=6),
+        "dit10": pm.dit_pipeline(root / "dit10", seed=7, num_classes=10),
+        "dit_base": pm.dit_pipeline(root / "dit_base", seed=8),
+        "dit_big": pm.dit_pipeline(root / "dit_big", seed=9, sample_size=16),
+        "iv": pm.image_variation(root / "iv", seed=10),
+        "t2v": pm.text_to_video(root / "t2v", seed=11),
+        "t2v_base": pm.text_to_video(root / "t2v_base", seed=12),
+    }
+
+
+def _seeded(**kw):
+    return {**kw, "generator": torch.Generator().manual_seed(0)}
+
+
+def _capture_steps(pipe):
+    """Record the guided model output that the pipeline hands to its scheduler at each step."""
+    seen = []
+    step = pipe.scheduler.step
+
+    def recording(model_output, *args, **kwargs):
+        seen.append(model_output.detach().clone())
+        return step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = recording
+    return seen
+
+
+def _capture_inputs(swapped):
+    seen = []
+    forward = swapped.forward
+
+    def recording(sample, timestep, *args, **kwargs):
+        seen.append((sample.detach().clone(), timestep, args, {k: v for k, v in kwargs.items() if k != "return_dict"}))
+        return forward(sample, timestep, *args, **kwargs)
+
+    swapped.forward = recording
+    return seen
+
+
+def _empty_prompt(pipe):
+    return pipe.encode_prompt("", "cpu", 1, False)[0]
+
+
+SD_CALL = dict(prompt="a cat", num_inference_steps=3, guidance_scale=5.0, height=16, width=16, output_type="np")
+
+
+def test_text_to_image_self_reproduces_diffusers_and_base_swaps_only_the_unconditional_half(folders):
+    pipe = load_pipeline(str(folders["sd"]))
+    base_pipe = load_pipeline(str(folders["sd_base"]))
+    prior = load_prior(str(folders["sd_base"]))
+    reference = pipe(**_seeded(**SD_CALL)).images
+    with swap_prior(pipe, prior, "self") as swapped:
+        same = pipe(**_seeded(**SD_CALL)).images
+    assert swapped.calls == {"guided": 3, "unguided": 0}
+    np.testing.assert_allclose(same, reference, atol=1e-5, rtol=0)
+
+    with swap_prior(pipe, prior, "base") as swapped:
+        inputs = _capture_inputs(swapped)
+        guided = _capture_steps(pipe)
+        swapped_images = pipe(**_seeded(**SD_CALL)).images
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"  # put back after the block
+    assert np.abs(swapped_images - reference).max() > 1e-3
+    # First step by hand: θ(x, c) on the prompt half, ψ(x, ∅) with ψ's own empty-prompt embedding
+    sample, t, _, kwargs = inputs[0]
+    x = sample[:1]
+    cond = pipe.unet(x, t, encoder_hidden_states=kwargs["encoder_hidden_states"][1:]).sample
+    uncond = base_pipe.unet(x, t, encoder_hidden_states=_empty_prompt(base_pipe)).sample
+    own_uncond = pipe.unet(x, t, encoder_hidden_states=kwargs["encoder_hidden_states"][:1]).sample
+    assert not torch.allclose(uncond, own_uncond, atol=1e-3)  # ψ's ∅ really differs from θ's
+    torch.testing.assert_close(guided[0], cfg(cond, uncond, 5.0), rtol=0, atol=1e-5)
+    out = swapped.forward(sample, t, **kwargs).sample
+    assert torch.equal(out[:1], base_pipe.unet(x, t, encoder_hidden_states=_empty_prompt(base_pipe)).sample)
+
+
+def test_unguided_calls_and_prior_self_pass_through(folders):
+    pipe = load_pipeline(str(folders["sd"]))
+    prior = load_prior(str(folders["sd_base"]))
+    reference = pipe(**_seeded(**{**SD_CALL, "guidance_scale": 1.0})).images
+    with swap_prior(pipe, prior, "base") as swapped:
+        images = pipe(**_seeded(**{**SD_CALL, "guidance_scale": 1.0})).images
+    assert swapped.calls == {"guided": 0, "unguided": 3}
+    np.testing.assert_array_equal(images, reference)
+
+
+def test_mixed_parameterization_and_schedule_are_converted(folders):
+    """A v-prediction base on a linear schedule, queried at its timestep of closest ᾱ, returned as eps."""
+    pipe = load_pipeline(str(folders["sd"]))
+    base_pipe = load_pipeline(str(folders["sd_base_v"]))
+    prior = load_prior(str(folders["sd_base_v"]))
+    with swap_prior(pipe, prior, "base") as swapped:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 8, 8, generator=g)
+        t = torch.tensor(501)
+        emb = torch.randn(2, 16, 32, generator=g)
+        out = swapped(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([emb, emb])).sample
+    model_abar = pipe.scheduler.alphas_cumprod
+    base_abar = base_pipe.scheduler.alphas_cumprod
+    tb = int((base_abar - model_abar[501]).abs().argmin())
+    assert tb != 501  # the schedules differ, so matching matters
+    v = base_pipe.unet(x, torch.tensor(tb), encoder_hidden_states=_empty_prompt(base_pipe).expand(2, -1, -1)).sample
+    expected = diffusion.to_eps(v, "v_prediction", x, base_abar[tb].expand(2))
+    torch.testing.assert_close(out[:2], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[2:], pipe.unet(x, t, encoder_hidden_states=emb).sample, rtol=0, atol=1e-5)
+
+
+def test_a_transformer_prior_guides_a_unet(folders):
+    """DiT (null class 1000) as the unconditional prior of a text-conditioned UNet in the same latent space."""
+    pipe = load_pipeline(str(folders["sd"]))
+    dit_pipe = load_pipeline(str(folders["dit_base"]))
+    prior = load_prior(str(folders["dit_base"]))
+    assert prior.null["class_labels"].tolist() == [1000]
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    emb = torch.randn(1, 16, 32)
+    with swap_prior(pipe, prior, "base") as swapped:
+        out = swapped(torch.cat([x, x]), torch.tensor(300), encoder_hidden_states=torch.cat([emb, emb])).sample
+    expected = dit_pipe.transformer(x, timestep=torch.tensor([300]), class_labels=torch.tensor([1000])).sample[:, :4]
+    assert torch.equal(out[:1], expected)
+
+
+def test_instruct_pix2pix_replaces_only_the_fully_unconditional_third(folders):
+    pipe = load_pipeline(str(folders["ip2p"]))
+    base_pipe = load_pipeline(str(folders["sd_base"]))
+    prior = load_prior(str(folders["sd_base"]))
+    call = dict(prompt="make it red", image=pm.image(), num_inference_steps=3, guidance_scale=7.5,
+                image_guidance_scale=1.5, output_type="np")  # fmt: skip
+    reference = pipe(**_seeded(**call)).images
+    with swap_prior(pipe, prior, "self"):
+        np.testing.assert_allclose(pipe(**_seeded(**call)).images, reference, atol=1e-5, rtol=0)
+    with swap_prior(pipe, prior, "base") as swapped:
+        inputs = _capture_inputs(swapped)
+        guided = _capture_steps(pipe)
+        pipe(**_seeded(**call))
+    sample, t, _, kwargs = inputs[0]
+    assert sample.shape[1] == 8 and len(sample) == 3
+    emb = kwargs["encoder_hidden_states"]
+    text = pipe.unet(sample[:1], t, encoder_hidden_states=emb[:1]).sample
+    image_only = pipe.unet(sample[1:2], t, encoder_hidden_states=emb[1:2]).sample
+    uu = base_pipe.unet(sample[2:, :4], t, encoder_hidden_states=_empty_prompt(base_pipe)).sample  # latent only
+    torch.testing.assert_close(guided[0], cfg_two_conditions(uu, image_only, text, 1.5, 7.5), rtol=0, atol=1e-5)
+    out = swapped.forward(sample, t, **kwargs).sample
+    assert torch.equal(out[2:], uu)
+    torch.testing.assert_close(out[:2], torch.cat([text, image_only]), rtol=0, atol=1e-5)
+
+
+def test_image_conditioned_8_channel_unet_with_a_two_way_layout(folders):
+    """A Zero-1-to-3-style [∅, cond] 8-channel UNet through the generic family: ψ sees only the noisy latent."""
+    pipe = load_pipeline(str(folders["ip2p"]))
+    base_pipe = load_pipeline(str(folders["sd_base"]))
+    prior = load_prior(str(folders["sd_base"]))
+    g = torch.Generator().manual_seed(2)
+    x, cond_latent, emb = (
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 4, 8, 8, generator=g),
+        torch.randn(1, 16, 32),
+    )
+    sample = torch.cat([torch.cat([x, torch.zeros_like(cond_latent)], 1), torch.cat([x, cond_latent], 1)])
+    with swap_prior(pipe, prior, "base", family=IMAGE_CONDITIONED) as swapped:
+        out = swapped(sample, torch.tensor(700), encoder_hidden_states=torch.cat([emb, emb])).sample
+    expected = base_pipe.unet(x, torch.tensor(700), encoder_hidden_states=_empty_prompt(base_pipe)).sample
+    assert torch.equal(out[:1], expected)
+    torch.testing.assert_close(out[1:], pipe.unet(sample[1:], torch.tensor(700), encoder_hidden_states=emb).sample,
+                               rtol=0, atol=1e-5)  # fmt: skip
+
+
+DIT_CALL = dict(class_labels=[3, 7], num_inference_steps=3, guidance_scale=4.0, output_type="np")
+
+
+def test_dit_self_reproduces_diffusers_and_base_uses_its_null_class(folders):
+    pipe = load_pipeline(str(folders["dit"]))
+    base_pipe = load_pipeline(str(folders["dit_base"]))
+    prior = load_prior(str(folders["dit_base"]))
+    reference = pipe(**_seeded(**DIT_CALL)).images
+    with swap_prior(pipe, prior, "self"):
+        np.testing.assert_allclose(pipe(**_seeded(**DIT_CALL)).images, reference, atol=1e-5, rtol=0)
+    with swap_prior(pipe, prior, "base") as swapped:
+        inputs = _capture_inputs(swapped)
+        images = pipe(**_seeded(**DIT_CALL)).images
+    assert np.abs(images - reference).max() > 1e-3
+    sample, t, _, kwargs = inputs[0]
+    out = swapped.forward(sample, t, **kwargs).sample
+    null = torch.full((2,), 1000)
+    assert torch.equal(out[2:, :4], base_pipe.transformer(sample[2:], timestep=t[2:], class_labels=null).sample[:, :4])
+
+
+def test_dit_fine_tuned_on_n_classes_gets_its_own_null_class(folders):
+    """DiTPipeline hard-codes null = 1000; a 10-class fine-tune's null row is 10."""
+    pipe = load_pipeline(str(folders["dit10"]))
+    with pytest.raises(IndexError):  # diffusers alone cannot guide it
+        pipe(**_seeded(**DIT_CALL))
+    with swap_prior(pipe, None, "self") as swapped:
+        inputs = _capture_inputs(swapped)
+        pipe(**_seeded(**DIT_CALL))
+    sample, t, _, kwargs = inputs[0]
+    assert kwargs["class_labels"][2:].tolist() == [1000, 1000]  # what the pipeline passes
+    out = swapped.forward(sample, t, **kwargs).sample
+    own = pipe.transformer(sample[2:], timestep=t[2:], class_labels=torch.tensor([10, 10])).sample
+    assert torch.equal(out[2:], own)
+
+
+def test_image_variation_with_a_text_to_image_base(folders):
+    """The Versatile Diffusion case: an image-embedding UNet guided by a text model's empty-prompt prediction."""
+    pipe = load_pipeline(str(folders["iv"]))
+    base_pipe = load_pipeline(str(folders["sd_base"]))
+    prior = load_prior(str(folders["sd_base"]))
+    call = dict(image=pm.image(1), num_inference_steps=3, guidance_scale=3.0, height=16, width=16, output_type="np")
+    reference = pipe(**_seeded(**call)).images
+    with swap_prior(pipe, prior, "self"):
+        np.testing.assert_allclose(pipe(**_seeded(**call)).images, reference, atol=1e-5, rtol=0)
+    with swap_prior(pipe, prior, "base") as swapped:
+        inputs = _capture_inputs(swapped)
+        pipe(**_seeded(**call))
+    sample, t, _, kwargs = inputs[0]
+    assert torch.count_nonzero(kwargs["encoder_hidden_states"][:1]) == 0  # the pipeline's own ∅ is a zero embedding
+    out = swapped.forward(sample, t, **kwargs).sample
+    assert torch.equal(out[:1], base_pipe.unet(sample[:1], t, encoder_hidden_states=_empty_prompt(base_pipe)).sample)
+
+
+def test_image_variation_base_uses_a_zero_image_embedding(folders):
+    pipe = load_pipeline(str(folders["iv"]))
+    null = null_condition(pipe.unet, pipe)
+    assert null["encoder_hidden_states"].shape == (1, 1, 32) and not null["encoder_hidden_states"].any()
+
+
+VIDEO_CALL = dict(prompt="a dog", num_frames=3, num_inference_steps=2, guidance_scale=6.0, height=16, width=16,
+                  output_type="pt")  # fmt: skip
+
+
+def test_video_self_reproduces_diffusers_and_base_is_a_video_or_an_image_model(folders):
+    pipe = load_pipeline(str(folders["t2v"]))
+    reference = pipe(**_seeded(**VIDEO_CALL)).frames
+    video_base = load_pipeline(str(folders["t2v_base"]))
+    with swap_prior(pipe, load_prior(str(folders["t2v_base"])), "self"):
+        torch.testing.assert_close(pipe(**_seeded(**VIDEO_CALL)).frames, reference, atol=1e-5, rtol=0)
+    with swap_prior(pipe, load_prior(str(folders["t2v_base"])), "base") as swapped:
+        inputs = _capture_inputs(swapped)
+        frames = pipe(**_seeded(**VIDEO_CALL)).frames
+    assert frames.shape == reference.shape and (frames - reference).abs().max() > 1e-4
+    sample, t, _, kwargs = inputs[0]
+    assert sample.ndim == 5
+    out = swapped.forward(sample, t, **kwargs).sample
+    assert torch.equal(out[:1], video_base.unet(sample[:1], t, encoder_hidden_states=_empty_prompt(video_base)).sample)
+    # An image model as the prior of a video model: every frame denoised as an image
+    image_base = load_pipeline(str(folders["sd_base"]))
+    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base") as swapped:
+        out = swapped(sample, t, **kwargs).sample
+    frames_as_images = sample[:1].permute(0, 2, 1, 3, 4).flatten(0, 1)
+    per_frame = image_base.unet(frames_as_images, t, encoder_hidden_states=_empty_prompt(image_base).expand(3, -1, -1))
+    torch.testing.assert_close(out[:1], per_frame.sample.unflatten(0, (1, 3)).permute(0, 2, 1, 3, 4), rtol=0, atol=1e-6)
+
+
+def test_auto_and_mix_weights_choose_per_noise_level(folders):
+    pipe = load_pipeline(str(folders["sd"]))
+    base_pipe = load_pipeline(str(folders["sd_base"]))
+    prior = load_prior(str(folders["sd_base"]))
+    edges = torch.tensor([0, 500, 1000])
+    weights = PriorWeights(edges, torch.tensor([0.0, 1.0]), "auto")  # self at low noise, base at high noise
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    neg, emb = _empty_prompt(pipe), torch.randn(1, 16, 32)
+    batch = dict(encoder_hidden_states=torch.cat([neg, emb]))
+    with swap_prior(pipe, prior, "auto", weights=weights) as swapped:
+        low = swapped(torch.cat([x, x]), torch.tensor(100), **batch).sample
+        high = swapped(torch.cat([x, x]), torch.tensor(900), **batch).sample
+    # θ ran on the whole batch here (batched float results may differ from a single row by rounding)
+    torch.testing.assert_close(low[:1], pipe.unet(x, torch.tensor(100), encoder_hidden_states=neg).sample,
+                               rtol=0, atol=1e-5)  # fmt: skip
+    base_high = base_pipe.unet(x, torch.tensor(900), encoder_hidden_states=_empty_prompt(base_pipe)).sample
+    assert torch.equal(high[:1], base_high)
+    half = PriorWeights(edges, torch.tensor([0.5, 0.5]), "mix")
+    with swap_prior(pipe, prior, "mix", weights=half) as swapped:
+        mixed = swapped(torch.cat([x, x]), torch.tensor(900), **batch).sample
+    own_high = pipe.unet(x, torch.tensor(900), encoder_hidden_states=neg).sample
+    torch.testing.assert_close(mixed[:1], 0.5 * (own_high + base_high), rtol=0, atol=1e-5)
+
+
+def test_fit_pipeline_weights_on_calibration_latents(folders):
+    from priorlab.pipelines import fit_pipeline_weights
+
+    pipe = load_pipeline(str(folders["sd"]))
+    prior = load_prior(str(folders["sd_base"]))
+    latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    null = {"encoder_hidden_states": _empty_prompt(pipe)}
+    mix = fit_pipeline_weights(pipe, prior, latents, null, mode="mix", buckets=4)
+    losses = mix.losses
+    for b in range(4):
+        assert losses["mix"][b] <= min(losses["self"][b], losses["base"][b]) + 1e-9
+    assert ((mix.base_weight >= 0) & (mix.base_weight <= 1)).all()
+
+
+def test_mismatches_are_clear_errors(folders):
+    pipe = load_pipeline(str(folders["sd"]))
+    with pytest.raises(UserError, match="scaling_factor"):
+        with swap_prior(pipe, load_prior(str(folders["sd_other_vae"])), "base"):
+            pass
+    dit_pipe = load_pipeline(str(folders["dit"]))
+    with swap_prior(dit_pipe, load_prior(str(folders["dit_big"])), "base"), pytest.raises(UserError, match="16²"):
+        dit_pipe(**_seeded(**DIT_CALL))
+    with pytest.raises(UserError, match="needs a base"):
+        with swap_prior(pipe, None, "base"):
+            pass
+    with pytest.raises(UserError, match="fitted weights"):
+        with swap_prior(pipe, load_prior(str(folders["sd_base"])), "auto"):
+            pass
+    with pytest.raises(UserError, match="unknown"):
+        with swap_prior(pipe, None, "nope"):
+            pass
+    with pytest.raises(UserError, match="not a diffusers pipeline"):
+        load_pipeline(str(folders["sd"] / "unet"))
+    with pytest.raises(UserError, match="neither"):
+        load_prior(str(folders["sd"] / "scheduler"))
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"  # every failed block put the network back
+
+
+def test_sample_command_writes_images_settings_and_a_comparison(folders, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    args = ["sample", f"model={folders['sd']}", f"base={folders['sd_base']}", "prompt=a red cat", "guidance_scale=5",
+            "num_steps=3", "height=16", "width=16", "num_images=2", "seed=7", "compare=true", f"out={out}",
+            "progress=false"]  # fmt: skip
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    settings = json.loads((out / "sample.json").read_text())
+    assert settings["family"] == "text-to-image" and settings["files"] == {
+        "self": ["prior=self_0.png", "prior=self_1.png"], "base": ["prior=base_0.png", "prior=base_1.png"]}  # fmt: skip
+    assert Image.open(out / "compare.png").size == (2 * 16, 2 * 16)  # a row per prior, a column per image
+    # prior=self is diffusers' own output for the same seeds
+    pipe = load_pipeline(str(folders["sd"]))
+    generators = [torch.Generator().manual_seed(7 + i) for i in range(2)]
+    own = pipe(prompt="a red cat", guidance_scale=5.0, num_inference_steps=3, height=16, width=16,
+               num_images_per_prompt=2, generator=generators).images  # fmt: skip
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"prior=self_{i}.png")), np.asarray(own[i]))
+    assert not np.array_equal(np.asarray(Image.open(out / "prior=base_0.png")), np.asarray(own[0]))
+    again = run_cli(*args, cwd=tmp_path)  # never overwrites silently
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_sample_command_dit_and_video(folders, tmp_path):
+    from conftest import run_cli
+
+    common = ["num_steps=2", "progress=false"]
+    dit = run_cli("sample", f"model={folders['dit10']}", f"base={folders['dit_base']}", "class_labels=[1,2]",
+                  "guidance_scale=4", f"out={tmp_path / 'dit'}", *common, cwd=tmp_path)  # fmt: skip
+    assert dit.returncode == 0, dit.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "dit").glob("*.png")) == ["prior=base_0.png", "prior=base_1.png"]
+    video = run_cli("sample", f"model={folders['t2v']}", f"base={folders['t2v_base']}", "prompt=a dog", "num_frames=3",
+                    "height=16", "width=16", f"out={tmp_path / 'video'}", *common, cwd=tmp_path)  # fmt: skip
+    assert video.returncode == 0, video.stderr[-2000:]
+    gif = Image.open(tmp_path / "video" / "prior=base_0.gif")
+    assert gif.n_frames == 3 and len(list((tmp_path / "video" / "prior=base_0").glob("frame_*.png"))) == 3
+
+
+def test_sample_command_user_mistakes_are_one_line_errors(folders, tmp_path):
+    from conftest import run_cli
+
+    cases = {
+        ("sample", f"model={folders['sd']}", "prior=base", "prompt=x"): "needs base=PATH",
+        ("sample", f"model={folders['sd']}", "prior=self"): "needs prompt",
+        ("sample", f"model={folders['ip2p']}", "prior=self", "prompt=x"): "needs image=PATH",
+        ("sample", f"model={tmp_path}", "prompt=x"): "not a diffusers pipeline",
+        ("sample", f"model={folders['sd']}", f"base={folders['sd_other_vae']}", "prompt=x"): "scaling_factor",
+        ("sample", f"model={folders['sd']}", f"base={folders['sd_base']}", "prior=auto", "prompt=x"): "prior_weights",
+    }
+    for args, message in cases.items():
+        result = run_cli(*args, "num_steps=1", "height=16", "width=16", f"out={tmp_path / 'x'}", cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp"))
+
+
+def test_image_text_to_video_unet_with_two_conditions(folders):
+    """I2VGenXL's UNet (text + image → video): the [∅, cond] batch with fps, image latents and image embeddings
+    sliced alike; ψ, a text-to-video model, sees only the noisy video latents. (diffusers' deprecated
+    I2VGenXLPipeline itself does not run with transformers 5, so the stand-in is called as the pipeline calls it.)"""
+    from types import SimpleNamespace
+
+    from priorlab.pipelines.families import IMAGE_TEXT_TO_VIDEO
+
+    net = pm.i2vgen_unet(13)
+    pipe = SimpleNamespace(unet=net, scheduler=pm.scheduler(), vae=pm.vae(0))
+    video_base = load_pipeline(str(folders["t2v_base"]))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4, 3, 8, 8, generator=g)
+    kwargs = dict(
+        encoder_hidden_states=torch.randn(2, 16, 32, generator=g),
+        fps=torch.tensor([8, 8]),
+        image_latents=torch.randn(2, 4, 3, 8, 8, generator=g),
+        image_embeddings=torch.cat([torch.zeros(1, 1, 32), torch.randn(1, 1, 32, generator=g)]),
+    )
+    t = torch.tensor(400)
+    with swap_prior(pipe, load_prior(str(folders["t2v_base"])), "base", family=IMAGE_TEXT_TO_VIDEO) as swapped:
+        out = swapped(torch.cat([x, x]), t, **kwargs).sample
+    assert swapped.calls == {"guided": 1, "unguided": 0}
+    expected = video_base.unet(x, t, encoder_hidden_states=_empty_prompt(video_base)).sample
+    assert torch.equal(out[:1], expected)
+    cond = net(x, t, **{k: v[1:] for k, v in kwargs.items()}).sample
+    torch.testing.assert_close(out[1:], cond, rtol=0, atol=1e-5)
+    with swap_prior(pipe, None, "self", family=IMAGE_TEXT_TO_VIDEO) as swapped:
+        same = swapped(torch.cat([x, x]), t, **kwargs).sample
+    assert torch.equal(same, net(torch.cat([x, x]), t, **kwargs).sample)
+
+
+def test_sample_command_fits_auto_weights_on_a_calibration_folder(folders, tmp_path):
+    from conftest import run_cli
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(6):
+        pm.image(i, size=16).save(calib / f"{i}.png")
+    out = tmp_path / "auto"
+    result = run_cli("sample", f"model={folders['sd']}", f"base={folders['sd_base']}", "prior=auto", "prompt=a cat",
+                     f"calibration={calib}", "calibration_buckets=3", "num_steps=2", "height=16", "width=16",
+                     f"out={out}", "progress=false", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    weights = PriorWeights.load(out / "prior_weights_auto.json")
+    assert weights.mode == "auto" and len(weights.base_weight) == 3
+    assert set(weights.base_weight.tolist()) <= {0.0, 1.0} and sum(weights.losses["count"]) == 6
+    assert json.loads((out / "sample.json").read_text())["files"] == {"auto": ["prior=auto_0.png"]}
