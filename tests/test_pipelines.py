@@ -388,6 +388,8 @@ def test_sample_command_user_mistakes_are_one_line_errors(folders, tmp_path):
         ("sample", f"model={tmp_path}", "prompt=x"): "not a diffusers pipeline",
         ("sample", f"model={folders['sd']}", f"base={folders['sd_other_vae']}", "prompt=x"): "scaling_factor",
         ("sample", f"model={folders['sd']}", f"base={folders['sd_base']}", "prior=auto", "prompt=x"): "prior_weights",
+        ("sample", f"model={folders['sd']}", "prior=self", "prompt=x", "num_frames=4"): "takes no num_frames=",
+        ("sample", f"model={folders['dit']}", "prior=self", "class_labels=[1]"): "takes no height=",
     }
     for args, message in cases.items():
         result = run_cli(*args, "num_steps=1", "height=16", "width=16", f"out={tmp_path / 'x'}", cwd=tmp_path)

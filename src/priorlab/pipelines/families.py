@@ -6,7 +6,7 @@ unconditional one, and leave every other step (encoding, scheduler, combination,
 
 | pipeline | denoiser | chunks (in order) | unconditional |
 |---|---|---|---|
-| StableDiffusionPipeline, …Img2Img | unet | [negative, prompt] | 0 |
+| StableDiffusionPipeline, StableDiffusionImg2ImgPipeline | unet | [negative, prompt] | 0 |
 | StableDiffusionInstructPix2PixPipeline | unet (8 channels) | [text+image, image, ∅] | 2 (eps(∅,∅)) |
 | DiTPipeline | transformer | [class, null class] | 1 |
 | StableDiffusionImageVariationPipeline | unet | [zero embedding, image embedding] | 0 |
@@ -58,7 +58,7 @@ IMAGE_CONDITIONED = Family("image-conditioned", "unet", 2, 0)  # Zero-1-to-3-sty
 
 FAMILIES = {
     "StableDiffusionPipeline": TEXT_TO_IMAGE,
-    "StableDiffusionImg2ImgPipeline": TEXT_TO_IMAGE,
+    "StableDiffusionImg2ImgPipeline": Family("image-to-image", "unet", 2, 0),
     "StableDiffusionInstructPix2PixPipeline": INSTRUCT_PIX2PIX,
     "DiTPipeline": DIT,
     "StableDiffusionImageVariationPipeline": IMAGE_VARIATION,

@@ -25,8 +25,11 @@ from priorlab.pipelines.prior import load_pipeline, load_prior
 from priorlab.pipelines.swap import MODES, encode_images, fit_pipeline_weights, model_null_condition, swap_prior
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-NEEDS_IMAGE = ("instruct-pix2pix", "image-variation", "image-text-to-video")
-NEEDS_PROMPT = ("text-to-image", "instruct-pix2pix", "text-to-video", "image-text-to-video")
+NEEDS_IMAGE = ("instruct-pix2pix", "image-variation", "image-text-to-video", "image-to-image")
+NEEDS_PROMPT = ("text-to-image", "image-to-image", "instruct-pix2pix", "text-to-video", "image-text-to-video")
+SETTING = {"num_inference_steps": "num_steps", "guidance_scale": "guidance_scale", "height": "height",
+           "width": "width", "num_frames": "num_frames", "image_guidance_scale": "image_guidance_scale",
+           "negative_prompt": "negative_prompt"}  # fmt: skip
 
 
 def _device(name: str) -> torch.device:
@@ -64,7 +67,7 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
             kw["negative_prompt"] = str(cfg.negative_prompt)
     if family.name in NEEDS_IMAGE:
         kw["image"] = _open_image(cfg.image)
-    if family.name == "instruct-pix2pix" and cfg.image_guidance_scale is not None:
+    if cfg.image_guidance_scale is not None:
         kw["image_guidance_scale"] = float(cfg.image_guidance_scale)
     if family.class_labels:
         labels = cfg.class_labels
@@ -73,11 +76,12 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
         labels = [int(v) for v in (labels if OmegaConf.is_list(labels) or isinstance(labels, list) else [labels])]
         kw["class_labels"] = labels * n
         n = len(kw["class_labels"])
-        kw.pop("height", None), kw.pop("width", None)
     else:
         if family.video:
             kw["num_frames"] = int(cfg.num_frames) if cfg.num_frames is not None else 16
             kw["output_type"] = "np"
+        elif cfg.num_frames is not None:
+            kw["num_frames"] = int(cfg.num_frames)
         accepted = inspect.signature(call).parameters
         per_prompt = next((k for k in ("num_images_per_prompt", "num_videos_per_prompt") if k in accepted), None)
         if per_prompt:
@@ -88,6 +92,10 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
                 kw["negative_prompt"] = [kw["negative_prompt"]] * n
     if not family.video:
         kw["output_type"] = "pil"
+    accepted = inspect.signature(call).parameters
+    for key in kw:
+        if key not in accepted:  # a named parameter (a pipeline's **kwargs only take deprecated callbacks)
+            raise UserError(f"this pipeline takes no {SETTING.get(key, key)}=; leave it out")
     return kw, n
 
 
