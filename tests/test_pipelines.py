@@ -446,3 +446,48 @@ def test_sample_command_fits_auto_weights_on_a_calibration_folder(folders, tmp_p
     assert weights.mode == "auto" and len(weights.base_weight) == 3
     assert set(weights.base_weight.tolist()) <= {0.0, 1.0} and sum(weights.losses["count"]) == 6
     assert json.loads((out / "sample.json").read_text())["files"] == {"auto": ["prior=auto_0.png"]}
+
+
+def test_unguided_batch_of_identical_latents_is_not_taken_for_a_guidance_batch(folders):
+    """Two prompts sharing one noise tensor at guidance_scale=1: the pipeline's own flag says unguided."""
+    pipe = load_pipeline(str(folders["sd"]))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6)).repeat(2, 1, 1, 1)
+    call = dict(prompt=["a cat", "a dog"], latents=latents, num_inference_steps=2, guidance_scale=1.0, height=16,
+                width=16, output_type="np")  # fmt: skip
+    reference = pipe(**call).images
+    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base") as swapped:
+        images = pipe(**call).images
+    assert swapped.calls == {"guided": 0, "unguided": 2}
+    np.testing.assert_array_equal(images, reference)
+
+
+def test_zero_terminal_snr_v_prediction_stays_finite(folders):
+    """ᾱ = 0 at the first trailing step: a v-prediction model guided by an eps base gives finite images."""
+    from diffusers import DDIMScheduler
+
+    pipe = load_pipeline(str(folders["sd"]))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
+                                               prediction_type="v_prediction", timestep_spacing="trailing")  # fmt: skip
+    assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
+    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base"):
+        images = pipe(**_seeded(**SD_CALL)).images
+    assert np.isfinite(images).all()
+
+
+def test_fractional_timesteps_interpolate_alpha_bar():
+    from priorlab.pipelines.swap import abar_at
+
+    abar = torch.linspace(0.99, 0.01, 1000)
+    t = torch.tensor([0.0, 10.0, 10.25, 998.5, 999.0])
+    expected = torch.tensor(
+        [abar[0], abar[10], 0.75 * abar[10] + 0.25 * abar[11], (abar[998] + abar[999]) / 2, abar[999]]
+    )
+    torch.testing.assert_close(abar_at(abar, t), expected)
+
+
+def test_calibration_is_refused_where_the_null_condition_is_not_known(folders):
+    from priorlab.pipelines import fit_pipeline_weights
+
+    pipe = load_pipeline(str(folders["t2v"]))
+    with pytest.raises(UserError, match="not supported for text-to-video"):
+        fit_pipeline_weights(pipe, load_prior(str(folders["t2v_base"])), torch.zeros(2, 4, 8, 8), {}, "auto")

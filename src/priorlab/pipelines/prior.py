@@ -1,10 +1,10 @@
 """The unconditional prior ψ of the swap, loaded from a diffusers pipeline, a bare diffusers model or a priorlab model.
 
-`DiffusersPrior.eps(x_t, t, model_abar)` returns ψ's unconditional prediction as eps for the guided model's
-noisy latents x_t at the guided model's timesteps t: ψ is queried at its own timestep of closest ᾱ, with its own
+`DiffusersPrior.predict(x_t, model_abar_t, prediction_type)` returns ψ's unconditional prediction for the guided
+model's noisy latents x_t at the guided model's ᾱ: ψ is queried at its own timestep of closest ᾱ, with its own
 null conditioning (its empty-prompt embedding through its own text encoder, a zero image embedding, its null
 class, or nothing for an unconditional network), and its output (eps, v or x0, learned variance split off) is
-converted to eps with its own ᾱ.
+converted to the guided model's parameterization.
 """
 
 from __future__ import annotations
@@ -55,30 +55,49 @@ class DiffusersPrior:
         return self
 
     @torch.no_grad()
-    def eps(self, x_t: Tensor, t: Tensor, model_abar: Tensor) -> Tensor:
-        """ψ's unconditional eps for the guided model's x_t (N, C, [F,] H, W) at the model's timesteps t (N,)."""
-        n, frames = len(x_t), None
+    def predict(self, x_t: Tensor, model_abar_t: Tensor, prediction_type: str = "epsilon") -> Tensor:
+        """ψ's unconditional prediction for the guided model's x_t (N, C, [F,] H, W), in `prediction_type`.
+
+        Args:
+            x_t: the guided model's noisy latents, on any device (ψ's device is used, the result comes back).
+            model_abar_t: the guided model's ᾱ at each row's timestep (N,); ψ is queried at its timestep of
+                closest ᾱ.
+            prediction_type: the guided model's parameterization. Where ψ predicts the same thing and has the
+                same ᾱ at the matched timestep, its output is returned unconverted; otherwise it goes through eps,
+                with ᾱ kept ≥ 2⁻²⁴ (a zero-terminal-SNR step has ᾱ = 0, where x0 and v are not defined by eps).
+        """
+        n, frames, device = len(x_t), None, x_t.device
         if x_t.ndim == 5 and not self.video:  # an image prior for a video model: frames become samples
             frames = x_t.shape[2]
             x_t = x_t.permute(0, 2, 1, 3, 4).reshape(n * frames, *x_t.shape[1:2], *x_t.shape[3:])
-            t = t.repeat_interleave(frames)
+            model_abar_t = model_abar_t.repeat_interleave(frames)
+        if x_t.ndim == 4 and self.video:
+            raise UserError(f"{self.source} is a video model; it cannot be the prior of an image model")
         if x_t.shape[1] != self.in_channels:
             raise UserError(f"{self.source} takes {self.in_channels} input channels but the model's noisy latents "
                             f"have {x_t.shape[1]}; the prior must work in the same latent space")  # fmt: skip
         if self.is_transformer and self.net.config.sample_size not in (None, x_t.shape[-1]):
             raise UserError(f"{self.source} is a transformer for {self.net.config.sample_size}² latents but the "
                             f"model samples {x_t.shape[-1]}² latents; use a prior of the same resolution")  # fmt: skip
-        abar = self.abar.to(x_t.device)
-        t_model = t.round().long().clamp(0, len(model_abar) - 1)
-        t_prior = diffusion.match_timesteps(model_abar.float(), abar, t_model)
         param = next(self.net.parameters())
-        null = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in self.null.items()}
-        out = self.net(x_t.to(param.dtype), t_prior, **null, return_dict=False)[0]
-        out = out[:, : x_t.shape[1]].float()  # a learned variance (DiT, PixArt) is split off
-        eps = diffusion.to_eps(out, self.prediction_type, x_t.float(), abar[t_prior])
+        abar = self.abar.to(param.device)
+        target = model_abar_t.to(param.device).float()
+        t_prior = (abar[None, :] - target[:, None]).abs().argmin(dim=1)
+        x = x_t.to(param.device)
+        null = {k: v.expand(len(x), *v.shape[1:]) for k, v in self.null.items()}
+        out = self.net(x.to(param.dtype), t_prior, **null, return_dict=False)[0]
+        out = out[:, : x.shape[1]].float()  # a learned variance (DiT, PixArt) is split off
+        if prediction_type != self.prediction_type or not torch.equal(abar[t_prior], target):
+            floor = torch.tensor(2.0**-24, device=param.device)
+            eps = diffusion.to_eps(out, self.prediction_type, x.float(), abar[t_prior].clamp(min=floor))
+            out = diffusion.from_eps(eps, prediction_type, x.float(), target.clamp(min=floor))
         if frames is not None:
-            eps = eps.reshape(n, frames, *eps.shape[1:]).permute(0, 2, 1, 3, 4)
-        return eps
+            out = out.reshape(n, frames, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+        return out.to(device)
+
+    def eps(self, x_t: Tensor, model_abar_t: Tensor) -> Tensor:
+        """ψ's unconditional eps for the guided model's x_t at the model's ᾱ (see `predict`)."""
+        return self.predict(x_t, model_abar_t, "epsilon")
 
 
 def _scheduler_config(path: Path) -> dict:

@@ -140,6 +140,15 @@ def compare_grid(rows: dict[str, list], video: bool) -> Image.Image:
     return grid
 
 
+def _sampling_size(cfg: DictConfig, pipe, family: Family) -> tuple[int, int]:
+    """The pixel size that will be sampled: calibration_size, else height × width, else the model's default."""
+    if cfg.calibration_size is not None:
+        return int(cfg.calibration_size), int(cfg.calibration_size)
+    vae = pipe.vae
+    default = int(getattr(pipe, family.component).config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    return int(cfg.height or default), int(cfg.width or default)
+
+
 def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | None:
     if cfg.prior not in ("auto", "mix"):
         return None
@@ -155,12 +164,11 @@ def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | Non
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         raise UserError(f"calibration={folder} holds no .png/.jpg/.webp images")
-    size = cfg.calibration_size
-    images = [
-        _open_image(str(p), "calibration image").resize((size, size)) if size else _open_image(str(p)) for p in files
-    ]
-    latents = encode_images(pipe, images)
-    return fit_pipeline_weights(pipe, prior, latents, model_null_condition(pipe, family), cfg.prior,
+    images = [_open_image(str(p), "calibration image") for p in files]
+    height, width = _sampling_size(cfg, pipe, family)
+    latents = encode_images(pipe, images, height, width)
+    null = model_null_condition(pipe, family, cfg.negative_prompt or "")
+    return fit_pipeline_weights(pipe, prior, latents, null, cfg.prior,
                                 int(cfg.calibration_buckets), int(cfg.seed), family)  # fmt: skip
 
 

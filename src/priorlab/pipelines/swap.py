@@ -62,6 +62,7 @@ class SwappedDenoiser(nn.Module):
         self.weights = weights
         self.null_class = _model_null_class(net) if family.class_labels else None
         self.calls = {"guided": 0, "unguided": 0}
+        self.guided_flag = None  # a callable returning the pipeline's own guidance flag, or None
 
     def __getattr__(self, name: str):
         try:
@@ -70,47 +71,58 @@ class SwappedDenoiser(nn.Module):
             return getattr(self._modules["net"], name)
 
     def forward(self, sample: Tensor, timestep, *args, **kwargs):
-        kwargs = self._map_null_class(sample, kwargs)
-        chunk = self._guided_chunk(sample)
+        chunk = self._guided_chunk(sample, kwargs)
+        kwargs = self._map_null_class(kwargs)
         self.calls["guided" if chunk else "unguided"] += 1
         if self.mode == "self" or not chunk:
             return self.net(sample, timestep, *args, **kwargs)
-        n, g = len(sample), chunk
+        n, g, lc = len(sample), chunk, self.latent_channels
         rows = torch.arange(n, device=sample.device)
         uncond = (rows >= self.family.uncond * g) & (rows < (self.family.uncond + 1) * g)
-        lc = self.latent_channels
-        abar = self.model_abar.to(sample.device)
         t_u = _per_row(timestep, n, sample.device)[uncond]
-        abar_u = abar[t_u.round().long().clamp(0, len(abar) - 1)]
-        x_u = sample[uncond][:, :lc].float()
-        if self.mode == "base":
-            w = torch.ones(g, device=sample.device)
-        else:
-            w = self.weights.at(t_u.round().long()).to(sample.device)
+        abar_u = abar_at(self.model_abar.to(sample.device), t_u)
+        w = torch.ones(g) if self.mode == "base" else self.weights.at(t_u.round().long().cpu())
+        w = w.to(sample.device)
         need_self = bool((w < 1).any())
         out = self._call_net(sample, timestep, args, kwargs, torch.ones_like(uncond) if need_self else ~uncond)
         pred = _output_tensor(out)
         if need_self:
             full = pred.clone()
-            eps_self = diffusion.to_eps(full[uncond][:, :lc].float(), self.prediction_type, x_u, abar_u)
+            own = full[uncond][:, :lc]
         else:  # θ ran on the conditional chunks only
             full = pred.new_zeros((n, *pred.shape[1:]))
             full[~uncond] = pred
-            eps_self = None
-        eps_base = self.prior.eps(x_u, t_u, abar) if bool((w > 0).any()) else None
-        eps_u = combine(eps_self, eps_base, w)
-        full[uncond, :lc] = diffusion.from_eps(eps_u, self.prediction_type, x_u, abar_u).to(full.dtype)
+            own = None
+        base = None
+        if bool((w > 0).any()):
+            base = self.prior.predict(sample[uncond][:, :lc], abar_u, self.prediction_type).to(full.dtype)
+        # eps, v and x0 are affine in one another at fixed x_t and ᾱ, so the convex combination may be taken in
+        # θ's own parameterization: w = 0 rows keep θ's output untouched, w = 1 rows are ψ's.
+        full[uncond, :lc] = combine(own, base, w)
         return _with_output(out, full)
 
-    def _guided_chunk(self, sample: Tensor) -> int:
-        """The chunk size when `sample` is a guidance batch (the same noisy latents in every chunk), else 0."""
+    def _guided_chunk(self, sample: Tensor, kwargs: dict) -> int:
+        """The chunk size when this call is a guidance batch, else 0.
+
+        The pipeline's own flag is used where it has one (`do_classifier_free_guidance`); DiT's guidance batch is
+        recognised by its null labels; otherwise by the same noisy latents in every chunk.
+        """
         k = self.family.chunks
         if len(sample) % k or len(sample) < k:
             return 0
+        g = len(sample) // k
+        flag = self.guided_flag() if self.guided_flag is not None else None
+        if flag is not None:
+            return g if flag else 0
+        labels = kwargs.get("class_labels")
+        if self.family.class_labels and isinstance(labels, Tensor) and labels.ndim == 1:
+            null = labels[self.family.uncond * g : (self.family.uncond + 1) * g]
+            if not bool((null == PIPELINE_NULL_CLASS).all()):
+                return 0
         parts = sample[:, : self.latent_channels].chunk(k)
-        return len(parts[0]) if all(torch.equal(parts[0], p) for p in parts[1:]) else 0
+        return g if all(torch.equal(parts[0], p) for p in parts[1:]) else 0
 
-    def _map_null_class(self, sample: Tensor, kwargs: dict) -> dict:
+    def _map_null_class(self, kwargs: dict) -> dict:
         """DiTPipeline passes label 1000 for ∅ whatever the model: map it to θ's own null class."""
         labels = kwargs.get("class_labels")
         if self.null_class is None or labels is None or self.null_class == PIPELINE_NULL_CLASS:
@@ -128,11 +140,27 @@ class SwappedDenoiser(nn.Module):
                         **{k: _take(v, idx, n) for k, v in kwargs.items()})  # fmt: skip
 
 
+def _pipeline_flag(pipe) -> bool | None:
+    try:
+        return bool(pipe.do_classifier_free_guidance)
+    except (AttributeError, TypeError):  # read outside a call, before the pipeline set its guidance scale
+        return None
+
+
 def _model_null_class(net: nn.Module) -> int:
     classes = net.config.get("num_embeds_ada_norm")
     if not classes:
         raise UserError(f"{type(net).__name__} has no num_embeds_ada_norm in its config: its null class is unknown")
     return int(classes)
+
+
+def abar_at(abar: Tensor, t: Tensor) -> Tensor:
+    """ᾱ at timesteps t, linearly interpolated between integer timesteps (Euler-type samplers pass fractions)."""
+    t = t.float().clamp(0, len(abar) - 1)
+    lo = t.floor().long()
+    hi = (lo + 1).clamp(max=len(abar) - 1)
+    frac = t - lo.float()
+    return abar[lo] + frac * (abar[hi] - abar[lo])
 
 
 def _per_row(timestep, n: int, device) -> Tensor:
@@ -188,14 +216,25 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
         raise UserError(f"{type(pipe).__name__} has no {family.component}; the family {family.name} needs it")
     if isinstance(net, SwappedDenoiser):
         raise UserError("the pipeline's prior is already swapped; nest swap_prior blocks only around other pipelines")
+    sched = pipe.scheduler
+    if not hasattr(sched, "alphas_cumprod"):
+        raise UserError(f"{type(sched).__name__} has no discrete ᾱ schedule; the swap needs a DDPM-family scheduler "
+                        "(DDIM, DDPM, Euler, DPM-Solver, UniPC, ...)")  # fmt: skip
+    if sched.config.get("timestep_type") == "continuous":
+        raise UserError(f"{type(sched).__name__} with timestep_type=continuous passes log-σ, not timesteps; use "
+                        "timestep_type=discrete")  # fmt: skip
     if prior is not None:
         check_latent_space(latent_space(pipe), prior)
-    sched = pipe.scheduler
+        device = next(net.parameters()).device
+        if next(prior.net.parameters()).device != device:
+            prior.to(device)
     if weights is not None and int(weights.edges[-1]) != len(sched.alphas_cumprod):
         raise UserError(f"the prior weights were fitted over {int(weights.edges[-1])} timesteps but the model has "
                         f"{len(sched.alphas_cumprod)}")  # fmt: skip
     swapped = SwappedDenoiser(net, family, sched.alphas_cumprod, sched.config.prediction_type,
                               _latent_channels(pipe, net, family), prior, mode, weights)  # fmt: skip
+    if hasattr(type(pipe), "do_classifier_free_guidance"):
+        swapped.guided_flag = lambda: _pipeline_flag(pipe)
     object.__setattr__(pipe, family.component, swapped)
     try:
         yield swapped
@@ -203,60 +242,80 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
         object.__setattr__(pipe, family.component, net)
 
 
+CALIBRATED_FAMILIES = ("text-to-image", "image-to-image", "instruct-pix2pix", "dit", "image-variation",
+                      "image-conditioned")  # fmt: skip
+
+
 @torch.no_grad()
 def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwargs: dict, mode: str = "auto",
-                         buckets: int = 10, seed: int = 0, family: Family | None = None) -> PriorWeights:  # fmt: skip
+                         buckets: int = 10, seed: int = 0, family: Family | None = None,
+                         batch_size: int = 16) -> PriorWeights:  # fmt: skip
     """Fit prior=auto|mix weights for a pipeline's θ against ψ on the user's calibration latents.
 
     Args:
-        latents: clean latents x0 of the fine-tuning domain (N, C, [F,] H, W), already scaled by the VAE's
-            scaling factor (`encode_images` does this for a folder of images).
+        latents: clean latents x0 of the fine-tuning domain (N, C, H, W) at the resolution that will be
+            sampled, already scaled by the VAE's scaling factor (`encode_images` does this for images).
         null_kwargs: θ's null condition for one sample (`model_null_condition` gives the pipeline's own).
             Input channels beyond the latent (InstructPix2Pix's, Zero-1-to-3's image latents) are zeros, their ∅.
-        mode: "auto" or "mix"; buckets: timestep buckets; seed: of the calibration noise and timesteps.
+        mode: "auto" or "mix"; buckets: timestep buckets; seed: of the calibration noise and timesteps;
+        batch_size: latents per forward pass.
     """
     family = family or family_of(pipe)
+    if family.name not in CALIBRATED_FAMILIES or family.component != "unet" and not family.class_labels:
+        raise UserError(f"fitting prior=auto|mix weights is not supported for {family.name} pipelines "
+                        f"({type(pipe).__name__}) yet; use prior=base or prior=self")  # fmt: skip
+    if latents.ndim != 4:
+        raise UserError(f"calibration latents must be (N, C, H, W); got shape {tuple(latents.shape)}")
     net = getattr(pipe, family.component)
-    sched = pipe.scheduler
-    abar = sched.alphas_cumprod.float().to(latents.device)
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, len(abar), (len(latents),), generator=g).to(latents.device)
-    noise = torch.randn(latents.shape, generator=g).to(latents.device)
-    x_t = diffusion.add_noise(latents.float(), noise, abar[t])
-    extra = int(net.config.in_channels) - latents.shape[1]
-    inp = x_t if extra <= 0 else torch.cat([x_t, x_t.new_zeros((len(x_t), extra, *x_t.shape[2:]))], dim=1)
     param = next(net.parameters())
-    kwargs = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}
-    own = net(inp.to(param.dtype), t, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
-    eps_self = diffusion.to_eps(own, sched.config.prediction_type, x_t, abar[t])
-    eps_base = prior.eps(x_t, t, abar)
-    return fit_weights(eps_self, eps_base, noise, t, len(abar), buckets, mode)
+    sched = pipe.scheduler
+    abar = sched.alphas_cumprod.float().to(param.device)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, len(abar), (len(latents),), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    extra = int(net.config.in_channels) - latents.shape[1]
+    eps_self, eps_base = [], []
+    for start in range(0, len(latents), batch_size):
+        tb = t[start : start + batch_size].to(param.device)
+        nb = noise[start : start + batch_size].to(param.device)
+        x_t = diffusion.add_noise(latents[start : start + batch_size].to(param.device).float(), nb, abar[tb])
+        inp = x_t if extra <= 0 else torch.cat([x_t, x_t.new_zeros((len(x_t), extra, *x_t.shape[2:]))], dim=1)
+        kwargs = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}
+        own = net(inp.to(param.dtype), tb, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
+        eps_self.append(diffusion.to_eps(own, sched.config.prediction_type, x_t, abar[tb]).cpu())
+        eps_base.append(prior.eps(x_t, abar[tb]).cpu())
+    return fit_weights(torch.cat(eps_self), torch.cat(eps_base), noise, t, len(abar), buckets, mode)
 
 
 @torch.no_grad()
-def model_null_condition(pipe, family: Family | None = None) -> dict:
+def model_null_condition(pipe, family: Family | None = None, negative_prompt: str = "") -> dict:
     """θ's null condition as the pipeline itself builds it for the unconditional chunk, for one sample."""
     family = family or family_of(pipe)
     net = getattr(pipe, family.component)
-    device = next(net.parameters()).device
+    param = next(net.parameters())
     if family.class_labels:
-        return {"class_labels": torch.tensor([_model_null_class(net)], device=device)}
-    if family.name == "image-variation":
-        return {"encoder_hidden_states": torch.zeros(1, 1, net.config.cross_attention_dim, device=device)}
+        return {"class_labels": torch.tensor([_model_null_class(net)], device=param.device)}
+    if family.component == "unet" and family.name == "image-variation":
+        return {"encoder_hidden_states": torch.zeros(1, 1, net.config.cross_attention_dim, device=param.device,
+                                                     dtype=param.dtype)}  # fmt: skip
     if family.name == "instruct-pix2pix":
-        return {"encoder_hidden_states": pipe._encode_prompt("", device, 1, False)}
-    if hasattr(pipe, "encode_prompt") and getattr(pipe, "text_encoder", None) is not None:
-        return {"encoder_hidden_states": pipe.encode_prompt("", device, 1, False)[0]}
+        return {"encoder_hidden_states": pipe._encode_prompt(negative_prompt, param.device, 1, False)}
+    if family.name in ("text-to-image", "image-to-image", "image-conditioned") and hasattr(pipe, "encode_prompt"):
+        return {"encoder_hidden_states": pipe.encode_prompt(negative_prompt, param.device, 1, False)[0]}
     raise UserError(f"the null condition of {type(pipe).__name__} is not known to priorlab; pass null_kwargs")
 
 
 @torch.no_grad()
-def encode_images(pipe, images: list, height: int | None = None, width: int | None = None) -> Tensor:
-    """Clean latents of PIL images through the pipeline's VAE, scaled by its scaling factor."""
+def encode_images(pipe, images: list, height: int, width: int, batch_size: int = 16) -> Tensor:
+    """Clean latents of PIL images through the pipeline's VAE at height × width, scaled by its scaling factor."""
     from diffusers.image_processor import VaeImageProcessor
 
     vae = getattr(pipe, "vae", None)
     if vae is None:
         raise UserError(f"{type(pipe).__name__} has no VAE to encode calibration images with")
-    pixels = VaeImageProcessor().preprocess(images, height=height, width=width).to(vae.device, vae.dtype)
-    return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    processor = VaeImageProcessor()
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor.preprocess(images[start : start + batch_size], height=height, width=width)
+        out.append(vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor)
+    return torch.cat(out)
