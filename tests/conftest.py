@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -35,6 +36,22 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
     exe = Path(sys.executable).parent / "priorlab"
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class RaiseLearningRate(L.Callback):
+    """Sets every learning rate to `lr` from step `after_step` on: a blow-up after the checkpoints written before.
+
+    Runs add it with `+callbacks.blowup._target_=conftest.RaiseLearningRate` and PYTHONPATH=tests.
+    """
+
+    def __init__(self, after_step: int, lr: float = 1e30):
+        self.after_step, self.lr = after_step, lr
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.after_step:
+            for optimizer in trainer.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = self.lr
 
 
 @pytest.fixture

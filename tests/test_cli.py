@@ -92,3 +92,14 @@ def test_two_process_ddp_fit(tmp_path):
     assert "distributed_backend=gloo" in text and "Starting with 2 processes" in text
     meta = json.loads((tmp_path / "runs/d/base/model/priorlab.json").read_text())
     assert meta["step"] == 6
+
+
+def test_multirun_with_ddp_is_refused_in_one_line(tmp_path):
+    """Lightning starts DDP ranks by re-running the command line: with -m each rank would start the whole sweep."""
+    out = run_cli("train", "-m", "trainer=ddp_cpu", "data=toy2d", "model=mlp", "model.hidden=8", "logger=csv",
+                  "study=m", "seed=0,1", *TINY, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith("priorlab: error:")]
+    assert len(lines) == 1 and "cannot run a trainer of 2 DDP processes" in lines[0], out.stderr[-2000:]
+    assert "Starting with 2 processes" not in out.stdout + out.stderr
+    assert not list(tmp_path.glob("runs/m/**/checkpoints")) and not list(tmp_path.glob("runs/m/**/done.json"))

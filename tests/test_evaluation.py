@@ -189,3 +189,73 @@ def test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout(
         conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings)
     with pytest.raises(UserError, match="eval.priors holds best"):
         EvalSettings(priors=["self", "best"])
+
+
+def test_data_that_differ_only_in_classes_or_draw_do_not_share_an_evaluator(compose_tmp, tmp_path):
+    from priorlab.data import DigitsDataModule
+    from priorlab.evaluate import train_evaluator
+    from priorlab.evaluation.setup import COMMAND, ensure_evaluator, evaluator_dir, train_and_cache_evaluator
+
+    def name(*overrides):
+        return instantiate(compose_tmp(list(overrides)).data).name
+
+    assert name("data=mnist") == "mnist16" and name("data=mnist", "data.classes=[0,1,2]") == "mnist16-classes0-1-2"
+    assert name("data=digits") == "digits8" and name("data=digits", "data.classes=[3,4]") == "digits8-classes3-4"
+    variants = (
+        [],
+        ["data.num_samples=512"],
+        ["data.seed=1"],
+        ["data.weights=[1,2,1,2,1,2,1,2]"],
+        ["data.num_classes=2"],
+    )
+    toy = {name("data=toy2d", *o) for o in variants}
+    assert len(toy) == 5
+    # one cache folder for both (a shared data.name): an automatic cache is retrained for the other data ...
+    every, subset = DigitsDataModule(), DigitsDataModule(classes=[0, 1, 2])
+    path = tmp_path / "shared"
+    assert len(ensure_evaluator(path, every, steps=5).reference) == 1797
+    ev = ensure_evaluator(path, subset, steps=5)
+    assert len(ev.reference) == len(subset.all_data()[0]) < 1797 and set(ev.reference_labels.tolist()) == {0, 1, 2}
+    stamp = (path / "evaluator.json").stat().st_mtime_ns
+    assert torch.equal(ensure_evaluator(path, subset, steps=5).reference, ev.reference)  # the same data: reused
+    assert (path / "evaluator.json").stat().st_mtime_ns == stamp
+    # ... and one made by `priorlab train-evaluator` is never overwritten: the mismatch is an error
+    train_and_cache_evaluator(path, every, steps=5, made_by=COMMAND)
+    with pytest.raises(UserError, match=r"trained on other data \(classes: None \(cached\) vs \[0, 1, 2\]"):
+        ensure_evaluator(path, subset, steps=5)
+    cfg = compose_tmp(["data=digits", "steps=5"], config_name="train-evaluator")
+    train_evaluator(cfg)
+    assert evaluator_dir(cfg.paths.runs, every) == tmp_path / "runs/evaluators/digits8"
+    with pytest.raises(UserError, match="force=true retrains it"):
+        train_evaluator(compose_tmp(["data=digits", "data.name=digits8", "data.classes=[0,1,2]", "steps=5"],
+                                    config_name="train-evaluator"))  # fmt: skip
+
+
+def test_non_finite_weights_stop_training_before_the_evaluation_callbacks_sample(compose_tmp, tmp_path):
+    """Lightning runs the callbacks' on_validation_epoch_start before the module's: the evaluation callbacks
+    check the weights themselves, so they never sample (nor write results) from NaN weights."""
+    from priorlab.evaluation.callbacks import ConditionalQuality, PriorQuality
+    from priorlab.evaluation.setup import train_and_cache_evaluator
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.num_samples=512", "data.batch_size=32"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+    train_and_cache_evaluator(tmp_path / "evaluator", dm, steps=5)
+
+    class Poison(L.Callback):  # NaN weights after step 2: the validation there comes before the next loss check
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                with torch.no_grad():
+                    next(pl_module.denoiser.parameters()).fill_(float("nan"))
+
+    settings = dict(num_samples=16, num_steps=2, guidance_scales=[1.0, 2.0], heldout=16, batch_size=16, kid_subset=4,
+                    grid_per_class=1)  # fmt: skip
+    evals = [cls(str(tmp_path / "eval"), runs=str(tmp_path / "runs"), every_n_steps=2, settings=settings,
+                 evaluator=str(tmp_path / "evaluator")) for cls in (PriorQuality, ConditionalQuality)]  # fmt: skip
+    trainer = L.Trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        accelerator="cpu", callbacks=[Poison(), *evals])  # fmt: skip
+    with pytest.raises(UserError, match="the weights hold non-finite values at step 2"):
+        trainer.fit(module, dm)
+    assert not (tmp_path / "eval").exists()

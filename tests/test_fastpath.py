@@ -3,7 +3,7 @@
 import torch
 from diffusers import DDPMScheduler
 
-from priorlab.guidance import Prior
+from priorlab.guidance import Prior, guide
 from priorlab.models import unet
 from priorlab.sampling import sample
 from priorlab.training import DiffusionModule
@@ -58,3 +58,22 @@ def test_bf16_sampling_within_tolerance_of_fp32():
     other_seeds = sample(model, labels, seeds + 100, **kw)
     # bf16 moves each sample by under 2% of the distance between samples of different seeds
     assert (bf16 - fp32).abs().mean() < 0.02 * (other_seeds - fp32).abs().mean()
+
+
+def test_guidance_under_bf16_autocast_combines_the_branches_in_fp32():
+    """The networks run in bf16, but eps(∅) + w·(eps(c) − eps(∅)) is formed in fp32: at w = 6, a bf16 combine
+    would add a rounding error of about 2⁻⁸·|w·(eps(c) − eps(∅))| on top of the networks' own."""
+    model, base = _model(0).eval(), _model(1).eval()
+    sched = DDPMScheduler(clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    x_t, labels = torch.randn(6, 3, 16, 16, generator=g), torch.arange(6) % 4
+    t = torch.tensor([50, 200, 400, 600, 800, 950])
+    abar = sched.alphas_cumprod[t]
+    prior = Prior(base, sched, sched.alphas_cumprod)
+    for name, kw in (("self", {}), ("base", {"base": prior})):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            b = guide(model, x_t, t, labels, abar, 6.0, name, **kw)
+        assert b.guided.dtype == b.cond.dtype == b.uncond.dtype == torch.float32
+        # given the networks' outputs, the combination is exact to fp32 rounding (a bf16 one is off by ~1e-2)
+        exact = b.uncond.double() + 6.0 * (b.cond.double() - b.uncond.double())
+        torch.testing.assert_close(b.guided, exact, rtol=1e-5, atol=1e-5, check_dtype=False)

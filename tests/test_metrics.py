@@ -40,11 +40,80 @@ def test_accuracy():
     assert metrics.accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("name", ["inception", "dinov2", "clip"])
-def test_feature_networks_without_local_weights_give_a_clear_error(name):
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("inception", "is not implemented yet, whatever weights are on disk"), ("dinov2", "is not implemented yet"),
+     ("clip", "is unknown")],
+)  # fmt: skip
+def test_feature_networks_other_than_domain_are_refused_even_with_weights_on_disk(name, message, tmp_path, monkeypatch):
     from priorlab.errors import UserError
     from priorlab.evaluation.core import EvalSettings
 
-    with pytest.raises(UserError, match=f"features={name}"):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # weights and code where torch.hub looks
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints/weights-inception-2015-12-05-6726825d.pth").write_bytes(b"weights")
+    (tmp_path / "facebookresearch_dinov2_main").mkdir()
+    with pytest.raises(UserError, match=f"features={name} {message}"):
         EvalSettings(features=name)
     assert EvalSettings(features="domain").features == "domain"
+
+
+def test_precision_recall_in_blocks_equals_the_whole_computation(feats):
+    a, b = feats[0][:300], feats[1][:200] + 0.3
+    whole = torch.cdist(a.double(), a.double()).kthvalue(4, dim=1).values
+    torch.testing.assert_close(metrics._knn_radii(a.double(), 3, chunk=7), whole, rtol=0, atol=0)
+    assert metrics.precision_recall(a, b, chunk=7) == metrics.precision_recall(a, b, chunk=10_000)
+    p, r = metrics.precision_recall(a, b, chunk=7)
+    assert 0.3 < p < 1.0 and 0.3 < r < 1.0  # overlapping, not identical sets
+
+
+def _evaluator(reference: torch.Tensor):
+    from priorlab.evaluation.features import Classifier, Evaluator
+
+    torch.manual_seed(0)
+    net = Classifier((2,), 3, width=8, feature_dim=16).eval()
+    with torch.no_grad():
+        return Evaluator(net, net.features(reference), torch.arange(len(reference)) % 3, 1.0)
+
+
+def test_sample_scores_compare_with_as_many_reference_features_in_bounded_memory(monkeypatch):
+    """A reference of 5,000 features against 100 samples: no pairwise-distance block exceeds 100 × 100 (the
+    whole 5,000² matrix is what made toy2d's 200k reference run out of memory)."""
+    from priorlab.evaluation.core import EvalSettings, sample_scores
+
+    g = torch.Generator().manual_seed(0)
+    ev = _evaluator(torch.randn(5000, 2, generator=g))
+    x, labels = torch.randn(100, 2, generator=g), torch.arange(100) % 3
+    settings = EvalSettings(kid_subset=50)
+    largest = []
+    cdist = torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda a, b, *args, **kw: largest.append(len(a) * len(b)) or cdist(a, b))
+    scores = sample_scores(x, labels, ev, settings, None)
+    assert max(largest) <= 100 * 100
+    feats, _ = ev.embed(x)
+    expected = metrics.precision_recall(metrics.subsample(ev.reference, 100, settings.seed), feats)
+    assert (scores["precision"], scores["recall"]) == expected
+    assert sample_scores(x, labels, ev, settings, None) == scores  # the subset is drawn from the seed
+    assert 0.5 < scores["precision"] <= 1.0 and 0.5 < scores["recall"] <= 1.0  # the same distribution
+    sub = metrics.subsample(ev.reference, 100, seed=0)
+    assert len(sub) == 100 and len(torch.unique(sub, dim=0)) == 100  # drawn without replacement
+    assert not torch.equal(sub, metrics.subsample(ev.reference, 100, seed=1))
+
+
+def test_non_finite_features_are_a_one_line_user_error(feats):
+    from priorlab.errors import UserError
+    from priorlab.evaluation.core import EvalSettings, sample_scores
+
+    a, b = feats
+    bad = b.clone()
+    bad[3, 0] = float("nan")
+    bad[7, 1] = float("inf")
+    for fn in (metrics.frechet_distance, metrics.kid, metrics.precision_recall):
+        with pytest.raises(UserError, match=r"NaN or infinite values \(2 of 2000 samples\)"):
+            fn(a, bad)
+    ev = _evaluator(torch.randn(50, 2))
+    x = torch.randn(10, 2)
+    x[0] = float("nan")
+    with pytest.raises(UserError, match="features of the generated samples hold NaN") as err:
+        sample_scores(x, torch.arange(10) % 3, ev, EvalSettings(kid_subset=5), None)
+    assert "\n" not in str(err.value) and "weights are non-finite" in str(err.value)

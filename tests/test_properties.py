@@ -24,13 +24,15 @@ def test_cfg_is_linear_in_the_scale(c, data, w1, w2):
     torch.testing.assert_close(cfg(c, u, 0.0), u)
 
 
-@settings(max_examples=100, deadline=None)
-@given(vectors, scales)
-def test_swap_with_the_model_itself_is_standard_cfg(c, w):
+@settings(max_examples=200, deadline=None)
+@given(vectors, st.data(), scales)
+def test_swapping_the_prior_moves_cfg_by_one_minus_w_times_the_change(c, data, w):
     c = torch.tensor(c, dtype=torch.float64)
-    u_self = torch.sin(c)  # any unconditional prediction of the model
-    u_base = u_self.clone()  # "the base" is the same model, so the same prediction
-    torch.testing.assert_close(cfg(c, u_base, w), cfg(c, u_self, w))
+    u_self, u_base = (torch.tensor(data.draw(st.lists(finite, min_size=len(c), max_size=len(c))), dtype=torch.float64)
+                      for _ in range(2))  # fmt: skip
+    # u + w (c − u) has weight 1 − w on u: the swap (Eq. 7 vs Eq. 6) adds (1 − w)(u_base − u_self), nothing at w = 1
+    torch.testing.assert_close(cfg(c, u_base, w) - cfg(c, u_self, w), (1 - w) * (u_base - u_self), rtol=1e-9,
+                               atol=1e-6)  # fmt: skip
 
 
 @settings(max_examples=100, deadline=None)

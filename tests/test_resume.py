@@ -57,14 +57,23 @@ def test_corrupt_checkpoint_is_a_one_line_error_and_nothing_is_overwritten(tmp_p
 
 
 def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
+    import re
+
     from conftest import run_cli
 
+    # a stable start, checkpointed at steps 5 and 10; then a learning rate of 1e30 from step 10 on
+    blowup = ["+callbacks.blowup._target_=conftest.RaiseLearningRate", "+callbacks.blowup.after_step=10"]
     out = run_cli("train", "data=toy2d", "model=mlp", "model.hidden=16", "logger=csv", "trainer.max_steps=200",
-                  "trainer.val_check_interval=5", "optimizer.lr=1e30", "study=n", cwd=tmp_path)  # fmt: skip
+                  "trainer.val_check_interval=5", "study=n", *blowup, cwd=tmp_path,
+                  env={"PYTHONPATH": str(Path(__file__).parent)})  # fmt: skip
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert "at step" in out.stderr and ("training loss became" in out.stderr or "non-finite" in out.stderr)
+    found = re.search(r"priorlab: error: the (training loss became \S+|weights hold non-finite values) at step (\d+)",
+                      out.stderr)  # fmt: skip
+    assert found, out.stderr[-2000:]
+    assert 10 < int(found.group(2)) < 15  # within a few steps of the raise, before the next validation
     ckpt = tmp_path / "runs/n/base/checkpoints/last.ckpt"
-    if ckpt.exists():  # a checkpoint written before the blow-up holds finite weights only
-        state = torch.load(ckpt, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == 10  # the last checkpoint before the blow-up is kept, and its weights are finite
+    tensors = [v for v in state["state_dict"].values() if v.is_floating_point()]
+    assert tensors and all(torch.isfinite(v).all() for v in tensors)
     assert not (tmp_path / "runs/n/base/done.json").exists()

@@ -18,7 +18,9 @@ def model():
     return m
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler_a"])
+# ddpm and euler_a draw per-step noise from each sample's generator; unipc, dpm and PNDM are deterministic and
+# their step() takes no generator
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler_a", "unipc", "dpm", "PNDMScheduler"])
 def test_per_sample_seeds_are_invariant_to_batch_size(model, sampler):
     sched = DDPMScheduler()
     labels, seeds = torch.tensor([0, 1, 2, 0, 1, 2, 0]), torch.arange(100, 107)

@@ -48,6 +48,7 @@ def test_toy2d_study_writes_results_report_and_every_figure(toy_study):
         assert (study / "figures" / name).stat().st_size > 1000, name
     report = (study / "report.md").read_text()
     assert "## Headline: best FD" in report and "exact NLL" in report and "cond_dropout=0.2" in report
+    assert "with 2 seeds t = 12.7," in report
     assert all(f"figures/{name}" in report for name in FIGURES)
     assert (study / "wandb_sweep.yaml").exists()
 
@@ -255,3 +256,34 @@ def test_sign_rule_and_fitted_comparison_count_what_they_say():
     assert fitted_vs_fixed(points, "mix").beats_both.n == 1  # mix was measured at one point only
     lo, hi = Proportion(3, 4).interval  # Wilson: 0.75 of 4 → [0.301, 0.954]
     assert lo == pytest.approx(0.3006, abs=1e-3) and hi == pytest.approx(0.9544, abs=1e-3)
+
+
+def test_a_study_with_a_ddp_trainer_trains_one_fine_tune_per_point(compose_tmp, tmp_path, capsys):
+    """`priorlab train -m` refuses DDP (its processes would re-run the multirun), so the study runs each point."""
+    import re
+
+    from priorlab.studies import run_study
+
+    def finetune_commands(trainer: str) -> list[str]:
+        preset = {"common": ["data=toy2d", "model=mlp", f"trainer={trainer}"],
+                  "sweep": {"cond_dropout": [0.0, 0.2], "seed": [0, 1]}}  # fmt: skip
+        spec = {"name": "ddp", "presets": {"tiny": preset}}
+        path = tmp_path / f"{trainer}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        run_study(compose_tmp([f"name={path}", "preset=tiny", "dry_run=true"], config_name="study"))
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("finetunes")]
+
+    ddp = finetune_commands("ddp_cpu")
+    assert len(ddp) == 4 and not any(" -m " in line for line in ddp) and all("trainer=ddp_cpu" in line for line in ddp)
+    points = sorted(re.search(r" cond_dropout=(\S+) seed=(\S+)$", line).groups() for line in ddp)
+    assert points == [("0.0", "0"), ("0.0", "1"), ("0.2", "0"), ("0.2", "1")]
+    (single,) = finetune_commands("cpu")
+    assert " -m " in single and single.endswith("cond_dropout=0.0,0.2 seed=0,1")
+
+
+@pytest.mark.parametrize(("seeds", "t", "half_width"), [(2, "12.7", "8.98"), (3, "4.3", "2.48"), (5, "2.78", "1.24")])
+def test_report_states_the_t_quantile_of_its_number_of_seeds(seeds, t, half_width):
+    from priorlab.analysis.report import interval_note
+
+    assert f"with {seeds} seeds t = {t}, so each half-width is {half_width} standard deviations" in interval_note(seeds)
+    assert "no intervals" in interval_note(1)

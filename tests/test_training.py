@@ -147,3 +147,60 @@ def test_ema_is_the_exponential_average_of_the_weights_after_each_step(compose_t
     assert not torch.equal(seen[-1][0], seen[0][0])  # the weights moved, so the average is not trivial
     for got, want in zip(final, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_each_run_seed_has_its_own_batch_stream(compose_tmp):
+    def batches(seed: int) -> torch.Tensor:
+        cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=8", "data.num_samples=512", "data.batch_size=8",
+                           f"seed={seed}"])  # fmt: skip
+        dm = instantiate(cfg.data)
+        dm.setup()
+        module, _ = build_module(cfg, dm)
+        seen = []
+
+        class Record(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                seen.append(batch[0].clone())
+
+        trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                            accelerator="cpu", limit_val_batches=0, callbacks=[Record()])  # fmt: skip
+        trainer.fit(module, dm)
+        return torch.stack(seen)  # (steps, batch, 2): the same train split for every seed (data.split_seed=0)
+
+    first = batches(0)
+    assert first.shape == (3, 8, 2) and torch.equal(batches(0), first)
+    other = batches(1)
+    assert not torch.equal(other, first) and not torch.equal(other[0], first[0])
+
+
+def test_a_non_finite_loss_on_any_process_stops_every_process(compose_tmp):
+    """The decision is a collective: a rank whose own loss is finite stops too when another rank's is not."""
+    from types import SimpleNamespace
+
+    from priorlab.errors import UserError
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=8"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+
+    class TwoRanks:  # this rank and another whose loss is non-finite or not; any() is what DDP's all-reduce gives
+        def __init__(self, other_bad: bool):
+            self.other_bad, self.calls = other_bad, []
+
+        def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+            self.calls.append((decision, all))
+            votes = (decision, self.other_bad)
+            return (votes[0] and votes[1]) if all else (votes[0] or votes[1])
+
+    strategy = TwoRanks(other_bad=True)
+    module.trainer = SimpleNamespace(global_step=7, strategy=strategy)
+    with pytest.raises(UserError, match="training loss became non-finite on another process at step 7"):
+        module.check_finite(torch.tensor(0.5))
+    assert strategy.calls == [(False, False)]  # asked with this rank's own verdict, combined with any()
+    strategy = TwoRanks(other_bad=False)
+    module.trainer = SimpleNamespace(global_step=8, strategy=strategy)
+    module.check_finite(torch.tensor(0.5))
+    with pytest.raises(UserError, match="training loss became nan at step 8"):
+        module.check_finite(torch.tensor(float("nan")))
+    assert strategy.calls == [(False, False), (True, False)]  # every step on the CPU

@@ -12,8 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
+from priorlab.evaluation.features import describe_evaluator
 from priorlab.evaluation.images import save_grid
-from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior, train_and_cache_evaluator
+from priorlab.evaluation.setup import (
+    COMMAND,
+    ensure_evaluator,
+    evaluator_dir,
+    identity_diff,
+    make_prior,
+    train_and_cache_evaluator,
+)
 from priorlab.models.io import load_denoiser
 
 
@@ -38,12 +46,17 @@ def train_evaluator(cfg: DictConfig) -> Path:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     out = Path(cfg.out) if cfg.out else evaluator_dir(cfg.paths.runs, datamodule)
-    if (out / "evaluator.json").exists() and not cfg.force:
-        ev = ensure_evaluator(out, datamodule)
-        msg = f"evaluator for {datamodule.name} already at {out} (held-out accuracy {ev.accuracy:.4f})"
-        print(msg + "; force=true retrains")
-        return out
-    ev = train_and_cache_evaluator(out, datamodule, steps=cfg.steps, seed=cfg.seed, progress=True)
+    desc = describe_evaluator(out)
+    if desc is not None and not cfg.force:
+        diff = identity_diff(desc.get("identity"), datamodule.identity())
+        if not diff:
+            msg = f"evaluator for {datamodule.name} already at {out} (held-out accuracy {desc['accuracy']:.4f})"
+            print(msg + "; force=true retrains")
+            return out
+        if desc.get("made_by") == COMMAND:
+            raise UserError(f"the evaluator at {out} was trained on other data ({diff}); force=true retrains it for "
+                            "this data, or give this data another data.name or out=")  # fmt: skip
+    ev = train_and_cache_evaluator(out, datamodule, steps=cfg.steps, seed=cfg.seed, progress=True, made_by=COMMAND)
     print(f"evaluator for {datamodule.name} written to {out}: held-out accuracy {ev.accuracy:.4f}")
     return out
 

@@ -106,8 +106,7 @@ class Prior:
         abar = self.abar.to(x.device)
         tp = t if self.same_schedule else diffusion.match_timesteps(self.model_abar, abar, t)
         null = torch.full((len(x),), self.denoiser.null_class, device=x.device, dtype=torch.long)
-        pred = self.denoiser(x, tp, null)
-        return diffusion.to_eps(pred, self.denoiser.prediction_type, x, abar[tp])
+        return _eps(self.denoiser(x, tp, null), self.denoiser.prediction_type, x, abar[tp])
 
 
 def check_prior_fits(model_shape: tuple[int, ...], prior_in: tuple[int, ...], prior: Prior) -> None:
@@ -161,7 +160,8 @@ def guide(
         overlap: on a GPU, run the base prior on a side CUDA stream concurrently with the model.
         weights: the fitted base weights of prior=auto|mix (`priorlab.calibration.PriorWeights`).
     Each network is evaluated only on the rows that need it: θ's ∅ branch where the base weight is below 1 (in
-    one batched pass with the conditional branch), ψ where it is above 0.
+    one batched pass with the conditional branch), ψ where it is above 0. Every branch is converted to the dtype of
+    x_t before it is combined, so under autocast the combination is not computed in bf16.
     """
     check_prior(prior, base, weights)
     rows = torch.ones(len(x_t), dtype=torch.bool, device=x_t.device)
@@ -169,7 +169,7 @@ def guide(
         s = sigma(abar_t.to(x_t.device))
         rows = (s >= interval[0]) & (s <= interval[1])
     if prior == "none" or scale == 1 or not rows.any():
-        cond = diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
+        cond = _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
         return Branches(cond, cond, None, rows & False)
     w = _base_weight(prior, weights, t, x_t.device)
     use_self, use_base = rows & (w < 1), rows & (w > 0)
@@ -184,6 +184,13 @@ def guide(
     return Branches(guided, cond, uncond, rows, w)
 
 
+def _eps(pred: Tensor, prediction_type: str, x_t: Tensor, abar_t: Tensor) -> Tensor:
+    """A network's prediction as eps in the dtype of x_t (float32 when sampling): under bf16 autocast only the
+    networks run in bf16, while the conversion and the guidance combination, which amplify rounding by up to w,
+    run in float32."""
+    return diffusion.to_eps(pred.to(x_t.dtype), prediction_type, x_t, abar_t)
+
+
 def _base_weight(prior: str, weights: PriorWeights | None, t: Tensor, device: torch.device) -> Tensor:
     """The base's weight per row: 0 for self, 1 for base, the fitted bucket weight for auto and mix."""
     if prior in FITTED:
@@ -194,11 +201,11 @@ def _base_weight(prior: str, weights: PriorWeights | None, t: Tensor, device: to
 def _model_pass(model, x_t, t, labels, abar_t, sel) -> tuple[Tensor, Tensor | None]:
     """eps_θ(x_t, c) for every row and eps_θ(x_t, ∅) for rows `sel`, in one batched pass over [x_t; x_t[sel]]."""
     if not sel.any():
-        return diffusion.to_eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t), None
+        return _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t), None
     x = torch.cat([x_t, x_t[sel]])
     abar = torch.cat([abar_t, abar_t[sel]])
     y = torch.cat([labels, torch.full_like(labels[sel], model.null_class)])
-    both = diffusion.to_eps(model(x, torch.cat([t, t[sel]]), y), model.prediction_type, x, abar)
+    both = _eps(model(x, torch.cat([t, t[sel]]), y), model.prediction_type, x, abar)
     return both[: len(x_t)], both[len(x_t) :]
 
 

@@ -7,6 +7,8 @@ The scheduler always receives the guided eps: every branch is converted to eps f
 
 from __future__ import annotations
 
+import inspect
+
 import diffusers
 import torch
 from diffusers import DDPMScheduler
@@ -71,7 +73,8 @@ def sample(
         scale, prior, base, interval, weights: guidance, see `priorlab.guidance.guide`; `weights` (prior=auto
             or mix) must be fitted over θ's training timesteps.
         sampler: scheduler name; num_steps: denoising steps.
-        autocast: run the networks under bf16 autocast (the scheduler's update stays in fp32).
+        autocast: run the networks under bf16 autocast (the guidance combination and the scheduler's update
+            stay in fp32).
     """
     check_prior(prior, base, weights)
     num_t = train_scheduler.config.num_train_timesteps
@@ -87,12 +90,15 @@ def sample(
         x, gens = initial_noise(seeds[start : start + batch_size], tuple(sample_shape))
         scheduler = make_scheduler(sampler, train_scheduler)
         scheduler.set_timesteps(num_steps)
+        # stochastic schedulers draw their per-step noise from each sample's generator; deterministic ones
+        # (UniPC, PNDM) take no generator argument
+        step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
         x = x.to(device) * scheduler.init_noise_sigma
         for step_t in scheduler.timesteps:
             t = step_t.round().long().to(device).expand(len(y))
             x_in = scheduler.scale_model_input(x, step_t)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 branches = guide(model, x_in, t, y, abar[t], scale, prior, base, interval, weights=weights)
-            x = scheduler.step(branches.guided.float(), step_t, x, generator=gens).prev_sample
+            x = scheduler.step(branches.guided.float(), step_t, x, **step_kwargs).prev_sample
         out.append(x)
     return torch.cat(out)

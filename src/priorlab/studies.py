@@ -6,11 +6,13 @@ A preset may list several `bases`, each with its own overrides (`common` for the
 `base`, `finetune`): each base is trained once under base/<name>/ and its sweep runs under
 finetune/base=<name>/<key>=<value>/.../p=<p>/seed=<s>/. Without `bases` there is one base, under base/.
 Running the same command again skips finished runs (done.json) and resumes unfinished ones from their last
-checkpoint.
+checkpoint. With a DDP trainer and the basic launcher the fine-tunes run one `priorlab train` per sweep point
+instead of one multirun (Lightning starts DDP processes by re-running the command line, which must not hold -m).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -133,6 +135,37 @@ def sweep_yaml(name: str, base_dir: Path, common: list[str], finetune: list[str]
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def sweep_points(sweep: dict) -> list[list[str]]:
+    """Every point of the sweep grid as a list of overrides (key=value), the last key varying fastest."""
+    return [[f"{k}={v}" for k, v in zip(sweep, values, strict=True)] for values in itertools.product(*sweep.values())]
+
+
+def launches_ddp_processes(overrides: list[str]) -> bool:
+    """Whether `priorlab train` with these overrides asks for a DDP trainer of several processes, started by
+    re-running the command line (Lightning's `ddp` strategy; not `ddp_spawn`, and not on one device)."""
+    trainer = _compose_train(overrides).trainer
+    strategy = trainer.get("strategy")
+    name = str(strategy if isinstance(strategy, str) or strategy is None else strategy.get("_target_", "")).lower()
+    relaunching = any(k in name for k in ("ddp", "fsdp", "deepspeed")) and not any(
+        k in name for k in ("spawn", "fork", "notebook")
+    )
+    return relaunching and trainer.get("devices", 1) != 1
+
+
+def _compose_train(overrides: list[str]) -> DictConfig:
+    """The `priorlab train` config with these overrides, as the command would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from priorlab.cli import CONFIG_DIR, rewrite_overrides
+
+    overrides = rewrite_overrides("train", overrides)
+    if GlobalHydra.instance().is_initialized():  # inside `priorlab study`, a Hydra app over the same configs
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
 @dataclass
 class BaseRuns:
     """One base of a study and the overrides of its training run and of its fine-tunes (without the sweep)."""
@@ -173,11 +206,20 @@ def run_study(cfg: DictConfig) -> Path:
     common = [f"study={spec['name']}", f"paths.runs={runs}", *parts["common"], *cfg.get("extra", [])]
     bases = study_bases(study_dir, common, parts)
     sweep = [f"{key}={_values(values)}" for key, values in parts["sweep"].items()]
+    points = sweep_points(parts["sweep"])
+    commands = {}  # per base: the fine-tunes' commands, one multirun or one run per point
+    for b in bases:
+        fixed = ["stage=finetune", f"base={b.base_dir}", *b.finetune]
+        if cfg.launcher == "basic" and launches_ddp_processes([*fixed, *points[0]]):
+            commands[b.label] = [["train", *fixed, *point] for point in points]
+        else:
+            commands[b.label] = [["train", "-m", *fixed, *sweep, *LAUNCHERS[cfg.launcher]]]
     if cfg.dry_run:
         for b in bases:
             tag = f" ({b.label})" if b.label else ""
             print(f"base{tag}:      priorlab train stage=base {' '.join(b.base)}")
-            print(f"finetunes{tag}: priorlab train -m stage=finetune base={b.base_dir} {' '.join(b.finetune + sweep)}")
+            for args in commands[b.label]:
+                print(f"finetunes{tag}: priorlab {' '.join(args)}")
         return study_dir
     claim_study_dir(study_dir, spec["name"], cfg.preset)
     for b in bases:
@@ -185,8 +227,8 @@ def run_study(cfg: DictConfig) -> Path:
         (study_dir / name).write_text(sweep_yaml(spec["name"], b.base_dir, b.finetune, [], parts["sweep"]))
     for b in bases:
         _priorlab(["train", "stage=base", *b.base])
-        _priorlab(["train", "-m", "stage=finetune", f"base={b.base_dir}", *b.finetune, *sweep,
-                   *LAUNCHERS[cfg.launcher]])  # fmt: skip
+        for args in commands[b.label]:
+            _priorlab(args)
     collect_results(study_dir)
     report = build_report(study_dir)
     print(f"study {spec['name']} done: {study_dir / 'results.csv'}, {report}")

@@ -66,6 +66,30 @@ def check_same_schedule(base_cfg, cfg) -> None:
         raise UserError("the base was trained with another schedule: " + "; ".join(diff) + ". Set diffusion.* to match")
 
 
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse a Hydra multirun (`-m`) whose trainer starts its DDP processes by re-running the command line.
+
+    Lightning's DDP launcher starts ranks 1, 2, ... by running `sys.argv` again; in a multirun that command holds
+    `-m` and the whole sweep, so each of those processes would start the whole multirun itself. Processes made by
+    a cluster (SLURM tasks) or spawned (`ddp_spawn`) are not started that way and pass.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if (isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1
+            and not launcher.cluster_environment.creates_processes_externally):  # fmt: skip
+        raise UserError(
+            f"`priorlab train -m` cannot run a trainer of {launcher.num_processes} DDP processes: Lightning starts "
+            "each extra process by re-running this command line, -m and the whole sweep included. Run the points "
+            "one at a time without -m, or run the sweep as a study (`priorlab study NAME`, basic launcher), which "
+            "trains a DDP fine-tune per point"
+        )
+
+
 DONE = "done.json"
 
 
@@ -88,8 +112,8 @@ def train(cfg: DictConfig) -> Path:
     """Fit one run and return its model folder.
 
     A run folder holding `done.json` is finished and skipped; one holding `checkpoints/last.ckpt` is resumed
-    from it, and ends with the same weights as an unbroken run (batches, noise and dropout are drawn from
-    (seed, step)).
+    from it, and ends with the same weights as an unbroken run (batches are drawn from (seed, data.split_seed,
+    step), noise, timesteps and dropout from (seed, step, rank)).
     """
     check_config(cfg)
     if cfg.dry_run:
@@ -107,6 +131,7 @@ def train(cfg: DictConfig) -> Path:
     callbacks.append(SaveDenoiser(run_dir / "model", meta))
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    check_launch(trainer)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -29,8 +29,9 @@ class DiffusionModule(L.LightningModule):
         cond_dropout: probability p of replacing a label by the null class during training.
         compile: wrap the network in torch.compile (GPU runs).
         channels_last: keep convolution weights and inputs in channels-last memory format (GPU runs).
-        seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), so a run
-            resumed from a checkpoint continues exactly as an unbroken one.
+        seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), and the batches,
+            drawn from (seed, data.split_seed, step) (`data.base.StepBatchSampler`), so a run resumed from a
+            checkpoint continues exactly as an unbroken one and each seed of a sweep sees its own data order.
     """
 
     def __init__(
@@ -90,28 +91,29 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def check_finite(self, loss: Tensor) -> None:
-        """Stop on a non-finite loss, naming the step; no checkpoint is written after it.
+        """Stop on a non-finite loss on any process, naming the step; no checkpoint is written after it.
 
-        On the CPU every step is checked; on a GPU every `finite_check_every` steps (each check waits for the
-        GPU), and the weights are checked before every validation, so the checkpoint written after a
-        validation is always finite.
+        The processes decide together (`reduce_boolean_decision`, a collective over DDP ranks), so all of them
+        stop at the same step: a rank stopping alone would leave the others waiting in the next gradient
+        all-reduce forever. On the CPU every step is checked; on a GPU every `finite_check_every` steps (each
+        check waits for the GPU), the same steps on every rank; and the weights are checked before every
+        validation and evaluation, so the checkpoint written after a validation is always finite.
         """
         if loss.device.type != "cpu" and self.global_step % self.finite_check_every:
             return
-        if not torch.isfinite(loss):
+        local = not bool(torch.isfinite(loss))
+        if self.trainer.strategy.reduce_boolean_decision(local, all=False):
+            value = loss.item() if local else "non-finite on another process"
             raise UserError(
-                f"the training loss became {loss.item()} at step {self.global_step}; training stopped and the last "
+                f"the training loss became {value} at step {self.global_step}; training stopped and the last "
                 "checkpoint (from before) is kept. Lower optimizer.lr or use a more stable precision"
             )
 
     def on_validation_epoch_start(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        if not all(torch.isfinite(p).all() for p in self.denoiser.parameters()):
-            raise UserError(
-                f"the weights hold non-finite values at step {self.global_step}; training stopped and the last "
-                "checkpoint (from before) is kept. Lower optimizer.lr or use a more stable precision"
-            )
+        # Lightning calls the callbacks' hooks before this one: the evaluation callbacks check the weights
+        # themselves before they sample (`evaluation.callbacks`); this covers runs without them.
+        if not self.trainer.sanity_checking:
+            check_finite_weights(self.denoiser, self.global_step)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, labels = batch
@@ -126,3 +128,16 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(params=self.denoiser.parameters())
+
+
+def check_finite_weights(denoiser: Denoiser, step: int) -> None:
+    """Stop with a UserError naming the step when the denoiser's weights hold NaN or infinite values.
+
+    Called before every validation and before every evaluation, so neither a checkpoint nor evaluation results
+    are written from non-finite weights.
+    """
+    if not all(torch.isfinite(p).all() for p in denoiser.parameters()):
+        raise UserError(
+            f"the weights hold non-finite values at step {step}; training stopped and the last checkpoint (from "
+            "before) is kept. Lower optimizer.lr or use a more stable precision"
+        )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 from priorlab.analysis import figures, swap
 from priorlab.analysis.results import axis_columns, final_rows, load_results
@@ -90,8 +92,17 @@ def _markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def interval_note(num_seeds: int) -> str:
+    """The sentence on the confidence intervals for a study of `num_seeds` seeds, with its Student-t quantile."""
+    if num_seeds < 2:
+        return f"with {num_seeds} seed there are no intervals over seeds (values show n=1)."
+    t = float(stats.t.ppf(0.975, num_seeds - 1))
+    return (f"intervals are 95% Student-t over seeds: with {num_seeds} seeds t = {t:.3g}, so each half-width is "
+            f"{t / math.sqrt(num_seeds):.3g} standard deviations of the per-seed values.")  # fmt: skip
+
+
 def build_report(study_dir: str | Path) -> Path:
-    """Rebuild figures and report.md from results.csv alone."""
+    """Rebuild figures and report.md from results.csv, and figure (e) from the sample grids in the run folders."""
     study_dir = Path(study_dir)
     frame = load_results(study_dir)
     fig_dir = study_dir / "figures"
@@ -106,8 +117,8 @@ def build_report(study_dir: str | Path) -> Path:
         "",
         f"{final['run'].nunique()} fine-tunes: {conditions}cond_dropout ∈ {{{rates}}}, "
         f"seeds {sorted(frame['seed'].unique().tolist())}; guidance scales {{{scales}}}. "
-        "FD, KID, precision and recall use the study's evaluator features; intervals are 95% Student-t over seeds "
-        "(with 2 seeds they are wide: t = 12.7). Scale 1 never uses the prior, so both priors coincide there.",
+        f"FD, KID, precision and recall use the study's evaluator features; {interval_note(frame['seed'].nunique())} "
+        "Scale 1 never uses the prior, so both priors coincide there.",
         "",
     ]
     made: dict[str, tuple[str, Path | None]] = {}
@@ -208,7 +219,7 @@ def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
 
 
 def report_command(cfg) -> Path:
-    """`priorlab report runs/NAME`: results.csv → figures and report.md."""
+    """`priorlab report runs/NAME`: results.csv (and the runs' sample grids, for figure (e)) → figures, report.md."""
     path = build_report(cfg.study_dir)
     print(f"wrote {path}")
     return path

@@ -24,8 +24,11 @@ class TensorDataModule(L.LightningDataModule):
     Subclasses implement `load()`. The split is a permutation drawn from `split_seed`, so the same
     config gives the same train and validation sets on every machine and every DDP rank.
 
+    The evaluator cache (`runs/evaluators/<name>`) is keyed by `name` and checked against `identity()`, the
+    settings that change the samples; the split, batch size and workers do not enter either.
+
     Args:
-        name: identifies the data set and its settings (the evaluator cache is keyed by it).
+        name: names the data set and its settings; None derives it from them (`default_name`).
         batch_size: samples per batch on each process.
         val_fraction: share of the data held out for validation and evaluation.
         split_seed: seed of the train/val permutation.
@@ -33,11 +36,11 @@ class TensorDataModule(L.LightningDataModule):
     """
 
     def __init__(
-        self, name: str = "data", batch_size: int = 128, val_fraction: float = 0.1, split_seed: int = 0,
+        self, name: str | None = None, batch_size: int = 128, val_fraction: float = 0.1, split_seed: int = 0,
         num_workers: int = 0,
     ):  # fmt: skip
         super().__init__()
-        self.name = name
+        self._name = name
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
         if batch_size < 1:
@@ -53,6 +56,27 @@ class TensorDataModule(L.LightningDataModule):
     def load(self) -> tuple[Tensor, Tensor, int]:
         """Return all samples x (N, ...), integer labels (N,) and the number of classes."""
         raise NotImplementedError
+
+    def data_settings(self) -> dict:
+        """The settings that change the samples (source, size, classes, ...), JSON-serialisable."""
+        return {}
+
+    def default_name(self) -> str:
+        """The name derived from `data_settings` when none is given."""
+        return type(self).__name__.removesuffix("DataModule").lower()
+
+    @property
+    def name(self) -> str:
+        return self._name or self.default_name()
+
+    def identity(self) -> dict:
+        """What identifies the data: the datamodule class, `data_settings`, the sample shape and class count.
+
+        An evaluator records it, and a cached one is used only for data with the same identity.
+        """
+        self.setup()
+        return {"data": type(self).__name__, **self.data_settings(), "sample_shape": list(self.sample_shape),
+                "num_classes": self.num_classes}  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -80,11 +104,14 @@ class TensorDataModule(L.LightningDataModule):
                 torch.cat([self.train_set.tensors[1], self.val_set.tensors[1]]))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        """Batches that are a pure function of (split_seed, step, rank): a resumed run sees the same data."""
+        """Batches that are a pure function of (run seed, split_seed, step, rank): a resumed run sees the same data,
+        and each seed of a sweep its own stream. The run seed is the trained module's `seed` (0 without one)."""
         trainer = getattr(self, "trainer", None)
         start = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = StepBatchSampler(len(self.train_set), self.batch_size, self.split_seed, start, rank, world)
+        run_seed = getattr(trainer.lightning_module, "seed", 0) if trainer is not None else 0
+        seed = batch_seed(run_seed, self.split_seed)
+        sampler = StepBatchSampler(len(self.train_set), self.batch_size, seed, start, rank, world)
         # A batch is one indexing of the tensors (not a stack of single samples); pinned host memory lets the
         # copy to the GPU run without stalling the queue of kernels.
         return DataLoader(_Indexable(*self.train_set.tensors), batch_sampler=sampler, collate_fn=_as_batch,
@@ -106,6 +133,12 @@ def _as_batch(items: list[Tensor]) -> list[Tensor]:
     return items
 
 
+def batch_seed(run_seed: int, split_seed: int) -> int:
+    """The seed of the batch stream, from the run's seed and the data's split seed (distinct pairs give distinct
+    seeds for split seeds below 1,000,003)."""
+    return (int(run_seed) * 1_000_003 + int(split_seed)) % 2**64
+
+
 class StepBatchSampler:
     """An endless stream of batches, batch k drawn with replacement from a generator seeded by (seed, k).
 
@@ -121,7 +154,7 @@ class StepBatchSampler:
     def __iter__(self):
         step = self.start_step
         while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**64)
             idx = torch.randint(0, self.n, (self.batch_size * self.world,), generator=g)
             yield idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
             step += 1

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from priorlab.data.base import TensorDataModule, resize_images
-from priorlab.data.mnist import select_classes
+from priorlab.data.mnist import classes_suffix, select_classes
 
 
 class DigitsDataModule(TensorDataModule):
@@ -30,3 +30,10 @@ class DigitsDataModule(TensorDataModule):
         y = torch.as_tensor(digits.target, dtype=torch.long)
         x, y = select_classes(x, y, self.classes)
         return resize_images(x, self.image_size) * 2 - 1, y, 10
+
+    def data_settings(self) -> dict:
+        return {"image_size": self.image_size, "classes": self.classes}
+
+    def default_name(self) -> str:
+        """digits<image_size>, then -classes<c1>-<c2>... for a subset: digits8, digits8-classes0-1."""
+        return f"digits{self.image_size}{classes_suffix(self.classes)}"

@@ -48,6 +48,18 @@ class HFDataModule(TensorDataModule):
         self.channels = channels
         self.configured_classes = num_classes
 
+    def data_settings(self) -> dict:
+        path = Path(self.source).expanduser()
+        source = str(path.resolve()) if path.exists() else self.source
+        return {"source": source, "split": self.split, "image_column": self.image_column,
+                "label_column": self.label_column, "image_size": self.image_size, "channels": self.channels,
+                "num_classes": self.configured_classes}  # fmt: skip
+
+    def default_name(self) -> str:
+        """hf-<source folder, file or hub name>-<split>-<channels>x<image_size>, e.g. hf-my_images-train-3x32."""
+        stem = Path(self.source.rstrip("/")).name or "source"
+        return f"hf-{stem}-{self.split}-{self.channels}x{self.image_size}"
+
     def _open(self):
         import datasets
 

@@ -33,6 +33,18 @@ class MNISTDataModule(TensorDataModule):
         x, y = select_classes(x, y, self.classes)
         return resize_images(x, self.image_size) * 2 - 1, y, 10
 
+    def data_settings(self) -> dict:
+        return {"image_size": self.image_size, "classes": self.classes}
+
+    def default_name(self) -> str:
+        """mnist<image_size>, then -classes<c1>-<c2>... for a subset: mnist16, mnist16-classes0-1-2."""
+        return f"mnist{self.image_size}{classes_suffix(self.classes)}"
+
+
+def classes_suffix(classes: list[int] | None) -> str:
+    """The part of a data name that records a class subset ("" for all classes)."""
+    return "" if classes is None else "-classes" + "-".join(str(c) for c in classes)
+
 
 def select_classes(x: Tensor, y: Tensor, classes: list[int] | None) -> tuple[Tensor, Tensor]:
     """Keep the samples whose label is in `classes` (all when None)."""

@@ -122,7 +122,20 @@ class Toy2DDataModule(TensorDataModule):
         self.mixture = GaussianMixture.ring(num_classes, radius, std, weights, rotation)
         self.num_samples = num_samples
         self.seed = seed
+        self.settings = {"num_samples": int(num_samples), "num_classes": int(num_classes), "radius": float(radius),
+                         "std": float(std), "weights": None if weights is None else [float(w) for w in weights],
+                         "rotation": float(rotation), "seed": int(seed)}  # fmt: skip
 
     def load(self) -> tuple[Tensor, Tensor, int]:
         x, y = self.mixture.sample(self.num_samples, torch.Generator().manual_seed(self.seed))
         return x.float(), y, self.mixture.num_classes
+
+    def data_settings(self) -> dict:
+        return dict(self.settings)
+
+    def default_name(self) -> str:
+        """toy2d-k<K>-r<radius>-s<std>-rot<rotation>[-w<weights>]-n<num_samples>-seed<seed>."""
+        s = self.settings
+        weights = "" if s["weights"] is None else "-w" + "_".join(f"{w:g}" for w in s["weights"])
+        return (f"toy2d-k{s['num_classes']}-r{s['radius']:g}-s{s['std']:g}-rot{s['rotation']:g}{weights}"
+                f"-n{s['num_samples']}-seed{s['seed']}")  # fmt: skip

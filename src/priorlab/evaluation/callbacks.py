@@ -1,7 +1,8 @@
 """Evaluation callbacks: every N steps (at validation, with EMA weights) and at the end of fit.
 
-Both shard their sampling over DDP ranks (`evaluation.distributed`) and log on rank 0 to every logger,
-and write `<run>/eval/step=<n>_<kind>.json`. Where the settings ask for prior=auto|mix, each evaluation first
+Each first checks that the weights are finite (Lightning calls callback hooks before the module's own check),
+then shards its sampling over DDP ranks (`evaluation.distributed`), logs on rank 0 to every logger, and writes
+`<run>/eval/step=<n>_<kind>.json`. Where the settings ask for prior=auto|mix, each evaluation first
 fits their weights on the calibration split of the validation data (`evaluation.core.fit_priors`).
 """
 
@@ -17,6 +18,7 @@ from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_prio
 from priorlab.evaluation.images import log_image, save_grid
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior
 from priorlab.models.io import load_denoiser
+from priorlab.training import check_finite_weights
 
 
 class _Evaluation(L.Callback):
@@ -58,6 +60,7 @@ class _Evaluation(L.Callback):
             return
         self.last_key = key
         denoiser = pl_module.denoiser
+        check_finite_weights(denoiser, step)  # before sampling: non-finite weights give non-finite samples
         was_training = denoiser.training
         denoiser.eval()
         device = pl_module.device

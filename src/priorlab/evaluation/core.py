@@ -56,8 +56,8 @@ class EvalSettings:
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
         autocast: sample under bf16 autocast (GPU presets).
-        features: "domain" (the classifier of `train-evaluator`), or "inception" / "dinov2", which need their
-            weights on disk and say so when they are missing.
+        features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
+            "dinov2" are refused with an error saying they are not implemented yet).
     """
 
     num_samples: int = 1000
@@ -94,14 +94,20 @@ def _fmt(w: float) -> str:
 def sample_scores(
     x: Tensor, labels: Tensor, evaluator: Evaluator, settings: EvalSettings, mixture: GaussianMixture | None
 ) -> dict[str, float]:
-    """FD, KID, precision, recall and accuracy of samples x (plus exact NLL on toy2d)."""
+    """FD, KID, precision, recall and accuracy of samples x (plus exact NLL on toy2d).
+
+    Precision and recall compare the samples with as many reference features (a subset drawn from
+    `settings.seed`, the same for every prior and scale), as Kynkäänniemi et al. do; FD and KID use all of them.
+    Non-finite samples are a UserError.
+    """
     feats, logits = evaluator.embed(x)
     feats, ref = feats.cpu(), evaluator.reference
+    metrics.check_finite(feats, "the evaluator features of the generated samples")
     out = {
         "fd": metrics.frechet_distance(feats, ref),
         "kid": metrics.kid(feats, ref, subset_size=settings.kid_subset),
     }
-    out["precision"], out["recall"] = metrics.precision_recall(ref, feats)
+    out["precision"], out["recall"] = metrics.precision_recall(metrics.subsample(ref, len(feats), settings.seed), feats)
     out["accuracy"] = metrics.accuracy(logits.cpu(), labels.cpu())
     if settings.per_class_fd:
         for k in labels.unique().tolist():
@@ -268,6 +274,7 @@ def unconditional_quality(
     for name, (net, sched) in sources.items():
         x = generate(net, sched, torch.full((n,), net.null_class), seeds, shape, settings)
         feats, _ = evaluator.embed(x)
+        metrics.check_finite(feats, f"the evaluator features of the unconditional samples of {name}")
         out[f"eval/uncond/fd/model={name}"] = metrics.frechet_distance(feats.cpu(), evaluator.reference)
         out[f"eval/uncond/kid/model={name}"] = metrics.kid(
             feats.cpu(), evaluator.reference, subset_size=settings.kid_subset

@@ -1,8 +1,8 @@
 """The feature network: a small classifier trained on the data set; its penultimate layer serves FD.
 
 Inception-based FID needs torchvision and downloaded weights, neither of which is available everywhere, so
-the default features come from a domain classifier trained here (`priorlab train-evaluator`). Inception
-(torch-fidelity) and DINOv2 are options where their weights exist locally.
+the features come from a domain classifier trained here (`priorlab train-evaluator`). Inception and DINOv2
+features are not implemented yet: `eval.features=inception|dinov2` is refused with an error that says so.
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ def save_evaluator(ev: Evaluator, path: str | Path, info: dict) -> Path:
     return path
 
 
+def describe_evaluator(path: str | Path) -> dict | None:
+    """The JSON description of the evaluator cached at `path`, or None when there is none."""
+    desc = Path(path) / "evaluator.json"
+    return json.loads(desc.read_text()) if desc.exists() else None
+
+
 def load_evaluator(path: str | Path) -> Evaluator:
     """Load an evaluator written by `save_evaluator`; a missing one names the command that makes it."""
     path = Path(path)
@@ -127,21 +133,10 @@ def load_evaluator(path: str | Path) -> Evaluator:
 
 
 def external_features(name: str) -> None:
-    """Inception and DINOv2 features need weights on disk; say so clearly when they are absent."""
-    if name == "inception":
-        try:
-            import torch_fidelity  # noqa: F401
-        except ImportError as err:
-            raise UserError("features=inception needs torch-fidelity and its Inception weights on disk; "
-                            "neither is available here. Use features=domain") from err  # fmt: skip
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        if not list(cache.glob("weights-inception-2015-12-05-*.pth")):
-            raise UserError(f"features=inception: no Inception weights under {cache}; use features=domain")
-    elif name == "dinov2":
-        hub = Path(torch.hub.get_dir()) / "facebookresearch_dinov2_main"
-        if not hub.exists():
-            raise UserError(f"features=dinov2: no DINOv2 code and weights under {hub}; use features=domain")
-    elif name != "domain":
-        raise UserError(f"features={name} is unknown; use domain, inception or dinov2")
+    """Refuse feature networks other than the domain classifier: Inception and DINOv2 are not implemented yet."""
+    if name in ("inception", "dinov2"):
+        raise UserError(f"features={name} is not implemented yet, whatever weights are on disk; use features=domain "
+                        "(the classifier of `priorlab train-evaluator`)")  # fmt: skip
     if name != "domain":
-        raise UserError(f"features={name} was found on disk but is not wired up yet; use features=domain")
+        raise UserError(f"features={name} is unknown; use features=domain (inception and dinov2 are not implemented "
+                        "yet)")  # fmt: skip
