@@ -103,3 +103,18 @@ def test_multirun_with_ddp_is_refused_in_one_line(tmp_path):
     assert len(lines) == 1 and "cannot run a trainer of 2 DDP processes" in lines[0], out.stderr[-2000:]
     assert "Starting with 2 processes" not in out.stdout + out.stderr
     assert not list(tmp_path.glob("runs/m/**/checkpoints")) and not list(tmp_path.glob("runs/m/**/done.json"))
+
+
+def test_values_with_equals_signs_are_quoted_for_hydra():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from priorlab.cli import rewrite_overrides
+
+    args = ["model=runs/x/finetune/p=0.1/seed=0", "extra=[trainer=ddp_cpu,seed=3]", 'extra=["trainer=gpu"]',
+            "eval.guidance_scales=[1.0,3.0]", "base='already=quoted'"]  # fmt: skip
+    out = rewrite_overrides("evaluate", args)
+    parsed = OverridesParser.create().parse_overrides(out)
+    values = [o.value() for o in parsed]
+    assert [o.key_or_group for o in parsed] == ["model_dir", "extra", "extra", "eval.guidance_scales", "base"]
+    assert values == ["runs/x/finetune/p=0.1/seed=0", ["trainer=ddp_cpu", "seed=3"], ["trainer=gpu"], [1.0, 3.0],
+                      "already=quoted"]  # fmt: skip

@@ -53,10 +53,20 @@ def rewrite_overrides(command: str, args: list[str]) -> list[str]:
         if sep and key in PATH_KEYS.get(command, {}):
             key = PATH_KEYS[command][key]
             arg = f"{key}={value}"
-        if sep and "=" in value and value[:1] not in ("'", '"') and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
-            arg = f"{key}='{value}'"
+        if sep and "=" in value and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
+            arg = f"{key}={_quote(value)}"
         out.append(arg)
     return out
+
+
+def _quote(value: str) -> str:
+    """Quote a value containing '=' for Hydra: the whole value, or each element of a [list]."""
+    if value[:1] in ("'", '"'):
+        return value
+    if value.startswith("[") and value.endswith("]"):
+        items = [v.strip() for v in value[1:-1].split(",") if v.strip()]
+        return "[" + ",".join(v if v[:1] in ("'", '"') or "=" not in v else f"'{v}'" for v in items) + "]"
+    return f"'{value}'"
 
 
 def main() -> None:
