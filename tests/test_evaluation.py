@@ -157,6 +157,13 @@ def test_callbacks_and_evaluate_command(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     cond = json.loads((tmp_path / "runs/given/conditional.json").read_text())["metrics"]
     assert cond["eval/cond/fd/prior=mix/w=3.0"] == pytest.approx(cond["eval/cond/fd/prior=base/w=3.0"], rel=1e-5)
+    # the given file's weights are reported, the losses stored with it (another model's) are not
+    assert cond["eval/calib/weight/prior=mix/t=0-99"] == 1.0 and not any(k.startswith("eval/calib/loss") for k in cond)
+    out = run_cli("train", "stage=finetune", "study=small", "base=runs/e/base", "callbacks=eval",
+                  "eval.priors=[self,auto]", "eval.calibration=100000", *TINY, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2 and "eval.calibration=100000" in out.stderr and "Traceback" not in out.stderr
+    logged = [p.read_text() for p in (tmp_path / "runs/small").rglob("metrics.csv")]
+    assert not any("train/loss" in text for text in logged)  # refused before the first training step
     (tmp_path / "bad.json").write_text("{not json")
     out = run_cli("evaluate", *fitted, "prior_weights=bad.json", cwd=tmp_path)
     assert out.returncode == 2 and "prior weights file bad.json is not valid JSON" in out.stderr

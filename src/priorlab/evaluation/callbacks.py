@@ -14,7 +14,14 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
+from priorlab.calibration import MODES
+from priorlab.evaluation.core import (
+    EvalSettings,
+    calibration_split,
+    conditional_quality,
+    fit_priors,
+    prior_quality,
+)
 from priorlab.evaluation.images import log_image, save_grid
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior
 from priorlab.models.io import load_denoiser
@@ -44,6 +51,8 @@ class _Evaluation(L.Callback):
         trainer.strategy.barrier()
         self.evaluator = ensure_evaluator(path, dm)
         self.base = None if not self.base_path else load_denoiser(self.base_path, role="base")
+        if self.base is not None and any(p in MODES for p in self.settings.priors):
+            calibration_split(dm.val_set.tensors, self.settings)  # too small a split fails now, not after training
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -72,8 +81,7 @@ class _Evaluation(L.Callback):
         # Eager, even where the network is compiled for training: evaluation batch shapes differ from the
         # training batch, and each new shape would recompile the network in the middle of training.
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            weights = fit_priors(denoiser, pl_module.scheduler, prior, trainer.datamodule.val_set.tensors,
-                                 self.settings)  # fmt: skip
+            weights = self.fitted_priors(trainer, pl_module, prior)
             metrics, grids = self.measure(trainer, pl_module, prior, final, weights)
         denoiser.train(was_training)
         if trainer.is_global_zero:
@@ -92,6 +100,17 @@ class _Evaluation(L.Callback):
                 )
                 log_image(trainer.loggers, f"eval/grid/prior={prior_name}", path, step)
         trainer.strategy.barrier()
+
+    def fitted_priors(self, trainer: L.Trainer, pl_module: L.LightningModule, prior) -> dict:
+        """prior=auto|mix weights for this step, fitted once per step and shared by the evaluation callbacks."""
+        s = self.settings
+        key = (trainer.global_step, tuple(s.priors), s.buckets, s.heldout, s.calibration, s.seed, s.batch_size)
+        cached = getattr(pl_module, "_priorlab_fitted_priors", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = fit_priors(pl_module.denoiser, pl_module.scheduler, prior, trainer.datamodule.val_set.tensors, s)
+        pl_module._priorlab_fitted_priors = (key, weights)
+        return weights
 
     @property
     def final_differs(self) -> bool:

@@ -8,7 +8,7 @@ All shard their work over DDP ranks by sample index and return the same numbers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers import DDPMScheduler
@@ -159,7 +159,9 @@ def fit_priors(
     """The weights of each fitted prior (auto, mix) in settings.priors: `given` ones, the others fitted on the
     calibration split of `heldout` (the validation split) before any sampling. Empty without a base."""
     usable = [p for p in usable_priors(settings, base) if p in MODES]
-    out = {p: w for p, w in (given or {}).items() if p in usable}
+    # Given weights keep their per-bucket weights but not the losses stored with them: those were measured on
+    # another model or split and must not be reported as this evaluation's calibration losses.
+    out = {p: replace(w, losses=None) for p, w in (given or {}).items() if p in usable}
     wanted = [p for p in usable if p not in out]
     if wanted and heldout is None:
         raise UserError(f"prior={wanted[0]} needs a calibration split (held-out data) or a weights file")
