@@ -245,3 +245,49 @@ def i2vgen_unet(seed: int):
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=32,
     ).eval()
+
+
+def pixart(folder: Path, seed: int) -> Path:
+    """A PixArt-α-shaped pipeline: a T5 encoder (here with the tiny CLIP tokenizer's ids) and a PixArt transformer."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    encoder = T5EncoderModel(T5Config(vocab_size=88, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    net = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_num_groups=4,
+    ).eval()
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer(folder / "_tok"), text_encoder=encoder, vae=vae(0), transformer=net, scheduler=scheduler()
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def unconditional_unet_folder(folder: Path, seed: int, in_channels: int = 3) -> Path:
+    """A bare diffusers model folder: an unconditional UNet2DModel with its scheduler config beside it."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    net = UNet2DModel(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    net.save_pretrained(folder)
+    scheduler().save_pretrained(folder)
+    return folder

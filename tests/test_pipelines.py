@@ -30,6 +30,9 @@ def folders(tmp_path_factory):
         "dit10": pm.dit_pipeline(root / "dit10", seed=7, num_classes=10),
         "dit_base": pm.dit_pipeline(root / "dit_base", seed=8),
         "dit_big": pm.dit_pipeline(root / "dit_big", seed=9, sample_size=16),
+        "pixart": pm.pixart(root / "pixart", seed=14),
+        "unet_rgb": pm.unconditional_unet_folder(root / "unet_rgb", seed=15, in_channels=3),
+        "unet_latent": pm.unconditional_unet_folder(root / "unet_latent", seed=16, in_channels=4),
         "iv": pm.image_variation(root / "iv", seed=10),
         "t2v": pm.text_to_video(root / "t2v", seed=11),
         "t2v_base": pm.text_to_video(root / "t2v_base", seed=12),
@@ -319,9 +322,8 @@ def test_mismatches_are_clear_errors(folders):
     with pytest.raises(UserError, match="scaling_factor"):
         with swap_prior(pipe, load_prior(str(folders["sd_other_vae"])), "base"):
             pass
-    dit_pipe = load_pipeline(str(folders["dit"]))
-    with swap_prior(dit_pipe, load_prior(str(folders["dit_big"])), "base"), pytest.raises(UserError, match="16²"):
-        dit_pipe(**_seeded(**DIT_CALL))
+    with swap_prior(pipe, load_prior(str(folders["unet_rgb"])), "base"), pytest.raises(UserError, match="3 input"):
+        pipe(**_seeded(**SD_CALL))
     with pytest.raises(UserError, match="needs a base"):
         with swap_prior(pipe, None, "base"):
             pass
@@ -491,3 +493,57 @@ def test_calibration_is_refused_where_the_null_condition_is_not_known(folders):
     pipe = load_pipeline(str(folders["t2v"]))
     with pytest.raises(UserError, match="not supported for text-to-video"):
         fit_pipeline_weights(pipe, load_prior(str(folders["t2v_base"])), torch.zeros(2, 4, 8, 8), {}, "auto")
+
+
+def test_pixart_and_bare_model_priors(folders):
+    """A T5-conditioned PixArt transformer (its own empty-prompt embedding and mask) and an unconditional UNet2DModel
+    from a bare model folder, each as the prior of a text-to-image UNet; a DiT made for 16² latents runs on 8²."""
+    pipe = load_pipeline(str(folders["sd"]))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    emb = torch.randn(1, 16, 32)
+    batch = dict(encoder_hidden_states=torch.cat([emb, emb]))
+    px = load_pipeline(str(folders["pixart"]))
+    embeds, mask = px.encode_prompt("", do_classifier_free_guidance=False, device="cpu")[:2]
+    with swap_prior(pipe, load_prior(str(folders["pixart"])), "base") as swapped:
+        out = swapped(torch.cat([x, x]), torch.tensor(250), **batch).sample
+    cond = {"resolution": None, "aspect_ratio": None}
+    expected = px.transformer(
+        x,
+        encoder_hidden_states=embeds,
+        encoder_attention_mask=mask,
+        timestep=torch.tensor([250]),
+        added_cond_kwargs=cond,
+    ).sample[:, :4]
+    torch.testing.assert_close(out[:1], expected, rtol=0, atol=1e-6)
+    from diffusers import UNet2DModel
+
+    bare = UNet2DModel.from_pretrained(folders["unet_latent"]).eval()
+    with swap_prior(pipe, load_prior(str(folders["unet_latent"])), "base") as swapped:
+        out = swapped(torch.cat([x, x]), torch.tensor(250), **batch).sample
+    assert torch.equal(out[:1], bare(x, torch.tensor([250])).sample)
+    dit_pipe = load_pipeline(str(folders["dit"]))
+    with swap_prior(dit_pipe, load_prior(str(folders["dit_big"])), "base"):
+        images = dit_pipe(**_seeded(**DIT_CALL)).images
+    assert np.isfinite(images).all()
+
+
+def test_versatile_diffusion_image_unet_layout(folders):
+    """VersatileDiffusionImageVariationPipeline keeps its UNet in `image_unet` with [negative, image] chunks."""
+    from types import SimpleNamespace
+
+    from priorlab.pipelines import FAMILIES
+
+    family = FAMILIES["VersatileDiffusionImageVariationPipeline"]
+    net = pm.unet(17)
+    pipe = SimpleNamespace(image_unet=net, scheduler=pm.scheduler(), vae=pm.vae(0))
+    base_pipe = load_pipeline(str(folders["sd_base"]))
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
+    emb = torch.randn(2, 1, 32)
+    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base", family=family) as swapped:
+        out = swapped(torch.cat([x, x]), torch.tensor(600), encoder_hidden_states=emb).sample
+    assert pipe.image_unet is net  # put back
+    expected = base_pipe.unet(x, torch.tensor(600), encoder_hidden_states=_empty_prompt(base_pipe)).sample
+    assert torch.equal(out[:1], expected)
+    torch.testing.assert_close(
+        out[1:], net(x, torch.tensor(600), encoder_hidden_states=emb[1:]).sample, rtol=0, atol=1e-5
+    )

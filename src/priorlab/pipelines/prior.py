@@ -46,12 +46,11 @@ class DiffusersPrior:
         self.source = source
         self.in_channels = int(net.config.in_channels)
         self.video = type(net).__name__ in ("UNet3DConditionModel", "I2VGenXLUNet")
-        self.is_transformer = "Transformer" in type(net).__name__
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersPrior:
         self.net.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        self.null = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in
-                     self.null.items()}  # fmt: skip
+        self.null = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) if isinstance(v, Tensor)
+                     else v for k, v in self.null.items()}  # fmt: skip
         return self
 
     @torch.no_grad()
@@ -76,16 +75,18 @@ class DiffusersPrior:
         if x_t.shape[1] != self.in_channels:
             raise UserError(f"{self.source} takes {self.in_channels} input channels but the model's noisy latents "
                             f"have {x_t.shape[1]}; the prior must work in the same latent space")  # fmt: skip
-        if self.is_transformer and self.net.config.sample_size not in (None, x_t.shape[-1]):
-            raise UserError(f"{self.source} is a transformer for {self.net.config.sample_size}² latents but the "
-                            f"model samples {x_t.shape[-1]}² latents; use a prior of the same resolution")  # fmt: skip
         param = next(self.net.parameters())
         abar = self.abar.to(param.device)
         target = model_abar_t.to(param.device).float()
         t_prior = (abar[None, :] - target[:, None]).abs().argmin(dim=1)
         x = x_t.to(param.device)
-        null = {k: v.expand(len(x), *v.shape[1:]) for k, v in self.null.items()}
-        out = self.net(x.to(param.dtype), t_prior, **null, return_dict=False)[0]
+        null = {k: v.expand(len(x), *v.shape[1:]) if isinstance(v, Tensor) else v for k, v in self.null.items()}
+        if getattr(self.net, "use_additional_conditions", False):  # PixArt-α 1024: the pixel size it renders
+            h, w = x.shape[-2] * 8, x.shape[-1] * 8
+            size = torch.tensor([[h, w]] * len(x), device=x.device, dtype=x.dtype)
+            ratio = torch.tensor([[h / w]] * len(x), device=x.device, dtype=x.dtype)
+            null["added_cond_kwargs"] = {"resolution": size, "aspect_ratio": ratio}
+        out = self.net(x.to(param.dtype), timestep=t_prior, **null, return_dict=False)[0]
         out = out[:, : x.shape[1]].float()  # a learned variance (DiT, PixArt) is split off
         if prediction_type != self.prediction_type or not torch.equal(abar[t_prior], target):
             floor = torch.tensor(2.0**-24, device=param.device)
@@ -131,6 +132,14 @@ def null_condition(net: nn.Module, pipe=None, negative_prompt: str = "", device:
             raise UserError("a class-conditional UNet2DModel prior needs its null class: save it with priorlab "
                             "(priorlab.json records the null class) or use an unconditional base")  # fmt: skip
         return {}
+    if kind == "PixArtTransformer2DModel":
+        if pipe is None or not hasattr(pipe, "encode_prompt"):
+            raise UserError("a PixArt prior needs its pipeline (its T5 text encoder gives the empty-prompt embedding)")
+        with torch.no_grad():
+            embeds, mask = pipe.encode_prompt(negative_prompt, do_classifier_free_guidance=False, device=device,
+                                              clean_caption=False)[:2]  # fmt: skip
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask,
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}  # fmt: skip
     if kind in ("UNet2DConditionModel", "UNet3DConditionModel"):
         if pipe is not None and type(pipe).__name__ in IMAGE_EMBEDDING_PIPELINES:
             return {"encoder_hidden_states": torch.zeros(1, 1, config.cross_attention_dim, device=device)}
@@ -142,7 +151,8 @@ def null_condition(net: nn.Module, pipe=None, negative_prompt: str = "", device:
                         "as a pipeline folder (model_index.json with tokenizer and text_encoder)")  # fmt: skip
     raise UserError(
         f"priorlab cannot query a {kind} as an unconditional prior; supported: UNet2DModel, "
-        "UNet2DConditionModel, UNet3DConditionModel, DiTTransformer2DModel, Transformer2DModel (DiT)"
+        "UNet2DConditionModel, UNet3DConditionModel, DiTTransformer2DModel, Transformer2DModel (DiT), "
+        "PixArtTransformer2DModel"
     )
 
 
@@ -214,8 +224,8 @@ class _DenoiserNet(nn.Module):
         self.denoiser = denoiser
         self.config = denoiser.net.config
 
-    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor, return_dict: bool = False):
-        return (self.denoiser(x, t, class_labels),)
+    def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor, return_dict: bool = False):
+        return (self.denoiser(x, timestep, class_labels),)
 
 
 def _from_priorlab(path: Path, device, dtype) -> DiffusersPrior:
