@@ -180,8 +180,10 @@ def test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout(
         again = fit_priors(model, sched, prior, moved, settings)
         assert torch.equal(again["mix"].base_weight, weights["mix"].base_weight)
         assert again["mix"].losses == weights["mix"].losses
-        given = PriorWeights(torch.tensor([0, 1000]), torch.tensor([1.0]), "auto")
-        assert fit_priors(model, sched, prior, heldout, settings, {"auto": given})["auto"] is given
+        given = PriorWeights(torch.tensor([0, 1000]), torch.tensor([1.0]), "auto", {"self": [9.0], "base": [1.0]})
+        used = fit_priors(model, sched, prior, heldout, settings, {"auto": given})["auto"]
+        assert torch.equal(used.base_weight, given.base_weight) and torch.equal(used.edges, given.edges)
+        assert used.losses is None  # the file's losses belong to another model or split
         assert fit_priors(model, sched, None, heldout, settings) == {}  # without a base, no fitted prior
         cond, grids = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
         assert set(grids) == {"self", "base", "auto", "mix"}
