@@ -78,22 +78,25 @@ def unet(seed: int, in_channels: int = 4, cross_attention_dim: int = 32):
     ).eval()
 
 
+TINY_3D = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    attention_head_dim=2,
+    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    cross_attention_dim=32,
+)
+
+
 def unet3d(seed: int):
     from diffusers import UNet3DConditionModel
 
     torch.manual_seed(seed)
-    return UNet3DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=32,
-    ).eval()
+    return UNet3DConditionModel(**TINY_3D).eval()
 
 
 def dit(seed: int, num_classes: int = 1000, sample_size: int = 8):
@@ -233,18 +236,7 @@ def i2vgen_unet(seed: int):
     from diffusers import I2VGenXLUNet
 
     torch.manual_seed(seed)
-    return I2VGenXLUNet(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        cross_attention_dim=32,
-    ).eval()
+    return I2VGenXLUNet(**TINY_3D).eval()
 
 
 def pixart(folder: Path, seed: int) -> Path:

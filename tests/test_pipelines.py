@@ -487,12 +487,25 @@ def test_fractional_timesteps_interpolate_alpha_bar():
     torch.testing.assert_close(abar_at(abar, t), expected)
 
 
-def test_calibration_is_refused_where_the_null_condition_is_not_known(folders):
-    from priorlab.pipelines import fit_pipeline_weights
+def test_video_calibration_and_refusals(folders):
+    from types import SimpleNamespace
+
+    from priorlab.pipelines import fit_pipeline_weights, model_null_condition
+    from priorlab.pipelines.families import IMAGE_TEXT_TO_VIDEO
 
     pipe = load_pipeline(str(folders["t2v"]))
-    with pytest.raises(UserError, match="not supported for text-to-video"):
-        fit_pipeline_weights(pipe, load_prior(str(folders["t2v_base"])), torch.zeros(2, 4, 8, 8), {}, "auto")
+    prior = load_prior(str(folders["t2v_base"]))
+    latents = torch.randn(12, 4, 3, 8, 8, generator=torch.Generator().manual_seed(10))
+    mix = fit_pipeline_weights(pipe, prior, latents, model_null_condition(pipe), "mix", buckets=3, batch_size=5)
+    assert sum(mix.losses["count"]) == 12
+    for b in range(3):
+        if mix.losses["count"][b]:
+            assert mix.losses["mix"][b] <= min(mix.losses["self"][b], mix.losses["base"][b]) + 1e-9
+    with pytest.raises(UserError, match=r"must be \(N, C, F, H, W\)"):
+        fit_pipeline_weights(pipe, prior, torch.zeros(2, 4, 8, 8), {}, "auto")
+    i2v = SimpleNamespace(unet=pm.i2vgen_unet(0), scheduler=pm.scheduler(), vae=pm.vae(0))
+    with pytest.raises(UserError, match="not supported for image-text-to-video"):
+        fit_pipeline_weights(i2v, prior, latents, {}, "auto", family=IMAGE_TEXT_TO_VIDEO)
 
 
 def test_pixart_and_bare_model_priors(folders):

@@ -160,6 +160,11 @@ def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | Non
     if cfg.calibration is None:
         raise UserError(f"prior={cfg.prior} needs prior_weights=PATH or calibration=FOLDER (images of the "
                         "fine-tuning domain) to fit them on")  # fmt: skip
+    if family.video:
+        raise UserError(
+            "calibration=FOLDER takes images; for a video model fit the weights in Python "
+            "(priorlab.pipelines.fit_pipeline_weights on video latents) and pass prior_weights=PATH"
+        )
     folder = Path(cfg.calibration)
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:

@@ -243,7 +243,7 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
 
 
 CALIBRATED_FAMILIES = ("text-to-image", "image-to-image", "instruct-pix2pix", "dit", "image-variation",
-                      "image-conditioned")  # fmt: skip
+                      "image-conditioned", "text-to-video")  # fmt: skip
 
 
 @torch.no_grad()
@@ -253,8 +253,9 @@ def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwar
     """Fit prior=auto|mix weights for a pipeline's θ against ψ on the user's calibration latents.
 
     Args:
-        latents: clean latents x0 of the fine-tuning domain (N, C, H, W) at the resolution that will be
-            sampled, already scaled by the VAE's scaling factor (`encode_images` does this for images).
+        latents: clean latents x0 of the fine-tuning domain (N, C, H, W), for video (N, C, F, H, W), at the
+            resolution that will be sampled, already scaled by the VAE's scaling factor (`encode_images` does this
+            for images; for video, encode the frames and stack them on dim 2).
         null_kwargs: θ's null condition for one sample (`model_null_condition` gives the pipeline's own).
             Input channels beyond the latent (InstructPix2Pix's, Zero-1-to-3's image latents) are zeros, their ∅.
         mode: "auto" or "mix"; buckets: timestep buckets; seed: of the calibration noise and timesteps;
@@ -264,8 +265,9 @@ def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwar
     if family.name not in CALIBRATED_FAMILIES or family.component != "unet" and not family.class_labels:
         raise UserError(f"fitting prior=auto|mix weights is not supported for {family.name} pipelines "
                         f"({type(pipe).__name__}) yet; use prior=base or prior=self")  # fmt: skip
-    if latents.ndim != 4:
-        raise UserError(f"calibration latents must be (N, C, H, W); got shape {tuple(latents.shape)}")
+    if latents.ndim != (5 if family.video else 4):
+        shape = "(N, C, F, H, W)" if family.video else "(N, C, H, W)"
+        raise UserError(f"calibration latents of a {family.name} model must be {shape}; got {tuple(latents.shape)}")
     net = getattr(pipe, family.component)
     param = next(net.parameters())
     sched = pipe.scheduler
@@ -300,7 +302,9 @@ def model_null_condition(pipe, family: Family | None = None, negative_prompt: st
                                                      dtype=param.dtype)}  # fmt: skip
     if family.name == "instruct-pix2pix":
         return {"encoder_hidden_states": pipe._encode_prompt(negative_prompt, param.device, 1, False)}
-    if family.name in ("text-to-image", "image-to-image", "image-conditioned") and hasattr(pipe, "encode_prompt"):
+    if family.name in ("text-to-image", "image-to-image", "image-conditioned", "text-to-video") and hasattr(
+        pipe, "encode_prompt"
+    ):
         return {"encoder_hidden_states": pipe.encode_prompt(negative_prompt, param.device, 1, False)[0]}
     raise UserError(f"the null condition of {type(pipe).__name__} is not known to priorlab; pass null_kwargs")
 
