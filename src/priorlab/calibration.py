@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from priorlab import diffusion
+from priorlab import atomic, diffusion
 from priorlab.errors import UserError
 from priorlab.evaluation.distributed import gather, shard
 
@@ -116,12 +115,7 @@ class PriorWeights:
 
     def save(self, path: str | Path) -> Path:
         """Write the weights as JSON atomically (a temporary sibling renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
-        return path
+        return atomic.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> PriorWeights:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from priorlab import atomic
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
@@ -99,9 +99,7 @@ def evaluate(cfg: DictConfig) -> Path:
     info = {"model": str(model.path), "base": str(base.path) if base else None, "settings": vars(settings),
             "evaluator_accuracy": evaluator.accuracy}  # fmt: skip
     for name, values in (("conditional", cond), ("prior", prior_metrics)):
-        tmp = out / f".{name}.json.tmp"
-        tmp.write_text(json.dumps({**info, "metrics": values}, indent=1))
-        tmp.rename(out / f"{name}.json")
+        atomic.write_json(out / f"{name}.json", {**info, "metrics": values})
     for prior_name, x in grids.items():
         save_grid(x, model.denoiser.num_classes, out / f"grid_prior={prior_name}.png")
     _print_table(cond)

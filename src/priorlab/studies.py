@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from priorlab import atomic
 from priorlab.errors import UserError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
@@ -103,10 +104,7 @@ def claim_study_dir(study_dir: Path, name: str, preset: str) -> None:
         return
     if study_dir.exists() and any(study_dir.iterdir()):
         raise UserError(f"{study_dir} already holds files that are not a priorlab study; choose another paths.runs")
-    study_dir.mkdir(parents=True, exist_ok=True)
-    tmp = study_dir / ".study.json.tmp"
-    tmp.write_text(json.dumps({"name": name, "preset": preset}))
-    tmp.rename(marker)
+    atomic.write_json(marker, {"name": name, "preset": preset}, indent=None)
 
 
 def _priorlab(args: list[str]) -> None:

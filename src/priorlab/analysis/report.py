@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
+from priorlab import atomic
 from priorlab.analysis import figures, swap
 from priorlab.analysis.results import axis_columns, final_rows, load_results
 from priorlab.analysis.stats import mean_ci, paired_difference
@@ -133,11 +134,7 @@ def build_report(study_dir: str | Path) -> Path:
     for title, path in made.values():
         if path is not None:
             lines += [f"### {title}", "", f"![{title}](figures/{path.name})", ""]
-    report = study_dir / "report.md"
-    tmp = study_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.rename(report)
-    return report
+    return atomic.write_text(study_dir / "report.md", "\n".join(lines))
 
 
 def _per_dropout_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path) -> tuple[list[str], dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from priorlab import atomic
 from priorlab.errors import UserError
 
 COLUMNS = ["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric", "value"]
@@ -74,9 +75,7 @@ def collect_results(study_dir: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=[COLUMNS[0], *axes, *COLUMNS[1:]])
     order = [*axes, "cond_dropout", "seed", "step", "metric", "prior", "guidance_scale"]
     frame = frame.sort_values(order, kind="stable", key=_natural)
-    tmp = study_dir / ".results.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.rename(study_dir / "results.csv")
+    atomic.write_text(study_dir / "results.csv", frame.to_csv(index=False))
     return frame
 
 

@@ -8,12 +8,12 @@ fits their weights on the calibration split of the validation data (`evaluation.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from priorlab import atomic
 from priorlab.calibration import MODES
 from priorlab.evaluation.core import (
     EvalSettings,
@@ -87,10 +87,7 @@ class _Evaluation(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.out_dir / f".step={step}_{self.kind}.json.tmp"
-            tmp.write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
-            tmp.rename(self.out_dir / f"step={step}_{self.kind}.json")
+            atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json", {"step": step, "metrics": metrics})
             if self.kind == "cond":
                 for mode, w in weights.items():
                     w.save(self.out_dir / f"prior_weights_{mode}_step={step}.json")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from priorlab import atomic
 from priorlab.errors import UserError
 
 
@@ -108,9 +109,7 @@ def save_evaluator(ev: Evaluator, path: str | Path, info: dict) -> Path:
     save_file({k: v.contiguous() for k, v in ev.net.state_dict().items()}, path / "classifier.safetensors")
     save_file({"features": ev.reference.contiguous(), "labels": ev.reference_labels.contiguous()},
               path / "reference.safetensors")  # fmt: skip
-    tmp = path / "evaluator.json.tmp"
-    tmp.write_text(json.dumps({**ev.net.describe(), "accuracy": ev.accuracy, **info}, indent=2))
-    tmp.rename(path / "evaluator.json")
+    atomic.write_json(path / "evaluator.json", {**ev.net.describe(), "accuracy": ev.accuracy, **info}, indent=2)
     return path
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
+from priorlab import atomic
 from priorlab.errors import UserError
 from priorlab.models.denoiser import CLASS_COUNT_KEYS, NETWORK_CLASSES, Denoiser, label_tables
 
@@ -47,9 +46,7 @@ def content_hash(model_dir: str | Path) -> str:
 def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path, **meta) -> Path:
     """Write the model folder atomically: into a temporary sibling first, then renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic.folder(path) as tmp:
         denoiser.net.save_pretrained(tmp, safe_serialization=True)
         scheduler.save_pretrained(tmp)
         info = {
@@ -60,12 +57,6 @@ def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path
             **meta,
         }
         (tmp / META).write_text(json.dumps(info, indent=2, default=str))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -1,0 +1,43 @@
+"""Atomic writes: everything is written under a temporary sibling name and renamed into place, so a reader, or a
+run started again after a kill, never sees half a file or half a folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (creating its folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, data, indent: int = 1) -> Path:
+    """Write `data` as JSON to `path` atomically."""
+    return write_text(path, json.dumps(data, indent=indent))
+
+
+@contextlib.contextmanager
+def folder(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of `path` to fill; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
