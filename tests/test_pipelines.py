@@ -397,7 +397,7 @@ def test_sample_command_user_mistakes_are_one_line_errors(folders, tmp_path):
         result = run_cli(*args, "num_steps=1", "height=16", "width=16", f"out={tmp_path / 'x'}", cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
         assert "Traceback" not in result.stderr
-    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp"))
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
 
 
 def test_image_text_to_video_unet_with_two_conditions(folders):

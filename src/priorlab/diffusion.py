@@ -76,5 +76,9 @@ def match_timesteps(abar_model: Tensor, abar_prior: Tensor, t: Tensor) -> Tensor
     Used when the prior was trained with another schedule: the paper queries the prior at "the timestep of
     closest variance" (Phunyaphibarn et al. 2025, Sec. 4).
     """
-    target_abar = abar_model.to(abar_prior.device)[t.to(abar_prior.device)]  # (N,)
-    return (abar_prior[None, :] - target_abar[:, None]).abs().argmin(dim=1)
+    return closest_timesteps(abar_prior, abar_model.to(abar_prior.device)[t.to(abar_prior.device)])
+
+
+def closest_timesteps(abar_prior: Tensor, target_abar: Tensor) -> Tensor:
+    """The prior's timestep whose ᾱ is closest to each target ᾱ (N,), e.g. a sampler's interpolated ᾱ."""
+    return (abar_prior[None, :] - target_abar.to(abar_prior.device)[:, None]).abs().argmin(dim=1)

@@ -78,7 +78,7 @@ class DiffusersPrior:
         param = next(self.net.parameters())
         abar = self.abar.to(param.device)
         target = model_abar_t.to(param.device).float()
-        t_prior = (abar[None, :] - target[:, None]).abs().argmin(dim=1)
+        t_prior = diffusion.closest_timesteps(abar, target)
         x = x_t.to(param.device)
         null = {k: v.expand(len(x), *v.shape[1:]) if isinstance(v, Tensor) else v for k, v in self.null.items()}
         if getattr(self.net, "use_additional_conditions", False):  # PixArt-α 1024: the pixel size it renders

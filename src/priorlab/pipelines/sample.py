@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from priorlab import atomic
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.pipelines.families import Family, family_of
@@ -205,11 +205,8 @@ def sample_command(cfg: DictConfig) -> Path:
     )
     if "base" in modes and prior is None:
         raise UserError("compare=true needs base=PATH")
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        results, files, seconds = {}, {}, {}
+    with atomic.folder(out) as tmp:
+        results, files, seconds, calls = {}, {}, {}, {}
         for mode in modes:
             start = time.perf_counter()
             # one generator per output, seeded seed + i: the same noise for every prior
@@ -218,7 +215,7 @@ def sample_command(cfg: DictConfig) -> Path:
                 results[mode] = _frames(pipe(**args), family)
             seconds[mode] = round(time.perf_counter() - start, 3)
             files[mode] = _save(results[mode], tmp, f"prior={mode}_", family.video, int(cfg.fps))
-            calls = swapped.calls
+            calls[mode] = dict(swapped.calls)
         if cfg.compare:
             compare_grid(results, family.video).save(tmp / "compare.png")
         if weights is not None:
@@ -227,11 +224,5 @@ def sample_command(cfg: DictConfig) -> Path:
         settings.update({"family": family.name, "pipeline": type(pipe).__name__, "files": files, "seconds": seconds,
                          "denoiser_calls": calls, "device": str(device)})  # fmt: skip
         (tmp / "sample.json").write_text(json.dumps(settings, indent=1, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {sum(len(f) for f in files.values())} outputs to {out}")
     return out

@@ -46,11 +46,13 @@ class SwappedDenoiser(nn.Module):
         latent_channels: channels of the noisy latent at the front of θ's input (the rest, e.g. InstructPix2Pix's
             image latents, are conditioning that ψ never sees).
         prior: ψ; mode: one of MODES; weights: the fitted per-bucket base weights for auto / mix.
+        guided_flag: a callable returning the pipeline's own guidance flag (True, False, or None outside a call),
+            used in place of recognising the guidance batch by its content.
     """
 
     def __init__(self, net: nn.Module, family: Family, model_abar: Tensor, prediction_type: str,
                  latent_channels: int, prior: DiffusersPrior | None, mode: str,
-                 weights: PriorWeights | None = None):  # fmt: skip
+                 weights: PriorWeights | None = None, guided_flag=None):  # fmt: skip
         super().__init__()
         self.net = net
         self.family = family
@@ -62,7 +64,7 @@ class SwappedDenoiser(nn.Module):
         self.weights = weights
         self.null_class = _model_null_class(net) if family.class_labels else None
         self.calls = {"guided": 0, "unguided": 0}
-        self.guided_flag = None  # a callable returning the pipeline's own guidance flag, or None
+        self.guided_flag = guided_flag
 
     def __getattr__(self, name: str):
         try:
@@ -111,7 +113,7 @@ class SwappedDenoiser(nn.Module):
         if len(sample) % k or len(sample) < k:
             return 0
         g = len(sample) // k
-        flag = self.guided_flag() if self.guided_flag is not None else None
+        flag = self.guided_flag() if self.guided_flag else None
         if flag is not None:
             return g if flag else 0
         labels = kwargs.get("class_labels")
@@ -189,7 +191,7 @@ def _with_output(out, tensor: Tensor):
     return type(out)(sample=tensor)
 
 
-def _latent_channels(pipe, net: nn.Module, family: Family) -> int:
+def _latent_channels(pipe, net: nn.Module) -> int:
     vae = getattr(pipe, "vae", None)
     if vae is not None:
         return int(vae.config.latent_channels)
@@ -231,10 +233,9 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
     if weights is not None and int(weights.edges[-1]) != len(sched.alphas_cumprod):
         raise UserError(f"the prior weights were fitted over {int(weights.edges[-1])} timesteps but the model has "
                         f"{len(sched.alphas_cumprod)}")  # fmt: skip
+    flag = (lambda: _pipeline_flag(pipe)) if hasattr(type(pipe), "do_classifier_free_guidance") else None
     swapped = SwappedDenoiser(net, family, sched.alphas_cumprod, sched.config.prediction_type,
-                              _latent_channels(pipe, net, family), prior, mode, weights)  # fmt: skip
-    if hasattr(type(pipe), "do_classifier_free_guidance"):
-        swapped.guided_flag = lambda: _pipeline_flag(pipe)
+                              _latent_channels(pipe, net), prior, mode, weights, flag)  # fmt: skip
     object.__setattr__(pipe, family.component, swapped)
     try:
         yield swapped
