@@ -25,6 +25,20 @@ TINY = [
 ]
 
 
+def perturbed_mlp(seed: int = 0, prediction_type: str = "epsilon", **kw):
+    """A small toy2d MLP denoiser (4 classes) with its weights moved off initialisation, so its branches differ."""
+    import torch
+
+    from priorlab.models import mlp
+
+    torch.manual_seed(seed)
+    m = mlp((2,), 4, hidden=32, depth=2, prediction_type=prediction_type, **kw).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
 def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
     """The real config with `overrides`, its run folders under tmp_path."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -154,33 +154,21 @@ def stable_diffusion(
 ) -> Path:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=vae(0, scaling_factor),
-        text_encoder=text_encoder(seed + 1),
-        tokenizer=tokenizer(folder / "_tok"),
-        unet=unet(seed),
-        scheduler=scheduler(prediction_type, beta_schedule),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder)
-    return folder
+    return _text_pipeline(StableDiffusionPipeline, folder, seed, unet(seed), scheduler(prediction_type, beta_schedule),
+                          vae(0, scaling_factor))  # fmt: skip
 
 
 def instruct_pix2pix(folder: Path, seed: int) -> Path:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=vae(0),
-        text_encoder=text_encoder(seed + 1),
-        tokenizer=tokenizer(folder / "_tok"),
-        unet=unet(seed, in_channels=8),
-        scheduler=scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return _text_pipeline(StableDiffusionInstructPix2PixPipeline, folder, seed, unet(seed, in_channels=8))
+
+
+def _text_pipeline(cls, folder: Path, seed: int, net, sched=None, autoencoder=None) -> Path:
+    """A Stable-Diffusion-layout pipeline (CLIP text encoder and tokenizer, no safety checker), saved to folder."""
+    pipe = cls(vae=autoencoder or vae(0), text_encoder=text_encoder(seed + 1), tokenizer=tokenizer(folder / "_tok"),
+               unet=net, scheduler=sched or scheduler(), safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(folder)
     return folder
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from conftest import perturbed_mlp
 from priorlab.calibration import (
     PriorWeights,
     bucket_edges,
@@ -18,7 +19,6 @@ from priorlab.calibration import (
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.errors import UserError
 from priorlab.guidance import Prior, guide
-from priorlab.models import mlp
 from priorlab.sampling import sample
 
 T = 1000
@@ -185,13 +185,7 @@ class Counting(torch.nn.Module):
         return self.inner(x, t, labels, force_drop)
 
 
-def _model(seed):
-    torch.manual_seed(seed)
-    m = mlp((2,), 4, hidden=32, depth=2).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m
+_model = perturbed_mlp
 
 
 @pytest.fixture

@@ -2,20 +2,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from conftest import perturbed_mlp
 from priorlab import diffusion
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.guidance import Prior, cfg, cfg_two_conditions, check_scale, guide, sigma
-from priorlab.models import mlp, unet
+from priorlab.models import unet
 
-
-def _model(seed=0, prediction_type="epsilon", **kw):
-    torch.manual_seed(seed)
-    m = mlp((2,), 4, hidden=32, depth=2, prediction_type=prediction_type, **kw).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return m
+_model = perturbed_mlp
 
 
 @pytest.fixture

@@ -24,12 +24,17 @@ FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_lo
            "e_sample_grids.png"]  # fmt: skip
 
 
+def _tiny_study(tmp_path_factory, name: str) -> tuple[Path, Path]:
+    """Run `priorlab study NAME preset=tiny` in a fresh folder; (that folder, the study's run folder)."""
+    root = tmp_path_factory.mktemp(name)
+    out = run_cli("study", name, "preset=tiny", cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return root, root / "runs" / name
+
+
 @pytest.fixture(scope="module")
 def toy_study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    out = run_cli("study", "toy2d", "preset=tiny", cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return root, root / "runs/toy2d"
+    return _tiny_study(tmp_path_factory, "toy2d")
 
 
 def test_toy2d_study_writes_results_report_and_every_figure(toy_study):
@@ -159,10 +164,7 @@ def test_analysis_scripts_run_on_a_study(toy_study):
 
 @pytest.fixture(scope="module")
 def swap_study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("swap")
-    out = run_cli("study", "when_swap_pays", "preset=tiny", cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return root, root / "runs/when_swap_pays"
+    return _tiny_study(tmp_path_factory, "when_swap_pays")
 
 
 def test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis(swap_study):
