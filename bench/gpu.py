@@ -98,8 +98,11 @@ def step_flops(build, shape, num_classes, batch: int, device) -> float:
     return float(counter.get_total_flops())
 
 
-def plain_loop(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int) -> dict:
-    """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU."""
+def plain_loop(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int,
+               profile: int = 0) -> dict:
+    """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU.
+
+    profile: steps run under torch.profiler after the timed ones (their table is returned under "profile")."""
     torch.manual_seed(0)
     model = build().to(device)
     if len(shape) == 3 and "unet" in type(model.net).__name__.lower():
@@ -111,7 +114,10 @@ def plain_loop(build, shape, num_classes, batch, device, bf16: bool, compile: bo
     y = torch.randint(0, num_classes, (batch,), device=device)
     times = []
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    for i in range(warmup + steps):
+    prof = Profile()
+    for i in range(warmup + steps + profile):
+        if i == warmup + steps:
+            prof.start()
         sync()
         t0 = time.perf_counter()
         t = torch.randint(0, 1000, (batch,), device=device)
@@ -123,9 +129,34 @@ def plain_loop(build, shape, num_classes, batch, device, bf16: bool, compile: bo
         loss.backward()
         opt.step()
         sync()
-        if i >= warmup:
+        if warmup <= i < warmup + steps:
             times.append(time.perf_counter() - t0)
-    return _summary(times, batch, device)
+    return {**_summary(times, batch, device), **prof.stop(profile)}
+
+
+class Profile:
+    """torch.profiler over some steps: a table of the kernels and operators by GPU time, and per-step totals."""
+
+    def __init__(self):
+        self.prof = None
+
+    def start(self) -> None:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=acts)
+        self.prof.__enter__()
+
+    def stop(self, steps: int) -> dict:
+        if self.prof is None:
+            return {}
+        sync()
+        self.prof.__exit__(None, None, None)
+        events = self.prof.key_averages()
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        device_us = sum(e.self_device_time_total for e in events) if torch.cuda.is_available() else 0.0
+        return {"profile": {"steps": steps, "device_ms_per_step": device_us / 1000 / max(steps, 1),
+                            "table": events.table(sort_by=sort, row_limit=40, max_name_column_width=70)}}  # fmt: skip
 
 
 def _summary(times: list[float], batch: int, device) -> dict:
@@ -137,7 +168,7 @@ def _summary(times: list[float], batch: int, device) -> dict:
 
 
 def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int,
-                  ema: str = "priorlab") -> dict:
+                  ema: str = "priorlab", profile: int = 0) -> dict:
     """DiffusionModule through Lightning's Trainer with the trainer=gpu preset's settings, EMA on.
 
     ema: "priorlab" (the project's fused, synchronisation-free EMA), "lightning" (Lightning's
@@ -156,11 +187,15 @@ def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile:
             n = 8 * batch
             return torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g), num_classes
 
+    prof = Profile()
+
     class StepTimer(L.Callback):
         def __init__(self):
             self.times, self.t0 = [], None
 
         def on_train_batch_start(self, trainer, pl_module, b, i):
+            if trainer.global_step == warmup + steps and profile:
+                prof.start()
             sync()
             self.t0 = time.perf_counter()
 
@@ -176,14 +211,14 @@ def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile:
     timer = StepTimer()
     ema_callbacks = {"priorlab": [EMA(decay=0.999)], "lightning": [EMAWeightAveraging(decay=0.999)], "none": []}
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        precision="bf16-mixed" if bf16 else "32-true", max_steps=warmup + steps,
+                        precision="bf16-mixed" if bf16 else "32-true", max_steps=warmup + steps + profile,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[*ema_callbacks[ema], timer])  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, dm)
-    return _summary(timer.times[warmup:], batch, device)
+    return {**_summary(timer.times[warmup : warmup + steps], batch, device), **prof.stop(profile)}
 
 
 def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile: bool) -> dict:
@@ -279,6 +314,8 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true", help="also priorlab bf16+compile with Lightning's EMA / none")
     parser.add_argument("--precisions", default="fp32,bf16,bf16+compile", help="training precisions to run")
     parser.add_argument("--train-only", action="store_true", help="skip the sampling and evaluation parts")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="profile this many steps of plain and priorlab at bf16+compile, after the timed ones")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -291,28 +328,36 @@ def main() -> None:
         result["peak_bf16_tflops"] = peak_bf16_tflops(device)
     suffix = f"-{args.only.replace('/', '')}" if args.only else ""
     out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}{suffix}.json"
+    out.with_suffix(".profile.txt").unlink(missing_ok=True)
     for name, (build, shape, k) in models(args.smoke).items():
         if args.only and name != args.only:
             continue
         print(f"== {name}", flush=True)
         entry = {"params_m": sum(p.numel() for p in build().parameters()) / 1e6,
                  "train_step_flops": step_flops(build, shape, k, args.batch, device), "train": {}}  # fmt: skip
+        result["models"][name] = entry
         for label, bf16, comp in (("fp32", False, False), ("bf16", True, False), ("bf16+compile", True, True)):
             if (args.smoke and comp) or label not in args.precisions.split(","):
                 continue
             for path, fn in (("plain", plain_loop), ("priorlab", priorlab_path)):
-                r = fn(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup)
+                prof = args.profile if comp or args.smoke else 0
+                r = fn(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, profile=prof)
                 if device.type == "cuda":
                     r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
+                if "profile" in r:
+                    table = r["profile"].pop("table")
+                    with open(out.with_suffix(".profile.txt"), "a") as f:
+                        f.write(f"== {name} {path} {label}: {prof} steps\n{table}\n")
                 entry["train"][f"{path}/{label}"] = r
+                write(result, out)
                 print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s", flush=True)
             if args.ablate and comp:
                 for ema in ("lightning", "none"):
                     r = priorlab_path(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, ema)
                     r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
                     entry["train"][f"priorlab-ema={ema}/{label}"] = r
+                    write(result, out)
                     print(f"  train priorlab ema={ema:9s} {label} {r['images_per_s']:9.1f} img/s", flush=True)
-        result["models"][name] = entry
         write(result, out)
         if args.train_only:
             continue

@@ -1,4 +1,9 @@
-"""Evaluation callbacks: every N steps (at validation, with EMA weights) and at the end of fit.
+"""Evaluation callbacks: every N steps (at validation, with EMA weights) and at the end of training.
+
+The final evaluation runs at `on_train_end`, after the EMA callback has put the average into the module and
+before Lightning's teardown, which moves the module to the CPU ahead of `on_fit_end`: evaluating at
+`on_fit_end` would sample on the CPU on a GPU machine. Where `on_train_end` does not run (a run resumed from a
+checkpoint of its last step), `on_fit_end` evaluates instead, moving the module back to the accelerator for it.
 
 Each first checks that the weights are finite (Lightning calls callback hooks before the module's own check),
 then shards its sampling over DDP ranks (`evaluation.distributed`), logs on rank 0 to every logger, and writes
@@ -59,8 +64,11 @@ class _Evaluation(L.Callback):
         if not trainer.sanity_checking and step % self.every_n_steps == 0:
             self.run(trainer, pl_module, final=False)
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.run(trainer, pl_module, final=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module, final=True)  # a no-op where on_train_end evaluated this step
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         step = trainer.global_step
@@ -72,7 +80,9 @@ class _Evaluation(L.Callback):
         check_finite_weights(denoiser, step)  # before sampling: non-finite weights give non-finite samples
         was_training = denoiser.training
         denoiser.eval()
-        device = pl_module.device
+        device, home = trainer.strategy.root_device, pl_module.device
+        if home != device:  # after teardown (on_fit_end), the module is on the CPU
+            pl_module.to(device)
         self.evaluator.net.to(device)
         prior = None
         if self.base is not None:
@@ -84,6 +94,10 @@ class _Evaluation(L.Callback):
             weights = self.fitted_priors(trainer, pl_module, prior)
             metrics, grids = self.measure(trainer, pl_module, prior, final, weights)
         denoiser.train(was_training)
+        if home != device:
+            pl_module.to(home)
+            if self.base is not None:
+                self.base.denoiser.to(home)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
