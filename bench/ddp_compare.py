@@ -23,7 +23,8 @@ def _compare(in_training: dict | None, reeval: dict | None) -> dict:
     if in_training is None or reeval is None:
         return {}
     a, b = in_training["metrics"], reeval["metrics"]
-    return {k: {"ddp": v, "one_gpu": b[k], "rel_diff": abs(v - b[k]) / max(abs(v), 1e-12)} for k, v in a.items() if k in b}
+    return {k: {"ddp": v, "one_gpu": b[k], "rel_diff": abs(v - b[k]) / max(abs(v), 1e-12)}
+            for k, v in a.items() if k in b}  # fmt: skip
 
 
 def main(runs: str, steps: str) -> None:
