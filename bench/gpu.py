@@ -98,8 +98,9 @@ def step_flops(build, shape, num_classes, batch: int, device) -> float:
     return float(counter.get_total_flops())
 
 
-def plain_loop(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int,
-               profile: int = 0) -> dict:
+def plain_loop(
+    build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int, profile: int = 0
+) -> dict:
     """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU.
 
     profile: steps run under torch.profiler after the timed ones (their table is returned under "profile")."""
@@ -167,8 +168,19 @@ def _summary(times: list[float], batch: int, device) -> dict:
     return out
 
 
-def priorlab_path(build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int,
-                  ema: str = "priorlab", profile: int = 0) -> dict:
+def priorlab_path(
+    build,
+    shape,
+    num_classes,
+    batch,
+    device,
+    bf16: bool,
+    compile: bool,
+    steps: int,
+    warmup: int,
+    ema: str = "priorlab",
+    profile: int = 0,
+) -> dict:
     """DiffusionModule through Lightning's Trainer with the trainer=gpu preset's settings, EMA on.
 
     ema: "priorlab" (the project's fused, synchronisation-free EMA), "lightning" (Lightning's
@@ -314,8 +326,12 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true", help="also priorlab bf16+compile with Lightning's EMA / none")
     parser.add_argument("--precisions", default="fp32,bf16,bf16+compile", help="training precisions to run")
     parser.add_argument("--train-only", action="store_true", help="skip the sampling and evaluation parts")
-    parser.add_argument("--profile", type=int, default=0,
-                        help="profile this many steps of plain and priorlab at bf16+compile, after the timed ones")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile this many steps of plain and priorlab at bf16+compile, after the timed ones",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
