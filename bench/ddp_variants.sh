@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 8: what DDP's settings cost. Training throughput of the full preset's model and data (unet_b, MNIST 32 px,
+# batch 256 per GPU, bf16, channels-last, fused AdamW) on one GPU and under DDP with each variant of
+# trainer.strategy, plus the host's all-reduce bandwidth. Throughput only (base stage: no base model and no
+# evaluation needed). Writes <name>.json per run into $OUT (default bench/results/ddp-variants).
+#   bash bench/ddp_variants.sh [STEPS] [VARIANT...]      variants: one ddp_side ddp ddp_bf16 (COMPILE=false: eager)
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 WANDB_MODE=offline
+export PYTHONFAULTHANDLER=1
+steps=${1:-300}; shift || true
+variants=("$@"); [ ${#variants[@]} -gt 0 ] || variants=(one ddp_side ddp ddp_bf16)
+out=${OUT:-bench/results/ddp-variants}; mkdir -p "$out"
+runs=${RUNS:-/tmp/priorlab-ddp-variants}
+stamp() { echo "[$(date +%T)] $*"; }
+common=(stage=base data=mnist data.image_size=32 data.batch_size=256 model=unet_b logger=csv "paths.runs=$runs"
+        "trainer.max_steps=$steps" "trainer.val_check_interval=$steps" trainer.limit_val_batches=1
+        callbacks.throughput.warmup=50 "compile=${COMPILE:-true}")
+for v in "${variants[@]}"; do
+  case $v in
+    one) args=(trainer=gpu) ;;
+    ddp_side) args=(trainer=ddp trainer.strategy.same_stream=false) ;;   # Lightning's own wrapping
+    ddp) args=(trainer=ddp) ;;
+    ddp_bf16) args=(trainer=ddp trainer.strategy.comm_hook=bf16) ;;
+    *) echo "unknown variant $v"; exit 2 ;;
+  esac
+  stamp "$v"
+  rm -rf "$runs/$v"
+  timeout -s ABRT -k 10 "${LIMIT:-300}" priorlab train "study=$v" "${args[@]}" "${common[@]}"
+  stamp "rc=$?"
+  cp "$runs/$v/base/throughput.json" "$out/$v-compile=${COMPILE:-true}.json" && cat "$out/$v-compile=${COMPILE:-true}.json"
+done
