@@ -27,5 +27,5 @@ for v in "${variants[@]}"; do
   rm -rf "$runs/$v"
   timeout -s ABRT -k 10 "${LIMIT:-300}" priorlab train "study=$v" "${args[@]}" "${common[@]}"
   stamp "rc=$?"
-  cp "$runs/$v/base/throughput.json" "$out/$v-compile=${COMPILE:-true}.json" && cat "$out/$v-compile=${COMPILE:-true}.json"
+  cp "$runs/$v/base/throughput.json" "$out/$v-compile_${COMPILE:-true}.json" && cat "$out/$v-compile_${COMPILE:-true}.json"
 done

@@ -56,7 +56,7 @@ def test_trainer_configs(compose_tmp, trainer):
     else:  # no GPU here: check the settings the GPU presets promise
         assert cfg.trainer.precision == "bf16-mixed"
     if "ddp" in trainer:
-        assert cfg.trainer.strategy == "ddp"
+        assert cfg.trainer.strategy._target_ == "priorlab.ddp.DDPStrategy" and cfg.trainer.strategy.same_stream
 
 
 @pytest.mark.parametrize("logger", _options("logger"))
@@ -73,3 +73,33 @@ def test_stage_run_folders(compose_tmp, stage):
     cfg = compose_tmp([f"stage={stage}", "cond_dropout=0.05", "seed=3", "study=s"])
     expected = {"base": "s/base", "finetune": "s/finetune/p=0.05/seed=3"}[stage]
     assert cfg.paths.run_dir.endswith(expected)
+
+
+def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monkeypatch):
+    """Lightning builds DDP inside a new side CUDA stream; priorlab's strategy builds it on the current one unless
+    same_stream=false, and comm_hook picks a gradient compression hook by name (a wrong name is a UserError)."""
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from priorlab import ddp
+    from priorlab.errors import UserError
+
+    class SideStream(Exception):
+        pass
+
+    def no_stream(*args, **kwargs):
+        raise SideStream
+
+    monkeypatch.setattr(torch.cuda, "Stream", no_stream)
+    monkeypatch.setattr(ddp.DDPStrategy, "determine_ddp_device_ids", lambda self: [0])
+    wrapped = []
+    monkeypatch.setattr(ddp, "DistributedDataParallel", lambda module, device_ids, **kw: wrapped.append(device_ids))
+    module = torch.nn.Linear(2, 2)
+    ddp.DDPStrategy()._setup_model(module)
+    assert wrapped == [[0]]
+    with pytest.raises(SideStream):  # Lightning's own wrapping, kept behind same_stream=false
+        ddp.DDPStrategy(same_stream=False)._setup_model(module)
+    assert ddp.DDPStrategy(comm_hook="bf16")._ddp_comm_hook is default_hooks.bf16_compress_hook
+    assert ddp.DDPStrategy()._ddp_comm_hook is None
+    with pytest.raises(UserError, match="comm_hook=int8 is not one of bf16, fp16"):
+        ddp.DDPStrategy(comm_hook="int8")

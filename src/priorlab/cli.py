@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from priorlab.errors import UserError
@@ -40,6 +41,12 @@ def _run(target: str, cfg: DictConfig) -> None:
         getattr(__import__(module, fromlist=[func]), func)(cfg)
     except UserError as err:
         print(f"priorlab: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except InstantiationException as err:  # a UserError raised by a class that a config instantiates
+        cause = err.__cause__
+        if not isinstance(cause, UserError):
+            raise
+        print(f"priorlab: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 
