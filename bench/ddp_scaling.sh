@@ -4,8 +4,8 @@
 # of the same checkpoint with the same seeds. Writes bench/results/ddp-<card>-<date>.json (or into $OUT).
 #   bash bench/ddp_scaling.sh [FT_STEPS]
 # Environment:
-#   STAGES   which stages to run, in order (default "prep one ddp compare"); a later call on the same machine
-#            can run "ddp compare" after one that ran "prep one" (prep is redone when its outputs are missing)
+#   STAGES   which stages to run, in order (default "prep ddp one compare"); a later call on the same machine
+#            can run "one compare" after one that ran "prep ddp" (prep is redone when its outputs are missing)
 #   COMPILE  torch.compile on (default true, as in trainer=gpu)
 #   TRAINER_ONE / TRAINER_DDP / DEVICE / EXTRA   for a dry run on the CPU:
 #            TRAINER_ONE=cpu TRAINER_DDP=ddp_cpu DEVICE=cpu EXTRA="model=unet_tiny data.batch_size=16"
@@ -16,7 +16,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONFAULTHANDLER=1
 steps=${1:-150}
 runs=${RUNS:-/tmp/priorlab-ddp}
-stages=${STAGES:-prep one ddp compare}
+stages=${STAGES:-prep ddp one compare}
 stamp() { echo "[$(date +%T)] $*"; }
 limit() { local s=$1; shift; timeout -s ABRT -k 10 "$s" "$@"; local rc=$?; stamp "rc=$rc"; return $rc; }
 # The full preset's model, data, batch and fast settings (trainer=gpu|ddp: bf16, compile, channels-last, fused
