@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import time
 
@@ -57,7 +58,10 @@ def main() -> None:
     world = torch.cuda.device_count()
     if world < 2:
         raise SystemExit("bench/allreduce.py needs 2 or more GPUs")
-    mp.spawn(worker, args=(world, int(args.params * 1e6), 29511, args.out), nprocs=world)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(worker, args=(world, int(args.params * 1e6), port, args.out), nprocs=world)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 
 def _read(path: Path) -> dict | None:
@@ -17,6 +19,19 @@ def _read(path: Path) -> dict | None:
         print(f"missing: {path}")
         return None
     return json.loads(path.read_text())
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+
+
+def _strategy() -> str:
+    """The trainer=ddp preset's strategy, as configured in this checkout."""
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs/trainer/ddp.yaml").trainer.strategy
+    return OmegaConf.to_yaml(cfg).strip().replace("\n", "; ")
 
 
 def _compare(in_training: dict | None, reeval: dict | None) -> dict:
@@ -37,7 +52,8 @@ def main(runs: str, steps: str) -> None:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {
         "card": card, "gpus": ddp["world_size"] if ddp else None, "date": str(datetime.date.today()),
-        "finetune_steps": int(steps), "compile": os.environ.get("COMPILE", "true"), "ddp": ddp, "one_gpu": one,
+        "finetune_steps": int(steps), "compile": os.environ.get("COMPILE", "true"), "commit": _commit(),
+        "ddp_strategy": _strategy(), "ddp": ddp, "one_gpu": one,
         "scaling_ratio": ddp["images_per_s"] / (ddp["world_size"] * one["images_per_s"]) if ddp and one else None,
         "max_rel_diff_eval": max((c["rel_diff"] for c in compared.values()), default=None),
         "eval_metrics_compared": len(compared), "eval": compared,

@@ -39,10 +39,12 @@ for stage in $stages; do
   case $stage in
     prep) rm -rf "$runs"; prep ;;
     one)  # throughput only, no evaluation callbacks
-      [ -d "$runs/base/base" ] || prep
+      [ -f "$runs/base/base/done.json" ] || prep
+      rm -rf "$runs/one"   # a finished run would be skipped, a cut one resumed
       stamp one-gpu; limit 300 priorlab train study=one "trainer=${TRAINER_ONE:-gpu}" "${ft[@]}" "${common[@]}" ;;
     ddp)
-      [ -d "$runs/base/base" ] || prep
+      [ -f "$runs/base/base/done.json" ] || prep
+      rm -rf "$runs/ddp"
       stamp ddp; limit 400 priorlab train study=ddp "trainer=${TRAINER_DDP:-ddp}" "${ft[@]}" "${evals[@]}" "${common[@]}"
       stamp re-evaluate; limit 150 priorlab evaluate "model=$runs/ddp/finetune/p=0.1/seed=0" "base=$runs/base/base" \
         "paths.runs=$runs" "${evalset[@]}" "out=$runs/ddp/reeval" "device=${DEVICE:-cuda}" progress=false ;;

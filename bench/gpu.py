@@ -340,7 +340,7 @@ def main() -> None:
         "--profile",
         type=int,
         default=0,
-        help="profile this many steps of plain and priorlab at bf16+compile, after the timed ones",
+        help="profile this many steps, after the timed ones, of plain and priorlab at bf16+compile (--smoke: all)",
     )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")

@@ -93,13 +93,20 @@ def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monk
     monkeypatch.setattr(torch.cuda, "Stream", no_stream)
     monkeypatch.setattr(ddp.DDPStrategy, "determine_ddp_device_ids", lambda self: [0])
     wrapped = []
-    monkeypatch.setattr(ddp, "DistributedDataParallel", lambda module, device_ids, **kw: wrapped.append(device_ids))
+
+    def fake_ddp(module, device_ids, **kwargs):
+        wrapped.append((device_ids, kwargs))
+
+    monkeypatch.setattr(ddp, "DistributedDataParallel", fake_ddp)
     module = torch.nn.Linear(2, 2)
-    ddp.DDPStrategy()._setup_model(module)
-    assert wrapped == [[0]]
+    ddp.DDPStrategy(gradient_as_bucket_view=True)._setup_model(module)
+    assert wrapped == [([0], {"gradient_as_bucket_view": True})]  # DDP's own arguments reach it
     with pytest.raises(SideStream):  # Lightning's own wrapping, kept behind same_stream=false
         ddp.DDPStrategy(same_stream=False)._setup_model(module)
     assert ddp.DDPStrategy(comm_hook="bf16")._ddp_comm_hook is default_hooks.bf16_compress_hook
     assert ddp.DDPStrategy()._ddp_comm_hook is None
     with pytest.raises(UserError, match="comm_hook=int8 is not one of bf16, fp16"):
         ddp.DDPStrategy(comm_hook="int8")
+    on_cpu = ddp.DDPStrategy(comm_hook="bf16", parallel_devices=[torch.device("cpu")] * 2)
+    with pytest.raises(UserError, match="comm_hook needs GPUs"):  # Lightning would skip the hook without a word
+        on_cpu._register_ddp_hooks()

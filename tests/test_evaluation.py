@@ -274,7 +274,10 @@ def test_final_evaluation_runs_on_ema_weights_before_lightning_moves_the_module_
     compose_tmp, tmp_path, monkeypatch
 ):
     """Lightning's teardown moves the module to the CPU before `on_fit_end`; an evaluation there would sample on
-    the CPU of a GPU machine. The final evaluation must run before teardown, on the EMA weights."""
+    the CPU of a GPU machine. The final evaluation must run before teardown, on the EMA weights. A run resumed from
+    a checkpoint of its last step skips `on_train_end`: it is evaluated at `on_fit_end` instead, on the EMA
+    weights, once."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
     from priorlab.callbacks import EMA
@@ -284,31 +287,44 @@ def test_final_evaluation_runs_on_ema_weights_before_lightning_moves_the_module_
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.num_samples=512", "data.batch_size=32"])
     dm = instantiate(cfg.data)
     dm.setup()
-    module, _ = build_module(cfg, dm)
     train_and_cache_evaluator(tmp_path / "evaluator", dm, steps=5)
     torn_down = []
     teardown = SingleDeviceStrategy.teardown
     monkeypatch.setattr(SingleDeviceStrategy, "teardown", lambda self: (torn_down.append(True), teardown(self)))
-    ema = EMA(decay=0.5)
-    seen = []
-
-    def spy(cls):
-        class Spy(cls):
-            def measure(self, trainer, pl_module, prior, final, weights):
-                avg = ema._average_model.module.state_dict()
-                on_ema = all(torch.equal(v, avg[k]) for k, v in pl_module.state_dict().items())
-                seen.append((self.kind, trainer.global_step, final, bool(torn_down), on_ema))
-                return super().measure(trainer, pl_module, prior, final, weights)
-
-        return Spy
-
     settings = dict(num_samples=16, num_steps=2, guidance_scales=[1.0, 2.0], heldout=16, batch_size=16, kid_subset=4,
                     grid_per_class=1)  # fmt: skip
-    evals = [spy(cls)(str(tmp_path / "eval"), runs=str(tmp_path / "runs"), every_n_steps=100, settings=settings,
-                      evaluator=str(tmp_path / "evaluator")) for cls in (PriorQuality, ConditionalQuality)]  # fmt: skip
-    trainer = L.Trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False, accelerator="cpu",
-                        callbacks=[ema, *evals])  # fmt: skip
-    trainer.fit(module, dm)
-    assert torn_down and sorted(seen) == [("cond", 3, True, False, True), ("prior", 3, True, False, True)]
-    assert "eval/uncond/fd/model=self" in json.loads((tmp_path / "eval/step=3_prior.json").read_text())["metrics"]
+
+    def fit(ckpt_path=None):
+        torn_down.clear()
+        ema, seen = EMA(decay=0.5), []
+
+        def spy(cls):
+            class Spy(cls):
+                def measure(self, trainer, pl_module, prior, final, weights):
+                    avg = ema._average_model.module.state_dict()
+                    on_ema = all(torch.equal(v, avg[k]) for k, v in pl_module.state_dict().items())
+                    seen.append((self.kind, trainer.global_step, final, bool(torn_down), on_ema))
+                    return super().measure(trainer, pl_module, prior, final, weights)
+
+            return Spy
+
+        kw = dict(runs=str(tmp_path / "runs"), every_n_steps=100, settings=settings)
+        kw["evaluator"] = str(tmp_path / "evaluator")
+        evals = [spy(cls)(str(tmp_path / "eval"), **kw) for cls in (PriorQuality, ConditionalQuality)]
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=3)
+        trainer = L.Trainer(max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                            enable_progress_bar=False, accelerator="cpu",
+                            callbacks=[ema, *evals, checkpoint])  # fmt: skip
+        torch.manual_seed(0)
+        trainer.fit(build_module(cfg, dm)[0], dm, ckpt_path=ckpt_path, weights_only=False)
+        assert torn_down
+        return sorted(seen)
+
+    assert fit() == [("cond", 3, True, False, True), ("prior", 3, True, False, True)]
+    first = json.loads((tmp_path / "eval/step=3_prior.json").read_text())["metrics"]
+    assert "eval/uncond/fd/model=self" in first
+    (tmp_path / "eval/step=3_prior.json").unlink()
+    # resumed at its last step: no training step, no on_train_end; evaluated at on_fit_end after teardown
+    assert fit(tmp_path / "ckpt/last.ckpt") == [("cond", 3, True, True, True), ("prior", 3, True, True, True)]
+    again = json.loads((tmp_path / "eval/step=3_prior.json").read_text())["metrics"]
+    assert again == pytest.approx(first, rel=1e-6)  # the same EMA weights as the unbroken run evaluated

@@ -106,8 +106,9 @@ class SaveDenoiser(L.Callback):
 class Throughput(L.Callback):
     """Training images per second over all processes, after `warmup` steps; logged and written to a JSON.
 
-    Time spent in validation and in the evaluation callbacks is excluded, so the figure is the training
-    loop's own pace.
+    Time from the start of each validation to the next training batch is excluded: validation, the evaluation
+    callbacks, and the checkpoint that ModelCheckpoint writes after validation (Lightning runs checkpoint
+    callbacks last, after this one's `on_validation_end`). The figure is the training loop's own pace.
 
     Args:
         path: where to write {images_per_s, images_per_s_per_device, world_size, steps, seconds}.
@@ -124,6 +125,11 @@ class Throughput(L.Callback):
         self.pause_start: float | None = None
         self.end: float | None = None
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if self.pause_start is not None:  # validation, evaluation and the checkpoint written after them are over
+            self.paused += time.perf_counter() - self.pause_start
+            self.pause_start = None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.start is None:  # the only per-step synchronisation is this one, when timing starts
             if trainer.global_step >= self.warmup:
@@ -134,15 +140,9 @@ class Throughput(L.Callback):
         self.end = time.perf_counter()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.start is not None:
+        if self.start is not None and self.pause_start is None:
             _sync(pl_module)
             self.pause_start = time.perf_counter()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.pause_start is not None:
-            _sync(pl_module)
-            self.paused += time.perf_counter() - self.pause_start
-            self.pause_start = None
 
     def measured(self) -> dict | None:
         """The figures so far, or None before two timed steps."""
@@ -152,8 +152,10 @@ class Throughput(L.Callback):
         return {"images_per_s": self.images / seconds, "seconds": seconds}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.end is not None:
-            _sync(pl_module)  # the queued steps finish; a validation after the last step was paused out
+        if self.pause_start is not None:  # training ended with a validation: its start ends the timing
+            self.end, self.pause_start = self.pause_start, None
+        elif self.end is not None:
+            _sync(pl_module)  # the queued steps finish
             self.end = time.perf_counter()
         result = self.measured()
         if result is None:

@@ -44,6 +44,8 @@ def _run(target: str, cfg: DictConfig) -> None:
         sys.exit(2)
     except InstantiationException as err:  # a UserError raised by a class that a config instantiates
         cause = err.__cause__
+        while isinstance(cause, InstantiationException):  # nested instantiation
+            cause = cause.__cause__
         if not isinstance(cause, UserError):
             raise
         print(f"priorlab: error: {cause}", file=sys.stderr)

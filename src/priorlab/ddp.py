@@ -36,6 +36,15 @@ class DDPStrategy(LightningDDP):
         super().__init__(**kwargs)
         self.same_stream = same_stream
 
+    def _register_ddp_hooks(self) -> None:
+        # Lightning registers communication hooks on CUDA only (NCCL) and would ignore one silently elsewhere
+        if self._ddp_comm_hook is not None and self.root_device.type != "cuda":
+            raise UserError(
+                f"trainer.strategy.comm_hook needs GPUs (NCCL); this run's processes are on {self.root_device.type}. "
+                "Set trainer.strategy.comm_hook=null"
+            )
+        super()._register_ddp_hooks()
+
     def _setup_model(self, model: Module) -> DistributedDataParallel:
         if not self.same_stream:
             return super()._setup_model(model)

@@ -96,6 +96,7 @@ class _Evaluation(L.Callback):
         denoiser.train(was_training)
         if home != device:
             pl_module.to(home)
+            self.evaluator.net.to(home)
             if self.base is not None:
                 self.base.denoiser.to(home)
         if trainer.is_global_zero:
