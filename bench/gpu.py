@@ -103,7 +103,9 @@ def plain_loop(
 ) -> dict:
     """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU.
 
-    profile: steps run under torch.profiler after the timed ones (their table is returned under "profile")."""
+    Steps warmup .. warmup+steps are timed one by one (synchronised before and after each; their median is the
+    figure). The next `steps` run free, as in real training, where the host queues kernels ahead of the GPU;
+    they are timed as a block ("free_images_per_s"). Then `profile` steps run under torch.profiler."""
     torch.manual_seed(0)
     model = build().to(device)
     if len(shape) == 3 and "unet" in type(model.net).__name__.lower():
@@ -116,11 +118,17 @@ def plain_loop(
     times = []
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     prof = Profile()
-    for i in range(warmup + steps + profile):
-        if i == warmup + steps:
+    free_start, free_end = warmup + steps, warmup + 2 * steps
+    for i in range(free_end + profile):
+        if i == free_end:
             prof.start()
-        sync()
-        t0 = time.perf_counter()
+        synced = not free_start <= i < free_end
+        if i == free_start:
+            sync()
+            t_free = time.perf_counter()
+        if synced:
+            sync()
+            t0 = time.perf_counter()
         t = torch.randint(0, 1000, (batch,), device=device)
         noise = torch.randn_like(x0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -129,10 +137,14 @@ def plain_loop(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sync()
-        if warmup <= i < warmup + steps:
-            times.append(time.perf_counter() - t0)
-    return {**_summary(times, batch, device), **prof.stop(profile)}
+        if synced:
+            sync()
+            if warmup <= i < free_start:
+                times.append(time.perf_counter() - t0)
+        if i == free_end - 1:
+            sync()
+            free_seconds = time.perf_counter() - t_free
+    return {**_summary(times, batch, device), "free_images_per_s": steps * batch / free_seconds, **prof.stop(profile)}
 
 
 class Profile:
@@ -209,20 +221,34 @@ def priorlab_path(
 
     prof = Profile()
 
+    free_start, free_end = warmup + steps, warmup + 2 * steps
+
     class StepTimer(L.Callback):
+        """Per-step times (synchronised) except for steps free_start..free_end, which run free, timed as a block."""
+
         def __init__(self):
-            self.times, self.t0 = [], None
+            self.times, self.t0, self.t_free, self.free_seconds = [], None, None, None
 
         def on_train_batch_start(self, trainer, pl_module, b, i):
-            if trainer.global_step == warmup + steps and profile:
+            s = trainer.global_step
+            if s == free_end and profile:
                 prof.start()
-            sync()
-            self.t0 = time.perf_counter()
+            if s == free_start:
+                sync()
+                self.t_free = time.perf_counter()
+            if not free_start <= s < free_end:
+                sync()
+                self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
-            sync()
-            self.times.append(time.perf_counter() - self.t0)
-            if profile and trainer.global_step == warmup + steps + profile:
+            s = trainer.global_step - 1
+            if not free_start <= s < free_end:
+                sync()
+                self.times.append(time.perf_counter() - self.t0)
+            if s == free_end - 1:
+                sync()
+                self.free_seconds = time.perf_counter() - self.t_free
+            if profile and trainer.global_step == free_end + profile:
                 prof.stop(profile)  # before fit ends: Lightning's teardown stays out of the tables
 
     torch.manual_seed(0)
@@ -233,14 +259,15 @@ def priorlab_path(
     timer = StepTimer()
     ema_callbacks = {"priorlab": [EMA(decay=0.999)], "lightning": [EMAWeightAveraging(decay=0.999)], "none": []}
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        precision="bf16-mixed" if bf16 else "32-true", max_steps=warmup + steps + profile,
+                        precision="bf16-mixed" if bf16 else "32-true", max_steps=free_end + profile,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
                         callbacks=[*ema_callbacks[ema], timer])  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, dm)
-    return {**_summary(timer.times[warmup : warmup + steps], batch, device), **prof.stop(profile)}
+    free = {"free_images_per_s": steps * batch / timer.free_seconds}
+    return {**_summary(timer.times[warmup : warmup + steps], batch, device), **free, **prof.stop(profile)}
 
 
 def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile: bool) -> dict:
@@ -376,7 +403,8 @@ def main() -> None:
                         f.write(f"== {name} {path} {label}: {prof} steps\n{table}\n")
                 entry["train"][f"{path}/{label}"] = r
                 write(result, out)
-                print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s", flush=True)
+                free = r["free_images_per_s"]
+                print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s (free {free:.1f})", flush=True)
             if args.ablate and comp:
                 for ema in ("lightning", "none"):
                     r = priorlab_path(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, ema)

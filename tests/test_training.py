@@ -113,6 +113,41 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
     assert result["images_per_s"] == pytest.approx(10 * 32 / result["seconds"], rel=0.15)
 
 
+def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch):
+    """Reading train/loss for display waits for the GPU (.item()). Lightning does it after every batch for metrics
+    logged with prog_bar=True, and its bar reads the metrics after every batch: neither may happen every step."""
+    from priorlab.callbacks import ProgressBar
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
+    assert cfg.callbacks.progress._target_ == "priorlab.callbacks.ProgressBar"
+    assert instantiate(cfg.callbacks.progress).metrics_every_n_steps == cfg.trainer.log_every_n_steps
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+    read_at = []
+    get_metrics = ProgressBar.get_metrics
+    monkeypatch.setattr(
+        ProgressBar, "get_metrics", lambda self, trainer, pl_module: (read_at.append(trainer.global_step),
+                                                                      get_metrics(self, trainer, pl_module))[1]
+    )  # fmt: skip
+    bar = ProgressBar(metrics_every_n_steps=5)
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, accelerator="cpu",
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[bar])  # fmt: skip
+    pbar_metrics = []
+
+    class Watch(L.Callback):  # what Lightning converted to numbers (with .item()) for the bar at this step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pbar_metrics.append(dict(trainer._logger_connector._progress_bar_metrics))
+
+    trainer.callbacks.append(Watch())
+    trainer.fit(module, dm)
+    assert {1, 5, 10} <= set(read_at) and set(read_at) <= {1, 5, 10, 12}  # never at steps 2-4, 6-9, 11
+    assert len(pbar_metrics) == 12 and not any(pbar_metrics)  # no metric is logged with prog_bar=True
+    shown = bar.get_metrics(trainer, module)
+    assert trainer.progress_bar_callback is bar
+    assert float(shown["train/loss"]) == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-3)
+
+
 def test_base_with_another_schedule_or_prediction_type_is_refused():
     from diffusers import DDPMScheduler
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 
+from priorlab.errors import UserError
 from priorlab.models.io import save_denoiser
 
 
@@ -80,6 +81,41 @@ class EMA(EMAWeightAveraging):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._average_model is not None:
             self._copy_average_to_current(pl_module)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's RichProgressBar, showing train/loss and the other metrics anew every `metrics_every_n_steps`.
+
+    Showing a GPU metric reads it with `.item()`, which waits for the GPU to finish all queued work. Lightning
+    does that after every batch for every metric logged with `prog_bar=True`, and its bar reads the metrics
+    after every batch too, so the host could never queue a step's kernels while the GPU still ran the previous
+    one. priorlab logs nothing with `prog_bar=True`; this bar reads train/loss from the trainer's callback
+    metrics on the first step, every `metrics_every_n_steps` steps (the trainer's `log_every_n_steps` in the
+    presets), and at the end of each epoch and validation. The step counter moves every batch.
+    """
+
+    def __init__(self, metrics_every_n_steps: int = 50, **kwargs):
+        super().__init__(**kwargs)
+        if metrics_every_n_steps < 1:
+            raise UserError(f"callbacks.progress.metrics_every_n_steps={metrics_every_n_steps} must be 1 or more")
+        self.metrics_every_n_steps = metrics_every_n_steps
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            items["train/loss"] = f"{float(loss):.4g}"
+        return items
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 1 or step % self.metrics_every_n_steps == 0:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # as Lightning's bar does (a run resumed mid-epoch)
+        self._update(self.train_progress_bar_id, batch_idx + 1)
+        self.refresh()
 
 
 class SaveDenoiser(L.Callback):
