@@ -3,7 +3,7 @@
 # batch 256 per GPU, bf16, channels-last, fused AdamW) on one GPU and under DDP with each variant of
 # trainer.strategy, plus the host's all-reduce bandwidth. Throughput only (base stage: no base model and no
 # evaluation needed). Writes <name>.json per run into $OUT (default bench/results/ddp-variants).
-#   bash bench/ddp_variants.sh [STEPS] [VARIANT...]      variants: one ddp_side ddp ddp_bf16 (COMPILE=false: eager)
+#   bash bench/ddp_variants.sh [STEPS] [VARIANT...]      variants: one ddp_side ddp ddp_bf16 ddp_whole (COMPILE=false: eager)
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 WANDB_MODE=offline
 export PYTHONFAULTHANDLER=1
@@ -21,6 +21,7 @@ for v in "${variants[@]}"; do
     ddp_side) args=(trainer=ddp trainer.strategy.same_stream=false) ;;   # Lightning's own wrapping
     ddp) args=(trainer=ddp) ;;
     ddp_bf16) args=(trainer=ddp trainer.strategy.comm_hook=bf16) ;;
+    ddp_whole) args=(trainer=ddp trainer.strategy.compiled_ddp=no_optimization) ;;   # one compiled graph
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   stamp "$v"

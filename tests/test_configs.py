@@ -107,6 +107,14 @@ def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monk
     assert ddp.DDPStrategy()._ddp_comm_hook is None
     with pytest.raises(UserError, match="comm_hook=int8 is not one of bf16, fp16"):
         ddp.DDPStrategy(comm_hook="int8")
+    with pytest.raises(UserError, match="compiled_ddp=whole is not one of ddp_optimizer, no_optimization"):
+        ddp.DDPStrategy(compiled_ddp="whole")
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "optimize_ddp", True)
+    monkeypatch.setattr(ddp.LightningDDP, "configure_ddp", lambda self: None)
+    ddp.DDPStrategy(compiled_ddp="no_optimization").configure_ddp()
+    assert torch._dynamo.config.optimize_ddp == "no_optimization"  # set before the module is first compiled
     on_cpu = ddp.DDPStrategy(comm_hook="bf16", parallel_devices=[torch.device("cpu")] * 2)
     with pytest.raises(UserError, match="comm_hook needs GPUs"):  # Lightning would skip the hook without a word
         on_cpu._register_ddp_hooks()

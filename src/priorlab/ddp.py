@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from priorlab.errors import UserError
 
 COMM_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+COMPILED_DDP = ("ddp_optimizer", "no_optimization")
 
 
 class DDPStrategy(LightningDDP):
@@ -24,10 +25,20 @@ class DDPStrategy(LightningDDP):
         same_stream: build DDP on the current stream (as PyTorch's own examples do) instead of a side stream.
         comm_hook: None, "bf16" or "fp16": all-reduce the gradients in that precision (half the bytes); the
             averaged gradient is then rounded to it, so runs differ slightly from one GPU.
+        compiled_ddp: how torch.compile treats the DDP module (`torch._dynamo.config.optimize_ddp`):
+            "ddp_optimizer" (PyTorch's default) splits the compiled graph at the gradient buckets so that the
+            all-reduce overlaps the backward pass; "no_optimization" compiles one graph and all-reduces after it.
+            On 2 H200s the default scaled at 0.80 with compile against 0.99 eager (BENCHMARKS.md); the other
+            mode is offered to measure that.
         **kwargs: Lightning's DDPStrategy arguments (and DistributedDataParallel's, e.g. gradient_as_bucket_view).
     """
 
-    def __init__(self, same_stream: bool = True, comm_hook: str | None = None, **kwargs):
+    def __init__(
+        self, same_stream: bool = True, comm_hook: str | None = None, compiled_ddp: str = "ddp_optimizer", **kwargs
+    ):
+        if compiled_ddp not in COMPILED_DDP:
+            raise UserError(f"trainer.strategy.compiled_ddp={compiled_ddp} is not one of {', '.join(COMPILED_DDP)}")
+        self.compiled_ddp = compiled_ddp
         if comm_hook is not None:
             if comm_hook not in COMM_HOOKS:
                 names = ", ".join(COMM_HOOKS)
@@ -35,6 +46,12 @@ class DDPStrategy(LightningDDP):
             kwargs["ddp_comm_hook"] = COMM_HOOKS[comm_hook]
         super().__init__(**kwargs)
         self.same_stream = same_stream
+
+    def configure_ddp(self) -> None:
+        import torch._dynamo
+
+        torch._dynamo.config.optimize_ddp = self.compiled_ddp  # read when the module is first compiled, after this
+        super().configure_ddp()
 
     def _register_ddp_hooks(self) -> None:
         # Lightning registers communication hooks on CUDA only (NCCL) and would ignore one silently elsewhere
