@@ -101,11 +101,8 @@ def step_flops(build, shape, num_classes, batch: int, device) -> float:
 def plain_loop(
     build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int, profile: int = 0
 ) -> dict:
-    """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU.
-
-    Steps warmup .. warmup+steps are timed one by one (synchronised before and after each; their median is the
-    figure). The next `steps` run free, as in real training, where the host queues kernels ahead of the GPU;
-    they are timed as a block ("free_images_per_s"). Then `profile` steps run under torch.profiler."""
+    """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU; timed by
+    `StepClock` as the priorlab path is."""
     torch.manual_seed(0)
     model = build().to(device)
     if len(shape) == 3 and "unet" in type(model.net).__name__.lower():
@@ -115,20 +112,10 @@ def plain_loop(
     abar = DDPMScheduler().alphas_cumprod.to(device)
     x0 = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
-    times = []
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    prof = Profile()
-    free_start, free_end = warmup + steps, warmup + 2 * steps
-    for i in range(free_end + profile):
-        if i == free_end:
-            prof.start()
-        synced = not free_start <= i < free_end
-        if i == free_start:
-            sync()
-            t_free = time.perf_counter()
-        if synced:
-            sync()
-            t0 = time.perf_counter()
+    clock = StepClock(warmup, steps, profile)
+    for i in range(clock.total):
+        clock.before(i)
         t = torch.randint(0, 1000, (batch,), device=device)
         noise = torch.randn_like(x0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -137,14 +124,53 @@ def plain_loop(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if synced:
+        clock.after(i)
+    return clock.result(batch, device)
+
+
+class StepClock:
+    """The timing of both training paths, by step index i from 0.
+
+    Steps warmup .. warmup+steps are timed one by one, synchronised before and after each (their median is the
+    figure). The next `steps` run free, as in real training, where the host queues kernels ahead of the GPU,
+    and are timed as a block ("free_images_per_s"). The last `profile` steps run under torch.profiler, which
+    stops at the end of the last one.
+    """
+
+    def __init__(self, warmup: int, steps: int, profile: int):
+        self.warmup, self.steps, self.profile = warmup, steps, profile
+        self.free_start, self.free_end = warmup + steps, warmup + 2 * steps
+        self.total = self.free_end + profile
+        self.times: list[float] = []
+        self.prof = Profile()
+
+    def _free(self, i: int) -> bool:
+        return self.free_start <= i < self.free_end
+
+    def before(self, i: int) -> None:
+        if i == self.free_end and self.profile:
+            self.prof.start()
+        if i == self.free_start:
             sync()
-            if warmup <= i < free_start:
-                times.append(time.perf_counter() - t0)
-        if i == free_end - 1:
+            self.t_free = time.perf_counter()
+        if not self._free(i):
             sync()
-            free_seconds = time.perf_counter() - t_free
-    return {**_summary(times, batch, device), "free_images_per_s": steps * batch / free_seconds, **prof.stop(profile)}
+            self.t0 = time.perf_counter()
+
+    def after(self, i: int) -> None:
+        if not self._free(i):
+            sync()
+            if self.warmup <= i < self.free_start:
+                self.times.append(time.perf_counter() - self.t0)
+        if i == self.free_end - 1:
+            sync()
+            self.free_seconds = time.perf_counter() - self.t_free
+        if self.profile and i == self.total - 1:
+            self.prof.stop(self.profile)  # before a Lightning fit ends: its teardown stays out of the tables
+
+    def result(self, batch: int, device) -> dict:
+        free = {"free_images_per_s": self.steps * batch / self.free_seconds}
+        return {**_summary(self.times, batch, device), **free, **self.prof.stop(self.profile)}
 
 
 class Profile:
@@ -219,55 +245,30 @@ def priorlab_path(
             n = 8 * batch
             return torch.randn(n, *shape, generator=g), torch.randint(0, num_classes, (n,), generator=g), num_classes
 
-    prof = Profile()
-
-    free_start, free_end = warmup + steps, warmup + 2 * steps
+    clock = StepClock(warmup, steps, profile)
 
     class StepTimer(L.Callback):
-        """Per-step times (synchronised) except for steps free_start..free_end, which run free, timed as a block."""
-
-        def __init__(self):
-            self.times, self.t0, self.t_free, self.free_seconds = [], None, None, None
-
         def on_train_batch_start(self, trainer, pl_module, b, i):
-            s = trainer.global_step
-            if s == free_end and profile:
-                prof.start()
-            if s == free_start:
-                sync()
-                self.t_free = time.perf_counter()
-            if not free_start <= s < free_end:
-                sync()
-                self.t0 = time.perf_counter()
+            clock.before(trainer.global_step)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, i):
-            s = trainer.global_step - 1
-            if not free_start <= s < free_end:
-                sync()
-                self.times.append(time.perf_counter() - self.t0)
-            if s == free_end - 1:
-                sync()
-                self.free_seconds = time.perf_counter() - self.t_free
-            if profile and trainer.global_step == free_end + profile:
-                prof.stop(profile)  # before fit ends: Lightning's teardown stays out of the tables
+            clock.after(trainer.global_step - 1)
 
     torch.manual_seed(0)
     dm = RandomData(batch_size=batch, val_fraction=0.01)
     module = DiffusionModule(build(), DDPMScheduler(), lambda params: torch.optim.AdamW(params, lr=1e-4,
                              fused=device.type == "cuda"), cond_dropout=0.1, compile=compile,
                              channels_last=len(shape) == 3)  # fmt: skip
-    timer = StepTimer()
     ema_callbacks = {"priorlab": [EMA(decay=0.999)], "lightning": [EMAWeightAveraging(decay=0.999)], "none": []}
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                        precision="bf16-mixed" if bf16 else "32-true", max_steps=free_end + profile,
+                        precision="bf16-mixed" if bf16 else "32-true", max_steps=clock.total,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False,
-                        callbacks=[*ema_callbacks[ema], timer])  # fmt: skip
+                        callbacks=[*ema_callbacks[ema], StepTimer()])  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, dm)
-    free = {"free_images_per_s": steps * batch / timer.free_seconds}
-    return {**_summary(timer.times[warmup : warmup + steps], batch, device), **free, **prof.stop(profile)}
+    return clock.result(batch, device)
 
 
 def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile: bool) -> dict:
