@@ -156,3 +156,40 @@ def test_unknown_prior_and_missing_base(setup):
 def test_cfg_is_linear_in_the_scale():
     c, u = torch.randn(5), torch.randn(5)
     torch.testing.assert_close(cfg(c, u, 3.0) - cfg(c, u, 2.0), c - u)
+
+
+class SyncOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators that read a tensor's values on the host (on a GPU each waits for it to finish):
+    `.item()`/`bool()` (`_local_scalar_dense`) and boolean-mask indexing (`nonzero`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (
+            torch.ops.aten._local_scalar_dense,
+            torch.ops.aten.nonzero,
+            torch.ops.aten.is_nonzero,
+        ):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("prior", ["self", "base"])
+def test_unmasked_guidance_reads_nothing_on_the_host_and_equals_the_row_selecting_path(setup, prior):
+    sched, x, t, y, abar = setup
+    model = _model()
+    base = Prior(_model(1), sched, sched.alphas_cumprod)
+    with torch.no_grad():
+        with SyncOps() as ops:
+            fast = guide(model, x, t, y, abar, 3.0, prior, base)
+        # an interval holding every row takes the general path, which selects rows with boolean masks
+        general = guide(model, x, t, y, abar, 3.0, prior, base, (0.0, float("inf")))
+        with SyncOps() as masked:
+            guide(model, x, t, y, abar, 3.0, prior, base, (0.0, float("inf")))
+    assert ops.seen == [] and masked.seen  # the general path does read on the host: the mode sees such reads
+    assert general.guided_rows.all()
+    for name in ("guided", "cond", "uncond", "base_weight"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    assert torch.equal(fast.guided_rows, general.guided_rows)

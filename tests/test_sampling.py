@@ -47,3 +47,38 @@ def test_unknown_sampler_is_an_error():
     m = mlp((2,), 2, hidden=8, depth=1)
     with pytest.raises(UserError, match="sampler=nope is not a diffusers scheduler"):
         sample(m, torch.tensor([0]), torch.tensor([0]), DDPMScheduler(), (2,), sampler="nope")
+
+
+def test_interval_decided_per_step_on_the_host_equals_the_per_row_decision(model, monkeypatch):
+    """sample() decides on the host whether a step lies in the guidance interval (so it need not read GPU
+    values); the result must equal guide()'s own per-row decision, and the prior runs only inside."""
+    import priorlab.sampling as sampling
+    from priorlab.guidance import guide, sigma
+
+    sched = DDPMScheduler()
+    labels, seeds = torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7])
+    calls = []
+
+    def counting(x, t, labels):
+        calls.append(len(x))
+        return model(x, t, labels)
+
+    base_net = torch.nn.Module()  # a stand-in denoiser that counts its rows
+    base_net.forward, base_net.null_class, base_net.prediction_type = counting, model.null_class, "epsilon"
+    base = Prior(base_net, sched, sched.alphas_cumprod)
+    ddim = sampling.make_scheduler("ddim", sched)
+    ddim.set_timesteps(6)
+    sig = sigma(sched.alphas_cumprod[ddim.timesteps]).sort().values
+    interval = (float(sig[1]), float(sig[3]))  # three of the six steps
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=6, batch_size=3, prior="base",
+              base=base, interval=interval)  # fmt: skip
+    new = sample(model, labels, seeds, **kw)
+    assert calls == [3, 3, 3]
+    assert not torch.equal(new, sample(model, labels, seeds, **{**kw, "interval": None}))  # the interval matters
+
+    def per_row(model, x, t, labels, abar_t, scale, prior, base, interval=None, weights=None):
+        return guide(model, x, t, labels, abar_t, kw["scale"], prior, base, kw["interval"], weights=weights)
+
+    monkeypatch.setattr(sampling, "guide", per_row)
+    old = sample(model, labels, seeds, **kw)
+    assert torch.equal(new, old)
