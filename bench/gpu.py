@@ -131,10 +131,14 @@ def plain_loop(
 class StepClock:
     """The timing of both training paths, by step index i from 0.
 
-    Steps warmup .. warmup+steps are timed one by one, synchronised before and after each (their median is the
-    figure). The next `steps` run free, as in real training, where the host queues kernels ahead of the GPU,
-    and are timed as a block ("free_images_per_s"). The last `profile` steps run under torch.profiler, which
-    stops at the end of the last one.
+    Steps warmup .. warmup+steps are timed one by one, synchronised before and after each ("median_step_s"):
+    every host-side cost of a step is exposed, since each starts with an empty GPU queue. The next `steps` run
+    free, as in real training, where the host queues kernels ahead of the GPU: a CUDA event is recorded at the
+    start of each, with no synchronisation, and the median interval between consecutive events is the step's
+    period as the GPU sees it ("free_median_step_s"; the host's own period between the same points is
+    "free_host_step_s": when it is as long as the GPU's, the host is the bottleneck). The block is also timed
+    as a whole ("free_images_per_s"). The last `profile` steps run under torch.profiler, which stops at the
+    end of the last one.
     """
 
     def __init__(self, warmup: int, steps: int, profile: int):
@@ -142,10 +146,20 @@ class StepClock:
         self.free_start, self.free_end = warmup + steps, warmup + 2 * steps
         self.total = self.free_end + profile
         self.times: list[float] = []
+        self.events: list = []
+        self.host: list[float] = []
         self.prof = Profile()
 
     def _free(self, i: int) -> bool:
         return self.free_start <= i < self.free_end
+
+    def _mark(self) -> None:
+        """An event at a step boundary of the free block (the host's clock on the CPU, which has no events)."""
+        self.host.append(time.perf_counter())
+        if torch.cuda.is_available():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.events.append(e)
 
     def before(self, i: int) -> None:
         if i == self.free_end and self.profile:
@@ -153,7 +167,9 @@ class StepClock:
         if i == self.free_start:
             sync()
             self.t_free = time.perf_counter()
-        if not self._free(i):
+        if self._free(i):
+            self._mark()
+        else:
             sync()
             self.t0 = time.perf_counter()
 
@@ -163,13 +179,21 @@ class StepClock:
             if self.warmup <= i < self.free_start:
                 self.times.append(time.perf_counter() - self.t0)
         if i == self.free_end - 1:
+            self._mark()  # the end of the block's last step
             sync()
             self.free_seconds = time.perf_counter() - self.t_free
         if self.profile and i == self.total - 1:
             self.prof.stop(self.profile)  # before a Lightning fit ends: its teardown stays out of the tables
 
     def result(self, batch: int, device) -> dict:
-        free = {"free_images_per_s": self.steps * batch / self.free_seconds}
+        host = [b - a for a, b in zip(self.host, self.host[1:], strict=False)]
+        if self.events:
+            periods = [a.elapsed_time(b) / 1000 for a, b in zip(self.events, self.events[1:], strict=False)]
+        else:
+            periods = host
+        free = {"free_images_per_s": self.steps * batch / self.free_seconds,
+                "free_median_step_s": statistics.median(periods), "free_host_step_s": statistics.median(host),
+                "free_median_images_per_s": batch / statistics.median(periods)}  # fmt: skip
         return {**_summary(self.times, batch, device), **free, **self.prof.stop(self.profile)}
 
 
@@ -310,7 +334,8 @@ def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile
                 sample(model, labels, seeds, **kwargs)
                 sync()
                 runs.append((time.perf_counter() - t0) / steps * 1000)
-        out[name] = {"ms_per_step": statistics.median(runs)}
+            syncs = count_syncs(sample, model, labels, seeds, **kwargs) if device.type == "cuda" else None
+        out[name] = {"ms_per_step": statistics.median(runs), "host_syncs_per_run": syncs}
         if device.type == "cuda":
             out[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     ref = out["batched_cfg"]["ms_per_step"]
@@ -318,6 +343,20 @@ def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile
         out[name]["ratio_to_batched_cfg"] = out[name]["ms_per_step"] / ref
     out["interval_sigma"] = interval
     return out
+
+
+def count_syncs(fn, *args, **kwargs) -> int:
+    """How many operations of fn(*args, **kwargs) wait for the GPU (torch.cuda's synchronisation debug mode)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def eval_bench(build, shape, num_classes, device, n: int, steps: int) -> dict:
@@ -397,15 +436,17 @@ def main() -> None:
                 prof = args.profile if comp or args.smoke else 0
                 r = fn(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, profile=prof)
                 if device.type == "cuda":
-                    r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
+                    for key, step in (("mfu", "median_step_s"), ("free_mfu", "free_median_step_s")):
+                        r[key] = entry["train_step_flops"] / r[step] / (result["peak_bf16_tflops"] * 1e12)
                 if "profile" in r:
                     table = r["profile"].pop("table")
                     with open(out.with_suffix(".profile.txt"), "a") as f:
                         f.write(f"== {name} {path} {label}: {prof} steps\n{table}\n")
                 entry["train"][f"{path}/{label}"] = r
                 write(result, out)
-                free = r["free_images_per_s"]
-                print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s (free {free:.1f})", flush=True)
+                free, host = r["free_median_images_per_s"], args.batch / r["free_host_step_s"]
+                print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s synchronised, {free:9.1f} "
+                      f"free running (host's pace {host:.1f})", flush=True)  # fmt: skip
             if args.ablate and comp:
                 for ema in ("lightning", "none"):
                     r = priorlab_path(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, ema)
