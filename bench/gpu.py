@@ -295,9 +295,8 @@ def priorlab_path(
     return clock.result(batch, device)
 
 
-def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile: bool, graph: bool = False) -> dict:
-    """Time per denoising step at B=batch in bf16: batched CFG, prior=base, prior=base with an interval; with
-    `graph`, each step's networks replay from CUDA graphs, and the samples are compared with those without."""
+def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile: bool) -> dict:
+    """Time per denoising step at B=batch in bf16: batched CFG, prior=base, prior=base with an interval."""
     torch.manual_seed(0)
     model, base = build().to(device).eval(), build().to(device).eval()
     if len(shape) == 3 and "UNet" in model.class_name:
@@ -327,11 +326,7 @@ def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile
         kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
                       autocast=device.type == "cuda", **kw)  # fmt: skip
         with torch.inference_mode():
-            first = sample(model, labels, seeds, **kwargs)  # warm-up (and compilation)
-            if graph:
-                kwargs["cuda_graph"] = True
-                graphed = sample(model, labels, seeds, **kwargs)  # warm-up and capture
-                diff = (graphed - first).abs().max().item()
+            sample(model, labels, seeds, **kwargs)  # warm-up (and compilation)
             runs = []
             for _ in range(3):
                 sync()
@@ -341,8 +336,6 @@ def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile
                 runs.append((time.perf_counter() - t0) / steps * 1000)
             syncs = count_syncs(sample, model, labels, seeds, **kwargs) if device.type == "cuda" else None
         out[name] = {"ms_per_step": statistics.median(runs), "host_syncs_per_run": syncs}
-        if graph:
-            out[name]["max_abs_diff_to_no_graph"] = diff
         if device.type == "cuda":
             out[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     ref = out["batched_cfg"]["ms_per_step"]
@@ -410,7 +403,6 @@ def main() -> None:
     parser.add_argument("--ablate", action="store_true", help="also priorlab bf16+compile with Lightning's EMA / none")
     parser.add_argument("--precisions", default="fp32,bf16,bf16+compile", help="training precisions to run")
     parser.add_argument("--train-only", action="store_true", help="skip the sampling and evaluation parts")
-    parser.add_argument("--no-train", action="store_true", help="skip the training part")
     parser.add_argument(
         "--profile",
         type=int,
@@ -438,7 +430,7 @@ def main() -> None:
                  "train_step_flops": step_flops(build, shape, k, args.batch, device), "train": {}}  # fmt: skip
         result["models"][name] = entry
         for label, bf16, comp in (("fp32", False, False), ("bf16", True, False), ("bf16+compile", True, True)):
-            if (args.smoke and comp) or label not in args.precisions.split(",") or args.no_train:
+            if (args.smoke and comp) or label not in args.precisions.split(","):
                 continue
             for path, fn in (("plain", plain_loop), ("priorlab", priorlab_path)):
                 prof = args.profile if comp or args.smoke else 0
@@ -465,12 +457,11 @@ def main() -> None:
         write(result, out)
         if args.train_only:
             continue
-        modes = [(False, False), (True, False), (False, True), (True, True)] if not args.smoke else [(False, False)]
-        for comp, graph in modes:
-            s = sampling_bench(build, shape, k, args.batch, device, args.sample_steps, comp, graph)
-            entry["sampling" + "/compile" * comp + "/cuda_graph" * graph] = s
+        for comp in (False, True) if not args.smoke else (False,):
+            s = sampling_bench(build, shape, k, args.batch, device, args.sample_steps, comp)
+            entry[f"sampling{'/compile' if comp else ''}"] = s
             write(result, out)
-            print(f"  sampling compile={comp} cuda_graph={graph}: " + ", ".join(
+            print(f"  sampling compile={comp}: " + ", ".join(
                 f"{n} {v['ms_per_step']:.1f} ms" for n, v in s.items() if isinstance(v, dict)), flush=True)  # fmt: skip
         if "UNet" in name or name == "unet":
             entry["eval"] = eval_bench(build, shape, k, device, args.eval_samples, 25 if not args.smoke else 2)

@@ -82,16 +82,3 @@ def test_interval_decided_per_step_on_the_host_equals_the_per_row_decision(model
     monkeypatch.setattr(sampling, "guide", per_row)
     old = sample(model, labels, seeds, **kw)
     assert torch.equal(new, old)
-
-
-def test_cuda_graph_is_refused_off_the_gpu_and_with_row_selecting_priors(model):
-    sched = DDPMScheduler()
-    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=2.0, num_steps=2, cuda_graph=True)
-    with pytest.raises(UserError, match="cuda_graph=true needs the model on a CUDA device, not cpu"):
-        sample(model, torch.tensor([0]), torch.tensor([0]), **kw)
-    from priorlab.calibration import PriorWeights
-
-    weights = PriorWeights(edges=torch.tensor([0, 500, 1000]), base_weight=torch.tensor([0.0, 1.0]), mode="auto")
-    base = Prior(model, sched, sched.alphas_cumprod)
-    with pytest.raises(UserError, match="cuda_graph=true works with prior self, base or none, not auto"):
-        sample(model, torch.tensor([0]), torch.tensor([0]), prior="auto", base=base, weights=weights, **kw)

@@ -70,7 +70,6 @@ def sample(
     progress: bool = False,
     autocast: bool = False,
     weights: PriorWeights | None = None,
-    cuda_graph: bool = False,
 ) -> Tensor:
     """Generate one sample per (label, seed) pair with guidance; returns (N, *sample_shape) on the model's device.
 
@@ -84,8 +83,6 @@ def sample(
         sampler: scheduler name; num_steps: denoising steps.
         autocast: run the networks under bf16 autocast (the guidance combination and the scheduler's update
             stay in fp32).
-        cuda_graph: replay each step's guided prediction (both networks) from a CUDA graph, captured once per
-            batch size and guidance scale (`GraphedGuide`); GPU only, with prior self, base or none.
     """
     check_prior(prior, base, weights)
     num_t = train_scheduler.config.num_train_timesteps
@@ -94,19 +91,6 @@ def sample(
                         f"the model has {num_t}; fit them for this model")  # fmt: skip
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
-
-    def guided(x_in: Tensor, t: Tensor, y: Tensor, w: float) -> Tensor:
-        # autocast's cache of bf16 weights cannot outlive a CUDA graph's capture
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=not cuda_graph):
-            return guide(model, x_in, t, y, abar[t], w, prior, base, weights=weights).guided.float()
-
-    if cuda_graph:
-        if prior not in ("self", "base", "none"):
-            raise UserError(f"cuda_graph=true works with prior self, base or none, not {prior} (whose rows are "
-                            "chosen on the GPU at each step); turn cuda_graph off")  # fmt: skip
-        if device.type != "cuda":
-            raise UserError(f"cuda_graph=true needs the model on a CUDA device, not {device.type}")
-        guided = GraphedGuide(guided)
     out = []
     chunks = range(0, len(labels), batch_size)
     for start in tqdm(chunks, desc=f"sampling prior={prior} w={scale}", disable=not progress, leave=False):
@@ -127,40 +111,8 @@ def sample(
             t = ts_device[i].expand(len(y))
             x_in = scheduler.scale_model_input(x, step_t)
             w = scale if in_interval(train_scheduler.alphas_cumprod[ts[i]], interval) else 1.0
-            x = scheduler.step(guided(x_in, t, y, w), step_t, x, **step_kwargs).prev_sample
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                branches = guide(model, x_in, t, y, abar[t], w, prior, base, weights=weights)
+            x = scheduler.step(branches.guided.float(), step_t, x, **step_kwargs).prev_sample
         out.append(x)
     return torch.cat(out)
-
-
-class GraphedGuide:
-    """A guided prediction fn(x_t, t, labels, w) replayed from CUDA graphs, one per (batch shape, w).
-
-    Each graph is captured after two warm-up calls on a side stream (which also compile a torch.compile'd
-    network), from static input tensors that every call copies its inputs into. Replaying one launches every
-    kernel of both networks at once, so the GPU never waits for the host's launches. The output is copied out
-    of the graph's memory, which the next replay overwrites (multistep schedulers keep past predictions).
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[Tensor, ...], Tensor]] = {}
-
-    def __call__(self, x_t: Tensor, t: Tensor, labels: Tensor, w: float) -> Tensor:
-        key = (tuple(x_t.shape), x_t.dtype, w)
-        if key not in self.graphs:
-            static = (x_t.clone(), t.clone(), labels.clone())
-            side = torch.cuda.Stream(x_t.device)
-            side.wait_stream(torch.cuda.current_stream(x_t.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self.fn(*static, w)
-            torch.cuda.current_stream(x_t.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(*static, w)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
-        for dst, src in zip(static, (x_t, t, labels), strict=True):
-            dst.copy_(src)
-        graph.replay()
-        return out.clone()
