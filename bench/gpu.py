@@ -31,6 +31,7 @@ from priorlab.models import dit, unet
 from priorlab.sampling import sample
 
 RESULTS = Path(__file__).parent / "results"
+CPROFILE = False  # --cprofile: the host's Python, by function, over each training path's free-running block
 
 
 def sync() -> None:
@@ -149,6 +150,7 @@ class StepClock:
         self.events: list = []
         self.host: list[float] = []
         self.prof = Profile()
+        self.cprofile = None
 
     def _free(self, i: int) -> bool:
         return self.free_start <= i < self.free_end
@@ -167,6 +169,11 @@ class StepClock:
         if i == self.free_start:
             sync()
             self.t_free = time.perf_counter()
+            if CPROFILE:
+                import cProfile
+
+                self.cprofile = cProfile.Profile()
+                self.cprofile.enable()
         if self._free(i):
             self._mark()
         else:
@@ -182,6 +189,8 @@ class StepClock:
             self._mark()  # the end of the block's last step
             sync()
             self.free_seconds = time.perf_counter() - self.t_free
+            if self.cprofile is not None:
+                self.cprofile.disable()
         if self.profile and i == self.total - 1:
             self.prof.stop(self.profile)  # before a Lightning fit ends: its teardown stays out of the tables
 
@@ -194,7 +203,17 @@ class StepClock:
         free = {"free_images_per_s": self.steps * batch / self.free_seconds,
                 "free_median_step_s": statistics.median(periods), "free_host_step_s": statistics.median(host),
                 "free_median_images_per_s": batch / statistics.median(periods)}  # fmt: skip
-        return {**_summary(self.times, batch, device), **free, **self.prof.stop(self.profile)}
+        out = {**_summary(self.times, batch, device), **free, **self.prof.stop(self.profile)}
+        if self.cprofile is not None:
+            import io
+            import pstats
+
+            text = io.StringIO()
+            stats = pstats.Stats(self.cprofile, stream=text)
+            stats.sort_stats("tottime").print_stats(35)
+            stats.sort_stats("cumulative").print_stats(60)
+            out["cprofile"] = text.getvalue()
+        return out
 
 
 class Profile:
@@ -296,7 +315,9 @@ def priorlab_path(
 
 
 def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile: bool) -> dict:
-    """Time per denoising step at B=batch in bf16: batched CFG, prior=base, prior=base with an interval."""
+    """Time per denoising step at B=batch in bf16: batched CFG (one network at 2B), prior=base (two at B),
+    prior=base with an interval, and the conditional network alone (one at B, no guidance), whose time bounds
+    the other two from below: prior=base costs at least two of it unless the networks overlap on the GPU."""
     torch.manual_seed(0)
     model, base = build().to(device).eval(), build().to(device).eval()
     if len(shape) == 3 and "UNet" in model.class_name:
@@ -318,7 +339,8 @@ def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile
     sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
     interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
     configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", base=prior),
-               "prior_base_interval": dict(prior="base", base=prior, interval=interval)}  # fmt: skip
+               "prior_base_interval": dict(prior="base", base=prior, interval=interval),
+               "cond_only": dict(prior="none")}  # fmt: skip  # one network at B: the bound of the two above
     out = {}
     for name, kw in configs.items():
         if device.type == "cuda":
@@ -409,7 +431,10 @@ def main() -> None:
         default=0,
         help="profile this many steps, after the timed ones, of plain and priorlab at bf16+compile (--smoke: all)",
     )
+    parser.add_argument("--cprofile", action="store_true", help="profile the host's Python in the free-running block")
     args = parser.parse_args()
+    global CPROFILE
+    CPROFILE = args.cprofile
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         args.steps, args.warmup, args.batch, args.sample_steps, args.eval_samples = 3, 1, 4, 2, 8
@@ -422,6 +447,7 @@ def main() -> None:
     suffix = f"-{args.only.replace('/', '')}" if args.only else ""
     out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}{suffix}.json"
     out.with_suffix(".profile.txt").unlink(missing_ok=True)
+    out.with_suffix(".cprofile.txt").unlink(missing_ok=True)
     for name, (build, shape, k) in models(args.smoke).items():
         if args.only and name != args.only:
             continue
@@ -438,6 +464,9 @@ def main() -> None:
                 if device.type == "cuda":
                     for key, step in (("mfu", "median_step_s"), ("free_mfu", "free_median_step_s")):
                         r[key] = entry["train_step_flops"] / r[step] / (result["peak_bf16_tflops"] * 1e12)
+                if "cprofile" in r:
+                    with open(out.with_suffix(".cprofile.txt"), "a") as f:
+                        f.write(f"== {name} {path} {label}: {args.steps} free-running steps\n{r.pop('cprofile')}\n")
                 if "profile" in r:
                     table = r["profile"].pop("table")
                     with open(out.with_suffix(".profile.txt"), "a") as f:
