@@ -100,7 +100,7 @@ def step_flops(build, shape, num_classes, batch: int, device) -> float:
 
 
 def plain_loop(
-    build, shape, num_classes, batch, device, bf16: bool, compile: bool, steps: int, warmup: int, profile: int = 0
+    build, shape, num_classes, batch, device, bf16: bool, compile: bool | str, steps: int, warmup: int, profile: int = 0
 ) -> dict:
     """A plain PyTorch training loop over the same network: fused AdamW, data already on the GPU; timed by
     `StepClock` as the priorlab path is."""
@@ -109,7 +109,7 @@ def plain_loop(
     if len(shape) == 3 and "unet" in type(model.net).__name__.lower():
         model.net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, mode="default" if compile is True else compile) if compile else model
     abar = DDPMScheduler().alphas_cumprod.to(device)
     x0 = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
@@ -264,7 +264,7 @@ def priorlab_path(
     batch,
     device,
     bf16: bool,
-    compile: bool,
+    compile: bool | str,
     steps: int,
     warmup: int,
     ema: str = "priorlab",
@@ -423,8 +423,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", default=None, help="one model name, e.g. DiT-B/2 or UNet-36M")
     parser.add_argument("--ablate", action="store_true", help="also priorlab bf16+compile with Lightning's EMA / none")
-    parser.add_argument("--precisions", default="fp32,bf16,bf16+compile", help="training precisions to run")
+    parser.add_argument("--precisions", default="fp32,bf16,bf16+compile",
+                        help="training precisions (also bf16+compile+cudagraphs: mode reduce-overhead)")  # fmt: skip
     parser.add_argument("--train-only", action="store_true", help="skip the sampling and evaluation parts")
+    parser.add_argument("--no-train", action="store_true", help="skip the training part")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation part")
     parser.add_argument(
         "--profile",
         type=int,
@@ -455,11 +458,13 @@ def main() -> None:
         entry = {"params_m": sum(p.numel() for p in build().parameters()) / 1e6,
                  "train_step_flops": step_flops(build, shape, k, args.batch, device), "train": {}}  # fmt: skip
         result["models"][name] = entry
-        for label, bf16, comp in (("fp32", False, False), ("bf16", True, False), ("bf16+compile", True, True)):
-            if (args.smoke and comp) or label not in args.precisions.split(","):
+        precisions = (("fp32", False, False), ("bf16", True, False), ("bf16+compile", True, True),
+                      ("bf16+compile+cudagraphs", True, "reduce-overhead"))  # fmt: skip
+        for label, bf16, comp in precisions:
+            if (args.smoke and comp) or label not in args.precisions.split(",") or args.no_train:
                 continue
             for path, fn in (("plain", plain_loop), ("priorlab", priorlab_path)):
-                prof = args.profile if comp or args.smoke else 0
+                prof = args.profile if comp is True or args.smoke else 0
                 r = fn(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, profile=prof)
                 if device.type == "cuda":
                     for key, step in (("mfu", "median_step_s"), ("free_mfu", "free_median_step_s")):
@@ -476,7 +481,7 @@ def main() -> None:
                 free, host = r["free_median_images_per_s"], args.batch / r["free_host_step_s"]
                 print(f"  train {path:9s} {label:13s} {r['images_per_s']:9.1f} img/s synchronised, {free:9.1f} "
                       f"free running (host's pace {host:.1f})", flush=True)  # fmt: skip
-            if args.ablate and comp:
+            if args.ablate and comp is True:
                 for ema in ("lightning", "none"):
                     r = priorlab_path(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, ema)
                     r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
@@ -492,7 +497,7 @@ def main() -> None:
             write(result, out)
             print(f"  sampling compile={comp}: " + ", ".join(
                 f"{n} {v['ms_per_step']:.1f} ms" for n, v in s.items() if isinstance(v, dict)), flush=True)  # fmt: skip
-        if "UNet" in name or name == "unet":
+        if ("UNet" in name or name == "unet") and not args.no_eval:
             entry["eval"] = eval_bench(build, shape, k, device, args.eval_samples, 25 if not args.smoke else 2)
             print(f"  eval {entry['eval']['images_per_s']:.1f} img/s", flush=True)
         write(result, out)

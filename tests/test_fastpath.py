@@ -77,3 +77,18 @@ def test_guidance_under_bf16_autocast_combines_the_branches_in_fp32():
         # given the networks' outputs, the combination is exact to fp32 rounding (a bf16 one is off by ~1e-2)
         exact = b.uncond.double() + 6.0 * (b.cond.double() - b.uncond.double())
         torch.testing.assert_close(b.guided, exact, rtol=1e-5, atol=1e-5, check_dtype=False)
+
+
+def test_compile_takes_true_or_a_torch_compile_mode(monkeypatch):
+    import pytest
+
+    from priorlab.errors import UserError
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    opt = lambda params: torch.optim.AdamW(params)  # noqa: E731
+    for compile in (True, "reduce-overhead", False):
+        DiffusionModule(_model(), DDPMScheduler(), opt, cond_dropout=0.1, compile=compile)
+    assert modes == ["default", "reduce-overhead"]
+    with pytest.raises(UserError, match="compile=fast is not true, false or a torch.compile mode"):
+        DiffusionModule(_model(), DDPMScheduler(), opt, cond_dropout=0.1, compile="fast")

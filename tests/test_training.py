@@ -178,9 +178,16 @@ def test_ema_is_the_exponential_average_of_the_weights_after_each_step(compose_t
             seen.append([p.detach().clone() for p in pl_module.denoiser.parameters()])
 
     decay = 0.7
+    ema, pairs = EMA(decay=decay), []
+
+    class Lists(L.Callback):  # listed after EMA: the tensor lists it updated
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pairs.append(ema._pairs[1])
+
     trainer = L.Trainer(max_steps=5, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                        accelerator="cpu", limit_val_batches=0, callbacks=[Record(), EMA(decay=decay)])  # fmt: skip
+                        accelerator="cpu", limit_val_batches=0, callbacks=[Record(), ema, Lists()])  # fmt: skip
     trainer.fit(module, dm)
+    assert len(pairs) == 5 and all(p is pairs[0] for p in pairs)  # the lists are built once, not at every step
     expected = seen[0]
     for weights in seen[1:]:
         expected = [decay * a + (1 - decay) * w for a, w in zip(expected, weights, strict=True)]

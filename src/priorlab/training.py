@@ -14,6 +14,8 @@ from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser, drop_labels
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 class DiffusionModule(L.LightningModule):
     """Denoising training of a class-conditional denoiser with conditioning dropout.
@@ -27,7 +29,8 @@ class DiffusionModule(L.LightningModule):
         scheduler: the diffusers noise schedule (its ᾱ_t and training timestep count are used).
         optimizer: a partial optimizer, called with the parameters.
         cond_dropout: probability p of replacing a label by the null class during training.
-        compile: wrap the network in torch.compile (GPU runs).
+        compile: wrap the network in torch.compile (GPU runs): true (torch's default mode) or a mode name, e.g.
+            "reduce-overhead", which replays the compiled forward and backward passes from CUDA graphs.
         channels_last: keep convolution weights and inputs in channels-last memory format (GPU runs).
         seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), and the batches,
             drawn from (seed, data.split_seed, step) (`data.base.StepBatchSampler`), so a run resumed from a
@@ -40,7 +43,7 @@ class DiffusionModule(L.LightningModule):
         scheduler: DDPMScheduler,
         optimizer: Callable[..., torch.optim.Optimizer],
         cond_dropout: float,
-        compile: bool = False,
+        compile: bool | str = False,
         seed: int = 0,
         channels_last: bool = False,
     ):
@@ -63,7 +66,11 @@ class DiffusionModule(L.LightningModule):
         if self.channels_last:
             denoiser.net.to(memory_format=torch.channels_last)
         if compile:
-            denoiser.net.compile()  # in place: parameter names stay those of the plain network
+            mode = "default" if compile is True else compile
+            if mode not in COMPILE_MODES:
+                raise UserError(f"compile={compile} is not true, false or a torch.compile mode "
+                                f"({', '.join(COMPILE_MODES)})")  # fmt: skip
+            denoiser.net.compile(mode=mode)  # in place: parameter names stay those of the plain network
 
     def loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Mean squared error of the denoiser's prediction at a random timestep, per sample (N,)."""
