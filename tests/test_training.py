@@ -1,3 +1,5 @@
+import csv
+
 import lightning as L
 import pytest
 import torch
@@ -71,6 +73,7 @@ def test_training_reduces_loss_and_drops_labels_at_rate_p(compose_tmp, predictio
         enable_checkpointing=False,
         limit_val_batches=0,
         accelerator="cpu",
+        log_every_n_steps=1,  # the metrics are logged at the steps that Lightning writes
     )
     trainer.fit(module, dm)
     # 60 batches of 256 labels: the standard error of the mean rate is about 0.004
@@ -252,3 +255,28 @@ def test_a_non_finite_loss_on_any_process_stops_every_process(compose_tmp):
     with pytest.raises(UserError, match="training loss became nan at step 8"):
         module.check_finite(torch.tensor(float("nan")))
     assert strategy.calls == [(False, False), (True, False)]  # every step on the CPU
+
+
+def test_metrics_are_logged_only_at_the_steps_lightning_writes(compose_tmp, tmp_path, monkeypatch):
+    """self.log costs host time at every call; training_step calls it only at the steps whose metrics Lightning
+    writes to the loggers (the first and every log_every_n_steps-th), and the CSV log is the same as before."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+    logged_at = []
+    log = L.LightningModule.log
+    monkeypatch.setattr(L.LightningModule, "log", lambda self, name, *a, **k: (
+        logged_at.append((self.global_step + 1, name)), log(self, name, *a, **k))[1])  # fmt: skip
+    trainer = L.Trainer(max_steps=12, log_every_n_steps=5, logger=CSVLogger(tmp_path, name="", version=""),
+                        enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                        limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, dm)
+    steps = sorted({s for s, name in logged_at if name == "train/loss"})
+    assert steps == [1, 5, 10]
+    assert {s for s, name in logged_at if name == "train/drop_rate"} == {1, 5, 10}
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    written = [int(r["step"]) + 1 for r in rows if r.get("train/loss")]
+    assert written == [5, 10]  # what Lightning writes with every step logged: its steps 4 and 9 (from 0)
