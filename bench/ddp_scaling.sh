@@ -6,7 +6,7 @@
 # Environment:
 #   STAGES   which stages to run, in order (default "prep ddp one compare"); a later call on the same machine
 #            can run "one compare" after one that ran "prep ddp" (prep is redone when its outputs are missing)
-#   COMPILE  torch.compile on (default true, as in trainer=gpu)
+#   COMPILE  the compile setting (default true, as in trainer=ddp; trainer=gpu defaults to reduce-overhead)
 #   TRAINER_ONE / TRAINER_DDP / DEVICE / EXTRA   for a dry run on the CPU:
 #            TRAINER_ONE=cpu TRAINER_DDP=ddp_cpu DEVICE=cpu EXTRA="model=unet_tiny data.batch_size=16"
 # Every stage has a time limit; on reaching it every process of the stage gets SIGABRT, so faulthandler
