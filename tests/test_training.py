@@ -280,3 +280,65 @@ def test_metrics_are_logged_only_at_the_steps_lightning_writes(compose_tmp, tmp_
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     written = [int(r["step"]) + 1 for r in rows if r.get("train/loss")]
     assert written == [5, 10]  # what Lightning writes with every step logged: its steps 4 and 9 (from 0)
+
+
+def test_a_step_stopped_by_a_callback_writes_its_own_loss(compose_tmp, tmp_path):
+    """Lightning writes the metrics of a step at which a callback stops training (its Timer does, in
+    on_train_batch_end, after training_step decided not to log): that step's values, not the last logged ones."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+    losses = []
+
+    class StopAt7(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(outputs["loss"].item())
+            if trainer.global_step == 7:
+                trainer.should_stop = True
+
+    trainer = L.Trainer(max_steps=20, log_every_n_steps=5, logger=CSVLogger(tmp_path, name="", version=""),
+                        enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                        limit_val_batches=0, callbacks=[StopAt7()])  # fmt: skip
+    trainer.fit(module, dm)
+    rows = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))
+            if r.get("train/loss")}  # fmt: skip
+    assert sorted(rows) == [4, 6]  # Lightning's step 4 (the 5th) and the stopped 7th, numbered 6
+    assert rows[4] == pytest.approx(losses[4]) and rows[6] == pytest.approx(losses[6])
+    assert losses[6] != pytest.approx(losses[4])
+
+
+def test_cuda_graph_compile_refuses_gradient_accumulation(compose_tmp, monkeypatch):
+    from priorlab.errors import UserError
+
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
+    dm = instantiate(cfg.data)
+    dm.setup()
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)  # no GPU here: the mode is what counts
+    cfg.compile = "reduce-overhead"
+    module, _ = build_module(cfg, dm)
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+    with pytest.raises(UserError, match="compile=reduce-overhead replays the passes from CUDA graphs"):
+        trainer.fit(module, dm)
+    module.compile_mode = "default"  # compile=true accumulates
+    L.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, accelerator="cpu", limit_val_batches=0).fit(module, dm)  # fmt: skip
+
+
+def test_ema_builds_its_lists_again_when_the_weights_are_replaced():
+    from torch.optim.swa_utils import AveragedModel
+
+    from priorlab.callbacks import EMA
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    module.device = torch.device("cpu")
+    ema = EMA(decay=0.5)
+    ema._average_model = AveragedModel(module, use_buffers=True)
+    first = ema._tensor_pairs(ema._average_model, module)
+    assert ema._tensor_pairs(ema._average_model, module) is first
+    module[0].weight.data = module[0].weight.data.clone() + 1  # new storage: the kept views would not follow it
+    again = ema._tensor_pairs(ema._average_model, module)
+    assert again is not first and again[0][1][0].data_ptr() == module[0].weight.data_ptr()

@@ -83,7 +83,8 @@ class EMA(EMAWeightAveraging):
         parameters at every step cost more host time than the fused update itself. (The optimizer updates the
         parameters in place, so the detached views stay current.)
         """
-        key = (id(avg), id(pl_module), pl_module.device)
+        first = next(pl_module.parameters())  # storage replaced (a cast, an assigning load) → build again
+        key = (id(avg), id(pl_module), pl_module.device, first.data_ptr(), first.dtype)
         if self._pairs is not None and self._pairs[0] == key:
             return self._pairs[1]
         dst = [*avg.module.parameters(), *(avg.module.buffers() if self._use_buffers else [])]

@@ -102,7 +102,8 @@ def sample(
         # (UniPC, PNDM) take no generator argument
         step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
         x = x.to(device) * scheduler.init_noise_sigma
-        # Nothing in a step waits for the GPU (with prior self, base or none), so the host queues steps ahead:
+        # With a deterministic sampler (ddim, the default) and prior self, base or none, nothing in a step waits
+        # for the GPU, so the host queues steps ahead (stochastic samplers copy each step's per-sample noise in):
         # the timesteps are copied to the device once, and whether a step lies in the guidance interval is
         # decided here, from σ of its timestep, rather than row by row on the GPU.
         ts = scheduler.timesteps.round().long()

@@ -15,6 +15,7 @@ from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser, drop_labels
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 class DiffusionModule(L.LightningModule):
@@ -65,8 +66,9 @@ class DiffusionModule(L.LightningModule):
         self.channels_last = channels_last and denoiser.sample_shape.__len__() == 3
         if self.channels_last:
             denoiser.net.to(memory_format=torch.channels_last)
+        self.compile_mode = None
         if compile:
-            mode = "default" if compile is True else compile
+            mode = self.compile_mode = "default" if compile is True else compile
             if mode not in COMPILE_MODES:
                 raise UserError(f"compile={compile} is not true, false or a torch.compile mode "
                                 f"({', '.join(COMPILE_MODES)})")  # fmt: skip
@@ -92,20 +94,34 @@ class DiffusionModule(L.LightningModule):
         labels = drop_labels(labels, self.cond_dropout, self.denoiser.null_class, generator=gen)
         loss = self.loss(x0, labels, generator=gen).mean()
         self.check_finite(loss)
+        self._unlogged = None
         if self.logs_this_step():
-            # Not prog_bar=True: Lightning converts progress-bar metrics to numbers after every batch, an `.item()`
-            # that waits for the GPU at every step. priorlab's ProgressBar shows train/loss every N steps instead.
-            self.log("train/loss", loss)
-            self.log("train/drop_rate", (labels == self.denoiser.null_class).float().mean())
+            self.log_step(loss, labels)
+        else:  # logged after all, should a callback stop training at the end of this step
+            self._unlogged = (loss.detach(), labels)
         return loss
 
+    def log_step(self, loss: Tensor, labels: Tensor) -> None:
+        # Not prog_bar=True: Lightning converts progress-bar metrics to numbers after every batch, an `.item()`
+        # that waits for the GPU at every step. priorlab's ProgressBar shows train/loss every N steps instead.
+        self.log("train/loss", loss)
+        self.log("train/drop_rate", (labels == self.denoiser.null_class).float().mean())
+
     def logs_this_step(self) -> bool:
-        """Whether Lightning writes this step's metrics to the loggers: the first step and every
-        `log_every_n_steps`-th (as Lightning counts them). `self.log` costs about as much host time as the rest
-        of Lightning's step, and a small compiled model on a GPU waits for the host, so the other steps skip it."""
+        """Whether training_step logs its metrics: at the steps whose metrics Lightning writes to the loggers
+        (every `log_every_n_steps`-th, as Lightning counts them, and the last when training is stopped) and at
+        the first step (for the progress bar). `self.log` took about a third of Lightning's host time per step
+        (cProfile, CPU), and a small compiled model on a GPU waits for its host, so the other steps skip it."""
         trainer, step = self.trainer, self.global_step + 1  # the step this one completes
         n = trainer.log_every_n_steps
         return step == 1 or (n > 0 and step % n == 0) or trainer.should_stop or bool(trainer.fast_dev_run)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # A callback may stop training in its on_train_batch_end (Lightning's Timer does), after training_step;
+        # Lightning then writes this step's metrics, so they are logged here (after the callbacks' hooks).
+        if getattr(self, "_unlogged", None) is not None and self.trainer.should_stop:
+            self.log_step(*self._unlogged)
+        self._unlogged = None
 
     def check_finite(self, loss: Tensor) -> None:
         """Stop on a non-finite loss on any process, naming the step; no checkpoint is written after it.
@@ -142,6 +158,14 @@ class DiffusionModule(L.LightningModule):
         uncond = self.loss(x0, torch.full_like(labels, self.denoiser.null_class), generator=gen).mean()
         self.log("val/loss_cond", cond, sync_dist=True)
         self.log("val/loss_uncond", uncond, sync_dist=True)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.compile_mode in GRAPH_MODES and self.trainer.accumulate_grad_batches > 1:
+            raise UserError(
+                f"compile={self.compile_mode} replays the passes from CUDA graphs, which do not support gradient "
+                f"accumulation (trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches}); use "
+                "compile=true or accumulate_grad_batches=1"
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(params=self.denoiser.parameters())
