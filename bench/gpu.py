@@ -447,6 +447,9 @@ def main() -> None:
               "steps_timed": args.steps, "warmup": args.warmup, "models": {}}  # fmt: skip
     if device.type == "cuda":
         result["peak_bf16_tflops"] = peak_bf16_tflops(device)
+        result["gpu_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
+    if args.cprofile:
+        result["cprofile"] = "the free-running figures include cProfile's overhead"
     suffix = f"-{args.only.replace('/', '')}" if args.only else ""
     out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}{suffix}.json"
     out.with_suffix(".profile.txt").unlink(missing_ok=True)
