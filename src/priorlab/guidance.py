@@ -69,6 +69,13 @@ def sigma(abar: Tensor) -> Tensor:
     return ((1 - abar) / abar).sqrt()
 
 
+def in_interval(abar: Tensor, interval: tuple[float, float]) -> Tensor:
+    """Whether σ(ᾱ) lies in the guidance interval [lo, hi], elementwise, compared in ᾱ's dtype (float32 when
+    sampling) wherever it is computed: per row on the device by `guide`, per step on the host by the sampler."""
+    s = sigma(abar)
+    return (s >= interval[0]) & (s <= interval[1])
+
+
 def check_scale(scale: float) -> float:
     """A guidance scale must be a finite number ≥ 0."""
     if not isinstance(scale, int | float) or not torch.isfinite(torch.tensor(float(scale))) or scale < 0:
@@ -174,10 +181,9 @@ def guide(
     check_prior(prior, base, weights)
     rows = torch.ones(len(x_t), dtype=torch.bool, device=x_t.device)
     if interval is not None:
-        s = sigma(abar_t.to(x_t.device))
-        rows = (s >= interval[0]) & (s <= interval[1])
+        rows = in_interval(abar_t.to(x_t.device), interval)
     if prior == "none" or scale == 1 or (interval is not None and not rows.any()):
-        cond = _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
+        cond = _cond(model, x_t, t, labels, abar_t)
         return Branches(cond, cond, None, rows & False)
     w = _base_weight(prior, weights, t, x_t.device)
     if interval is None and prior in ("self", "base"):
@@ -187,10 +193,9 @@ def guide(
         if prior == "self":
             cond, uncond = _model_pass(model, x_t, t, labels, abar_t, None)
         elif overlap and x_t.is_cuda:
-            cond, uncond = _overlapped(lambda: _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t),
-                                       base, x_t, t)  # fmt: skip
+            cond, uncond = _overlapped(lambda: _cond(model, x_t, t, labels, abar_t), base, x_t, t)
         else:
-            cond, uncond = _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t), base(x_t, t)
+            cond, uncond = _cond(model, x_t, t, labels, abar_t), base(x_t, t)
         uncond = uncond.to(cond.dtype)
         return Branches(cfg(cond, uncond, scale), cond, uncond, rows, w)
     use_self, use_base = rows & (w < 1), rows & (w > 0)
@@ -219,11 +224,16 @@ def _base_weight(prior: str, weights: PriorWeights | None, t: Tensor, device: to
     return torch.full((len(t),), float(prior == "base"), device=device)
 
 
+def _cond(model, x_t, t, labels, abar_t) -> Tensor:
+    """eps_θ(x_t, c) for every row."""
+    return _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
+
+
 def _model_pass(model, x_t, t, labels, abar_t, sel) -> tuple[Tensor, Tensor | None]:
     """eps_θ(x_t, c) for every row and eps_θ(x_t, ∅) for rows `sel` (every row when None), in one batched pass
     over [x_t; x_t[sel]]."""
     if sel is not None and not sel.any():
-        return _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t), None
+        return _cond(model, x_t, t, labels, abar_t), None
     pick = (lambda v: v) if sel is None else (lambda v: v[sel])
     x = torch.cat([x_t, pick(x_t)])
     abar = torch.cat([abar_t, pick(abar_t)])

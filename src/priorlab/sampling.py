@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
-from priorlab.guidance import Prior, check_prior, guide, sigma
+from priorlab.guidance import Prior, check_prior, guide, in_interval
 from priorlab.models.denoiser import Denoiser
 
 SCHEDULERS = {
@@ -43,14 +43,6 @@ def initial_noise(seeds: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, list[t
     """Per-sample initial noise (N, *shape) and the generators that continue each sample's stream."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
-
-
-def in_interval(abar: Tensor, interval: tuple[float, float] | None) -> bool:
-    """Whether the noise level σ of ᾱ (one timestep's, a 0-d tensor) lies in the guidance interval [lo, hi]."""
-    if interval is None:
-        return True
-    s = sigma(abar.float())  # compared as `guide` compares σ on the device: in float32
-    return bool((s >= interval[0]) & (s <= interval[1]))
 
 
 @torch.no_grad()
@@ -111,7 +103,8 @@ def sample(
         for i, step_t in enumerate(scheduler.timesteps):
             t = ts_device[i].expand(len(y))
             x_in = scheduler.scale_model_input(x, step_t)
-            w = scale if in_interval(train_scheduler.alphas_cumprod[ts[i]], interval) else 1.0
+            guided = interval is None or bool(in_interval(train_scheduler.alphas_cumprod[ts[i]].float(), interval))
+            w = scale if guided else 1.0
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 branches = guide(model, x_in, t, y, abar[t], w, prior, base, weights=weights)
             x = scheduler.step(branches.guided.float(), step_t, x, **step_kwargs).prev_sample
