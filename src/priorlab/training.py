@@ -62,6 +62,7 @@ class DiffusionModule(L.LightningModule):
         self.cond_dropout = cond_dropout
         self.seed = seed
         self.finite_check_every = 25
+        self._unlogged: tuple[Tensor, Tensor] | None = None  # a step's metrics that training_step did not log
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.channels_last = channels_last and denoiser.sample_shape.__len__() == 3
         if self.channels_last:
@@ -119,7 +120,7 @@ class DiffusionModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # A callback may stop training in its on_train_batch_end (Lightning's Timer does), after training_step;
         # Lightning then writes this step's metrics, so they are logged here (after the callbacks' hooks).
-        if getattr(self, "_unlogged", None) is not None and self.trainer.should_stop:
+        if self._unlogged is not None and self.trainer.should_stop:
             self.log_step(*self._unlogged)
         self._unlogged = None
 
