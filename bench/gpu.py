@@ -469,9 +469,7 @@ def main() -> None:
             for path, fn in (("plain", plain_loop), ("priorlab", priorlab_path)):
                 prof = args.profile if comp is True or args.smoke else 0
                 r = fn(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, profile=prof)
-                if device.type == "cuda":
-                    for key, step in (("mfu", "median_step_s"), ("free_mfu", "free_median_step_s")):
-                        r[key] = entry["train_step_flops"] / r[step] / (result["peak_bf16_tflops"] * 1e12)
+                add_mfu(r, entry, result, device)
                 if "cprofile" in r:
                     with open(out.with_suffix(".cprofile.txt"), "a") as f:
                         f.write(f"== {name} {path} {label}: {args.steps} free-running steps\n{r.pop('cprofile')}\n")
@@ -487,7 +485,7 @@ def main() -> None:
             if args.ablate and comp is True:
                 for ema in ("lightning", "none"):
                     r = priorlab_path(build, shape, k, args.batch, device, bf16, comp, args.steps, args.warmup, ema)
-                    r["mfu"] = entry["train_step_flops"] / r["median_step_s"] / (result["peak_bf16_tflops"] * 1e12)
+                    add_mfu(r, entry, result, device)
                     entry["train"][f"priorlab-ema={ema}/{label}"] = r
                     write(result, out)
                     print(f"  train priorlab ema={ema:9s} {label} {r['images_per_s']:9.1f} img/s", flush=True)
@@ -505,6 +503,13 @@ def main() -> None:
             print(f"  eval {entry['eval']['images_per_s']:.1f} img/s", flush=True)
         write(result, out)
     print(f"wrote {out}")
+
+
+def add_mfu(r: dict, entry: dict, result: dict, device) -> None:
+    """MFU of a training result's synchronised and free-running step times, against the run's measured rate."""
+    if device.type == "cuda":
+        for key, step in (("mfu", "median_step_s"), ("free_mfu", "free_median_step_s")):
+            r[key] = entry["train_step_flops"] / r[step] / (result["peak_bf16_tflops"] * 1e12)
 
 
 def write(result: dict, out: Path) -> None:
