@@ -8,6 +8,17 @@ from hydra.utils import instantiate
 from priorlab.models import save_denoiser
 from priorlab.train import build_module
 
+TINY_MLP = ["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"]
+
+
+def _module(compose_tmp, overrides: list[str]):
+    """The composed config, its set-up datamodule, and the DiffusionModule that `priorlab train` builds."""
+    cfg = compose_tmp(overrides)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    module, _ = build_module(cfg, dm)
+    return cfg, dm, module
+
 
 def test_finetune_module_starts_at_the_base_prior(compose_tmp, tmp_path):
     base_cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=32"])
@@ -87,10 +98,7 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
 
     from priorlab.callbacks import Throughput
 
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    dm = instantiate(cfg.data)
-    dm.setup()
-    module, _ = build_module(cfg, dm)
+    cfg, dm, module = _module(compose_tmp, TINY_MLP)
 
     class SlowValidation(L.Callback):  # like the evaluation callbacks, which run at validation epoch start
         def on_validation_epoch_start(self, trainer, pl_module):
@@ -170,10 +178,7 @@ def test_base_with_another_schedule_or_prediction_type_is_refused():
 def test_ema_is_the_exponential_average_of_the_weights_after_each_step(compose_tmp):
     from priorlab.callbacks import EMA
 
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32", "optimizer.lr=1e-2"])
-    dm = instantiate(cfg.data)
-    dm.setup()
-    module, _ = build_module(cfg, dm)
+    cfg, dm, module = _module(compose_tmp, [*TINY_MLP, "optimizer.lr=1e-2"])
     seen = []
 
     class Record(L.Callback):  # listed before EMA: sees the weights the EMA update is about to take in
@@ -230,10 +235,7 @@ def test_a_non_finite_loss_on_any_process_stops_every_process(compose_tmp):
 
     from priorlab.errors import UserError
 
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=8"])
-    dm = instantiate(cfg.data)
-    dm.setup()
-    module, _ = build_module(cfg, dm)
+    cfg, dm, module = _module(compose_tmp, ["data=toy2d", "model=mlp", "model.hidden=8"])
 
     class TwoRanks:  # this rank and another whose loss is non-finite or not; any() is what DDP's all-reduce gives
         def __init__(self, other_bad: bool):
@@ -262,10 +264,7 @@ def test_metrics_are_logged_only_at_the_steps_lightning_writes(compose_tmp, tmp_
     writes to the loggers (the first and every log_every_n_steps-th), and the CSV log is the same as before."""
     from lightning.pytorch.loggers import CSVLogger
 
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    dm = instantiate(cfg.data)
-    dm.setup()
-    module, _ = build_module(cfg, dm)
+    cfg, dm, module = _module(compose_tmp, TINY_MLP)
     logged_at = []
     log = L.LightningModule.log
     monkeypatch.setattr(L.LightningModule, "log", lambda self, name, *a, **k: (
@@ -287,10 +286,7 @@ def test_a_step_stopped_by_a_callback_writes_its_own_loss(compose_tmp, tmp_path)
     on_train_batch_end, after training_step decided not to log): that step's values, not the last logged ones."""
     from lightning.pytorch.loggers import CSVLogger
 
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    dm = instantiate(cfg.data)
-    dm.setup()
-    module, _ = build_module(cfg, dm)
+    cfg, dm, module = _module(compose_tmp, TINY_MLP)
     losses = []
 
     class StopAt7(L.Callback):
@@ -313,12 +309,8 @@ def test_a_step_stopped_by_a_callback_writes_its_own_loss(compose_tmp, tmp_path)
 def test_cuda_graph_compile_refuses_gradient_accumulation(compose_tmp, monkeypatch):
     from priorlab.errors import UserError
 
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    dm = instantiate(cfg.data)
-    dm.setup()
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)  # no GPU here: the mode is what counts
-    cfg.compile = "reduce-overhead"
-    module, _ = build_module(cfg, dm)
+    cfg, dm, module = _module(compose_tmp, [*TINY_MLP, "compile=reduce-overhead"])
     trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
     with pytest.raises(UserError, match="compile=reduce-overhead replays the passes from CUDA graphs"):
