@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -37,6 +38,35 @@ def perturbed_mlp(seed: int = 0, prediction_type: str = "epsilon", **kw):
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return m
+
+
+ULPS_PER_PASS = 4096  # rounding allowed per network pass, in units of the dtype's eps (assert_close_across_shapes)
+
+
+def _eps(value: torch.Tensor) -> float:
+    return torch.finfo(value.dtype if value.is_floating_point() else torch.float32).eps
+
+
+def across_shapes_atol(expected, passes: int = 1, eps: float | None = None) -> float:
+    """The tolerance of `assert_close_across_shapes`: passes · 4096 · eps · max(1, max|expected|)."""
+    expected = torch.as_tensor(expected)
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    return passes * ULPS_PER_PASS * (eps or _eps(expected)) * scale
+
+
+def assert_close_across_shapes(actual, expected, passes: int = 1) -> None:
+    """Assert that `actual` holds the values of `expected` computed in batches of another shape (rows, chunks).
+
+    CPU kernels block, vectorise and split their reductions by batch shape, machine and thread count, so the same
+    value computed in another batch is a reassociated sum: a sum of n terms moves by at most
+    γ_n·Σ|terms| ≈ n·eps·Σ|terms| (Higham, Accuracy and Stability of Numerical Algorithms, §3.1). Each network pass
+    is allowed n = 4096 ulps relative to max(1, max|expected|) (4.9e-4 in float32, 9.1e-13 in float64; the eps of
+    the less precise side), times `passes`, the sequential passes the value went through (e.g. sampler steps).
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    atol = across_shapes_atol(expected, passes, max(_eps(actual), _eps(expected)))
+    note = f"allowed across shapes: {atol:.3g} ({passes} passes)"
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol, msg=lambda message: f"{message}\n{note}")
 
 
 def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:

@@ -187,11 +187,11 @@ def test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout(
         assert fit_priors(model, sched, None, heldout, settings) == {}  # without a base, no fitted prior
         cond, grids = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
         assert set(grids) == {"self", "base", "auto", "mix"}
-        assert cond["eval/cond/fd/prior=mix/w=1.0"] == cond["eval/cond/fd/prior=self/w=1.0"]
+        assert cond["eval/cond/fd/prior=mix/w=1.0"] == cond["eval/cond/fd/prior=self/w=1.0"]  # w = 1: θ alone, same
         pq = prior_quality(model, sched, prior, heldout, None, settings, weights=weights)
         for b in ("t=0-499", "t=500-999"):  # loss of auto on the metric held-out set is that of its choice
             chosen = "base" if weights["auto"].base_weight[int(b[2] != "0")] == 1 else "self"
-            assert pq[f"eval/prior/loss/model=auto/{b}"] == pq[f"eval/prior/loss/model={chosen}/{b}"]
+            assert pq[f"eval/prior/loss/model=auto/{b}"] == pq[f"eval/prior/loss/model={chosen}/{b}"]  # selected
     with pytest.raises(UserError, match="eval.calibration=20 held-out samples after the eval.heldout=10"):
         fit_priors(model, sched, prior, (heldout[0][:25], heldout[1][:25]), settings)
     with pytest.raises(UserError, match="prior=auto needs weights fitted"):

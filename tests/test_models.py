@@ -51,6 +51,8 @@ def test_finetune_unconditional_prediction_equals_base_at_step_0(name):
         before = finetune(x, t, y, force_drop=True)
         init_from_base(finetune, base)
         expected = base(x, t, torch.full_like(y, base.null_class))
+        # bit for bit: the same architecture with the base's weights, on the same 6 rows; the class embedding is a
+        # lookup of rows equal to the base's null row, so this is the same computation
         assert torch.equal(finetune(x, t, y, force_drop=True), expected)
         assert torch.equal(finetune(x, t, y), expected)  # class rows start at the base's null row
     assert not torch.allclose(before, expected)
@@ -99,7 +101,7 @@ def test_save_load_round_trip_records_base_hash(name, tmp_path):
     loaded = load_denoiser(tmp_path / "ft")
     x, t, y = _inputs(shape)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.denoiser(x, t, y), model(x, t, y), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.denoiser(x, t, y), model(x, t, y), rtol=0, atol=0)  # same weights, inputs
     assert loaded.meta["base"]["sha256"] == digest and len(digest) == 64
     assert loaded.denoiser.null_class == 10 and loaded.denoiser.num_classes == 10
     assert not list(tmp_path.glob(".ft.*"))  # no temporary folder left behind
