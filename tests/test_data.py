@@ -86,3 +86,23 @@ def test_hf_empty_folder_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="data.source=.*empty"):
         HFDataModule(source=str(tmp_path / "empty")).setup()
+
+
+def test_train_per_class_keeps_the_first_n_of_each_class_and_evaluation_keeps_all():
+    full, five, twenty = (MNISTDataModule(train_per_class=n) for n in ("all", 5, 20))
+    for dm in (full, five, twenty):
+        dm.setup()
+    y5, y20 = five.train_set.tensors[1], twenty.train_set.tensors[1]
+    assert torch.bincount(y5).tolist() == [5] * 10 and torch.bincount(y20).tolist() == [20] * 10
+    # nested: the 5 of each class are the first 5 of the 20, and both come from the full training split
+    x5, x20, xall = five.train_set.tensors[0], twenty.train_set.tensors[0], full.train_set.tensors[0]
+    for k in range(10):
+        assert torch.equal(x5[y5 == k], x20[y20 == k][:5])
+        assert torch.equal(x20[y20 == k], xall[full.train_set.tensors[1] == k][:20])
+    # the validation split, the whole training split (the evaluator's) and the data's identity are unchanged
+    assert torch.equal(five.val_set.tensors[0], full.val_set.tensors[0])
+    assert torch.equal(five.full_train_set.tensors[0], xall) and torch.equal(five.all_data()[0], full.all_data()[0])
+    assert five.identity() == full.identity() and five.name == full.name
+    for bad in (0, -3, 2.5, "some", True):
+        with pytest.raises(UserError, match="train_per_class"):
+            MNISTDataModule(train_per_class=bad)

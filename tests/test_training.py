@@ -5,6 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from priorlab.errors import UserError
 from priorlab.models import save_denoiser
 from priorlab.train import build_module
 
@@ -334,3 +335,20 @@ def test_ema_builds_its_lists_again_when_the_weights_are_replaced():
     module[0].weight.data = module[0].weight.data.clone() + 1  # new storage: the kept views would not follow it
     again = ema._tensor_pairs(ema._average_model, module)
     assert again is not first and again[0][1][0].data_ptr() == module[0].weight.data_ptr()
+
+
+def test_label_rows_train_at_label_lr_scale_times_the_rate(compose_tmp):
+    from priorlab.models.denoiser import label_tables
+
+    _, _, module = _module(compose_tmp, ["data=toy2d", "model=mlp", "model.hidden=16", "model.depth=1",
+                                         "optimizer.lr=0.01", "label_lr_scale=25"])  # fmt: skip
+    optimizer = module.configure_optimizers()
+    rest, tables = optimizer.param_groups
+    assert rest["lr"] == 0.01 and tables["lr"] == pytest.approx(0.25)
+    table_params = {id(p) for t in label_tables(module.denoiser.net) for p in t.parameters()}
+    assert {id(p) for p in tables["params"]} == table_params and not {id(p) for p in rest["params"]} & table_params
+    assert len(rest["params"]) + len(tables["params"]) == len(list(module.denoiser.parameters()))
+    _, _, plain = _module(compose_tmp, ["data=toy2d", "model=mlp", "model.hidden=16", "model.depth=1"])
+    assert len(plain.configure_optimizers().param_groups) == 1  # the default: one group at optimizer.lr
+    with pytest.raises(UserError, match="label_lr_scale=0 must be positive"):
+        _module(compose_tmp, ["data=toy2d", "model=mlp", "label_lr_scale=0"])

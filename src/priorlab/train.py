@@ -54,6 +54,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         compile=cfg.compile,
         seed=cfg.seed,
         channels_last=cfg.get("channels_last", False),
+        label_lr_scale=cfg.get("label_lr_scale", 1.0),
     )
     return module, meta
 

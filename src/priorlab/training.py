@@ -12,7 +12,7 @@ from torch import Tensor
 
 from priorlab import diffusion
 from priorlab.errors import UserError
-from priorlab.models.denoiser import Denoiser, drop_labels
+from priorlab.models.denoiser import Denoiser, drop_labels, label_tables
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
@@ -33,6 +33,10 @@ class DiffusionModule(L.LightningModule):
         compile: wrap the network in torch.compile (GPU runs): true (torch's default mode) or a mode name, e.g.
             "reduce-overhead", which replays the compiled forward and backward passes from CUDA graphs.
         channels_last: keep convolution weights and inputs in channels-last memory format (GPU runs).
+        label_lr_scale: the learning rate of the label-embedding tables as a multiple of the optimizer's. A
+            fine-tune's class rows all start at the base's null row (`init_from_base`) and must move apart before
+            the classes can steer anything; at the rate that suits the pretrained weights they barely move in a
+            short fine-tune, so new embeddings are commonly given a higher rate.
         seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), and the batches,
             drawn from (seed, data.split_seed, step) (`data.base.StepBatchSampler`), so a run resumed from a
             checkpoint continues exactly as an unbroken one and each seed of a sweep sees its own data order.
@@ -47,8 +51,13 @@ class DiffusionModule(L.LightningModule):
         compile: bool | str = False,
         seed: int = 0,
         channels_last: bool = False,
+        label_lr_scale: float = 1.0,
     ):
         super().__init__()
+        if not label_lr_scale > 0:
+            raise UserError(
+                f"label_lr_scale={label_lr_scale} must be positive (1 trains the label rows at optimizer.lr)"
+            )
         if not 0.0 <= cond_dropout <= 1.0:
             raise UserError(f"cond_dropout={cond_dropout} is outside [0, 1]; pass a rate such as cond_dropout=0.1")
         if scheduler.config.prediction_type != denoiser.prediction_type:
@@ -61,6 +70,7 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.cond_dropout = cond_dropout
         self.seed = seed
+        self.label_lr_scale = float(label_lr_scale)
         self.finite_check_every = 25
         self._unlogged: tuple[Tensor, Tensor] | None = None  # a step's metrics that training_step did not log
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
@@ -169,7 +179,15 @@ class DiffusionModule(L.LightningModule):
             )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(params=self.denoiser.parameters())
+        """The optimizer over every parameter; the label tables form a second group at `label_lr_scale` × lr."""
+        if self.label_lr_scale == 1.0:
+            return self.optimizer_factory(params=self.denoiser.parameters())
+        labels = {id(p) for table in label_tables(self.denoiser.net) for p in table.parameters()}
+        rest = [p for p in self.denoiser.parameters() if id(p) not in labels]
+        tables = [p for p in self.denoiser.parameters() if id(p) in labels]
+        optimizer = self.optimizer_factory(params=[{"params": rest}, {"params": tables}])
+        optimizer.param_groups[1]["lr"] *= self.label_lr_scale
+        return optimizer
 
 
 def check_finite_weights(denoiser: Denoiser, step: int) -> None:

@@ -33,13 +33,23 @@ class TensorDataModule(L.LightningDataModule):
         val_fraction: share of the data held out for validation and evaluation.
         split_seed: seed of the train/val permutation.
         num_workers: DataLoader workers (0 keeps everything in the main process).
+        train_per_class: train on only the first n samples of each class of the training split ("all" or None:
+            every sample). The validation split, the evaluator and its reference statistics keep all the data,
+            so fine-tunes on 5, 20 or all samples per class are measured against the same distribution, as in
+            the paper's fine-tunes on small data sets. The subsets are nested: the 5 are among the 20.
     """
 
     def __init__(
         self, name: str | None = None, batch_size: int = 128, val_fraction: float = 0.1, split_seed: int = 0,
-        num_workers: int = 0,
+        num_workers: int = 0, train_per_class: int | str | None = None,
     ):  # fmt: skip
         super().__init__()
+        if train_per_class == "all":
+            train_per_class = None
+        if train_per_class is not None and (isinstance(train_per_class, bool) or not isinstance(train_per_class, int)
+                                            or train_per_class < 1):  # fmt: skip
+            raise UserError(f"data.train_per_class={train_per_class!r} must be a positive whole number or `all`")
+        self.train_per_class = train_per_class
         self._name = name
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
@@ -49,7 +59,8 @@ class TensorDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.num_workers = num_workers
-        self.train_set: TensorDataset | None = None
+        self.train_set: TensorDataset | None = None  # what training draws from (train_per_class applied)
+        self.full_train_set: TensorDataset | None = None  # the whole training split (evaluator, reference)
         self.val_set: TensorDataset | None = None
         self.num_classes: int = 0
 
@@ -86,6 +97,9 @@ class TensorDataModule(L.LightningDataModule):
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         n_val = max(1, round(self.val_fraction * len(x)))
         val_idx, train_idx = perm[:n_val], perm[n_val:]
+        self.full_train_set = TensorDataset(x[train_idx].float(), y[train_idx].long())
+        if self.train_per_class is not None:
+            train_idx = first_per_class(train_idx, y, self.train_per_class)
         self.train_set = TensorDataset(x[train_idx].float(), y[train_idx].long())
         self.val_set = TensorDataset(x[val_idx].float(), y[val_idx].long())
         self.num_classes = num_classes
@@ -98,10 +112,10 @@ class TensorDataModule(L.LightningDataModule):
         return tuple(self.train_set.tensors[0].shape[1:])
 
     def all_data(self) -> tuple[Tensor, Tensor]:
-        """Train and validation samples together, (x, labels)."""
+        """The whole training split and the validation split together, (x, labels) (`train_per_class` aside)."""
         self.setup()
-        return (torch.cat([self.train_set.tensors[0], self.val_set.tensors[0]]),
-                torch.cat([self.train_set.tensors[1], self.val_set.tensors[1]]))  # fmt: skip
+        return (torch.cat([self.full_train_set.tensors[0], self.val_set.tensors[0]]),
+                torch.cat([self.full_train_set.tensors[1], self.val_set.tensors[1]]))  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         """Batches that are a pure function of (run seed, split_seed, step, rank): a resumed run sees the same data,
@@ -158,6 +172,16 @@ class StepBatchSampler:
             idx = torch.randint(0, self.n, (self.batch_size * self.world,), generator=g)
             yield idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
             step += 1
+
+
+def first_per_class(idx: Tensor, y: Tensor, n: int) -> Tensor:
+    """The indices of `idx` (in its order) that are among the first n of their class y[idx]."""
+    labels = y[idx]
+    order = torch.zeros_like(labels)  # (N,) the rank of each index within its class, in the order of idx
+    for k in labels.unique():
+        members = labels == k
+        order[members] = torch.arange(int(members.sum()))
+    return idx[order < n]
 
 
 def check_labels(y: Tensor, num_classes: int, source: str) -> None:

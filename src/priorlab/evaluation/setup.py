@@ -67,7 +67,7 @@ def train_and_cache_evaluator(
     """Train the domain classifier on the train split, measure held-out accuracy, cache it with reference features
     and the data's identity."""
     datamodule.setup()
-    train, val = datamodule.train_set.tensors, datamodule.val_set.tensors
+    train, val = datamodule.full_train_set.tensors, datamodule.val_set.tensors
     net, acc = fit_classifier(train, val, datamodule.num_classes, steps=steps, seed=seed, progress=progress)
     x, y = datamodule.all_data()
     with torch.no_grad():
