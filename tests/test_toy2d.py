@@ -57,3 +57,44 @@ def test_datamodule_split_is_deterministic_and_disjoint():
     torch.testing.assert_close(a.val_set.tensors[0], b.val_set.tensors[0])
     train_rows = {tuple(r.tolist()) for r in a.train_set.tensors[0]}
     assert not any(tuple(r.tolist()) in train_rows for r in a.val_set.tensors[0])
+
+
+def test_the_exact_denoiser_predicts_the_true_eps_and_samples_the_components():
+    from diffusers import DDPMScheduler
+
+    from priorlab.sampling import sample
+
+    mixture = GaussianMixture.ring(num_classes=4, radius=2.0, std=0.3)
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    exact = mixture.denoiser(4, 4, sched.alphas_cumprod)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([10, 200, 500, 700, 900, 999]), torch.tensor([0, 1, 4, 2, 4, 3])
+    abar = sched.alphas_cumprod[t].double()
+    out = exact(x, t, labels)
+    cond = labels != 4
+    torch.testing.assert_close(out[cond], mixture.eps(x[cond], abar[cond], labels[cond]).float())
+    torch.testing.assert_close(out[~cond], mixture.eps(x[~cond], abar[~cond]).float())  # the null class: marginal
+    torch.testing.assert_close(exact(x, t, labels, force_drop=True), mixture.eps(x, abar).float())
+    # unguided sampling with the true scores lands on each class's component
+    samples = sample(exact, torch.arange(400) % 4, torch.arange(400), sched, (2,), num_steps=25, batch_size=400)
+    for k in range(4):
+        mean = samples[torch.arange(400) % 4 == k].mean(0).double()
+        assert torch.linalg.norm(mean - mixture.means[k]) < 0.15
+
+
+def test_ideal_mse_is_the_distance_to_the_exact_samples_from_the_same_seeds():
+    from priorlab.evaluation.core import EvalSettings, sample_scores
+    from priorlab.evaluation.features import Classifier, Evaluator
+
+    mixture = GaussianMixture.ring(num_classes=3, radius=2.0, std=0.3)
+    net = Classifier((2,), 3, width=4, feature_dim=8).eval()
+    x, labels = mixture.sample(50, torch.Generator().manual_seed(0))
+    x = x.float()
+    with torch.no_grad():
+        ev = Evaluator(net, net.features(x), labels, 1.0)
+    settings = EvalSettings(kid_subset=10)
+    scores, per_sample = sample_scores(x, labels, ev, settings, mixture, ideal=x)
+    assert scores["ideal_mse"] == 0.0
+    shifted, per_sample = sample_scores(x, labels, ev, settings, mixture, ideal=x + torch.tensor([0.3, -0.4]))
+    assert shifted["ideal_mse"] == pytest.approx(0.25) and per_sample.values["ideal_mse"].shape == (50,)
+    assert "ideal_mse" not in sample_scores(x, labels, ev, settings, mixture)[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from priorlab.data.base import TensorDataModule
 from priorlab.errors import UserError
@@ -85,11 +85,53 @@ class GaussianMixture:
         abar = torch.as_tensor(abar, dtype=torch.float64).expand(len(x)).reshape(-1, 1)
         return -(1 - abar).sqrt() * self.score(x, abar[:, 0], label)
 
+    def conditional_entropy(self) -> float:
+        """The differential entropy H(p(x | k)) in nats, the same for every k (each component is N(μ_k, σ²I) in
+        2-D, so H = log(2πeσ²)): the expected NLL of samples drawn from the true conditionals."""
+        return math.log(2 * math.pi * math.e * self.std**2)
+
+    def denoiser(self, num_classes: int, null_class: int, alphas_cumprod: Tensor) -> ExactDenoiser:
+        """A denoiser that predicts the exact eps (class k: component k; `null_class`: the marginal) under the
+        schedule ᾱ, for sampling with the true scores through the same sampler and guidance as a trained model."""
+        return ExactDenoiser(self, num_classes, null_class, alphas_cumprod)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """n samples x (n, 2) with their component labels (n,)."""
         y = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         noise = torch.randn(n, 2, dtype=torch.float64, generator=generator)
         return self.means[y] + self.std * noise, y
+
+
+class ExactDenoiser(nn.Module):
+    """The mixture's exact eps as a priorlab denoiser (epsilon prediction, explicit null class), on the CPU.
+
+    Args:
+        mixture: the Gaussian mixture.
+        num_classes: the real classes (the mixture's components).
+        null_class: the label that asks for the marginal's eps.
+        alphas_cumprod: ᾱ of the training schedule, indexed by timestep.
+    """
+
+    prediction_type = "epsilon"
+
+    def __init__(self, mixture: GaussianMixture, num_classes: int, null_class: int, alphas_cumprod: Tensor):
+        super().__init__()
+        self.mixture, self.num_classes, self.null_class = mixture, num_classes, null_class
+        self.abar = alphas_cumprod.detach().cpu().double()
+        self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)  # where it runs: sample() reads the device
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None) -> Tensor:
+        abar = self.abar[t.cpu()]
+        labels = labels.cpu()
+        if force_drop is not None:
+            labels = torch.where(torch.as_tensor(force_drop).expand(labels.shape), self.null_class, labels)
+        out = torch.empty(x.shape, dtype=torch.float64)
+        cond = labels != self.null_class
+        if cond.any():
+            out[cond] = self.mixture.eps(x.cpu()[cond], abar[cond], labels[cond])
+        if (~cond).any():
+            out[~cond] = self.mixture.eps(x.cpu()[~cond], abar[~cond])
+        return out.to(x.device, x.dtype)
 
 
 class Toy2DDataModule(TensorDataModule):

@@ -58,6 +58,8 @@ class EvalSettings:
         autocast: sample under bf16 autocast (GPU presets).
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
+        bootstrap: resamples of the generated samples for the standard errors of FD and of the paired
+            differences between priors (0: none).
     """
 
     num_samples: int = 1000
@@ -77,6 +79,7 @@ class EvalSettings:
     grid_per_class: int = 6
     autocast: bool = False
     features: str = "domain"
+    bootstrap: int = 200
 
     def __post_init__(self):
         self.guidance_scales = [check_scale(w) for w in self.guidance_scales]
@@ -91,30 +94,87 @@ def _fmt(w: float) -> str:
     return f"{float(w):g}" if float(w) != int(w) else f"{float(w):.1f}"
 
 
+@dataclass
+class Scored:
+    """Per-sample quantities of one set of generated samples, kept for the paired comparisons between priors."""
+
+    feats: Tensor  # (N, D) evaluator features, on the CPU
+    values: dict[str, Tensor]  # metric → (N,) per-sample values whose mean is the metric (accuracy, nll, ideal_mse)
+
+
 def sample_scores(
-    x: Tensor, labels: Tensor, evaluator: Evaluator, settings: EvalSettings, mixture: GaussianMixture | None
-) -> dict[str, float]:
-    """FD, KID, precision, recall and accuracy of samples x (plus exact NLL on toy2d).
+    x: Tensor, labels: Tensor, evaluator: Evaluator, settings: EvalSettings, mixture: GaussianMixture | None,
+    ideal: Tensor | None = None,
+) -> tuple[dict[str, float], Scored]:  # fmt: skip
+    """FD, KID, precision, recall and accuracy of samples x (on toy2d also the exact NLL and, given `ideal`, the
+    distance to the ideal samples), and the per-sample values.
 
     Precision and recall compare the samples with as many reference features (a subset drawn from
     `settings.seed`, the same for every prior and scale), as Kynkäänniemi et al. do; FD and KID use all of them.
-    Non-finite samples are a UserError.
+    `ideal` holds the samples that exact guidance gives from the same seeds (`GaussianMixture.denoiser`):
+    `ideal_mse` is the mean squared distance ‖x − x_ideal‖² of each sample to its ideal twin. Unlike the NLL, which
+    a sampler collapsing onto the modes lowers, it measures how far guidance with this prior is from guidance
+    with the true scores at the same scale. Non-finite samples are a UserError.
     """
     feats, logits = evaluator.embed(x)
     feats, ref = feats.cpu(), evaluator.reference
     metrics.check_finite(feats, "the evaluator features of the generated samples")
+    correct = (logits.cpu().argmax(1) == labels.cpu()).double()
     out = {
         "fd": metrics.frechet_distance(feats, ref),
         "kid": metrics.kid(feats, ref, subset_size=settings.kid_subset),
     }
     out["precision"], out["recall"] = metrics.precision_recall(metrics.subsample(ref, len(feats), settings.seed), feats)
-    out["accuracy"] = metrics.accuracy(logits.cpu(), labels.cpu())
+    out["accuracy"] = float(correct.mean())
     if settings.per_class_fd:
         for k in labels.unique().tolist():
             out[f"fd_class={k}"] = metrics.frechet_distance(feats[labels == k], ref[evaluator.reference_labels == k])
+    values = {"accuracy": correct}
     if mixture is not None:
-        out["nll"] = float(-mixture.log_prob(x.cpu(), 1.0, labels.cpu()).mean())
+        values["nll"] = -mixture.log_prob(x.cpu(), 1.0, labels.cpu())
+        out["nll"] = float(values["nll"].mean())
+    if ideal is not None:
+        values["ideal_mse"] = (x.cpu().double() - ideal.cpu().double()).pow(2).flatten(1).sum(1)
+        out["ideal_mse"] = float(values["ideal_mse"].mean())
+    return out, Scored(feats, values)
+
+
+def paired_scores(
+    scored: dict[tuple[str, float], Scored], reference: Tensor, settings: EvalSettings
+) -> dict[str, float]:
+    """Standard errors over the generated samples: of each FD (bootstrap), and of metric(self) − metric(p) for
+    every other prior p at each scale w ≠ 1, paired sample by sample (the priors share seeds and labels).
+
+    Accuracy and NLL are means of per-sample values, so the SE of their paired difference is the standard deviation
+    of the per-sample differences over √N. FD is not a mean: its SEs come from `settings.bootstrap` resamples of
+    the sample indices, the same resamples for every prior and scale (a paired bootstrap; the reference is fixed).
+    Keys: eval/cond/fd_se/prior=<p>/w=<w>, eval/diff/<metric>_se/prior=<p>/w=<w>.
+    """
+    out: dict[str, float] = {}
+    if not scored:
+        return out
+    n = len(next(iter(scored.values())).feats)
+    boot = {}
+    if settings.bootstrap > 1 and n > 1:
+        g = torch.Generator().manual_seed(settings.seed + 777)
+        draws = torch.randint(0, n, (settings.bootstrap, n), generator=g)
+        boot = {key: metrics.bootstrap_fd(s.feats, reference, draws) for key, s in scored.items()}
+        for (prior, w), values in boot.items():
+            out[f"eval/cond/fd_se/prior={prior}/w={_fmt(w)}"] = float(values.std())
+    for (prior, w), s in scored.items():
+        mine = scored.get(("self", w))
+        if prior == "self" or w == 1 or mine is None:
+            continue
+        tag = f"prior={prior}/w={_fmt(w)}"
+        for name in mine.values.keys() & s.values.keys():
+            out[f"eval/diff/{name}_se/{tag}"] = _se(mine.values[name] - s.values[name])
+        if boot:
+            out[f"eval/diff/fd_se/{tag}"] = float((boot[("self", w)] - boot[(prior, w)]).std())
     return out
+
+
+def _se(d: Tensor) -> float:
+    return float(d.double().std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
 
 
 def generate(
@@ -188,17 +248,30 @@ def conditional_quality(
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed)
     results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in MODES})
-    unguided: dict[str, float] | None = None  # w = 1 never evaluates the prior: the same for every prior
+    results["eval/cond/num_classes"] = float(model.num_classes)  # chance accuracy is 1 / num_classes
+    if mixture is not None:
+        results["eval/cond/entropy"] = mixture.conditional_entropy()
+    unguided = None  # w = 1 never evaluates the prior: the same for every prior
+    scored: dict[tuple[str, float], Scored] = {}
+    ideal: dict[float, Tensor] = {}  # toy2d: per scale, the samples of exact guidance from the same seeds
     for prior in priors:
         for w in settings.guidance_scales:
             if w == 1 and unguided is not None:
-                scores = unguided
+                scores, per_sample = unguided
             else:
+                if mixture is not None and w not in ideal:
+                    exact = mixture.denoiser(model.num_classes, model.null_class, scheduler.alphas_cumprod)
+                    exact.to(next(model.parameters()).device)
+                    ideal[w] = generate(exact, scheduler, labels, seeds, shape, settings, w)
+                    for name, value in sample_scores(ideal[w], labels, evaluator, settings, mixture)[0].items():
+                        results[f"eval/cond/{name}/prior=exact/w={_fmt(w)}"] = value  # the reference of each w
                 x = generate(model, scheduler, labels, seeds, shape, settings, w, prior, base, weights.get(prior))
-                scores = sample_scores(x, labels, evaluator, settings, mixture)
-                unguided = scores if w == 1 else unguided
+                scores, per_sample = sample_scores(x, labels, evaluator, settings, mixture, ideal.get(w))
+                unguided = (scores, per_sample) if w == 1 else unguided
+            scored[(prior, w)] = per_sample
             for name, value in scores.items():
                 results[f"eval/cond/{name}/prior={prior}/w={_fmt(w)}"] = value
+    results.update(paired_scores(scored, evaluator.reference, settings))
     grids = {}
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
     g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)

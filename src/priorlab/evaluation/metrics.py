@@ -59,6 +59,18 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float(_compute_fid(mu_a, cov_a, mu_b, cov_b))
 
 
+def bootstrap_fd(features: Tensor, reference: Tensor, draws: Tensor) -> Tensor:
+    """FD against the fixed `reference` of each resample of `features` (N, D); draws (B, N) holds the indices."""
+    check_finite(features, "the features of the generated samples")
+    mu_r, cov_r = mean_cov(reference)
+    f = features.double()
+    out = []
+    for idx in draws:
+        mu, cov = mean_cov(f[idx])
+        out.append(float(_compute_fid(mu, cov, mu_r, cov_r)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def kid(a: Tensor, b: Tensor, subsets: int = 10, subset_size: int = 500, seed: int = 0) -> float:
     """Mean unbiased MMD² with the cubic polynomial kernel over random subsets (fixed seed)."""
     check_finite(a, "the features of the first set")
