@@ -5,9 +5,13 @@ the base and of the fine-tunes, and the sweep (cond_dropout × seed × any other
 A preset may list several `bases`, each with its own overrides (`common` for the base and its fine-tunes,
 `base`, `finetune`): each base is trained once under base/<name>/ and its sweep runs under
 finetune/base=<name>/<key>=<value>/.../p=<p>/seed=<s>/. Without `bases` there is one base, under base/.
-Running the same command again skips finished runs (done.json) and resumes unfinished ones from their last
-checkpoint. With a DDP trainer and the basic launcher the fine-tunes run one `priorlab train` per sweep point
-instead of one multirun (Lightning starts DDP processes by re-running the command line, which must not hold -m).
+`base_seeds: [b0, b1, ...]` trains each base once per seed (base/seed=<b>/, base/<name>/seed=<b>/) and starts the
+fine-tune of seed s (the i-th of the sweep's seeds) from base seed b_(i mod B), so the seeds over which the report
+draws its intervals replicate the base's training too. `validity:` sets the thresholds of the report's validity
+checks (`priorlab.analysis.validity`). Running the same command again skips finished runs (done.json) and
+resumes unfinished ones from their last checkpoint. With a DDP trainer and the basic launcher the fine-tunes run
+one `priorlab train` per sweep point instead of one multirun (Lightning starts DDP processes by re-running the
+command line, which must not hold -m).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -56,13 +61,39 @@ def preset_overrides(spec: dict, preset: str) -> dict:
     sweep = p.get("sweep", {})
     if not sweep.get("cond_dropout") or not sweep.get("seed"):
         raise UserError(f"preset {preset} of {spec['name']} needs sweep.cond_dropout and sweep.seed lists")
+    where = f"preset {preset} of {spec['name']}"
     return {
         "common": [*spec.get("common", []), *p.get("common", [])],
         "base": p.get("base", []),
         "finetune": p.get("finetune", []),
         "sweep": sweep,
-        "bases": check_bases(p.get("bases"), f"preset {preset} of {spec['name']}"),
+        "bases": check_bases(p.get("bases"), where),
+        "base_seeds": check_base_seeds(p.get("base_seeds"), sweep["seed"], where),
+        "validity": check_validity({**spec.get("validity", {}), **p.get("validity", {})}, where),
     }
+
+
+def check_base_seeds(base_seeds: list | None, seeds: list, where: str) -> list[int] | None:
+    """The preset's `base_seeds`: distinct whole numbers, no more of them than fine-tune seeds."""
+    if base_seeds is None:
+        return None
+    if (not isinstance(base_seeds, list) or not base_seeds or len(set(map(str, base_seeds))) != len(base_seeds)
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in base_seeds)):  # fmt: skip
+        raise UserError(f"{where}: `base_seeds` must be a list of distinct non-negative whole numbers")
+    if len(base_seeds) > len(seeds):
+        raise UserError(f"{where}: {len(base_seeds)} base_seeds for {len(seeds)} fine-tune seeds; a base seed "
+                        "without a fine-tune would be trained for nothing")  # fmt: skip
+    return list(base_seeds)
+
+
+def check_validity(validity: dict, where: str) -> dict:
+    """The preset's validity thresholds (unknown keys refused), merged over the defaults."""
+    from priorlab.analysis.validity import THRESHOLDS
+
+    if not isinstance(validity, dict) or set(validity) - set(THRESHOLDS):
+        known = ", ".join(THRESHOLDS)
+        raise UserError(f"{where}: `validity` takes only {known}; got {validity!r}")
+    return {**THRESHOLDS, **{k: float(v) for k, v in validity.items()}}
 
 
 def check_bases(bases: dict | None, where: str) -> dict[str, dict[str, list]] | None:
@@ -91,8 +122,9 @@ def finetune_subdir(base: str, sweep: dict) -> str | None:
     return f"finetune/{f'base={base}/' if base else ''}{extra}p=${{cond_dropout}}/seed=${{seed}}"
 
 
-def claim_study_dir(study_dir: Path, name: str, preset: str) -> None:
-    """Mark the folder as this study's, or refuse a folder that holds another study's runs."""
+def claim_study_dir(study_dir: Path, name: str, preset: str, **record) -> dict:
+    """Mark the folder as this study's (study.json, with `record` added), or refuse a folder that holds another
+    study's runs. Returns what study.json holds."""
     marker = study_dir / "study.json"
     if marker.exists():
         held = json.loads(marker.read_text())
@@ -101,10 +133,47 @@ def claim_study_dir(study_dir: Path, name: str, preset: str) -> None:
                 f"{study_dir} holds the runs of study {held.get('name')} preset {held.get('preset')}; "
                 f"choose another paths.runs for {name} preset {preset}, or remove that folder"
             )
-        return
+        held.update(record)
+        atomic.write_json(marker, held)
+        return held
     if study_dir.exists() and any(study_dir.iterdir()):
         raise UserError(f"{study_dir} already holds files that are not a priorlab study; choose another paths.runs")
-    atomic.write_json(marker, {"name": name, "preset": preset}, indent=None)
+    held = {"name": name, "preset": preset, **record}
+    atomic.write_json(marker, held)
+    return held
+
+
+def machine() -> dict:
+    """What the study ran on: the accelerator (its name), the CPU and its core count."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"accelerator": ", ".join(gpus) if gpus else "none (CPU)", "cpu": cpu, "cores": os.cpu_count()}
+
+
+def commit() -> str | None:
+    """The git commit of the priorlab checkout ($PRIORLAB_COMMIT where set), with -dirty for uncommitted changes."""
+    if os.environ.get("PRIORLAB_COMMIT"):
+        return os.environ["PRIORLAB_COMMIT"]
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _priorlab(args: list[str]) -> None:
@@ -172,29 +241,52 @@ class BaseRuns:
     base_dir: Path
     base: list[str]
     finetune: list[str]
+    seeds: list  # the fine-tune seeds that start from this base
 
 
 def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
-    """The bases of a preset: one under base/ without `bases`, else one under base/<name>/ each."""
+    """The bases of a preset: one under base/ without `bases`, else one under base/<name>/ each; with
+    `base_seeds`, each of those once per base seed (…/seed=<b>/), the fine-tune seeds dealt out in turn."""
+    seeds = list(parts["sweep"]["seed"])
     if parts["bases"] is None:
         subdir = finetune_subdir("", parts["sweep"])
         folder = [f"stage.run_subdir={subdir}"] if subdir else []
-        return [BaseRuns("", study_dir / "base", [*common, *parts["base"]], [*common, *parts["finetune"], *folder])]
+        named = [BaseRuns("", study_dir / "base", [*common, *parts["base"]], [*common, *parts["finetune"], *folder],
+                          seeds)]  # fmt: skip
+    else:
+        named = []
+        for name, entry in parts["bases"].items():
+            own = [*common, *entry["common"]]
+            named.append(BaseRuns(name, study_dir / "base" / name,
+                                  [*own, *parts["base"], *entry["base"], f"stage.run_subdir=base/{name}"],
+                                  [*own, *parts["finetune"], *entry["finetune"],
+                                   f"stage.run_subdir={finetune_subdir(name, parts['sweep'])}"], seeds))  # fmt: skip
+    base_seeds = parts.get("base_seeds")
+    if not base_seeds:
+        return named
     out = []
-    for name, entry in parts["bases"].items():
-        own = [*common, *entry["common"]]
-        out.append(BaseRuns(name, study_dir / "base" / name,
-                            [*own, *parts["base"], *entry["base"], f"stage.run_subdir=base/{name}"],
-                            [*own, *parts["finetune"], *entry["finetune"],
-                             f"stage.run_subdir={finetune_subdir(name, parts['sweep'])}"]))  # fmt: skip
+    for b in named:
+        for i, seed in enumerate(base_seeds):
+            folder = b.base_dir / f"seed={seed}"
+            label = f"{b.label}_seed={seed}" if b.label else f"seed={seed}"
+            own = [o for o in b.base if not o.startswith("stage.run_subdir=")]
+            out.append(BaseRuns(label, folder,
+                                [*own, f"seed={seed}", f"stage.run_subdir={folder.relative_to(study_dir)}"],
+                                b.finetune, seeds[i :: len(base_seeds)]))  # fmt: skip
     return out
 
 
 def run_study(cfg: DictConfig) -> Path:
-    """For each base: base → fine-tune multirun; then results.csv → report.md, each step skipping finished work."""
+    """For each base: base → fine-tune multirun; then results.csv → report.md, each step skipping finished work.
+
+    study.json records the preset's validity thresholds and base seeds, the machine, the commit and the wall time
+    of each invocation (a study resumed in pieces adds one entry per piece)."""
+    import time
+
     from priorlab.analysis.report import build_report
     from priorlab.analysis.results import collect_results
 
+    started = time.time()
     spec = load_experiment(cfg.name, cfg.get("experiments"))
     parts = preset_overrides(spec, cfg.preset)
     if cfg.launcher not in LAUNCHERS:
@@ -203,14 +295,15 @@ def run_study(cfg: DictConfig) -> Path:
     study_dir = runs / spec["name"]
     common = [f"study={spec['name']}", f"paths.runs={runs}", *parts["common"], *cfg.get("extra", [])]
     bases = study_bases(study_dir, common, parts)
-    sweep = [f"{key}={_values(values)}" for key, values in parts["sweep"].items()]
-    points = sweep_points(parts["sweep"])
     commands = {}  # per base: the fine-tunes' commands, one multirun or one run per point
     for b in bases:
         fixed = ["stage=finetune", f"base={b.base_dir}", *b.finetune]
+        own_sweep = {**parts["sweep"], "seed": b.seeds}
+        points = sweep_points(own_sweep)
         if cfg.launcher == "basic" and launches_ddp_processes([*fixed, *points[0]]):
             commands[b.label] = [["train", *fixed, *point] for point in points]
         else:
+            sweep = [f"{key}={_values(values)}" for key, values in own_sweep.items()]
             commands[b.label] = [["train", "-m", *fixed, *sweep, *LAUNCHERS[cfg.launcher]]]
     if cfg.dry_run:
         for b in bases:
@@ -219,15 +312,39 @@ def run_study(cfg: DictConfig) -> Path:
             for args in commands[b.label]:
                 print(f"finetunes{tag}: priorlab {' '.join(args)}")
         return study_dir
-    claim_study_dir(study_dir, spec["name"], cfg.preset)
+    held = claim_study_dir(study_dir, spec["name"], cfg.preset, validity=parts["validity"],
+                           base_seeds=parts["base_seeds"], seeds=list(parts["sweep"]["seed"]))  # fmt: skip
     for b in bases:
         name = f"wandb_sweep_base={b.label}.yaml" if b.label else "wandb_sweep.yaml"
-        (study_dir / name).write_text(sweep_yaml(spec["name"], b.base_dir, b.finetune, [], parts["sweep"]))
-    for b in bases:
-        _priorlab(["train", "stage=base", *b.base])
-        for args in commands[b.label]:
-            _priorlab(args)
-    collect_results(study_dir)
+        (study_dir / name).write_text(sweep_yaml(spec["name"], b.base_dir, b.finetune, [],
+                                                 {**parts["sweep"], "seed": b.seeds}))  # fmt: skip
+    total = sum(len(sweep_points({**parts["sweep"], "seed": b.seeds})) for b in bases)
+    finished = False
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` ends a piece: its time is recorded
+    try:
+        done = 0
+        for i, b in enumerate(bases):
+            tag = f" {b.label}" if b.label else ""
+            print(f"[study {spec['name']}] base{tag} ({i + 1} of {len(bases)})", flush=True)
+            _priorlab(["train", "stage=base", *b.base])
+            n = len(sweep_points({**parts["sweep"], "seed": b.seeds}))
+            print(f"[study {spec['name']}] fine-tunes {done + 1}–{done + n} of {total} (from base{tag})", flush=True)
+            for args in commands[b.label]:
+                _priorlab(args)
+            done += n
+        collect_results(study_dir)
+        finished = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        session = {"wall_time_s": round(time.time() - started, 1), "commit": commit(), "machine": machine(),
+                   "finished": finished}  # fmt: skip
+        sessions = [*held.get("sessions", []), session]
+        claim_study_dir(study_dir, spec["name"], cfg.preset, sessions=sessions,
+                        wall_time_s=round(sum(s["wall_time_s"] for s in sessions), 1))  # fmt: skip
     report = build_report(study_dir)
     print(f"study {spec['name']} done: {study_dir / 'results.csv'}, {report}")
     return study_dir
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
