@@ -11,12 +11,15 @@ from pathlib import Path
 
 from priorlab.analysis import figures, swap
 from priorlab.analysis.results import load_results
+from priorlab.analysis.validity import study_metric
 
 study = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/when_swap_pays")
 frame = load_results(study)
-metric = sys.argv[2] if len(sys.argv) > 2 else swap.benefit_metric(frame)
+metric = sys.argv[2] if len(sys.argv) > 2 else study_metric(frame)
 points = swap.swap_points(frame, metric)
-for w, p in swap.sign_rule(points).items():
+overall, per_scale = swap.sign_rule(points)
+print(f"sign rule ({metric}), all scales: held at {overall}")
+for w, p in per_scale.items():
     print(f"sign rule ({metric}), w={w}: held at {p}")
 for prior in swap.FITTED:
     c = swap.fitted_vs_fixed(points, prior)

@@ -21,20 +21,21 @@ from priorlab.errors import UserError
 from priorlab.studies import check_bases, claim_study_dir, finetune_subdir, load_experiment, preset_overrides
 
 FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_loss_per_timestep.png",
-           "e_sample_grids.png"]  # fmt: skip
+           "e_sample_grids.png", "h_benefit_vs_dropout.png", "v_base_loss.png"]  # fmt: skip
 
 
-def _tiny_study(tmp_path_factory, name: str) -> tuple[Path, Path]:
-    """Run `priorlab study NAME preset=tiny` in a fresh folder; (that folder, the study's run folder)."""
+def _tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path, Path]:
+    """Run `priorlab study NAME preset=PRESET` in a fresh folder; (that folder, the study's run folder)."""
     root = tmp_path_factory.mktemp(name)
-    out = run_cli("study", name, "preset=tiny", cwd=root, timeout=600)
+    out = run_cli("study", name, f"preset={preset}", cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return root, root / "runs" / name
 
 
 @pytest.fixture(scope="module")
 def toy_study(tmp_path_factory):
-    return _tiny_study(tmp_path_factory, "toy2d")
+    """dropout_vs_prior on toy2d with fine-tunes of 6 steps: a study built to fail its validity checks."""
+    return _tiny_study(tmp_path_factory, "dropout_vs_prior")
 
 
 def test_toy2d_study_writes_results_report_and_every_figure(toy_study):
@@ -44,25 +45,48 @@ def test_toy2d_study_writes_results_report_and_every_figure(toy_study):
     assert sorted(frame["cond_dropout"].unique()) == [0.0, 0.2] and sorted(frame["seed"].unique()) == [0, 1]
     assert frame["run"].nunique() == 4 and sorted(frame["step"].unique()) == [3, 6]
     nll = frame[(frame["metric"] == "nll") & (frame["step"] == 6)]
-    assert set(nll["prior"]) == {"self", "base"} and set(nll["guidance_scale"]) == {1.0, 3.0}
-    assert len(nll) == 4 * 2 * 2
+    assert set(nll["prior"]) == {"self", "base", "exact"} and set(nll["guidance_scale"]) == {1.0, 3.0}
+    assert len(nll) == 4 * 3 * 2  # exact: guidance with the true scores, the reference of each scale
+    assert {"ideal_mse", "diff_ideal_mse_se", "diff_nll_se", "entropy"} <= set(frame["metric"])
     assert {"disagreement/all", "score_error/all", "uncond_fd", "fd", "kid", "precision", "recall"} <= set(
         frame["metric"]
     )
     for name in FIGURES:
         assert (study / "figures" / name).stat().st_size > 1000, name
     report = (study / "report.md").read_text()
-    assert "## Headline: best FD" in report and "exact NLL" in report and "cond_dropout=0.2" in report
+    assert "## Headline: best FD" in report and "exact NLL" in report and "p=0.2" in report
     assert "with 2 seeds t = 12.7," in report
     assert all(f"figures/{name}" in report for name in FIGURES)
     assert (study / "wandb_sweep.yaml").exists()
+    meta = json.loads((study / "study.json").read_text())
+    assert meta["validity"]["min_seeds"] == 3 and meta["sessions"][-1]["finished"] and meta["wall_time_s"] > 0
+
+
+def test_a_study_too_short_to_learn_says_it_cannot_conclude(toy_study):
+    """Fine-tunes of 6 steps never learn their classes: the validity section says so before any comparison, the
+    findings state nothing, and the sign rule is not tested."""
+    _, study = toy_study
+    report = (study / "report.md").read_text()
+    validity, findings = report.index("## Validity"), report.index("## Findings")
+    assert validity < findings < report.index("## Headline")
+    section = report[validity:findings]
+    assert "| fine-tunes learned their conditions |" in section and "**FAIL**" in section
+    assert "**fine-tunes learned their conditions failed**" in section
+    assert "| seeds per condition | 2 (fewest) | ≥ 3 | **FAIL** |" in section
+    assert "No conclusion about priors can be drawn from this study" in section
+    # a base of 10 steps with the default EMA decay: its average is still the initial weights
+    assert "| base converged (base) |" in section and "the EMA still holds 99% of the initial weights" in section
+    body = report[findings : report.index("## Headline")]
+    assert ("- **p=0**: no conclusion (the base did not converge; the fine-tunes did not learn their conditions: "
+            "accuracy") in body  # fmt: skip
+    assert "helps (" not in body and "hurts (" not in body
 
 
 def test_running_the_study_again_trains_nothing(toy_study):
     root, study = toy_study
     before = {p: p.stat().st_mtime_ns for p in study.glob("**/model/diffusion_pytorch_model.safetensors")}
     results = (study / "results.csv").read_text()
-    out = run_cli("study", "toy2d", "preset=tiny", cwd=root, timeout=600)
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("is finished") == 5
     assert {p: p.stat().st_mtime_ns for p in before} == before and len(before) == 5
@@ -74,7 +98,7 @@ def test_report_rebuilds_from_results_alone(toy_study):
     for name in FIGURES[:4]:
         (study / "figures" / name).unlink()
     (study / "report.md").unlink()
-    out = run_cli("report", "runs/toy2d", cwd=root)
+    out = run_cli("report", "runs/dropout_vs_prior", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert all((study / "figures" / n).exists() for n in FIGURES) and (study / "report.md").exists()
 
@@ -90,25 +114,38 @@ def test_killed_study_resumes_to_the_same_results(toy_study, tmp_path):
     _, unbroken = toy_study
     exe = str(Path(sys.executable).parent / "priorlab")
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([exe, "study", "toy2d", "preset=tiny"], cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen([exe, "study", "dropout_vs_prior", "preset=tiny"], cwd=tmp_path, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
-    while not list(tmp_path.glob("runs/toy2d/finetune/*/*/done.json")) and time.time() < deadline:
+    while not list(tmp_path.glob("runs/dropout_vs_prior/finetune/*/*/done.json")) and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(list(tmp_path.glob("runs/toy2d/finetune/*/*/done.json"))) < 4
-    out = run_cli("study", "toy2d", "preset=tiny", cwd=tmp_path, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "runs/toy2d/results.csv").read_text() == (unbroken / "results.csv").read_text()
-
-
-def test_dropout_vs_prior_tiny_runs(tmp_path):
+    assert len(list(tmp_path.glob("runs/dropout_vs_prior/finetune/*/*/done.json"))) < 4
     out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "runs/dropout_vs_prior/results.csv").read_text() == (unbroken / "results.csv").read_text()
+
+
+def test_images_with_base_seeds_and_a_data_size_axis(tmp_path):
+    """tiny_images: two bases (seeds 0 and 1), fine-tune seed s from base seed s mod 2, fine-tunes on 5 digits per
+    class or all of them; the data-size axis becomes a results column and the report's conditions."""
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny_images", cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
-    frame = pd.read_csv(tmp_path / "runs/dropout_vs_prior/results.csv")
-    assert frame["run"].nunique() == 4 and (frame["metric"] == "accuracy").any()
-    assert (tmp_path / "runs/dropout_vs_prior/figures/e_sample_grids.png").exists()
+    study = tmp_path / "runs/dropout_vs_prior"
+    assert (study / "base/seed=0/done.json").exists() and (study / "base/seed=1/done.json").exists()
+    for seed in (0, 1):
+        meta = json.loads((study / f"finetune/train_per_class=5/p=0.2/seed={seed}/model/priorlab.json").read_text())
+        assert meta["base"]["path"] == str(study / f"base/seed={seed}/model")
+    frame = pd.read_csv(study / "results.csv")
+    assert list(frame.columns[:3]) == ["run", "train_per_class", "cond_dropout"]
+    assert set(frame["train_per_class"].astype(str)) == {"5", "all"} and frame["run"].nunique() == 8
+    assert {"accuracy", "fd_se", "diff_fd_se", "diff_accuracy_se", "num_classes"} <= set(frame["metric"])
+    assert "[study dropout_vs_prior] fine-tunes 1–4 of 8 (from base seed=0)" in out.stdout
+    report = (study / "report.md").read_text()
+    assert "base seeds [0, 1], dealt out in turn" in report and "| base converged (base/seed=1) |" in report
+    assert "train_per_class=5, p=0.2" in report
+    assert (study / "figures/e_sample_grids.png").exists() and (study / "figures/h_benefit_vs_dropout.png").exists()
 
 
 def test_a_folder_of_another_study_is_refused(tmp_path):
@@ -123,10 +160,10 @@ def test_a_folder_of_another_study_is_refused(tmp_path):
 
 
 def test_experiment_errors_name_what_exists():
-    with pytest.raises(UserError, match="known: dropout_vs_prior, toy2d"):
+    with pytest.raises(UserError, match="known: dropout_vs_prior, when_swap_pays"):
         load_experiment("nope")
-    with pytest.raises(UserError, match="presets: quick, full"):
-        preset_overrides(load_experiment("toy2d"), "huge")
+    with pytest.raises(UserError, match="presets: quick, gpu, mnist_cpu"):
+        preset_overrides(load_experiment("dropout_vs_prior"), "huge")
 
 
 @pytest.mark.parametrize(
@@ -139,6 +176,8 @@ def test_experiment_errors_name_what_exists():
         ("eval/uncond/kid/model=base", ("uncond_kid", "base", float("nan"))),
         ("eval/calib/loss/model=mix/t=0-99", ("calib_loss/t=0-99", "mix", float("nan"))),
         ("eval/calib/weight/prior=auto/t=900-999", ("calib_weight/t=900-999", "auto", float("nan"))),
+        ("eval/diff/fd_se/prior=base/w=2.0", ("diff_fd_se", "base", 2.0)),
+        ("eval/cond/num_classes", ("num_classes", "", float("nan"))),
     ],
 )
 def test_parse_key(key, parsed):
@@ -185,7 +224,8 @@ def test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis(swap_study):
     assert frame["run"].nunique() == 8 and sorted(frame["max_steps"].unique()) == [3, 6]
     assert set(frame.groupby("run")["step"].max()) == {3, 6}  # the fine-tune length axis sets the steps
     nll = frame[frame["metric"] == "nll"]
-    assert set(nll["prior"]) == {"self", "base", "auto", "mix"} and set(nll["guidance_scale"]) == {1.0, 2.0, 4.0}
+    assert set(nll["prior"]) == {"self", "base", "auto", "mix", "exact"}
+    assert set(nll["guidance_scale"]) == {1.0, 2.0, 4.0}
     calib = frame[frame["metric"].str.startswith("calib_loss/t=")]
     assert set(calib["prior"]) == {"self", "base", "auto", "mix"} and calib.groupby("run").size().min() == 40
     weights = json.loads((run / "eval/prior_weights_mix_step=6.json").read_text())
@@ -193,6 +233,7 @@ def test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis(swap_study):
     heldout = frame[(frame["run"] == str(run.relative_to(study))) & (frame["metric"] == "loss/all")]
     assert set(heldout["prior"]) == {"self", "base", "auto", "mix"}  # fitted weights scored on the other split
     report = (study / "report.md").read_text()
+    assert "| seeds per condition | 1 (fewest) | ≥ 1 | pass |" in report  # the preset turns its thresholds off
     assert "## When does the swap pay? The sign rule" in report and "- all scales: the sign rule held at" in report
     assert "**prior=auto** at 16 (run, w) points" in report and "**prior=mix** at 16" in report
     assert "| base_name | max_steps | cond_dropout |" in report
@@ -221,12 +262,43 @@ def test_bases_and_their_run_folders():
     expected = "finetune/base=a/max_steps=${trainer.max_steps}/p=${cond_dropout}/seed=${seed}"
     assert finetune_subdir("a", sweep) == expected
     assert finetune_subdir("", {"cond_dropout": [0], "seed": [0]}) is None  # the default folder of one-base studies
-    assert preset_overrides(load_experiment("toy2d"), "quick")["bases"] is None
+    assert preset_overrides(load_experiment("dropout_vs_prior"), "quick")["bases"] is None
     assert set(preset_overrides(load_experiment("when_swap_pays"), "quick_toy2d")["bases"]) == {"same", "shifted",
                                                                                               "narrow"}  # fmt: skip
     study = Path("/s")
     assert run_axes(study / "finetune/base=a/max_steps=50/p=0.1/seed=2", study) == {"base_name": "a", "max_steps": "50"}
     assert run_axes(study / "finetune/p=0.1/seed=2", study) == {}
+
+
+def test_base_seeds_train_a_base_each_and_deal_out_the_fine_tune_seeds():
+    from priorlab.studies import check_base_seeds, study_bases
+
+    parts = {"sweep": {"cond_dropout": [0.0], "seed": [0, 1, 2, 3, 4]}, "bases": None, "base": ["trainer.max_steps=9"],
+             "finetune": ["x=1"], "base_seeds": [7, 8]}  # fmt: skip
+    bases = study_bases(Path("/s"), ["study=s"], parts)
+    assert [(b.label, b.base_dir, b.seeds) for b in bases] == [("seed=7", Path("/s/base/seed=7"), [0, 2, 4]),
+                                                              ("seed=8", Path("/s/base/seed=8"), [1, 3])]  # fmt: skip
+    assert bases[0].base == ["study=s", "trainer.max_steps=9", "seed=7", "stage.run_subdir=base/seed=7"]
+    named = study_bases(Path("/s"), [], {**parts, "bases": check_bases({"a": {}}, "p"), "sweep": {
+        "cond_dropout": [0.0], "trainer.max_steps": [5], "seed": [0, 1]}})  # fmt: skip
+    assert [(b.label, b.base_dir.as_posix(), b.seeds) for b in named] == [
+        ("a_seed=7", "/s/base/a/seed=7", [0]),
+        ("a_seed=8", "/s/base/a/seed=8", [1]),
+    ]
+    assert named[0].base[-1] == "stage.run_subdir=base/a/seed=7"
+    assert check_base_seeds(None, [0], "p") is None
+    with pytest.raises(UserError, match="2 base_seeds for 1 fine-tune seeds"):
+        check_base_seeds([0, 1], [0], "p")
+    with pytest.raises(UserError, match="distinct non-negative whole numbers"):
+        check_base_seeds([0, 0], [0, 1], "p")
+
+
+def test_validity_thresholds_of_a_preset_are_checked():
+    spec = {"name": "x", "presets": {"p": {"sweep": {"cond_dropout": [0], "seed": [0]}, "validity": {"min_acc": 1}}}}
+    with pytest.raises(UserError, match="`validity` takes only min_accuracy, min_seeds"):
+        preset_overrides(spec, "p")
+    spec["presets"]["p"]["validity"] = {"min_accuracy": 0.5}
+    assert preset_overrides(spec, "p")["validity"]["min_accuracy"] == 0.5
 
 
 def _points_frame():
@@ -249,9 +321,12 @@ def test_sign_rule_and_fitted_comparison_count_what_they_say():
     assert sorted(points["benefit"]) == [-1, 1, 2, 3]
     ratio = points.set_index("run")["log_ratio"]
     assert ratio["a"].iloc[0] == pytest.approx(math.log(2)) and ratio["b"].iloc[0] == pytest.approx(math.log(0.25))
-    rule = sign_rule(points)
+    overall, per_scale = sign_rule(points)
     # a: ratio > 0 and benefit 2, 3 (holds twice); b: ratio < 0, benefit −1 (holds) and +1 (fails)
-    assert (rule["all"].k, rule["all"].n) == (3, 4) and (rule[4.0].k, rule[4.0].n) == (1, 2)
+    assert (overall.k, overall.n) == (3, 4) and (per_scale[4.0].k, per_scale[4.0].n) == (1, 2)
+    # an axis whose values include the word "all" (train_per_class) keeps that value
+    points["train_per_class"] = ["5", "all", "5", "all"]
+    assert set(sign_rule(points, "train_per_class")[1]) == {"5", "all"}
     auto = fitted_vs_fixed(points, "auto")
     assert (auto.beats_both.k, auto.ties_better, auto.worse_than_better, auto.worse_than_both) == (1, 1, 2, 1)
     assert auto.vs_better.mean == pytest.approx((-1 + 0 + 1 + 2) / 4)

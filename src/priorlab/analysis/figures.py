@@ -12,10 +12,30 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from priorlab.analysis.results import bucket_start, final_rows  # noqa: E402
+from priorlab.analysis.results import axis_columns, bucket_start, final_rows  # noqa: E402
 from priorlab.analysis.stats import mean_ci  # noqa: E402
 
 COLORS = {"self": "tab:red", "base": "tab:blue"}
+# The values each metric can take: a band (a confidence interval) is drawn inside them, never beyond.
+RANGES = {"accuracy": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "fd": (0.0, np.inf),
+          "kid": (0.0, np.inf), "loss": (0.0, np.inf), "disagreement": (0.0, np.inf)}  # fmt: skip
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The range of a metric's values (loss/all → loss's); unbounded for those not listed (NLL, benefits)."""
+    return RANGES.get(metric.split("/")[0], (-np.inf, np.inf))
+
+
+def panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """One (title, rows) per combination of the study axes other than cond_dropout (one untitled without axes)."""
+    axes = axis_columns(frame)
+    if not axes:
+        return [("", frame)]
+    out = []
+    for key, g in frame.groupby(axes, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        out.append((", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True)), g))
+    return out
 
 
 def _save(fig, path: Path) -> Path:
@@ -27,71 +47,139 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _band(ax, x, groups, label, color):
+def _band(ax, x, groups, label, color, bounds: tuple[float, float] = (-np.inf, np.inf)):
+    """Mean over seeds with its 95% t-interval as a band, clipped to the metric's range `bounds`."""
     est = [mean_ci(g) for g in groups]
     mean = np.array([e.mean for e in est])
     ax.plot(x, mean, "o-", color=color, label=label)
     lo, hi = np.array([e.lo for e in est]), np.array([e.hi for e in est])
     if not np.all(np.isnan(lo)):
-        ax.fill_between(x, lo, hi, color=color, alpha=0.2)
+        ax.fill_between(x, np.clip(lo, *bounds), np.clip(hi, *bounds), color=color, alpha=0.2)
 
 
 def fd_vs_scale(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
-    """(a) FD against guidance scale, one panel per dropout rate, prior=self vs prior=base."""
+    """(a) The metric against guidance scale, one panel per condition (rows: the other axes; columns: dropout
+    rates), prior=self vs prior=base, mean and 95% band over seeds."""
     final = final_rows(frame)
-    sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base"])]
+    sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base", "exact"])]
+    rows = panels(sub)
     rates = sorted(sub["cond_dropout"].unique())
-    fig, axes = plt.subplots(1, len(rates), figsize=(3.2 * len(rates), 3), sharey=True, squeeze=False)
-    for ax, p in zip(axes[0], rates, strict=True):
-        for prior in ("self", "base"):
-            s = sub[(sub["cond_dropout"] == p) & (sub["prior"] == prior)]
-            scales = sorted(s["guidance_scale"].unique())
-            _band(ax, scales, [s[s["guidance_scale"] == w]["value"] for w in scales], f"prior={prior}", COLORS[prior])
-        ax.set_title(f"cond_dropout={p:g}")
-        ax.set_xlabel("guidance scale w")
-    axes[0][0].set_ylabel(metric.upper())
-    axes[0][0].legend()
+    # each panel its own y scale: a prior that fails at one dropout rate must not flatten the others' curves
+    fig, axes = plt.subplots(len(rows), len(rates), figsize=(3.2 * len(rates), 2.9 * len(rows)), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    for row_axes, (title, part) in zip(axes, rows, strict=True):
+        for ax, p in zip(row_axes, rates, strict=True):
+            for prior in ("self", "base"):
+                s = part[(part["cond_dropout"] == p) & (part["prior"] == prior)]
+                scales = sorted(s["guidance_scale"].unique())
+                _band(ax, scales, [s[s["guidance_scale"] == w]["value"] for w in scales], f"prior={prior}",
+                      COLORS[prior], metric_range(metric))  # fmt: skip
+            exact = part[(part["cond_dropout"] == p) & (part["prior"] == "exact")]
+            if len(exact):  # toy2d: guidance with the true scores, from the same seeds
+                mean = exact.groupby("guidance_scale")["value"].mean()
+                ax.plot(mean.index, mean.values, "k--", lw=1, label="exact scores")
+            ax.set_title(f"{title + ', ' if title else ''}cond_dropout={p:g}", fontsize=8)
+            ax.set_xlabel("guidance scale w")
+        row_axes[0].set_ylabel(metric.upper())
+    axes[0][0].legend(fontsize=7)
     return _save(fig, path)
 
 
 def best_fd_vs_dropout(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
-    """(b) The best FD over guidance scales against the dropout rate, both priors."""
+    """(b) The best metric over guidance scales against the dropout rate, both priors, one line pair per value of
+    the other axes."""
     final = final_rows(frame)
     sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base"])]
-    best = sub.groupby(["cond_dropout", "seed", "prior"])["value"].min().reset_index()
-    rates = sorted(best["cond_dropout"].unique())
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    pick = "min" if metric not in ("accuracy", "precision", "recall") else "max"
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    rates = sorted(sub["cond_dropout"].unique())
     x = np.arange(len(rates))
-    for prior in ("self", "base"):
-        s = best[best["prior"] == prior]
-        _band(ax, x, [s[s["cond_dropout"] == p]["value"] for p in rates], f"prior={prior}", COLORS[prior])
+    styles = ["o-", "s--", "^:", "d-."]
+    for i, (title, part) in enumerate(panels(sub)):
+        best = part.groupby(["cond_dropout", "seed", "prior"])["value"].agg(pick).reset_index()
+        for prior in ("self", "base"):
+            s = best[best["prior"] == prior]
+            label = f"prior={prior}{', ' + title if title else ''}"
+            _band(ax, x, [s[s["cond_dropout"] == p]["value"] for p in rates], label, COLORS[prior],
+                  metric_range(metric))  # fmt: skip
+            ax.lines[-1].set_linestyle(styles[i % len(styles)][1:])
+            ax.lines[-1].set_marker(styles[i % len(styles)][0])
     ax.set_xticks(x, [f"{p:g}" for p in rates])
     ax.set_xlabel("cond_dropout")
     ax.set_ylabel(f"best {metric.upper()} over w")
-    ax.legend()
+    ax.legend(fontsize=6)
+    return _save(fig, path)
+
+
+def benefit_vs_dropout(frame: pd.DataFrame, metric: str, path: Path) -> Path | None:
+    """(h) The swap's benefit at each prior's best scale, best(self) − best(base) per seed (> 0: the base prior
+    is better), against the dropout rate, one line per value of the other axes (e.g. fine-tune data size)."""
+    final = final_rows(frame)
+    sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base"])]
+    if sub.empty:
+        return None
+    higher = metric in ("accuracy", "precision", "recall")
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    rates = sorted(sub["cond_dropout"].unique())
+    cmap = plt.get_cmap("viridis")
+    groups = panels(sub)
+    for i, (title, part) in enumerate(groups):
+        best = part.groupby(["cond_dropout", "seed", "prior"])["value"].agg("max" if higher else "min").unstack("prior")
+        if not {"self", "base"} <= set(best.columns):
+            continue
+        benefit = (best["base"] - best["self"]) if higher else (best["self"] - best["base"])
+        _band(ax, rates, [benefit.xs(p, level="cond_dropout").dropna() for p in rates], title or "benefit",
+              cmap(i / max(1, len(groups) - 1)))  # fmt: skip
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("cond_dropout")
+    ax.set_ylabel(f"best {metric.upper()}: self − base" if not higher else f"best {metric}: base − self")
+    ax.set_title("> 0: the base prior is better (95% band over seeds)", fontsize=8)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def base_curves(study_dir: Path, path: Path) -> Path | None:
+    """(v) The held-out ∅ loss of each base at each validation, with the window of the convergence check."""
+    from priorlab.analysis.validity import base_curve, base_runs
+
+    runs = base_runs(study_dir)
+    curves = [(run, base_curve(run)) for run in runs]
+    curves = [(run, c) for run, c in curves if len(c)]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for run, c in curves:
+        ax.plot(c["step"], c["loss"], "o-", ms=3, label=run.relative_to(study_dir).as_posix())
+    last = max(int(c["step"].max()) for _, c in curves)
+    ax.axvspan(0.8 * last, last, color="0.9", label="last 20% (the check)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out ∅ loss (eps MSE)")
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def drift(frame: pd.DataFrame, path: Path) -> Path:
-    """(c) Drift of the unconditional branch from the base over fine-tuning steps, per dropout rate."""
+    """(c) Drift of the unconditional branch from the base over fine-tuning steps, one line per condition."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    panels = [("disagreement/all", "", "‖eps_self(∅) − eps_base(∅)‖² per element"),
-              ("loss/all", "self", "held-out loss of the ∅ branch (eps)")]  # fmt: skip
+    panel_specs = [("disagreement/all", "", "‖eps_self(∅) − eps_base(∅)‖² per element"),
+                   ("loss/all", "self", "held-out loss of the ∅ branch (eps)")]  # fmt: skip
     cmap = plt.get_cmap("viridis")
-    rates = sorted(frame["cond_dropout"].unique())
-    for ax, (metric, prior, title) in zip(axes, panels, strict=True):
-        sub = frame[(frame["metric"] == metric) & (frame["prior"] == prior)]
-        for i, p in enumerate(rates):
-            s = sub[sub["cond_dropout"] == p]
+    groups = [(title, p, part[part["cond_dropout"] == p]) for title, part in panels(frame)
+              for p in sorted(part["cond_dropout"].unique())]  # fmt: skip
+    for ax, (metric, prior, title) in zip(axes, panel_specs, strict=True):
+        for i, (axis_title, p, part) in enumerate(groups):
+            s = part[(part["metric"] == metric) & (part["prior"] == prior)]
             steps = sorted(s["step"].unique())
-            _band(ax, steps, [s[s["step"] == t]["value"] for t in steps], f"p={p:g}", cmap(i / max(1, len(rates) - 1)))
+            label = f"p={p:g}{', ' + axis_title if axis_title else ''}"
+            _band(ax, steps, [s[s["step"] == t]["value"] for t in steps], label, cmap(i / max(1, len(groups) - 1)),
+                  metric_range(metric))  # fmt: skip
         if metric == "loss/all":
             base = frame[(frame["metric"] == "loss/all") & (frame["prior"] == "base")]
             if len(base):
                 ax.axhline(base["value"].mean(), color="k", ls="--", label="base")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("fine-tuning step")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=6)
     return _save(fig, path)
 
 
@@ -102,11 +190,15 @@ def loss_per_timestep(frame: pd.DataFrame, path: Path) -> Path:
     sub["t"] = sub["metric"].map(bucket_start)
     fig, ax = plt.subplots(figsize=(5, 3.4))
     cmap = plt.get_cmap("viridis")
-    rates = sorted(sub["cond_dropout"].unique())
-    for i, p in enumerate(rates):
-        s = sub[(sub["cond_dropout"] == p) & (sub["prior"] == "self")]
+    groups = [(title, p, part[part["cond_dropout"] == p]) for title, part in panels(sub)
+              for p in sorted(part["cond_dropout"].unique())]  # fmt: skip
+    for i, (axis_title, p, part) in enumerate(groups):
+        s = part[part["prior"] == "self"]
         ts = sorted(s["t"].unique())
-        _band(ax, ts, [s[s["t"] == t]["value"] for t in ts], f"self, p={p:g}", cmap(i / max(1, len(rates) - 1)))
+        label = f"self, p={p:g}{', ' + axis_title if axis_title else ''}"
+        _band(
+            ax, ts, [s[s["t"] == t]["value"] for t in ts], label, cmap(i / max(1, len(groups) - 1)), (1e-12, np.inf)
+        )  # log scale: the band stays above 0
     s = sub[sub["prior"] == "base"]
     ts = sorted(s["t"].unique())
     if ts:
@@ -119,22 +211,27 @@ def loss_per_timestep(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def sample_grids(study_dir: Path, frame: pd.DataFrame, path: Path) -> Path | None:
-    """(e) The final sample grids of the lowest seed, prior=self beside prior=base, one row per dropout rate."""
+    """(e) The final sample grids of the lowest seed of each condition, prior=self beside prior=base; each grid
+    has one row per class."""
     final = final_rows(frame)
-    runs = final.groupby("cond_dropout").apply(lambda g: g.sort_values("seed").iloc[0], include_groups=False)
+    keys = [*axis_columns(frame), "cond_dropout"]
     pairs = []
-    for p, row in runs.iterrows():
+    for cond, g in final.groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        row = g.sort_values("seed").iloc[0]
         run = study_dir / row["run"]
         imgs = [run / "eval" / f"grid_step={int(row['step'])}_prior={prior}.png" for prior in ("self", "base")]
         if all(i.exists() for i in imgs):
-            pairs.append((p, int(row["seed"]), imgs))
+            label = ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in zip(keys, cond, strict=True))  # fmt: skip
+            pairs.append((label, int(row["seed"]), imgs))
     if not pairs:
         return None
     fig, axes = plt.subplots(len(pairs), 2, figsize=(8, 2.2 * len(pairs)), squeeze=False)
-    for (p, seed, imgs), row_axes in zip(pairs, axes, strict=True):
+    for (label, seed, imgs), row_axes in zip(pairs, axes, strict=True):
         for ax, img, prior in zip(row_axes, imgs, ("self", "base"), strict=True):
             ax.imshow(np.asarray(Image.open(img)), cmap="gray")
-            ax.set_title(f"p={p:g}, seed={seed}, prior={prior}", fontsize=8)
+            ax.set_title(f"{label}, seed={seed}, prior={prior}", fontsize=8)
             ax.axis("off")
     return _save(fig, path)
 

@@ -6,13 +6,23 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
 from priorlab import atomic
 from priorlab.analysis import figures, swap
 from priorlab.analysis.results import axis_columns, final_rows, load_results
-from priorlab.analysis.stats import mean_ci, paired_difference
+from priorlab.analysis.stats import Estimate, mean_ci, paired_difference
+from priorlab.analysis.validity import (
+    LOWER_IS_BETTER,
+    Validity,
+    check_study,
+    comparison_metrics,
+    condition_keys,
+    power_estimate,
+    study_metric,
+)
 
 
 def _fmt_w(w: float) -> str:
@@ -23,21 +33,29 @@ def _fmt_axis(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def headline(frame: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
-    """Per dropout rate: best value over scales for each prior (mean and CI over seeds) and its argmin scale."""
+def _cond_label(keys: list[str], cond: tuple) -> str:
+    return ", ".join(f"{'p' if k == 'cond_dropout' else k}={_fmt_axis(v)}" for k, v in zip(keys, cond, strict=True))
+
+
+def headline(frame: pd.DataFrame, metric: str = "fd", keys: list[str] | None = None) -> pd.DataFrame:
+    """Per condition: best value over scales for each prior (mean and CI over seeds) and its argmin scale."""
+    keys = keys or condition_keys(frame)
     final = final_rows(frame)
     sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base"])]
+    better_low = metric in LOWER_IS_BETTER
     rows = []
-    for p, g in sub.groupby("cond_dropout"):
-        row = {"cond_dropout": p}
+    for cond, g in sub.groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        row = dict(zip(keys, cond, strict=True))
         best = {}
         for prior in ("self", "base"):
             s = g[g["prior"] == prior]
-            per_seed = s.loc[s.groupby("seed")["value"].idxmin()]
+            pick = s.groupby("seed")["value"].idxmin() if better_low else s.groupby("seed")["value"].idxmax()
+            per_seed = s.loc[pick]
             best[prior] = per_seed.set_index("seed")["value"]
             row[f"best {metric} prior={prior}"] = str(mean_ci(per_seed["value"]))
             mean_by_w = s.groupby("guidance_scale")["value"].mean()
-            row[f"w* {prior}"] = _fmt_w(mean_by_w.idxmin()) if len(mean_by_w) else ""
+            row[f"w* {prior}"] = _fmt_w(mean_by_w.idxmin() if better_low else mean_by_w.idxmax()) if len(s) else ""
         diff = (best["self"] - best["base"]).dropna()
         row["Δ best (self − base)"] = str(mean_ci(diff.values))
         rows.append(row)
@@ -45,27 +63,53 @@ def headline(frame: pd.DataFrame, metric: str = "fd") -> pd.DataFrame:
 
 
 HIGHER_IS_BETTER = {"accuracy", "precision", "recall"}
+METRIC_NAMES = {"fd": "FD", "nll": "exact NLL (nats)", "accuracy": "accuracy",
+                "ideal_mse": "distance to exact guidance (ideal_mse)"}  # fmt: skip
+BENEFIT_NOTE = (
+    "Benefit > 0: prior=base did better than the fine-tune's own ∅ branch (prior=self). A finding is a benefit whose "
+    '95% interval over seeds excludes 0 in a condition that passed its validity checks. "Detectable" is the '
+    "smallest benefit a paired t-test over these seeds finds with 80% power (two-sided 5%), from the spread of the "
+    "per-seed benefits."
+)
+IDEAL_NOTE = (
+    "ideal_mse is the mean squared distance of each sample to the sample that guidance with the true scores gives "
+    "from the same noise, at the same scale and with the same sampler: unlike the NLL, which samples collapsing onto "
+    "the modes lower, it asks which prior guides closer to exact guidance."
+)
+
+
+def benefits(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The swap's benefit per condition and w ≠ 1, signed so that > 0 means prior=base did better: metric(self) −
+    metric(base) for lower-is-better metrics, the reverse for accuracy, precision and recall. Columns of
+    `paired_difference` plus `mde`, the smallest benefit 3+ seeds detect with 80% power (over seeds)."""
+    diffs = paired_difference(final_rows(frame), metric, condition_keys(frame))
+    diffs = diffs[diffs["guidance_scale"] != 1].copy()  # identical by construction: scale 1 never uses the prior
+    if metric in HIGHER_IS_BETTER:
+        diffs["estimate"] = diffs["estimate"].map(_negate)
+        diffs["over_samples"] = diffs["over_samples"].map(lambda e: None if e is None else _negate(e))
+        diffs["per_seed"] = diffs["per_seed"].map(lambda v: -v)
+    diffs["mde"] = diffs["per_seed"].map(power_estimate)
+    return diffs
+
+
+def _negate(e: Estimate) -> Estimate:
+    return Estimate(-e.mean, -e.hi, -e.lo, e.n)
 
 
 def statements(frame: pd.DataFrame, metric: str = "fd") -> list[str]:
-    """One sentence per dropout rate: where the base prior helps, hurts, or is within noise (paired over seeds).
-
-    The difference is metric(self) − metric(base); the base helps where it is positive for lower-is-better
-    metrics (FD, KID, NLL) and negative for higher-is-better ones (accuracy, precision, recall).
-    """
-    diffs = paired_difference(final_rows(frame), metric)
-    sign = -1 if metric in HIGHER_IS_BETTER else 1
+    """One sentence per condition: where the base prior helps, hurts, or is within noise (paired over seeds)."""
+    keys = condition_keys(frame)
     out = []
-    for p, g in diffs.groupby("cond_dropout"):
+    for cond, g in benefits(frame, metric).groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
         helps, hurts, noise = [], [], []
         for _, row in g.sort_values("guidance_scale").iterrows():
             est, w = row["estimate"], row["guidance_scale"]
-            if w == 1:
-                continue  # identical by construction: scale 1 never evaluates the prior
             text = f"w={_fmt_w(w)}: {est}"
-            (helps if est.excludes_zero and sign * est.mean > 0 else hurts if est.excludes_zero else noise).append(text)
+            (helps if est.excludes_zero and est.mean > 0 else hurts if est.excludes_zero else noise).append(text)
         n = int(g["estimate"].iloc[0].n) if len(g) else 0
-        parts = [f"**cond_dropout={p:g}** ({n} seeds; {metric.upper()}(self) − {metric.upper()}(base), mean [95% CI]):"]
+        parts = [f"**{_cond_label(keys, cond)}** ({n} seeds; the swap's benefit in {metric.upper()}, mean [95% CI "
+                 "over seeds], > 0: prior=base better):"]  # fmt: skip
         parts.append(f"the base prior helps at {'; '.join(helps)}." if helps else "the base prior helps at no scale.")
         if hurts:
             parts.append(f"It hurts at {'; '.join(hurts)}.")
@@ -75,14 +119,104 @@ def statements(frame: pd.DataFrame, metric: str = "fd") -> list[str]:
     return out
 
 
+def summary(frame: pd.DataFrame, validity: Validity, metric: str) -> list[str]:
+    """One line counting the valid conditions where the base prior helps at every scale where a difference was
+    found, hurts, or shows no difference, naming them."""
+    keys = condition_keys(frame)
+    groups: dict[str, list[str]] = {"helps": [], "hurts": [], "helps at some scales and hurts at others": [],
+                                    "shows no difference": []}  # fmt: skip
+    for cond, g in benefits(frame, metric).groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        if not validity.valid(cond):
+            continue
+        seen = [e.mean for e in g["estimate"] if e.excludes_zero]
+        kind = ("shows no difference" if not seen else "helps" if min(seen) > 0 else "hurts" if max(seen) < 0
+                else "helps at some scales and hurts at others")  # fmt: skip
+        groups[kind].append(_cond_label(keys, cond))
+    total = sum(len(v) for v in groups.values())
+    if not total:
+        return []
+    parts = [f"{kind} in {len(v)} ({'; '.join(v)})" for kind, v in groups.items() if v]
+    return [f"**Summary over the {total} conditions that passed**: the base prior {', '.join(parts)}.", ""]
+
+
+def findings(frame: pd.DataFrame, validity: Validity, metric: str) -> tuple[list[str], pd.DataFrame]:
+    """The statements a valid condition supports, and the table of every benefit with both intervals and the
+    smallest detectable benefit. Invalid conditions get one line saying why nothing is concluded there."""
+    keys = condition_keys(frame)
+    table, lines = [], []
+    name = metric.upper()
+    for cond, g in benefits(frame, metric).groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        label = _cond_label(keys, cond)
+        valid = validity.valid(cond)
+        for _, row in g.sort_values("guidance_scale").iterrows():
+            table.append({"condition": label, "w": _fmt_w(row["guidance_scale"]),
+                          "benefit [CI over seeds]": str(row["estimate"]),
+                          "[CI over samples]": _interval(row["over_samples"]),
+                          "detectable (80% power)": f"{row['mde']:.3g}" if not math.isnan(row["mde"]) else "—",
+                          "conclusive": "yes" if valid else "no (validity)"})  # fmt: skip
+        if not valid:
+            lines.append(f"**{label}**: no conclusion ({_why_not(validity, cond)}).")
+            continue
+        seen = [r for _, r in g.iterrows() if r["estimate"].excludes_zero]
+        samples_only = [r for _, r in g.iterrows() if not r["estimate"].excludes_zero and r["over_samples"] is not None
+                        and r["over_samples"].excludes_zero]  # fmt: skip
+        if seen:
+            parts = [f"w={_fmt_w(r['guidance_scale'])}: {'+' if r['estimate'].mean > 0 else ''}{r['estimate']}"
+                     for r in seen]  # fmt: skip
+            helps = all(r["estimate"].mean > 0 for r in seen)
+            hurts = all(r["estimate"].mean < 0 for r in seen)
+            verb = "helps" if helps else "hurts" if hurts else "helps or hurts by scale"
+            lines.append(f"**{label}**: the base prior {verb} ({name}, > 0: better with the base; 95% CI over "
+                         f"{int(g['estimate'].iloc[0].n)} seeds) at {'; '.join(parts)}.")  # fmt: skip
+        else:
+            mde = g["mde"].dropna()
+            power = (
+                f"; with these seeds a benefit below {mde.median():.3g} (median over w) would go unseen"
+                if len(mde)
+                else ""
+            )
+            lines.append(f"**{label}**: no difference between the priors excludes 0 over seeds{power}.")
+        if samples_only:
+            ws = ", ".join(_fmt_w(r["guidance_scale"]) for r in samples_only)
+            lines.append(
+                f"  - at w={ws} the interval over samples excludes 0 but the one over seeds does not: "
+                "a difference of these trained models, not shown to survive another training run."
+            )
+    return lines, pd.DataFrame(table)
+
+
+def _interval(e: Estimate | None) -> str:
+    return "—" if e is None else f"[{e.lo:.3g}, {e.hi:.3g}]"
+
+
+def _why_not(validity: Validity, cond: tuple) -> str:
+    reasons = [] if validity.study_valid else ["the base did not converge"]
+    rows = validity.conditions[validity.conditions["condition"] == cond]
+    if rows.empty:
+        return "; ".join(reasons) or "not evaluated"
+    row = rows.iloc[0]
+    if not row["learned"]:
+        extra = f", excess NLL {row['nll_excess']:.2f} nats" if not math.isnan(row["nll_excess"]) else ""
+        reasons.append(f"the fine-tunes did not learn their conditions: accuracy {row['accuracy']:.3f}, chance "
+                       f"{row['chance']:.3f}{extra}")  # fmt: skip
+    if not row["enough_seeds"]:
+        reasons.append(f"{row['seeds']} seeds, fewer than needed")
+    return "; ".join(reasons)
+
+
 def drift_statement(frame: pd.DataFrame) -> list[str]:
     final = final_rows(frame)
+    keys = condition_keys(frame)
     out = []
-    for p, g in final.groupby("cond_dropout"):
+    for cond, g in final.groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
         dis = mean_ci(g[g["metric"] == "disagreement/all"]["value"])
         ls = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == "self")]["value"])
         lb = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == "base")]["value"])
-        out.append(f"cond_dropout={p:g}: disagreement with the base {dis}; held-out ∅ loss self {ls} vs base {lb}.")
+        out.append(f"{_cond_label(keys, cond)}: disagreement with the base {dis}; held-out ∅ loss self {ls} vs "
+                   f"base {lb}.")  # fmt: skip
     return out
 
 
@@ -98,36 +232,99 @@ def interval_note(num_seeds: int) -> str:
     if num_seeds < 2:
         return f"with {num_seeds} seed there are no intervals over seeds (values show n=1)."
     t = float(stats.t.ppf(0.975, num_seeds - 1))
-    return (f"intervals are 95% Student-t over seeds: with {num_seeds} seeds t = {t:.3g}, so each half-width is "
-            f"{t / math.sqrt(num_seeds):.3g} standard deviations of the per-seed values.")  # fmt: skip
+    return (f"intervals are 95% Student-t over seeds unless marked \"over samples\": with {num_seeds} seeds t = "
+            f"{t:.3g}, so each half-width is {t / math.sqrt(num_seeds):.3g} standard deviations of the per-seed "
+            "values.")  # fmt: skip
+
+
+def validity_lines(validity: Validity, metric: str) -> list[str]:
+    """The validity section: the checks with their numbers, the verdict, the per-condition table."""
+    lines = ["## Validity: can this study answer its question?", "",
+             "| check | measured | target | result |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {c.name} | {c.value} | {c.target} | {c.mark} |" for c in validity.checks]
+    lines.append("")
+    failed = [c for c in validity.checks if c.passed is False]
+    if not failed and validity.study_valid and len(validity.conditions) and validity.conditions["valid"].all():
+        lines.append("**Every check passed**: the findings below are results of this design, within the intervals "
+                     "stated.")  # fmt: skip
+    for c in failed:
+        lines.append(f"- **{c.name} failed**: {c.value}. {c.failure[:1].upper()}{c.failure[1:]}.")
+    if not validity.study_valid:
+        lines.append("- **No conclusion about priors can be drawn from this study.**")
+    elif len(validity.conditions) and not validity.conditions["valid"].any():
+        row = validity.conditions.loc[validity.conditions["accuracy"].idxmin()]
+        lines.append(f"- **No conclusion about priors can be drawn from this study**: no condition passed "
+                     f"(the lowest accuracy {row['accuracy']:.3f}, chance {row['chance']:.3f}).")  # fmt: skip
+    lines += [*[f"- {n}" for n in validity.notes], ""]
+    if len(validity.conditions):
+        table = validity.conditions.copy()
+        table["condition"] = [_cond_label(validity.keys, c) for c in table["condition"]]
+        for col in ("accuracy", "accuracy_w1", "chance", "nll_excess"):
+            table[col] = table[col].map(lambda v: f"{v:.3g}")
+        columns = {"condition": "condition", "seeds": "seeds",
+                   "accuracy": f"lowest accuracy at the best prior and w ({metric.upper()})",
+                   "accuracy_w1": "lowest accuracy unguided", "chance": "chance", "nll_excess": "excess NLL at w=1",
+                   "best w self": "best w self", "best w base": "best w base", "w inside grid": "w inside grid",
+                   "valid": "findings stated"}  # fmt: skip
+        table = table[list(columns)].rename(columns=columns)
+        if (table["excess NLL at w=1"] == "nan").all():
+            table = table.drop(columns="excess NLL at w=1")
+        lines += [_markdown_table(table), ""]
+    return lines
 
 
 def build_report(study_dir: str | Path) -> Path:
-    """Rebuild figures and report.md from results.csv, and figure (e) from the sample grids in the run folders."""
+    """Rebuild figures and report.md from results.csv (with the run folders where present: the base's loss curve
+    and the sample grids); the validity checks come first and gate every conclusion."""
     study_dir = Path(study_dir)
     frame = load_results(study_dir)
     fig_dir = study_dir / "figures"
     meta = json.loads((study_dir / "study.json").read_text()) if (study_dir / "study.json").exists() else {}
     final = final_rows(frame)
     axes = axis_columns(frame)
+    metric = study_metric(frame)
+    validity = check_study(study_dir, frame, meta.get("validity"))
     rates = ", ".join(f"{p:g}" for p in sorted(frame["cond_dropout"].unique()))
     scales = ", ".join(_fmt_w(w) for w in sorted(final["guidance_scale"].dropna().unique()))
     conditions = "".join(f"{a} ∈ {{{', '.join(map(str, sorted(frame[a].unique(), key=str)))}}}, " for a in axes)
+    base_seeds = meta.get("base_seeds")
+    bases = (f" Each fine-tune seed starts from its own base: base seeds {base_seeds}, dealt out in turn, so the "
+             "intervals over seeds include the base's training noise." if base_seeds else
+             " Every fine-tune starts from one base, so the intervals over seeds do not include the base's training "
+             "noise.")  # fmt: skip
     lines = [
         f"# Study {meta.get('name', study_dir.name)} (preset {meta.get('preset', '?')})",
         "",
         f"{final['run'].nunique()} fine-tunes: {conditions}cond_dropout ∈ {{{rates}}}, "
-        f"seeds {sorted(frame['seed'].unique().tolist())}; guidance scales {{{scales}}}. "
-        f"FD, KID, precision and recall use the study's evaluator features; {interval_note(frame['seed'].nunique())} "
-        "Scale 1 never uses the prior, so both priors coincide there.",
+        f"seeds {sorted(frame['seed'].unique().tolist())}; guidance scales {{{scales}}}.{bases} "
+        f"Guidance scales are ranked by {metric.upper()}. FD, KID, precision and recall use the study's evaluator "
+        f'features; {interval_note(frame["seed"].nunique())} Intervals "over samples" pool each run\'s standard '
+        "error over its generated samples (a paired bootstrap for FD): they describe these trained models, not "
+        "another training run. Scale 1 never uses the prior, so both priors coincide there.",
         "",
+        *validity_lines(validity, metric),
     ]
-    made: dict[str, tuple[str, Path | None]] = {}
-    if not axes:
-        body, figs = _per_dropout_sections(study_dir, frame, fig_dir)
-        lines += body
-        made.update(figs)
-    swap_lines, swap_figs = _swap_sections(frame, fig_dir)
+    made: dict[str, tuple[str, Path | None]] = {
+        "v": (
+            "(v) the base's held-out ∅ loss during training",
+            figures.base_curves(study_dir, fig_dir / "v_base_loss.png"),
+        )
+    }
+    for m in comparison_metrics(frame):
+        found, table = findings(frame, validity, m)
+        note = f"{BENEFIT_NOTE} {IDEAL_NOTE}" if m == "ideal_mse" else BENEFIT_NOTE
+        lines += [f"## Findings: the swap's benefit in {METRIC_NAMES.get(m, m)}", "", note, "",
+                  *summary(frame, validity, m), *[f"- {line}" if not line.startswith("  ") else line for line in found],
+                  ""]  # fmt: skip
+        if len(table):
+            lines += ["<details><summary>Every condition and scale</summary>", "", _markdown_table(table), "",
+                      "</details>", ""]  # fmt: skip
+    made["h"] = ("(h) the swap's benefit at each prior's best w, per condition",
+                 figures.benefit_vs_dropout(frame, metric, fig_dir / "h_benefit_vs_dropout.png"))  # fmt: skip
+    body, figs = _per_condition_sections(study_dir, frame, fig_dir, metric)
+    lines += body
+    made.update(figs)
+    swap_lines, swap_figs = _swap_sections(frame, fig_dir, validity)
     lines += swap_lines
     made.update(swap_figs)
     lines += ["## Figures", ""]
@@ -137,11 +334,13 @@ def build_report(study_dir: str | Path) -> Path:
     return atomic.write_text(study_dir / "report.md", "\n".join(lines))
 
 
-def _per_dropout_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path) -> tuple[list[str], dict]:
-    """The headline, where-the-swap-helps and drift sections of a one-base study, with figures (a)–(e)."""
+def _per_condition_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path, metric: str) -> tuple[list, dict]:
+    """The headline and drift sections, with figures (a)–(e)."""
     made = {
-        "a": ("(a) FD vs guidance scale", figures.fd_vs_scale(frame, fig_dir / "a_fd_vs_scale.png")),
-        "b": ("(b) best FD vs dropout rate", figures.best_fd_vs_dropout(frame, fig_dir / "b_best_fd_vs_dropout.png")),
+        "a": (f"(a) {metric.upper()} vs guidance scale", figures.fd_vs_scale(frame, fig_dir / "a_fd_vs_scale.png",
+                                                                          metric)),
+        "b": (f"(b) best {metric.upper()} vs dropout rate",
+              figures.best_fd_vs_dropout(frame, fig_dir / "b_best_fd_vs_dropout.png", metric)),
         "c": ("(c) drift over fine-tuning", figures.drift(frame, fig_dir / "c_drift.png")),
         "d": ("(d) ∅ loss per timestep", figures.loss_per_timestep(frame, fig_dir / "d_loss_per_timestep.png")),
         "e": ("(e) samples, same seeds, prior=self | prior=base",
@@ -149,44 +348,66 @@ def _per_dropout_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path) -
     }  # fmt: skip
     final = final_rows(frame)
     lines = []
-    metrics = [m for m in ("fd", "nll") if (final["metric"] == m).any()]
-    for metric in metrics:
-        name = {"fd": "FD", "nll": "exact NLL of the samples under the true conditional density"}[metric]
-        lines += [f"## Headline: best {name} over guidance scales", "", _markdown_table(headline(frame, metric)), ""]
-    for metric in metrics:
-        lines += [f"## Where the base prior helps ({metric.upper()}, lower is better)", "",
-                  *[f"- {s}" for s in statements(frame, metric)], ""]  # fmt: skip
+    for m in [x for x in ("fd", "nll", "accuracy") if (final["metric"] == x).any()]:
+        name = {"fd": "FD", "nll": "exact NLL of the samples under the true conditional density",
+                "accuracy": "accuracy of the samples (evaluator)"}[m]  # fmt: skip
+        table = headline(frame, m)
+        lines += [f"## Headline: best {name} over guidance scales (mean [95% CI over seeds])", "",
+                  _markdown_table(table), ""]  # fmt: skip
+        if len(table) and ((table["w* self"] == "1") & (table["w* base"] == "1")).any():
+            lines += ["Where both priors are best at w=1 they coincide by construction (w=1 never uses the prior): "
+                      "guidance did not improve this metric there.", ""]  # fmt: skip
     lines += ["## Drift of the unconditional branch (final step)", "", *[f"- {s}" for s in drift_statement(frame)], ""]
     return lines, made
 
 
-def _swap_sections(frame: pd.DataFrame, fig_dir: Path) -> tuple[list[str], dict]:
-    """Per-condition table (several axes), the sign rule and auto/mix against the fixed priors, figures (f), (g)."""
-    metric = swap.benefit_metric(frame)
+def _swap_sections(frame: pd.DataFrame, fig_dir: Path, validity: Validity) -> tuple[list[str], dict]:
+    """The fitted priors' table, the sign rule and auto/mix against the fixed priors (over the conditions that
+    passed their validity checks), figures (f), (g)."""
+    metric = study_metric(frame)
     axes = axis_columns(frame)
+    keys = condition_keys(frame)
     points = swap.swap_points(frame, metric)
     lines: list[str] = []
     made: dict[str, tuple[str, Path | None]] = {}
-    if axes:
-        lines += [f"## Best {metric.upper()} over guidance scales per condition (mean [95% CI] over seeds)", "",
-                  _markdown_table(swap.condition_table(frame, metric)), ""]  # fmt: skip
+    if final_rows(frame)["prior"].isin(swap.FITTED).any():
+        lines += [f"## Best {metric.upper()} over guidance scales per condition, every prior (mean [95% CI] over "
+                  "seeds)", "", _markdown_table(swap.condition_table(frame, metric)), ""]  # fmt: skip
     if points.empty or points["log_ratio"].isna().all():
         return lines, made
+    conds = points[keys].apply(tuple, axis=1)
+    valid = conds.map(validity.valid)
+    left_out = int((~valid).sum())
+    points = points[valid]
+    lines += ["## When does the swap pay? The sign rule", ""]
+    if points.empty:
+        return [
+            *lines,
+            "Not tested: no condition passed its validity checks, so its benefits are not results.",
+            "",
+        ], made
     source = "calibration" if final_rows(frame)["metric"].str.startswith("calib_loss/").any() else "metric held-out"
-    rule = swap.sign_rule(points)
+    overall, per_scale = swap.sign_rule(points)
+    signs = set(np.sign(points["log_ratio"].dropna()).tolist()) - {0.0}
     lines += [
-        "## When does the swap pay? The sign rule",
-        "",
         f"Benefit = {metric.upper()}(self) − {metric.upper()}(base) at each fine-tune's final step and each w ≠ 1 "
         f"(> 0: the base prior helped). Loss ratio = mean over timestep buckets of log(L_self / L_base), the "
         f"held-out ∅ denoising losses on the {source} split (> 0: the base's loss is lower). The rule predicts "
         "equal signs. Intervals are Wilson 95% intervals treating points as independent; points of one run at "
-        "several scales are not, so read the per-scale counts too.",
+        "several scales are not, so read the per-scale counts too."
+        + (f" {left_out} points of conditions that failed their validity checks are left out." if left_out else ""),
         "",
-        f"- all scales: the sign rule held at {rule['all']}.",
-        *[f"- w={_fmt_w(w)}: {p}." for w, p in rule.items() if w != "all"],
+    ]  # fmt: skip
+    if len(signs) == 1:
+        lower, verb = ("the fine-tune's own", "did not help") if signs == {-1.0} else ("the base's", "helped")
+        lines += [f"**The loss ratio has one sign at every point ({lower} ∅ loss is the lower), so the rule is "
+                  f"tested on one side only**: each count below is just the share of points where the swap {verb}, "
+                  "not evidence that the ratio predicts the sign.", ""]  # fmt: skip
+    lines += [
+        f"- all scales: the sign rule held at {overall}.",
+        *[f"- w={_fmt_w(w)}: {p}." for w, p in per_scale.items()],
         *[f"- {key}={_fmt_axis(v)}: {p}." for key in [*axes, "cond_dropout"] if points[key].nunique() > 1
-          for v, p in swap.sign_rule(points, key).items() if v != "all"],
+          for v, p in swap.sign_rule(points, key)[1].items()],
         "- Spearman's ρ(log ratio, benefit) = {:.2f} (p = {:.2g}, n = {}).".format(*swap.rank_correlation(points)),
         "",
     ]  # fmt: skip

@@ -27,6 +27,8 @@ def parse_key(key: str) -> tuple[str, str, float]:
     eval/prior/disagreement/all              → ("disagreement/all", "", nan)
     eval/uncond/fd/model=base                → ("uncond_fd", "base", nan)
     eval/calib/loss/model=self/t=0-99        → ("calib_loss/t=0-99", "self", nan)
+    eval/diff/fd_se/prior=base/w=2.0         → ("diff_fd_se", "base", 2.0)   (SE of fd(self) − fd(base))
+    eval/cond/num_classes                    → ("num_classes", "", nan)
     """
     parts = key.split("/")[1:]
     prior, scale, rest = "", float("nan"), []
@@ -38,7 +40,7 @@ def parse_key(key: str) -> tuple[str, str, float]:
         else:
             rest.append(part)
     metric = "/".join(rest)
-    if parts[0] in ("uncond", "calib"):
+    if parts[0] in ("uncond", "calib", "diff"):
         metric = f"{parts[0]}_{metric}"
     return metric, prior, scale
 
@@ -80,9 +82,14 @@ def collect_results(study_dir: str | Path) -> pd.DataFrame:
 
 
 def _natural(column: pd.Series) -> pd.Series:
-    """Sort folder values numerically where they are all numbers (max_steps=50 before 400)."""
+    """Sort folder values numerically where they are numbers (max_steps=50 before 400), a word such as `all`
+    after every number (train_per_class=5, 20, all)."""
+    if column.dtype != object:
+        return column
     numeric = pd.to_numeric(column, errors="coerce")
-    return numeric if column.dtype == object and numeric.notna().all() else column
+    if numeric.isna().all():
+        return column
+    return numeric.fillna(float("inf"))
 
 
 def axis_columns(frame: pd.DataFrame) -> list[str]:

@@ -46,11 +46,6 @@ class Proportion:
         return f"{self.k} of {self.n} ({self.k / self.n:.0%}, 95% CI {lo:.0%}–{hi:.0%})"
 
 
-def benefit_metric(frame: pd.DataFrame) -> str:
-    """The exact NLL where the study has it (toy2d), FD otherwise."""
-    return "nll" if (frame["metric"] == "nll").any() else "fd"
-
-
 def log_ratios(final: pd.DataFrame) -> pd.Series:
     """Per run: the mean over timestep buckets of log(L_self / L_base) of the unconditional branches."""
     for prefix in ("calib_loss/t=", "loss/t="):
@@ -80,17 +75,15 @@ def swap_points(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return wide
 
 
-def sign_rule(points: pd.DataFrame, by: str = "guidance_scale") -> dict[object, Proportion]:
-    """How often sign(benefit) = sign(log_ratio), over all points ("all") and per value of column `by`.
+def sign_rule(points: pd.DataFrame, by: str = "guidance_scale") -> tuple[Proportion, dict[object, Proportion]]:
+    """How often sign(benefit) = sign(log_ratio): over all points, and per value of column `by`.
 
     Points with a zero benefit or ratio, or without a ratio, are left out."""
     usable = points.dropna(subset=["benefit", "log_ratio"])
     usable = usable[(usable["benefit"] != 0) & (usable["log_ratio"] != 0)]
     holds = np.sign(usable["benefit"]) == np.sign(usable["log_ratio"])
-    out: dict[object, Proportion] = {"all": Proportion(int(holds.sum()), len(usable))}
-    for value, g in holds.groupby(usable[by], sort=True):
-        out[value] = Proportion(int(g.sum()), len(g))
-    return out
+    per_value = {value: Proportion(int(g.sum()), len(g)) for value, g in holds.groupby(usable[by], sort=True)}
+    return Proportion(int(holds.sum()), len(usable)), per_value
 
 
 def rank_correlation(points: pd.DataFrame) -> tuple[float, float, int]:

@@ -1,0 +1,278 @@
+"""Can the study answer its question? The checks a report runs before it compares priors.
+
+A comparison of priors means something only where (1) the base it swaps in had converged, (2) the fine-tune
+learned the conditions it is guided towards, (3) the best guidance scale lies inside the grid, so that "best
+over w" is not cut off, and (4) the design has the seeds to see an effect of the size that matters. Each check
+gives its number and its threshold; a failing check says what cannot be concluded. Conditions (the study axes
+and cond_dropout) are judged one by one: a failing condition withholds its own findings, not the others'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+from priorlab.analysis.results import axis_columns, final_rows
+
+# The defaults of an experiment preset's `validity:` thresholds.
+THRESHOLDS = {
+    "min_accuracy": 0.9,  # generated-sample accuracy of every fine-tune at its best prior and w
+    "min_seeds": 3,  # seeds per condition before anything is concluded
+    "max_base_change": 0.02,  # relative change of the base's held-out ∅ loss over its last 20% of training
+    "max_nll_excess": 1.0,  # toy2d: NLL of unguided samples above the true conditional entropy, in nats
+    "max_ema_start": 0.01,  # the initial weights' share in the base's EMA at its end, decay^steps
+}
+LOWER_IS_BETTER = {"fd", "kid", "nll", "ideal_mse"}
+
+
+@dataclass
+class Check:
+    """One validity check: what was measured, against what, and what a failure means."""
+
+    name: str
+    passed: bool | None  # None: could not be measured
+    value: str
+    target: str
+    failure: str = ""  # the plain consequence when it fails
+
+    def __post_init__(self):
+        self.passed = None if self.passed is None else bool(self.passed)
+
+    @property
+    def mark(self) -> str:
+        return {True: "pass", False: "**FAIL**", None: "not measured"}[self.passed]
+
+
+@dataclass
+class Validity:
+    """The study-wide checks and, per condition, whether its findings may be stated and why not."""
+
+    checks: list[Check]
+    conditions: pd.DataFrame  # one row per condition: keys, seeds, accuracy, excess NLL, best w per prior, valid
+    keys: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def study_valid(self) -> bool:
+        """Whether no study-wide check failed (base convergence); conditions add their own verdicts."""
+        return all(c.passed is not False for c in self.checks if c.name.startswith("base"))
+
+    def valid(self, condition: tuple) -> bool:
+        if not self.study_valid:
+            return False
+        row = self.conditions[self.conditions["condition"] == condition]
+        return bool(len(row)) and bool(row["valid"].iloc[0])
+
+
+def study_metric(frame: pd.DataFrame) -> str:
+    """The metric a study ranks guidance scales by: exact NLL on toy2d, FD otherwise."""
+    return "nll" if (frame["metric"] == "nll").any() else "fd"
+
+
+def comparison_metrics(frame: pd.DataFrame) -> list[str]:
+    """The metrics the report compares the priors on: the study's metric, then on toy2d the distance to exact
+    guidance (`ideal_mse`), on images the accuracy, where the results hold them."""
+    second = "ideal_mse" if study_metric(frame) == "nll" else "accuracy"
+    return [m for m in (study_metric(frame), second) if (frame["metric"] == m).any()]
+
+
+def condition_keys(frame: pd.DataFrame) -> list[str]:
+    return [*axis_columns(frame), "cond_dropout"]
+
+
+def best_scales(frame: pd.DataFrame, metric: str, priors: tuple[str, ...] = ("self", "base")) -> pd.DataFrame:
+    """Per run at its final step: the prior and guidance scale at which it scores best, and the score there."""
+    final = final_rows(frame)
+    sub = final[(final["metric"] == metric) & final["prior"].isin(priors)].dropna(subset=["guidance_scale"])
+    if sub.empty:
+        return pd.DataFrame(columns=["run", "prior", "guidance_scale", "value"])
+    by_run = sub.groupby("run")["value"]
+    pick = by_run.idxmin() if metric in LOWER_IS_BETTER else by_run.idxmax()
+    return sub.loc[pick, ["run", "prior", "guidance_scale", "value"]].reset_index(drop=True)
+
+
+def _accuracy_at(final: pd.DataFrame, best: pd.DataFrame) -> pd.Series:
+    """The accuracy of each run at its best (prior, scale) in `best`, indexed by run."""
+    acc = final[final["metric"] == "accuracy"]
+    merged = best[["run", "prior", "guidance_scale"]].merge(acc, on=["run", "prior", "guidance_scale"], how="left")
+    return merged.set_index("run")["value"]
+
+
+def base_runs(study_dir: Path) -> list[Path]:
+    """The study's finished base runs (base/, base/<name>/, base/seed=<b>/, ...)."""
+    root = study_dir / "base"
+    return sorted(p.parent for p in root.rglob("done.json")) if root.exists() else []
+
+
+def base_curve(run_dir: Path) -> pd.DataFrame:
+    """The base's held-out ∅ loss at each validation (columns step, loss), steps counted from 1."""
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=["step", "loss"])
+    log = pd.read_csv(path)
+    if "val/loss_uncond" not in log:
+        return pd.DataFrame(columns=["step", "loss"])
+    rows = log.dropna(subset=["val/loss_uncond"])
+    return pd.DataFrame({"step": rows["step"].astype(int) + 1, "loss": rows["val/loss_uncond"].astype(float)})
+
+
+def base_change(curve: pd.DataFrame, max_steps: int) -> tuple[float, int, int] | None:
+    """|L(80%) − L(end)| / L(end) of a base's held-out loss, with the two steps; None without a validation in
+    the first 80% of training."""
+    early = curve[curve["step"] <= 0.8 * max_steps]
+    if early.empty or curve.empty:
+        return None
+    a, b = early.iloc[-1], curve.iloc[-1]
+    return abs(a["loss"] - b["loss"]) / b["loss"], int(a["step"]), int(b["step"])
+
+
+def check_bases(study_dir: Path, thresholds: dict) -> list[Check]:
+    """One check per base: the last 20% of its training changed its held-out ∅ loss by less than the threshold."""
+    limit = thresholds["max_base_change"]
+    runs = base_runs(study_dir)
+    if not runs:
+        return [Check("base converged", None, "no finished base run found beside results.csv",
+                      f"change over the last 20% < {limit:.0%}")]  # fmt: skip
+    out = []
+    for run in runs:
+        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+        max_steps = int((config.get("trainer") or {}).get("max_steps") or 0)
+        found = base_change(base_curve(run), max_steps) if max_steps else None
+        name = f"base converged ({run.relative_to(study_dir).as_posix()})"
+        target = (f"< {limit:.0%} over the last 20% of {max_steps} steps; EMA start weight < "
+                  f"{thresholds['max_ema_start']:.0%}")  # fmt: skip
+        if found is None:
+            out.append(Check(name, None, "no held-out loss before 80% of training (validate more often)", target))
+            continue
+        change, a, b = found
+        # The held-out loss is measured on the EMA weights: a run shorter than the average's memory barely moves
+        # them, and a flat curve would then say nothing. decay^steps is the initial weights' share at the end.
+        decay = float(((config.get("callbacks") or {}).get("ema") or {}).get("decay") or 0.0)
+        start_share = decay**max_steps
+        value = f"held-out ∅ loss changed {change:.1%} from step {a} to {b}"
+        if start_share >= thresholds["max_ema_start"]:
+            value += f"; the EMA still holds {start_share:.0%} of the initial weights (decay {decay:g})"
+        out.append(Check(name, change < limit and start_share < thresholds["max_ema_start"], value, target,
+                         "the base was still improving (or too short to tell): its prior is an undertrained model, "
+                         "so a swap's benefit or harm says little about a converged base"))  # fmt: skip
+    return out
+
+
+def power_estimate(differences: np.ndarray, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest mean difference a paired t-test over these n per-seed differences detects with `power` at
+    two-sided level `alpha`: (t_{1−α/2} + t_{power}) · sd / √n, with n − 1 degrees of freedom (nan for n < 2)."""
+    d = np.asarray(differences, dtype=float)
+    d = d[~np.isnan(d)]
+    if len(d) < 2:
+        return float("nan")
+    dof = len(d) - 1
+    return float((stats.t.ppf(1 - alpha / 2, dof) + stats.t.ppf(power, dof)) * d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def check_conditions(frame: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, list[str]]:
+    """Per condition: its seeds, the lowest accuracy of its fine-tunes at their best (prior, w), the largest
+    excess NLL at w = 1 (toy2d), the best w of each prior (mean over seeds) and whether that lies inside the grid;
+    `valid` when it has the seeds and every fine-tune learned its conditions."""
+    final = final_rows(frame)
+    metric = study_metric(frame)
+    keys = condition_keys(frame)
+    runs = final.drop_duplicates("run")[["run", *keys, "seed"]]
+    best = best_scales(frame, metric).merge(runs, on="run")
+    best["accuracy"] = best["run"].map(_accuracy_at(final, best))
+    classes = final[final["metric"] == "num_classes"].groupby("run")["value"].first()
+    entropy = final[final["metric"] == "entropy"].groupby("run")["value"].first()
+    unguided = final[(final["metric"] == "nll") & (final["prior"] == "self") & (final["guidance_scale"] == 1)]
+    excess = unguided.groupby("run")["value"].first() - entropy
+    acc_w1 = final[(final["metric"] == "accuracy") & (final["prior"] == "self") & (final["guidance_scale"] == 1)]
+    acc_w1 = acc_w1.groupby("run")["value"].first()
+    grid = sorted(final["guidance_scale"].dropna().unique())
+    rows, notes = [], []
+    for cond, g in best.groupby(keys, sort=True):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        row = dict(zip(keys, cond, strict=True))
+        row["condition"] = cond
+        row["seeds"] = g["seed"].nunique()
+        row["accuracy"] = float(g["accuracy"].min())
+        row["accuracy_w1"] = float(acc_w1.reindex(g["run"]).min()) if len(acc_w1) else float("nan")
+        k = classes.reindex(g["run"]).dropna()
+        row["chance"] = float(1 / k.iloc[0]) if len(k) else float("nan")
+        row["nll_excess"] = float(excess.reindex(g["run"]).max()) if len(excess) else float("nan")
+        learned = row["accuracy"] >= thresholds["min_accuracy"]
+        if not math.isnan(row["nll_excess"]):
+            learned = learned and row["nll_excess"] <= thresholds["max_nll_excess"]
+        row["learned"] = bool(learned)
+        row["enough_seeds"] = row["seeds"] >= thresholds["min_seeds"]
+        interior = True
+        for prior in ("self", "base"):
+            w = _best_mean_scale(final, g["run"], metric, prior)
+            row[f"best w {prior}"] = w
+            at_top = w is not None and len(grid) > 1 and w == grid[-1]
+            at_bottom_guided = w is not None and w == grid[0] and grid[0] != 1
+            interior = interior and not (at_top or at_bottom_guided)
+        row["w inside grid"] = interior
+        row["valid"] = row["learned"] and row["enough_seeds"]
+        rows.append(row)
+    if not rows:
+        notes.append("no fine-tune has an evaluation with prior=self at its final step")
+    return pd.DataFrame(rows), notes
+
+
+def _best_mean_scale(final: pd.DataFrame, runs: pd.Series, metric: str, prior: str) -> float | None:
+    sub = final[(final["metric"] == metric) & (final["prior"] == prior) & final["run"].isin(runs)]
+    mean = sub.groupby("guidance_scale")["value"].mean()
+    if mean.empty:
+        return None
+    return float(mean.idxmin() if metric in LOWER_IS_BETTER else mean.idxmax())
+
+
+def check_study(study_dir: str | Path, frame: pd.DataFrame, thresholds: dict | None = None) -> Validity:
+    """Every validity check of a study: the bases from their run folders, the fine-tunes from the results."""
+    thresholds = {**THRESHOLDS, **(thresholds or {})}
+    conditions, notes = check_conditions(frame, thresholds)
+    checks = check_bases(Path(study_dir), thresholds)
+    if len(conditions):
+        worst = conditions.loc[conditions["accuracy"].idxmin()]
+        n_bad = int((~conditions["learned"]).sum())
+        checks.append(Check(
+            "fine-tunes learned their conditions", n_bad == 0,
+            f"lowest accuracy at the best prior and w {worst['accuracy']:.3f} "
+            f"({_cond_text(worst, condition_keys(frame))}); "
+            f"chance {worst['chance']:.3f}; {n_bad} of {len(conditions)} conditions below",
+            f"≥ {thresholds['min_accuracy']:g} for every fine-tune",
+            "where a fine-tune did not learn its conditions, guidance has nothing to steer towards and no "
+            "conclusion about priors can be drawn"))  # fmt: skip
+        if conditions["nll_excess"].notna().any():
+            worst = conditions.loc[conditions["nll_excess"].idxmax()]
+            checks.append(Check(
+                "unguided samples match the true conditionals (toy2d)",
+                bool((conditions["nll_excess"] <= thresholds["max_nll_excess"]).all()),
+                f"largest NLL at w=1 above the true conditional entropy: {worst['nll_excess']:.2f} nats",
+                f"≤ {thresholds['max_nll_excess']:g} nats", "the conditional branch is far from the true "
+                "conditionals"))  # fmt: skip
+        few = conditions[~conditions["enough_seeds"]]
+        checks.append(
+            Check(
+                "seeds per condition",
+                few.empty,
+                f"{int(conditions['seeds'].min())} (fewest)",
+                f"≥ {thresholds['min_seeds']:g}",
+                "with fewer seeds the intervals over seeds are too wide to conclude",
+            )
+        )
+        edge = conditions[~conditions["w inside grid"]]
+        checks.append(Check(
+            "best w inside the grid", edge.empty,
+            "every condition" if edge.empty else f"{len(edge)} of {len(conditions)} conditions at an edge",
+            "best w (mean over seeds) below the largest scale, and no guided scale best at the lowest",
+            "the best-over-w comparison is cut off by the grid; per-w comparisons still stand"))  # fmt: skip
+    return Validity(checks, conditions, condition_keys(frame), notes)
+
+
+def _cond_text(row, keys: list[str]) -> str:
+    return ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys)

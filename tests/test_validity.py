@@ -1,0 +1,174 @@
+"""The study's self-checks and its intervals: validity checks on built cases, paired intervals by hand."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from priorlab.analysis.figures import _band, metric_range
+from priorlab.analysis.report import benefits, findings
+from priorlab.analysis.stats import paired_difference, pooled_over_samples
+from priorlab.analysis.validity import (
+    THRESHOLDS,
+    base_change,
+    check_bases,
+    check_conditions,
+    check_study,
+    power_estimate,
+)
+from priorlab.evaluation.core import EvalSettings, Scored, paired_scores
+from priorlab.evaluation.metrics import frechet_distance
+
+
+def _rows(run, p, seed, values, metric, priors=("self", "base")):
+    """values: {w: (self, base)} → tidy rows of one run's final step."""
+    out = []
+    for w, pair in values.items():
+        for prior, v in zip(priors, pair, strict=True):
+            out.append({"run": run, "cond_dropout": p, "seed": seed, "step": 10, "prior": prior,
+                        "guidance_scale": w, "metric": metric, "value": v})  # fmt: skip
+    return out
+
+
+def _frame(acc=0.97, fd_self=(5.0, 4.0, 3.0), fd_base=(5.0, 3.5, 2.5), seeds=(0, 1, 2), jitter=0.1):
+    """A study of one condition: FD at w = 1, 2, 3 for both priors, accuracy `acc` everywhere, 10 classes."""
+    rows = []
+    for s in seeds:
+        run = f"finetune/p=0.1/seed={s}"
+        fd = {w: (a + jitter * s, b + jitter * s * 0.5) for w, a, b in zip((1.0, 2.0, 3.0), fd_self, fd_base,
+                                                                             strict=True)}  # fmt: skip
+        rows += _rows(run, 0.1, s, fd, "fd")
+        rows += _rows(run, 0.1, s, {w: (acc, acc) for w in (1.0, 2.0, 3.0)}, "accuracy")
+        rows.append({"run": run, "cond_dropout": 0.1, "seed": s, "step": 10, "prior": "", "guidance_scale": np.nan,
+                     "metric": "num_classes", "value": 10.0})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_a_fine_tune_at_chance_fails_the_learned_check_and_states_no_conclusion(tmp_path):
+    frame = _frame(acc=0.12)
+    conditions, _ = check_conditions(frame, THRESHOLDS)
+    row = conditions.iloc[0]
+    assert not row["learned"] and not row["valid"] and row["chance"] == pytest.approx(0.1)
+    validity = check_study(tmp_path, frame)
+    learned = next(c for c in validity.checks if c.name == "fine-tunes learned their conditions")
+    assert learned.passed is False and "0.120" in learned.value and "chance 0.100" in learned.value
+    lines, table = findings(frame, validity, "fd")
+    assert lines == ["**p=0.1**: no conclusion (the fine-tunes did not learn their conditions: accuracy 0.120, "
+                     "chance 0.100)."]  # fmt: skip
+    assert set(table["conclusive"]) == {"no (validity)"}
+    assert validity.valid((0.1,)) is False and check_conditions(_frame(acc=0.95), THRESHOLDS)[0]["valid"].all()
+
+
+def test_too_few_seeds_and_a_best_scale_at_the_grid_edge_are_flagged():
+    conditions, _ = check_conditions(_frame(seeds=(0, 1)), THRESHOLDS)
+    assert conditions.iloc[0]["seeds"] == 2 and not conditions.iloc[0]["enough_seeds"]
+    assert not conditions.iloc[0]["valid"]
+    # FD still falling at w = 3, the largest scale: the best over w is cut off by the grid
+    assert not conditions.iloc[0]["w inside grid"]
+    inside, _ = check_conditions(_frame(fd_self=(5.0, 3.0, 4.0), fd_base=(5.0, 2.0, 3.0)), THRESHOLDS)
+    assert inside.iloc[0]["w inside grid"] and inside.iloc[0]["best w self"] == 2.0
+    # no guidance best (w = 1 is the natural lower end) is a result, not a cut-off grid
+    unguided, _ = check_conditions(_frame(fd_self=(3.0, 4.0, 5.0), fd_base=(3.0, 4.0, 5.0)), THRESHOLDS)
+    assert unguided.iloc[0]["w inside grid"]
+
+
+def _base_run(folder, losses, steps, max_steps, decay=0.99):
+    folder.mkdir(parents=True)
+    rows = [{"epoch": 0, "step": s - 1, "val/loss_uncond": v} for s, v in zip(steps, losses, strict=True)]
+    pd.DataFrame(rows).to_csv(folder / "metrics.csv", index=False)
+    (folder / "config.yaml").write_text(f"trainer:\n  max_steps: {max_steps}\ncallbacks:\n  ema:\n    decay: {decay}\n")
+    (folder / "done.json").write_text("{}")
+
+
+def test_base_convergence_is_the_change_over_the_last_fifth_of_training(tmp_path):
+    curve = pd.DataFrame({"step": [200, 400, 600, 800, 1000], "loss": [1.0, 0.6, 0.52, 0.50, 0.495]})
+    change, a, b = base_change(curve, 1000)
+    assert (a, b) == (800, 1000) and change == pytest.approx(0.005 / 0.495)
+    assert base_change(curve[curve["step"] > 800], 1000) is None  # nothing before 80%: not measurable
+    _base_run(tmp_path / "base/seed=0", [1.0, 0.6, 0.52, 0.50, 0.495], [200, 400, 600, 800, 1000], 1000)
+    _base_run(tmp_path / "base/seed=1", [1.0, 0.8, 0.7, 0.6, 0.5], [200, 400, 600, 800, 1000], 1000)
+    checks = check_bases(tmp_path, THRESHOLDS)
+    assert [c.passed for c in checks] == [True, False]
+    assert "changed 20.0% from step 800 to 1000" in checks[1].value
+    validity = check_study(tmp_path, _frame())
+    assert not validity.study_valid and not validity.valid((0.1,))  # an unconverged base voids every condition
+    # a flat curve from a base shorter than its EMA's memory says nothing: 0.999^1000 = 37% initial weights
+    _base_run(tmp_path / "short/base", [1.0, 1.0, 1.0, 1.0, 1.0], [200, 400, 600, 800, 1000], 1000, decay=0.999)
+    (short,) = check_bases(tmp_path / "short", THRESHOLDS)
+    assert short.passed is False and "the EMA still holds 37% of the initial weights" in short.value
+
+
+def test_paired_intervals_over_seeds_and_over_samples_match_a_hand_computation():
+    rows = []
+    diffs, ses = [1.0, 2.0, 4.0], [0.3, 0.4, 0.5]
+    for seed, (d, se) in enumerate(zip(diffs, ses, strict=True)):
+        run = f"r{seed}"
+        rows += _rows(run, 0.0, seed, {2.0: (10.0 + d, 10.0)}, "fd")
+        rows.append({"run": run, "cond_dropout": 0.0, "seed": seed, "step": 10, "prior": "base",
+                     "guidance_scale": 2.0, "metric": "diff_fd_se", "value": se})  # fmt: skip
+    out = paired_difference(pd.DataFrame(rows), "fd").iloc[0]
+    mean, sd = np.mean(diffs), np.std(diffs, ddof=1)
+    half = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)  # 4.303 · sd / √3
+    assert out["estimate"].mean == pytest.approx(7 / 3)
+    assert (out["estimate"].lo, out["estimate"].hi) == pytest.approx((mean - half, mean + half))
+    pooled = 1.959964 * math.sqrt(0.3**2 + 0.4**2 + 0.5**2) / 3  # normal, SE = √(Σ se²) / n
+    assert (out["over_samples"].lo, out["over_samples"].hi) == pytest.approx((mean - pooled, mean + pooled), abs=1e-5)
+    assert pooled_over_samples([1.0, np.nan], [0.1, 0.2]).n == 1
+    # power: (t_.975 + t_.80) with n − 1 degrees of freedom, times sd / √n
+    assert power_estimate(np.array(diffs)) == pytest.approx((4.302653 + 1.060660) * sd / math.sqrt(3), rel=1e-5)
+    assert math.isnan(power_estimate(np.array([1.0])))
+    b = benefits(pd.DataFrame(rows), "fd").iloc[0]
+    assert b["estimate"].mean == pytest.approx(7 / 3) and b["mde"] == pytest.approx(power_estimate(np.array(diffs)))
+
+
+def test_benefit_of_accuracy_is_signed_so_that_positive_means_the_base_helped():
+    rows = []
+    for seed in range(3):
+        rows += _rows(f"r{seed}", 0.0, seed, {2.0: (0.8, 0.9 + 0.01 * seed)}, "accuracy")
+    est = benefits(pd.DataFrame(rows), "accuracy").iloc[0]["estimate"]
+    assert est.mean == pytest.approx(0.11) and est.lo < est.mean < est.hi
+
+
+def test_paired_standard_errors_over_samples():
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    correct_self = (torch.rand(n, generator=g) < 0.6).double()
+    correct_base = (torch.rand(n, generator=g) < 0.8).double()
+    nll_self, nll_base = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g,
+                                                                                       dtype=torch.float64)  # fmt: skip
+    feats = torch.randn(n, 4, generator=g)
+    ref = torch.randn(2000, 4, generator=g)
+    scored = {("self", 2.0): Scored(feats, {"accuracy": correct_self, "nll": nll_self}),
+              ("base", 2.0): Scored(feats + 0.5, {"accuracy": correct_base, "nll": nll_base})}  # fmt: skip
+    out = paired_scores(scored, ref, EvalSettings(bootstrap=300))
+    d = correct_self - correct_base
+    assert out["eval/diff/accuracy_se/prior=base/w=2.0"] == pytest.approx(float(d.std() / math.sqrt(n)))
+    assert out["eval/diff/nll_se/prior=base/w=2.0"] == pytest.approx(float((nll_self - nll_base).std() / math.sqrt(n)))
+    # bootstrap SE of FD: the same order as the spread of FD over independent sample sets of this size
+    direct = [frechet_distance(torch.randn(n, 4, generator=g) + 0.5, ref) for _ in range(60)]
+    se = out["eval/cond/fd_se/prior=base/w=2.0"]
+    assert 0.5 * np.std(direct) < se < 2.0 * np.std(direct)
+    assert out["eval/diff/fd_se/prior=base/w=2.0"] > 0 and "eval/diff/fd_se/prior=self/w=2.0" not in out
+    assert "eval/cond/fd_se/prior=self/w=2.0" in out
+    assert not any("diff" in k for k in paired_scores({("self", 1.0): scored[("self", 2.0)]}, ref, EvalSettings()))
+
+
+def test_bands_never_leave_the_metric_range():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    _band(ax, [1, 2], [[0.01, 0.5, 0.02], [0.99, 0.5, 0.98]], "acc", "k", metric_range("accuracy"))
+    ys = np.concatenate([path.vertices[:, 1] for path in ax.collections[0].get_paths()])
+    assert ys.min() >= 0.0 and ys.max() <= 1.0
+    plt.close(fig)
+    assert metric_range("loss/all") == (0.0, np.inf) and metric_range("nll") == (-np.inf, np.inf)
+
+
+def test_study_json_thresholds_reach_the_checks(tmp_path):
+    (tmp_path / "study.json").write_text(json.dumps({"validity": {**THRESHOLDS, "min_accuracy": 0.99}}))
+    validity = check_study(tmp_path, _frame(acc=0.97), json.loads((tmp_path / "study.json").read_text())["validity"])
+    assert not validity.conditions.iloc[0]["learned"]
