@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run a study in pieces of at most LIMIT seconds, as on a lent GPU machine whose commands are cut at 10 minutes:
+# each piece resumes the study (finished runs are skipped, unfinished ones resume from their last checkpoint) and
+# ends by packing what the study has written so far into OUT/study.tgz (results.csv, report.md, study.json,
+# figures, the bases' loss logs and the first seed's sample grids, from which `priorlab report` rebuilds the
+# report), the layout of results/<study>/.
+#
+#   experiments/run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]        e.g. experiments/run_in_pieces.sh dropout_vs_prior gpu 540 "$OUT"
+#
+# On a machine without priorlab's dependencies it installs them from .gpu-wheels/ first (../shared/gpu/wheels.sh
+# fills it; the time counts against the piece). Exit status: 0 when the study finished, 3 when the piece ran out
+# of time (run it again), else the study's own.
+set -uo pipefail
+study=${1:?usage: run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]}
+preset=${2:?usage: run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]}
+limit=${3:-540}
+out=$(cd "${4:-.}" && pwd)
+start=$(date +%s)
+if ! python3 -c "import diffusers, hydra, mlxtend, priorlab" 2>/dev/null; then
+  python3 -m pip install -q --no-index --find-links .gpu-wheels diffusers wandb datasets hydra-core || exit 1
+  python3 -m pip install -q --no-index --no-deps --find-links .gpu-wheels mlxtend || exit 1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
+export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
+left=$((limit - ($(date +%s) - start) - 20))   # 20 s kept for packing
+timeout --signal=TERM --kill-after=10 "$left" priorlab study "$study" "preset=$preset" paths.runs=runs
+rc=$?
+dir=runs/$study
+if [ -f "$dir/study.json" ]; then
+  files=$(cd "$dir" && ls -d results.csv report.md study.json figures base/*/metrics.csv base/*/config.yaml \
+    base/*/done.json base/metrics.csv base/config.yaml base/done.json finetune/*/*/seed=0/eval/grid_*.png \
+    finetune/*/seed=0/eval/grid_*.png 2>/dev/null)
+  (cd "$dir" && tar czf "$out/study.tgz" $files) || true
+fi
+echo "piece: exit $rc after $(($(date +%s) - start)) s"
+[ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && exit 3
+exit "$rc"
