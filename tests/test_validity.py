@@ -87,15 +87,26 @@ def _base_run(folder, losses, steps, max_steps, decay=0.99):
 def test_base_convergence_is_the_change_over_the_last_fifth_of_training(tmp_path):
     curve = pd.DataFrame({"step": [200, 400, 600, 800, 1000], "loss": [1.0, 0.6, 0.52, 0.50, 0.495]})
     change, a, b = base_change(curve, 1000)
-    assert (a, b) == (800, 1000) and change == pytest.approx(0.005 / 0.495)
+    assert (a, b) == (800, 1000) and change == pytest.approx(-0.005 / 0.495)  # still falling: < 0
     assert base_change(curve[curve["step"] > 800], 1000) is None  # nothing before 80%: not measurable
     _base_run(tmp_path / "base/seed=0", [1.0, 0.6, 0.52, 0.50, 0.495], [200, 400, 600, 800, 1000], 1000)
     _base_run(tmp_path / "base/seed=1", [1.0, 0.8, 0.7, 0.6, 0.5], [200, 400, 600, 800, 1000], 1000)
     checks = check_bases(tmp_path, THRESHOLDS)
     assert [c.passed for c in checks] == [True, False]
-    assert "changed 20.0% from step 800 to 1000" in checks[1].value
+    assert "fell 20.0% from step 800 to 1000" in checks[1].value and "still improving" in checks[1].failure
+    # a held-out loss that rises at the end (overfitting) is no converged base either
+    _base_run(tmp_path / "over/base", [1.0, 0.5, 0.40, 0.40, 0.44], [200, 400, 600, 800, 1000], 1000)
+    (over,) = check_bases(tmp_path / "over", THRESHOLDS)
+    assert over.passed is False and "rose 9.1% from step 800 to 1000" in over.value and "overfitting" in over.failure
     validity = check_study(tmp_path, _frame())
     assert not validity.study_valid and not validity.valid((0.1,))  # an unconverged base voids every condition
+    converged = tmp_path / "converged"
+    _base_run(converged / "base", [1.0, 0.6, 0.52, 0.50, 0.495], [200, 400, 600, 800, 1000], 1000)
+    one_base = check_study(converged, _frame())  # one base: its check fails, the findings still stand
+    assert one_base.study_valid and one_base.valid((0.1,))
+    assert next(c for c in one_base.checks if c.name == "base seeds").passed is False
+    two = check_study(converged, _frame(), base_seeds=[0, 1])
+    assert next(c for c in two.checks if c.name == "base seeds").passed is True
     # a flat curve from a base shorter than its EMA's memory says nothing: 0.999^1000 = 37% initial weights
     _base_run(tmp_path / "short/base", [1.0, 1.0, 1.0, 1.0, 1.0], [200, 400, 600, 800, 1000], 1000, decay=0.999)
     (short,) = check_bases(tmp_path / "short", THRESHOLDS)

@@ -244,9 +244,9 @@ def validity_lines(validity: Validity, metric: str) -> list[str]:
     lines += [f"| {c.name} | {c.value} | {c.target} | {c.mark} |" for c in validity.checks]
     lines.append("")
     failed = [c for c in validity.checks if c.passed is False]
-    if not failed and validity.study_valid and len(validity.conditions) and validity.conditions["valid"].all():
-        lines.append("**Every check passed**: the findings below are results of this design, within the intervals "
-                     "stated.")  # fmt: skip
+    if validity.study_valid and len(validity.conditions) and validity.conditions["valid"].all():
+        lead = "**Every check passed**" if not failed else "**The checks that gate the findings passed**"
+        lines.append(f"{lead}: the findings below are results of this design, within the intervals stated.")
     for c in failed:
         lines.append(f"- **{c.name} failed**: {c.value}. {c.failure[:1].upper()}{c.failure[1:]}.")
     if not validity.study_valid:
@@ -283,13 +283,13 @@ def build_report(study_dir: str | Path) -> Path:
     final = final_rows(frame)
     axes = axis_columns(frame)
     metric = study_metric(frame)
-    validity = check_study(study_dir, frame, meta.get("validity"))
+    validity = check_study(study_dir, frame, meta.get("validity"), meta.get("base_seeds"))
     rates = ", ".join(f"{p:g}" for p in sorted(frame["cond_dropout"].unique()))
     scales = ", ".join(_fmt_w(w) for w in sorted(final["guidance_scale"].dropna().unique()))
     conditions = "".join(f"{a} ∈ {{{', '.join(map(str, sorted(frame[a].unique(), key=str)))}}}, " for a in axes)
     base_seeds = meta.get("base_seeds")
     bases = (f" Each fine-tune seed starts from its own base: base seeds {base_seeds}, dealt out in turn, so the "
-             "intervals over seeds include the base's training noise." if base_seeds else
+             "intervals over seeds include the base's training noise." if base_seeds and len(base_seeds) > 1 else
              " Every fine-tune starts from one base, so the intervals over seeds do not include the base's training "
              "noise.")  # fmt: skip
     lines = [

@@ -29,6 +29,7 @@ THRESHOLDS = {
     "max_ema_start": 0.01,  # the initial weights' share in the base's EMA at its end, decay^steps
 }
 LOWER_IS_BETTER = {"fd", "kid", "nll", "ideal_mse"}
+BASE_CHECK = "base converged"  # the name of each base's convergence check, the study-wide gate
 
 
 @dataclass
@@ -60,8 +61,8 @@ class Validity:
 
     @property
     def study_valid(self) -> bool:
-        """Whether no study-wide check failed (base convergence); conditions add their own verdicts."""
-        return all(c.passed is not False for c in self.checks if c.name.startswith("base"))
+        """Whether every base converged (the study-wide checks that gate findings); conditions add their own."""
+        return all(c.passed is not False for c in self.checks if c.name.startswith(BASE_CHECK))
 
     def valid(self, condition: tuple) -> bool:
         if not self.study_valid:
@@ -123,13 +124,13 @@ def base_curve(run_dir: Path) -> pd.DataFrame:
 
 
 def base_change(curve: pd.DataFrame, max_steps: int) -> tuple[float, int, int] | None:
-    """|L(80%) − L(end)| / L(end) of a base's held-out loss, with the two steps; None without a validation in
-    the first 80% of training."""
+    """(L(end) − L(80%)) / L(end) of a base's held-out loss (< 0: it still fell, > 0: it rose), with the two
+    steps; None without a validation in the first 80% of training."""
     early = curve[curve["step"] <= 0.8 * max_steps]
     if early.empty or curve.empty:
         return None
     a, b = early.iloc[-1], curve.iloc[-1]
-    return abs(a["loss"] - b["loss"]) / b["loss"], int(a["step"]), int(b["step"])
+    return (b["loss"] - a["loss"]) / b["loss"], int(a["step"]), int(b["step"])
 
 
 def check_bases(study_dir: Path, thresholds: dict) -> list[Check]:
@@ -137,14 +138,14 @@ def check_bases(study_dir: Path, thresholds: dict) -> list[Check]:
     limit = thresholds["max_base_change"]
     runs = base_runs(study_dir)
     if not runs:
-        return [Check("base converged", None, "no finished base run found beside results.csv",
+        return [Check(BASE_CHECK, None, "no finished base run found beside results.csv",
                       f"change over the last 20% < {limit:.0%}")]  # fmt: skip
     out = []
     for run in runs:
         config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
         max_steps = int((config.get("trainer") or {}).get("max_steps") or 0)
         found = base_change(base_curve(run), max_steps) if max_steps else None
-        name = f"base converged ({run.relative_to(study_dir).as_posix()})"
+        name = f"{BASE_CHECK} ({run.relative_to(study_dir).as_posix()})"
         target = (f"< {limit:.0%} over the last 20% of {max_steps} steps; EMA start weight < "
                   f"{thresholds['max_ema_start']:.0%}")  # fmt: skip
         if found is None:
@@ -155,12 +156,14 @@ def check_bases(study_dir: Path, thresholds: dict) -> list[Check]:
         # them, and a flat curve would then say nothing. decay^steps is the initial weights' share at the end.
         decay = float(((config.get("callbacks") or {}).get("ema") or {}).get("decay") or 0.0)
         start_share = decay**max_steps
-        value = f"held-out ∅ loss changed {change:.1%} from step {a} to {b}"
+        value = f"held-out ∅ loss {'rose' if change > 0 else 'fell'} {abs(change):.1%} from step {a} to {b}"
         if start_share >= thresholds["max_ema_start"]:
             value += f"; the EMA still holds {start_share:.0%} of the initial weights (decay {decay:g})"
-        out.append(Check(name, change < limit and start_share < thresholds["max_ema_start"], value, target,
-                         "the base was still improving (or too short to tell): its prior is an undertrained model, "
-                         "so a swap's benefit or harm says little about a converged base"))  # fmt: skip
+        failure = ("the base's held-out loss was rising at its end, so it was overfitting its training split"
+                   if change >= limit else "the base was still improving (or too short to tell)")  # fmt: skip
+        ok = abs(change) < limit and start_share < thresholds["max_ema_start"]
+        out.append(Check(name, ok, value, target, f"{failure}: its prior is not the converged model that a swap "
+                         "assumes, so a swap's benefit or harm says little about a converged base"))  # fmt: skip
     return out
 
 
@@ -231,11 +234,21 @@ def _best_mean_scale(final: pd.DataFrame, runs: pd.Series, metric: str, prior: s
     return float(mean.idxmin() if metric in LOWER_IS_BETTER else mean.idxmax())
 
 
-def check_study(study_dir: str | Path, frame: pd.DataFrame, thresholds: dict | None = None) -> Validity:
-    """Every validity check of a study: the bases from their run folders, the fine-tunes from the results."""
+def check_study(
+    study_dir: str | Path, frame: pd.DataFrame, thresholds: dict | None = None, base_seeds: list | None = None
+) -> Validity:
+    """Every validity check of a study: the bases from their run folders, the fine-tunes from the results.
+
+    `base_seeds` (study.json's) says whether the seeds replicate the base's training too; with one base the
+    findings hold for that base (a check that fails without withholding them)."""
     thresholds = {**THRESHOLDS, **(thresholds or {})}
     conditions, notes = check_conditions(frame, thresholds)
     checks = check_bases(Path(study_dir), thresholds)
+    n_bases = len(base_seeds or [None])
+    checks.append(Check("base seeds", n_bases > 1, f"{n_bases} (the fine-tune seeds are dealt out over them)",
+                        "≥ 2, so that the intervals include the base's training noise",
+                        "every fine-tune starts from one base, so the findings hold for that base; another base "
+                        "may give others (they are still stated)"))  # fmt: skip
     if len(conditions):
         worst = conditions.loc[conditions["accuracy"].idxmin()]
         n_bad = int((~conditions["learned"]).sum())
