@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The main job on the embedded default: the dropout-vs-prior study, quick preset (MNIST 16 px, CPU, ~12 min).
+# The main job on the embedded default: the dropout-vs-prior study, quick preset (toy2d, CPU, ~8 min).
 run: $(STAMP)
 	$(VENV)/bin/priorlab study dropout_vs_prior preset=quick
 
