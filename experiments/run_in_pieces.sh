@@ -2,7 +2,7 @@
 # Run a study in pieces of at most LIMIT seconds, as on a lent GPU machine whose commands are cut at 10 minutes:
 # each piece resumes the study (finished runs are skipped, unfinished ones resume from their last checkpoint) and
 # ends by packing what the study has written so far into OUT/study.tgz (results.csv, report.md, study.json,
-# figures, the bases' loss logs and the first seed's sample grids, from which `priorlab report` rebuilds the
+# figures, the runs' logs (jobs > 1), the bases' loss logs and the first seed's sample grids, from which `priorlab report` rebuilds the
 # report), the layout of results/<study>/.
 #
 #   experiments/run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]        e.g. experiments/run_in_pieces.sh dropout_vs_prior gpu 540 "$OUT"
@@ -22,12 +22,12 @@ if ! python3 -c "import diffusers, hydra, mlxtend, priorlab" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
-left=$((limit - ($(date +%s) - start) - 20))   # 20 s kept for packing
-timeout --signal=TERM --kill-after=10 "$left" priorlab study "$study" "preset=$preset" paths.runs=runs
+left=$((limit - ($(date +%s) - start) - 30))   # 30 s kept for the study to record its piece and for packing
+timeout --signal=TERM --kill-after=15 "$left" priorlab study "$study" "preset=$preset" paths.runs=runs
 rc=$?
 dir=runs/$study
 if [ -f "$dir/study.json" ]; then
-  files=$(cd "$dir" && ls -d results.csv report.md study.json figures base/*/metrics.csv base/*/config.yaml \
+  files=$(cd "$dir" && ls -d results.csv report.md study.json figures logs base/*/metrics.csv base/*/config.yaml \
     base/*/done.json base/metrics.csv base/config.yaml base/done.json finetune/*/*/seed=0/eval/grid_*.png \
     finetune/*/seed=0/eval/grid_*.png 2>/dev/null)
   (cd "$dir" && tar czf "$out/study.tgz" $files) || true

@@ -120,3 +120,27 @@ def test_load_errors_name_the_folder(tmp_path):
         load_denoiser(path)
     meta = json.loads((path / "priorlab.json").read_text())
     assert meta["class_name"] == "MLPDenoiser"
+
+
+def test_unet_time_scale_shift_conditions_through_the_group_norm(tmp_path):
+    """scale_shift: each ResNet block's time-and-class projection doubles (a scale and a shift per channel), the
+    setting survives a save/load, and the class rows change the prediction; unknown values are refused."""
+    from priorlab.models.presets import unet
+
+    plain = unet((1, 8, 8), 3, block_out_channels=(8, 16), attention=(False, False), norm_num_groups=4)
+    film = unet((1, 8, 8), 3, block_out_channels=(8, 16), attention=(False, False), norm_num_groups=4,
+                time_scale_shift="scale_shift")  # fmt: skip
+    proj = film.net.down_blocks[0].resnets[0].time_emb_proj
+    assert proj.out_features == 2 * plain.net.down_blocks[0].resnets[0].time_emb_proj.out_features == 16
+    save_denoiser(film, DDPMScheduler(num_train_timesteps=10), tmp_path / "m")
+    loaded = load_denoiser(tmp_path / "m").denoiser
+    assert loaded.net.config.resnet_time_scale_shift == "scale_shift"
+    torch.manual_seed(0)
+    with torch.no_grad():
+        film.net.class_embedding.weight.normal_()
+        x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 3])
+        a = film.net(x, t, class_labels=torch.tensor([0, 0])).sample
+        b = film.net(x, t, class_labels=torch.tensor([1, 1])).sample
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(UserError, match="time_scale_shift='film' is unknown"):
+        unet((1, 8, 8), 3, time_scale_shift="film")

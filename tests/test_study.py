@@ -129,8 +129,9 @@ def test_killed_study_resumes_to_the_same_results(toy_study, tmp_path):
 
 def test_images_with_base_seeds_and_a_data_size_axis(tmp_path):
     """tiny_images: two bases (seeds 0 and 1), fine-tune seed s from base seed s mod 2, fine-tunes on 5 digits per
-    class or all of them; the data-size axis becomes a results column and the report's conditions."""
-    out = run_cli("study", "dropout_vs_prior", "preset=tiny_images", cwd=tmp_path, timeout=900)
+    class or all of them; the data-size axis becomes a results column and the report's conditions. Run with
+    jobs=2: the two bases at once, then the eight fine-tunes two at a time, each logging to logs/."""
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny_images", "jobs=2", cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     study = tmp_path / "runs/dropout_vs_prior"
     assert (study / "base/seed=0/done.json").exists() and (study / "base/seed=1/done.json").exists()
@@ -141,11 +142,71 @@ def test_images_with_base_seeds_and_a_data_size_axis(tmp_path):
     assert list(frame.columns[:3]) == ["run", "train_per_class", "cond_dropout"]
     assert set(frame["train_per_class"].astype(str)) == {"5", "all"} and frame["run"].nunique() == 8
     assert {"accuracy", "fd_se", "diff_fd_se", "diff_accuracy_se", "num_classes"} <= set(frame["metric"])
-    assert "[study dropout_vs_prior] fine-tunes 1–4 of 8 (from base seed=0)" in out.stdout
+    assert "[study dropout_vs_prior] 2 base(s), 2 at a time" in out.stdout
+    assert "[study dropout_vs_prior] 8 fine-tunes, 2 at a time" in out.stdout
+    assert out.stdout.count("finished in") == 10 and "(10 of" not in out.stdout and "(8 of 8)" in out.stdout
+    logs = sorted(p.name for p in (study / "logs").iterdir())
+    assert len(logs) == 10 and "base_seed=0.log" in logs
+    assert "finetune_base_seed=1_train_per_class=all_p=0.2_seed=1.log" in logs
+    assert len(list((tmp_path / "runs/evaluators").iterdir())) == 1  # trained once, before the fine-tunes
     report = (study / "report.md").read_text()
     assert "base seeds [0, 1], dealt out in turn" in report and "| base converged (base/seed=1) |" in report
     assert "train_per_class=5, p=0.2" in report
     assert (study / "figures/e_sample_grids.png").exists() and (study / "figures/h_benefit_vs_dropout.png").exists()
+
+
+def test_jobs_at_once_stop_at_a_failure_and_name_its_log(tmp_path):
+    """A failed run stops new ones from starting; the error names the failed run's log."""
+    from priorlab.studies import run_parallel
+
+    jobs = [("bad", ["train", "data=no_such_data"]), ("never", ["train", "data=no_such_data_either"])]
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: bad \(exit [1-9]\d*\): .*bad\.log") as err:
+        run_parallel(jobs, 1, tmp_path / "logs", "t")
+    assert "resume" in str(err.value)
+    assert (tmp_path / "logs/bad.log").read_text().strip() and not (tmp_path / "logs/never.log").exists()
+
+
+def test_jobs_share_out_the_cores_and_the_gpus(tmp_path, monkeypatch):
+    """Each job gets cores // jobs CPU threads (unless the user set OMP_NUM_THREADS) and, on several GPUs, the
+    GPU of its slot; at most max_jobs run at once."""
+    import priorlab.studies as studies
+
+    started, live = [], []
+
+    class FakeProcess:
+        def __init__(self, cmd, stdout, stderr, env):
+            started.append((cmd[-1], env.get("OMP_NUM_THREADS"), env.get("CUDA_VISIBLE_DEVICES")))
+            live.append(self)
+            self.returncode, self.polls = None, 0
+            assert len([p for p in live if p.returncode is None]) <= 2
+
+        def poll(self):
+            self.polls += 1
+            if self.polls > 1:
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(studies.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(studies, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(studies.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    studies.run_parallel([(f"job{i}", ["train", f"seed={i}"]) for i in range(5)], 2, tmp_path, "t")
+    assert [s[0] for s in started] == [f"seed={i}" for i in range(5)]
+    assert {s[1] for s in started} == {"8"}  # 16 cores, 2 at a time
+    assert [s[2] for s in started[:2]] == ["0", "1"] and {s[2] for s in started} <= {"0", "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert studies.job_threads(4) == {}
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert studies.job_threads(6) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert studies.job_threads(64) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("jobs", ["0", "two", "true"])
+def test_jobs_must_be_a_positive_whole_number(tmp_path, jobs):
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny", f"jobs={jobs}", cwd=tmp_path, timeout=120)
+    assert out.returncode != 0 and "must be a whole number of at least 1" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_a_folder_of_another_study_is_refused(tmp_path):

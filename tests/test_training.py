@@ -1,4 +1,5 @@
 import csv
+import math
 
 import lightning as L
 import pytest
@@ -352,3 +353,24 @@ def test_label_rows_train_at_label_lr_scale_times_the_rate(compose_tmp):
     assert len(plain.configure_optimizers().param_groups) == 1  # the default: one group at optimizer.lr
     with pytest.raises(UserError, match="label_lr_scale=0 must be positive"):
         _module(compose_tmp, ["data=toy2d", "model=mlp", "label_lr_scale=0"])
+
+
+def test_cosine_schedule_decays_every_group_to_zero_at_max_steps(compose_tmp):
+    """lr_schedule=cosine: at step s both groups run at their rate × (1 + cos(π s / max_steps)) / 2."""
+    cfg, dm, module = _module(compose_tmp, ["data=toy2d", "model=mlp", "model.hidden=16", "model.depth=1",
+                                            "optimizer.lr=0.01", "label_lr_scale=4", "lr_schedule=cosine"])  # fmt: skip
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[Record()])  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    expected = [[0.01 * f, 0.04 * f] for f in (0.5 * (1 + math.cos(math.pi * s / 8)) for s in range(8))]
+    assert torch.allclose(torch.tensor(seen), torch.tensor(expected), rtol=1e-6, atol=0)
+    assert seen[0] == pytest.approx([0.01, 0.04]) and seen[-1][0] < 0.0005
+    with pytest.raises(UserError, match="lr_schedule='step' is unknown"):
+        _module(compose_tmp, ["data=toy2d", "model=mlp", "lr_schedule=step"])

@@ -11,7 +11,8 @@ draws its intervals replicate the base's training too. `validity:` sets the thre
 checks (`priorlab.analysis.validity`). Running the same command again skips finished runs (done.json) and
 resumes unfinished ones from their last checkpoint. With a DDP trainer and the basic launcher the fine-tunes run
 one `priorlab train` per sweep point instead of one multirun (Lightning starts DDP processes by re-running the
-command line, which must not hold -m).
+command line, which must not hold -m). `jobs=N` (or a preset's `jobs:`) trains N runs at once, each its own
+process logging to logs/<run>.log: the bases, then the fine-tunes (small models leave a large GPU mostly idle).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def preset_overrides(spec: dict, preset: str) -> dict:
         "bases": check_bases(p.get("bases"), where),
         "base_seeds": check_base_seeds(p.get("base_seeds"), sweep["seed"], where),
         "validity": check_validity({**spec.get("validity", {}), **p.get("validity", {})}, where),
+        "jobs": p.get("jobs", 1),
     }
 
 
@@ -185,6 +187,105 @@ def _priorlab(args: list[str]) -> None:
                         "Run the same study command again to resume")  # fmt: skip
 
 
+def _gpu_count() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return 0  # the user placed the jobs already
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA: the jobs share the CPU
+        return 0
+
+
+def job_threads(max_jobs: int) -> dict[str, str]:
+    """CPU threads per job: the cores shared out among the jobs running at once (each torch process would
+    otherwise start one thread per core, and N of them thrash the CPU, the evaluation's CPU work most). A
+    user's own OMP_NUM_THREADS is kept."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    n = str(max(1, (os.cpu_count() or 1) // max_jobs))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path, tag: str) -> None:
+    """`priorlab <args>` for each (label, args) of `jobs`, at most `max_jobs` at once, each writing its output to
+    log_dir/<label>.log. On a machine with several GPUs (and CUDA_VISIBLE_DEVICES unset) the job in slot i sees
+    only GPU i mod count. A failed job stops new ones from starting; the running ones finish (their work is kept
+    for a resume), then the study stops with the failed jobs' logs named. An interrupted study ends its jobs."""
+    import time
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).parent / "priorlab"
+    base_cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "priorlab"]
+    gpus = _gpu_count()
+    threads = job_threads(max_jobs)
+    pending = list(enumerate(jobs))
+    running: dict[int, tuple[subprocess.Popen, str, Path, float]] = {}  # slot → (process, label, log, start)
+    failed: list[tuple[str, Path, int]] = []
+    done = 0
+    try:
+        while pending or running:
+            while pending and not failed and len(running) < max_jobs:
+                slot = next(i for i in range(max_jobs) if i not in running)
+                _, (label, args) = pending.pop(0)
+                env = {**os.environ, "PRIORLAB_COMMAND": "", **threads}
+                if gpus > 1:
+                    env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+                log = log_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}.log"
+                with open(log, "w") as fh:
+                    proc = subprocess.Popen([*base_cmd, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+                running[slot] = (proc, label, log, time.time())
+                print(f"[study {tag}] started {label} (log: {log})", flush=True)
+            if failed and not running:
+                break
+            time.sleep(0.5)
+            for slot, (proc, label, log, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                done += 1
+                if proc.returncode != 0:
+                    failed.append((label, log, proc.returncode))
+                    print(f"[study {tag}] {label} failed (exit {proc.returncode}); see {log}", flush=True)
+                else:
+                    print(f"[study {tag}] {label} finished in {time.time() - start:.0f} s "
+                          f"({done} of {len(jobs)})", flush=True)  # fmt: skip
+            if failed and not pending and not running:
+                break
+    finally:  # an interrupted study (Ctrl-C, `timeout`) ends its jobs quickly; each resumes from its checkpoint
+        for proc, *_ in running.values():
+            proc.terminate()
+        deadline = time.time() + 5
+        for proc, *_ in running.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    if failed:
+        logs = "; ".join(f"{label} (exit {rc}): {log}" for label, log, rc in failed)
+        raise UserError(f"{len(failed)} run(s) failed: {logs}. Run the same study command again to resume")
+
+
+def prepare_evaluator(overrides: list[str]) -> None:
+    """Train and cache, once, the evaluator that the fine-tunes' evaluation callbacks would each train on first
+    use (jobs running at once would race to train the same one)."""
+    from hydra.utils import instantiate
+
+    from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir
+
+    cfg = _compose_train(overrides)
+    callbacks = cfg.get("callbacks") or {}
+    evaluating = [callbacks[k] for k in ("conditional_quality", "prior_quality") if k in callbacks]
+    if not evaluating:
+        return
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    path = evaluating[0].get("evaluator") or evaluator_dir(cfg.paths.runs, datamodule)
+    ensure_evaluator(path, datamodule, progress=True)
+
+
 def _values(values: list) -> str:
     return ",".join(str(v) for v in values)
 
@@ -291,6 +392,11 @@ def run_study(cfg: DictConfig) -> Path:
     parts = preset_overrides(spec, cfg.preset)
     if cfg.launcher not in LAUNCHERS:
         raise UserError(f"launcher={cfg.launcher} is unknown; use one of {', '.join(LAUNCHERS)}")
+    jobs = parts["jobs"] if cfg.get("jobs") is None else cfg.jobs
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise UserError(f"jobs={jobs!r} must be a whole number of at least 1 (the runs trained at once)")
+    if jobs > 1 and cfg.launcher != "basic":
+        raise UserError(f"jobs={jobs} is for the basic launcher; launcher={cfg.launcher} runs its jobs at once itself")
     runs = Path(cfg.paths.runs).resolve()
     study_dir = runs / spec["name"]
     common = [f"study={spec['name']}", f"paths.runs={runs}", *parts["common"], *cfg.get("extra", [])]
@@ -300,16 +406,18 @@ def run_study(cfg: DictConfig) -> Path:
         fixed = ["stage=finetune", f"base={b.base_dir}", *b.finetune]
         own_sweep = {**parts["sweep"], "seed": b.seeds}
         points = sweep_points(own_sweep)
-        if cfg.launcher == "basic" and launches_ddp_processes([*fixed, *points[0]]):
-            commands[b.label] = [["train", *fixed, *point] for point in points]
+        if cfg.launcher == "basic" and (jobs > 1 or launches_ddp_processes([*fixed, *points[0]])):
+            tag = [f"base_{b.label}"] if b.label else []
+            commands[b.label] = [("_".join(["finetune", *tag, *map(_short, point)]), ["train", *fixed, *point])
+                                 for point in points]  # fmt: skip
         else:
             sweep = [f"{key}={_values(values)}" for key, values in own_sweep.items()]
-            commands[b.label] = [["train", "-m", *fixed, *sweep, *LAUNCHERS[cfg.launcher]]]
+            commands[b.label] = [("finetunes", ["train", "-m", *fixed, *sweep, *LAUNCHERS[cfg.launcher]])]
     if cfg.dry_run:
         for b in bases:
             tag = f" ({b.label})" if b.label else ""
             print(f"base{tag}:      priorlab train stage=base {' '.join(b.base)}")
-            for args in commands[b.label]:
+            for _, args in commands[b.label]:
                 print(f"finetunes{tag}: priorlab {' '.join(args)}")
         return study_dir
     held = claim_study_dir(study_dir, spec["name"], cfg.preset, validity=parts["validity"],
@@ -322,14 +430,16 @@ def run_study(cfg: DictConfig) -> Path:
     finished = False
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` ends a piece: its time is recorded
     try:
+        if jobs > 1:
+            _run_at_once(spec["name"], study_dir, bases, commands, jobs)
         done = 0
-        for i, b in enumerate(bases):
+        for i, b in enumerate([] if jobs > 1 else bases):
             tag = f" {b.label}" if b.label else ""
             print(f"[study {spec['name']}] base{tag} ({i + 1} of {len(bases)})", flush=True)
             _priorlab(["train", "stage=base", *b.base])
             n = len(sweep_points({**parts["sweep"], "seed": b.seeds}))
             print(f"[study {spec['name']}] fine-tunes {done + 1}–{done + n} of {total} (from base{tag})", flush=True)
-            for args in commands[b.label]:
+            for _, args in commands[b.label]:
                 _priorlab(args)
             done += n
         collect_results(study_dir)
@@ -344,6 +454,25 @@ def run_study(cfg: DictConfig) -> Path:
     report = build_report(study_dir)
     print(f"study {spec['name']} done: {study_dir / 'results.csv'}, {report}")
     return study_dir
+
+
+def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: dict, jobs: int) -> None:
+    """The bases, then every fine-tune of every base, `jobs` runs at a time (logs under logs/)."""
+    logs = study_dir / "logs"
+    base_jobs = [(f"base_{b.label}" if b.label else "base", ["train", "stage=base", *b.base]) for b in bases]
+    print(f"[study {name}] {len(base_jobs)} base(s), {jobs} at a time", flush=True)
+    run_parallel(base_jobs, jobs, logs, name)
+    finetunes = [job for b in bases for job in commands[b.label]]
+    prepare_evaluator(finetunes[0][1][1:])
+    print(f"[study {name}] {len(finetunes)} fine-tunes, {jobs} at a time", flush=True)
+    run_parallel(finetunes, jobs, logs, name)
+
+
+def _short(override: str) -> str:
+    """A sweep override as a run label: data.train_per_class=5 → train_per_class=5, cond_dropout=0.1 → p=0.1."""
+    key, value = override.split("=", 1)
+    key = key.split(".")[-1]
+    return f"{'p' if key == 'cond_dropout' else key}={value}"
 
 
 def _exit_on_sigterm(signum, frame) -> None:

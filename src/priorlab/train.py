@@ -55,6 +55,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         seed=cfg.seed,
         channels_last=cfg.get("channels_last", False),
         label_lr_scale=cfg.get("label_lr_scale", 1.0),
+        lr_schedule=cfg.get("lr_schedule", "constant"),
     )
     return module, meta
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import lightning as L
@@ -37,6 +38,8 @@ class DiffusionModule(L.LightningModule):
             fine-tune's class rows all start at the base's null row (`init_from_base`) and must move apart before
             the classes can steer anything; at the rate that suits the pretrained weights they barely move in a
             short fine-tune, so new embeddings are commonly given a higher rate.
+        lr_schedule: "constant", or "cosine": every group's rate decays from its value to 0 along a half cosine
+            over trainer.max_steps, so that training ends settled rather than at full rate.
         seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), and the batches,
             drawn from (seed, data.split_seed, step) (`data.base.StepBatchSampler`), so a run resumed from a
             checkpoint continues exactly as an unbroken one and each seed of a sweep sees its own data order.
@@ -52,8 +55,11 @@ class DiffusionModule(L.LightningModule):
         seed: int = 0,
         channels_last: bool = False,
         label_lr_scale: float = 1.0,
+        lr_schedule: str = "constant",
     ):
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr_schedule={lr_schedule!r} is unknown; use constant or cosine")
         if not label_lr_scale > 0:
             raise UserError(
                 f"label_lr_scale={label_lr_scale} must be positive (1 trains the label rows at optimizer.lr)"
@@ -71,6 +77,7 @@ class DiffusionModule(L.LightningModule):
         self.cond_dropout = cond_dropout
         self.seed = seed
         self.label_lr_scale = float(label_lr_scale)
+        self.lr_schedule = lr_schedule
         self.finite_check_every = 25
         self._unlogged: tuple[Tensor, Tensor] | None = None  # a step's metrics that training_step did not log
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
@@ -178,16 +185,34 @@ class DiffusionModule(L.LightningModule):
                 "compile=true or accumulate_grad_batches=1"
             )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The optimizer over every parameter; the label tables form a second group at `label_lr_scale` × lr."""
+    def configure_optimizers(self):
+        """The optimizer over every parameter; the label tables form a second group at `label_lr_scale` × lr.
+        With `lr_schedule=cosine`, a per-step schedule decaying every group to 0 at trainer.max_steps."""
         if self.label_lr_scale == 1.0:
-            return self.optimizer_factory(params=self.denoiser.parameters())
-        labels = {id(p) for table in label_tables(self.denoiser.net) for p in table.parameters()}
-        rest = [p for p in self.denoiser.parameters() if id(p) not in labels]
-        tables = [p for p in self.denoiser.parameters() if id(p) in labels]
-        optimizer = self.optimizer_factory(params=[{"params": rest}, {"params": tables}])
-        optimizer.param_groups[1]["lr"] *= self.label_lr_scale
-        return optimizer
+            optimizer = self.optimizer_factory(params=self.denoiser.parameters())
+        else:
+            labels = {id(p) for table in label_tables(self.denoiser.net) for p in table.parameters()}
+            rest = [p for p in self.denoiser.parameters() if id(p) not in labels]
+            tables = [p for p in self.denoiser.parameters() if id(p) in labels]
+            optimizer = self.optimizer_factory(params=[{"params": rest}, {"params": tables}])
+            optimizer.param_groups[1]["lr"] *= self.label_lr_scale
+        if self.lr_schedule == "constant":
+            return optimizer
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise UserError("lr_schedule=cosine decays over trainer.max_steps; set trainer.max_steps")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineDecay(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class CosineDecay:
+    """The factor of a half-cosine decay from 1 at step 0 to 0 at step `total` (0 after it)."""
+
+    def __init__(self, total: int):
+        self.total = int(total)
+
+    def __call__(self, step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
 
 
 def check_finite_weights(denoiser: Denoiser, step: int) -> None:

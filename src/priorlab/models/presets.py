@@ -30,9 +30,17 @@ def unet(
     norm_num_groups: int = 8,
     attention_head_dim: int = 8,
     prediction_type: str = "epsilon",
+    time_scale_shift: str = "default",
 ) -> Denoiser:
-    """A class-conditional UNet2DModel; `attention[i]` puts self-attention at resolution level i."""
+    """A class-conditional UNet2DModel; `attention[i]` puts self-attention at resolution level i.
+
+    The class row is added to the time embedding, which each ResNet block turns into a per-channel bias
+    (`time_scale_shift=default`) or into a scale and a shift of its GroupNorm output (`scale_shift`, the
+    adaptive group norm of Dhariwal & Nichol 2021).
+    """
     channels, size = _image_shape(sample_shape, "unet")
+    if time_scale_shift not in ("default", "scale_shift"):
+        raise UserError(f"model.time_scale_shift={time_scale_shift!r} is unknown; use default or scale_shift")
     if len(attention) != len(block_out_channels):
         raise UserError("model.attention needs one flag per entry of model.block_out_channels")
     if size % 2 ** (len(block_out_channels) - 1):
@@ -50,6 +58,7 @@ def unet(
         norm_num_groups=norm_num_groups,
         attention_head_dim=attention_head_dim,
         num_class_embeds=num_classes + 1,
+        resnet_time_scale_shift=time_scale_shift,
     )
     return Denoiser(net, num_classes, null_class=num_classes, prediction_type=prediction_type)
 
