@@ -151,7 +151,8 @@ def test_bad_weights_files_are_one_line_user_errors(tmp_path):
         PriorWeights.load(tmp_path / "other.json")
     good = PriorWeights(torch.tensor([0, 1000]), torch.tensor([0.5]), "mix").to_dict()
     for change, message in [({"base_weight": [1.5]}, "must lie in"), ({"edges": [0, 500, 400]}, "rise strictly"),
-                            ({"mode": "auto"}, "must each be 0"), ({"base_weight": [0.1, 0.2]}, "need as many"),
+                            ({"mode": "auto"}, "must each be 0"),
+                            ({"base_weight": [0.1, 0.2]}, r"need weights of shape \(1,\), got \(2,\)"),
                             ({"edges": None}, "malformed")]:  # fmt: skip
         (tmp_path / "bad.json").write_text(json.dumps({**good, **change}))
         with pytest.raises(UserError, match=message) as err:
@@ -284,3 +285,96 @@ def test_calibrate_on_denoisers_picks_the_network_that_is_better_per_noise_level
     assert fitted["auto"].base_weight.tolist() == [0.0, 0.0, 1.0, 1.0]
     w = fitted["mix"].base_weight
     assert (w.diff() > 0).all() and w[0] < 0.2 and w[-1] > 0.8
+
+
+def _guided_case(n=60_000, seed=0):
+    """Joint samples (x0, c) of a 4-component mixture, noised at uniform t; candidates with x-dependent errors:
+    the fine-tune's ∅ and conditional branches share an error (as a fine-tune's do), the base's ∅ has its own."""
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.arange(4, dtype=torch.float64) * math.pi / 2
+    mixture = GaussianMixture(torch.stack([2 * angles.cos(), 2 * angles.sin()], 1), std=0.4)
+    x0, c = mixture.sample(n, generator=g)
+    abar_all = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+    t = torch.randint(0, T, (n,), generator=g)
+    noise = torch.randn(n, 2, dtype=torch.float64, generator=g)
+    abar = abar_all[t]
+    x_t = abar.sqrt()[:, None] * x0 + (1 - abar).sqrt()[:, None] * noise
+    exact_c, exact_null = mixture.eps(x_t, abar, c), mixture.eps(x_t, abar)
+    shared = 0.15 * torch.sin(1.3 * x_t)  # the fine-tune's error, in both of its branches
+    eps_self = exact_null + shared + 0.4 * torch.cos(x_t)
+    eps_base = exact_null + 0.3 * (x_t - 0.5).tanh()
+    eps_cond = exact_c + shared
+    return t, noise, eps_self, eps_base, eps_cond, exact_c, exact_null
+
+
+def test_guided_objective_ranks_candidates_by_their_distance_to_exact_guidance():
+    """The guided loss's difference between the two ∅ candidates, per bucket and scale, equals the difference of
+    their mean squared distance to guidance with the true scores (no exact score used in the loss): the two agree
+    within 4 standard errors of their per-sample difference, an error far below the differences themselves."""
+    t, noise, eps_self, eps_base, eps_cond, exact_c, exact_null = _guided_case()
+    scales = [2.0, 4.0]
+    fitted = fit_weights(eps_self, eps_base, noise, t, T, 4, "mix", "guided", eps_cond=eps_cond, scales=scales)
+    index = torch.bucketize(t, bucket_edges(T, 4)[1:-1], right=True)
+    meaningful = 0
+    for w in scales:
+        ideal = w * exact_c - (w - 1) * exact_null
+
+        def guided(u, w=w):
+            return w * eps_cond - (w - 1) * u
+
+        loss_diff = ((guided(eps_self) - noise) ** 2).mean(1) - ((guided(eps_base) - noise) ** 2).mean(1)
+        ideal_diff = ((guided(eps_self) - ideal) ** 2).mean(1) - ((guided(eps_base) - ideal) ** 2).mean(1)
+        record = fitted.losses["guided"][f"w={w:.1f}"]
+        for b in range(4):
+            rows = index == b
+            z = (loss_diff - ideal_diff)[rows]
+            bound = 4 * z.std() / math.sqrt(len(z))
+            assert abs(z.mean()) <= bound, (w, b, float(z.mean()), float(bound))
+            # the recorded per-bucket losses are these losses
+            assert record["self"][b] - record["base"][b] == pytest.approx(float(loss_diff[rows].mean()), rel=1e-9)
+            meaningful += abs(float(ideal_diff[rows].mean())) > 5 * bound
+    assert meaningful >= 4
+
+
+def test_guided_fit_minimises_the_guided_loss_per_scale():
+    """mix's weight per (bucket, scale) is the minimiser over [0, 1] of the guided loss (checked on a grid),
+    auto's the better end; at w = 1 the ∅ prediction is unused and the weight is 0 (self)."""
+    t, noise, eps_self, eps_base, eps_cond, *_ = _guided_case(n=20_000, seed=1)
+    scales = [1.0, 2.0, 4.0]
+    mix = fit_weights(eps_self, eps_base, noise, t, T, 5, "mix", "guided", eps_cond=eps_cond, scales=scales)
+    auto = fit_weights(eps_self, eps_base, noise, t, T, 5, "auto", "guided", eps_cond=eps_cond, scales=scales)
+    assert mix.base_weight.shape == (3, 5) and mix.objective == "guided" and mix.scales == scales
+    assert (mix.row(1.0) == 0).all() and (auto.row(1.0) == 0).all()
+    index = torch.bucketize(t, bucket_edges(T, 5)[1:-1], right=True)
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    for i, w in enumerate(scales[1:], start=1):
+        for b in range(5):
+            rows = index == b
+            u = eps_self[rows][None] + grid[:, None, None] * (eps_base[rows] - eps_self[rows])[None]
+            losses = ((w * eps_cond[rows][None] - (w - 1) * u - noise[rows][None]) ** 2).mean((1, 2))
+            best = float(grid[losses.argmin()])
+            assert float(mix.base_weight[i, b]) == pytest.approx(best, abs=0.006)
+            assert float(auto.base_weight[i, b]) == float(losses[-1] < losses[0])
+    assert not torch.equal(mix.row(2.0), mix.row(4.0))  # the weights depend on the scale
+
+
+def test_weights_per_scale_round_trip_and_refuse_an_unfitted_scale(tmp_path):
+    t, noise, eps_self, eps_base, eps_cond, *_ = _guided_case(n=2_000, seed=2)
+    pw = fit_weights(eps_self, eps_base, noise, t, T, 3, "mix", "guided", eps_cond=eps_cond, scales=[2.0, 3.0])
+    back = PriorWeights.load(pw.save(tmp_path / "w.json"))
+    assert back.objective == "guided" and back.scales == [2.0, 3.0] and torch.equal(back.base_weight, pw.base_weight)
+    tt = torch.tensor([0, 500, 999])
+    assert torch.equal(back.at(tt, 3.0), pw.base_weight[1][[0, 1, 2]])
+    with pytest.raises(UserError, match=r"at guidance scales \[2.0, 3.0\], not at w=4"):
+        back.at(tt, 4.0)
+    with pytest.raises(UserError, match="give the scale"):
+        back.at(tt)
+    old = PriorWeights(torch.tensor([0, 1000]), torch.tensor([0.5]), "mix").to_dict()
+    del old["objective"], old["scales"]  # a file written before the guided objective
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert PriorWeights.load(tmp_path / "old.json").objective == "null_loss"
+    keys = calibration_metrics({"mix": pw})
+    assert "eval/calib/weight/prior=mix/w=3.0/t=0-332" in keys and "eval/calib/guided_loss/model=base/w=2.0/all" in keys
+    assert "eval/calib/loss/model=self/all" in keys  # the ∅ losses stay, for the sign rule
+    with pytest.raises(UserError, match="guided objective need the guidance scales"):
+        PriorWeights(torch.tensor([0, 1000]), torch.tensor([0.5]), "mix", objective="guided")

@@ -70,7 +70,8 @@ def test_metrics_from_two_gloo_processes_equal_those_from_one(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
     double = torch.load(tmp_path / "out.pt")
     assert set(single) == set(double) and len(single) > 20
-    assert {"eval/cond/fd/prior=mix/w=2.0", "eval/calib/weight/prior=auto/t=0-499", "eval/prior/loss/model=mix/all",
+    assert {"eval/cond/fd/prior=mix/w=2.0", "eval/calib/weight/prior=auto/w=2.0/t=0-499",
+            "eval/prior/loss/model=mix/w=2.0/all", "eval/calib/guided_loss/model=auto/w=2.0/t=0-499",
             "eval/calib/loss/model=base/t=500-999"} <= set(single)  # fmt: skip
     for key, value in single.items():
         assert double[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
@@ -148,17 +149,23 @@ def test_callbacks_and_evaluate_command(tmp_path):
         cond
     )
     mix = PriorWeights.load(tmp_path / "runs/fitted/prior_weights_mix.json")
-    assert [cond[f"eval/calib/weight/prior=mix/t={100 * b}-{100 * b + 99}"] for b in range(10)] == pytest.approx(
-        mix.base_weight.tolist()
+    assert mix.objective == "guided" and mix.scales == [1.0, 3.0] and (mix.row(1.0) == 0).all()  # eval=tiny's
+    assert [cond[f"eval/calib/weight/prior=mix/w=3.0/t={100 * b}-{100 * b + 99}"] for b in range(10)] == pytest.approx(
+        mix.row(3.0).tolist()
     )
-    (tmp_path / "all_base.json").write_text(json.dumps({**mix.to_dict(), "base_weight": [1.0] * 10}))
+    out = run_cli("evaluate", *fitted, "eval.calibration_objective=null_loss", "out=runs/null", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    null = PriorWeights.load(tmp_path / "runs/null/prior_weights_mix.json")
+    assert null.objective == "null_loss" and null.scales is None and null.base_weight.shape == (10,)
+    (tmp_path / "all_base.json").write_text(json.dumps({**mix.to_dict(), "base_weight": [[1.0] * 10] * 2}))
     out = run_cli("evaluate", *fitted, "prior_weights=all_base.json", "eval.priors=[base,mix]", "out=runs/given",
                   cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     cond = json.loads((tmp_path / "runs/given/conditional.json").read_text())["metrics"]
     assert cond["eval/cond/fd/prior=mix/w=3.0"] == pytest.approx(cond["eval/cond/fd/prior=base/w=3.0"], rel=1e-5)
     # the given file's weights are reported, the losses stored with it (another model's) are not
-    assert cond["eval/calib/weight/prior=mix/t=0-99"] == 1.0 and not any(k.startswith("eval/calib/loss") for k in cond)
+    assert cond["eval/calib/weight/prior=mix/w=3.0/t=0-99"] == 1.0
+    assert not any(k.startswith(("eval/calib/loss", "eval/calib/guided_loss")) for k in cond)
     out = run_cli("train", "stage=finetune", "study=small", "base=runs/e/base", "callbacks=eval",
                   "eval.priors=[self,auto]", "eval.calibration=100000", *TINY, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 2 and "eval.calibration=100000" in out.stderr and "Traceback" not in out.stderr

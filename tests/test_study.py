@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -287,16 +288,21 @@ def test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis(swap_study):
     nll = frame[frame["metric"] == "nll"]
     assert set(nll["prior"]) == {"self", "base", "auto", "mix", "exact"}
     assert set(nll["guidance_scale"]) == {1.0, 2.0, 4.0}
-    calib = frame[frame["metric"].str.startswith("calib_loss/t=")]
-    assert set(calib["prior"]) == {"self", "base", "auto", "mix"} and calib.groupby("run").size().min() == 40
+    calib = frame[frame["metric"].str.startswith("calib_loss/t=")]  # the ∅ losses, for the sign rule
+    assert set(calib["prior"]) == {"self", "base"} and calib.groupby("run").size().min() == 20
+    guided = frame[frame["metric"].str.startswith("calib_guided_loss/t=")]  # what auto and mix were fitted on
+    assert set(guided["prior"]) == {"self", "base", "auto", "mix"} and set(guided["guidance_scale"]) == {1, 2, 4}
     weights = json.loads((run / "eval/prior_weights_mix_step=6.json").read_text())
-    assert len(weights["base_weight"]) == 10 and sum(weights["losses"]["count"]) == 40
+    assert weights["objective"] == "guided" and weights["scales"] == [1.0, 2.0, 4.0]
+    assert [len(row) for row in weights["base_weight"]] == [10] * 3 and sum(weights["losses"]["count"]) == 40
     heldout = frame[(frame["run"] == str(run.relative_to(study))) & (frame["metric"] == "loss/all")]
     assert set(heldout["prior"]) == {"self", "base", "auto", "mix"}  # fitted weights scored on the other split
     report = (study / "report.md").read_text()
     assert "| seeds per condition | 1 (fewest) | ≥ 1 | pass |" in report  # the preset turns its thresholds off
     assert "## When does the swap pay? The sign rule" in report and "- all scales: the sign rule held at" in report
-    assert "**prior=auto** at 16 (run, w) points" in report and "**prior=mix** at 16" in report
+    assert "**prior=auto** over 16 cells:" in report and "**prior=mix** over 16 cells:" in report
+    assert "| base_name | max_steps | cond_dropout | guidance_scale | seeds | better fixed |" in report
+    assert "one seed" in report  # one seed per cell: no interval, and the report says so
     assert "| base_name | max_steps | cond_dropout |" in report
     for name in ("f_swap_vs_loss_ratio.png", "g_log_ratio_per_bucket.png"):
         assert (study / "figures" / name).stat().st_size > 1000 and f"figures/{name}" in report
@@ -394,6 +400,34 @@ def test_sign_rule_and_fitted_comparison_count_what_they_say():
     assert fitted_vs_fixed(points, "mix").beats_both.n == 1  # mix was measured at one point only
     lo, hi = Proportion(3, 4).interval  # Wilson: 0.75 of 4 → [0.301, 0.954]
     assert lo == pytest.approx(0.3006, abs=1e-3) and hi == pytest.approx(0.9544, abs=1e-3)
+
+
+def test_fitted_cells_pair_seeds_within_a_cell_against_its_better_fixed_prior():
+    """Per (p, w) cell, paired differences over seeds against the better fixed prior (by its mean), checked by
+    hand: a cell within noise is said to be so, not counted as a failure."""
+    from priorlab.analysis.swap import fitted_cells
+
+    rows = []
+    for seed, (s, b, a) in enumerate([(1.0, 2.0, 0.8), (1.2, 2.1, 0.95), (1.1, 1.9, 0.95)]):  # cell w=2: self better
+        rows.append({"run": f"r{seed}", "cond_dropout": 0.1, "seed": seed, "guidance_scale": 2.0, "self": s,
+                     "base": b, "auto": a})  # fmt: skip
+    for seed, (s, b, a) in enumerate([(3.0, 2.0, 2.5), (3.1, 2.2, 1.6), (2.9, 2.1, 2.2)]):  # w=4: base better
+        rows.append({"run": f"r{seed}", "cond_dropout": 0.1, "seed": seed, "guidance_scale": 4.0, "self": s,
+                     "base": b, "auto": a})  # fmt: skip
+    cells = fitted_cells(pd.DataFrame(rows), "auto").set_index("guidance_scale")
+    low = cells.loc[2.0]
+    assert low["better fixed"] == "self" and low["seeds"] == 3
+    diff = [0.8 - 1.0, 0.95 - 1.2, 0.95 - 1.1]
+    expected = mean_ci(diff)
+    assert low["vs better"].mean == pytest.approx(sum(diff) / 3)
+    assert (low["vs better"].lo, low["vs better"].hi) == pytest.approx((expected.lo, expected.hi))
+    half = 4.302653 * statistics.stdev(diff) / math.sqrt(3)  # t(0.975, 2)
+    assert low["vs better"].hi == pytest.approx(sum(diff) / 3 + half, rel=1e-5)
+    assert low["verdict"] == "better than both"  # −0.2 [−0.32, −0.08]
+    high = cells.loc[4.0]
+    assert high["better fixed"] == "base" and high["vs better"].mean == pytest.approx((0.5 - 0.6 + 0.1) / 3)
+    assert high["verdict"] == "within noise of the better"
+    assert high["vs worse"].mean == pytest.approx((-0.5 - 1.5 - 0.7) / 3)
 
 
 def test_a_study_with_a_ddp_trainer_trains_one_fine_tune_per_point(compose_tmp, tmp_path, capsys):

@@ -11,6 +11,19 @@ minimiser w_b = −E_b[a·d] / E_b‖d‖² clipped to [0, 1], the minimiser of 
 L_b(w_b) ≤ min(L_b(0), L_b(1)) on the calibration data. Guidance then uses
 eps_ψ,θ(x_t, ∅) = (1 − w_b)·eps_θ(x_t, ∅) + w_b·eps_ψ(x_t, ∅) in place of the unconditional prediction.
 
+That is the `null_loss` objective. A lower ∅ loss does not make a better *guided* prediction (the fine-tune's ∅
+errors are shared with its conditional branch and cancel in eps_θ(c) − eps_θ(∅), and at high noise the ∅ loss is
+tiny and ranks noise), so the `guided` objective scores each candidate u where it is used, per bucket b and per
+guidance scale w, on labelled calibration data (x0, c, eps, t):
+
+    L_b^w(u) = E_b ‖ eps_θ(x_t, c) + (w − 1)(eps_θ(x_t, c) − eps_u(x_t)) − eps ‖².
+
+The same quadratic in the mixing weight holds with a = w·eps_θ(c) − (w − 1)·eps_θ(∅) − eps (self-guided residual)
+and d = −(w − 1)(eps_ψ − eps_θ(∅)). Because E[eps | x_t, c] = eps*(x_t, c) and, over c ~ p(c | x_t),
+E eps*(x_t, c) = eps*(x_t, ∅), the differences between candidates equal the differences of E‖guided_u − ideal‖²,
+where "ideal" guides with the true scores: no exact score is needed, so it works on images
+(`tests/test_calibration.py` checks it against exact scores on toy2d). Its weights hold one row per scale.
+
 `fit_weights` and `combine` are pure functions of tensors, for any pair of denoisers (the pipeline adapters call
 them with their own predictions); `calibrate` computes the predictions of priorlab's own denoisers.
 """
@@ -37,6 +50,7 @@ if TYPE_CHECKING:
     from priorlab.models.denoiser import Denoiser
 
 MODES = ("auto", "mix")
+OBJECTIVES = ("guided", "null_loss")
 FORMAT = "priorlab.prior_weights"
 
 
@@ -53,6 +67,12 @@ def bucket_index(t: Tensor, edges: Tensor) -> Tensor:
     return torch.bucketize(t, inner.to(t.dtype) if t.is_floating_point() else inner, right=True)
 
 
+def scale_name(w: float) -> str:
+    """The metric-key name of guidance scale w, as in the evaluation's keys: w=2.0, w=1.5."""
+    w = float(w)
+    return f"w={w:g}" if w != int(w) else f"w={w:.1f}"
+
+
 def bucket_name(edges: Tensor, b: int) -> str:
     """The metric-key name of bucket b, e.g. t=100-199."""
     return f"t={int(edges[b])}-{int(edges[b + 1]) - 1}"
@@ -64,27 +84,45 @@ class PriorWeights:
 
     Attributes:
         edges: K + 1 integer boundaries over the guided model's training timesteps [0, T].
-        base_weight: (K,) weights in [0, 1]; `auto` weights are 0 or 1.
+        base_weight: (K,) weights in [0, 1], or (S, K) with one row per guidance scale of `scales`; `auto`
+            weights are 0 or 1.
         mode: "auto" or "mix".
-        losses: per-bucket held-out losses it was fitted from: lists of K values under "self", "base" and the
-            mode's name (None where a bucket had no calibration sample), and "count".
+        losses: per-bucket held-out losses it was fitted from: lists of K values under "self", "base" (the ∅
+            losses) and, for the null_loss objective, the mode's name (None where a bucket had no calibration
+            sample), and "count"; for the guided objective also "guided": {"w=<w>": {"self", "base", mode}}.
+        objective: "null_loss" (one row, the ∅ loss) or "guided" (one row per scale, the guided loss).
+        scales: the guidance scales of the rows (guided objective), else None.
     """
 
     edges: Tensor
     base_weight: Tensor
     mode: str
     losses: dict[str, list] | None = field(default=None)
+    objective: str = "null_loss"
+    scales: list[float] | None = None
 
     def __post_init__(self):
         self.edges = torch.as_tensor(self.edges).long().cpu()
         self.base_weight = torch.as_tensor(self.base_weight, dtype=torch.float32).cpu()
         if self.mode not in MODES:
             raise UserError(f"prior weights of mode {self.mode!r}: the mode must be one of {', '.join(MODES)}")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"prior weights of objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
         if self.edges.ndim != 1 or len(self.edges) < 2 or self.edges[0] != 0 or (self.edges.diff() <= 0).any():
             raise UserError(f"prior weights: edges {self.edges.tolist()} must rise strictly from 0 to T")
-        if self.base_weight.shape != (len(self.edges) - 1,):
-            raise UserError(f"prior weights: {len(self.edges) - 1} buckets need as many weights, "
-                            f"got {tuple(self.base_weight.shape)}")  # fmt: skip
+        k = len(self.edges) - 1
+        if self.scales is None:
+            if self.objective == "guided":
+                raise UserError("prior weights of the guided objective need the guidance scales of their rows")
+            expected = (k,)
+        else:
+            self.scales = [float(w) for w in self.scales]
+            if not self.scales or len(set(self.scales)) != len(self.scales) or not all(map(math.isfinite, self.scales)):
+                raise UserError(f"prior weights: scales {self.scales} must be distinct finite numbers")
+            expected = (len(self.scales), k)
+        if self.base_weight.shape != expected:
+            raise UserError(f"prior weights: {k} buckets{f' × {len(self.scales)} scales' if self.scales else ''} "
+                            f"need weights of shape {expected}, got {tuple(self.base_weight.shape)}")  # fmt: skip
         w = self.base_weight
         if not torch.isfinite(w).all() or (w < 0).any() or (w > 1).any():
             raise UserError(f"prior weights {w.tolist()} must lie in [0, 1]")
@@ -95,21 +133,36 @@ class PriorWeights:
     def num_train_timesteps(self) -> int:
         return int(self.edges[-1])
 
-    def at(self, t: Tensor) -> Tensor:
-        """The base weight of each row for integer timesteps t (N,), on t's device."""
-        return self.base_weight.to(t.device)[bucket_index(t, self.edges)]
+    def row(self, scale: float | None = None) -> Tensor:
+        """The (K,) bucket weights used at guidance scale `scale` (needed where the weights hold one row per scale)."""
+        if self.scales is None:
+            return self.base_weight
+        if scale is None:
+            raise UserError(f"these prior weights hold one row per guidance scale ({self.scales}); give the scale")
+        for i, w in enumerate(self.scales):
+            if math.isclose(w, float(scale), rel_tol=1e-6, abs_tol=1e-9):
+                return self.base_weight[i]
+        raise UserError(f"the prior weights were fitted (objective {self.objective}) at guidance scales "
+                        f"{self.scales}, not at w={float(scale):g}; fit them at that scale")  # fmt: skip
+
+    def at(self, t: Tensor, scale: float | None = None) -> Tensor:
+        """The base weight of each row for integer timesteps t (N,) at guidance scale `scale`, on t's device."""
+        return self.row(scale).to(t.device)[bucket_index(t, self.edges)]
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "mode": self.mode, "edges": self.edges.tolist(),
-                "base_weight": self.base_weight.tolist(), "losses": self.losses}  # fmt: skip
+        return {"format": FORMAT, "mode": self.mode, "objective": self.objective, "scales": self.scales,
+                "edges": self.edges.tolist(), "base_weight": self.base_weight.tolist(),
+                "losses": self.losses}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> PriorWeights:
-        """Build from `to_dict()`'s output; a mapping of another shape is a UserError."""
+        """Build from `to_dict()`'s output (a record without an objective is of the null_loss one); a mapping of
+        another shape is a UserError."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise UserError(f"not a priorlab prior-weights record (expected format {FORMAT!r})")
         try:
-            return cls(torch.tensor(data["edges"]), torch.tensor(data["base_weight"]), data["mode"], data.get("losses"))
+            return cls(torch.tensor(data["edges"]), torch.tensor(data["base_weight"]), data["mode"], data.get("losses"),
+                       data.get("objective", "null_loss"), data.get("scales"))  # fmt: skip
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise UserError(f"prior-weights record is malformed ({type(err).__name__}: {err})") from err
 
@@ -154,33 +207,59 @@ def combine(eps_self: Tensor | None, eps_base: Tensor | None, w_base: Tensor) ->
 
 
 def fit_weights(
-    eps_self: Tensor, eps_base: Tensor, noise: Tensor, t: Tensor, num_train_timesteps: int, buckets: int, mode: str
-) -> PriorWeights:
-    """Per-bucket base weights minimising the held-out eps loss of the unconditional prediction (module doc).
+    eps_self: Tensor, eps_base: Tensor, noise: Tensor, t: Tensor, num_train_timesteps: int, buckets: int, mode: str,
+    objective: str = "null_loss", eps_cond: Tensor | None = None, scales: list[float] | None = None,
+) -> PriorWeights:  # fmt: skip
+    """Per-bucket base weights minimising the held-out loss of the unconditional prediction (`null_loss`) or of
+    the guided prediction at each of `scales` (`guided`; module doc).
 
     Args:
         eps_self: the guided model's ∅ predictions (N, ...), as eps; eps_base: the base's, the same shape.
         noise: the eps each x_t was made with (N, ...); t: integer timesteps (N,) of the guided model.
         num_train_timesteps: T of the guided model; buckets: K equal timestep buckets over [0, T).
         mode: "auto" (each bucket's better candidate) or "mix" (the least-squares convex weight).
+        objective: "null_loss" or "guided"; the guided one needs `eps_cond`, the model's conditional predictions
+            eps_θ(x_t, c) at the calibration labels (N, ...), and the guidance `scales` to fit a row for.
     Buckets without a calibration sample take the weight of the nearest bucket that has one.
     """
     if mode not in MODES:
         raise UserError(f"prior={mode} cannot be fitted; fitted priors are {', '.join(MODES)}")
+    if objective not in OBJECTIVES:
+        raise UserError(f"calibration objective {objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
     if not (eps_self.shape == eps_base.shape == noise.shape) or len(t) != len(noise):
         raise ValueError(f"shapes differ: eps_self {tuple(eps_self.shape)}, eps_base {tuple(eps_base.shape)}, "
                          f"noise {tuple(noise.shape)}, t {tuple(t.shape)}")  # fmt: skip
+    if objective == "guided" and (eps_cond is None or eps_cond.shape != noise.shape or not scales):
+        raise ValueError("the guided objective needs eps_cond shaped like noise and at least one scale")
     if len(t) == 0:
         raise UserError("the calibration split is empty; prior=auto|mix need held-out samples to fit on")
     edges = bucket_edges(num_train_timesteps, buckets)
-    a = (eps_self.double() - noise.double()).flatten(1).cpu()  # (N, D)
-    d = (eps_base.double() - eps_self.double()).flatten(1).cpu()
     index = bucket_index(t.cpu(), edges)
+    e_self, e_base, eps = (v.double().flatten(1).cpu() for v in (eps_self, eps_base, noise))  # (N, D)
+    d = e_base - e_self
+    w_null, null, count = _fit_buckets(e_self - eps, d, index, buckets, mode)
+    if objective == "null_loss":
+        record = _record(null, count, ("self", "base", mode))
+        return PriorWeights(edges, w_null.float(), mode, record)
+    e_cond = eps_cond.double().flatten(1).cpu()
+    rows, guided = [], {}
+    for w in scales:
+        a = w * e_cond - (w - 1) * e_self - eps  # the self-guided residual
+        fitted, losses, _ = _fit_buckets(a, -(w - 1) * d, index, buckets, mode)
+        rows.append(fitted)
+        guided[scale_name(w)] = _record(losses, count, ("self", "base", mode), with_count=False)
+    record = {**_record(null, count, ("self", "base")), "guided": guided}
+    return PriorWeights(edges, torch.stack(rows).float(), mode, record, "guided", [float(w) for w in scales])
+
+
+def _fit_buckets(a: Tensor, d: Tensor, index: Tensor, buckets: int, mode: str) -> tuple[Tensor, dict, Tensor]:
+    """Per bucket, the weight λ minimising E‖a + λ·d‖² (auto: λ ∈ {0, 1}, self on ties; mix: λ ∈ [0, 1]), the
+    losses at 0 (self), 1 (base) and λ (the mode), and the bucket counts."""
 
     def per_bucket(values: Tensor) -> Tensor:  # (N,) → (K,) sums
         return torch.zeros(buckets, dtype=torch.float64).index_add_(0, index, values)
 
-    count = per_bucket(torch.ones(len(t), dtype=torch.float64))
+    count = per_bucket(torch.ones(len(index), dtype=torch.float64))
     aa, ad, dd = (per_bucket(v.mean(1)) / count.clamp(min=1) for v in (a * a, a * d, d * d))
 
     def loss(w: Tensor) -> Tensor:
@@ -192,11 +271,15 @@ def fit_weights(
     else:
         w = torch.where(dd > 0, -ad / dd.clamp(min=torch.finfo(torch.float64).tiny), zero).clamp(0, 1)
     w = _fill_empty(w, count > 0)
-    losses = {"self": loss(zero), "base": loss(one), mode: loss(w)}
-    record = {k: [v if n > 0 else None for v, n in zip(x.tolist(), count.tolist(), strict=True)]
-              for k, x in losses.items()}  # fmt: skip
-    record["count"] = [int(n) for n in count.tolist()]
-    return PriorWeights(edges, w.float(), mode, record)
+    return w, {"self": loss(zero), "base": loss(one), mode: loss(w)}, count
+
+
+def _record(losses: dict, count: Tensor, keys: tuple[str, ...], with_count: bool = True) -> dict:
+    """Per-bucket losses as lists (None where a bucket had no sample), with the counts."""
+    out = {k: [v if n > 0 else None for v, n in zip(losses[k].tolist(), count.tolist(), strict=True)] for k in keys}
+    if with_count:
+        out["count"] = [int(n) for n in count.tolist()]
+    return out
 
 
 def _fill_empty(w: Tensor, has_data: Tensor) -> Tensor:
@@ -218,66 +301,95 @@ def heldout_noise(n: int, shape: tuple[int, ...], num_train_timesteps: int, seed
 @torch.no_grad()
 def uncond_predictions(
     model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, x0: Tensor, t: Tensor, noise: Tensor,
-    batch_size: int | None = None,
-) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """eps_θ(x_t, ∅) of the model and eps_ψ(x_t, ∅) of the base (None without one) at x_t = noised x0.
+    batch_size: int | None = None, labels: Tensor | None = None,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """eps_θ(x_t, ∅) of the model and eps_ψ(x_t, ∅) of the base (None without one) at x_t = noised x0; with
+    `labels` (N,) also eps_θ(x_t, c) at those labels, third (in one batched pass with the ∅ branch).
 
     x0, t and noise lie on the model's device; x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise with the model's ᾱ.
     """
     abar_all = scheduler.alphas_cumprod.to(x0.device)
-    selves, bases = [], []
+    selves, bases, conds = [], [], []
     step = batch_size or max(1, len(x0))
     for start in range(0, len(x0), step):
-        tb, abar = t[start : start + step], abar_all[t[start : start + step]]
-        x_t = diffusion.add_noise(x0[start : start + step], noise[start : start + step], abar)
+        sl = slice(start, start + step)
+        tb, abar = t[sl], abar_all[t[sl]]
+        x_t = diffusion.add_noise(x0[sl], noise[sl], abar)
         null = torch.full_like(tb, model.null_class)
-        selves.append(diffusion.to_eps(model(x_t, tb, null), model.prediction_type, x_t, abar))
+        if labels is None:
+            selves.append(diffusion.to_eps(model(x_t, tb, null), model.prediction_type, x_t, abar))
+        else:
+            both = torch.cat([x_t, x_t])
+            abar2 = torch.cat([abar, abar])
+            out = diffusion.to_eps(model(both, torch.cat([tb, tb]), torch.cat([null, labels[sl].to(tb.device)])),
+                                   model.prediction_type, both, abar2)  # fmt: skip
+            selves.append(out[: len(x_t)])
+            conds.append(out[len(x_t) :])
         if base is not None:
             bases.append(base(x_t, tb))
-    return torch.cat(selves), torch.cat(bases) if base is not None else None
+    out = (torch.cat(selves), torch.cat(bases) if base is not None else None)
+    return (*out, torch.cat(conds)) if labels is not None else out
 
 
 @torch.no_grad()
 def calibrate(
     model: Denoiser, scheduler: DDPMScheduler, base: Prior, x0: Tensor, buckets: int, modes: tuple[str, ...] = MODES,
-    seed: int = 0, batch_size: int | None = None,
+    seed: int = 0, batch_size: int | None = None, objective: str = "null_loss", labels: Tensor | None = None,
+    scales: list[float] | None = None,
 ) -> dict[str, PriorWeights]:  # fmt: skip
-    """Fit `modes` weights for model θ and base ψ on calibration samples x0 (N, ...), one noise draw per sample.
+    """Fit `modes` weights for model θ and base ψ on calibration samples x0 (N, ...), one noise draw per sample;
+    the guided objective needs the samples' `labels` (N,) and the guidance `scales`.
 
     The work is sharded over DDP ranks and gathered, so every rank fits the same weights.
     """
+    if objective not in OBJECTIVES:
+        raise UserError(f"calibration objective {objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
+    if objective == "guided" and (labels is None or not scales):
+        raise UserError("the guided calibration objective needs labelled calibration data and guidance scales")
     device = next(model.parameters()).device
     n, num_t = len(x0), scheduler.config.num_train_timesteps
     t, noise = heldout_noise(n, tuple(x0.shape[1:]), num_t, seed)
     idx = shard(n)
-    eps_self, eps_base = uncond_predictions(model, scheduler, base, x0[idx].to(device), t[idx].to(device),
-                                            noise[idx].to(device), batch_size)  # fmt: skip
-    eps_self, eps_base = gather(eps_self, n), gather(eps_base, n)
-    return {mode: fit_weights(eps_self, eps_base, noise, t, num_t, buckets, mode) for mode in modes}
+    guided = objective == "guided"
+    preds = uncond_predictions(model, scheduler, base, x0[idx].to(device), t[idx].to(device), noise[idx].to(device),
+                               batch_size, labels[idx] if guided else None)  # fmt: skip
+    eps_self, eps_base, *cond = (gather(p, n) for p in preds)
+    extra = {"eps_cond": cond[0], "scales": list(scales)} if guided else {}
+    return {mode: fit_weights(eps_self, eps_base, noise, t, num_t, buckets, mode, objective, **extra) for mode in modes}
 
 
 def calibration_metrics(weights: dict[str, PriorWeights]) -> dict[str, float]:
     """The calibration losses per bucket and overall (eval/calib/loss/model=<m>/...) and each mode's weights.
 
     `all` is the count-weighted mean over buckets; `log_ratio` is the mean over buckets with data of
-    log(L_self / L_base), positive where the base's loss is lower.
+    log(L_self / L_base) of the ∅ loss, positive where the base's loss is lower. Weights fitted on the guided
+    objective add, per scale, eval/calib/guided_loss/model=<m>/w=<w>/... and weights under .../prior=<p>/w=<w>/.
     """
     out: dict[str, float] = {}
     for mode, pw in weights.items():
         losses, edges = pw.losses or {}, pw.edges
         count = losses.get("count", [])
-        for b in range(len(pw.base_weight)):
-            out[f"eval/calib/weight/prior={mode}/{bucket_name(edges, b)}"] = float(pw.base_weight[b])
-        for model in ("self", "base", mode):
-            values = losses.get(model, [])
-            for b, v in enumerate(values):
-                if v is not None:
-                    out[f"eval/calib/loss/model={model}/{bucket_name(edges, b)}"] = float(v)
-            pairs = [(v, c) for v, c in zip(values, count, strict=False) if v is not None]
-            if pairs:
-                out[f"eval/calib/loss/model={model}/all"] = sum(v * c for v, c in pairs) / sum(c for _, c in pairs)
+        for i, scale in enumerate(pw.scales or [None]):
+            where = "" if scale is None else f"/{scale_name(scale)}"
+            row = pw.base_weight if scale is None else pw.base_weight[i]
+            for b in range(len(row)):
+                out[f"eval/calib/weight/prior={mode}{where}/{bucket_name(edges, b)}"] = float(row[b])
+        _loss_metrics(out, "loss", "", losses, ("self", "base", mode), count, edges)
+        for name, by_model in (losses.get("guided") or {}).items():
+            _loss_metrics(out, "guided_loss", f"/{name}", by_model, ("self", "base", mode), count, edges)
         ratios = [math.log(s / b) for s, b in zip(losses.get("self", []), losses.get("base", []), strict=False)
                   if s is not None and b is not None and s > 0 and b > 0]  # fmt: skip
         if ratios:
             out["eval/calib/log_ratio/all"] = sum(ratios) / len(ratios)
     return out
+
+
+def _loss_metrics(out: dict, name: str, where: str, losses: dict, models: tuple, count: list, edges: Tensor) -> None:
+    for model in models:
+        values = losses.get(model, [])
+        for b, v in enumerate(values):
+            if v is not None:
+                out[f"eval/calib/{name}/model={model}{where}/{bucket_name(edges, b)}"] = float(v)
+        pairs = [(v, c) for v, c in zip(values, count, strict=False) if v is not None]
+        if pairs:
+            out[f"eval/calib/{name}/model={model}{where}/all"] = sum(v * c for v, c in pairs) / sum(c for _, c in pairs)

@@ -185,7 +185,7 @@ def guide(
     if prior == "none" or scale == 1 or (interval is not None and not rows.any()):
         cond = _cond(model, x_t, t, labels, abar_t)
         return Branches(cond, cond, None, rows & False)
-    w = _base_weight(prior, weights, t, x_t.device)
+    w = _base_weight(prior, weights, t, x_t.device, scale)
     if interval is None and prior in ("self", "base"):
         # Every row is guided and one network gives ∅ for all of them: no row selection, so nothing here
         # waits for the GPU and the host can queue the next steps while it computes (the general path's
@@ -217,10 +217,12 @@ def _eps(pred: Tensor, prediction_type: str, x_t: Tensor, abar_t: Tensor) -> Ten
     return diffusion.to_eps(pred.to(x_t.dtype), prediction_type, x_t, abar_t)
 
 
-def _base_weight(prior: str, weights: PriorWeights | None, t: Tensor, device: torch.device) -> Tensor:
-    """The base's weight per row: 0 for self, 1 for base, the fitted bucket weight for auto and mix."""
+def _base_weight(prior: str, weights: PriorWeights | None, t: Tensor, device: torch.device,
+                 scale: float | None = None) -> Tensor:  # fmt: skip
+    """The base's weight per row: 0 for self, 1 for base, the fitted bucket weight (at guidance scale `scale`
+    where the weights hold one row per scale) for auto and mix."""
     if prior in FITTED:
-        return weights.at(t.to(device)).float()
+        return weights.at(t.to(device), scale).float()
     return torch.full((len(t),), float(prior == "base"), device=device)
 
 

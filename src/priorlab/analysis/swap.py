@@ -130,6 +130,33 @@ def fitted_vs_fixed(points: pd.DataFrame, prior: str) -> FittedComparison | None
     )
 
 
+def fitted_cells(points: pd.DataFrame, prior: str) -> pd.DataFrame:
+    """Per cell (study axes, cond_dropout, w), `prior` against the better and the worse fixed prior of the cell
+    (by the mean over seeds) as paired differences over seeds, mean [95% t-CI], with a verdict: "better than
+    both" or "worse than the better" where the interval against the better excludes 0, else "within noise of
+    the better" (or, with fewer than 2 seeds, "one seed"). Seeds, not (run, w) points, are the replicates."""
+    if prior not in points:
+        return pd.DataFrame()
+    keys = [c for c in points.columns if c not in ("run", "seed", "benefit", "log_ratio", *FIXED, *FITTED)]
+    rows = []
+    for cell, g in points.dropna(subset=[prior, *FIXED]).groupby(keys, sort=True, dropna=False):
+        cell = cell if isinstance(cell, tuple) else (cell,)
+        better = "self" if g["self"].mean() <= g["base"].mean() else "base"
+        worse = "base" if better == "self" else "self"
+        vs_better, vs_worse = mean_ci(g[prior] - g[better]), mean_ci(g[prior] - g[worse])
+        if vs_better.n < 2:
+            verdict = "one seed"
+        elif vs_better.hi < 0:
+            verdict = "better than both" if vs_worse.hi < 0 else "better than the better"
+        elif vs_better.lo > 0:
+            verdict = "worse than the worse" if vs_worse.lo > 0 else "worse than the better"
+        else:
+            verdict = "within noise of the better"
+        rows.append({**dict(zip(keys, cell, strict=True)), "seeds": vs_better.n, "better fixed": better,
+                     "vs better": vs_better, "vs worse": vs_worse, "verdict": verdict})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
 def condition_table(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per condition (study axes, cond_dropout): each prior's best metric over scales, mean [CI] over seeds."""
     final = final_rows(frame)

@@ -17,6 +17,7 @@ from torch import Tensor
 from priorlab import diffusion
 from priorlab.calibration import (
     MODES,
+    OBJECTIVES,
     PriorWeights,
     bucket_edges,
     bucket_index,
@@ -53,6 +54,9 @@ class EvalSettings:
             samples the prior-quality measures use (the first ones of the validation split).
         calibration: held-out samples that auto and mix are fitted on, the next ones of the validation split
             after `heldout`, so the two sets are disjoint.
+        calibration_objective: what auto and mix minimise per timestep bucket: "guided", the loss of the guided
+            prediction at each guidance scale (one set of weights per scale), or "null_loss", the ∅ loss (one set
+            for every scale); see `priorlab.calibration`.
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
         autocast: sample under bf16 autocast (GPU presets).
@@ -73,6 +77,7 @@ class EvalSettings:
     buckets: int = 10
     heldout: int = 500
     calibration: int = 500
+    calibration_objective: str = "guided"
     kid_subset: int = 500
     per_class_fd: bool = False
     grid_scale: float | None = None
@@ -88,6 +93,9 @@ class EvalSettings:
             raise UserError(f"eval.priors holds {', '.join(map(str, unknown))}; use some of {', '.join(PRIORS)}")
         if self.features != "domain":
             external_features(self.features)
+        if self.calibration_objective not in OBJECTIVES:
+            raise UserError(f"eval.calibration_objective={self.calibration_objective} is unknown; use one of "
+                            f"{', '.join(OBJECTIVES)}")  # fmt: skip
 
 
 def _fmt(w: float) -> str:
@@ -200,16 +208,17 @@ def usable_priors(settings: EvalSettings, base: Prior | None) -> list[str]:
     return [p for p in settings.priors if base is not None or p in ("self", "none")]
 
 
-def calibration_split(heldout: tuple[Tensor, Tensor], settings: EvalSettings) -> Tensor:
-    """The calibration samples: the `calibration` held-out samples after the first `heldout` ones."""
-    x = heldout[0]
+def calibration_split(heldout: tuple[Tensor, Tensor], settings: EvalSettings) -> tuple[Tensor, Tensor]:
+    """The calibration samples and their labels: the `calibration` held-out samples after the first `heldout`."""
+    x, y = heldout[0], heldout[1]
     if len(x) < settings.heldout + settings.calibration:
         raise UserError(
             f"prior=auto|mix are fitted on eval.calibration={settings.calibration} held-out samples after the "
             f"eval.heldout={settings.heldout} used for metrics, but the validation split holds {len(x)}; lower "
             "eval.heldout or eval.calibration, or raise data.val_fraction"
         )
-    return x[settings.heldout : settings.heldout + settings.calibration]
+    part = slice(settings.heldout, settings.heldout + settings.calibration)
+    return x[part], y[part]
 
 
 def fit_priors(
@@ -222,13 +231,18 @@ def fit_priors(
     # Given weights keep their per-bucket weights but not the losses stored with them: those were measured on
     # another model or split and must not be reported as this evaluation's calibration losses.
     out = {p: replace(w, losses=None) for p, w in (given or {}).items() if p in usable}
+    for w in out.values():  # weights per scale must cover every guided scale of the evaluation (w = 1 is unguided)
+        for scale in settings.guidance_scales:
+            if scale != 1:
+                w.row(scale)
     wanted = [p for p in usable if p not in out]
     if wanted and heldout is None:
         raise UserError(f"prior={wanted[0]} needs a calibration split (held-out data) or a weights file")
     if wanted:
-        x0 = calibration_split(heldout, settings)
+        x0, y = calibration_split(heldout, settings)
         out.update(calibrate(model, scheduler, base, x0, settings.buckets, tuple(wanted), seed=settings.seed + 54321,
-                             batch_size=settings.batch_size))  # fmt: skip
+                             batch_size=settings.batch_size, objective=settings.calibration_objective,
+                             labels=y, scales=[w for w in settings.guidance_scales]))  # fmt: skip
     return out
 
 
@@ -314,8 +328,10 @@ def prior_quality(
         per_sample["disagreement"] = _sq(eps_self - eps_base)
         if truth is not None:
             per_sample["score_error/model=base"] = _sq(eps_base - truth)
-        for mode, pw in (weights or {}).items():
-            per_sample[f"loss/model={mode}"] = _sq(combine(eps_self, eps_base, pw.at(t)) - noise)
+        for mode, pw in (weights or {}).items():  # weights per guidance scale: the ∅ loss at each guided scale
+            for scale in [None] if pw.scales is None else [w for w in pw.scales if w != 1]:
+                name = f"loss/model={mode}" + ("" if scale is None else f"/w={_fmt(scale)}")
+                per_sample[name] = _sq(combine(eps_self, eps_base, pw.at(t, scale)) - noise)
     edges = bucket_edges(num_t, settings.buckets)
     bucket = bucket_index(t_all, edges)
     results = {}

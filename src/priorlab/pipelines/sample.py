@@ -211,7 +211,14 @@ def sample_command(cfg: DictConfig) -> Path:
             start = time.perf_counter()
             # one generator per output, seeded seed + i: the same noise for every prior
             args = {**kw, "generator": [torch.Generator().manual_seed(int(cfg.seed) + i) for i in range(n)]}
-            with swap_prior(pipe, prior, mode, weights if mode in ("auto", "mix") else None, family) as swapped:
+            with swap_prior(
+                pipe,
+                prior,
+                mode,
+                weights if mode in ("auto", "mix") else None,
+                family,
+                None if cfg.guidance_scale is None else float(cfg.guidance_scale),
+            ) as swapped:
                 results[mode] = _frames(pipe(**args), family)
             seconds[mode] = round(time.perf_counter() - start, 3)
             files[mode] = _save(results[mode], tmp, f"prior={mode}_", family.video, int(cfg.fps))

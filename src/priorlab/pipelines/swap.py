@@ -52,7 +52,8 @@ class SwappedDenoiser(nn.Module):
 
     def __init__(self, net: nn.Module, family: Family, model_abar: Tensor, prediction_type: str,
                  latent_channels: int, prior: DiffusersPrior | None, mode: str,
-                 weights: PriorWeights | None = None, guided_flag=None):  # fmt: skip
+                 weights: PriorWeights | None = None, guided_flag=None,
+                 guidance_scale: float | None = None):  # fmt: skip
         super().__init__()
         self.net = net
         self.family = family
@@ -65,6 +66,7 @@ class SwappedDenoiser(nn.Module):
         self.null_class = _model_null_class(net) if family.class_labels else None
         self.calls = {"guided": 0, "unguided": 0}
         self.guided_flag = guided_flag
+        self.guidance_scale = guidance_scale  # selects the row of weights fitted per guidance scale
 
     def __getattr__(self, name: str):
         try:
@@ -83,7 +85,7 @@ class SwappedDenoiser(nn.Module):
         uncond = (rows >= self.family.uncond * g) & (rows < (self.family.uncond + 1) * g)
         t_u = _per_row(timestep, n, sample.device)[uncond]
         abar_u = abar_at(self.model_abar.to(sample.device), t_u)
-        w = torch.ones(g) if self.mode == "base" else self.weights.at(t_u.round().long().cpu())
+        w = torch.ones(g) if self.mode == "base" else self.weights.at(t_u.round().long().cpu(), self.guidance_scale)
         w = w.to(sample.device)
         need_self = bool((w < 1).any())
         out = self._call_net(sample, timestep, args, kwargs, torch.ones_like(uncond) if need_self else ~uncond)
@@ -200,8 +202,10 @@ def _latent_channels(pipe, net: nn.Module) -> int:
 
 @contextlib.contextmanager
 def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: PriorWeights | None = None,
-               family: Family | None = None) -> Iterator[SwappedDenoiser]:  # fmt: skip
+               family: Family | None = None,
+               guidance_scale: float | None = None) -> Iterator[SwappedDenoiser]:  # fmt: skip
     """Within the block, `pipe(...)` guides with the unconditional prediction of `mode` (see the module doc).
+    Weights fitted per guidance scale (the guided objective) need the `guidance_scale` the pipeline runs at.
 
     Yields the stand-in network (its `calls` count guided and unguided calls). The pipeline's own denoiser is
     put back on leaving the block, also after an error.
@@ -233,9 +237,14 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
     if weights is not None and int(weights.edges[-1]) != len(sched.alphas_cumprod):
         raise UserError(f"the prior weights were fitted over {int(weights.edges[-1])} timesteps but the model has "
                         f"{len(sched.alphas_cumprod)}")  # fmt: skip
+    if weights is not None and weights.scales is not None:
+        if guidance_scale is None:
+            raise UserError(f"the prior weights were fitted per guidance scale ({weights.scales}); pass the scale "
+                            "the pipeline runs at (guidance_scale=...)")  # fmt: skip
+        weights.row(guidance_scale)
     flag = (lambda: _pipeline_flag(pipe)) if hasattr(type(pipe), "do_classifier_free_guidance") else None
     swapped = SwappedDenoiser(net, family, sched.alphas_cumprod, sched.config.prediction_type,
-                              _latent_channels(pipe, net), prior, mode, weights, flag)  # fmt: skip
+                              _latent_channels(pipe, net), prior, mode, weights, flag, guidance_scale)  # fmt: skip
     object.__setattr__(pipe, family.component, swapped)
     try:
         yield swapped
