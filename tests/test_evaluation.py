@@ -1,6 +1,7 @@
 """Evaluation: DDP invariance, the toy2d ground truth, the callbacks and `priorlab evaluate`."""
 
 import json
+from dataclasses import replace
 
 import lightning as L
 import pytest
@@ -335,3 +336,28 @@ def test_final_evaluation_runs_on_ema_weights_before_lightning_moves_the_module_
     assert fit(tmp_path / "ckpt/last.ckpt") == [("cond", 3, True, True, True), ("prior", 3, True, True, True)]
     again = json.loads((tmp_path / "eval/step=3_prior.json").read_text())["metrics"]
     assert again == pytest.approx(first, rel=1e-6)  # the same EMA weights as the unbroken run evaluated
+
+
+def test_checked_prior_takes_the_best_scoring_candidate_per_scale():
+    """prior=checked samples self, base and the fitted mix at each guided scale and keeps the one with the lowest
+    FD; its weights are that candidate's (zeros, ones or mix's row), its scores and cost are reported, and its
+    samples are that candidate's samples."""
+    model, sched, prior, evaluator, settings, heldout = _tiny_setup()
+    settings = replace(settings, priors=["self", "base", "mix", "checked"], guidance_scales=[1.0, 2.0, 4.0],
+                       check_samples=12)  # fmt: skip
+    with torch.no_grad():
+        weights = fit_priors(model, sched, prior, heldout, settings, evaluator=evaluator, shape=(1, 8, 8))
+        cond, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
+    checked, mix = weights["checked"], weights["mix"]
+    assert checked.scales == [1.0, 2.0, 4.0] and (checked.row(1.0) == 0).all()
+    for w in (2.0, 4.0):
+        scores = {c: cond[f"eval/calib/check_fd/model={c}/w={w}"] for c in ("self", "base", "mix")}
+        best = min(scores, key=scores.get)
+        expected = {"self": torch.zeros(2), "base": torch.ones(2), "mix": mix.row(w)}[best]
+        assert torch.equal(checked.row(w), expected)
+        assert cond[f"eval/calib/check_fd/model=checked/w={w}"] == scores[best]
+        assert cond[f"eval/cond/fd/prior=checked/w={w}"] == pytest.approx(cond[f"eval/cond/fd/prior={best}/w={w}"],
+                                                                         rel=1e-4, abs=1e-6)  # fmt: skip
+    assert cond["eval/calib/check_seconds"] > 0
+    with pytest.raises(UserError, match="needs the evaluator"):
+        fit_priors(model, sched, prior, heldout, settings)

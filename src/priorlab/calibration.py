@@ -49,7 +49,8 @@ if TYPE_CHECKING:
     from priorlab.guidance import Prior
     from priorlab.models.denoiser import Denoiser
 
-MODES = ("auto", "mix")
+MODES = ("auto", "mix")  # fitted by least squares on a calibration split
+FITTED = (*MODES, "checked")  # every prior that guides with fitted weights (checked: chosen by sampling, evaluation)
 OBJECTIVES = ("guided", "null_loss")
 FORMAT = "priorlab.prior_weights"
 
@@ -104,8 +105,8 @@ class PriorWeights:
     def __post_init__(self):
         self.edges = torch.as_tensor(self.edges).long().cpu()
         self.base_weight = torch.as_tensor(self.base_weight, dtype=torch.float32).cpu()
-        if self.mode not in MODES:
-            raise UserError(f"prior weights of mode {self.mode!r}: the mode must be one of {', '.join(MODES)}")
+        if self.mode not in FITTED:
+            raise UserError(f"prior weights of mode {self.mode!r}: the mode must be one of {', '.join(FITTED)}")
         if self.objective not in OBJECTIVES:
             raise UserError(f"prior weights of objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
         if self.edges.ndim != 1 or len(self.edges) < 2 or self.edges[0] != 0 or (self.edges.diff() <= 0).any():
@@ -126,6 +127,8 @@ class PriorWeights:
         w = self.base_weight
         if not torch.isfinite(w).all() or (w < 0).any() or (w > 1).any():
             raise UserError(f"prior weights {w.tolist()} must lie in [0, 1]")
+        if self.mode == "checked" and self.scales is None:
+            raise UserError("prior=checked weights hold one row per guidance scale; give the scales")
         if self.mode == "auto" and not ((w == 0) | (w == 1)).all():
             raise UserError(f"prior=auto weights must each be 0 (self) or 1 (base), got {w.tolist()}")
 
@@ -377,6 +380,12 @@ def calibration_metrics(weights: dict[str, PriorWeights]) -> dict[str, float]:
         _loss_metrics(out, "loss", "", losses, ("self", "base", mode), count, edges)
         for name, by_model in (losses.get("guided") or {}).items():
             _loss_metrics(out, "guided_loss", f"/{name}", by_model, ("self", "base", mode), count, edges)
+        check = losses.get("check") or {}
+        for name, by_model in (check.get("scores") or {}).items():
+            for model, value in by_model.items():
+                out[f"eval/calib/check_{check['metric']}/model={model}/{name}"] = float(value)
+        if "seconds" in check:
+            out["eval/calib/check_seconds"] = float(check["seconds"])
         ratios = [math.log(s / b) for s, b in zip(losses.get("self", []), losses.get("base", []), strict=False)
                   if s is not None and b is not None and s > 0 and b > 0]  # fmt: skip
         if ratios:

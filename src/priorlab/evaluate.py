@@ -87,7 +87,8 @@ def evaluate(cfg: DictConfig) -> Path:
     given = [PriorWeights.load(path) for path in ([paths] if isinstance(paths, str) else paths)]
     with torch.no_grad():
         weights = fit_priors(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors, settings,
-                             {w.mode: w for w in given})  # fmt: skip
+                             {w.mode: w for w in given}, evaluator=evaluator, mixture=mixture,
+                             shape=tuple(datamodule.sample_shape))  # fmt: skip
         cond, grids = conditional_quality(model.denoiser, model.scheduler, prior, evaluator,
                                           datamodule.sample_shape, settings, mixture, weights)  # fmt: skip
         prior_metrics = prior_quality(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors,

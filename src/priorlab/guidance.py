@@ -23,8 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from priorlab import diffusion
-from priorlab.calibration import MODES as FITTED
-from priorlab.calibration import PriorWeights, combine
+from priorlab.calibration import FITTED, PriorWeights, combine
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
 

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from priorlab import atomic
-from priorlab.calibration import MODES
+from priorlab.calibration import FITTED
 from priorlab.evaluation.core import (
     EvalSettings,
     calibration_split,
@@ -56,7 +56,7 @@ class _Evaluation(L.Callback):
         trainer.strategy.barrier()
         self.evaluator = ensure_evaluator(path, dm)
         self.base = None if not self.base_path else load_denoiser(self.base_path, role="base")
-        if self.base is not None and any(p in MODES for p in self.settings.priors):
+        if self.base is not None and any(p in FITTED for p in self.settings.priors):
             calibration_split(dm.val_set.tensors, self.settings)  # too small a split fails now, not after training
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -120,7 +120,10 @@ class _Evaluation(L.Callback):
         cached = getattr(pl_module, "_priorlab_fitted_priors", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        weights = fit_priors(pl_module.denoiser, pl_module.scheduler, prior, trainer.datamodule.val_set.tensors, s)
+        dm = trainer.datamodule
+        weights = fit_priors(pl_module.denoiser, pl_module.scheduler, prior, dm.val_set.tensors, s,
+                             evaluator=self.evaluator, mixture=getattr(dm, "mixture", None),
+                             shape=tuple(dm.sample_shape))  # fmt: skip
         pl_module._priorlab_fitted_priors = (key, weights)
         return weights
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from priorlab import diffusion
 from priorlab.calibration import (
+    FITTED,
     MODES,
     OBJECTIVES,
     PriorWeights,
@@ -57,6 +58,7 @@ class EvalSettings:
         calibration_objective: what auto and mix minimise per timestep bucket: "guided", the loss of the guided
             prediction at each guidance scale (one set of weights per scale), or "null_loss", the ∅ loss (one set
             for every scale); see `priorlab.calibration`.
+        check_samples: samples per candidate and guidance scale of prior=checked's sampling check.
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
         autocast: sample under bf16 autocast (GPU presets).
@@ -78,6 +80,7 @@ class EvalSettings:
     heldout: int = 500
     calibration: int = 500
     calibration_objective: str = "guided"
+    check_samples: int = 256
     kid_subset: int = 500
     per_class_fd: bool = False
     grid_scale: float | None = None
@@ -223,11 +226,15 @@ def calibration_split(heldout: tuple[Tensor, Tensor], settings: EvalSettings) ->
 
 def fit_priors(
     model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, heldout: tuple[Tensor, Tensor] | None,
-    settings: EvalSettings, given: dict[str, PriorWeights] | None = None,
+    settings: EvalSettings, given: dict[str, PriorWeights] | None = None, evaluator: Evaluator | None = None,
+    mixture: GaussianMixture | None = None, shape: tuple[int, ...] | None = None,
 ) -> dict[str, PriorWeights]:  # fmt: skip
-    """The weights of each fitted prior (auto, mix) in settings.priors: `given` ones, the others fitted on the
-    calibration split of `heldout` (the validation split) before any sampling. Empty without a base."""
-    usable = [p for p in usable_priors(settings, base) if p in MODES]
+    """The weights of each fitted prior (auto, mix, checked) in settings.priors: `given` ones, the others fitted
+    on the calibration split of `heldout` (the validation split) before any sampling. Empty without a base.
+
+    prior=checked (`check_by_sampling`) also needs the scorer of its samples: the toy2d `mixture` (exact NLL) or
+    the `evaluator` (FD), and the sample `shape`."""
+    usable = [p for p in usable_priors(settings, base) if p in FITTED]
     # Given weights keep their per-bucket weights but not the losses stored with them: those were measured on
     # another model or split and must not be reported as this evaluation's calibration losses.
     out = {p: replace(w, losses=None) for p, w in (given or {}).items() if p in usable}
@@ -238,12 +245,73 @@ def fit_priors(
     wanted = [p for p in usable if p not in out]
     if wanted and heldout is None:
         raise UserError(f"prior={wanted[0]} needs a calibration split (held-out data) or a weights file")
-    if wanted:
-        x0, y = calibration_split(heldout, settings)
-        out.update(calibrate(model, scheduler, base, x0, settings.buckets, tuple(wanted), seed=settings.seed + 54321,
-                             batch_size=settings.batch_size, objective=settings.calibration_objective,
-                             labels=y, scales=[w for w in settings.guidance_scales]))  # fmt: skip
+    if not wanted:
+        return out
+    x0, y = calibration_split(heldout, settings)
+    fit = [p for p in wanted if p in MODES]
+    if "checked" in wanted and "mix" not in out and "mix" not in fit:
+        fit.append("mix")  # a candidate of the check
+    fitted = {}
+    if fit:
+        fitted = calibrate(model, scheduler, base, x0, settings.buckets, tuple(fit), seed=settings.seed + 54321,
+                           batch_size=settings.batch_size, objective=settings.calibration_objective,
+                           labels=y, scales=list(settings.guidance_scales))  # fmt: skip
+    out.update({p: w for p, w in fitted.items() if p in wanted})
+    if "checked" in wanted:
+        out["checked"] = check_by_sampling(model, scheduler, base, out.get("mix") or fitted["mix"], y, settings,
+                                           evaluator, mixture, shape)  # fmt: skip
     return out
+
+
+CHECK_CANDIDATES = ("self", "base", "mix")
+
+
+@torch.no_grad()
+def check_by_sampling(
+    model: Denoiser, scheduler: DDPMScheduler, base: Prior, mix: PriorWeights, labels: Tensor,
+    settings: EvalSettings, evaluator: Evaluator | None, mixture: GaussianMixture | None,
+    shape: tuple[int, ...] | None,
+) -> PriorWeights:  # fmt: skip
+    """prior=checked: per guidance scale, the candidate among self, base and the fitted mix whose samples score
+    best, on `settings.check_samples` samples with the calibration split's labels and their own seeds (the same
+    for every candidate). The score is the study's metric: on toy2d the exact NLL, else FD against the evaluator's
+    reference features. A step-by-step loss misses what a candidate does to a whole trajectory (at high noise
+    above all); this sees it, at the cost of sampling (recorded in seconds)."""
+    import time
+
+    if mixture is None and evaluator is None or shape is None:
+        raise UserError("prior=checked scores samples: it needs the evaluator (images) or toy2d's mixture")
+    if not settings.check_samples > 0:
+        raise UserError(f"eval.check_samples={settings.check_samples} must be positive for prior=checked")
+    started = time.perf_counter()
+    n = min(settings.check_samples, len(labels))
+    check_labels = labels[:n]
+    seeds = (settings.seed + 777) * 1_000_000 + torch.arange(n)  # not the evaluation's seeds
+    metric = "nll" if mixture is not None else "fd"
+    scales = [w for w in settings.guidance_scales]
+    rows, scores = [], {}
+    for w in scales:
+        if w == 1:
+            rows.append(torch.zeros(len(mix.edges) - 1))
+            continue
+        score = {}
+        for cand in CHECK_CANDIDATES:
+            x = generate(model, scheduler, check_labels, seeds, shape, settings, w, cand, base,
+                         mix if cand == "mix" else None)  # fmt: skip
+            if mixture is not None:
+                score[cand] = float(-mixture.log_prob(x.cpu(), 1.0, check_labels.cpu()).mean())
+            else:
+                score[cand] = metrics.frechet_distance(evaluator.embed(x)[0].cpu(), evaluator.reference)
+        best = min(CHECK_CANDIDATES, key=lambda c: (score[c], CHECK_CANDIDATES.index(c)))  # ties: self first
+        rows.append({"self": torch.zeros(len(mix.edges) - 1), "base": torch.ones(len(mix.edges) - 1),
+                     "mix": mix.row(w)}[best])  # fmt: skip
+        scores[_scale_key(w)] = {**score, "checked": score[best]}
+    check = {"metric": metric, "samples": n, "scores": scores, "seconds": time.perf_counter() - started}
+    return PriorWeights(mix.edges, torch.stack(rows), "checked", {"check": check}, mix.objective, scales)
+
+
+def _scale_key(w: float) -> str:
+    return f"w={_fmt(w)}"
 
 
 def conditional_quality(
@@ -257,11 +325,11 @@ def conditional_quality(
     """
     weights = weights or {}
     priors = usable_priors(settings, base)
-    missing = [p for p in priors if p in MODES and p not in weights]
+    missing = [p for p in priors if p in FITTED and p not in weights]
     if missing:
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed)
-    results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in MODES})
+    results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in FITTED})
     results["eval/cond/num_classes"] = float(model.num_classes)  # chance accuracy is 1 / num_classes
     if mixture is not None:
         results["eval/cond/entropy"] = mixture.conditional_entropy()
