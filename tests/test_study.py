@@ -428,6 +428,8 @@ def test_fitted_cells_pair_seeds_within_a_cell_against_its_better_fixed_prior():
     assert high["better fixed"] == "base" and high["vs better"].mean == pytest.approx((0.5 - 0.6 + 0.1) / 3)
     assert high["verdict"] == "within noise of the better"
     assert high["vs worse"].mean == pytest.approx((-0.5 - 1.5 - 0.7) / 3)
+    same = pd.DataFrame(rows).assign(checked=lambda f: f[["self", "base"]].min(axis=1))
+    assert set(fitted_cells(same, "checked")["verdict"]) == {"the better itself"}
 
 
 def test_a_study_with_a_ddp_trainer_trains_one_fine_tune_per_point(compose_tmp, tmp_path, capsys):

@@ -20,7 +20,7 @@ from priorlab.analysis.results import axis_columns, bucket_start, final_rows
 from priorlab.analysis.stats import Estimate, mean_ci
 
 FIXED = ("self", "base")
-FITTED = ("auto", "mix")
+FITTED = ("auto", "mix", "checked")
 
 
 @dataclass
@@ -133,8 +133,8 @@ def fitted_vs_fixed(points: pd.DataFrame, prior: str) -> FittedComparison | None
 def fitted_cells(points: pd.DataFrame, prior: str) -> pd.DataFrame:
     """Per cell (study axes, cond_dropout, w), `prior` against the better and the worse fixed prior of the cell
     (by the mean over seeds) as paired differences over seeds, mean [95% t-CI], with a verdict: "better than
-    both" or "worse than the better" where the interval against the better excludes 0, else "within noise of
-    the better" (or, with fewer than 2 seeds, "one seed"). Seeds, not (run, w) points, are the replicates."""
+    both" or "worse than the better" where the interval against the better excludes 0, "the better itself" where
+    it gave the same values at every seed, else "within noise of the better" (with fewer than 2 seeds, "one seed"). Seeds, not (run, w) points, are the replicates."""
     if prior not in points:
         return pd.DataFrame()
     keys = [c for c in points.columns if c not in ("run", "seed", "benefit", "log_ratio", *FIXED, *FITTED)]
@@ -146,6 +146,8 @@ def fitted_cells(points: pd.DataFrame, prior: str) -> pd.DataFrame:
         vs_better, vs_worse = mean_ci(g[prior] - g[better]), mean_ci(g[prior] - g[worse])
         if vs_better.n < 2:
             verdict = "one seed"
+        elif vs_better.mean == 0 and vs_better.lo == vs_better.hi == 0:
+            verdict = "the better itself"  # the same samples as the better fixed prior at every seed
         elif vs_better.hi < 0:
             verdict = "better than both" if vs_worse.hi < 0 else "better than the better"
         elif vs_better.lo > 0:
