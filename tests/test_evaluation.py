@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers import DDPMScheduler
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import run_cli
 from priorlab.calibration import PriorWeights
@@ -197,9 +198,9 @@ def test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout(
         assert set(grids) == {"self", "base", "auto", "mix"}
         assert cond["eval/cond/fd/prior=mix/w=1.0"] == cond["eval/cond/fd/prior=self/w=1.0"]  # w = 1: θ alone, same
         pq = prior_quality(model, sched, prior, heldout, None, settings, weights=weights)
-        for b in ("t=0-499", "t=500-999"):  # loss of auto on the metric held-out set is that of its choice
-            chosen = "base" if weights["auto"].base_weight[int(b[2] != "0")] == 1 else "self"
-            assert pq[f"eval/prior/loss/model=auto/{b}"] == pq[f"eval/prior/loss/model={chosen}/{b}"]  # selected
+        for b in ("t=0-499", "t=500-999"):  # loss of auto on the metric held-out set is that of its choice at w=2
+            chosen = "base" if weights["auto"].row(2.0)[int(b[2] != "0")] == 1 else "self"
+            assert pq[f"eval/prior/loss/model=auto/w=2.0/{b}"] == pq[f"eval/prior/loss/model={chosen}/{b}"]
     with pytest.raises(UserError, match="eval.calibration=20 held-out samples after the eval.heldout=10"):
         fit_priors(model, sched, prior, (heldout[0][:25], heldout[1][:25]), settings)
     with pytest.raises(UserError, match="prior=auto needs weights fitted"):
@@ -361,3 +362,27 @@ def test_checked_prior_takes_the_best_scoring_candidate_per_scale():
     assert cond["eval/calib/check_seconds"] > 0
     with pytest.raises(UserError, match="needs the evaluator"):
         fit_priors(model, sched, prior, heldout, settings)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [({"_target_": "builtins.print", "_args_": ["CALLED"]}, "names 'builtins.print', not one of priorlab's"),
+     ({"_target_": "priorlab.data.MNISTDataModule", "name": {"_target_": "builtins.print"}}, "instantiation keys"),
+     ({"_target_": "priorlab.data.MNISTDataModule", "image_size": 16, "classes": {"_partial_": True}},
+      r"instantiation keys below its datamodule \(_partial_\)"),
+     ("mnist", "names None")],
+)  # fmt: skip
+def test_a_model_folders_data_config_cannot_choose_what_is_called(tmp_path, data, message):
+    """`priorlab evaluate` rebuilds the data from the model's run folder only when it names a priorlab
+    datamodule with plain values: a folder from someone else must not import or call anything."""
+    import yaml
+
+    from priorlab.evaluate import _data_config
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+    with pytest.raises(UserError, match=message):
+        _data_config(OmegaConf.create({"data": None}), tmp_path / "model")
+    good = {"_target_": "priorlab.data.MNISTDataModule", "image_size": 16, "classes": [0, 1]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": good}))
+    assert OmegaConf.to_container(_data_config(OmegaConf.create({"data": None}), tmp_path / "model")) == good

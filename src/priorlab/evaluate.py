@@ -31,14 +31,43 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+DATA_TARGETS = ("priorlab.data.MNISTDataModule", "priorlab.data.DigitsDataModule", "priorlab.data.HFDataModule",
+                "priorlab.data.Toy2DDataModule")  # what a model folder's config.yaml may name as its data  # fmt: skip
+HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+
+
 def _data_config(cfg: DictConfig, model_dir: Path) -> DictConfig:
-    """The data config given on the command line, or the one in the model's run folder."""
+    """The data config given on the command line, or the one in the model's run folder.
+
+    A model folder may come from anyone, and instantiating its config would import and call whatever it names:
+    the recorded data config must name one of priorlab's datamodules and hold plain values below it."""
     if cfg.get("data"):
         return cfg.data
     run_config = model_dir.parent / "config.yaml"
     if not run_config.exists():
         raise UserError(f"no data config: {run_config} is missing; pass data=<name> (e.g. data=mnist)")
-    return OmegaConf.load(run_config).data
+    try:
+        data = OmegaConf.load(run_config).get("data")
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise UserError(f"{run_config} is not a readable run config ({type(err).__name__}); pass data=<name>") from err
+    if not isinstance(data, DictConfig) or data.get("_target_") not in DATA_TARGETS:
+        target = data.get("_target_") if isinstance(data, DictConfig) else None
+        raise UserError(f"the data config in {run_config} names {target!r}, not one of priorlab's datamodules; "
+                        "pass data=<name> to choose the data yourself")  # fmt: skip
+    nested = [k for k in _keys(OmegaConf.to_container(data, resolve=False)) if k in HYDRA_KEYS and k != "_target_"]
+    if nested or sum(k == "_target_" for k in _keys(OmegaConf.to_container(data, resolve=False))) > 1:
+        raise UserError(f"the data config in {run_config} holds instantiation keys below its datamodule "
+                        f"({', '.join(sorted(set(nested)) or ['_target_'])}); pass data=<name>")  # fmt: skip
+    return data
+
+
+def _keys(node) -> list[str]:
+    """Every mapping key at any depth of a plain container."""
+    if isinstance(node, dict):
+        return [*node, *(k for v in node.values() for k in _keys(v))]
+    if isinstance(node, list):
+        return [k for v in node for k in _keys(v)]
+    return []
 
 
 def train_evaluator(cfg: DictConfig) -> Path:

@@ -425,7 +425,8 @@ def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
     fitted = [c for c in (swap.fitted_vs_fixed(points, p) for p in swap.FITTED) if c is not None]
     if not fitted:
         return []
-    lines = [f"## The fitted priors (auto, mix, checked) against both fixed priors ({metric.upper()}, lower is better)", "",
+    title = f"## The fitted priors (auto, mix, checked) against both fixed priors ({metric.upper()}, lower is better)"
+    lines = [title, "",
              "Per cell (study axes, p, w) the fitted prior's paired difference from the cell's better and worse "
              "fixed prior (the better by its mean over seeds), mean [95% t-CI] over seeds; a cell whose interval "
              "against the better includes 0 is within noise, not a failure.", ""]  # fmt: skip

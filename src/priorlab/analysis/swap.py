@@ -133,8 +133,9 @@ def fitted_vs_fixed(points: pd.DataFrame, prior: str) -> FittedComparison | None
 def fitted_cells(points: pd.DataFrame, prior: str) -> pd.DataFrame:
     """Per cell (study axes, cond_dropout, w), `prior` against the better and the worse fixed prior of the cell
     (by the mean over seeds) as paired differences over seeds, mean [95% t-CI], with a verdict: "better than
-    both" or "worse than the better" where the interval against the better excludes 0, "the better itself" where
-    it gave the same values at every seed, else "within noise of the better" (with fewer than 2 seeds, "one seed"). Seeds, not (run, w) points, are the replicates."""
+    both" or "worse than the better" where the interval against the better excludes 0, "the better itself"
+    where it gave the same values at every seed, else "within noise of the better" (with fewer than 2 seeds,
+    "one seed"). Seeds, not (run, w) points, are the replicates."""
     if prior not in points:
         return pd.DataFrame()
     keys = [c for c in points.columns if c not in ("run", "seed", "benefit", "log_ratio", *FIXED, *FITTED)]
