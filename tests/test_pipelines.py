@@ -457,15 +457,81 @@ def test_sample_command_fits_auto_weights_on_a_calibration_folder(folders, tmp_p
     calib.mkdir()
     for i in range(6):
         pm.image(i, size=16).save(calib / f"{i}.png")
-    out = tmp_path / "auto"
-    result = run_cli("sample", f"model={folders['sd']}", f"base={folders['sd_base']}", "prior=auto", "prompt=a cat",
-                     f"calibration={calib}", "calibration_buckets=3", "num_steps=2", "height=16", "width=16",
-                     f"out={out}", "progress=false", cwd=tmp_path)  # fmt: skip
+    args = (
+        "sample",
+        f"model={folders['sd']}",
+        f"base={folders['sd_base']}",
+        "prior=auto",
+        "prompt=a cat",
+        f"calibration={calib}",
+        "calibration_buckets=3",
+        "num_steps=2",
+        "height=16",
+        "width=16",
+        "progress=false",
+    )
+    # the default, guided objective needs each image's own prompt
+    result = run_cli(*args, f"out={tmp_path / 'none'}", cwd=tmp_path)
+    assert result.returncode == 2 and "metadata.jsonl" in result.stderr and "Traceback" not in result.stderr
+    out = tmp_path / "null"
+    result = run_cli(*args, "calibration_objective=null_loss", f"out={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     weights = PriorWeights.load(out / "prior_weights_auto.json")
-    assert weights.mode == "auto" and len(weights.base_weight) == 3
+    assert weights.mode == "auto" and weights.objective == "null_loss" and len(weights.base_weight) == 3
     assert set(weights.base_weight.tolist()) <= {0.0, 1.0} and sum(weights.losses["count"]) == 6
     assert json.loads((out / "sample.json").read_text())["files"] == {"auto": ["prior=auto_0.png"]}
+    rows = [{"file_name": f"{i}.png", "text": ["a cat", "a dog"][i % 2]} for i in range(6)]
+    (calib / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "guided"
+    result = run_cli(*args, "guidance_scale=3", f"out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    weights = PriorWeights.load(out / "prior_weights_auto.json")
+    assert weights.objective == "guided" and weights.scales == [3.0] and weights.base_weight.shape == (1, 3)
+    assert set(weights.losses["guided"]) == {"w=3.0"}
+    (calib / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": "a cat"}) + "\n")
+    result = run_cli(*args, f"out={tmp_path / 'short'}", cwd=tmp_path)
+    assert result.returncode == 2 and "gives no text for 5 image(s)" in result.stderr
+
+
+def test_guided_pipeline_fit_scores_each_latent_with_its_own_condition(folders):
+    """The guided objective on a text pipeline and on DiT: per bucket, mix's guided loss is at most either
+    candidate's, and the conditions matter (other prompts give other losses)."""
+    from priorlab.pipelines import fit_pipeline_weights, model_conditions
+
+    pipe = load_pipeline(str(folders["sd"]))
+    prior = load_prior(str(folders["sd_base"]))
+    latents = torch.randn(32, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    null = {"encoder_hidden_states": _empty_prompt(pipe)}
+    texts = ["a cat", "a dog"] * 16
+    cond = model_conditions(pipe, None, texts=texts)
+    assert cond["encoder_hidden_states"].shape[0] == 32
+    mix = fit_pipeline_weights(pipe, prior, latents, null, "mix", buckets=4, objective="guided", cond_kwargs=cond,
+                               scales=[2.0, 5.0])  # fmt: skip
+    assert mix.objective == "guided" and mix.base_weight.shape == (2, 4)
+    for name in ("w=2.0", "w=5.0"):
+        g = mix.losses["guided"][name]
+        for b in range(4):
+            assert g["mix"][b] <= min(g["self"][b], g["base"][b]) + 1e-9
+    other = fit_pipeline_weights(
+        pipe,
+        prior,
+        latents,
+        null,
+        "mix",
+        buckets=4,
+        objective="guided",
+        cond_kwargs=model_conditions(pipe, None, texts=["a house"] * 32),
+        scales=[5.0],
+    )
+    assert other.losses["guided"]["w=5.0"]["self"] != mix.losses["guided"]["w=5.0"]["self"]
+    with pytest.raises(UserError, match="one condition per calibration latent"):
+        fit_pipeline_weights(pipe, prior, latents, null, "mix", objective="guided",
+                             cond_kwargs=model_conditions(pipe, None, texts=["a cat"]), scales=[2.0])  # fmt: skip
+    dit = load_pipeline(str(folders["dit"]))
+    labels = model_conditions(dit, None, labels=[0, 1] * 8)
+    assert labels["class_labels"].tolist() == [0, 1] * 8
+    with pytest.raises(UserError, match="class labels"):
+        model_conditions(dit, None, texts=["a cat"])
 
 
 def test_unguided_batch_of_identical_latents_is_not_taken_for_a_guidance_batch(folders):

@@ -13,6 +13,7 @@ from priorlab.pipelines.swap import (
     SwappedDenoiser,
     encode_images,
     fit_pipeline_weights,
+    model_conditions,
     model_null_condition,
     swap_prior,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "fit_pipeline_weights",
     "load_pipeline",
     "load_prior",
+    "model_conditions",
     "model_null_condition",
     "null_condition",
     "swap_prior",

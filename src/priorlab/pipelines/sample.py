@@ -22,7 +22,14 @@ from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.pipelines.families import Family, family_of
 from priorlab.pipelines.prior import load_pipeline, load_prior
-from priorlab.pipelines.swap import MODES, encode_images, fit_pipeline_weights, model_null_condition, swap_prior
+from priorlab.pipelines.swap import (
+    MODES,
+    encode_images,
+    fit_pipeline_weights,
+    model_conditions,
+    model_null_condition,
+    swap_prior,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NEEDS_IMAGE = ("instruct-pix2pix", "image-variation", "image-text-to-video", "image-to-image")
@@ -169,12 +176,60 @@ def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | Non
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
         raise UserError(f"calibration={folder} holds no .png/.jpg/.webp images")
+    objective = cfg.get("calibration_objective", "guided")
+    if objective not in ("guided", "null_loss"):
+        raise UserError(f"calibration_objective={objective} is unknown; use guided or null_loss")
+    extra = {}
+    if objective == "guided":
+        texts, labels = _calibration_conditions(folder, files, family)
+        extra = {"objective": "guided", "cond_kwargs": model_conditions(pipe, family, texts, labels),
+                 "scales": [guidance_scale(cfg, pipe)]}  # fmt: skip
     images = [_open_image(str(p), "calibration image") for p in files]
     height, width = _sampling_size(cfg, pipe, family)
     latents = encode_images(pipe, images, height, width)
     null = model_null_condition(pipe, family, cfg.negative_prompt or "")
     return fit_pipeline_weights(pipe, prior, latents, null, cfg.prior,
-                                int(cfg.calibration_buckets), int(cfg.seed), family)  # fmt: skip
+                                int(cfg.calibration_buckets), int(cfg.seed), family, **extra)  # fmt: skip
+
+
+def _calibration_conditions(folder: Path, files: list[Path], family: Family) -> tuple[list | None, list | None]:
+    """Each calibration image's condition from folder/metadata.jsonl (the imagefolder convention: one line per
+    image, {"file_name": ..., "text": ...} or {"file_name": ..., "label": ...}): texts for text-conditioned
+    pipelines, labels for class-conditioned ones."""
+    meta = folder / "metadata.jsonl"
+    key = "label" if family.class_labels else "text"
+    if not meta.is_file():
+        raise UserError(f"the guided calibration objective needs each image's condition: write {meta} with one "
+                        f'line per image, {{"file_name": "0.png", "{key}": ...}}, or pass '
+                        "calibration_objective=null_loss")  # fmt: skip
+    found = {}
+    for i, line in enumerate(meta.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            found[str(row["file_name"])] = row[key]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{meta} line {i} is not a JSON object with file_name and {key}") from err
+    missing = [p.name for p in files if p.name not in found]
+    if missing:
+        raise UserError(f"{meta} gives no {key} for {len(missing)} image(s), e.g. {missing[0]}")
+    values = [found[p.name] for p in files]
+    if key == "label" and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{meta}: every label must be a whole number (a class index)")
+    if key == "text" and not all(isinstance(v, str) for v in values):
+        raise UserError(f"{meta}: every text must be a string")
+    return (None, values) if key == "label" else (values, None)
+
+
+def guidance_scale(cfg: DictConfig, pipe) -> float:
+    """The guidance scale the pipeline will run at: guidance_scale=, else its own default."""
+    if cfg.guidance_scale is not None:
+        return float(cfg.guidance_scale)
+    default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    if default is None or not isinstance(default.default, int | float):
+        raise UserError(f"{type(pipe).__name__} has no default guidance scale; pass guidance_scale=")
+    return float(default.default)
 
 
 def sample_command(cfg: DictConfig) -> Path:
@@ -217,7 +272,7 @@ def sample_command(cfg: DictConfig) -> Path:
                 mode,
                 weights if mode in ("auto", "mix") else None,
                 family,
-                None if cfg.guidance_scale is None else float(cfg.guidance_scale),
+                guidance_scale(cfg, pipe) if weights is not None and weights.scales is not None else None,
             ) as swapped:
                 results[mode] = _frames(pipe(**args), family)
             seconds[mode] = round(time.perf_counter() - start, 3)

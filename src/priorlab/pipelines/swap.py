@@ -258,9 +258,14 @@ CALIBRATED_FAMILIES = ("text-to-image", "image-to-image", "instruct-pix2pix", "d
 
 @torch.no_grad()
 def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwargs: dict, mode: str = "auto",
-                         buckets: int = 10, seed: int = 0, family: Family | None = None,
-                         batch_size: int = 16) -> PriorWeights:  # fmt: skip
+                         buckets: int = 10, seed: int = 0, family: Family | None = None, batch_size: int = 16,
+                         objective: str = "null_loss", cond_kwargs: dict | None = None,
+                         scales: list[float] | None = None) -> PriorWeights:  # fmt: skip
     """Fit prior=auto|mix weights for a pipeline's θ against ψ on the user's calibration latents.
+
+    With objective="guided" the weights minimise the loss of the guided prediction at each of `scales`
+    (`priorlab.calibration`), which needs each latent's own condition: `cond_kwargs`, the keyword arguments of θ
+    with a leading dimension of N (`model_conditions` builds them from texts or class labels).
 
     Args:
         latents: clean latents x0 of the fine-tuning domain (N, C, H, W), for video (N, C, F, H, W), at the
@@ -285,18 +290,54 @@ def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwar
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, len(abar), (len(latents),), generator=g)
     noise = torch.randn(latents.shape, generator=g)
+    guided = objective == "guided"
+    if guided and (not cond_kwargs or not scales):
+        raise UserError("the guided objective needs each calibration latent's condition (cond_kwargs) and the "
+                        "guidance scales to fit at")  # fmt: skip
+    if guided and any(len(v) != len(latents) for v in cond_kwargs.values()):
+        raise UserError(f"cond_kwargs must hold one condition per calibration latent ({len(latents)})")
     extra = int(net.config.in_channels) - latents.shape[1]
-    eps_self, eps_base = [], []
+    eps_self, eps_base, eps_cond = [], [], []
+
+    def own_eps(inp, tb, x_t, kwargs):
+        out = net(inp.to(param.dtype), tb, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
+        return diffusion.to_eps(out, sched.config.prediction_type, x_t, abar[tb]).cpu()
+
     for start in range(0, len(latents), batch_size):
         tb = t[start : start + batch_size].to(param.device)
         nb = noise[start : start + batch_size].to(param.device)
         x_t = diffusion.add_noise(latents[start : start + batch_size].to(param.device).float(), nb, abar[tb])
         inp = x_t if extra <= 0 else torch.cat([x_t, x_t.new_zeros((len(x_t), extra, *x_t.shape[2:]))], dim=1)
-        kwargs = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}
-        own = net(inp.to(param.dtype), tb, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
-        eps_self.append(diffusion.to_eps(own, sched.config.prediction_type, x_t, abar[tb]).cpu())
+        eps_self.append(own_eps(inp, tb, x_t, {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}))
+        if guided:
+            eps_cond.append(own_eps(inp, tb, x_t, {k: v[start : start + batch_size].to(param.device)
+                                                   for k, v in cond_kwargs.items()}))  # fmt: skip
         eps_base.append(prior.eps(x_t, abar[tb]).cpu())
-    return fit_weights(torch.cat(eps_self), torch.cat(eps_base), noise, t, len(abar), buckets, mode)
+    extra_args = {"eps_cond": torch.cat(eps_cond), "scales": list(scales)} if guided else {}
+    return fit_weights(torch.cat(eps_self), torch.cat(eps_base), noise, t, len(abar), buckets, mode, objective,
+                       **extra_args)  # fmt: skip
+
+
+@torch.no_grad()
+def model_conditions(pipe, family: Family | None = None, texts: list[str] | None = None,
+                     labels: list[int] | None = None) -> dict:  # fmt: skip
+    """θ's condition for each calibration image, as the pipeline builds it for its conditional chunk: the prompt
+    embeddings of `texts` (text-conditioned families) or the class `labels` (DiT), with a leading dimension N."""
+    family = family or family_of(pipe)
+    net = getattr(pipe, family.component)
+    param = next(net.parameters())
+    if family.class_labels:
+        if labels is None:
+            raise UserError(f"{type(pipe).__name__} is conditioned on class labels: give each calibration image "
+                            "its label")  # fmt: skip
+        return {"class_labels": torch.tensor([int(v) for v in labels], device=param.device)}
+    if family.name in ("text-to-image", "image-to-image", "text-to-video") and hasattr(pipe, "encode_prompt"):
+        if texts is None:
+            raise UserError(f"{type(pipe).__name__} is conditioned on text: give each calibration image its text")
+        embeds = [pipe.encode_prompt(text, param.device, 1, False)[0] for text in texts]
+        return {"encoder_hidden_states": torch.cat(embeds)}
+    raise UserError(f"the guided calibration objective is not supported for {family.name} pipelines "
+                    f"({type(pipe).__name__}) yet; use calibration_objective=null_loss")  # fmt: skip
 
 
 @torch.no_grad()
