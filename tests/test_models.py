@@ -144,3 +144,19 @@ def test_unet_time_scale_shift_conditions_through_the_group_norm(tmp_path):
     assert (a - b).abs().max() > 1e-3
     with pytest.raises(UserError, match="time_scale_shift='film' is unknown"):
         unet((1, 8, 8), 3, time_scale_shift="film")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_model_folders_are_made_with_the_users_umask(tmp_path, umask, mode):
+    """A model folder is written into a temporary sibling first; it ends with the permissions mkdir would give."""
+    import os
+
+    from priorlab.models.presets import unet
+
+    net = unet((1, 8, 8), 2, block_out_channels=(8, 16), attention=(False, False), norm_num_groups=4)
+    old = os.umask(umask)
+    try:
+        path = save_denoiser(net, DDPMScheduler(num_train_timesteps=10), tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode

@@ -374,3 +374,34 @@ def test_cosine_schedule_decays_every_group_to_zero_at_max_steps(compose_tmp):
     assert seen[0] == pytest.approx([0.01, 0.04]) and seen[-1][0] < 0.0005
     with pytest.raises(UserError, match="lr_schedule='step' is unknown"):
         _module(compose_tmp, ["data=toy2d", "model=mlp", "lr_schedule=step"])
+
+
+def test_the_same_run_started_twice_fails_in_one_line(tmp_path):
+    """While one process holds a run folder, the same command elsewhere ends with one line naming the holder's
+    PID (rc 2), and writes nothing into the folder; once released, the run goes ahead."""
+    import os
+
+    from conftest import run_cli
+    from priorlab.train import run_lock
+
+    args = (
+        "train",
+        "stage=base",
+        "data=toy2d",
+        "model=mlp",
+        "model.hidden=16",
+        "model.depth=1",
+        "study=locked",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=1",
+        "trainer.limit_val_batches=1",
+        "logger=csv",
+    )
+    run_dir = tmp_path / "runs/locked/base"
+    with run_lock(run_dir):
+        out = run_cli(*args, cwd=tmp_path)
+        assert out.returncode == 2 and f"is in use by process {os.getpid()}" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and not run_dir.exists()
+    out = run_cli(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (run_dir / "done.json").exists()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -58,6 +61,36 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         lr_schedule=cfg.get("lr_schedule", "constant"),
     )
     return module, meta
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder for the run (a `.<name>.lock` file beside it), so that the same run
+    started twice fails in one line instead of two trainers writing one folder. Processes that DDP starts for the
+    run (LOCAL_RANK > 0 or RANK > 0) share the launcher's lock."""
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 or int(os.environ.get("RANK", "0") or 0) > 0:
+        yield
+        return
+    import fcntl
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise UserError(f"{run_dir} is in use by process {holder} (the same run started twice); wait for it "
+                            "to finish or stop it, then run the command again") from None  # fmt: skip
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def check_same_schedule(base_cfg, cfg) -> None:
@@ -123,6 +156,14 @@ def train(cfg: DictConfig) -> Path:
         return Path(cfg.paths.run_dir) / "model"
     run_dir = Path(cfg.paths.run_dir)
     if (run_dir / DONE).exists():
+        print(f"{run_dir} is finished ({DONE} present); skipping")
+        return run_dir / "model"
+    with run_lock(run_dir):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> Path:
+    if (run_dir / DONE).exists():  # finished while this command waited to start
         print(f"{run_dir} is finished ({DONE} present); skipping")
         return run_dir / "model"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
