@@ -372,9 +372,9 @@ def calibration_metrics(weights: dict[str, PriorWeights]) -> dict[str, float]:
     for mode, pw in weights.items():
         losses, edges = pw.losses or {}, pw.edges
         count = losses.get("count", [])
-        for i, scale in enumerate(pw.scales or [None]):
+        for scale in pw.scales or [None]:
             where = "" if scale is None else f"/{scale_name(scale)}"
-            row = pw.base_weight if scale is None else pw.base_weight[i]
+            row = pw.row(scale)
             for b in range(len(row)):
                 out[f"eval/calib/weight/prior={mode}{where}/{bucket_name(edges, b)}"] = float(row[b])
         _loss_metrics(out, "loss", "", losses, ("self", "base", mode), count, edges)

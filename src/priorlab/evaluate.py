@@ -54,8 +54,9 @@ def _data_config(cfg: DictConfig, model_dir: Path) -> DictConfig:
         target = data.get("_target_") if isinstance(data, DictConfig) else None
         raise UserError(f"the data config in {run_config} names {target!r}, not one of priorlab's datamodules; "
                         "pass data=<name> to choose the data yourself")  # fmt: skip
-    nested = [k for k in _keys(OmegaConf.to_container(data, resolve=False)) if k in HYDRA_KEYS and k != "_target_"]
-    if nested or sum(k == "_target_" for k in _keys(OmegaConf.to_container(data, resolve=False))) > 1:
+    keys = _keys(OmegaConf.to_container(data, resolve=False))
+    nested = [k for k in keys if k in HYDRA_KEYS and k != "_target_"]
+    if nested or keys.count("_target_") > 1:
         raise UserError(f"the data config in {run_config} holds instantiation keys below its datamodule "
                         f"({', '.join(sorted(set(nested)) or ['_target_'])}); pass data=<name>")  # fmt: skip
     return data

@@ -178,10 +178,14 @@ def commit() -> str | None:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _priorlab(args: list[str]) -> None:
+def _priorlab_command() -> list[str]:
+    """The installed `priorlab` beside this Python, else `python -m priorlab`."""
     exe = Path(sys.executable).parent / "priorlab"
-    cmd = [str(exe), *args] if exe.exists() else [sys.executable, "-m", "priorlab", *args]
-    result = subprocess.run(cmd, env={**os.environ, "PRIORLAB_COMMAND": ""})
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "priorlab"]
+
+
+def _priorlab(args: list[str]) -> None:
+    result = subprocess.run([*_priorlab_command(), *args], env={**os.environ, "PRIORLAB_COMMAND": ""})
     if result.returncode != 0:
         raise UserError(f"`priorlab {' '.join(args[:3])} ...` failed (exit {result.returncode}); see its output above. "
                         "Run the same study command again to resume")  # fmt: skip
@@ -216,11 +220,10 @@ def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path
     import time
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    exe = Path(sys.executable).parent / "priorlab"
-    base_cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "priorlab"]
+    base_cmd = _priorlab_command()
     gpus = _gpu_count()
     threads = job_threads(max_jobs)
-    pending = list(enumerate(jobs))
+    pending = list(jobs)
     running: dict[int, tuple[subprocess.Popen, str, Path, float]] = {}  # slot → (process, label, log, start)
     failed: list[tuple[str, Path, int]] = []
     done = 0
@@ -228,7 +231,7 @@ def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path
         while pending or running:
             while pending and not failed and len(running) < max_jobs:
                 slot = next(i for i in range(max_jobs) if i not in running)
-                _, (label, args) = pending.pop(0)
+                label, args = pending.pop(0)
                 env = {**os.environ, "PRIORLAB_COMMAND": "", **threads}
                 if gpus > 1:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
@@ -251,8 +254,6 @@ def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path
                 else:
                     print(f"[study {tag}] {label} finished in {time.time() - start:.0f} s "
                           f"({done} of {len(jobs)})", flush=True)  # fmt: skip
-            if failed and not pending and not running:
-                break
     finally:  # an interrupted study (Ctrl-C, `timeout`) ends its jobs quickly; each resumes from its checkpoint
         for proc, *_ in running.values():
             proc.terminate()

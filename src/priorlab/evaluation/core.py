@@ -27,6 +27,7 @@ from priorlab.calibration import (
     calibration_metrics,
     combine,
     heldout_noise,
+    scale_name,
     uncond_predictions,
 )
 from priorlab.data.toy2d import GaussianMixture
@@ -279,7 +280,7 @@ def check_by_sampling(
     above all); this sees it, at the cost of sampling (recorded in seconds)."""
     import time
 
-    if mixture is None and evaluator is None or shape is None:
+    if (mixture is None and evaluator is None) or shape is None:
         raise UserError("prior=checked scores samples: it needs the evaluator (images) or toy2d's mixture")
     if not settings.check_samples > 0:
         raise UserError(f"eval.check_samples={settings.check_samples} must be positive for prior=checked")
@@ -288,11 +289,12 @@ def check_by_sampling(
     check_labels = labels[:n]
     seeds = (settings.seed + 777) * 1_000_000 + torch.arange(n)  # not the evaluation's seeds
     metric = "nll" if mixture is not None else "fd"
-    scales = [w for w in settings.guidance_scales]
+    scales = list(settings.guidance_scales)
+    k = len(mix.edges) - 1
     rows, scores = [], {}
     for w in scales:
-        if w == 1:
-            rows.append(torch.zeros(len(mix.edges) - 1))
+        if w == 1:  # unguided: the prior is never used
+            rows.append(torch.zeros(k))
             continue
         score = {}
         for cand in CHECK_CANDIDATES:
@@ -303,15 +305,10 @@ def check_by_sampling(
             else:
                 score[cand] = metrics.frechet_distance(evaluator.embed(x)[0].cpu(), evaluator.reference)
         best = min(CHECK_CANDIDATES, key=lambda c: (score[c], CHECK_CANDIDATES.index(c)))  # ties: self first
-        rows.append({"self": torch.zeros(len(mix.edges) - 1), "base": torch.ones(len(mix.edges) - 1),
-                     "mix": mix.row(w)}[best])  # fmt: skip
-        scores[_scale_key(w)] = {**score, "checked": score[best]}
+        rows.append({"self": torch.zeros(k), "base": torch.ones(k), "mix": mix.row(w)}[best])
+        scores[scale_name(w)] = {**score, "checked": score[best]}
     check = {"metric": metric, "samples": n, "scores": scores, "seconds": time.perf_counter() - started}
     return PriorWeights(mix.edges, torch.stack(rows), "checked", {"check": check}, mix.objective, scales)
-
-
-def _scale_key(w: float) -> str:
-    return f"w={_fmt(w)}"
 
 
 def conditional_quality(
@@ -398,7 +395,7 @@ def prior_quality(
             per_sample["score_error/model=base"] = _sq(eps_base - truth)
         for mode, pw in (weights or {}).items():  # weights per guidance scale: the ∅ loss at each guided scale
             for scale in [None] if pw.scales is None else [w for w in pw.scales if w != 1]:
-                name = f"loss/model={mode}" + ("" if scale is None else f"/w={_fmt(scale)}")
+                name = f"loss/model={mode}" + ("" if scale is None else f"/{scale_name(scale)}")
                 per_sample[name] = _sq(combine(eps_self, eps_base, pw.at(t, scale)) - noise)
     edges = bucket_edges(num_t, settings.buckets)
     bucket = bucket_index(t_all, edges)
