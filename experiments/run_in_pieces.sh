@@ -6,7 +6,8 @@
 # records, and the first seed's sample grids, from which `priorlab report` rebuilds the
 # report), the layout of results/<study>/.
 #
-#   experiments/run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]        e.g. experiments/run_in_pieces.sh dropout_vs_prior gpu 540 "$OUT"
+#   experiments/run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT] [OVERRIDE...]
+#   e.g. experiments/run_in_pieces.sh dropout_vs_prior gpu 540 "$OUT" jobs=12      (overrides go to `priorlab study`)
 #
 # On a machine without priorlab's dependencies it installs them from .gpu-wheels/ first (../shared/gpu/wheels.sh
 # fills it; the time counts against the piece). Exit status: 0 when the study finished, 3 when the piece ran out
@@ -16,6 +17,7 @@ study=${1:?usage: run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]}
 preset=${2:?usage: run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]}
 limit=${3:-540}
 out=$(cd "${4:-.}" && pwd)
+extra=("${@:5}")
 start=$(date +%s)
 if ! python3 -c "import diffusers, hydra, mlxtend, priorlab" 2>/dev/null; then
   python3 -m pip install -q --no-index --find-links .gpu-wheels diffusers wandb datasets hydra-core || exit 1
@@ -24,7 +26,7 @@ if ! python3 -c "import diffusers, hydra, mlxtend, priorlab" 2>/dev/null; then
 fi
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
 left=$((limit - ($(date +%s) - start) - 30))   # 30 s kept for the study to record its piece and for packing
-timeout --signal=TERM --kill-after=15 "$left" priorlab study "$study" "preset=$preset" paths.runs=runs
+timeout --signal=TERM --kill-after=15 "$left" priorlab study "$study" "preset=$preset" paths.runs=runs "${extra[@]}"
 rc=$?
 dir=runs/$study
 if [ -f "$dir/study.json" ]; then
