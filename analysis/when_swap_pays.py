@@ -24,6 +24,8 @@ for w, p in per_scale.items():
 for prior in swap.FITTED:
     c = swap.fitted_vs_fixed(points, prior)
     if c is not None:
-        print(f"prior={prior}: beats both at {c.beats_both}, ties the better at {c.ties_better}, "
-              f"{metric}({prior}) - min(self, base) = {c.vs_better}")
+        print(
+            f"prior={prior}: beats both at {c.beats_both}, ties the better at {c.ties_better}, "
+            f"{metric}({prior}) - min(self, base) = {c.vs_better}"
+        )
 print(figures.swap_vs_loss_ratio(points, study / "figures" / "f_swap_vs_loss_ratio.png", metric))

@@ -22,7 +22,7 @@ from priorlab.errors import UserError
 from priorlab.studies import check_bases, claim_study_dir, finetune_subdir, load_experiment, preset_overrides
 
 FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_loss_per_timestep.png",
-           "e_sample_grids.png", "h_benefit_vs_dropout.png", "v_base_loss.png"]  # fmt: skip
+           "e_sample_grids.png", "h_benefit_per_scale.png", "v_base_loss.png"]  # fmt: skip
 
 
 def _tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path, Path]:
@@ -153,7 +153,7 @@ def test_images_with_base_seeds_and_a_data_size_axis(tmp_path):
     report = (study / "report.md").read_text()
     assert "base seeds [0, 1], dealt out in turn" in report and "| base converged (base/seed=1) |" in report
     assert "train_per_class=5, p=0.2" in report
-    assert (study / "figures/e_sample_grids.png").exists() and (study / "figures/h_benefit_vs_dropout.png").exists()
+    assert (study / "figures/e_sample_grids.png").exists() and (study / "figures/h_benefit_per_scale.png").exists()
 
 
 def test_jobs_at_once_stop_at_a_failure_and_name_its_log(tmp_path):
@@ -201,6 +201,47 @@ def test_jobs_share_out_the_cores_and_the_gpus(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert studies.job_threads(6) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
     assert studies.job_threads(64) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_a_job_that_ran_out_of_gpu_memory_runs_again_alone_once(tmp_path, monkeypatch):
+    """Jobs sharing a GPU can exhaust it together: such a job is started again, once, when no other job runs,
+    and its log keeps both attempts. A second out-of-memory failure, or any other failure, is a failure."""
+    import priorlab.studies as studies
+
+    attempts, events = {}, []
+
+    class FakeProcess:
+        def __init__(self, cmd, stdout, stderr, env):
+            self.name = cmd[-1]
+            attempts[self.name] = attempts.get(self.name, 0) + 1
+            events.append(("start", self.name, sorted(p.name for p in live if p.returncode is None)))
+            live.append(self)
+            oom = self.name == "seed=1" and attempts[self.name] == 1 or self.name == "seed=9"
+            stdout.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n" if oom else "ok\n")
+            self.result, self.returncode, self.polls = (1 if oom else 0), None, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls > 2:
+                self.returncode = self.result
+            return self.returncode
+
+    live = []
+    monkeypatch.setattr(studies.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(studies, "_gpu_count", lambda: 1)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    studies.run_parallel([(f"job{i}", ["train", f"seed={i}"]) for i in range(4)], 3, tmp_path, "t")
+    assert attempts == {"seed=0": 1, "seed=1": 2, "seed=2": 1, "seed=3": 1}
+    again = [e for e in events if e[1] == "seed=1"][1]
+    assert again[2] == []  # alone
+    log = (tmp_path / "job1.log").read_text()
+    assert "CUDA out of memory" in log and "run again alone" in log and log.rstrip().endswith("ok")
+    live.clear()
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: job9"):
+        studies.run_parallel([("job9", ["train", "seed=9"])], 2, tmp_path, "t")
+    assert attempts["seed=9"] == 2
+    assert studies.ran_out_of_gpu_memory(tmp_path / "job9.log")
+    assert not studies.ran_out_of_gpu_memory(tmp_path / "job0.log")
 
 
 @pytest.mark.parametrize("jobs", ["0", "two", "true"])

@@ -183,3 +183,45 @@ def test_study_json_thresholds_reach_the_checks(tmp_path):
     (tmp_path / "study.json").write_text(json.dumps({"validity": {**THRESHOLDS, "min_accuracy": 0.99}}))
     validity = check_study(tmp_path, _frame(acc=0.97), json.loads((tmp_path / "study.json").read_text())["validity"])
     assert not validity.conditions.iloc[0]["learned"]
+
+
+def test_a_zero_difference_prints_as_0_not_minus_0():
+    from priorlab.analysis.stats import Estimate
+
+    assert str(Estimate(-0.0, -0.0, -0.0, 3)) == "0 [0, 0]"
+    assert str(Estimate(-0.25, -0.5, -0.0, 3)) == "-0.25 [-0.5, 0]"
+
+
+def test_benefit_figure_draws_each_condition_per_scale_and_marks_the_invalid_ones(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from priorlab.analysis import figures
+
+    valid = _frame(acc=0.97)
+    invalid = _frame(acc=0.12)
+    invalid["cond_dropout"] = 0.0
+    invalid["run"] = invalid["run"].str.replace("p=0.1", "p=0.0")
+    frame = pd.concat([valid, invalid], ignore_index=True)
+    validity = check_study(tmp_path, frame)
+    seen = {}
+    real_save = figures._save
+
+    def keep(fig, path):
+        seen["lines"] = [(line.get_label(), line.get_linestyle(), list(line.get_ydata())) for line in fig.axes[0].lines
+                         if not line.get_label().startswith("_")]  # fmt: skip
+        return real_save(fig, path)
+
+    figures._save = keep
+    try:
+        out = figures.benefit_per_scale(benefits(frame, "fd"), ["cond_dropout"], validity.valid, "fd",
+                                        tmp_path / "h.png")  # fmt: skip
+    finally:
+        figures._save = real_save
+    assert out.exists()
+    by_label = {label: (style, y) for label, style, y in seen["lines"]}
+    assert by_label["cond_dropout=0 (failed validity)"][0] == "--"
+    style, y = by_label["cond_dropout=0.1"]
+    assert style == "-"
+    # benefit = FD(self) − FD(base) per seed s: (4 + 0.1 s) − (3.5 + 0.05 s) at w=2, (3 + 0.1 s) − (2.5 + 0.05 s) at w=3
+    assert y == pytest.approx([0.55, 0.55])

@@ -111,29 +111,35 @@ def best_fd_vs_dropout(frame: pd.DataFrame, path: Path, metric: str = "fd") -> P
     return _save(fig, path)
 
 
-def benefit_vs_dropout(frame: pd.DataFrame, metric: str, path: Path) -> Path | None:
-    """(h) The swap's benefit at each prior's best scale, best(self) − best(base) per seed (> 0: the base prior
-    is better), against the dropout rate, one line per value of the other axes (e.g. fine-tune data size)."""
-    final = final_rows(frame)
-    sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base"])]
-    if sub.empty:
+def benefit_per_scale(benefits: pd.DataFrame, keys: list[str], valid, metric: str, path: Path) -> Path | None:
+    """(h) The swap's benefit at each guided scale, one line per condition with its 95% band over seeds (> 0: the
+    base prior did better). `benefits` holds report.benefits' rows (an `estimate` per condition and scale);
+    `valid(cond)` says whether the condition passed its validity checks: those that did not are drawn dashed and
+    labelled so, since nothing is concluded from them."""
+    if benefits.empty:
         return None
     higher = metric in ("accuracy", "precision", "recall")
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    rates = sorted(sub["cond_dropout"].unique())
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
     cmap = plt.get_cmap("viridis")
-    groups = panels(sub)
-    for i, (title, part) in enumerate(groups):
-        best = part.groupby(["cond_dropout", "seed", "prior"])["value"].agg("max" if higher else "min").unstack("prior")
-        if not {"self", "base"} <= set(best.columns):
-            continue
-        benefit = (best["base"] - best["self"]) if higher else (best["self"] - best["base"])
-        _band(ax, rates, [benefit.xs(p, level="cond_dropout").dropna() for p in rates], title or "benefit",
-              cmap(i / max(1, len(groups) - 1)))  # fmt: skip
+    groups = list(benefits.groupby(keys, sort=True)) if keys else [((), benefits)]
+    for i, (cond, g) in enumerate(groups):
+        cond = cond if isinstance(cond, tuple) else (cond,)
+        g = g.sort_values("guidance_scale")
+        w = g["guidance_scale"].to_numpy(float)
+        est = list(g["estimate"])
+        mean = np.array([e.mean for e in est])
+        lo, hi = np.array([e.lo for e in est]), np.array([e.hi for e in est])
+        label = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, cond, strict=True))
+        ok = valid(cond)
+        color = cmap(i / max(1, len(groups) - 1))
+        ax.plot(w, mean, "o-" if ok else "o--", color=color, alpha=1.0 if ok else 0.5,
+                label=(label or "benefit") + ("" if ok else " (failed validity)"))  # fmt: skip
+        if not np.all(np.isnan(lo)):
+            ax.fill_between(w, lo, hi, color=color, alpha=0.18 if ok else 0.07)
     ax.axhline(0, color="k", lw=0.6)
-    ax.set_xlabel("cond_dropout")
-    ax.set_ylabel(f"best {metric.upper()}: self − base" if not higher else f"best {metric}: base − self")
-    ax.set_title("> 0: the base prior is better (95% band over seeds)", fontsize=8)
+    ax.set_xlabel("guidance scale w")
+    ax.set_ylabel(f"{metric.upper()}: self − base" if not higher else f"{metric}: base − self")
+    ax.set_title("the swap's benefit; > 0: the base prior is better (95% band over seeds)", fontsize=8)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

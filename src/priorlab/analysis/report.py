@@ -188,7 +188,7 @@ def findings(frame: pd.DataFrame, validity: Validity, metric: str) -> tuple[list
 
 
 def _interval(e: Estimate | None) -> str:
-    return "—" if e is None else f"[{e.lo:.3g}, {e.hi:.3g}]"
+    return "—" if e is None else f"[{e.lo + 0.0:.3g}, {e.hi + 0.0:.3g}]"  # + 0.0: no "-0"
 
 
 def _why_not(validity: Validity, cond: tuple) -> str:
@@ -319,8 +319,9 @@ def build_report(study_dir: str | Path) -> Path:
         if len(table):
             lines += ["<details><summary>Every condition and scale</summary>", "", _markdown_table(table), "",
                       "</details>", ""]  # fmt: skip
-    made["h"] = ("(h) the swap's benefit at each prior's best w, per condition",
-                 figures.benefit_vs_dropout(frame, metric, fig_dir / "h_benefit_vs_dropout.png"))  # fmt: skip
+    made["h"] = ("(h) the swap's benefit at each guided scale, per condition",
+                 figures.benefit_per_scale(benefits(frame, metric), condition_keys(frame), validity.valid, metric,
+                                           fig_dir / "h_benefit_per_scale.png"))  # fmt: skip
     body, figs = _per_condition_sections(study_dir, frame, fig_dir, metric)
     lines += body
     made.update(figs)

@@ -27,9 +27,10 @@ class Estimate:
     n: int
 
     def __str__(self) -> str:
-        if self.n < 2 or math.isnan(self.lo):
-            return f"{self.mean:.3g} (n={self.n})"
-        return f"{self.mean:.3g} [{self.lo:.3g}, {self.hi:.3g}]"
+        mean, lo, hi = self.mean + 0.0, self.lo + 0.0, self.hi + 0.0  # + 0.0: no "-0" for a difference of zero
+        if self.n < 2 or math.isnan(lo):
+            return f"{mean:.3g} (n={self.n})"
+        return f"{mean:.3g} [{lo:.3g}, {hi:.3g}]"
 
     @property
     def excludes_zero(self) -> bool:
