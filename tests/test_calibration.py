@@ -15,6 +15,7 @@ from priorlab.calibration import (
     calibration_metrics,
     combine,
     fit_weights,
+    scale_name,
 )
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.errors import UserError
@@ -378,3 +379,40 @@ def test_weights_per_scale_round_trip_and_refuse_an_unfitted_scale(tmp_path):
     assert "eval/calib/loss/model=self/all" in keys  # the ∅ losses stay, for the sign rule
     with pytest.raises(UserError, match="guided objective need the guidance scales"):
         PriorWeights(torch.tensor([0, 1000]), torch.tensor([0.5]), "mix", objective="guided")
+
+
+def test_two_condition_guided_fit_scores_the_instruct_pix2pix_combination(tmp_path):
+    """With an image condition and a text condition only eps(∅, ∅) is a candidate: per text scale s_T at image
+    scale s_I the loss is E‖(1 − s_I)·u + (s_I − s_T)·eps(c_I, ∅) + s_T·eps(c_I, c_T) − eps‖², here checked
+    against a direct computation on a grid of weights; at s_I = s_T the image term drops out and the fit is the
+    one-condition one; the weights record s_I and refuse another."""
+    t, noise, eps_self, eps_base, eps_cond, *_ = _guided_case(n=20_000, seed=3)
+    eps_image = eps_cond + 0.3 * torch.randn(eps_cond.shape, generator=torch.Generator().manual_seed(9))
+    s_i, scales = 1.5, [2.0, 7.5]
+    mix = fit_weights(eps_self, eps_base, noise, t, T, 4, "mix", "guided", eps_cond=eps_cond, scales=scales,
+                      eps_image=eps_image, image_scale=s_i)  # fmt: skip
+    assert mix.image_scale == 1.5 and mix.base_weight.shape == (2, 4)
+    index = torch.bucketize(t, bucket_edges(T, 4)[1:-1], right=True)
+    grid = torch.linspace(0, 1, 201, dtype=torch.float64)
+    for i, s_t in enumerate(scales):
+        for b in range(4):
+            rows = index == b
+            u = eps_self[rows][None] + grid[:, None, None] * (eps_base[rows] - eps_self[rows])[None]
+            guided = (1 - s_i) * u + (s_i - s_t) * eps_image[rows][None] + s_t * eps_cond[rows][None]
+            losses = ((guided - noise[rows][None]) ** 2).mean((1, 2))
+            assert float(mix.base_weight[i, b]) == pytest.approx(float(grid[losses.argmin()]), abs=0.006)
+            record = mix.losses["guided"][scale_name(s_t)]
+            assert record["self"][b] == pytest.approx(float(losses[0]), rel=1e-9)
+            assert record["base"][b] == pytest.approx(float(losses[-1]), rel=1e-9)
+    same = fit_weights(eps_self, eps_base, noise, t, T, 4, "mix", "guided", eps_cond=eps_cond, scales=[3.0],
+                       eps_image=eps_image, image_scale=3.0)  # fmt: skip
+    one = fit_weights(eps_self, eps_base, noise, t, T, 4, "mix", "guided", eps_cond=eps_cond, scales=[3.0])
+    torch.testing.assert_close(same.base_weight, one.base_weight, rtol=0, atol=1e-6)
+    back = PriorWeights.load(mix.save(tmp_path / "w.json"))
+    assert back.image_scale == 1.5 and back.scales == scales
+    back.check_image_scale(1.5)
+    with pytest.raises(UserError, match=r"fitted at image_guidance_scale=1.5, not at 2"):
+        back.check_image_scale(2.0)
+    with pytest.raises(ValueError, match="two conditions need eps_image"):
+        fit_weights(eps_self, eps_base, noise, t, T, 4, "mix", "guided", eps_cond=eps_cond, scales=[2.0],
+                    eps_image=eps_image)  # fmt: skip

@@ -493,6 +493,46 @@ def test_sample_command_fits_auto_weights_on_a_calibration_folder(folders, tmp_p
     assert result.returncode == 2 and "gives no text for 5 image(s)" in result.stderr
 
 
+def test_sample_cli_fits_guided_weights_for_image_conditioned_pipelines(folders, tmp_path):
+    """InstructPix2Pix reads each edited image's text and input image from metadata.jsonl (the input images are
+    not calibration images themselves) and fits at the image_guidance_scale it samples with; image variation
+    needs no metadata: each calibration image is its own condition."""
+    from conftest import run_cli
+
+    pm.image(30, size=16).save(tmp_path / "input.png")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rows = []
+    for i in range(4):
+        pm.image(40 + i, size=16).save(calib / f"{i}.png")
+        pm.image(50 + i, size=16).save(calib / f"in{i}.png")
+        text = ["make it red", "make it blue"][i % 2]
+        rows.append({"file_name": f"{i}.png", "text": text, "input_image": f"in{i}.png"})
+    (calib / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = (f"image={tmp_path / 'input.png'}", f"base={folders['sd_base']}", f"calibration={calib}",
+              "calibration_buckets=2", "calibration_size=16", "num_steps=2", "progress=false")  # fmt: skip
+    out = tmp_path / "ip2p"
+    result = run_cli("sample", f"model={folders['ip2p']}", "prior=mix", "prompt=make it red", "guidance_scale=4",
+                     "image_guidance_scale=2", *common, f"out={out}", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    weights = PriorWeights.load(out / "prior_weights_mix.json")
+    assert weights.objective == "guided" and weights.scales == [4.0] and weights.image_scale == 2.0
+    assert sum(weights.losses["count"]) == 4  # the four edited images; their inputs are conditions only
+    (calib / "metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in row.items() if k != "input_image"})
+                                                  + "\n" for row in rows))  # fmt: skip
+    result = run_cli("sample", f"model={folders['ip2p']}", "prior=mix", "prompt=make it red", *common,
+                     f"out={tmp_path / 'no_inputs'}", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "gives no input_image for 8 image(s)" in result.stderr
+    (calib / "metadata.jsonl").unlink()
+    out = tmp_path / "iv"
+    result = run_cli("sample", f"model={folders['iv']}", "prior=auto", "guidance_scale=3", *common, f"out={out}",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    weights = PriorWeights.load(out / "prior_weights_auto.json")
+    assert weights.objective == "guided" and weights.scales == [3.0] and weights.image_scale is None
+    assert sum(weights.losses["count"]) == 8  # no metadata: every image in the folder calibrates
+
+
 def test_guided_pipeline_fit_scores_each_latent_with_its_own_condition(folders):
     """The guided objective on a text pipeline and on DiT: per bucket, mix's guided loss is at most either
     candidate's, and the conditions matter (other prompts give other losses)."""
@@ -532,6 +572,74 @@ def test_guided_pipeline_fit_scores_each_latent_with_its_own_condition(folders):
     assert labels["class_labels"].tolist() == [0, 1] * 8
     with pytest.raises(UserError, match="class labels"):
         model_conditions(dit, None, texts=["a cat"])
+
+
+def test_guided_fit_of_instruct_pix2pix_scores_its_two_condition_combination(folders):
+    """InstructPix2Pix: each calibration latent (the edited image) with its edit text and the latents of its input
+    image; the guided loss is that of (1 − s_I)·eps(∅, ∅) + (s_I − s_T)·eps(c_I, ∅) + s_T·eps(c_I, c_T), here
+    recomputed by hand from θ's own calls, with the noise and timesteps the fit draws from its seed."""
+    from priorlab.pipelines import fit_pipeline_weights, model_conditions, model_null_condition
+
+    pipe = load_pipeline(str(folders["ip2p"]))
+    prior = load_prior(str(folders["sd_base"]))
+    n, s_i, s_t = 6, 1.5, 4.0
+    latents = torch.randn(n, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    inputs = [pm.image(10 + i, size=16) for i in range(n)]
+    texts = ["make it red", "make it blue"] * 3
+    cond = model_conditions(pipe, None, texts=texts, images=inputs, size=(8, 8))  # the VAE halves the size
+    assert cond["image_latents"].shape == (n, 4, 4, 4) and cond["encoder_hidden_states"].shape[0] == n
+    null = model_null_condition(pipe)
+    w = fit_pipeline_weights(pipe, prior, latents, null, "mix", buckets=1, seed=3, objective="guided",
+                             cond_kwargs=cond, scales=[s_t], image_scale=s_i)  # fmt: skip
+    assert w.image_scale == s_i and w.scales == [s_t] and w.base_weight.shape == (1, 1)
+    # by hand: the fit's draws (seed 3), θ on [x_t, image latents or zeros] with the text or the empty prompt
+    abar = pipe.scheduler.alphas_cumprod.float()
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, len(abar), (n,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    x_t = diffusion.add_noise(latents, noise, abar[t])
+
+    def unet(channels, emb):
+        return pipe.unet(torch.cat([x_t, channels], 1), t, encoder_hidden_states=emb).sample
+
+    empty = null["encoder_hidden_states"].expand(n, -1, -1)
+    uu = unet(torch.zeros_like(x_t), empty)
+    iu = unet(cond["image_latents"], empty)
+    it = unet(cond["image_latents"], cond["encoder_hidden_states"])
+    guided_self = (1 - s_i) * uu + (s_i - s_t) * iu + s_t * it
+    guided_base = (1 - s_i) * prior.eps(x_t, abar[t]) + (s_i - s_t) * iu + s_t * it
+    record = w.losses["guided"]["w=4.0"]
+    assert record["self"][0] == pytest.approx(float(((guided_self - noise) ** 2).mean()), rel=1e-4)
+    assert record["base"][0] == pytest.approx(float(((guided_base - noise) ** 2).mean()), rel=1e-4)
+    assert record["mix"][0] <= min(record["self"][0], record["base"][0]) + 1e-9
+    with pytest.raises(UserError, match="image_guidance_scale to fit at"):
+        fit_pipeline_weights(pipe, prior, latents, null, "mix", objective="guided", cond_kwargs=cond, scales=[s_t])
+    with pytest.raises(UserError, match=r"image latents as 4 extra input channels"):
+        fit_pipeline_weights(pipe, prior, latents, null, "mix", objective="guided", scales=[s_t], image_scale=s_i,
+                             cond_kwargs={"encoder_hidden_states": cond["encoder_hidden_states"]})  # fmt: skip
+    with pytest.raises(UserError, match="an input image and an edit text"):
+        model_conditions(pipe, None, texts=texts)
+    with pytest.raises(UserError, match=r"fitted at image_guidance_scale=1.5, not at 2"):
+        with swap_prior(pipe, prior, "mix", w, guidance_scale=s_t, image_guidance_scale=2.0):
+            pass
+
+
+def test_guided_fit_of_image_variation_takes_each_image_as_its_own_condition(folders):
+    from priorlab.pipelines import fit_pipeline_weights, model_conditions, model_null_condition
+
+    pipe = load_pipeline(str(folders["iv"]))
+    prior = load_prior(str(folders["sd_base"]))
+    images = [pm.image(20 + i, size=16) for i in range(8)]
+    cond = model_conditions(pipe, None, images=images)
+    assert cond["encoder_hidden_states"].shape == (8, 1, 32)
+    assert not torch.equal(cond["encoder_hidden_states"][0], cond["encoder_hidden_states"][1])
+    latents = torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(6))
+    w = fit_pipeline_weights(pipe, prior, latents, model_null_condition(pipe), "mix", buckets=2, objective="guided",
+                             cond_kwargs=cond, scales=[3.0])  # fmt: skip
+    g = w.losses["guided"]["w=3.0"]
+    assert w.objective == "guided" and all(g["mix"][b] <= min(g["self"][b], g["base"][b]) + 1e-9 for b in range(2))
+    with pytest.raises(UserError, match="conditioned on an image"):
+        model_conditions(pipe, None, texts=["a cat"])
 
 
 def test_unguided_batch_of_identical_latents_is_not_taken_for_a_guidance_batch(folders):

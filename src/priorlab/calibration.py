@@ -24,6 +24,15 @@ E eps*(x_t, c) = eps*(x_t, ∅), the differences between candidates equal the di
 where "ideal" guides with the true scores: no exact score is needed, so it works on images
 (`tests/test_calibration.py` checks it against exact scores on toy2d). Its weights hold one row per scale.
 
+Two conditions (InstructPix2Pix: image c_I, text c_T, scales s_I and s_T) guide with
+(1 − s_I)·eps(∅, ∅) + (s_I − s_T)·eps(c_I, ∅) + s_T·eps(c_I, c_T), and only eps(∅, ∅) is a candidate, so
+
+    a = (1 − s_I)·eps_θ(∅, ∅) + (s_I − s_T)·eps_θ(c_I, ∅) + s_T·eps_θ(c_I, c_T) − eps,
+    d = (1 − s_I)(eps_ψ − eps_θ(∅, ∅)).
+
+The same argument holds (E over c_T given x_t, c_I of eps*(c_I, c_T) is eps*(c_I, ∅), and over c_I of that,
+eps*(∅, ∅)), so the rows are fitted per text scale at one image scale, which the weights record.
+
 `fit_weights` and `combine` are pure functions of tensors, for any pair of denoisers (the pipeline adapters call
 them with their own predictions); `calibrate` computes the predictions of priorlab's own denoisers.
 """
@@ -92,7 +101,8 @@ class PriorWeights:
             losses) and, for the null_loss objective, the mode's name (None where a bucket had no calibration
             sample), and "count"; for the guided objective also "guided": {"w=<w>": {"self", "base", mode}}.
         objective: "null_loss" (one row, the ∅ loss) or "guided" (one row per scale, the guided loss).
-        scales: the guidance scales of the rows (guided objective), else None.
+        scales: the guidance scales of the rows (guided objective), else None; with two conditions, the text's.
+        image_scale: with two conditions (guided objective), the image guidance scale the rows were fitted at.
     """
 
     edges: Tensor
@@ -101,6 +111,7 @@ class PriorWeights:
     losses: dict[str, list] | None = field(default=None)
     objective: str = "null_loss"
     scales: list[float] | None = None
+    image_scale: float | None = None
 
     def __post_init__(self):
         self.edges = torch.as_tensor(self.edges).long().cpu()
@@ -127,6 +138,11 @@ class PriorWeights:
         w = self.base_weight
         if not torch.isfinite(w).all() or (w < 0).any() or (w > 1).any():
             raise UserError(f"prior weights {w.tolist()} must lie in [0, 1]")
+        if self.image_scale is not None:
+            self.image_scale = float(self.image_scale)
+            if self.scales is None or not math.isfinite(self.image_scale):
+                raise UserError(f"prior weights: image_scale {self.image_scale} needs the guided objective's scales "
+                                "and must be finite")  # fmt: skip
         if self.mode == "checked" and self.scales is None:
             raise UserError("prior=checked weights hold one row per guidance scale; give the scales")
         if self.mode == "auto" and not ((w == 0) | (w == 1)).all():
@@ -148,14 +164,23 @@ class PriorWeights:
         raise UserError(f"the prior weights were fitted (objective {self.objective}) at guidance scales "
                         f"{self.scales}, not at w={float(scale):g}; fit them at that scale")  # fmt: skip
 
+    def check_image_scale(self, image_scale: float | None) -> None:
+        """Refuse an image guidance scale other than the one two-condition weights were fitted at."""
+        if self.image_scale is None:
+            return
+        if image_scale is None or not math.isclose(self.image_scale, float(image_scale), rel_tol=1e-6, abs_tol=1e-9):
+            got = "none" if image_scale is None else f"{float(image_scale):g}"
+            raise UserError(f"the prior weights were fitted at image_guidance_scale={self.image_scale:g}, not at "
+                            f"{got}; fit them at the image scale the pipeline runs at")  # fmt: skip
+
     def at(self, t: Tensor, scale: float | None = None) -> Tensor:
         """The base weight of each row for integer timesteps t (N,) at guidance scale `scale`, on t's device."""
         return self.row(scale).to(t.device)[bucket_index(t, self.edges)]
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "mode": self.mode, "objective": self.objective, "scales": self.scales,
-                "edges": self.edges.tolist(), "base_weight": self.base_weight.tolist(),
-                "losses": self.losses}  # fmt: skip
+                "image_guidance_scale": self.image_scale, "edges": self.edges.tolist(),
+                "base_weight": self.base_weight.tolist(), "losses": self.losses}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> PriorWeights:
@@ -165,7 +190,8 @@ class PriorWeights:
             raise UserError(f"not a priorlab prior-weights record (expected format {FORMAT!r})")
         try:
             return cls(torch.tensor(data["edges"]), torch.tensor(data["base_weight"]), data["mode"], data.get("losses"),
-                       data.get("objective", "null_loss"), data.get("scales"))  # fmt: skip
+                       data.get("objective", "null_loss"), data.get("scales"),
+                       data.get("image_guidance_scale"))  # fmt: skip
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise UserError(f"prior-weights record is malformed ({type(err).__name__}: {err})") from err
 
@@ -212,6 +238,7 @@ def combine(eps_self: Tensor | None, eps_base: Tensor | None, w_base: Tensor) ->
 def fit_weights(
     eps_self: Tensor, eps_base: Tensor, noise: Tensor, t: Tensor, num_train_timesteps: int, buckets: int, mode: str,
     objective: str = "null_loss", eps_cond: Tensor | None = None, scales: list[float] | None = None,
+    eps_image: Tensor | None = None, image_scale: float | None = None,
 ) -> PriorWeights:  # fmt: skip
     """Per-bucket base weights minimising the held-out loss of the unconditional prediction (`null_loss`) or of
     the guided prediction at each of `scales` (`guided`; module doc).
@@ -223,6 +250,8 @@ def fit_weights(
         mode: "auto" (each bucket's better candidate) or "mix" (the least-squares convex weight).
         objective: "null_loss" or "guided"; the guided one needs `eps_cond`, the model's conditional predictions
             eps_θ(x_t, c) at the calibration labels (N, ...), and the guidance `scales` to fit a row for.
+        eps_image, image_scale: two conditions (module doc): eps_θ(x_t, c_I, ∅) (N, ...) and the image scale
+            s_I; `eps_cond` is then eps_θ(x_t, c_I, c_T) and `scales` the text scales.
     Buckets without a calibration sample take the weight of the nearest bucket that has one.
     """
     if mode not in MODES:
@@ -234,6 +263,12 @@ def fit_weights(
                          f"noise {tuple(noise.shape)}, t {tuple(t.shape)}")  # fmt: skip
     if objective == "guided" and (eps_cond is None or eps_cond.shape != noise.shape or not scales):
         raise ValueError("the guided objective needs eps_cond shaped like noise and at least one scale")
+    if (
+        (eps_image is None) != (image_scale is None)
+        or eps_image is not None
+        and (objective != "guided" or eps_image.shape != noise.shape)
+    ):
+        raise ValueError("two conditions need eps_image shaped like noise and image_scale, with the guided objective")
     if len(t) == 0:
         raise UserError("the calibration split is empty; prior=auto|mix need held-out samples to fit on")
     edges = bucket_edges(num_train_timesteps, buckets)
@@ -245,14 +280,19 @@ def fit_weights(
         record = _record(null, count, ("self", "base", mode))
         return PriorWeights(edges, w_null.float(), mode, record)
     e_cond = eps_cond.double().flatten(1).cpu()
+    e_image = None if eps_image is None else eps_image.double().flatten(1).cpu()
     rows, guided = [], {}
     for w in scales:
-        a = w * e_cond - (w - 1) * e_self - eps  # the self-guided residual
-        fitted, losses, _ = _fit_buckets(a, -(w - 1) * d, index, buckets, mode)
+        s_i = w if e_image is None else float(image_scale)  # one condition: the ∅ term's weight is 1 − w
+        a = w * e_cond + (1 - s_i) * e_self - eps  # the self-guided residual
+        if e_image is not None:
+            a = a + (s_i - w) * e_image
+        fitted, losses, _ = _fit_buckets(a, (1 - s_i) * d, index, buckets, mode)
         rows.append(fitted)
         guided[scale_name(w)] = _record(losses, count, ("self", "base", mode), with_count=False)
     record = {**_record(null, count, ("self", "base")), "guided": guided}
-    return PriorWeights(edges, torch.stack(rows).float(), mode, record, "guided", [float(w) for w in scales])
+    return PriorWeights(edges, torch.stack(rows).float(), mode, record, "guided", [float(w) for w in scales],
+                        None if image_scale is None else float(image_scale))  # fmt: skip
 
 
 def _fit_buckets(a: Tensor, d: Tensor, index: Tensor, buckets: int, mode: str) -> tuple[Tensor, dict, Tensor]:

@@ -173,53 +173,82 @@ def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | Non
             "(priorlab.pipelines.fit_pipeline_weights on video latents) and pass prior_weights=PATH"
         )
     folder = Path(cfg.calibration)
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    if not files:
-        raise UserError(f"calibration={folder} holds no .png/.jpg/.webp images")
     objective = cfg.get("calibration_objective", "guided")
     if objective not in ("guided", "null_loss"):
         raise UserError(f"calibration_objective={objective} is unknown; use guided or null_loss")
-    extra = {}
-    if objective == "guided":
-        texts, labels = _calibration_conditions(folder, files, family)
-        extra = {"objective": "guided", "cond_kwargs": model_conditions(pipe, family, texts, labels),
-                 "scales": [guidance_scale(cfg, pipe)]}  # fmt: skip
+    meta = _read_metadata(folder) if objective == "guided" and family.name != "image-variation" else None
+    inputs = {str(row.get("input_image")) for row in (meta or {}).values() if row.get("input_image") is not None}
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
+                   and p.name not in inputs)  # fmt: skip
+    if not files:
+        raise UserError(f"calibration={folder} holds no .png/.jpg/.webp images")
     images = [_open_image(str(p), "calibration image") for p in files]
     height, width = _sampling_size(cfg, pipe, family)
+    extra = {}
+    if objective == "guided":
+        texts, labels, inputs = _calibration_conditions(folder, meta, files, family)
+        extra = {"objective": "guided", "scales": [guidance_scale(cfg, pipe)],
+                 "cond_kwargs": model_conditions(pipe, family, texts, labels,
+                                                 inputs if family.name == "instruct-pix2pix" else images,
+                                                 (height, width))}  # fmt: skip
+        if family.name == "instruct-pix2pix":
+            extra["image_scale"] = image_guidance_scale(cfg, pipe)
     latents = encode_images(pipe, images, height, width)
     null = model_null_condition(pipe, family, cfg.negative_prompt or "")
     return fit_pipeline_weights(pipe, prior, latents, null, cfg.prior,
                                 int(cfg.calibration_buckets), int(cfg.seed), family, **extra)  # fmt: skip
 
 
-def _calibration_conditions(folder: Path, files: list[Path], family: Family) -> tuple[list | None, list | None]:
-    """Each calibration image's condition from folder/metadata.jsonl (the imagefolder convention: one line per
-    image, {"file_name": ..., "text": ...} or {"file_name": ..., "label": ...}): texts for text-conditioned
-    pipelines, labels for class-conditioned ones."""
+def _read_metadata(folder: Path) -> dict[str, dict]:
+    """folder/metadata.jsonl (the imagefolder convention: one JSON object per line with its image's file_name) as
+    {file_name: row}; a missing or malformed file is a one-line UserError."""
     meta = folder / "metadata.jsonl"
-    key = "label" if family.class_labels else "text"
     if not meta.is_file():
         raise UserError(f"the guided calibration objective needs each image's condition: write {meta} with one "
-                        f'line per image, {{"file_name": "0.png", "{key}": ...}}, or pass '
-                        "calibration_objective=null_loss")  # fmt: skip
+                        'line per image, {"file_name": "0.png", "text": ...} (or "label": ... for class-conditioned '
+                        'models; InstructPix2Pix: "text" and "input_image": the unedited image\'s path in the '
+                        "folder), or pass calibration_objective=null_loss")  # fmt: skip
     found = {}
     for i, line in enumerate(meta.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            found[str(row["file_name"])] = row[key]
+            found[str(row["file_name"])] = row
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{meta} line {i} is not a JSON object with file_name and {key}") from err
-    missing = [p.name for p in files if p.name not in found]
-    if missing:
-        raise UserError(f"{meta} gives no {key} for {len(missing)} image(s), e.g. {missing[0]}")
-    values = [found[p.name] for p in files]
-    if key == "label" and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise UserError(f"{meta}: every label must be a whole number (a class index)")
-    if key == "text" and not all(isinstance(v, str) for v in values):
-        raise UserError(f"{meta}: every text must be a string")
-    return (None, values) if key == "label" else (values, None)
+            raise UserError(f"{meta} line {i} is not a JSON object with a file_name") from err
+    return found
+
+
+def _calibration_conditions(folder: Path, meta: dict[str, dict] | None, files: list[Path],
+                            family: Family) -> tuple[list | None, list | None, list | None]:  # fmt: skip
+    """Each calibration image's condition from its metadata row: texts for text-conditioned pipelines, labels for
+    class-conditioned ones, texts and input images for InstructPix2Pix; nothing for image variation (each image is
+    its own condition). Returns (texts, labels, input images)."""
+    if family.name == "image-variation":
+        return None, None, None
+    path = folder / "metadata.jsonl"
+    keys = (
+        ("input_image", "text")
+        if family.name == "instruct-pix2pix"
+        else ("label",)
+        if family.class_labels
+        else ("text",)
+    )
+    for key in keys:
+        missing = [p.name for p in files if key not in meta.get(p.name, {})]
+        if missing:
+            raise UserError(f"{path} gives no {key} for {len(missing)} image(s), e.g. {missing[0]}")
+    values = {key: [meta[p.name][key] for p in files] for key in keys}
+    if "label" in values and not all(isinstance(v, int) and not isinstance(v, bool) for v in values["label"]):
+        raise UserError(f"{path}: every label must be a whole number (a class index)")
+    if "text" in values and not all(isinstance(v, str) for v in values["text"]):
+        raise UserError(f"{path}: every text must be a string")
+    inputs = None
+    if "input_image" in values:
+        inputs = [_open_image(str(folder / str(v)), f"input_image of {p.name}")
+                  for v, p in zip(values["input_image"], files, strict=True)]  # fmt: skip
+    return values.get("text"), values.get("label"), inputs
 
 
 def guidance_scale(cfg: DictConfig, pipe) -> float:
@@ -229,6 +258,16 @@ def guidance_scale(cfg: DictConfig, pipe) -> float:
     default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
     if default is None or not isinstance(default.default, int | float):
         raise UserError(f"{type(pipe).__name__} has no default guidance scale; pass guidance_scale=")
+    return float(default.default)
+
+
+def image_guidance_scale(cfg: DictConfig, pipe) -> float:
+    """InstructPix2Pix's image guidance scale: image_guidance_scale=, else the pipeline's own default."""
+    if cfg.image_guidance_scale is not None:
+        return float(cfg.image_guidance_scale)
+    default = inspect.signature(pipe.__call__).parameters.get("image_guidance_scale")
+    if default is None or not isinstance(default.default, int | float):
+        raise UserError(f"{type(pipe).__name__} has no default image guidance scale; pass image_guidance_scale=")
     return float(default.default)
 
 
@@ -273,6 +312,7 @@ def sample_command(cfg: DictConfig) -> Path:
                 weights if mode in ("auto", "mix") else None,
                 family,
                 guidance_scale(cfg, pipe) if weights is not None and weights.scales is not None else None,
+                image_guidance_scale(cfg, pipe) if weights is not None and weights.image_scale is not None else None,
             ) as swapped:
                 results[mode] = _frames(pipe(**args), family)
             seconds[mode] = round(time.perf_counter() - start, 3)

@@ -202,10 +202,11 @@ def _latent_channels(pipe, net: nn.Module) -> int:
 
 @contextlib.contextmanager
 def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: PriorWeights | None = None,
-               family: Family | None = None,
-               guidance_scale: float | None = None) -> Iterator[SwappedDenoiser]:  # fmt: skip
+               family: Family | None = None, guidance_scale: float | None = None,
+               image_guidance_scale: float | None = None) -> Iterator[SwappedDenoiser]:  # fmt: skip
     """Within the block, `pipe(...)` guides with the unconditional prediction of `mode` (see the module doc).
-    Weights fitted per guidance scale (the guided objective) need the `guidance_scale` the pipeline runs at.
+    Weights fitted per guidance scale (the guided objective) need the `guidance_scale` the pipeline runs at, and
+    two-condition weights (InstructPix2Pix) also its `image_guidance_scale`, the one they were fitted at.
 
     Yields the stand-in network (its `calls` count guided and unguided calls). The pipeline's own denoiser is
     put back on leaving the block, also after an error.
@@ -242,6 +243,7 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
             raise UserError(f"the prior weights were fitted per guidance scale ({weights.scales}); pass the scale "
                             "the pipeline runs at (guidance_scale=...)")  # fmt: skip
         weights.row(guidance_scale)
+        weights.check_image_scale(image_guidance_scale)
     flag = (lambda: _pipeline_flag(pipe)) if hasattr(type(pipe), "do_classifier_free_guidance") else None
     swapped = SwappedDenoiser(net, family, sched.alphas_cumprod, sched.config.prediction_type,
                               _latent_channels(pipe, net), prior, mode, weights, flag, guidance_scale)  # fmt: skip
@@ -260,12 +262,16 @@ CALIBRATED_FAMILIES = ("text-to-image", "image-to-image", "instruct-pix2pix", "d
 def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwargs: dict, mode: str = "auto",
                          buckets: int = 10, seed: int = 0, family: Family | None = None, batch_size: int = 16,
                          objective: str = "null_loss", cond_kwargs: dict | None = None,
-                         scales: list[float] | None = None) -> PriorWeights:  # fmt: skip
+                         scales: list[float] | None = None,
+                         image_scale: float | None = None) -> PriorWeights:  # fmt: skip
     """Fit prior=auto|mix weights for a pipeline's θ against ψ on the user's calibration latents.
 
     With objective="guided" the weights minimise the loss of the guided prediction at each of `scales`
     (`priorlab.calibration`), which needs each latent's own condition: `cond_kwargs`, the keyword arguments of θ
-    with a leading dimension of N (`model_conditions` builds them from texts or class labels).
+    with a leading dimension of N (`model_conditions` builds them from texts, class labels or images). For models
+    that take the condition's image latents as extra input channels (InstructPix2Pix, Zero-1-to-3), cond_kwargs
+    holds them under "image_latents" (N, extra, H, W); InstructPix2Pix's two-condition guidance also needs the
+    `image_scale` (its image_guidance_scale), and its rows are fitted per text scale at that image scale.
 
     Args:
         latents: clean latents x0 of the fine-tuning domain (N, C, H, W), for video (N, C, F, H, W), at the
@@ -297,35 +303,66 @@ def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwar
     if guided and any(len(v) != len(latents) for v in cond_kwargs.values()):
         raise UserError(f"cond_kwargs must hold one condition per calibration latent ({len(latents)})")
     extra = int(net.config.in_channels) - latents.shape[1]
-    eps_self, eps_base, eps_cond = [], [], []
+    cond_kwargs = dict(cond_kwargs or {})
+    image_latents = cond_kwargs.pop("image_latents", None)
+    two = family.name == "instruct-pix2pix"
+    want = (extra, *latents.shape[2:])
+    if guided and extra > 0 and (image_latents is None or tuple(image_latents.shape[1:]) != want):
+        raise UserError(f"{type(pipe).__name__} takes its condition's image latents as {extra} extra input channels: "
+                        f"give cond_kwargs['image_latents'] of shape (N, {', '.join(map(str, want))}) "
+                        "(model_conditions builds them from each latent's condition image)")  # fmt: skip
+    if guided and two and image_scale is None:
+        raise UserError("InstructPix2Pix guides with two scales: give the image_guidance_scale to fit at")
+    eps_self, eps_base, eps_cond, eps_image = [], [], [], []
 
-    def own_eps(inp, tb, x_t, kwargs):
+    def own_eps(x_t, channels, tb, kwargs):
+        inp = x_t if extra <= 0 else torch.cat([x_t, channels], dim=1)
         out = net(inp.to(param.dtype), tb, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
         return diffusion.to_eps(out, sched.config.prediction_type, x_t, abar[tb]).cpu()
 
     for start in range(0, len(latents), batch_size):
-        tb = t[start : start + batch_size].to(param.device)
-        nb = noise[start : start + batch_size].to(param.device)
-        x_t = diffusion.add_noise(latents[start : start + batch_size].to(param.device).float(), nb, abar[tb])
-        inp = x_t if extra <= 0 else torch.cat([x_t, x_t.new_zeros((len(x_t), extra, *x_t.shape[2:]))], dim=1)
-        eps_self.append(own_eps(inp, tb, x_t, {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}))
+        rows = slice(start, start + batch_size)
+        tb = t[rows].to(param.device)
+        x_t = diffusion.add_noise(latents[rows].to(param.device).float(), noise[rows].to(param.device), abar[tb])
+        none = x_t.new_zeros((len(x_t), max(extra, 0), *x_t.shape[2:]))  # the ∅ of image latents
+        null = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}
+        eps_self.append(own_eps(x_t, none, tb, null))
         if guided:
-            eps_cond.append(own_eps(inp, tb, x_t, {k: v[start : start + batch_size].to(param.device)
-                                                   for k, v in cond_kwargs.items()}))  # fmt: skip
+            channels = none if image_latents is None else image_latents[rows].to(param.device, x_t.dtype)
+            eps_cond.append(own_eps(x_t, channels, tb, {k: v[rows].to(param.device) for k, v in cond_kwargs.items()}))
+            if two:  # eps_θ(x_t, c_I, ∅): the image condition with the null text
+                eps_image.append(own_eps(x_t, channels, tb, null))
         eps_base.append(prior.eps(x_t, abar[tb]).cpu())
     extra_args = {"eps_cond": torch.cat(eps_cond), "scales": list(scales)} if guided else {}
+    if guided and two:
+        extra_args.update(eps_image=torch.cat(eps_image), image_scale=float(image_scale))
     return fit_weights(torch.cat(eps_self), torch.cat(eps_base), noise, t, len(abar), buckets, mode, objective,
                        **extra_args)  # fmt: skip
 
 
 @torch.no_grad()
 def model_conditions(pipe, family: Family | None = None, texts: list[str] | None = None,
-                     labels: list[int] | None = None) -> dict:  # fmt: skip
-    """θ's condition for each calibration image, as the pipeline builds it for its conditional chunk: the prompt
-    embeddings of `texts` (text-conditioned families) or the class `labels` (DiT), with a leading dimension N."""
+                     labels: list[int] | None = None, images: list | None = None,
+                     size: tuple[int, int] | None = None) -> dict:  # fmt: skip
+    """θ's condition for each calibration image, as the pipeline builds it for its conditional chunk, with a leading
+    dimension N: the prompt embeddings of `texts` (text-conditioned families), the class `labels` (DiT), the
+    image embeddings of `images` (image variation: each calibration image is its own condition), or for
+    InstructPix2Pix the embeddings of the edit `texts` and the image latents of the input `images` (PIL) at
+    `size` (height, width: the calibration latents' pixel size), unscaled as the pipeline makes them."""
     family = family or family_of(pipe)
     net = getattr(pipe, family.component)
     param = next(net.parameters())
+    if family.name == "instruct-pix2pix":
+        if texts is None or images is None or len(texts) != len(images):
+            raise UserError(f"{type(pipe).__name__} is conditioned on an input image and an edit text: give each "
+                            "calibration image (the edited one) both")  # fmt: skip
+        embeds = torch.cat([pipe._encode_prompt(text, param.device, 1, False) for text in texts])
+        height, width = size or (images[0].height, images[0].width)
+        return {"encoder_hidden_states": embeds, "image_latents": _image_latents(pipe, images, height, width)}
+    if family.name == "image-variation" and family.component == "unet" and hasattr(pipe, "_encode_image"):
+        if images is None:
+            raise UserError(f"{type(pipe).__name__} is conditioned on an image: give the calibration images")
+        return {"encoder_hidden_states": torch.cat([pipe._encode_image(im, param.device, 1, False) for im in images])}
     if family.class_labels:
         if labels is None:
             raise UserError(f"{type(pipe).__name__} is conditioned on class labels: give each calibration image "
@@ -358,6 +395,15 @@ def model_null_condition(pipe, family: Family | None = None, negative_prompt: st
     ):
         return {"encoder_hidden_states": pipe.encode_prompt(negative_prompt, param.device, 1, False)[0]}
     raise UserError(f"the null condition of {type(pipe).__name__} is not known to priorlab; pass null_kwargs")
+
+
+@torch.no_grad()
+def _image_latents(pipe, images: list, height: int, width: int, batch_size: int = 16) -> Tensor:
+    """InstructPix2Pix's conditioning latents of PIL images: the VAE's mode, not scaled (as `prepare_image_latents`)."""
+    pixels = pipe.image_processor.preprocess(images, height=height, width=width)
+    out = [pipe.vae.encode(pixels[i : i + batch_size].to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mode().float()
+           for i in range(0, len(pixels), batch_size)]  # fmt: skip
+    return torch.cat(out)
 
 
 @torch.no_grad()
