@@ -91,3 +91,43 @@ def test_interval_decided_per_step_on_the_host_equals_the_per_row_decision(model
     # bit for bit: both evaluate θ and ψ on the same 3-row batches at every step (the general path's rows are all
     # rows, and combine() selects ψ's prediction exactly), so this is the same computation
     assert torch.equal(new, old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
+@pytest.mark.parametrize("prior", ["self", "base", "interval"])
+def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, prior):
+    """A step replayed from its CUDA graph computes what the launched step computes (same kernels, same shapes:
+    equal up to bf16 rounding under autocast), and a second sample() of the same shapes replays the cached graphs."""
+    from priorlab.sampling import _GRAPHS
+
+    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).cuda().eval()
+    net.load_state_dict(model.state_dict())
+    sched = DDPMScheduler()
+    base = Prior(net, sched, sched.alphas_cumprod)
+    labels, seeds = torch.tensor([0, 1, 2, 0]), torch.arange(4)
+    kw = dict(
+        train_scheduler=sched,
+        sample_shape=(1, 8, 8),
+        scale=3.0,
+        num_steps=6,
+        batch_size=4,
+        autocast=True,
+        prior="self" if prior == "self" else "base",
+        base=base,
+        interval=(0.5, 5.0) if prior == "interval" else None,
+    )
+    launched = sample(net, labels, seeds, graphs=False, **kw)
+    graphed = sample(net, labels, seeds, graphs=True, **kw)
+    torch.testing.assert_close(graphed, launched, rtol=0, atol=0.05)
+    captured = len(_GRAPHS[net])
+    again = sample(net, labels, seeds, graphs=True, **kw)
+    assert len(_GRAPHS[net]) == captured and torch.equal(again, graphed)
+
+
+def test_graphs_on_the_cpu_are_the_launched_computation(model):
+    """graphs=True needs a GPU; elsewhere it runs the same launched steps (the evaluation may set it everywhere)."""
+    sched = DDPMScheduler()
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=3, batch_size=3, prior="base",
+              base=Prior(model, sched, sched.alphas_cumprod))  # fmt: skip
+    labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
+    assert torch.equal(sample(model, labels, seeds, graphs=True, **kw), sample(model, labels, seeds, **kw))

@@ -254,14 +254,22 @@ def _rows(sel: Tensor, values: Tensor | None, like: Tensor) -> Tensor:
     return full
 
 
+_SIDE_STREAMS: dict = {}
+
+
 def _overlapped(model_pass, base, x_base, t_base):
-    """The model's pass on the current CUDA stream and the base's on a side stream, concurrently."""
+    """The model's pass on the current CUDA stream and the base's on a side stream, concurrently. The side stream
+    is one per device, made once, so that a CUDA graph capturing this (`priorlab.sampling`) forks and joins the
+    same stream at every replay."""
     main = torch.cuda.current_stream(x_base.device)
-    side = torch.cuda.Stream(x_base.device)
+    side = _SIDE_STREAMS.get(x_base.device)
+    if side is None:
+        side = _SIDE_STREAMS[x_base.device] = torch.cuda.Stream(x_base.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
         prior_eps = base(x_base, t_base)
     out = model_pass()
     main.wait_stream(side)
-    prior_eps.record_stream(main)
+    if not torch.cuda.is_current_stream_capturing():  # a graph's memory is its own pool, ordered by the join
+        prior_eps.record_stream(main)
     return out, prior_eps

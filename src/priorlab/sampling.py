@@ -8,6 +8,7 @@ The scheduler always receives the guided eps: every branch is converted to eps f
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import diffusers
 import torch
@@ -45,6 +46,68 @@ def initial_noise(seeds: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, list[t
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
+class GraphedGuide:
+    """The whole guided prediction of one denoising step (θ's pass, the prior's pass on its side stream, and the
+    combination) captured once as a CUDA graph and replayed at every step: a small network's compiled step is
+    bound by kernel launches, and prior=base launches two networks' worth (issue 17). Inputs are copied into
+    static buffers; the output buffer is overwritten by the next replay, so `__call__` returns a copy.
+
+    Only the paths whose work does not depend on GPU values are captured: prior self, base or none (fitted
+    priors pick rows by their weights, which reads the GPU). Graphs are cached per model (`graphed_guide`); the
+    graphs of one model share one memory pool, which is safe because they are replayed one at a time on one
+    stream and nothing but the output outlives a replay."""
+
+    def __init__(self, model: Denoiser, base: Prior | None, prior: str, scale: float, abar: Tensor, x: Tensor,
+                 labels: Tensor, autocast: bool, pool=None):  # fmt: skip
+        self.model, self.prior, self.scale, self.abar, self.autocast = model, prior, scale, abar, autocast
+        self.base = base  # kept alive with the graph, which reads its weights by address
+        self.x, self.y = torch.zeros_like(x), labels.clone()
+        self.t = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        warm = torch.cuda.Stream(x.device)  # warm-up off the capture stream, as torch.cuda.graphs asks
+        warm.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(warm):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream(x.device).wait_stream(warm)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = self._run()
+        self.model = None  # the cache is keyed weakly by the model: no reference back to it
+
+    def _run(self) -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            return guide(self.model, self.x, self.t, self.y, self.abar[self.t], self.scale, self.prior,
+                         self.base, overlap=False).guided  # fmt: skip
+
+    def __call__(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        self.x.copy_(x)
+        self.t.copy_(t)
+        self.y.copy_(labels)
+        self.graph.replay()
+        return self.out.clone()
+
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pointers(net) -> tuple:
+    """Where a network's weights live: a graph reads them by address, so weights moved elsewhere (another
+    device, a swapped-in copy) must not replay an old graph."""
+    return tuple(p.data_ptr() for p in net.parameters()) if net is not None else ()
+
+
+def graphed_guide(model: Denoiser, base: Prior | None, prior: str, scale: float, abar: Tensor, x: Tensor,
+                  labels: Tensor, autocast: bool) -> GraphedGuide:  # fmt: skip
+    """The cached `GraphedGuide` of this model, prior, scale, batch shape and precision (captured on first use)."""
+    graphs = _GRAPHS.setdefault(model, {})
+    base_net = base.denoiser if base is not None else None
+    key = (prior, float(scale), tuple(x.shape), x.dtype, autocast, id(base), _pointers(model), _pointers(base_net))
+    if key not in graphs:
+        pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
+        graphs[key] = GraphedGuide(model, base, prior, scale, abar, x, labels, autocast, pool)
+    return graphs[key]
+
+
 @torch.no_grad()
 def sample(
     model: Denoiser,
@@ -62,6 +125,7 @@ def sample(
     progress: bool = False,
     autocast: bool = False,
     weights: PriorWeights | None = None,
+    graphs: bool = False,
 ) -> Tensor:
     """Generate one sample per (label, seed) pair with guidance; returns (N, *sample_shape) on the model's device.
 
@@ -75,6 +139,8 @@ def sample(
         sampler: scheduler name; num_steps: denoising steps.
         autocast: run the networks under bf16 autocast (the guidance combination and the scheduler's update
             stay in fp32).
+        graphs: on a GPU, replay each step's guided prediction from a CUDA graph (`GraphedGuide`) for prior
+            self, base or none; elsewhere, and for the fitted priors, the same computation runs eagerly.
     """
     check_prior(prior, base, weights)
     num_t = train_scheduler.config.num_train_timesteps
@@ -83,6 +149,7 @@ def sample(
                         f"the model has {num_t}; fit them for this model")  # fmt: skip
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
+    graphed = graphs and device.type == "cuda" and prior in ("self", "base", "none")
     out = []
     chunks = range(0, len(labels), batch_size)
     for start in tqdm(chunks, desc=f"sampling prior={prior} w={scale}", disable=not progress, leave=False):
@@ -105,8 +172,12 @@ def sample(
             x_in = scheduler.scale_model_input(x, step_t)
             guided = interval is None or bool(in_interval(train_scheduler.alphas_cumprod[ts[i]].float(), interval))
             w = scale if guided else 1.0
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                branches = guide(model, x_in, t, y, abar[t], w, prior, base, weights=weights)
-            x = scheduler.step(branches.guided.float(), step_t, x, **step_kwargs).prev_sample
+            if graphed:
+                p = prior if w != 1 else "none"
+                eps = graphed_guide(model, base, p, w, abar, x_in, y, autocast)(x_in, t, y)
+            else:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    eps = guide(model, x_in, t, y, abar[t], w, prior, base, weights=weights).guided
+            x = scheduler.step(eps.float(), step_t, x, **step_kwargs).prev_sample
         out.append(x)
     return torch.cat(out)

@@ -63,6 +63,8 @@ class EvalSettings:
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
         autocast: sample under bf16 autocast (GPU presets).
+        cuda_graphs: on a GPU, replay each step's guided prediction from a CUDA graph (prior self, base; the
+            fitted priors run as launched; `priorlab.sampling.GraphedGuide`).
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
         bootstrap: resamples of the generated samples for the standard errors of FD and of the paired
@@ -87,6 +89,7 @@ class EvalSettings:
     grid_scale: float | None = None
     grid_per_class: int = 6
     autocast: bool = False
+    cuda_graphs: bool = False
     features: str = "domain"
     bootstrap: int = 200
 
@@ -198,7 +201,8 @@ def generate(
     idx = shard(len(labels))
     interval = tuple(settings.interval) if settings.interval else None
     x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, base, interval, settings.sampler,
-               settings.num_steps, settings.batch_size, autocast=settings.autocast, weights=weights)  # fmt: skip
+               settings.num_steps, settings.batch_size, autocast=settings.autocast, weights=weights,
+               graphs=settings.cuda_graphs)  # fmt: skip
     return gather(x, len(labels))
 
 

@@ -1,0 +1,163 @@
+"""Guided sampling speed with and without CUDA graphs, and a cheap prior (issue 17, items 1 and 2).
+
+    python bench/guided_sampling.py                 # UNet-36M and DiT-B/2, eager and compiled, on the GPU
+    python bench/guided_sampling.py --smoke         # tiny models on the CPU: checks that the script runs
+
+For each model and each of eager / torch.compile, the median ms per denoising step (B = --batch, bf16, DDIM,
+w = 4) of: batched CFG (prior=self: one network at 2B), prior=base (two networks at B, the base on a side
+stream), prior=base guided over the middle half of the steps only, the conditional network alone (one at B, no
+guidance), and prior=base with a small base (the cheap prior: unet_s-sized for the UNet, DiT-S/2 for DiT-B/2),
+each launched eagerly and replayed from CUDA graphs (`priorlab.sampling.GraphedGuide`). Ratios divide by batched
+CFG of the same launch mode and compilation, in the same run. It also samples prior=base graphed and ungraphed
+from the same seeds and records the largest difference (bf16 networks: differences of a few 1e-2 are rounding).
+Writes bench/results/<card>-<date>-guided_sampling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu import models, sync  # noqa: E402
+
+from priorlab.guidance import Prior, sigma  # noqa: E402
+from priorlab.models import dit, unet  # noqa: E402
+from priorlab.sampling import make_scheduler, sample  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def small_builders(smoke: bool) -> dict:
+    """The cheap prior of each model: the same data shape and schedule, a smaller network."""
+    if smoke:
+        return {"dit": lambda: dit((4, 8, 8), 10, num_layers=1, num_attention_heads=1, attention_head_dim=8),
+                "unet": lambda: unet((3, 8, 8), 10, block_out_channels=(8, 8), norm_num_groups=4)}  # fmt: skip
+    return {
+        "DiT-B/2": lambda: dit(
+            (4, 32, 32), 1000, num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2
+        ),  # DiT-S/2  # fmt: skip
+        "UNet-36M": lambda: unet(
+            (3, 32, 32),
+            10,
+            block_out_channels=(64, 128, 128, 128),
+            attention=(False, True, False, False),
+            layers_per_block=1,
+            norm_num_groups=32,
+            attention_head_dim=64,
+        ),  # fmt: skip
+    }
+
+
+def time_config(model, labels, seeds, kwargs, runs: int) -> float:
+    with torch.inference_mode():
+        sample(model, labels, seeds, **kwargs)  # warm-up: compilation and graph capture
+        times = []
+        for _ in range(runs):
+            sync()
+            t0 = time.perf_counter()
+            sample(model, labels, seeds, **kwargs)
+            sync()
+            times.append((time.perf_counter() - t0) / kwargs["num_steps"] * 1000)
+    return statistics.median(times)
+
+
+def bench_model(name, build, small, shape, k, batch, steps, runs, device, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    model, base, cheap = build().to(device).eval(), build().to(device).eval(), small().to(device).eval()
+    nets = (model, base, cheap)
+    if len(shape) == 3 and "UNet" in model.class_name and device.type == "cuda":
+        for m in nets:
+            m.net.to(memory_format=torch.channels_last)
+    if compile_:
+        for m in nets:
+            m.net.compile()
+    sched = DDPMScheduler()
+    prior, cheap_prior = Prior(base, sched, sched.alphas_cumprod), Prior(cheap, sched, sched.alphas_cumprod)
+    ddim = make_scheduler("ddim", sched)
+    ddim.set_timesteps(steps)
+    sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
+    interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
+    labels, seeds = torch.arange(batch) % k, torch.arange(batch)
+    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", base=prior),
+               "prior_base_interval": dict(prior="base", base=prior, interval=interval),
+               "cond_only": dict(prior="none"), "cheap_prior": dict(prior="base", base=cheap_prior)}  # fmt: skip
+    out = {"params_m": {"model": sum(p.numel() for p in model.parameters()) / 1e6,
+                        "cheap_prior": sum(p.numel() for p in cheap.parameters()) / 1e6}}  # fmt: skip
+    for graphs in (False, True):
+        mode = "graphs" if graphs else "launched"
+        table = {}
+        for cname, kw in configs.items():
+            kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
+                          autocast=device.type == "cuda", graphs=graphs, **kw)  # fmt: skip
+            table[cname] = {"ms_per_step": time_config(model, labels, seeds, kwargs, runs)}
+            print(f"  {name} compile={compile_} {mode:8s} {cname:20s} {table[cname]['ms_per_step']:8.2f} ms/step",
+                  flush=True)  # fmt: skip
+        ref = table["batched_cfg"]["ms_per_step"]
+        for row in table.values():
+            row["ratio_to_batched_cfg"] = row["ms_per_step"] / ref
+        cond = table["cond_only"]["ratio_to_batched_cfg"]
+        table["targets"] = {
+            "prior_base_le_1.05": table["prior_base"]["ratio_to_batched_cfg"] <= 1.05,
+            "interval_bound": 0.5 + 0.5 * cond + 0.05,
+            "interval_le_bound": table["prior_base_interval"]["ratio_to_batched_cfg"] <= 0.5 + 0.5 * cond + 0.05,
+            "cheap_prior_le_0.7": table["cheap_prior"]["ratio_to_batched_cfg"] <= 0.7,
+        }
+        out[mode] = table
+    kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
+                  autocast=device.type == "cuda", prior="base", base=prior)  # fmt: skip
+    with torch.inference_mode():
+        eager = sample(model, labels, seeds, **kwargs, graphs=False)
+        graphed = sample(model, labels, seeds, **kwargs, graphs=True)
+    diff = (eager - graphed).abs()
+    out["agreement_prior_base"] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                                   "sample_std": float(eager.std())}  # fmt: skip
+    print(f"  {name} compile={compile_} graphed vs launched: {out['agreement_prior_base']}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default=None, help="one model name, e.g. DiT-B/2 or UNet-36M")
+    parser.add_argument("--compile", default="false,true", help="eager and/or compiled networks")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.batch, args.steps, args.runs = 4, 4, 1
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {"card": card, "date": str(datetime.date.today()), "torch": torch.__version__, "batch": args.batch,
+              "steps": args.steps, "runs": args.runs, "models": {}}  # fmt: skip
+    if device.type == "cuda":
+        result["gpu_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
+    small = small_builders(args.smoke)
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}-guided_sampling.json"
+    for name, (build, shape, k) in models(args.smoke).items():
+        if args.only and name != args.only:
+            continue
+        result["models"][name] = {}
+        for comp in [c == "true" for c in args.compile.split(",")]:
+            if comp and device.type != "cuda":
+                continue
+            key = "compiled" if comp else "eager"
+            result["models"][name][key] = bench_model(name, build, small[name], shape, k, args.batch, args.steps,
+                                                      args.runs, device, comp)  # fmt: skip
+            out.write_text(json.dumps(result, indent=1))  # after each part: a cut-off run keeps what it measured
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
