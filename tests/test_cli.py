@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import yaml
 
 from conftest import run_cli
 
@@ -38,6 +39,10 @@ def _check_run_folder(run, max_steps=6):
 def test_base_then_finetune_write_their_run_folders(base_run):
     meta = _check_run_folder(base_run / "runs/s/base")
     assert meta["stage"] == "base" and meta["cond_dropout"] == 1.0 and meta["step"] == 6
+    # the loggers' config (CSV hparams.yaml; W&B gets the same dict) says what the base trained with: every label
+    # dropped, whatever the cond_dropout key of the command (0.1 by default)
+    hparams = yaml.safe_load((base_run / "runs/s/base/hparams.yaml").read_text())
+    assert hparams["cond_dropout"] == 1.0 and hparams["stage"]["name"] == "base"
     out = run_cli("train", "stage=finetune", "study=s", "base=runs/s/base", "cond_dropout=0.2", *TINY, cwd=base_run)
     assert out.returncode == 0, out.stderr[-3000:]
     meta = _check_run_folder(base_run / "runs/s/finetune/p=0.2/seed=0")

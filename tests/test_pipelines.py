@@ -479,7 +479,9 @@ def test_sample_command_fits_auto_weights_on_a_calibration_folder(folders, tmp_p
     weights = PriorWeights.load(out / "prior_weights_auto.json")
     assert weights.mode == "auto" and weights.objective == "null_loss" and len(weights.base_weight) == 3
     assert set(weights.base_weight.tolist()) <= {0.0, 1.0} and sum(weights.losses["count"]) == 6
-    assert json.loads((out / "sample.json").read_text())["files"] == {"auto": ["prior=auto_0.png"]}
+    settings = json.loads((out / "sample.json").read_text())
+    assert settings["files"] == {"auto": ["prior=auto_0.png"]}
+    assert settings["guidance_scale"] == 7.5 and settings["num_steps"] == 2  # not given: the pipeline's default
     rows = [{"file_name": f"{i}.png", "text": ["a cat", "a dog"][i % 2]} for i in range(6)]
     (calib / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "guided"

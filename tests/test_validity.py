@@ -225,3 +225,37 @@ def test_benefit_figure_draws_each_condition_per_scale_and_marks_the_invalid_one
     assert style == "-"
     # benefit = FD(self) − FD(base) per seed s: (4 + 0.1 s) − (3.5 + 0.05 s) at w=2, (3 + 0.1 s) − (2.5 + 0.05 s) at w=3
     assert y == pytest.approx([0.55, 0.55])
+
+
+def test_drift_figure_labels_both_axes_and_grid_scale_comes_from_the_run_config(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from priorlab.analysis import figures
+
+    rows = []
+    for step in (5, 10):
+        for metric, prior in (("disagreement/all", ""), ("loss/all", "self"), ("loss/all", "base")):
+            rows.append({"run": "finetune/p=0.1/seed=0", "cond_dropout": 0.1, "seed": 0, "step": step, "prior": prior,
+                         "guidance_scale": np.nan, "metric": metric, "value": 0.1 * step})  # fmt: skip
+    seen = {}
+    real_save = figures._save
+
+    def keep(fig, path):
+        seen["labels"] = [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]
+        return real_save(fig, path)
+
+    figures._save = keep
+    try:
+        figures.drift(pd.DataFrame(rows), tmp_path / "c.png")
+    finally:
+        figures._save = real_save
+    assert seen["labels"] == [("fine-tuning step", "disagreement with base"), ("fine-tuning step", "held-out ∅ loss")]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("eval:\n  grid_scale: null\n  guidance_scales: [1.0, 3.0, 2.0]\n")
+    assert figures._grid_scale(run, pd.DataFrame({"guidance_scale": [9.0]})) == 3.0
+    (run / "config.yaml").write_text("eval:\n  grid_scale: 2.0\n  guidance_scales: [1.0, 3.0]\n")
+    assert figures._grid_scale(run, pd.DataFrame({"guidance_scale": [9.0]})) == 2.0
+    (run / "config.yaml").unlink()  # a packed study without configs: the largest scale in the results
+    assert figures._grid_scale(run, pd.DataFrame({"guidance_scale": [1.0, 9.0, np.nan]})) == 9.0

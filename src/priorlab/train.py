@@ -178,8 +178,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        params = OmegaConf.to_container(cfg, resolve=True)
+        params["cond_dropout"] = module.cond_dropout  # a base drops every label, whatever cond_dropout says
         for logger in trainer.loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_hyperparams(params)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.exists():
         check_checkpoint(last)

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from priorlab.analysis.results import axis_columns, bucket_start, final_rows  # noqa: E402
@@ -167,12 +168,12 @@ def base_curves(study_dir: Path, path: Path) -> Path | None:
 def drift(frame: pd.DataFrame, path: Path) -> Path:
     """(c) Drift of the unconditional branch from the base over fine-tuning steps, one line per condition."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    panel_specs = [("disagreement/all", "", "‖eps_self(∅) − eps_base(∅)‖² per element"),
-                   ("loss/all", "self", "held-out loss of the ∅ branch (eps)")]  # fmt: skip
+    panel_specs = [("disagreement/all", "", "‖eps_self(∅) − eps_base(∅)‖² per element", "disagreement with base"),
+                   ("loss/all", "self", "held-out loss of the ∅ branch (eps)", "held-out ∅ loss")]  # fmt: skip
     cmap = plt.get_cmap("viridis")
     groups = [(title, p, part[part["cond_dropout"] == p]) for title, part in panels(frame)
               for p in sorted(part["cond_dropout"].unique())]  # fmt: skip
-    for ax, (metric, prior, title) in zip(axes, panel_specs, strict=True):
+    for ax, (metric, prior, title, ylabel) in zip(axes, panel_specs, strict=True):
         for i, (axis_title, p, part) in enumerate(groups):
             s = part[(part["metric"] == metric) & (part["prior"] == prior)]
             steps = sorted(s["step"].unique())
@@ -185,6 +186,7 @@ def drift(frame: pd.DataFrame, path: Path) -> Path:
                 ax.axhline(base["value"].mean(), color="k", ls="--", label="base")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel(ylabel)
     axes[0].legend(fontsize=6)
     return _save(fig, path)
 
@@ -230,16 +232,41 @@ def sample_grids(study_dir: Path, frame: pd.DataFrame, path: Path) -> Path | Non
         if all(i.exists() for i in imgs):
             label = ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in zip(keys, cond, strict=True))  # fmt: skip
-            pairs.append((label, int(row["seed"]), imgs))
+            pairs.append((label, int(row["seed"]), imgs, _grid_scale(run, g), _grid_rows(g)))
     if not pairs:
         return None
     fig, axes = plt.subplots(len(pairs), 2, figsize=(8, 2.2 * len(pairs)), squeeze=False)
-    for (label, seed, imgs), row_axes in zip(pairs, axes, strict=True):
+    for (label, seed, imgs, w, rows), row_axes in zip(pairs, axes, strict=True):
         for ax, img, prior in zip(row_axes, imgs, ("self", "base"), strict=True):
-            ax.imshow(np.asarray(Image.open(img)), cmap="gray")
-            ax.set_title(f"{label}, seed={seed}, prior={prior}", fontsize=8)
-            ax.axis("off")
+            pixels = np.asarray(Image.open(img))
+            ax.imshow(pixels, cmap="gray")
+            scale = f", w={w:g}" if w is not None else ""
+            ax.set_title(f"{label}, seed={seed}, prior={prior}{scale}", fontsize=8)
+            ax.set_xticks([])
+            if rows:  # one row of samples per class, top to bottom
+                step = pixels.shape[0] / rows
+                ax.set_yticks([(r + 0.5) * step for r in range(rows)], [str(r) for r in range(rows)], fontsize=5)
+                ax.set_ylabel("class", fontsize=7)
+            else:
+                ax.set_yticks([])
     return _save(fig, path)
+
+
+def _grid_scale(run: Path, rows: pd.DataFrame) -> float | None:
+    """The guidance scale of a run's sample grids: eval.grid_scale from its config, else the largest evaluated."""
+    try:
+        cfg = OmegaConf.load(run / "config.yaml")
+        w = OmegaConf.select(cfg, "eval.grid_scale")
+        return float(w) if w is not None else float(max(OmegaConf.select(cfg, "eval.guidance_scales")))
+    except Exception:  # noqa: BLE001 - a packed study may lack the configs: fall back to the results
+        scales = rows["guidance_scale"].dropna()
+        return float(scales.max()) if len(scales) else None
+
+
+def _grid_rows(frame: pd.DataFrame) -> int | None:
+    """Classes of a condition's runs (the rows of their grids), from the num_classes metric."""
+    k = frame[frame["metric"] == "num_classes"]["value"]
+    return int(k.iloc[0]) if len(k) else None
 
 
 def swap_vs_loss_ratio(points: pd.DataFrame, path: Path, metric: str = "fd") -> Path | None:

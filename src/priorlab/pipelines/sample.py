@@ -261,6 +261,21 @@ def guidance_scale(cfg: DictConfig, pipe) -> float:
     return float(default.default)
 
 
+def _used_settings(pipe, kw: dict) -> dict:
+    """The values the pipeline ran with, by their sample.yaml names: what was passed, else the pipeline's own
+    default (guidance_scale: null in the command records the scale the pipeline used)."""
+    params = inspect.signature(pipe.__call__).parameters
+    out = {}
+    for arg, name in SETTING.items():
+        if arg in kw:
+            out[name] = kw[arg]
+        elif (
+            arg in params and isinstance(params[arg].default, int | float) and not isinstance(params[arg].default, bool)
+        ):
+            out[name] = params[arg].default
+    return out
+
+
 def image_guidance_scale(cfg: DictConfig, pipe) -> float:
     """InstructPix2Pix's image guidance scale: image_guidance_scale=, else the pipeline's own default."""
     if cfg.image_guidance_scale is not None:
@@ -323,6 +338,7 @@ def sample_command(cfg: DictConfig) -> Path:
         if weights is not None:
             weights.save(tmp / f"prior_weights_{weights.mode}.json")
         settings = OmegaConf.to_container(cfg, resolve=True)
+        settings.update(_used_settings(pipe, kw))
         settings.update({"family": family.name, "pipeline": type(pipe).__name__, "files": files, "seconds": seconds,
                          "denoiser_calls": calls, "device": str(device)})  # fmt: skip
         (tmp / "sample.json").write_text(json.dumps(settings, indent=1, default=str))
