@@ -1,5 +1,8 @@
 """Every config under configs/ composes and instantiates."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -8,6 +11,8 @@ from hydra.utils import instantiate
 
 from priorlab.cli import CONFIG_DIR
 from priorlab.models.denoiser import Denoiser
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DATA_FOR_MODEL = {"mlp": "toy2d"}
 
@@ -121,3 +126,41 @@ def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monk
     on_cpu = ddp.DDPStrategy(comm_hook="bf16", parallel_devices=[torch.device("cpu")] * 2)
     with pytest.raises(UserError, match="comm_hook needs GPUs"):  # Lightning would skip the hook without a word
         on_cpu._register_ddp_hooks()
+
+
+def _declared() -> list:
+    import tomllib
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(r) for r in [*meta["dependencies"], *meta["optional-dependencies"]["dev"]]]
+
+
+def test_the_lock_file_pins_every_declared_dependency_inside_its_range():
+    """requirements.lock (what make and CI install) is one environment the declared ranges admit, and the ranges
+    admit the torch of the GPU machines (2.11) beside the locked CPU build."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    for req in _declared():
+        assert canonicalize_name(req.name) in pins, f"{req.name} is declared but not locked"
+        assert req.specifier.contains(pins[canonicalize_name(req.name)]), f"{req} excludes the locked version"
+    torch = next(r for r in _declared() if r.name == "torch")
+    assert torch.specifier.contains("2.11.0") and torch.specifier.contains("2.13.0")
+    assert not torch.specifier.contains("3.0.0")
+
+
+def test_installing_priorlab_keeps_the_installed_torch_and_everything_else(tmp_path):
+    """`pip install -e .` into an environment that already satisfies the ranges installs priorlab alone: no torch
+    is replaced (a pinned torch would pull another build over the user's)."""
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+                          "-e", f"{ROOT}[dev]", "--report", str(report), "-q"], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    installs = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
+    assert installs == ["priorlab"]
