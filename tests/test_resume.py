@@ -210,3 +210,31 @@ def test_settings_that_do_not_change_training_may_differ_on_resume(tiny_runs, tm
     out = run_cli("train", *TINY_RUN, *other, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (root / BASE / "done.json").exists() and not (root / BASE / "resume_forced.json").exists()
+
+
+def test_evaluate_refuses_the_recorded_base_changed_since_the_fine_tune(tiny_runs, tmp_path):
+    from conftest import run_cli
+
+    root = _copy(tiny_runs, tmp_path)
+    _replace_weights(root / BASE / "model")
+    given = content_hash(root / BASE / "model")
+    # the fine-tune recorded the base in the folder it was copied from: this one is another prior, used with a note
+    out = run_cli("evaluate", f"model={FINETUNE}", f"base={BASE}", "eval=tiny", "out=other_prior", cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"note: base={BASE}/model is not the base {FINETUNE}/model was fine-tuned from" in out.stdout
+    meta_path = root / FINETUNE / "model/priorlab.json"
+    meta = json.loads(meta_path.read_text())
+    recorded = meta["base"]["sha256"]
+    meta["base"]["path"] = str((root / BASE / "model").resolve())  # as if trained here, not where it was copied from
+    meta_path.write_text(json.dumps(meta))
+    before = _files(root / "runs")
+    out = run_cli("evaluate", f"model={FINETUNE}", f"base={BASE}", "eval=tiny", cwd=root)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    (line,) = _error_lines(out.stderr)
+    assert line == (f"priorlab: error: base={BASE}/model has changed since {FINETUNE}/model was "
+                    f"fine-tuned from it: its weights hash to {given[:12]}, the fine-tune recorded {recorded[:12]}. "
+                    "Pass the base it was trained from, or base_check=false to use this one anyway")  # fmt: skip
+    assert _files(root / "runs") == before
+    out = run_cli("evaluate", f"model={FINETUNE}", f"base={BASE}", "eval=tiny", "base_check=false", cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (root / FINETUNE / "eval/conditional.json").exists()
