@@ -26,8 +26,9 @@ FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_lo
 
 
 def _tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path, Path]:
-    """Run `priorlab study NAME preset=PRESET` in a fresh folder; (that folder, the study's run folder)."""
-    root = tmp_path_factory.mktemp(name)
+    """Run `priorlab study NAME preset=PRESET` in a fresh folder whose path holds a space and a non-ASCII letter;
+    (that folder, the study's run folder)."""
+    root = tmp_path_factory.mktemp(f"{name} wü")
     out = run_cli("study", name, f"preset={preset}", cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return root, root / "runs" / name
@@ -92,6 +93,26 @@ def test_running_the_study_again_trains_nothing(toy_study):
     assert out.stdout.count("is finished") == 5
     assert {p: p.stat().st_mtime_ns for p in before} == before and len(before) == 5
     assert (study / "results.csv").read_text() == results
+
+
+def test_commands_of_a_study_in_a_folder_with_a_space_and_a_non_ascii_letter(tmp_path):
+    """The children's overrides carry the study's absolute paths intact (Hydra needs them quoted)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    root = tmp_path / "wü dir with space"
+    root.mkdir()
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny", "dry_run=true", cwd=root, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [line.split(":", 1)[1] for line in out.stdout.splitlines() if line.startswith(("base:", "finetunes:"))]
+    assert len(lines) == 2
+    for line in lines:
+        args = shlex.split(line)[2:]  # the arguments a shell passes on to `priorlab train`
+        values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args[args[0] == "-m" :])}
+        assert values["paths.runs"] == str(root / "runs")
+    assert values["base"] == str(root / "runs/dropout_vs_prior/base")
+    assert not (root / "runs").exists()
 
 
 def test_report_rebuilds_from_results_alone(toy_study):
