@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -19,6 +20,7 @@ from priorlab.analysis.results import parse_key, run_axes
 from priorlab.analysis.stats import mean_ci
 from priorlab.analysis.swap import Proportion, fitted_vs_fixed, sign_rule, swap_points
 from priorlab.errors import UserError
+from priorlab.models.io import content_hash
 from priorlab.studies import check_bases, claim_study_dir, finetune_subdir, load_experiment, preset_overrides
 
 FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_loss_per_timestep.png",
@@ -93,6 +95,24 @@ def test_running_the_study_again_trains_nothing(toy_study):
     assert out.stdout.count("is finished") == 5
     assert {p: p.stat().st_mtime_ns for p in before} == before and len(before) == 5
     assert (study / "results.csv").read_text() == results
+
+
+def test_a_study_whose_base_changed_refuses_its_finished_fine_tunes(toy_study, tmp_path):
+    """The study run again after its base's weights were overwritten: the first fine-tune names both hashes."""
+    from safetensors.torch import load_file, save_file
+
+    root, study = toy_study
+    shutil.copytree(study, tmp_path / "runs" / study.name)
+    weights = tmp_path / "runs" / study.name / "base/model/diffusion_pytorch_model.safetensors"
+    recorded = content_hash(weights.parent)
+    save_file({k: v + 0.5 for k, v in load_file(weights).items()}, weights)
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=tmp_path, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    refused = [line for line in out.stderr.splitlines() if "is finished and was trained with other settings" in line]
+    assert len(refused) == 1 and "finetune/p=0.0/seed=0" in refused[0], out.stderr[-3000:]
+    given = content_hash(weights.parent)
+    assert f"base weights (sha256): {recorded[:12]} (recorded) vs {given[:12]} (given, {weights.parent})" in refused[0]
+    assert (tmp_path / "runs" / study.name / "results.csv").read_text() == (study / "results.csv").read_text()
 
 
 def test_commands_of_a_study_in_a_folder_with_a_space_and_a_non_ascii_letter(tmp_path):
