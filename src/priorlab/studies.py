@@ -410,7 +410,7 @@ def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRun
             label = f"{b.label}_seed={seed}" if b.label else f"seed={seed}"
             own = [o for o in b.base if not o.startswith("stage.run_subdir=")]
             out.append(BaseRuns(label, folder,
-                                [*own, f"seed={seed}", override("stage.run_subdir", folder.relative_to(study_dir))],
+                                [*own, f"seed={seed}", f"stage.run_subdir={folder.relative_to(study_dir)}"],
                                 b.finetune, seeds[i :: len(base_seeds)]))  # fmt: skip
     return out
 
