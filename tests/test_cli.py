@@ -130,3 +130,20 @@ def test_values_with_equals_signs_are_quoted_for_hydra():
     assert [o.key_or_group for o in parsed] == ["model_dir", "extra", "extra", "eval.guidance_scales", "base"]
     assert values == ["runs/x/finetune/p=0.1/seed=0", ["trainer=ddp_cpu", "seed=3"], ["trainer=gpu"], [1.0, 3.0],
                       "already=quoted"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/tmp/wü dir/runs", "/runs/base/seed=0", "it's", "a\\'b\\", "[1]", " pad ", "", "all", "runs/p=0.1",
+     5, 0.1, 1e-05, True, None, [1, "a b", "wü"]],
+)  # fmt: skip
+def test_child_overrides_keep_their_values(value):
+    """Values a study writes into its child commands (paths with spaces, '=' or non-ASCII letters, quotes) are
+    read back by Hydra as they were."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from priorlab.cli import override, rewrite_overrides
+
+    text = rewrite_overrides("train", [override("key", value)])  # as the child's CLI passes it on to Hydra
+    (parsed,) = OverridesParser.create().parse_overrides(text)
+    assert parsed.value() == value

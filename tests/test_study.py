@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -19,6 +20,7 @@ from priorlab.analysis.results import parse_key, run_axes
 from priorlab.analysis.stats import mean_ci
 from priorlab.analysis.swap import Proportion, fitted_vs_fixed, sign_rule, swap_points
 from priorlab.errors import UserError
+from priorlab.models.io import content_hash
 from priorlab.studies import check_bases, claim_study_dir, finetune_subdir, load_experiment, preset_overrides
 
 FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_loss_per_timestep.png",
@@ -26,8 +28,9 @@ FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_lo
 
 
 def _tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path, Path]:
-    """Run `priorlab study NAME preset=PRESET` in a fresh folder; (that folder, the study's run folder)."""
-    root = tmp_path_factory.mktemp(name)
+    """Run `priorlab study NAME preset=PRESET` in a fresh folder whose path holds a space and a non-ASCII letter;
+    (that folder, the study's run folder)."""
+    root = tmp_path_factory.mktemp(f"{name} wü")
     out = run_cli("study", name, f"preset={preset}", cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     return root, root / "runs" / name
@@ -92,6 +95,44 @@ def test_running_the_study_again_trains_nothing(toy_study):
     assert out.stdout.count("is finished") == 5
     assert {p: p.stat().st_mtime_ns for p in before} == before and len(before) == 5
     assert (study / "results.csv").read_text() == results
+
+
+def test_a_study_whose_base_changed_refuses_its_finished_fine_tunes(toy_study, tmp_path):
+    """The study run again after its base's weights were overwritten: the first fine-tune names both hashes."""
+    from safetensors.torch import load_file, save_file
+
+    root, study = toy_study
+    shutil.copytree(study, tmp_path / "runs" / study.name)
+    weights = tmp_path / "runs" / study.name / "base/model/diffusion_pytorch_model.safetensors"
+    recorded = content_hash(weights.parent)
+    save_file({k: v + 0.5 for k, v in load_file(weights).items()}, weights)
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=tmp_path, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    refused = [line for line in out.stderr.splitlines() if "is finished and was trained with other settings" in line]
+    assert len(refused) == 1 and "finetune/p=0.0/seed=0" in refused[0], out.stderr[-3000:]
+    given = content_hash(weights.parent)
+    assert f"base weights (sha256): {recorded[:12]} (recorded) vs {given[:12]} (given, {weights.parent})" in refused[0]
+    assert (tmp_path / "runs" / study.name / "results.csv").read_text() == (study / "results.csv").read_text()
+
+
+def test_commands_of_a_study_in_a_folder_with_a_space_and_a_non_ascii_letter(tmp_path):
+    """The children's overrides carry the study's absolute paths intact (Hydra needs them quoted)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    root = tmp_path / "wü dir with space"
+    root.mkdir()
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny", "dry_run=true", cwd=root, timeout=120)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    lines = [line.split(":", 1)[1] for line in out.stdout.splitlines() if line.startswith(("base:", "finetunes:"))]
+    assert len(lines) == 2
+    for line in lines:
+        args = shlex.split(line)[2:]  # the arguments a shell passes on to `priorlab train`
+        values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args[args[0] == "-m" :])}
+        assert values["paths.runs"] == str(root / "runs")
+    assert values["base"] == str(root / "runs/dropout_vs_prior/base")
+    assert not (root / "runs").exists()
 
 
 def test_report_rebuilds_from_results_alone(toy_study):

@@ -52,11 +52,44 @@ def _run(target: str, cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# Characters that Hydra's override grammar reads, unquoted, as themselves; a value with any other (a space, '=', a
+# quote, a bracket, '$', a backslash, a non-ASCII letter) is quoted.
+PLAIN_VALUE = re.compile(r"[A-Za-z0-9_\-+./@:%*?|]+")
+
+
+def override_value(value) -> str:
+    """`value` as the text of a Hydra override that a command reads back as that value.
+
+    Strings are left unquoted where Hydra reads them as they are (so `5`, `1e-3`, `all` keep the type they have on
+    a command line) and quoted otherwise, with Hydra's own escapes (paths with spaces, '=' or non-ASCII letters);
+    None, booleans, numbers, lists and mappings are written in the override grammar.
+    """
+    from hydra.core.override_parser.types import Quote, QuotedString
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if PLAIN_VALUE.fullmatch(text) else QuotedString(text=text, quote=Quote.single).with_quotes()
+
+
+def override(key: str, value) -> str:
+    """`key=value` for a child command's overrides, the value written by `override_value`."""
+    return f"{key}={override_value(value)}"
+
+
 def rewrite_overrides(command: str, args: list[str]) -> list[str]:
     """Rename path keys (PATH_KEYS) and quote values that contain '=' (run folders such as p=0.1/seed=0)."""
     out = []
     if args and command in POSITIONAL and "=" not in args[0] and not args[0].startswith("-"):
-        args = [f"{POSITIONAL[command]}={args[0]}", *args[1:]]
+        args = [override(POSITIONAL[command], args[0]), *args[1:]]
     for arg in args:
         key, sep, value = arg.partition("=")
         if sep and key in PATH_KEYS.get(command, {}):
@@ -74,8 +107,8 @@ def _quote(value: str) -> str:
         return value
     if value.startswith("[") and value.endswith("]"):
         items = [v.strip() for v in value[1:-1].split(",") if v.strip()]
-        return "[" + ",".join(v if v[:1] in ("'", '"') or "=" not in v else f"'{v}'" for v in items) + "]"
-    return f"'{value}'"
+        return "[" + ",".join(v if v[:1] in ("'", '"') or "=" not in v else override_value(v) for v in items) + "]"
+    return override_value(value)
 
 
 def main() -> None:

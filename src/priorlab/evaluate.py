@@ -22,7 +22,7 @@ from priorlab.evaluation.setup import (
     make_prior,
     train_and_cache_evaluator,
 )
-from priorlab.models.io import load_denoiser
+from priorlab.models.io import check_recorded_base, load_denoiser
 
 
 def _device(name: str) -> torch.device:
@@ -100,6 +100,9 @@ def evaluate(cfg: DictConfig) -> Path:
     device = _device(cfg.device)
     model = load_denoiser(cfg.model_dir, role="model")
     base = load_denoiser(cfg.base, role="base") if cfg.base else None
+    note = check_recorded_base(model, base) if base is not None and cfg.get("base_check", True) else None
+    if note:
+        print(note)
     datamodule = instantiate(_data_config(cfg, model.path))
     datamodule.setup()
     if tuple(datamodule.sample_shape) != model.denoiser.sample_shape:

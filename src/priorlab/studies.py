@@ -21,6 +21,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import yaml
 from omegaconf import DictConfig
 
 from priorlab import atomic
+from priorlab.cli import override, override_value
 from priorlab.errors import UserError
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
@@ -320,12 +322,13 @@ def prepare_evaluator(overrides: list[str]) -> None:
 
 
 def _values(values: list) -> str:
-    return ",".join(str(v) for v in values)
+    """A sweep's values as the text of a Hydra multirun override (v1,v2,...), each quoted where it must be."""
+    return ",".join(override_value(v) for v in values)
 
 
 def sweep_yaml(name: str, base_dir: Path, common: list[str], finetune: list[str], sweep: dict) -> str:
     """A W&B sweep config running the same fine-tunes through `wandb agent` (grid over the sweep)."""
-    fixed = ["train", "stage=finetune", f"base={base_dir}", *common, *finetune]
+    fixed = ["train", "stage=finetune", override("base", base_dir), *common, *finetune]
     config = {
         "name": name,
         "program": "priorlab",
@@ -338,7 +341,9 @@ def sweep_yaml(name: str, base_dir: Path, common: list[str], finetune: list[str]
 
 def sweep_points(sweep: dict) -> list[list[str]]:
     """Every point of the sweep grid as a list of overrides (key=value), the last key varying fastest."""
-    return [[f"{k}={v}" for k, v in zip(sweep, values, strict=True)] for values in itertools.product(*sweep.values())]
+    return [
+        [override(k, v) for k, v in zip(sweep, values, strict=True)] for values in itertools.product(*sweep.values())
+    ]
 
 
 def launches_ddp_processes(overrides: list[str]) -> bool:
@@ -432,11 +437,11 @@ def run_study(cfg: DictConfig) -> Path:
         raise UserError(f"jobs={jobs} is for the basic launcher; launcher={cfg.launcher} runs its jobs at once itself")
     runs = Path(cfg.paths.runs).resolve()
     study_dir = runs / spec["name"]
-    common = [f"study={spec['name']}", f"paths.runs={runs}", *parts["common"], *cfg.get("extra", [])]
+    common = [override("study", spec["name"]), override("paths.runs", runs), *parts["common"], *cfg.get("extra", [])]
     bases = study_bases(study_dir, common, parts)
     commands = {}  # per base: the fine-tunes' commands, one multirun or one run per point
     for b in bases:
-        fixed = ["stage=finetune", f"base={b.base_dir}", *b.finetune]
+        fixed = ["stage=finetune", override("base", b.base_dir), *b.finetune]
         own_sweep = {**parts["sweep"], "seed": b.seeds}
         points = sweep_points(own_sweep)
         if cfg.launcher == "basic" and (jobs > 1 or launches_ddp_processes([*fixed, *points[0]])):
@@ -449,9 +454,9 @@ def run_study(cfg: DictConfig) -> Path:
     if cfg.dry_run:
         for b in bases:
             tag = f" ({b.label})" if b.label else ""
-            print(f"base{tag}:      priorlab train stage=base {' '.join(b.base)}")
+            print(f"base{tag}:      {_shell(['priorlab', 'train', 'stage=base', *b.base])}")
             for _, args in commands[b.label]:
-                print(f"finetunes{tag}: priorlab {' '.join(args)}")
+                print(f"finetunes{tag}: {_shell(['priorlab', *args])}")
         return study_dir
     held = claim_study_dir(study_dir, spec["name"], cfg.preset, validity=parts["validity"],
                            base_seeds=parts["base_seeds"], seeds=list(parts["sweep"]["seed"]))  # fmt: skip
@@ -499,6 +504,13 @@ def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: di
     prepare_evaluator(finetunes[0][1][1:])
     print(f"[study {name}] {len(finetunes)} fine-tunes, {jobs} at a time", flush=True)
     run_parallel(finetunes, jobs, logs, name)
+
+
+def _shell(args: list[str]) -> str:
+    """A command line to paste into a POSIX shell: each argument as it is where it can be, else in double quotes
+    (Hydra's single quotes kept inside), else shell-quoted."""
+    quoted = [a if shlex.quote(a) == a else f'"{a}"' if not re.search(r'["$`\\!]', a) else shlex.quote(a) for a in args]
+    return " ".join(quoted)
 
 
 def _short(override: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +11,11 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from priorlab import atomic
 from priorlab.callbacks import SaveDenoiser
 from priorlab.errors import UserError
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
+from priorlab.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
 from priorlab.training import DiffusionModule
 
 STAGES = ("base", "finetune")
@@ -29,6 +30,8 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"cond_dropout={p} is outside [0, 1]; pass a rate such as cond_dropout=0.1")
     if cfg.stage.name == "finetune" and not cfg.base:
         raise UserError("stage=finetune needs base=PATH, the base's run folder or its model/ folder")
+    if cfg.get("resume", "check") not in RESUME_MODES:
+        raise UserError(f"resume={cfg.resume} is unknown; use resume=check (the default) or resume=force")
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[DiffusionModule, dict]:
@@ -128,8 +131,9 @@ def check_launch(trainer: L.Trainer) -> None:
 DONE = "done.json"
 
 
-def check_checkpoint(path: Path) -> None:
-    """A checkpoint must load as tensors and plain data (weights-only: no pickled code is ever run)."""
+def check_checkpoint(path: Path) -> int | None:
+    """A checkpoint must load as tensors and plain data (weights-only: no pickled code is ever run); returns its
+    step."""
     import torch
 
     try:
@@ -141,6 +145,7 @@ def check_checkpoint(path: Path) -> None:
         ) from err
     if not isinstance(state, dict) or "state_dict" not in state:
         raise UserError(f"{path} is not a Lightning checkpoint; delete it to start the run over")
+    return state.get("global_step")
 
 
 def train(cfg: DictConfig) -> Path:
@@ -148,7 +153,8 @@ def train(cfg: DictConfig) -> Path:
 
     A run folder holding `done.json` is finished and skipped; one holding `checkpoints/last.ckpt` is resumed
     from it, and ends with the same weights as an unbroken run (batches are drawn from (seed, data.split_seed,
-    step), noise, timesteps and dropout from (seed, step, rank)).
+    step), noise, timesteps and dropout from (seed, step, rank)). Either must be given the settings and base it
+    recorded (`priorlab.resume`), checked before anything in the folder is written.
     """
     check_config(cfg)
     if cfg.dry_run:
@@ -156,41 +162,49 @@ def train(cfg: DictConfig) -> Path:
         return Path(cfg.paths.run_dir) / "model"
     run_dir = Path(cfg.paths.run_dir)
     if (run_dir / DONE).exists():
-        print(f"{run_dir} is finished ({DONE} present); skipping")
-        return run_dir / "model"
+        return _finished(cfg, run_dir)
     with run_lock(run_dir):
         return _train(cfg, run_dir)
 
 
+def _finished(cfg: DictConfig, run_dir: Path) -> Path:
+    check_resume(cfg, run_dir, finished=True)
+    print(f"{run_dir} is finished ({DONE} present); skipping")
+    return run_dir / "model"
+
+
 def _train(cfg: DictConfig, run_dir: Path) -> Path:
     if (run_dir / DONE).exists():  # finished while this command waited to start
-        print(f"{run_dir} is finished ({DONE} present); skipping")
-        return run_dir / "model"
+        return _finished(cfg, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = check_checkpoint(last) if last.exists() else None
+    forced = check_resume(cfg, run_dir, finished=False) if last.exists() else {}
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     module, meta = build_module(cfg, datamodule)
+    record = recorded_base(run_dir, finished=False) if last.exists() and "base" in meta else None
+    if record is not None and record["sha256"] != meta["base"]["sha256"]:  # resume=force with another base
+        meta["base"] = {**record, "resumed_with": meta["base"]}  # the weights started from the recorded one
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(SaveDenoiser(run_dir / "model", meta))
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
     check_launch(trainer)
     if trainer.is_global_zero:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic.write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+        if "base" in meta and not last.exists():
+            atomic.write_json(run_dir / BASE_RECORD, meta["base"])
+        if forced:
+            record_forced(run_dir, forced, step)
         params = OmegaConf.to_container(cfg, resolve=True)
         params["cond_dropout"] = module.cond_dropout  # a base drops every label, whatever cond_dropout says
         for logger in trainer.loggers:
             logger.log_hyperparams(params)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        check_checkpoint(last)
     trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     _finish_wandb()
     if trainer.is_global_zero:
-        tmp = run_dir / f".{DONE}.tmp"
-        tmp.write_text(json.dumps({"step": trainer.global_step, "stage": cfg.stage.name}))
-        tmp.rename(run_dir / DONE)
+        atomic.write_json(run_dir / DONE, {"step": trainer.global_step, "stage": cfg.stage.name}, indent=None)
     return run_dir / "model"
 
 

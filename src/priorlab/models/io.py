@@ -89,6 +89,26 @@ def load_denoiser(path: str | Path, role: str = "model") -> SavedModel:
     return SavedModel(denoiser, scheduler, meta, path)
 
 
+def check_recorded_base(model: SavedModel, base: SavedModel) -> str | None:
+    """Refuse the base a fine-tune recorded (the same folder) when its weights changed since the fine-tune started
+    from them. Another folder is another prior, which may be anything: a note is returned where its weights differ
+    from the recorded base's, else None."""
+    record = model.meta.get("base")
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return None
+    sha = content_hash(base.path)
+    if sha == record["sha256"]:
+        return None
+    if Path(str(record.get("path"))).resolve() == base.path.resolve():
+        raise UserError(
+            f"base={base.path} has changed since {model.path} was fine-tuned from it: its weights hash to "
+            f"{sha[:12]}, the fine-tune recorded {record['sha256'][:12]}. Pass the base it was trained from, or "
+            "base_check=false to use this one anyway"
+        )
+    return (f"note: base={base.path} is not the base {model.path} was fine-tuned from ({record.get('path')}, "
+            f"sha256 {record['sha256'][:12]}); it is used as the prior as given")  # fmt: skip
+
+
 def architecture_mismatch(model: Denoiser, base: Denoiser) -> list[str]:
     """Config keys in which two denoisers differ, ignoring the number of classes."""
     if model.class_name != base.class_name:
