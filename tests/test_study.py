@@ -150,6 +150,7 @@ def test_dashboard_offline_says_what_to_run(tmp_path):
     study.mkdir(parents=True)
     out = run_cli("dashboard", "s", cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert out.returncode == 0 and "wandb sync" in out.stdout and "offline-run-1" in out.stdout
+    assert "no HTML dashboard" in out.stdout  # no results.csv yet
 
 
 def test_killed_study_resumes_to_the_same_results(toy_study, tmp_path):

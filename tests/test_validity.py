@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -259,3 +260,100 @@ def test_drift_figure_labels_both_axes_and_grid_scale_comes_from_the_run_config(
     assert figures._grid_scale(run, pd.DataFrame({"guidance_scale": [9.0]})) == 2.0
     (run / "config.yaml").unlink()  # a packed study without configs: the largest scale in the results
     assert figures._grid_scale(run, pd.DataFrame({"guidance_scale": [1.0, 9.0, np.nan]})) == 9.0
+
+
+def _study_folder(tmp_path):
+    """A study folder as `priorlab report` leaves it: results.csv, report.md, one figure."""
+    frame = _frame()
+    for s in (0, 1, 2):
+        for step, value in ((5, 0.2), (10, 0.1 + 0.01 * s)):
+            frame.loc[len(frame)] = {"run": f"finetune/p=0.1/seed={s}", "cond_dropout": 0.1, "seed": s, "step": step,
+                                     "prior": "", "guidance_scale": np.nan, "metric": "disagreement/all",
+                                     "value": value}  # fmt: skip
+    study = tmp_path / "study"
+    (study / "figures").mkdir(parents=True)
+    frame.to_csv(study / "results.csv", index=False)
+    (study / "report.md").write_text(
+        "# Study\n\n## Validity: can this study answer its question?\n\n| check |\n\n## Findings\n"
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2])
+    fig.savefig(study / "figures" / "a_fd_vs_scale.png")
+    plt.close(fig)
+    return study, frame
+
+
+def test_html_dashboard_embeds_the_data_the_validity_and_the_figures(tmp_path):
+    from html.parser import HTMLParser
+
+    from priorlab.analysis.html import chart_data, write_dashboard
+
+    study, frame = _study_folder(tmp_path)
+    data = chart_data(frame)
+    # FD at w=2, prior=self: 4 + 0.1·s over seeds 0, 1, 2 (test frame), mean 4.1 with a t-interval
+    w2 = next(p for p in data["scales"]["fd"]["p=0.1"]["self"] if p[0] == 2.0)
+    assert w2[1] == pytest.approx(4.1) and w2[2] < 4.1 < w2[3]
+    assert [p[0] for p in data["drift"]["disagreement/all"]["p=0.1"]] == [5.0, 10.0]
+    page = write_dashboard(study).read_text()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.scripts, self.images, self.current = {}, [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.images.append(attrs["src"])
+            self.current = attrs.get("id") if tag == "script" else None
+
+        def handle_data(self, text):
+            if self.current:
+                self.scripts[self.current] = text
+
+        def handle_endtag(self, tag):
+            self.current = None
+
+    parsed = Collect()
+    parsed.feed(page)
+    assert json.loads(parsed.scripts["data"]) == json.loads(json.dumps(data))
+    assert len(parsed.images) == 1 and parsed.images[0].startswith("data:image/png;base64,")
+    assert "## Validity" in page and 'src="http' not in page and "src='http" not in page  # self-contained
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no JavaScript engine to run the dashboard's script")
+def test_html_dashboard_script_draws_the_charts(tmp_path):
+    """The page's own script, run by node against a minimal DOM, draws one line per prior and the drift."""
+    import re
+    import subprocess
+
+    from priorlab.analysis.html import write_dashboard
+
+    study, _ = _study_folder(tmp_path)
+    page = write_dashboard(study).read_text()
+    data = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    harness = (
+        "const els = {};\n"
+        "const document = {getElementById(id) { return els[id] || (els[id] = {id, innerHTML: '', value: '', "
+        "textContent: id === 'data' ? DATA_TEXT : ''}); }};\n"
+        "const DATA_TEXT = " + json.dumps(data) + ";\n"
+        "for (const s of ['metric', 'condition', 'drift-metric']) {\n"
+        "  const el = document.getElementById(s);\n"
+        "  Object.defineProperty(el, 'innerHTML', {set(v) { this._h = v; const m = v.match(/<option>(.*?)<\\/option>/);"
+        " this.value = m ? m[1] : ''; }, get() { return this._h; }});\n"
+        "}\n" + script + "\nconsole.log(JSON.stringify({scales: els.scales.innerHTML, drift: els.drift.innerHTML, "
+        "metric: els.metric.value}));\n"
+    )
+    (tmp_path / "run.js").write_text(harness)
+    out = subprocess.run(["node", str(tmp_path / "run.js")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    drawn = json.loads(out.stdout.strip().splitlines()[-1])
+    assert drawn["metric"] == "fd" and drawn["scales"].startswith("<svg") and drawn["scales"].count("<polyline") == 2
+    assert "prior=self" in drawn["scales"] and "prior=base" in drawn["scales"]
+    assert drawn["drift"].count("<polyline") == 1

@@ -1,4 +1,5 @@
-"""`priorlab dashboard NAME`: a W&B workspace with the study's panels, or what to run when offline."""
+"""`priorlab dashboard NAME`: a self-contained HTML dashboard of the study in its folder (always, from its
+results.csv), and online a W&B workspace with the study's panels; offline it says how to sync the runs."""
 
 from __future__ import annotations
 
@@ -37,8 +38,16 @@ def dashboard(cfg: DictConfig) -> None:
     if not study_dir.exists():
         raise UserError(f"{study_dir} does not exist; run `priorlab study {cfg.name}` first")
     offline = offline_runs(study_dir)
+    if (study_dir / "results.csv").exists():
+        from priorlab.analysis.html import write_dashboard
+
+        print(f"wrote {write_dashboard(study_dir)} (open it in a browser; it needs no network)")
+    else:
+        print(f"no {study_dir / 'results.csv'} yet, so no HTML dashboard; it is written when the study has results")
     if wandb_mode() != "online":
-        print(f"W&B is offline here, so no dashboard is built; {len(offline)} offline run(s) of {cfg.name} to sync:")
+        print(
+            f"W&B is offline here, so no W&B workspace is built; {len(offline)} offline run(s) of {cfg.name} to sync:"
+        )
         print("  wandb login")
         if offline:
             print(f"  wandb sync {' '.join(str(p) for p in offline)}")
