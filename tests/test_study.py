@@ -544,3 +544,23 @@ def test_report_states_the_t_quantile_of_its_number_of_seeds(seeds, t, half_widt
 
     assert f"with {seeds} seeds t = {t}, so each half-width is {half_width} standard deviations" in interval_note(seeds)
     assert "no intervals" in interval_note(1)
+
+
+def test_online_dashboard_builds_the_w_and_b_workspace_spec():
+    """The workspace that `priorlab dashboard NAME` saves online, built offline: its sections and the metric keys
+    of their panels, which are the keys the evaluation callbacks log."""
+    import wandb_workspaces.reports.v2 as wr
+    import wandb_workspaces.workspaces as ws
+    from omegaconf import OmegaConf
+
+    from priorlab.dashboard import build_workspace
+
+    cfg = OmegaConf.create({"name": "s", "entity": "me", "project": "priorlab", "guidance_scales": [1.0, 1.5]})
+    workspace = build_workspace(cfg, ws, wr)
+    assert workspace.name == "priorlab s" and workspace.entity == "me" and workspace.project == "priorlab"
+    panels = {s.name: [p.y[0] for p in s.panels] for s in workspace.sections}
+    fd = [f"eval/cond/fd/prior={p}/w={w}" for w in ("1.0", "1.5") for p in ("self", "base")]
+    assert panels["(a) FD per guidance scale"] == fd
+    assert "eval/prior/disagreement/all" in panels["(c) Drift of the unconditional branch"]
+    spec = workspace._to_model()  # what save() sends: it serialises
+    assert spec is not None

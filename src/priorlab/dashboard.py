@@ -29,6 +29,13 @@ def panel_spec(scales: list[float], priors: tuple[str, ...] = ("self", "base")) 
     }
 
 
+def build_workspace(cfg: DictConfig, ws, wr):
+    """The W&B workspace of the study (not saved): one section per `panel_spec` entry, a line plot per key."""
+    sections = [ws.Section(name=title, panels=[wr.LinePlot(x="Step", y=[key]) for key in keys], is_open=True)
+                for title, keys in panel_spec(list(cfg.guidance_scales)).items()]  # fmt: skip
+    return ws.Workspace(entity=cfg.entity, project=cfg.project, name=f"priorlab {cfg.name}", sections=sections)
+
+
 def offline_runs(study_dir: Path) -> list[Path]:
     return sorted(study_dir.glob("**/wandb/offline-run-*"))
 
@@ -58,9 +65,7 @@ def dashboard(cfg: DictConfig) -> None:
         import wandb_workspaces.workspaces as ws
     except ImportError as err:
         raise UserError("the dashboard needs wandb-workspaces: pip install wandb-workspaces") from err
-    sections = [ws.Section(name=title, panels=[wr.LinePlot(x="Step", y=[key]) for key in keys], is_open=True)
-                for title, keys in panel_spec(list(cfg.guidance_scales)).items()]  # fmt: skip
-    workspace = ws.Workspace(entity=cfg.entity, project=cfg.project, name=f"priorlab {cfg.name}", sections=sections)
+    workspace = build_workspace(cfg, ws, wr)
     try:
         workspace.save()
     except Exception as err:  # network or permission problems: the user needs W&B's words
