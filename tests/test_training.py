@@ -405,3 +405,23 @@ def test_the_same_run_started_twice_fails_in_one_line(tmp_path):
     out = run_cli(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (run_dir / "done.json").exists()
+
+
+def test_cpu_threads_auto_takes_the_free_cores_and_keeps_the_users_omp_setting(monkeypatch):
+    """bench/cpu_threads.py: two threads on a 2-core machine with another busy process ran a step 2.3× slower than
+    one, so auto takes the cores not busy at the start (cores − load average, at least 1)."""
+    from priorlab import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    for load, expected in ((0.1, 2), (0.9, 1), (1.4, 1), (3.7, 1)):
+        monkeypatch.setattr(threads.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert threads.cpu_threads("auto") == expected
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.2, 0.0, 0.0))
+    assert threads.cpu_threads("auto") == 11 and threads.cpu_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert threads.cpu_threads("auto") is None  # the user's (or the study's per-job) setting stands
+    for bad in (0, -1, "two", True, 1.5):
+        with pytest.raises(UserError, match="must be auto or a whole number"):
+            threads.cpu_threads(bad)

@@ -16,6 +16,7 @@ from priorlab.callbacks import SaveDenoiser
 from priorlab.errors import UserError
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
 from priorlab.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
+from priorlab.threads import set_cpu_threads
 from priorlab.training import DiffusionModule
 
 STAGES = ("base", "finetune")
@@ -157,6 +158,7 @@ def train(cfg: DictConfig) -> Path:
     recorded (`priorlab.resume`), checked before anything in the folder is written.
     """
     check_config(cfg)
+    set_cpu_threads(cfg.get("cpu_threads", "auto"))
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         return Path(cfg.paths.run_dir) / "model"
