@@ -12,7 +12,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from priorlab import atomic
 from priorlab.callbacks import SaveDenoiser
+from priorlab.checks import check_train_values
 from priorlab.errors import UserError
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
 from priorlab.training import DiffusionModule
@@ -22,6 +24,7 @@ STAGES = ("base", "finetune")
 
 def check_config(cfg: DictConfig) -> None:
     """Reject settings a run cannot use, with a message that says what to change."""
+    check_train_values(cfg)
     if cfg.stage.name not in STAGES:
         raise UserError(f"stage={cfg.stage.name} is unknown; use stage=base or stage=finetune")
     p = cfg.cond_dropout
@@ -158,7 +161,7 @@ def train(cfg: DictConfig) -> Path:
     if (run_dir / DONE).exists():
         print(f"{run_dir} is finished ({DONE} present); skipping")
         return run_dir / "model"
-    with run_lock(run_dir):
+    with run_lock(run_dir), atomic.removed_unless_started(run_dir, "checkpoints/last.ckpt", "model"):
         return _train(cfg, run_dir)
 
 
