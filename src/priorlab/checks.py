@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from priorlab.diffusion import PREDICTION_TYPES
 from priorlab.errors import UserError
 
 if TYPE_CHECKING:
@@ -85,6 +84,8 @@ def check_train_values(cfg: DictConfig) -> None:
     if cfg.optimizer.get("weight_decay") is not None:
         number(cfg.optimizer.weight_decay, "optimizer.weight_decay", strict=False)
     number(cfg.get("label_lr_scale", 1.0), "label_lr_scale")
+    from priorlab.diffusion import PREDICTION_TYPES  # here: priorlab.diffusion imports torch
+
     prediction_type = cfg.diffusion.get("prediction_type")
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(f"diffusion.prediction_type={prediction_type!r} is unknown; use one of "
@@ -92,6 +93,16 @@ def check_train_values(cfg: DictConfig) -> None:
     whole(cfg.diffusion.get("num_train_timesteps"), "diffusion.num_train_timesteps", 2, example=" (e.g. 1000)")
     if not cfg.get("dry_run"):
         check_accelerator(str(trainer.get("accelerator", "cpu")))
+
+
+def check_paths(cfg: DictConfig, keys: set[str]) -> None:
+    """The settings among `keys` that hold paths or names must hold text (prior_weights may be a list of paths)."""
+    for key in sorted(keys):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        paths = value if key == "prior_weights" and is_list(value) else [value]
+        if not all(v is None or isinstance(v, str) for v in paths):
+            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            raise UserError(f"{key}={shown!r} must be a path or a name")
 
 
 def check_accelerator(accelerator: str) -> None:

@@ -15,6 +15,7 @@ import hydra
 from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig
 
+from priorlab.checks import check_paths
 from priorlab.diagnose import composition_error, task_error
 from priorlab.errors import UserError
 
@@ -44,6 +45,7 @@ def _run(target: str, cfg: DictConfig, command: str) -> None:
     _restore_hydra_env()
     module, func = target.split(":")
     try:
+        check_paths(cfg, PATH_VALUES)
         getattr(__import__(module, fromlist=[func]), func)(cfg)
     except UserError as err:
         _fail(str(err))
