@@ -33,7 +33,9 @@ def is_whole(value) -> bool:
 
 
 def whole(value, key: str, low: int, high: int | None = None, example: str = "") -> int:
-    """`value` as a whole number in [low, high]; a UserError naming `key` otherwise."""
+    """`value` as a whole number in [low, high] (high: 2^63 − 1 at most); a UserError naming `key` otherwise."""
+    if high is None and is_whole(value) and value > MAX_TORCH_SEED:
+        raise UserError(f"{key}={value} is too large (at most {MAX_TORCH_SEED})")
     if not is_whole(value) or value < low or (high is not None and value > high):
         bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
         raise UserError(f"{key}={value!r} must be a whole number {bound}{example}")
@@ -41,9 +43,12 @@ def whole(value, key: str, low: int, high: int | None = None, example: str = "")
 
 
 def finite(value, key: str) -> float:
-    """`value` as a finite number; a UserError naming `key` otherwise."""
+    """`value` as a finite float; a UserError naming `key` otherwise (also for a whole number beyond 2^53, which
+    torch cannot take as a scalar)."""
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
         raise UserError(f"{key}={value!r} must be a finite number")
+    if isinstance(value, int) and abs(value) > 2**53:
+        raise UserError(f"{key}={value} is too large a whole number; write it as a float (e.g. 1e30)")
     return float(value)
 
 
@@ -55,8 +60,10 @@ def flag(value, key: str) -> bool:
 
 
 def number(value, key: str, low: float = 0.0, strict: bool = True, example: str = "") -> float:
-    """`value` as a finite number above `low` (or at least `low` when not strict); a UserError otherwise."""
+    """`value` as a finite float above `low` (or at least `low` when not strict); a UserError otherwise."""
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and isinstance(value, int) and abs(value) > 2**53:
+        raise UserError(f"{key}={value} is too large a whole number; write it as a float (e.g. 1e30)")
     if not ok or value < low or (strict and value == low):
         side = "above" if strict else "at least"
         raise UserError(f"{key}={value!r} must be a finite number {side} {low:g}{example}")
@@ -91,12 +98,21 @@ def check_train_values(cfg: DictConfig) -> None:
         raise UserError(f"diffusion.prediction_type={prediction_type!r} is unknown; use one of "
                         f"{', '.join(PREDICTION_TYPES)}")  # fmt: skip
     whole(cfg.diffusion.get("num_train_timesteps"), "diffusion.num_train_timesteps", 2, example=" (e.g. 1000)")
+    for key, value in cfg.diffusion.items():
+        if key != "trained_betas" and OmegaConf.is_config(value):
+            raise UserError(f"diffusion.{key} must be a single value, not {OmegaConf.to_container(value)!r}")
+    if "clip_sample" in cfg.diffusion:
+        flag(cfg.diffusion.clip_sample, "diffusion.clip_sample")
     if not cfg.get("dry_run"):
         check_accelerator(str(trainer.get("accelerator", "cpu")))
 
 
-def check_paths(cfg: DictConfig, keys: set[str]) -> None:
-    """The settings among `keys` that hold paths or names must hold text (prior_weights may be a list of paths)."""
+def check_paths(cfg: DictConfig, keys: set[str], required: dict[str, str]) -> None:
+    """The settings among `keys` that hold paths or names must hold text (prior_weights may be a list of paths);
+    those in `required` (key → how to give it) must be given."""
+    for key, how in required.items():
+        if key in cfg and OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False) is None:
+            raise UserError(f"{key} is required: {how}")
     for key in sorted(keys):
         value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
         paths = value if key == "prior_weights" and is_list(value) else [value]

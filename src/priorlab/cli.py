@@ -37,6 +37,7 @@ PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"
 # Settings that hold paths or names of folders: a value that Hydra would read as a number or a boolean is quoted.
 PATH_VALUES = {"base", "paths.runs", "paths.run_dir", "data.source", "data.name", "model_dir", "evaluator", "out",
                "study_dir", "image", "calibration", "prior_weights", "name", "study", "stage.run_subdir"}  # fmt: skip
+REQUIRED = {"model_dir": "model=PATH", "study_dir": "priorlab report runs/NAME", "name": "priorlab study NAME"}
 NUMBER = r"[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(e[+-]?\d+)?|[+-]?inf|nan|true|false"
 USAGE = "usage: priorlab {" + ",".join(COMMANDS) + "} [key=value ...]   (Hydra overrides; --help for each)"
 
@@ -45,7 +46,7 @@ def _run(target: str, cfg: DictConfig, command: str) -> None:
     _restore_hydra_env()
     module, func = target.split(":")
     try:
-        check_paths(cfg, PATH_VALUES)
+        check_paths(cfg, PATH_VALUES, REQUIRED)
         getattr(__import__(module, fromlist=[func]), func)(cfg)
     except UserError as err:
         _fail(str(err))

@@ -21,6 +21,7 @@ from priorlab.errors import UserError
 
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EROFS, errno.EPERM)
+OUT_OF_MEMORY = r"can't allocate memory|out of memory|CUDA out of memory"
 
 
 def one_line(text: str) -> str:
@@ -126,6 +127,9 @@ def task_error(err: BaseException, aliases: dict[str, str] | None = None) -> str
                 f"change the {where}.* overrides")  # fmt: skip
     if isinstance(err, OSError):
         return disk_error(err)
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and re.search(OUT_OF_MEMORY, str(err))):
+        return (f"out of memory ({one_line(err) or type(err).__name__}); lower a size setting such as "
+                "data.batch_size, data.num_samples, model.* or eval.batch_size")  # fmt: skip
     if any(c.__name__ == "MisconfigurationException" for c in type(err).__mro__):  # Lightning's user errors
         return f"{one_line(err)} (Lightning); change the trainer.* overrides"
     if isinstance(err, MissingMandatoryValue):

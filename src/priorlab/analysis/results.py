@@ -144,6 +144,11 @@ def check_complete(frame: pd.DataFrame, path: Path) -> None:
     """Every run's last evaluation holds the same (metric, prior, guidance scale) rows, as every study writes them: a
     truncated or partly deleted table is refused instead of reported on."""
     final = final_rows(frame)
+    metric = "nll" if (frame["metric"] == "nll").any() else "fd"  # the study's metric (validity.study_metric)
+    for needed, priors in ((metric, ("self", "base")), ("accuracy", ("self", "base"))):
+        if not (final["metric"].eq(needed) & final["prior"].isin(priors)).any():
+            raise UserError(f"{path} has no {needed} rows of prior self or base at the runs' last evaluation, which "
+                            f"the report compares; {REBUILD}")  # fmt: skip
     keys = {run: set(zip(g["metric"], g["prior"], g["guidance_scale"].fillna(-1.0), strict=True))
             for run, g in final.groupby("run", sort=False)}  # fmt: skip
     union = set().union(*keys.values())

@@ -162,13 +162,12 @@ class Toy2DDataModule(TensorDataModule):
         super().__init__(**kwargs)
         whole(num_classes, "data.num_classes", 1)
         whole(num_samples, "data.num_samples", 2)
-        finite(radius, "data.radius")
-        number(std, "data.std")
-        finite(rotation, "data.rotation")
+        radius, rotation = finite(radius, "data.radius"), finite(rotation, "data.rotation")
+        std = number(std, "data.std")
         whole(seed, "data.seed", 0, MAX_TORCH_SEED)
-        numbers = is_list(weights) and all(isinstance(w, int | float) for w in weights)
-        if weights is not None and not numbers:
+        if weights is not None and not is_list(weights):
             raise UserError(f"data.weights={weights!r} must be a list of {num_classes} numbers (or null: uniform)")
+        weights = None if weights is None else [finite(w, "data.weights") for w in weights]
         self.mixture = GaussianMixture.ring(num_classes, radius, std, weights, rotation)
         self.num_samples = num_samples
         self.seed = seed
