@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from priorlab.checks import check_paths
@@ -43,6 +43,7 @@ USAGE = "usage: priorlab {" + ",".join(COMMANDS) + "} [key=value ...]   (Hydra o
 
 
 def _run(target: str, cfg: DictConfig, command: str) -> None:
+    _started.append(command)
     _restore_hydra_env()
     module, func = target.split(":")
     try:
@@ -66,6 +67,7 @@ def _fail(message: str) -> None:
 # HYDRA_FULL_ERROR=1 it raises them to `main` instead. The user's own value is put back once the config is composed.
 _HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR"
 _user_hydra_env: list[str | None] = []
+_started: list[str] = []  # the command's function has been called (its config was composed)
 
 
 def _restore_hydra_env() -> None:
@@ -126,8 +128,8 @@ def main() -> None:
     os.environ[_HYDRA_FULL_ERROR] = "1"
     try:
         app()
-    except HydraException as err:
-        if isinstance(err, InstantiationException):
+    except Exception as err:  # noqa: BLE001 - raised before the command started: composing its config
+        if _started or isinstance(err, InstantiationException):
             raise
         _fail(composition_error(command, CONFIG_DIR, sys.argv[1:], err))
     finally:

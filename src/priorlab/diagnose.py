@@ -56,6 +56,8 @@ def composition_error(command: str, config_dir: Path, args: list[str], err: Exce
         key = present.group(1)
         return f"+{key}=... adds a setting, but {key} exists already; write {key}=... to change it"
     cause = f" ({one_line(err.__cause__)})" if err.__cause__ is not None else ""
+    if "Config group override" in text:  # +model=3: a config group takes the name of one of its configs
+        cause += "; a config group (model=, data=, trainer=, ...) takes the name of one of its configs"
     return one_line(text.split("\nConfig search path:")[0]) + cause
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from priorlab.checks import MAX_TORCH_SEED, whole
+from priorlab.checks import MAX_TORCH_SEED, is_whole, whole
 from priorlab.errors import UserError
 
 
@@ -47,8 +47,8 @@ class TensorDataModule(L.LightningDataModule):
         super().__init__()
         if train_per_class == "all":
             train_per_class = None
-        if train_per_class is not None and (isinstance(train_per_class, bool) or not isinstance(train_per_class, int)
-                                            or train_per_class < 1):  # fmt: skip
+        per_class_ok = is_whole(train_per_class) and 1 <= train_per_class <= MAX_TORCH_SEED
+        if train_per_class is not None and not per_class_ok:
             raise UserError(f"data.train_per_class={train_per_class!r} must be a positive whole number or `all`")
         self.train_per_class = train_per_class
         if name is not None and not isinstance(name, str):
