@@ -422,6 +422,6 @@ def test_cpu_threads_auto_takes_the_free_cores_and_keeps_the_users_omp_setting(m
     assert threads.cpu_threads("auto") == 11 and threads.cpu_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     assert threads.cpu_threads("auto") is None  # the user's (or the study's per-job) setting stands
-    for bad in (0, -1, "two", True, 1.5):
+    for bad in (0, -1, "two", True, 1.5, 2**70):
         with pytest.raises(UserError, match="must be auto or a whole number"):
             threads.cpu_threads(bad)

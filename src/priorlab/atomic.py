@@ -44,6 +44,20 @@ def folder(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def removed_unless_started(path: str | Path, *kept: str) -> Iterator[None]:
+    """Remove the folder `path` when the body fails, if `path` did not exist before it and none of `kept` (paths
+    inside it) was written: a run that fails before its first checkpoint leaves no half-started run folder."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and not any((path / k).exists() for k in kept):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 def _umask() -> int:
     """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 
+from priorlab.checks import number, whole
 from priorlab.errors import UserError
 from priorlab.models.io import save_denoiser
 
@@ -43,6 +44,8 @@ class EMA(EMAWeightAveraging):
     """
 
     def __init__(self, decay: float = 0.999, **kwargs):
+        if number(decay, "callbacks.ema.decay", strict=False) > 1:
+            raise UserError(f"callbacks.ema.decay={decay} must lie in [0, 1]")
         super().__init__(decay=decay, **kwargs)
         self.decay = decay
         self._count: int | None = None  # updates so far, read once from the averaged model's counter
@@ -117,9 +120,7 @@ class ProgressBar(RichProgressBar):
 
     def __init__(self, metrics_every_n_steps: int = 50, **kwargs):
         super().__init__(**kwargs)
-        if metrics_every_n_steps < 1:
-            raise UserError(f"callbacks.progress.metrics_every_n_steps={metrics_every_n_steps} must be 1 or more")
-        self.metrics_every_n_steps = metrics_every_n_steps
+        self.metrics_every_n_steps = whole(metrics_every_n_steps, "callbacks.progress.metrics_every_n_steps", 1)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
@@ -174,7 +175,7 @@ class Throughput(L.Callback):
 
     def __init__(self, path: str | Path, warmup: int = 20):
         self.path = Path(path)
-        self.warmup = warmup
+        self.warmup = whole(warmup, "callbacks.throughput.warmup", 0)
         self.start: float | None = None
         self.start_step = 0
         self.images = 0

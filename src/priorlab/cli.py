@@ -15,6 +15,8 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from priorlab.checks import check_paths
+from priorlab.diagnose import composition_error, task_error
 from priorlab.errors import UserError
 
 CONFIG_DIR = Path(os.environ.get("PRIORLAB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
@@ -32,24 +34,49 @@ POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name"}
 # `model` is also a config group (the architecture presets of `train`); where a command takes a model folder,
 # `model=PATH` is renamed to that command's key for it.
 PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"}}
+# Settings that hold paths or names of folders: a value that Hydra would read as a number or a boolean is quoted.
+PATH_VALUES = {"base", "paths.runs", "paths.run_dir", "data.source", "data.name", "model_dir", "evaluator", "out",
+               "study_dir", "image", "calibration", "prior_weights", "name", "study", "stage.run_subdir"}  # fmt: skip
+REQUIRED = {"model_dir": "model=PATH", "study_dir": "priorlab report runs/NAME", "name": "priorlab study NAME"}
+NUMBER = r"[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(e[+-]?\d+)?|[+-]?inf|nan|true|false"
 USAGE = "usage: priorlab {" + ",".join(COMMANDS) + "} [key=value ...]   (Hydra overrides; --help for each)"
 
 
-def _run(target: str, cfg: DictConfig) -> None:
+def _run(target: str, cfg: DictConfig, command: str) -> None:
+    _started.append(command)
+    _restore_hydra_env()
     module, func = target.split(":")
     try:
+        check_paths(cfg, PATH_VALUES, REQUIRED)
         getattr(__import__(module, fromlist=[func]), func)(cfg)
     except UserError as err:
-        print(f"priorlab: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except InstantiationException as err:  # a UserError raised by a class that a config instantiates
-        cause = err.__cause__
-        while isinstance(cause, InstantiationException):  # nested instantiation
-            cause = cause.__cause__
-        if not isinstance(cause, UserError):
+        _fail(str(err))
+    except Exception as err:  # noqa: BLE001 - a config value a class refused, a full disk, ...: one line
+        message = task_error(err, {v: k for k, v in PATH_KEYS.get(command, {}).items()})
+        if message is None:
             raise
-        print(f"priorlab: error: {cause}", file=sys.stderr)
-        sys.exit(2)
+        _fail(message)
+
+
+def _fail(message: str) -> None:
+    print(f"priorlab: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# Hydra prints its own composition errors (an unknown key, a missing option) and exits with 1; with
+# HYDRA_FULL_ERROR=1 it raises them to `main` instead. The user's own value is put back once the config is composed.
+_HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR"
+_user_hydra_env: list[str | None] = []
+_started: list[str] = []  # the command's function has been called (its config was composed)
+
+
+def _restore_hydra_env() -> None:
+    if _user_hydra_env:
+        value = _user_hydra_env.pop()
+        if value is None:
+            os.environ.pop(_HYDRA_FULL_ERROR, None)
+        else:
+            os.environ[_HYDRA_FULL_ERROR] = value
 
 
 # Characters that Hydra's override grammar reads, unquoted, as themselves; a value with any other (a space, '=', a
@@ -97,6 +124,8 @@ def rewrite_overrides(command: str, args: list[str]) -> list[str]:
             arg = f"{key}={value}"
         if sep and "=" in value and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
             arg = f"{key}={_quote(value)}"
+        elif sep and key.lstrip("+~") in PATH_VALUES and re.fullmatch(NUMBER, value, re.IGNORECASE):
+            arg = f"{key}='{value}'"  # a folder named 2024 stays the string "2024"
         out.append(arg)
     return out
 
@@ -126,6 +155,15 @@ def main() -> None:
     os.environ["PRIORLAB_COMMAND"] = command
     sys.argv = [sys.argv[0], *rewrite_overrides(command, args)]
     app = hydra.main(config_path=str(CONFIG_DIR), config_name=command, version_base="1.3")(
-        lambda cfg: _run(COMMANDS[command], cfg)
+        lambda cfg: _run(COMMANDS[command], cfg, command)
     )
-    app()
+    _user_hydra_env.append(os.environ.get(_HYDRA_FULL_ERROR))
+    os.environ[_HYDRA_FULL_ERROR] = "1"
+    try:
+        app()
+    except Exception as err:  # noqa: BLE001 - raised before the command started: composing its config
+        if _started or isinstance(err, InstantiationException):
+            raise
+        _fail(composition_error(command, CONFIG_DIR, sys.argv[1:], err))
+    finally:
+        _restore_hydra_env()

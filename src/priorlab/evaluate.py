@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from priorlab import atomic
+from priorlab import atomic, checks
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
@@ -23,13 +23,6 @@ from priorlab.evaluation.setup import (
     train_and_cache_evaluator,
 )
 from priorlab.models.io import check_recorded_base, load_denoiser
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 DATA_TARGETS = ("priorlab.data.MNISTDataModule", "priorlab.data.DigitsDataModule", "priorlab.data.HFDataModule",
                 "priorlab.data.Toy2DDataModule")  # what a model folder's config.yaml may name as its data  # fmt: skip
@@ -60,6 +53,26 @@ def _data_config(cfg: DictConfig, model_dir: Path) -> DictConfig:
         raise UserError(f"the data config in {run_config} holds instantiation keys below its datamodule "
                         f"({', '.join(sorted(set(nested)) or ['_target_'])}); pass data=<name>")  # fmt: skip
     return data
+
+
+def eval_settings(eval_cfg: DictConfig) -> EvalSettings:
+    """EvalSettings from the eval.* config; a UserError for a setting it does not have."""
+    values = OmegaConf.to_container(eval_cfg, resolve=True)
+    unknown = sorted(set(values) - set(EvalSettings.__dataclass_fields__))
+    if unknown:
+        raise UserError(f"eval.{unknown[0]} is not an evaluation setting; the settings are "
+                        f"{', '.join(EvalSettings.__dataclass_fields__)}")  # fmt: skip
+    return EvalSettings(**values)
+
+
+def prior_channels(value) -> slice | None:
+    """prior_channels=[start,stop] as a slice of the model's input channels (None: all)."""
+    if value is None:
+        return None
+    if not checks.is_list(value) or len(value) != 2 or not all(checks.is_whole(v) for v in value) or \
+            not 0 <= value[0] < value[1]:  # fmt: skip
+        raise UserError(f"prior_channels={value!r} must be [start, stop] with 0 ≤ start < stop (or null: all)")
+    return slice(*value)
 
 
 def _keys(node) -> list[str]:
@@ -97,7 +110,14 @@ def evaluate(cfg: DictConfig) -> Path:
     prior=auto|mix use the weights files of `prior_weights` where given, and are otherwise fitted on the
     calibration split of the validation data; the weights used are written to prior_weights_<p>.json.
     """
-    device = _device(cfg.device)
+    device = checks.device(cfg.device)
+    paths = cfg.get("prior_weights") or []
+    paths = [paths] if isinstance(paths, str) else paths
+    if not checks.is_list(paths) or not all(isinstance(path, str) for path in paths):
+        raise UserError(f"prior_weights={paths!r} must be a weights file or a list of them")
+    given = [PriorWeights.load(path) for path in paths]
+    settings = eval_settings(cfg.eval)
+    channels = prior_channels(cfg.prior_channels)
     model = load_denoiser(cfg.model_dir, role="model")
     base = load_denoiser(cfg.base, role="base") if cfg.base else None
     note = check_recorded_base(model, base) if base is not None and cfg.get("base_check", True) else None
@@ -109,15 +129,11 @@ def evaluate(cfg: DictConfig) -> Path:
         raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
                         f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
     evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule, progress=True)
-    channels = slice(*cfg.prior_channels) if cfg.prior_channels else None
     prior = make_prior(model, base, channels)
-    settings = EvalSettings(**OmegaConf.to_container(cfg.eval, resolve=True))
     for part in (model.denoiser, evaluator.net, base.denoiser if base else None):
         if part is not None:
             part.to(device).eval()
     mixture = getattr(datamodule, "mixture", None)
-    paths = cfg.get("prior_weights") or []
-    given = [PriorWeights.load(path) for path in ([paths] if isinstance(paths, str) else paths)]
     with torch.no_grad():
         weights = fit_priors(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors, settings,
                              {w.mode: w for w in given}, evaluator=evaluator, mixture=mixture,

@@ -18,7 +18,6 @@ process logging to logs/<run>.log: the bases, then the fine-tunes (small models 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shlex
@@ -131,7 +130,9 @@ def claim_study_dir(study_dir: Path, name: str, preset: str, **record) -> dict:
     study's runs. Returns what study.json holds."""
     marker = study_dir / "study.json"
     if marker.exists():
-        held = json.loads(marker.read_text())
+        from priorlab.analysis.results import study_record
+
+        held = study_record(marker)
         if (held.get("name"), held.get("preset")) != (name, preset):
             raise UserError(
                 f"{study_dir} holds the runs of study {held.get('name')} preset {held.get('preset')}; "

@@ -30,8 +30,8 @@ def cpu_threads(setting) -> int | None:
     OMP_NUM_THREADS decides."""
     if setting is None or setting == "auto":
         return None if "OMP_NUM_THREADS" in os.environ else free_cores()
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
-        raise UserError(f"cpu_threads={setting!r} must be auto or a whole number of at least 1")
+    if isinstance(setting, bool) or not isinstance(setting, int) or not 1 <= setting <= 4096:
+        raise UserError(f"cpu_threads={setting!r} must be auto or a whole number of at least 1 (at most 4096)")
     return setting
 
 

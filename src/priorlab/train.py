@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic
 from priorlab.callbacks import SaveDenoiser
+from priorlab.checks import check_train_values
 from priorlab.errors import UserError
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
 from priorlab.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
@@ -24,6 +25,7 @@ STAGES = ("base", "finetune")
 
 def check_config(cfg: DictConfig) -> None:
     """Reject settings a run cannot use, with a message that says what to change."""
+    check_train_values(cfg)
     if cfg.stage.name not in STAGES:
         raise UserError(f"stage={cfg.stage.name} is unknown; use stage=base or stage=finetune")
     p = cfg.cond_dropout
@@ -165,7 +167,7 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.paths.run_dir)
     if (run_dir / DONE).exists():
         return _finished(cfg, run_dir)
-    with run_lock(run_dir):
+    with run_lock(run_dir), atomic.removed_unless_started(run_dir, "checkpoints/last.ckpt", "model"):
         return _train(cfg, run_dir)
 
 

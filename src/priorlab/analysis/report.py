@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from scipy import stats
 
 from priorlab import atomic
 from priorlab.analysis import figures, swap
-from priorlab.analysis.results import axis_columns, final_rows, load_results
+from priorlab.analysis.results import axis_columns, final_rows, load_results, study_record
 from priorlab.analysis.stats import Estimate, mean_ci, paired_difference
 from priorlab.analysis.validity import (
     LOWER_IS_BETTER,
@@ -279,7 +278,7 @@ def build_report(study_dir: str | Path) -> Path:
     study_dir = Path(study_dir)
     frame = load_results(study_dir)
     fig_dir = study_dir / "figures"
-    meta = json.loads((study_dir / "study.json").read_text()) if (study_dir / "study.json").exists() else {}
+    meta = study_record(study_dir / "study.json") if (study_dir / "study.json").exists() else {}
     final = final_rows(frame)
     axes = axis_columns(frame)
     metric = study_metric(frame)

@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from priorlab import atomic
+from priorlab.checks import read_json_object
 from priorlab.errors import UserError
 
 COLUMNS = ["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric", "value"]
@@ -98,13 +99,83 @@ def axis_columns(frame: pd.DataFrame) -> list[str]:
     return cols[cols.index("run") + 1 : cols.index("cond_dropout")]
 
 
+# The numeric columns: whether each holds whole numbers, and whether it may be empty (NaN is written as "").
+NUMBERS = {"cond_dropout": (False, False), "seed": (True, False), "step": (True, False),
+           "guidance_scale": (False, True), "value": (False, True)}  # fmt: skip
+REBUILD = "run the study's `priorlab study NAME` command again to rebuild it from the run folders"
+
+
 def load_results(study_dir: str | Path) -> pd.DataFrame:
+    """results.csv of a study, checked: its columns, a number wherever one belongs, and every run's last evaluation
+    complete; a UserError naming the file and the first problem otherwise."""
     path = Path(study_dir) / "results.csv"
     if not path.exists():
         raise UserError(f"{path} does not exist; run `priorlab study NAME` first (or point at a study folder)")
-    frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError as err:
+        raise UserError(f"{path} is empty; {REBUILD}") from err
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path} is not a readable results table ({type(err).__name__}); {REBUILD}") from err
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; {REBUILD}")
+    if frame.empty:
+        raise UserError(f"{path} holds no rows, only its header; {REBUILD}")
+    for column, (whole, optional) in NUMBERS.items():
+        values = pd.to_numeric(frame[column], errors="coerce")
+        given = frame[column].notna() & (frame[column].astype(str).str.strip().str.lower() != "nan")
+        bad = (values.isna() & (given | (not optional))) | (whole & ((values % 1 != 0) | (values.abs() > 2**62)))
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise UserError(f"{path} line {row + 2}: {column}={frame[column].iloc[row]!r} is not a "
+                            f"{'whole ' if whole else ''}number; {REBUILD}")  # fmt: skip
+        frame[column] = values.astype("int64") if whole else values.astype("float64")
+    for column in ("run", "metric"):
+        if frame[column].isna().any():
+            raise UserError(f"{path} line {int(frame[column].isna().to_numpy().argmax()) + 2}: {column} is empty; "
+                            f"{REBUILD}")  # fmt: skip
     frame["prior"] = frame["prior"].fillna("").astype(str)
+    check_complete(frame, path)
     return frame
+
+
+def check_complete(frame: pd.DataFrame, path: Path) -> None:
+    """Every run's last evaluation holds the same (metric, prior, guidance scale) rows, as every study writes them: a
+    truncated or partly deleted table is refused instead of reported on."""
+    final = final_rows(frame)
+    metric = "nll" if (frame["metric"] == "nll").any() else "fd"  # the study's metric (validity.study_metric)
+    for needed, priors in ((metric, ("self", "base")), ("accuracy", ("self", "base"))):
+        if not (final["metric"].eq(needed) & final["prior"].isin(priors)).any():
+            raise UserError(f"{path} has no {needed} rows of prior self or base at the runs' last evaluation, which "
+                            f"the report compares; {REBUILD}")  # fmt: skip
+    keys = {run: set(zip(g["metric"], g["prior"], g["guidance_scale"].fillna(-1.0), strict=True))
+            for run, g in final.groupby("run", sort=False)}  # fmt: skip
+    union = set().union(*keys.values())
+    short = next((run for run, k in keys.items() if k != union), None)
+    if short is not None:
+        metric, prior, scale = sorted(union - keys[short], key=str)[0]
+        what = f"{metric}" + (f" prior={prior}" if prior else "") + (f" w={scale:g}" if scale >= 0 else "")
+        raise UserError(f"{path} is incomplete: the last evaluation of {short} has no {what}, which other runs have; "
+                        f"{REBUILD}")  # fmt: skip
+
+
+def study_record(path: str | Path) -> dict:
+    """study.json (`path`), checked: a JSON object whose name and preset are names, validity a mapping of
+    numbers, base_seeds and seeds lists of whole numbers, sessions a list; a UserError naming the file otherwise."""
+    path = Path(path)
+    remedy = ('restore it, or write {"name": "<study>", "preset": "<preset>"} there and run `priorlab study <study> '
+              'preset=<preset>` again (its finished runs are kept)')  # fmt: skip
+    held = read_json_object(path, "a study record", remedy)
+    kinds = {"name": (str,), "preset": (str,), "validity": (dict, type(None)), "base_seeds": (list, type(None)),
+             "seeds": (list,), "sessions": (list,)}  # fmt: skip
+    for key, types in kinds.items():
+        if key in held and not isinstance(held[key], types):
+            raise UserError(f"{path}: {key}={held[key]!r} is not {' or '.join(t.__name__ for t in types)}; {remedy}")
+    numbers = [*(held.get("validity") or {}).values(), *(held.get("base_seeds") or []), *held.get("seeds", [])]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+        raise UserError(f"{path}: validity, base_seeds and seeds must hold numbers; {remedy}")
+    return held
 
 
 def final_rows(frame: pd.DataFrame) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from priorlab.checks import MAX_TORCH_SEED, is_whole, whole
 from priorlab.errors import UserError
 
 
@@ -46,15 +47,18 @@ class TensorDataModule(L.LightningDataModule):
         super().__init__()
         if train_per_class == "all":
             train_per_class = None
-        if train_per_class is not None and (isinstance(train_per_class, bool) or not isinstance(train_per_class, int)
-                                            or train_per_class < 1):  # fmt: skip
+        per_class_ok = is_whole(train_per_class) and 1 <= train_per_class <= MAX_TORCH_SEED
+        if train_per_class is not None and not per_class_ok:
             raise UserError(f"data.train_per_class={train_per_class!r} must be a positive whole number or `all`")
         self.train_per_class = train_per_class
+        if name is not None and not isinstance(name, str):
+            raise UserError(f"data.name={name!r} must be a name (or null for the default)")
         self._name = name
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
-        if batch_size < 1:
-            raise UserError(f"data.batch_size={batch_size} must be at least 1")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, float | int) or not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction={val_fraction!r} must lie strictly between 0 and 1")
+        whole(batch_size, "data.batch_size", 1)
+        whole(split_seed, "data.split_seed", 0, MAX_TORCH_SEED)
+        whole(num_workers, "data.num_workers", 0)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.split_seed = split_seed
@@ -96,6 +100,9 @@ class TensorDataModule(L.LightningDataModule):
         check_labels(y, num_classes, source=type(self).__name__)
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
         n_val = max(1, round(self.val_fraction * len(x)))
+        if n_val >= len(x):
+            raise UserError(f"{type(self).__name__}: {len(x)} sample(s) with data.val_fraction={self.val_fraction} "
+                            "leave none to train on; use more data or a smaller data.val_fraction")  # fmt: skip
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         self.full_train_set = TensorDataset(x[train_idx].float(), y[train_idx].long())
         if self.train_per_class is not None:

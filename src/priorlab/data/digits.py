@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from priorlab.checks import whole
 from priorlab.data.base import TensorDataModule, resize_images
-from priorlab.data.mnist import classes_suffix, select_classes
+from priorlab.data.mnist import class_list, classes_suffix, select_classes
 
 
 class DigitsDataModule(TensorDataModule):
@@ -19,8 +20,8 @@ class DigitsDataModule(TensorDataModule):
 
     def __init__(self, image_size: int = 8, classes: list[int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.image_size = image_size
-        self.classes = None if classes is None else [int(c) for c in classes]
+        self.image_size = whole(image_size, "data.image_size", 1)
+        self.classes = class_list(classes)
 
     def load(self) -> tuple[Tensor, Tensor, int]:
         from sklearn.datasets import load_digits

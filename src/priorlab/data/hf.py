@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from priorlab.checks import whole
 from priorlab.data.base import TensorDataModule
 from priorlab.errors import UserError
 
@@ -38,8 +40,15 @@ class HFDataModule(TensorDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if channels not in (1, 3):
+        if channels not in (1, 3) or isinstance(channels, bool):
             raise UserError(f"data.channels={channels}: use 1 (grayscale) or 3 (RGB)")
+        whole(image_size, "data.image_size", 1)
+        if num_classes is not None:
+            whole(num_classes, "data.num_classes", 1)
+        for key, value in (("source", source), ("split", split), ("image_column", image_column),
+                           ("label_column", label_column)):  # fmt: skip
+            if not isinstance(value, str) or not value:
+                raise UserError(f"data.{key}={value!r} must be a name or path")
         self.source = source
         self.split = split
         self.image_column = image_column
@@ -91,20 +100,47 @@ class HFDataModule(TensorDataModule):
 
     def load(self) -> tuple[Tensor, Tensor, int]:
         ds = self._open()
-        if len(ds) == 0:
-            raise UserError(f"data.source={self.source}: split {self.split!r} holds no rows")
-        mode = "L" if self.channels == 1 else "RGB"
-        images = [self._to_array(img, mode) for img in ds[self.image_column]]
-        x = torch.from_numpy(np.stack(images)).float() / 127.5 - 1  # (N, H, W[, C])
+        if len(ds) < 2:
+            raise UserError(f"data.source={self.source}: split {self.split!r} holds {len(ds)} row(s); training needs "
+                            "at least 2 (one is held out for validation)")  # fmt: skip
+        y = self._labels(ds[self.label_column])
+        x = torch.from_numpy(np.stack(self._images(ds))).float() / 127.5 - 1  # (N, H, W[, C])
         x = x[:, None] if self.channels == 1 else x.permute(0, 3, 1, 2)
-        y = torch.as_tensor(ds[self.label_column], dtype=torch.long)
         feature = ds.features[self.label_column]
         num_classes = self.configured_classes or getattr(feature, "num_classes", None) or int(y.max()) + 1
         return x, y, num_classes
 
-    def _to_array(self, img, mode: str) -> np.ndarray:
+    def _labels(self, values: list) -> Tensor:
+        """The label column as class indices: whole numbers (whole floats such as 3.0 too); a UserError naming the
+        first row that holds anything else (a string, an empty cell, 0.5, true)."""
+        for row, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v % 1:
+                what = "an empty cell" if v is None else repr(v)
+                raise UserError(f"data.label_column={self.label_column!r} of {self.source}: row {row} holds {what}, "
+                                "not a class index (a whole number); fix the labels or use another column")  # fmt: skip
+        return torch.as_tensor([int(v) for v in values], dtype=torch.long)
+
+    def _images(self, ds) -> list[np.ndarray]:
+        """Each image decoded, converted and resized; a UserError naming the first that cannot be read."""
+        import datasets
+
+        mode = "L" if self.channels == 1 else "RGB"
+        if not isinstance(ds.features[self.image_column], datasets.Image):
+            return [self._to_array(img, mode, row) for row, img in enumerate(ds[self.image_column])]
+        raw = ds.cast_column(self.image_column, datasets.Image(decode=False))[self.image_column]
+        return [self._to_array(item, mode, row) for row, item in enumerate(raw)]
+
+    def _to_array(self, img, mode: str, row: int) -> np.ndarray:
         from PIL import Image
 
+        if isinstance(img, dict) and ("bytes" in img or "path" in img):  # an undecoded datasets.Image
+            where = img.get("path") or f"row {row}"
+            try:
+                img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
+                img.load()
+            except (OSError, ValueError, SyntaxError) as err:
+                raise UserError(f"data.source={self.source}: the image {where} cannot be read ({type(err).__name__}: "
+                                f"{err}); remove or replace it") from err  # fmt: skip
         if not isinstance(img, Image.Image):
             raise UserError(
                 f"data.image_column={self.image_column!r} does not hold images (found {type(img).__name__})"

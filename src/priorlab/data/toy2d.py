@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from priorlab.checks import MAX_TORCH_SEED, finite, is_list, number, whole
 from priorlab.data.base import TensorDataModule
 from priorlab.errors import UserError
 
@@ -159,8 +160,14 @@ class Toy2DDataModule(TensorDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if num_classes < 1 or num_samples < 2:
-            raise UserError("data.num_classes must be ≥ 1 and data.num_samples ≥ 2")
+        whole(num_classes, "data.num_classes", 1)
+        whole(num_samples, "data.num_samples", 2)
+        radius, rotation = finite(radius, "data.radius"), finite(rotation, "data.rotation")
+        std = number(std, "data.std")
+        whole(seed, "data.seed", 0, MAX_TORCH_SEED)
+        if weights is not None and not is_list(weights):
+            raise UserError(f"data.weights={weights!r} must be a list of {num_classes} numbers (or null: uniform)")
+        weights = None if weights is None else [finite(w, "data.weights") for w in weights]
         self.mixture = GaussianMixture.ring(num_classes, radius, std, weights, rotation)
         self.num_samples = num_samples
         self.seed = seed

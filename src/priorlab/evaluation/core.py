@@ -30,6 +30,7 @@ from priorlab.calibration import (
     scale_name,
     uncond_predictions,
 )
+from priorlab.checks import check_eval_settings
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.errors import UserError
 from priorlab.evaluation import metrics
@@ -94,6 +95,7 @@ class EvalSettings:
     bootstrap: int = 200
 
     def __post_init__(self):
+        check_eval_settings(self)
         self.guidance_scales = [check_scale(w) for w in self.guidance_scales]
         unknown = [p for p in self.priors if p not in PRIORS]
         if unknown:

@@ -17,6 +17,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from priorlab import atomic
+from priorlab.checks import is_whole, read_json_object
+from priorlab.diffusion import PREDICTION_TYPES
 from priorlab.errors import UserError
 from priorlab.models.denoiser import CLASS_COUNT_KEYS, NETWORK_CLASSES, Denoiser, label_tables
 
@@ -75,17 +77,18 @@ def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
 def load_denoiser(path: str | Path, role: str = "model") -> SavedModel:
     """Load a model folder written by `save_denoiser`; errors name the folder and the problem."""
     path = resolve_model_dir(path, role)
+    meta = read_json_object(path / META, "a priorlab model record", "restore the model folder or train it again")
+    check_meta(meta, path / META)
     try:
-        meta = json.loads((path / META).read_text())
         cls = NETWORK_CLASSES[meta["class_name"]]
         net = cls.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(path)
+        net.eval()
+        denoiser = Denoiser(net, meta["num_classes"], meta["null_class"], meta["prediction_type"])
     except UserError:
         raise
     except Exception as err:  # corrupt json, truncated safetensors, unknown class: one message for the user
         raise UserError(f"{role}={path} could not be loaded ({type(err).__name__}: {err})") from err
-    net.eval()
-    denoiser = Denoiser(net, meta["num_classes"], meta["null_class"], meta["prediction_type"])
     return SavedModel(denoiser, scheduler, meta, path)
 
 
@@ -107,6 +110,26 @@ def check_recorded_base(model: SavedModel, base: SavedModel) -> str | None:
         )
     return (f"note: base={base.path} is not the base {model.path} was fine-tuned from ({record.get('path')}, "
             f"sha256 {record['sha256'][:12]}); it is used as the prior as given")  # fmt: skip
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """The keys of priorlab.json that loading needs, each of the right kind; a UserError naming the first that is
+    missing or wrong."""
+    wanted = {
+        "class_name": (lambda v: isinstance(v, str) and v in NETWORK_CLASSES, f"one of {', '.join(NETWORK_CLASSES)}"),
+        "num_classes": (lambda v: is_whole(v) and v >= 1, "a whole number ≥ 1"),
+        "null_class": (lambda v: is_whole(v) and v >= 0, "a whole number ≥ 0"),
+        "prediction_type": (lambda v: v in PREDICTION_TYPES, f"one of {', '.join(PREDICTION_TYPES)}"),
+    }
+    missing = [key for key in wanted if key not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; restore the model folder or train it again")
+    for key, (ok, kind) in wanted.items():
+        if not ok(meta[key]):
+            raise UserError(f"{path}: {key}={meta[key]!r} is not {kind}; restore the model folder or train it again")
+    if meta["null_class"] > meta["num_classes"]:
+        raise UserError(f"{path}: null_class={meta['null_class']} is not a row of a label table of num_classes + 1 = "
+                        f"{meta['num_classes'] + 1} rows; restore the model folder or train it again")  # fmt: skip
 
 
 def architecture_mismatch(model: Denoiser, base: Denoiser) -> list[str]:

@@ -73,7 +73,8 @@ def family_of(pipe) -> Family:
     name = type(pipe).__name__
     if name not in FAMILIES:
         raise UserError(
-            f"{name} is not a pipeline priorlab knows ({', '.join(FAMILIES)}); pass family= with its layout "
-            "(priorlab.pipelines.Family: the denoiser attribute, the number of guidance chunks, the ∅ chunk)"
+            f"{name} is not a pipeline priorlab knows ({', '.join(FAMILIES)}); `priorlab sample` cannot run it. In "
+            "Python, swap_prior(pipe, prior, family=priorlab.pipelines.Family(...)) takes its layout: the denoiser "
+            "attribute, the number of guidance chunks, the ∅ chunk"
         )
     return FAMILIES[name]

@@ -232,6 +232,10 @@ def _from_priorlab(path: Path, device, dtype) -> DiffusersPrior:
     from priorlab.models.io import load_denoiser
 
     saved = load_denoiser(path, role="base")
+    if len(saved.denoiser.sample_shape) != 3:
+        raise UserError(f"base={path} is a priorlab {saved.denoiser.class_name} over vectors of shape "
+                        f"{saved.denoiser.sample_shape} (toy2d); the prior of a pipeline must denoise its images or "
+                        "latents: a priorlab UNet or DiT model, or a diffusers model or pipeline")  # fmt: skip
     net = _DenoiserNet(saved.denoiser).eval()
     null = {"class_labels": torch.tensor([saved.denoiser.null_class])}
     return DiffusersPrior(net, saved.scheduler.alphas_cumprod, saved.denoiser.prediction_type, null, None,

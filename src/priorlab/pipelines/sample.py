@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from priorlab import atomic
+from priorlab import atomic, checks
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.pipelines.families import Family, family_of
@@ -37,14 +37,6 @@ NEEDS_PROMPT = ("text-to-image", "image-to-image", "instruct-pix2pix", "text-to-
 SETTING = {"num_inference_steps": "num_steps", "guidance_scale": "guidance_scale", "height": "height",
            "width": "width", "num_frames": "num_frames", "image_guidance_scale": "image_guidance_scale",
            "negative_prompt": "negative_prompt"}  # fmt: skip
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA GPU is visible; use device=cpu")
-    return torch.device(name)
 
 
 def _open_image(path: str | None, role: str = "image") -> Image.Image:
@@ -295,7 +287,7 @@ def sample_command(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
-    device, dtype = _device(cfg.device), DTYPES[cfg.dtype]
+    device, dtype = checks.device(cfg.device), DTYPES[cfg.dtype]
     pipe = load_pipeline(str(cfg.model_dir), dtype, role="model")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=not cfg.progress)
