@@ -245,11 +245,16 @@ def _calibration_conditions(folder: Path, meta: dict[str, dict] | None, files: l
 
 def guidance_scale(cfg: DictConfig, pipe) -> float:
     """The guidance scale the pipeline will run at: guidance_scale=, else its own default."""
-    if cfg.guidance_scale is not None:
-        return float(cfg.guidance_scale)
-    default = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+    return _scale(cfg, pipe, "guidance_scale")
+
+
+def _scale(cfg: DictConfig, pipe, key: str) -> float:
+    """The setting `key` (guidance_scale, image_guidance_scale) as given, else the pipeline's own default."""
+    if cfg[key] is not None:
+        return float(cfg[key])
+    default = inspect.signature(pipe.__call__).parameters.get(key)
     if default is None or not isinstance(default.default, int | float):
-        raise UserError(f"{type(pipe).__name__} has no default guidance scale; pass guidance_scale=")
+        raise UserError(f"{type(pipe).__name__} has no default {key.replace('_', ' ')}; pass {key}=")
     return float(default.default)
 
 
@@ -270,12 +275,7 @@ def _used_settings(pipe, kw: dict) -> dict:
 
 def image_guidance_scale(cfg: DictConfig, pipe) -> float:
     """InstructPix2Pix's image guidance scale: image_guidance_scale=, else the pipeline's own default."""
-    if cfg.image_guidance_scale is not None:
-        return float(cfg.image_guidance_scale)
-    default = inspect.signature(pipe.__call__).parameters.get("image_guidance_scale")
-    if default is None or not isinstance(default.default, int | float):
-        raise UserError(f"{type(pipe).__name__} has no default image guidance scale; pass image_guidance_scale=")
-    return float(default.default)
+    return _scale(cfg, pipe, "image_guidance_scale")
 
 
 def sample_command(cfg: DictConfig) -> Path:
