@@ -133,3 +133,21 @@ def test_non_finite_features_are_a_one_line_user_error(feats):
     with pytest.raises(UserError, match="features of the generated samples hold NaN") as err:
         sample_scores(x, torch.arange(10) % 3, ev, EvalSettings(kid_subset=5), None)
     assert "\n" not in str(err.value) and "weights are non-finite" in str(err.value)
+
+
+def test_the_evaluators_translation_moves_each_image_by_its_own_offset_within_the_shift():
+    from priorlab.evaluation.features import translate
+
+    x = torch.zeros(400, 1, 7, 7)
+    x[:, 0, 3, 3] = 1.0  # one bright pixel in the middle of each image
+    moved = translate(x, 1, torch.Generator().manual_seed(0))
+    assert moved.shape == x.shape
+    where = moved[:, 0].flatten(1).argmax(1)
+    rows, cols = where // 7, where % 7
+    assert moved.flatten(1).sum(1).eq(1).all()  # the pixel moved, nothing was smeared or lost
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == {(r, c) for r in (2, 3, 4) for c in (2, 3, 4)}
+    edge = torch.arange(49.0).reshape(1, 1, 7, 7)  # at the border, the edge row/column is repeated
+    shifted = translate(edge.expand(50, 1, 7, 7), 1, torch.Generator().manual_seed(1))
+    for img in shifted[:, 0]:
+        assert set(img.flatten().tolist()) <= set(range(49))
+    assert torch.equal(translate(edge, 0, torch.Generator()), edge)

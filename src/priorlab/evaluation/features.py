@@ -77,9 +77,15 @@ class Evaluator:
 
 def fit_classifier(
     train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, steps: int = 1500,
-    batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress: bool = False,
+    batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress: bool = False, shift: int = 1,
 ) -> tuple[Classifier, float]:  # fmt: skip
-    """Train the classifier (with light noise augmentation) and return it with its held-out accuracy."""
+    """Train the classifier and return it with its held-out accuracy.
+
+    Augmentation: light Gaussian noise, and for images a random translation by up to `shift` pixels per sample
+    (edges replicated). On 16-px MNIST (4,500 training images, 500 held out) the translation raised held-out
+    accuracy from 0.978 to 0.988 at 1,500 steps: an evaluator that misreads fewer real digits misreads fewer
+    generated ones, so the accuracy of generated samples measures the generator rather than the evaluator.
+    """
     from tqdm.auto import trange
 
     torch.manual_seed(seed)
@@ -90,7 +96,8 @@ def fit_classifier(
     g = torch.Generator().manual_seed(seed)
     for _ in trange(steps, desc="training evaluator", disable=not progress):
         idx = torch.randint(0, len(x), (batch_size,), generator=g)
-        xb = x[idx] + 0.05 * torch.randn(x[idx].shape, generator=g)
+        xb = translate(x[idx], shift, g) if x.dim() == 4 and shift > 0 else x[idx]
+        xb = xb + 0.05 * torch.randn(xb.shape, generator=g)
         loss = F.cross_entropy(net(xb), y[idx])
         opt.zero_grad()
         loss.backward()
@@ -100,6 +107,16 @@ def fit_classifier(
     with torch.no_grad():
         acc = float((net(val[0]).argmax(1) == val[1]).double().mean())
     return net, acc
+
+
+def translate(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+    """Each image of x (N, C, H, W) moved by its own random offset in [-shift, shift]² (edges replicated)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n, 1), generator=generator)
+    rows = (dy + torch.arange(h))[:, None, :, None]
+    cols = (dx + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 def save_evaluator(ev: Evaluator, path: str | Path, info: dict) -> Path:
