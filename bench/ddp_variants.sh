@@ -3,7 +3,11 @@
 # batch 256 per GPU, bf16, channels-last, fused AdamW) on one GPU and under DDP with each variant of
 # trainer.strategy, plus the host's all-reduce bandwidth. Throughput only (base stage: no base model and no
 # evaluation needed). Writes <name>.json per run into $OUT (default bench/results/ddp-variants).
-#   bash bench/ddp_variants.sh [STEPS] [VARIANT...]      variants: one ddp_side ddp ddp_bf16 ddp_whole (COMPILE=false: eager)
+#   bash bench/ddp_variants.sh [STEPS] [VARIANT...]      variants: one ddp_side ddp ddp_bf16 ddp_whole ddp_view
+#                                                         one_nocl ddp_nocl (COMPILE=false: eager)
+# Issue 17: ddp_view builds DDP with gradient_as_bucket_view (the gradients are the buckets' views, in the
+# parameters' strides); *_nocl turn channels-last off. Each run's log counts DDP's "Grad strides do not match"
+# warnings.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 WANDB_MODE=offline
 export PYTHONFAULTHANDLER=1
@@ -22,11 +26,14 @@ for v in "${variants[@]}"; do
     ddp) args=(trainer=ddp) ;;
     ddp_bf16) args=(trainer=ddp trainer.strategy.comm_hook=bf16) ;;
     ddp_whole) args=(trainer=ddp trainer.strategy.compiled_ddp=no_optimization) ;;   # one compiled graph
+    ddp_view) args=(trainer=ddp +trainer.strategy.gradient_as_bucket_view=true) ;;
+    one_nocl) args=(trainer=gpu channels_last=false) ;;
+    ddp_nocl) args=(trainer=ddp channels_last=false) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   stamp "$v"
   rm -rf "$runs/$v"
-  timeout -s ABRT -k 10 "${LIMIT:-300}" priorlab train "study=$v" "${args[@]}" "${common[@]}"
-  stamp "rc=$?"
+  timeout -s ABRT -k 10 "${LIMIT:-300}" priorlab train "study=$v" "${args[@]}" "${common[@]}" 2>&1 | tee "$out/$v.log"
+  stamp "rc=${PIPESTATUS[0]}; stride warnings: $(grep -c 'Grad strides do not match' "$out/$v.log")"
   cp "$runs/$v/base/throughput.json" "$out/$v-compile_${COMPILE:-true}.json" && cat "$out/$v-compile_${COMPILE:-true}.json"
 done

@@ -128,7 +128,9 @@ def test_callbacks_and_evaluate_command(tmp_path):
     run = tmp_path / "runs/e/finetune/p=0.1/seed=0"
     assert (tmp_path / "runs/evaluators/digits8/evaluator.json").exists()
     for step in (2, 4):
-        cond = json.loads((run / f"eval/step={step}_cond.json").read_text())["metrics"]
+        record = json.loads((run / f"eval/step={step}_cond.json").read_text())
+        assert 0 < record["seconds"] < 600  # the evaluation's wall time, for its share of a study's time
+        cond = record["metrics"]
         assert {"eval/cond/fd/prior=base/w=3.0", "eval/cond/accuracy/prior=self/w=1.0"} <= set(cond)
         prior = json.loads((run / f"eval/step={step}_prior.json").read_text())["metrics"]
         assert "eval/prior/disagreement/all" in prior

@@ -13,6 +13,8 @@ fits their weights on the calibration split of the validation data (`evaluation.
 
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 
 import lightning as L
@@ -84,6 +86,7 @@ class _Evaluation(L.Callback):
         if home != device:  # after teardown (on_fit_end), the module is on the CPU
             pl_module.to(device)
         self.evaluator.net.to(device)
+        started = time.perf_counter()
         prior = None
         if self.base is not None:
             self.base.denoiser.to(device)
@@ -93,6 +96,7 @@ class _Evaluation(L.Callback):
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             weights = self.fitted_priors(trainer, pl_module, prior)
             metrics, grids = self.measure(trainer, pl_module, prior, final, weights)
+        seconds = time.perf_counter() - started  # metrics are Python floats by now: the GPU work has finished
         denoiser.train(was_training)
         if home != device:
             pl_module.to(home)
@@ -102,7 +106,8 @@ class _Evaluation(L.Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-            atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json", {"step": step, "metrics": metrics})
+            record = {"step": step, "metrics": metrics, "seconds": round(seconds, 3)}  # wall time (issue 17)
+            atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json", record)
             if self.kind == "cond":
                 for mode, w in weights.items():
                     w.save(self.out_dir / f"prior_weights_{mode}_step={step}.json")
