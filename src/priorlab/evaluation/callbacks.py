@@ -14,7 +14,6 @@ fits their weights on the calibration split of the validation data (`evaluation.
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 
 import lightning as L
