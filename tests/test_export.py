@@ -172,8 +172,9 @@ def test_sample_and_export_commands_on_priorlab_run_folders(runs, tmp_path):
         assert np.abs(got - np.asarray(own[i], dtype=float)).max() <= 1  # one grey level of rounding
     assert Image.open(tmp_path / "s" / "compare.png").size == (4 * 8, 2 * 8)
     # `priorlab export` writes a folder that `priorlab sample` takes in place of the run, with the same images
-    exported = run_cli("export", f"model={ft}", f"out={tmp_path / 'e'}", cwd=tmp_path)
+    exported = run_cli("export", f"model={ft}", f"out={tmp_path / 'e'}", "class_names=[zero,one,two]", cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr[-2000:]
+    assert load_exported(tmp_path / "e").config.class_names == ["zero", "one", "two"]
     again = run_cli("sample", f"model={tmp_path / 'e'}", f"base={base}", "prior=base", f"out={tmp_path / 's2'}",
                     *common, cwd=tmp_path)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
@@ -209,6 +210,7 @@ def test_export_and_sample_user_mistakes_are_one_line_errors(runs, tmp_path):
         ("export", f"model={ft}"): "out is required",
         ("export", f"model={ft}", f"out={tmp_path / 'full'}"): "exists and is not empty",
         ("export", f"model={tmp_path / 'none'}", f"out={tmp_path / 'o'}"): "no such folder",
+        ("export", f"model={ft}", f"out={tmp_path / 'o'}", "class_names=[a,b]"): "class_names has 2 names",
         ("sample", f"model={ft}", "prior=self", "class_labels=[3]"): "class_labels=[3] are not classes",
         ("sample", f"model={ft}", "prior=self"): "class-conditional pipeline needs class_labels",
         ("sample", f"model={ft}", "prior=base", "class_labels=[0]"): "needs base=PATH",

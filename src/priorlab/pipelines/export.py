@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic
 from priorlab.errors import UserError
@@ -51,17 +51,21 @@ def is_exported(path: str | Path) -> bool:
     return ClassConditionalPipeline.__name__ in (name if isinstance(name, list) else [name])
 
 
-def from_saved(saved: SavedModel) -> ClassConditionalPipeline:
-    """The pipeline of a loaded priorlab model (the same network object, not a copy)."""
+def from_saved(saved: SavedModel, class_names: list[str] | None = None) -> ClassConditionalPipeline:
+    """The pipeline of a loaded priorlab model (the same network object, not a copy), with optional class names."""
     denoiser = saved.denoiser
+    if class_names is not None and len(class_names) != denoiser.num_classes:
+        raise UserError(f"class_names has {len(class_names)} names but model={saved.path} has {denoiser.num_classes} "
+                        "classes; give one name per class, in class order")  # fmt: skip
     if len(denoiser.sample_shape) != 3:
         raise UserError(f"model={saved.path} is a priorlab {denoiser.class_name} over vectors of shape "
                         f"{denoiser.sample_shape} (toy2d), not images: a diffusers pipeline makes images; sample it "
                         "with priorlab.sampling.sample")  # fmt: skip
     keep = {k: v for k, v in saved.scheduler.config.items() if not k.startswith("_")}
     scheduler = DDIMScheduler.from_config({**keep, "prediction_type": denoiser.prediction_type})
+    names = [str(v) for v in class_names] if class_names is not None else None
     return ClassConditionalPipeline(denoiser.net.eval(), scheduler, num_classes=denoiser.num_classes,
-                                    null_class=denoiser.null_class)  # fmt: skip
+                                    null_class=denoiser.null_class, class_names=names)  # fmt: skip
 
 
 def from_priorlab(path: str | Path, role: str = "model") -> ClassConditionalPipeline:
@@ -69,10 +73,11 @@ def from_priorlab(path: str | Path, role: str = "model") -> ClassConditionalPipe
     return from_saved(load_denoiser(path, role))
 
 
-def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,
+                    class_names: list[str] | None = None) -> Path:  # fmt: skip
     """Write the pipeline folder of a priorlab model (see the module doc); returns `out`."""
     saved = load_denoiser(model)
-    pipe = from_saved(saved)
+    pipe = from_saved(saved, class_names)
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
@@ -107,7 +112,7 @@ tags:
 
 # {name}
 
-A class-conditional diffusion model trained with [priorlab](https://github.com/), as a diffusers pipeline
+A class-conditional diffusion model trained with priorlab, as a diffusers pipeline
 (`ClassConditionalPipeline`, whose code is `{CODE_FILE}` in this folder).
 
 {lines}
@@ -198,6 +203,10 @@ def export_command(cfg: DictConfig) -> Path:
     """Run `priorlab export model=PATH out=FOLDER`."""
     if cfg.out is None:
         raise UserError("out is required: out=FOLDER, the pipeline folder to write")
-    out = export_pipeline(str(cfg.model_dir), str(cfg.out), bool(cfg.overwrite))
+    names = cfg.get("class_names")
+    if names is not None and not OmegaConf.is_list(names):
+        raise UserError(f"class_names={names} must be a list of names, one per class: class_names=[cat,dog]")
+    names = OmegaConf.to_container(names) if names is not None else None
+    out = export_pipeline(str(cfg.model_dir), str(cfg.out), bool(cfg.overwrite), names)
     print(f"wrote the diffusers pipeline of {cfg.model_dir} to {out}")
     return out
