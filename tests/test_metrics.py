@@ -151,3 +151,54 @@ def test_the_evaluators_translation_moves_each_image_by_its_own_offset_within_th
     for img in shifted[:, 0]:
         assert set(img.flatten().tolist()) <= set(range(49))
     assert torch.equal(translate(edge, 0, torch.Generator()), edge)
+
+
+def _old_fd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The hand-written FD this module used before torchmetrics' public class: centred float64 covariances into
+    torchmetrics' private `_compute_fid`."""
+    from torchmetrics.image.fid import _compute_fid
+
+    def mean_cov(f):
+        f = f.double()
+        mu = f.mean(0)
+        return mu, (f - mu).T @ (f - mu) / (len(f) - 1)
+
+    return float(_compute_fid(*mean_cov(a), *mean_cov(b)))
+
+
+def _old_kid(a: torch.Tensor, b: torch.Tensor, subsets: int = 10, subset_size: int = 500, seed: int = 0) -> float:
+    """The hand-written KID subset loop used before torchmetrics' public class."""
+    from torchmetrics.image.kid import poly_mmd
+
+    g = torch.Generator().manual_seed(seed)
+    size = min(subset_size, len(a), len(b))
+    values = []
+    for _ in range(subsets):
+        ia, ib = torch.randperm(len(a), generator=g)[:size], torch.randperm(len(b), generator=g)[:size]
+        values.append(poly_mmd(a[ia].double(), b[ib].double()))
+    return float(torch.stack(values).mean())
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.3, 3.0])
+def test_fd_and_kid_equal_the_hand_written_formulas(feats, shift):
+    """The library classes give what the former hand-written code gave, on features with a large common offset too
+    (the covariance from running sums loses digits there, but not enough to matter in float64)."""
+    a, b = feats
+    a, b = a[:700] * 2 + 50.0, b[:900] + 50.0 + shift
+    assert metrics.frechet_distance(a, b) == pytest.approx(_old_fd(a, b), rel=1e-9, abs=1e-9)
+    for size, subsets, seed in [(100, 7, 3), (500, 10, 0), (5000, 2, 1)]:  # 5000: clipped to the smaller set
+        new = metrics.kid(a, b, subsets=subsets, subset_size=size, seed=seed)
+        assert new == pytest.approx(_old_kid(a, b, subsets, size, seed), rel=1e-9, abs=1e-12)
+    draws = torch.randint(0, len(a), (5, len(a)), generator=torch.Generator().manual_seed(2))
+    boot = metrics.bootstrap_fd(a, b, draws)
+    torch.testing.assert_close(boot, torch.tensor([_old_fd(a[i], b) for i in draws], dtype=torch.float64),
+                               rtol=1e-9, atol=1e-9)  # fmt: skip
+
+
+def test_kid_leaves_the_global_random_state_alone(feats):
+    a, b = feats
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    metrics.kid(a, b, subset_size=50)
+    assert torch.equal(torch.rand(3), expected)

@@ -485,6 +485,23 @@ def test_sign_rule_and_fitted_comparison_count_what_they_say():
     assert lo == pytest.approx(0.3006, abs=1e-3) and hi == pytest.approx(0.9544, abs=1e-3)
 
 
+def test_wilson_interval_equals_the_hand_written_formula():
+    """Proportion's interval (scipy's Wilson) equals the score-interval formula it replaced, edges included."""
+    import math
+
+    from scipy import stats
+
+    def wilson(k: int, n: int) -> tuple[float, float]:
+        z, p = stats.norm.ppf(0.975), k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n**2))
+        return centre - half, centre + half
+
+    for k, n in [(0, 1), (1, 1), (0, 7), (3, 4), (5, 12), (12, 12), (37, 100), (1, 1000)]:
+        assert Proportion(k, n).interval == pytest.approx(wilson(k, n), abs=1e-12), (k, n)
+    assert all(math.isnan(v) for v in Proportion(0, 0).interval)
+
+
 def test_fitted_cells_pair_seeds_within_a_cell_against_its_better_fixed_prior():
     """Per (p, w) cell, paired differences over seeds against the better fixed prior (by its mean), checked by
     hand: a cell within noise is said to be so, not counted as a failure."""

@@ -28,12 +28,13 @@ COMMANDS = {
     "report": "priorlab.analysis.report:report_command",
     "dashboard": "priorlab.dashboard:dashboard",
     "sample": "priorlab.pipelines.sample:sample_command",
+    "export": "priorlab.pipelines.export:export_command",
 }
 # A first argument without '=' is the value of this key: `priorlab study NAME`, `priorlab report runs/NAME`.
 POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name"}
 # `model` is also a config group (the architecture presets of `train`); where a command takes a model folder,
 # `model=PATH` is renamed to that command's key for it.
-PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"}}
+PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"}, "export": {"model": "model_dir"}}
 # Settings that hold paths or names of folders: a value that Hydra would read as a number or a boolean is quoted.
 PATH_VALUES = {"base", "paths.runs", "paths.run_dir", "data.source", "data.name", "model_dir", "evaluator", "out",
                "study_dir", "image", "calibration", "prior_weights", "name", "study", "stage.run_subdir"}  # fmt: skip

@@ -9,7 +9,6 @@ log(L_self / L_base) on the calibration split (on the metric held-out split when
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,10 +33,8 @@ class Proportion:
     def interval(self) -> tuple[float, float]:
         if self.n == 0:
             return float("nan"), float("nan")
-        z, p = stats.norm.ppf(0.975), self.k / self.n
-        centre = (p + z * z / (2 * self.n)) / (1 + z * z / self.n)
-        half = z / (1 + z * z / self.n) * math.sqrt(p * (1 - p) / self.n + z * z / (4 * self.n**2))
-        return centre - half, centre + half
+        ci = stats.binomtest(self.k, self.n).proportion_ci(confidence_level=0.95, method="wilson")
+        return float(ci.low), float(ci.high)
 
     def __str__(self) -> str:
         if self.n == 0:

@@ -1,12 +1,16 @@
 """Sample-quality metrics over feature vectors, and the exact measures available on toy2d.
 
-FD: Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017), computed with
-torchmetrics' `_compute_fid`. KID: unbiased polynomial-kernel MMD² averaged over subsets (Bińkowski et al.
-2018), torchmetrics' `poly_mmd`. Precision and recall: the k-NN manifold estimates of Kynkäänniemi et al.
-(2019): precision is the share of generated samples inside some real sample's k-NN ball, recall the share of
-real samples inside some generated sample's ball. Their k-NN radii and ball tests are computed in blocks of
-`chunk` rows, so memory grows as chunk × N rather than N²; like the paper, compare equal numbers of real and
-generated samples (`subsample` draws the real ones).
+FD: Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017), torchmetrics'
+`FrechetInceptionDistance`. KID: unbiased polynomial-kernel MMD² averaged over subsets (Bińkowski et al. 2018),
+torchmetrics' `KernelInceptionDistance`. Both classes take our domain network's features, already computed once
+per evaluation and shared by every metric, through their feature-extractor argument (`Precomputed`, which passes
+them on), so neither needs Inception, torch-fidelity or torchvision.
+
+Precision and recall: the k-NN manifold estimates of Kynkäänniemi et al. (2019): precision is the share of
+generated samples inside some real sample's k-NN ball, recall the share of real samples inside some generated
+sample's ball. torchmetrics has no such metric, so they are written here. Their k-NN radii and ball tests are
+computed in blocks of `chunk` rows, so memory grows as chunk × N rather than N²; like the paper, compare equal
+numbers of real and generated samples (`subsample` draws the real ones).
 
 Every metric refuses non-finite features with a `UserError`: they come from diverged samples, and the linear
 algebra on them gives NaN at best (a crash inside MKL at worst).
@@ -14,10 +18,12 @@ algebra on them gives NaN at best (a crash inside MKL at worst).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from torch import Tensor
-from torchmetrics.image.fid import _compute_fid
-from torchmetrics.image.kid import poly_mmd
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 from priorlab.errors import UserError
 
@@ -42,47 +48,72 @@ def subsample(features: Tensor, n: int, seed: int = 0) -> Tensor:
     return features[idx.sort().values]
 
 
-def mean_cov(features: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean (D,) and covariance (D, D) in float64."""
-    f = features.double()
-    mu = f.mean(0)
-    centered = f - mu
-    return mu, centered.T @ centered / (len(f) - 1)
+class Precomputed(nn.Module):
+    """The feature extractor handed to torchmetrics' FD and KID: the "images" it receives are feature vectors
+    (N, D) already computed by the domain network, passed on in float64. `num_features` spares torchmetrics its
+    probe with a dummy 299×299 image."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features.double()
+
+
+def _fd_metric(dim: int) -> FrechetInceptionDistance:
+    # sync_on_compute=False: under DDP the features are gathered before any metric is computed, so a sync would
+    # count every process's features once more (or wait for processes that compute nothing)
+    return FrechetInceptionDistance(feature=Precomputed(dim), reset_real_features=False, sync_on_compute=False)
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """FD between the Gaussians fitted to feature sets a (N, D) and b (M, D)."""
     check_finite(a, "the features of the first set")
     check_finite(b, "the features of the second set")
-    mu_a, cov_a = mean_cov(a)
-    mu_b, cov_b = mean_cov(b)
-    return float(_compute_fid(mu_a, cov_a, mu_b, cov_b))
+    metric = _fd_metric(a.shape[1])
+    metric.update(b, real=True)
+    metric.update(a, real=False)
+    return float(metric.compute())
 
 
 def bootstrap_fd(features: Tensor, reference: Tensor, draws: Tensor) -> Tensor:
-    """FD against the fixed `reference` of each resample of `features` (N, D); draws (B, N) holds the indices."""
+    """FD against the fixed `reference` of each resample of `features` (N, D); draws (B, N) holds the indices.
+
+    The resampling (paired over samples by the caller's shared `draws`) is ours: torchmetrics has no bootstrap.
+    The reference statistics are accumulated once and kept across resamples (`reset_real_features=False`).
+    """
     check_finite(features, "the features of the generated samples")
-    mu_r, cov_r = mean_cov(reference)
-    f = features.double()
+    metric = _fd_metric(features.shape[1])
+    metric.update(reference, real=True)
     out = []
     for idx in draws:
-        mu, cov = mean_cov(f[idx])
-        out.append(float(_compute_fid(mu, cov, mu_r, cov_r)))
+        metric.reset()
+        metric.update(features[idx], real=False)
+        out.append(float(metric.compute()))
     return torch.tensor(out, dtype=torch.float64)
 
 
 def kid(a: Tensor, b: Tensor, subsets: int = 10, subset_size: int = 500, seed: int = 0) -> float:
-    """Mean unbiased MMD² with the cubic polynomial kernel over random subsets (fixed seed)."""
+    """Mean unbiased MMD² with the cubic polynomial kernel over random subsets of min(subset_size, N, M) rows.
+
+    torchmetrics draws the subsets from torch's global generator; it is seeded with `seed` inside a forked random
+    state, so the value is reproducible and the caller's random stream is left as it was.
+    """
     check_finite(a, "the features of the first set")
     check_finite(b, "the features of the second set")
-    g = torch.Generator().manual_seed(seed)
     size = min(subset_size, len(a), len(b))
-    values = []
-    for _ in range(subsets):
-        ia = torch.randperm(len(a), generator=g)[:size]
-        ib = torch.randperm(len(b), generator=g)[:size]
-        values.append(poly_mmd(a[ia].double(), b[ib].double()))
-    return float(torch.stack(values).mean())
+    with warnings.catch_warnings():  # "will save all extracted features": they are in memory already
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = KernelInceptionDistance(feature=Precomputed(a.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)  # fmt: skip
+    # `a` is passed as the "real" set because torchmetrics draws its subset first (MMD² is symmetric)
+    metric.update(a.cpu(), real=True)
+    metric.update(b.cpu(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, _ = metric.compute()
+    return float(mean)
 
 
 def _knn_radii(x: Tensor, k: int, chunk: int = CHUNK) -> Tensor:

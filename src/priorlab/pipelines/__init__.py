@@ -4,8 +4,13 @@ pipe = load_pipeline("path/to/fine-tuned")        # a diffusers pipeline folder 
 prior = load_prior("path/to/base")                 # a pipeline, a bare model or a priorlab folder
 with swap_prior(pipe, prior, mode="base"):
     images = pipe(prompt="...", guidance_scale=7.5).images
+
+A priorlab model becomes a pipeline with `from_priorlab("runs/.../finetune/...")` (in memory) or
+`export_pipeline(run, out)` (a folder for `DiffusionPipeline.from_pretrained(out, trust_remote_code=True)`).
 """
 
+from priorlab.pipelines.class_pipeline import ClassConditionalPipeline
+from priorlab.pipelines.export import export_pipeline, from_priorlab, load_exported
 from priorlab.pipelines.families import FAMILIES, IMAGE_CONDITIONED, Family, family_of
 from priorlab.pipelines.prior import DiffusersPrior, load_pipeline, load_prior, null_condition
 from priorlab.pipelines.swap import (
@@ -21,14 +26,18 @@ from priorlab.pipelines.swap import (
 __all__ = [
     "FAMILIES",
     "IMAGE_CONDITIONED",
+    "ClassConditionalPipeline",
     "MODES",
     "DiffusersPrior",
     "Family",
     "SwappedDenoiser",
     "encode_images",
+    "export_pipeline",
     "family_of",
     "fit_pipeline_weights",
+    "from_priorlab",
     "load_pipeline",
+    "load_exported",
     "load_prior",
     "model_conditions",
     "model_null_condition",

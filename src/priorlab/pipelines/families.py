@@ -9,6 +9,7 @@ unconditional one, and leave every other step (encoding, scheduler, combination,
 | StableDiffusionPipeline, StableDiffusionImg2ImgPipeline | unet | [negative, prompt] | 0 |
 | StableDiffusionInstructPix2PixPipeline | unet (8 channels) | [text+image, image, ∅] | 2 (eps(∅,∅)) |
 | DiTPipeline | transformer | [class, null class] | 1 |
+| ClassConditionalPipeline (priorlab's, `export`) | denoiser | [class, null class] | 1 |
 | StableDiffusionImageVariationPipeline | unet | [zero embedding, image embedding] | 0 |
 | VersatileDiffusionImageVariationPipeline | image_unet | [negative, image embedding] | 0 |
 | TextToVideoSDPipeline | unet (3-D) | [negative, prompt] | 0 |
@@ -34,8 +35,9 @@ class Family:
         component: the pipeline attribute that holds the denoiser.
         chunks: branches stacked along the batch when guidance is on.
         uncond: index of the fully unconditional chunk.
-        class_labels: the pipeline passes class labels with a hard-coded null (DiT: 1000), which the adapter
-            maps to the model's own null class.
+        class_labels: the pipeline passes class labels.
+        pipeline_null: the null label the pipeline passes whatever the model (DiT: 1000), which the adapter maps to
+            the model's own null class; None where the pipeline passes the model's own null class.
         video: the latents are (N, C, F, H, W).
     """
 
@@ -45,11 +47,13 @@ class Family:
     uncond: int
     class_labels: bool = False
     video: bool = False
+    pipeline_null: int | None = None
 
 
 TEXT_TO_IMAGE = Family("text-to-image", "unet", 2, 0)
 INSTRUCT_PIX2PIX = Family("instruct-pix2pix", "unet", 3, 2)
-DIT = Family("dit", "transformer", 2, 1, class_labels=True)
+DIT = Family("dit", "transformer", 2, 1, class_labels=True, pipeline_null=1000)
+CLASS_CONDITIONAL = Family("class-conditional", "denoiser", 2, 1, class_labels=True)
 IMAGE_VARIATION = Family("image-variation", "unet", 2, 0)
 VERSATILE_IMAGE_VARIATION = Family("image-variation", "image_unet", 2, 0)
 TEXT_TO_VIDEO = Family("text-to-video", "unet", 2, 0, video=True)
@@ -61,6 +65,7 @@ FAMILIES = {
     "StableDiffusionImg2ImgPipeline": Family("image-to-image", "unet", 2, 0),
     "StableDiffusionInstructPix2PixPipeline": INSTRUCT_PIX2PIX,
     "DiTPipeline": DIT,
+    "ClassConditionalPipeline": CLASS_CONDITIONAL,
     "StableDiffusionImageVariationPipeline": IMAGE_VARIATION,
     "VersatileDiffusionImageVariationPipeline": VERSATILE_IMAGE_VARIATION,
     "TextToVideoSDPipeline": TEXT_TO_VIDEO,

@@ -1,8 +1,10 @@
 """`priorlab sample model=PATH base=PATH prior=base|self|auto|mix prompt=... image=... guidance_scale=... seed=...`
 
-Writes the images (for video: each video's frames and a GIF) and sample.json with every setting; with
-`compare=true` it samples prior=self and the chosen prior from identical seeds and writes compare.png, a grid
-with one row per prior. The output folder is assembled under a temporary name and renamed when complete.
+`model=` is a diffusers pipeline folder or hub name, an exported priorlab pipeline, or a priorlab run or model folder
+(made a `ClassConditionalPipeline` on the fly). Writes the images (for video: each video's frames and a GIF) and
+sample.json with every setting; with `compare=true` it samples prior=self and the chosen prior from identical seeds
+and writes compare.png, a grid with one row per prior. The output folder is assembled under a temporary name and
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from PIL import Image
 from priorlab import atomic, checks
 from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
+from priorlab.pipelines.export import base_note, check_class_labels, load_base, load_model
 from priorlab.pipelines.families import Family, family_of
-from priorlab.pipelines.prior import load_pipeline, load_prior
 from priorlab.pipelines.swap import (
     MODES,
     encode_images,
@@ -71,7 +73,7 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
     if family.class_labels:
         labels = cfg.class_labels
         if labels is None:
-            raise UserError("the DiT pipeline needs class_labels=[...] (class indices)")
+            raise UserError(f"the {family.name} pipeline needs class_labels=[...] (class indices)")
         labels = [int(v) for v in (labels if OmegaConf.is_list(labels) or isinstance(labels, list) else [labels])]
         kw["class_labels"] = labels * n
         n = len(kw["class_labels"])
@@ -143,7 +145,9 @@ def _sampling_size(cfg: DictConfig, pipe, family: Family) -> tuple[int, int]:
     """The pixel size that will be sampled: calibration_size, else height × width, else the model's default."""
     if cfg.calibration_size is not None:
         return int(cfg.calibration_size), int(cfg.calibration_size)
-    vae = pipe.vae
+    vae = getattr(pipe, "vae", None)
+    if vae is None:  # a pixel-space model samples at its own size
+        return tuple(pipe.sample_shape[1:])
     default = int(getattr(pipe, family.component).config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     return int(cfg.height or default), int(cfg.width or default)
 
@@ -185,7 +189,8 @@ def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | Non
                                                  (height, width))}  # fmt: skip
         if family.name == "instruct-pix2pix":
             extra["image_scale"] = image_guidance_scale(cfg, pipe)
-    latents = encode_images(pipe, images, height, width)
+    # a pixel-space pipeline (priorlab's ClassConditionalPipeline) takes the images themselves, at its size
+    latents = encode_images(pipe, images, height, width) if getattr(pipe, "vae", None) else pipe.preprocess(images)
     null = model_null_condition(pipe, family, cfg.negative_prompt or "")
     return fit_pipeline_weights(pipe, prior, latents, null, cfg.prior,
                                 int(cfg.calibration_buckets), int(cfg.seed), family, **extra)  # fmt: skip
@@ -288,18 +293,22 @@ def sample_command(cfg: DictConfig) -> Path:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
     device, dtype = checks.device(cfg.device), DTYPES[cfg.dtype]
-    pipe = load_pipeline(str(cfg.model_dir), dtype, role="model")
+    pipe = load_model(str(cfg.model_dir), dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=not cfg.progress)
     family = family_of(pipe)
     kw, n = call_arguments(cfg, family, pipe.__call__)
+    check_class_labels(pipe, kw.get("class_labels"))
     prior = None
     if cfg.prior != "self" or cfg.compare:
         if cfg.base is None:
             if cfg.prior != "self":
                 raise UserError(f"prior={cfg.prior} needs base=PATH (the unconditional prior)")
         else:
-            prior = load_prior(str(cfg.base), cfg.negative_prompt or "", device, dtype)
+            prior = load_base(str(cfg.base), cfg.negative_prompt or "", device, dtype)
+            note = base_note(str(cfg.model_dir), str(cfg.base)) if cfg.get("base_check", True) else None
+            if note:
+                print(note)
     weights = _weights(cfg, pipe, prior, family)
     modes = (
         [cfg.prior] if not cfg.compare else list(dict.fromkeys(["self", cfg.prior if cfg.prior != "self" else "base"]))

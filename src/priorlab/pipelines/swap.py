@@ -29,7 +29,6 @@ from priorlab.pipelines.families import Family, family_of
 from priorlab.pipelines.prior import DiffusersPrior, check_latent_space, latent_space
 
 MODES = ("self", "base", "auto", "mix")
-PIPELINE_NULL_CLASS = 1000  # DiTPipeline's hard-coded null label
 
 
 class SwappedDenoiser(nn.Module):
@@ -63,7 +62,7 @@ class SwappedDenoiser(nn.Module):
         self.prior = prior
         self.mode = mode
         self.weights = weights
-        self.null_class = _model_null_class(net) if family.class_labels else None
+        self.null_class = _model_null_class(net) if family.pipeline_null is not None else None
         self.calls = {"guided": 0, "unguided": 0}
         self.guided_flag = guided_flag
         self.guidance_scale = guidance_scale  # selects the row of weights fitted per guidance scale
@@ -119,9 +118,9 @@ class SwappedDenoiser(nn.Module):
         if flag is not None:
             return g if flag else 0
         labels = kwargs.get("class_labels")
-        if self.family.class_labels and isinstance(labels, Tensor) and labels.ndim == 1:
+        if self.family.pipeline_null is not None and isinstance(labels, Tensor) and labels.ndim == 1:
             null = labels[self.family.uncond * g : (self.family.uncond + 1) * g]
-            if not bool((null == PIPELINE_NULL_CLASS).all()):
+            if not bool((null == self.family.pipeline_null).all()):
                 return 0
         parts = sample[:, : self.latent_channels].chunk(k)
         return g if all(torch.equal(parts[0], p) for p in parts[1:]) else 0
@@ -129,9 +128,10 @@ class SwappedDenoiser(nn.Module):
     def _map_null_class(self, kwargs: dict) -> dict:
         """DiTPipeline passes label 1000 for ∅ whatever the model: map it to θ's own null class."""
         labels = kwargs.get("class_labels")
-        if self.null_class is None or labels is None or self.null_class == PIPELINE_NULL_CLASS:
+        if self.null_class is None or labels is None or self.null_class == self.family.pipeline_null:
             return kwargs
-        labels = torch.where(labels == PIPELINE_NULL_CLASS, torch.full_like(labels, self.null_class), labels)
+        null = self.family.pipeline_null
+        labels = torch.where(labels == null, torch.full_like(labels, self.null_class), labels)
         return {**kwargs, "class_labels": labels}
 
     def _call_net(self, sample: Tensor, timestep, args: tuple, kwargs: dict, keep: Tensor):
@@ -255,7 +255,7 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
 
 
 CALIBRATED_FAMILIES = ("text-to-image", "image-to-image", "instruct-pix2pix", "dit", "image-variation",
-                      "image-conditioned", "text-to-video")  # fmt: skip
+                      "image-conditioned", "text-to-video", "class-conditional")  # fmt: skip
 
 
 @torch.no_grad()
@@ -384,7 +384,8 @@ def model_null_condition(pipe, family: Family | None = None, negative_prompt: st
     net = getattr(pipe, family.component)
     param = next(net.parameters())
     if family.class_labels:
-        return {"class_labels": torch.tensor([_model_null_class(net)], device=param.device)}
+        null = _model_null_class(net) if family.pipeline_null is not None else int(pipe.config.null_class)
+        return {"class_labels": torch.tensor([null], device=param.device)}
     if family.component == "unet" and family.name == "image-variation":
         return {"encoder_hidden_states": torch.zeros(1, 1, net.config.cross_attention_dim, device=param.device,
                                                      dtype=param.dtype)}  # fmt: skip
