@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -147,3 +148,33 @@ def test_child_overrides_keep_their_values(value):
     text = rewrite_overrides("train", [override("key", value)])  # as the child's CLI passes it on to Hydra
     (parsed,) = OverridesParser.create().parse_overrides(text)
     assert parsed.value() == value
+
+
+COMMAND_CONFIGS = ["train", "train-evaluator", "evaluate", "study", "report", "dashboard", "sample"]
+
+
+@pytest.mark.parametrize("command", COMMAND_CONFIGS)
+def test_each_command_has_its_own_help_describing_its_settings(tmp_path, command):
+    """`priorlab COMMAND --help`: its usage and every setting of configs/COMMAND.yaml described (the part above
+    the defaults that Hydra appends), not Hydra's generic text nor, but for train, train's config groups."""
+    from priorlab.cli import CONFIG_DIR, PATH_KEYS
+
+    out = run_cli(command, "--help", cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    described = out.stdout.split("\nDefaults:\n")[0]
+    assert described.startswith(f"usage: priorlab {command}") and "powered by Hydra" not in out.stdout
+    aliases = {v: k for k, v in PATH_KEYS.get(command, {}).items()}  # model_dir is given as model=PATH
+    config = yaml.safe_load((CONFIG_DIR / f"{command}.yaml").read_text())
+    keys = [aliases.get(k, k) for k in config if k not in ("defaults", "hydra", "overrides")]
+    missing = [k for k in keys if not re.search(rf"(^|[\s(]){re.escape(k)}[=.]", described, re.M)]
+    assert not missing, f"not described in `priorlab {command} --help`: {missing}"
+    groups = "trainer: cpu, ddp, ddp_cpu, gpu" in out.stdout
+    assert groups == (command == "train")  # train's config groups only where they are settings
+
+
+def test_study_help_shows_the_study_settings_and_how_to_set_those_of_its_runs(tmp_path):
+    out = run_cli("study", "--help", cwd=tmp_path, timeout=60)
+    for text in ("sweep.KEY=[v1,v2]", "base_steps=N", "finetune_steps=N", "data=hf data.source=my_images",
+                 "Precedence, first wins: the command line, the preset"):  # fmt: skip
+        assert text in out.stdout, text
+    assert "stage: base, finetune" not in out.stdout and "model: dit_b" not in out.stdout

@@ -140,6 +140,9 @@ def test_callbacks_and_evaluate_command(tmp_path):
     assert "eval/cond/fd/prior=base/w=3.0" in header and "eval/prior/loss/model=self/all" in header
     out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "base=runs/e/base", "eval=tiny", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    status = [line.split("] ", 1)[1] for line in out.stdout.splitlines() if line.startswith("[evaluate ")]
+    assert status[0] == "starting" and status[2] == "prior quality on the held-out data", out.stdout
+    assert status[1].startswith("conditional quality: 40 samples × prior self, base × w 1.0, 3.0, 4 steps each")
     cond = json.loads((run / "eval/conditional.json").read_text())["metrics"]
     assert cond["eval/cond/fd/prior=self/w=1.0"] == cond["eval/cond/fd/prior=base/w=1.0"]
     assert (run / "eval/prior.json").exists() and (run / "eval/grid_prior=base.png").exists()

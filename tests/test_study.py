@@ -33,6 +33,7 @@ def _tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path
     root = tmp_path_factory.mktemp(f"{name} wü")
     out = run_cli("study", name, f"preset={preset}", cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
+    (root / "study_output.txt").write_text(out.stdout + out.stderr)
     return root, root / "runs" / name
 
 
@@ -43,7 +44,11 @@ def toy_study(tmp_path_factory):
 
 
 def test_toy2d_study_writes_results_report_and_every_figure(toy_study):
-    _, study = toy_study
+    root, study = toy_study
+    shown = (root / "study_output.txt").read_text()
+    first = next(line for line in shown.splitlines() if "fine-tune 1 of 4 done" in line)
+    assert first.startswith("[study dropout_vs_prior] fine-tune 1 of 4 done (p=0.0, seed=0) · ") and "left" in first
+    assert "fine-tune 4 of 4 done (p=0.2, seed=1) · " in shown and "exists and is not empty" not in shown
     frame = pd.read_csv(study / "results.csv")
     assert list(frame.columns) == ["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric", "value"]
     assert sorted(frame["cond_dropout"].unique()) == [0.0, 0.2] and sorted(frame["seed"].unique()) == [0, 1]
@@ -93,6 +98,7 @@ def test_running_the_study_again_trains_nothing(toy_study):
     out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("is finished") == 5
+    assert "[study dropout_vs_prior] 4 of 4 fine-tunes done already" in out.stdout and " done (p=" not in out.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before and len(before) == 5
     assert (study / "results.csv").read_text() == results
 

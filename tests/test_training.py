@@ -1,5 +1,7 @@
 import csv
 import math
+import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -129,10 +131,10 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
 def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch):
     """Reading train/loss for display waits for the GPU (.item()). Lightning does it after every batch for metrics
     logged with prog_bar=True, and its bar reads the metrics after every batch: neither may happen every step."""
-    from priorlab.callbacks import ProgressBar
+    from priorlab.progress_bar import StepProgressBar as ProgressBar
 
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    assert cfg.callbacks.progress._target_ == "priorlab.callbacks.ProgressBar"
+    assert cfg.callbacks.progress._target_ == "priorlab.progress_bar.StepProgressBar"
     assert instantiate(cfg.callbacks.progress).metrics_every_n_steps == cfg.trainer.log_every_n_steps
     dm = instantiate(cfg.data)
     dm.setup()
@@ -159,6 +161,24 @@ def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypa
     shown = bar.get_metrics(trainer, module)
     assert trainer.progress_bar_callback is bar
     assert float(shown["train/loss"]) == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-3)
+
+
+def test_progress_bar_counts_steps_and_a_fresh_run_does_not_warn(compose_tmp, capsys, recwarn):
+    """The bar reads `step 4/4` (not Lightning's `Epoch 0/-2` of max_epochs=-1), and a fresh run's loggers find
+    its folder empty (Lightning warns of an "Experiment logs directory ... not empty" and drops metrics.csv)."""
+    from priorlab.train import train
+
+    steps = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "logger=default", "trainer.log_every_n_steps=1",
+                       *steps])  # fmt: skip
+    train(cfg)
+    out = capsys.readouterr()
+    shown = (out.out + out.err).replace("\r", "\n")
+    assert re.search(r"^step 4/4 \|█+\| .*train/loss=[0-9.]+$", shown, re.M), shown[-2000:]
+    assert "step 2/4" in shown and "Epoch" not in shown
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
+    rows = list(csv.DictReader(open(Path(cfg.paths.run_dir) / "metrics.csv")))
+    assert [r["step"] for r in rows if r.get("train/loss")] == ["0", "1", "2", "3"]
 
 
 def test_base_with_another_schedule_or_prediction_type_is_refused():

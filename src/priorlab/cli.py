@@ -128,6 +128,10 @@ def rewrite_overrides(command: str, args: list[str]) -> list[str]:
         elif sep and key.lstrip("+~") in PATH_VALUES and re.fullmatch(NUMBER, value, re.IGNORECASE):
             arg = f"{key}='{value}'"  # a folder named 2024 stays the string "2024"
         out.append(arg)
+    if command == "study":
+        from priorlab.study_settings import route_study_args
+
+        return route_study_args(out)
     return out
 
 

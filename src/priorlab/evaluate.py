@@ -134,12 +134,18 @@ def evaluate(cfg: DictConfig) -> Path:
         if part is not None:
             part.to(device).eval()
     mixture = getattr(datamodule, "mixture", None)
+    say = _status(cfg.get("progress", True))
     with torch.no_grad():
+        say("fitting the auto/mix priors' weights on the calibration split" if {"auto", "mix"} & set(settings.priors)
+            else "starting")  # fmt: skip
         weights = fit_priors(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors, settings,
                              {w.mode: w for w in given}, evaluator=evaluator, mixture=mixture,
                              shape=tuple(datamodule.sample_shape))  # fmt: skip
+        say(f"conditional quality: {settings.num_samples} samples × prior {', '.join(settings.priors)} × w "
+            f"{', '.join(map(str, settings.guidance_scales))}, {settings.num_steps} steps each")  # fmt: skip
         cond, grids = conditional_quality(model.denoiser, model.scheduler, prior, evaluator,
                                           datamodule.sample_shape, settings, mixture, weights)  # fmt: skip
+        say("prior quality on the held-out data")
         prior_metrics = prior_quality(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors,
                                       evaluator, settings, mixture, weights)  # fmt: skip
     out = Path(cfg.out) if cfg.out else model.path.parent / "eval"
@@ -155,6 +161,17 @@ def evaluate(cfg: DictConfig) -> Path:
     _print_table(cond)
     print(f"wrote {out}/conditional.json and {out}/prior.json")
     return out
+
+
+def _status(show: bool):
+    """A function printing `[evaluate 1m05s] text` (the time since this call), or nothing when `show` is false:
+    sampling and scoring take minutes with nothing else on screen."""
+    import time
+
+    from priorlab.progress import duration
+
+    start = time.time()
+    return lambda text: print(f"[evaluate {duration(time.time() - start)}] {text}", flush=True) if show else None
 
 
 def _print_table(cond: dict[str, float]) -> None:

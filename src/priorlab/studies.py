@@ -28,11 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic
 from priorlab.cli import override, override_value
 from priorlab.errors import UserError
+from priorlab.progress import StudyProgress, duration
+from priorlab.study_settings import (
+    STUDY_KEYS,
+    apply_given,
+    describe,
+    given_sweep,
+    merge_sweep,
+    run_overrides,
+    step_overrides,
+)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 LAUNCHERS = {"basic": [], "slurm": ["hydra/launcher=slurm"]}
@@ -54,13 +64,14 @@ def load_experiment(name: str, experiments_dir: str | Path | None = None) -> dic
     return spec
 
 
-def preset_overrides(spec: dict, preset: str) -> dict:
-    """The preset's override lists (common, base, finetune) and its sweep."""
+def preset_overrides(spec: dict, preset: str, sweep: dict | None = None, base_seeds: list | None = None) -> dict:
+    """The preset's override lists (common, base, finetune) and its sweep, with the command line's sweep axes
+    (`study_settings.merge_sweep`) and base seeds where given."""
     presets = spec.get("presets", {})
     if preset not in presets:
         raise UserError(f"experiment {spec['name']} has no preset {preset!r}; presets: {', '.join(presets)}")
     p = presets[preset]
-    sweep = p.get("sweep", {})
+    sweep = merge_sweep(p.get("sweep", {}), sweep or {})
     if not sweep.get("cond_dropout") or not sweep.get("seed"):
         raise UserError(f"preset {preset} of {spec['name']} needs sweep.cond_dropout and sweep.seed lists")
     where = f"preset {preset} of {spec['name']}"
@@ -70,7 +81,7 @@ def preset_overrides(spec: dict, preset: str) -> dict:
         "finetune": p.get("finetune", []),
         "sweep": sweep,
         "bases": check_bases(p.get("bases"), where),
-        "base_seeds": check_base_seeds(p.get("base_seeds"), sweep["seed"], where),
+        "base_seeds": check_base_seeds(p.get("base_seeds") if base_seeds is None else base_seeds, sweep["seed"], where),
         "validity": check_validity({**spec.get("validity", {}), **p.get("validity", {})}, where),
         "jobs": p.get("jobs", 1),
     }
@@ -359,8 +370,9 @@ def launches_ddp_processes(overrides: list[str]) -> bool:
     return relaunching and trainer.get("devices", 1) != 1
 
 
-def _compose_train(overrides: list[str]) -> DictConfig:
-    """The `priorlab train` config with these overrides, as the command would compose it."""
+def _compose_train(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    """The `priorlab train` config with these overrides, as the command would compose it (with `hydra_config`,
+    Hydra's own under `hydra`: the group choices)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -368,9 +380,46 @@ def _compose_train(overrides: list[str]) -> DictConfig:
 
     overrides = rewrite_overrides("train", overrides)
     if GlobalHydra.instance().is_initialized():  # inside `priorlab study`, a Hydra app over the same configs
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def with_command_line(bases: list[BaseRuns], given: list[str], steps: dict) -> tuple[list[BaseRuns], list[str]]:
+    """The bases with the command line's settings after the preset's (`study_settings.apply_given`): those of
+    every run, then base_steps or finetune_steps; and the preset's settings left out."""
+    from priorlab.cli import CONFIG_DIR
+
+    left_out: list[str] = []
+    for b in bases:
+        b.base, dropped = apply_given(b.base, [*given, *steps["base"]], _compose_train, CONFIG_DIR)
+        b.finetune, dropped_too = apply_given(b.finetune, [*given, *steps["finetune"]], _compose_train, CONFIG_DIR)
+        left_out += [d for d in dict.fromkeys(dropped + dropped_too) if d not in left_out]
+    return bases, left_out
+
+
+def check_runs(b: BaseRuns, point: list[str]) -> None:
+    """Compose a base's training config and its first fine-tune's, so that a setting neither the study nor
+    `priorlab train` takes is refused before anything runs, naming the valid ones."""
+    from priorlab.cli import CONFIG_DIR
+    from priorlab.diagnose import composition_error
+
+    for overrides in (["stage=base", *b.base], ["stage=finetune", override("base", b.base_dir), *b.finetune, *point]):
+        try:
+            _compose_train(overrides)
+        except Exception as err:  # noqa: BLE001 - Hydra's composition errors: one line naming the key
+            message = composition_error("train", CONFIG_DIR, overrides, err)
+            own = ", ".join(k for k in STUDY_KEYS if k not in ("hydra", "overrides"))
+            sep = " " if message.endswith("?") else ". "
+            raise UserError(f"{message}{sep}A study takes its own settings ({own}) and those of `priorlab train` "
+                            "for every run") from err  # fmt: skip
+
+
+def _composed(b: BaseRuns, parts: dict) -> tuple[DictConfig, DictConfig]:
+    """The training configs of the study's first base and first fine-tune, with Hydra's (its group choices)."""
+    point = sweep_points({**parts["sweep"], "seed": b.seeds})[0]
+    finetune = ["stage=finetune", override("base", b.base_dir), *b.finetune, *point]
+    return _compose_train(["stage=base", *b.base], hydra_config=True), _compose_train(finetune, hydra_config=True)
 
 
 @dataclass
@@ -428,7 +477,9 @@ def run_study(cfg: DictConfig) -> Path:
 
     started = time.time()
     spec = load_experiment(cfg.name, cfg.get("experiments"))
-    parts = preset_overrides(spec, cfg.preset)
+    base_seeds = cfg.get("base_seeds")
+    base_seeds = OmegaConf.to_container(base_seeds) if OmegaConf.is_list(base_seeds) else base_seeds
+    parts = preset_overrides(spec, cfg.preset, given_sweep(cfg), base_seeds)
     if cfg.launcher not in LAUNCHERS:
         raise UserError(f"launcher={cfg.launcher} is unknown; use one of {', '.join(LAUNCHERS)}")
     jobs = parts["jobs"] if cfg.get("jobs") is None else cfg.jobs
@@ -438,8 +489,9 @@ def run_study(cfg: DictConfig) -> Path:
         raise UserError(f"jobs={jobs} is for the basic launcher; launcher={cfg.launcher} runs its jobs at once itself")
     runs = Path(cfg.paths.runs).resolve()
     study_dir = runs / spec["name"]
-    common = [override("study", spec["name"]), override("paths.runs", runs), *parts["common"], *cfg.get("extra", [])]
-    bases = study_bases(study_dir, common, parts)
+    common = [override("study", spec["name"]), override("paths.runs", runs), *parts["common"]]
+    bases, left_out = with_command_line(study_bases(study_dir, common, parts), run_overrides(cfg), step_overrides(cfg))
+    check_runs(bases[0], sweep_points({**parts["sweep"], "seed": bases[0].seeds})[0])
     commands = {}  # per base: the fine-tunes' commands, one multirun or one run per point
     for b in bases:
         fixed = ["stage=finetune", override("base", b.base_dir), *b.finetune]
@@ -453,6 +505,8 @@ def run_study(cfg: DictConfig) -> Path:
             sweep = [f"{key}={_values(values)}" for key, values in own_sweep.items()]
             commands[b.label] = [("finetunes", ["train", "-m", *fixed, *sweep, *LAUNCHERS[cfg.launcher]])]
     if cfg.dry_run:
+        counts = (len(bases), sum(len(sweep_points({**parts["sweep"], "seed": b.seeds})) for b in bases))
+        print(describe(spec["name"], cfg.preset, _composed(bases[0], parts), parts["sweep"], counts, left_out))
         for b in bases:
             tag = f" ({b.label})" if b.label else ""
             print(f"base{tag}:      {_shell(['priorlab', 'train', 'stage=base', *b.base])}")
@@ -466,11 +520,12 @@ def run_study(cfg: DictConfig) -> Path:
         (study_dir / name).write_text(sweep_yaml(spec["name"], b.base_dir, b.finetune, [],
                                                  {**parts["sweep"], "seed": b.seeds}))  # fmt: skip
     total = sum(len(sweep_points({**parts["sweep"], "seed": b.seeds})) for b in bases)
+    progress = StudyProgress(spec["name"], study_dir / "finetune", total, started)
     finished = False
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` ends a piece: its time is recorded
     try:
         if jobs > 1:
-            _run_at_once(spec["name"], study_dir, bases, commands, jobs)
+            _run_at_once(spec["name"], study_dir, bases, commands, jobs, progress)
         done = 0
         for i, b in enumerate([] if jobs > 1 else bases):
             tag = f" {b.label}" if b.label else ""
@@ -478,8 +533,9 @@ def run_study(cfg: DictConfig) -> Path:
             _priorlab(["train", "stage=base", *b.base])
             n = len(sweep_points({**parts["sweep"], "seed": b.seeds}))
             print(f"[study {spec['name']}] fine-tunes {done + 1}–{done + n} of {total} (from base{tag})", flush=True)
-            for _, args in commands[b.label]:
-                _priorlab(args)
+            with progress.watching():
+                for _, args in commands[b.label]:
+                    _priorlab(args)
             done += n
         collect_results(study_dir)
         finished = True
@@ -490,12 +546,14 @@ def run_study(cfg: DictConfig) -> Path:
         sessions = [*held.get("sessions", []), session]
         claim_study_dir(study_dir, spec["name"], cfg.preset, sessions=sessions,
                         wall_time_s=round(sum(s["wall_time_s"] for s in sessions), 1))  # fmt: skip
+    print(f"[study {spec['name']}] writing the report", flush=True)
     report = build_report(study_dir)
-    print(f"study {spec['name']} done: {study_dir / 'results.csv'}, {report}")
+    print(f"study {spec['name']} done in {duration(time.time() - started)}: {study_dir / 'results.csv'}, {report}")
     return study_dir
 
 
-def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: dict, jobs: int) -> None:
+def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: dict, jobs: int,
+                 progress: StudyProgress) -> None:  # fmt: skip
     """The bases, then every fine-tune of every base, `jobs` runs at a time (logs under logs/)."""
     logs = study_dir / "logs"
     base_jobs = [(f"base_{b.label}" if b.label else "base", ["train", "stage=base", *b.base]) for b in bases]
@@ -504,7 +562,8 @@ def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: di
     finetunes = [job for b in bases for job in commands[b.label]]
     prepare_evaluator(finetunes[0][1][1:])
     print(f"[study {name}] {len(finetunes)} fine-tunes, {jobs} at a time", flush=True)
-    run_parallel(finetunes, jobs, logs, name)
+    with progress.watching():
+        run_parallel(finetunes, jobs, logs, name)
 
 
 def _shell(args: list[str]) -> str:

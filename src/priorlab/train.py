@@ -196,15 +196,17 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
     check_launch(trainer)
     if trainer.is_global_zero:
+        # The loggers first: the CSV logger's folder is the run folder, and it warns (and drops metrics.csv) when
+        # it finds that folder holding files as it starts.
+        params = OmegaConf.to_container(cfg, resolve=True)
+        params["cond_dropout"] = module.cond_dropout  # a base drops every label, whatever cond_dropout says
+        for logger in trainer.loggers:
+            logger.log_hyperparams(params)
         atomic.write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         if "base" in meta and not last.exists():
             atomic.write_json(run_dir / BASE_RECORD, meta["base"])
         if forced:
             record_forced(run_dir, forced, step)
-        params = OmegaConf.to_container(cfg, resolve=True)
-        params["cond_dropout"] = module.cond_dropout  # a base drops every label, whatever cond_dropout says
-        for logger in trainer.loggers:
-            logger.log_hyperparams(params)
     trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     _finish_wandb()
     if trainer.is_global_zero:

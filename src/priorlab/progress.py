@@ -1,0 +1,72 @@
+"""What a study shows while it runs: its fine-tunes done, with the time elapsed and an estimate of the time left."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def duration(seconds: float) -> str:
+    """A duration as people read it: 45s, 2m10s, 1h05m."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class StudyProgress:
+    """Prints `fine-tune k of N done (p=0.1, seed=2) · 2m10s elapsed · about 6m left` as a study's fine-tunes
+    finish, seen by their done.json appearing under `root` (the study's finetune/ folder), so that it works
+    whether the fine-tunes run as one Hydra multirun, one command per point, or several at once.
+
+    The estimate is the time spent running fine-tunes in this session per fine-tune finished in it, times the
+    fine-tunes left; fine-tunes finished before the session count as done and not in the estimate.
+    """
+
+    def __init__(self, tag: str, root: Path, total: int, started: float, every_s: float = 1.0):
+        self.tag, self.root, self.total, self.started, self.every_s = tag, root, total, started, every_s
+        self.seen = self._done()
+        self.new = 0
+        self.busy = 0.0  # seconds spent in `watching` (running fine-tunes), this session
+        if self.seen:
+            print(f"[study {tag}] {len(self.seen)} of {total} fine-tunes done already", flush=True)
+
+    def _done(self) -> set[Path]:
+        return {p.parent for p in self.root.rglob("done.json")} if self.root.exists() else set()
+
+    def poll(self, busy: float) -> None:
+        """Print a line for each fine-tune finished since the last poll."""
+        for run in sorted(self._done() - self.seen):
+            self.seen.add(run)
+            self.new += 1
+            left = max(0, self.total - len(self.seen))
+            label = ", ".join(run.relative_to(self.root).parts)
+            line = (f"[study {self.tag}] fine-tune {len(self.seen)} of {self.total} done ({label}) · "
+                    f"{duration(time.time() - self.started)} elapsed")  # fmt: skip
+            if left:
+                line += f" · about {duration(busy / self.new * left)} left"
+            print(line, flush=True)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Poll for finished fine-tunes while the body runs them, and once more at its end."""
+        start, stop = time.time(), threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.every_s):
+                self.poll(self.busy + time.time() - start)
+
+        thread = threading.Thread(target=loop, daemon=True, name="study-progress")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.busy += time.time() - start
+            self.poll(self.busy)
