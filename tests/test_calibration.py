@@ -8,18 +8,13 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import across_shapes_atol, assert_close_across_shapes, perturbed_mlp
-from priorlab.calibration import (
-    PriorWeights,
-    bucket_edges,
-    calibrate,
-    calibration_metrics,
-    combine,
-    fit_weights,
-    scale_name,
-)
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.errors import UserError
-from priorlab.guidance import Prior, guide
+from priorlab.evaluation.calibrate import calibrate, calibration_metrics
+from priorlab.guidance import guide
+from priorlab.keys import scale_name
+from priorlab.priors import DenoiserPrior as Prior
+from priorlab.priors import PriorWeights, bucket_edges, combine, fit_weights
 from priorlab.sampling import sample
 
 T = 1000
@@ -244,7 +239,7 @@ def test_sampling_with_all_self_or_all_base_weights_equals_the_fixed_priors():
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     model, base = _model(0), Prior(_model(1), sched, sched.alphas_cumprod)
     labels, seeds = torch.tensor([0, 1, 2, 3]), torch.arange(4)
-    kw = dict(train_scheduler=sched, sample_shape=(2,), scale=3.0, base=base, num_steps=6)
+    kw = dict(train_scheduler=sched, sample_shape=(2,), scale=3.0, prior_net=base, num_steps=6)
     edges = bucket_edges(T, 5)
     runs = {}
     for name, prior, w in [("self", "self", None), ("base", "base", None), ("auto0", "auto", torch.zeros(5)),

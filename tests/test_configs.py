@@ -125,7 +125,7 @@ def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monk
     assert torch._dynamo.config.optimize_ddp == "no_optimization"  # set before the module is first compiled
     on_cpu = ddp.DDPStrategy(comm_hook="bf16", parallel_devices=[torch.device("cpu")] * 2)
     with pytest.raises(UserError, match="comm_hook needs GPUs"):  # Lightning would skip the hook without a word
-        on_cpu._register_ddp_hooks()
+        on_cpu.configure_ddp()  # checked in the public hook, before DDP is built
 
 
 def _declared() -> list:

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from priorlab import diffusion
+from priorlab import diffusion, priors
 
 TYPES = diffusion.PREDICTION_TYPES
 
@@ -49,16 +49,16 @@ def test_match_timesteps_against_hand_computed_values():
     model = torch.tensor([0.99, 0.9, 0.5, 0.1, 0.01])
     prior = torch.tensor([0.999, 0.95, 0.8, 0.45, 0.2, 0.05, 0.001])
     # closest: 0.99→0.999 (0), 0.9→0.95 (1), 0.5→0.45 (3), 0.1→0.05 (5), 0.01→0.001 (6)
-    out = diffusion.match_timesteps(model, prior, torch.tensor([0, 1, 2, 3, 4]))
+    out = priors.match_timesteps(model, prior, torch.tensor([0, 1, 2, 3, 4]))
     assert out.tolist() == [0, 1, 3, 5, 6]
     same = DDPMScheduler().alphas_cumprod
     t = torch.tensor([0, 17, 999])
-    assert diffusion.match_timesteps(same, same, t).tolist() == [0, 17, 999]
+    assert priors.match_timesteps(same, same, t).tolist() == [0, 17, 999]
     lin, cos = (
         DDIMScheduler(beta_schedule="linear").alphas_cumprod,
         DDIMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod,
     )
-    matched = diffusion.match_timesteps(lin, cos, torch.tensor([500]))
+    matched = priors.match_timesteps(lin, cos, torch.tensor([500]))
     assert (cos[matched] - lin[500]).abs() == (cos - lin[500]).abs().min()
 
 

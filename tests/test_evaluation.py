@@ -13,12 +13,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
 from priorlab.evaluation.features import Classifier, Evaluator
-from priorlab.guidance import Prior
 from priorlab.models import unet
+from priorlab.priors import DenoiserPrior as Prior
+from priorlab.priors import PriorWeights
 from priorlab.train import build_module
 
 

@@ -10,13 +10,12 @@ from diffusers import DDPMScheduler, DiffusionPipeline
 from PIL import Image
 
 from conftest import assert_close_across_shapes, run_cli
-from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
-from priorlab.guidance import Prior
 from priorlab.models import content_hash, dit, load_denoiser, save_denoiser, unet
 from priorlab.pipelines import load_prior, swap_prior
 from priorlab.pipelines.class_pipeline import ClassConditionalPipeline
 from priorlab.pipelines.export import export_pipeline, from_priorlab, load_base, load_exported, load_model
+from priorlab.priors import DenoiserPrior, PriorWeights
 from priorlab.sampling import sample
 
 SHAPE = (1, 8, 8)
@@ -82,7 +81,7 @@ def _priorlab(run, scale: float, prior: str = "self", base=None, weights=None) -
     prior_net = None
     if base is not None:
         b = load_denoiser(base)
-        prior_net = Prior(b.denoiser, b.scheduler, saved.scheduler.alphas_cumprod)
+        prior_net = DenoiserPrior(b.denoiser, b.scheduler, saved.scheduler.alphas_cumprod)
     return sample(saved.denoiser, torch.tensor(LABELS), torch.arange(len(LABELS)), saved.scheduler, SHAPE, scale,
                   prior, prior_net, sampler="ddim", num_steps=STEPS, weights=weights)  # fmt: skip
 

@@ -3,11 +3,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import across_shapes_atol, assert_close_across_shapes, perturbed_mlp
-from priorlab import diffusion
-from priorlab.calibration import PriorWeights
+from priorlab import priors
 from priorlab.errors import UserError
-from priorlab.guidance import Prior, cfg, cfg_two_conditions, check_scale, guide, sigma
+from priorlab.guidance import cfg, cfg_two_conditions, check_scale, guide, sigma
 from priorlab.models import unet
+from priorlab.priors import DenoiserPrior as Prior
+from priorlab.priors import PriorWeights
 
 _model = perturbed_mlp
 
@@ -91,7 +92,7 @@ def test_prior_with_another_schedule_is_queried_at_the_closest_alpha_bar(setup):
     base = _model(1)
     prior = Prior(base, other_sched, sched.alphas_cumprod)
     with torch.no_grad():
-        tp = diffusion.match_timesteps(sched.alphas_cumprod, other_sched.alphas_cumprod, t)
+        tp = priors.match_timesteps(sched.alphas_cumprod, other_sched.alphas_cumprod, t)
         torch.testing.assert_close(prior(x, t), base(x, tp, torch.full_like(y, 4)))
     assert not torch.equal(tp, t)
 
@@ -123,7 +124,7 @@ def test_guidance_interval_skips_the_prior_outside(setup):
 
 
 def test_prior_shape_mismatch_is_an_error_unless_channels_are_given():
-    from priorlab.guidance import check_prior_fits
+    from priorlab.priors import check_prior_fits
 
     sched = DDPMScheduler()
     base = unet((1, 16, 16), 10)

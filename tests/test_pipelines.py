@@ -10,10 +10,10 @@ from PIL import Image
 import pipeline_models as pm
 from conftest import across_shapes_atol, assert_close_across_shapes
 from priorlab import diffusion
-from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.guidance import cfg, cfg_two_conditions
 from priorlab.pipelines import IMAGE_CONDITIONED, load_pipeline, load_prior, null_condition, swap_prior
+from priorlab.priors import PriorWeights
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_fit_pipeline_weights_on_calibration_latents(folders):
     prior = load_prior(str(folders["sd_base"]))
     latents = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     null = {"encoder_hidden_states": _empty_prompt(pipe)}
-    mix = fit_pipeline_weights(pipe, prior, latents, null, mode="mix", buckets=4)
+    mix = fit_pipeline_weights(pipe, prior, latents, null, prior="mix", buckets=4)
     losses = mix.losses
     for b in range(4):
         assert losses["mix"][b] <= min(losses["self"][b], losses["base"][b]) + 1e-9
@@ -670,15 +670,18 @@ def test_zero_terminal_snr_v_prediction_stays_finite(folders):
     assert np.isfinite(images).all()
 
 
-def test_fractional_timesteps_interpolate_alpha_bar():
-    from priorlab.pipelines.swap import abar_at
+def test_fractional_timesteps_interpolate_sigma():
+    """Issue 18: a fractional timestep's ᾱ comes from σ interpolated as the scheduler does (log σ for Karras and
+    similar sigmas), no longer from ᾱ interpolated linearly (`tests/test_priors.py` checks it against Euler)."""
+    from priorlab.priors import abar_at, sigmas
 
     abar = torch.linspace(0.99, 0.01, 1000)
+    s = sigmas(abar.double())
     t = torch.tensor([0.0, 10.0, 10.25, 998.5, 999.0])
-    expected = torch.tensor(
-        [abar[0], abar[10], 0.75 * abar[10] + 0.25 * abar[11], (abar[998] + abar[999]) / 2, abar[999]]
-    )
-    torch.testing.assert_close(abar_at(abar, t), expected)
+    mid, log_mid = 0.75 * s[10] + 0.25 * s[11], (0.5 * (s[998].log() + s[999].log())).exp()
+    expected = torch.stack([abar[0], abar[10], 1 / (1 + mid**2), 1 / (1 + (s[998] / 2 + s[999] / 2) ** 2), abar[999]])
+    torch.testing.assert_close(abar_at(abar, t), expected.float())
+    torch.testing.assert_close(abar_at(abar, t[3:4], log_sigma=True), (1 / (1 + log_mid**2)).float()[None])
 
 
 def test_video_calibration_and_refusals(folders):

@@ -4,8 +4,8 @@ from diffusers import DDPMScheduler
 
 from conftest import across_shapes_atol, assert_close_across_shapes
 from priorlab.errors import UserError
-from priorlab.guidance import Prior
 from priorlab.models import mlp, unet
+from priorlab.priors import DenoiserPrior as Prior
 from priorlab.sampling import sample
 
 
@@ -42,10 +42,10 @@ def test_prior_self_and_base_share_noise(model):
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=5, batch_size=3)
     a = sample(model, labels, seeds, prior="self", **kw)
     base = Prior(model, sched, sched.alphas_cumprod)
-    b = sample(model, labels, seeds, prior="base", base=base, **kw)
+    b = sample(model, labels, seeds, prior="base", prior_net=base, **kw)
     # self evaluates cond and ∅ as one batch of 6 rows, base as two batches of 3: other shapes, 5 network passes
     assert_close_across_shapes(a, b, passes=5)
-    other = sample(model, labels, seeds + 1, prior="base", base=base, **kw)
+    other = sample(model, labels, seeds + 1, prior="base", prior_net=base, **kw)
     assert (other - a).abs().mean() > max(0.1, 10 * across_shapes_atol(b, passes=5))  # other noise would be seen
 
 
@@ -77,7 +77,7 @@ def test_interval_decided_per_step_on_the_host_equals_the_per_row_decision(model
     sig = sigma(sched.alphas_cumprod[ddim.timesteps]).sort().values
     interval = (float(sig[1]), float(sig[3]))  # three of the six steps
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=6, batch_size=3, prior="base",
-              base=base, interval=interval)  # fmt: skip
+              prior_net=base, interval=interval)  # fmt: skip
     new = sample(model, labels, seeds, **kw)
     assert calls == [3, 3, 3]
     everywhere = sample(model, labels, seeds, **{**kw, "interval": None})
@@ -113,7 +113,7 @@ def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, p
         batch_size=4,
         autocast=True,
         prior="self" if prior == "self" else "base",
-        base=base,
+        prior_net=base,
         interval=(0.5, 5.0) if prior == "interval" else None,
     )
     launched = sample(net, labels, seeds, graphs=False, **kw)
@@ -128,6 +128,6 @@ def test_graphs_on_the_cpu_are_the_launched_computation(model):
     """graphs=True needs a GPU; elsewhere it runs the same launched steps (the evaluation may set it everywhere)."""
     sched = DDPMScheduler()
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=3, batch_size=3, prior="base",
-              base=Prior(model, sched, sched.alphas_cumprod))  # fmt: skip
+              prior_net=Prior(model, sched, sched.alphas_cumprod))  # fmt: skip
     labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
     assert torch.equal(sample(model, labels, seeds, graphs=True, **kw), sample(model, labels, seeds, **kw))

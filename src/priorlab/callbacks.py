@@ -10,23 +10,46 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from priorlab import lightning_private
 from priorlab.checks import number, whole
 from priorlab.errors import UserError
 from priorlab.models.io import save_denoiser
 
 
-class AtomicCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint writing each checkpoint to a temporary file that is then renamed into place,
-    so a process killed while saving leaves the previous checkpoint whole, never a truncated one."""
+class AtomicCheckpointIO(CheckpointIO):
+    """A CheckpointIO that writes through another one to a temporary sibling, then renames it into place."""
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        tmp = f"{filepath}.tmp"
-        super()._save_checkpoint(trainer, tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
-        trainer.strategy.barrier()
-        self._last_checkpoint_saved = filepath
+    def __init__(self, inner: CheckpointIO):
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        tmp = f"{path}.tmp"
+        self.inner.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with every checkpoint of the run written to a temporary file that is then renamed
+    into place, so a process killed while saving leaves the previous checkpoint whole, never a truncated one.
+
+    At setup it wraps the strategy's CheckpointIO (Lightning's public plugin interface for writing checkpoints) in
+    `AtomicCheckpointIO`; the strategy writes on rank 0 only, as before."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(trainer.strategy.checkpoint_io)
 
 
 class EMA(EMAWeightAveraging):
@@ -43,11 +66,12 @@ class EMA(EMAWeightAveraging):
     avg ← avg + (1 − decay) · (θ − avg), starting from a copy of θ at the first update.
     """
 
-    def __init__(self, decay: float = 0.999, **kwargs):
+    def __init__(self, decay: float = 0.999, use_buffers: bool = True, **kwargs):
         if number(decay, "callbacks.ema.decay", strict=False) > 1:
             raise UserError(f"callbacks.ema.decay={decay} must lie in [0, 1]")
-        super().__init__(decay=decay, **kwargs)
+        super().__init__(decay=decay, use_buffers=use_buffers, **kwargs)
         self.decay = decay
+        self.use_buffers = use_buffers
         self._count: int | None = None  # updates so far, read once from the averaged model's counter
         self._pairs: tuple | None = None  # (key, float dst/src lists, other dst/src lists), built once
 
@@ -58,14 +82,14 @@ class EMA(EMAWeightAveraging):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step_idx = trainer.global_step - 1
-        if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
+        if trainer.global_step > lightning_private.latest_update_step(self) and self.should_update(step_idx=step_idx):
             self.update_average(pl_module)
-            self._latest_update_step = trainer.global_step
+            lightning_private.set_latest_update_step(self, trainer.global_step)
 
     @torch.no_grad()
     def update_average(self, pl_module: L.LightningModule) -> None:
         """One EMA step of the averaged model towards the module's current weights."""
-        avg = self._average_model
+        avg = lightning_private.average_model(self)
         if self._count is None:
             self._count = int(avg.n_averaged)
         (dst_f, src_f), (dst_o, src_o) = self._tensor_pairs(avg, pl_module)
@@ -90,8 +114,8 @@ class EMA(EMAWeightAveraging):
         key = (id(avg), id(pl_module), pl_module.device, first.data_ptr(), first.dtype)
         if self._pairs is not None and self._pairs[0] == key:
             return self._pairs[1]
-        dst = [*avg.module.parameters(), *(avg.module.buffers() if self._use_buffers else [])]
-        src = [*pl_module.parameters(), *(pl_module.buffers() if self._use_buffers else [])]
+        dst = [*avg.module.parameters(), *(avg.module.buffers() if self.use_buffers else [])]
+        src = [*pl_module.parameters(), *(pl_module.buffers() if self.use_buffers else [])]
         same_device = all(d.device == s.device for d, s in zip(dst, src, strict=True))
         # an average kept on another device: the module's tensors are copied to it at every update
         src = [s.detach().to(d.device) for d, s in zip(dst, src, strict=True)]
@@ -103,8 +127,8 @@ class EMA(EMAWeightAveraging):
         return split
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._average_model is not None:
-            self._copy_average_to_current(pl_module)
+        if lightning_private.average_model(self) is not None:
+            super().on_train_end(trainer, pl_module)  # WeightAveraging's copy of the average into the module
 
 
 class ProgressBar(RichProgressBar):

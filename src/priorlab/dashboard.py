@@ -8,30 +8,33 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from priorlab.errors import UserError
+from priorlab.keys import key
 from priorlab.loggers import wandb_mode
 
 
 def panel_spec(scales: list[float], priors: tuple[str, ...] = ("self", "base")) -> dict[str, list[str]]:
     """The workspace sections and the metric keys plotted in each (one line plot per key, grouped by dropout)."""
-    fmt = [f"{w:g}" if w != int(w) else f"{w:.1f}" for w in scales]
     return {
-        "(a) FD per guidance scale": [f"eval/cond/fd/prior={p}/w={w}" for w in fmt for p in priors],
+        "(a) FD per guidance scale": [key("cond", "fd", prior=p, scale=w) for w in scales for p in priors],
         "Accuracy and precision/recall": [
-            f"eval/cond/{m}/prior={p}/w={w}" for m in ("accuracy", "precision", "recall") for w in fmt for p in priors
-        ],  # fmt: skip
+            key("cond", m, prior=p, scale=w)
+            for m in ("accuracy", "precision", "recall")
+            for w in scales
+            for p in priors
+        ],
         "(c) Drift of the unconditional branch": [
-            "eval/prior/disagreement/all",
-            "eval/prior/loss/model=self/all",
-            "eval/prior/loss/model=base/all",
+            key("prior", "disagreement", bucket="all"),
+            key("prior", "loss", model="self", bucket="all"),
+            key("prior", "loss", model="base", bucket="all"),
         ],  # fmt: skip
-        "Unconditional samples": ["eval/uncond/fd/model=self", "eval/uncond/fd/model=base"],
+        "Unconditional samples": [key("uncond", "fd", model="self"), key("uncond", "fd", model="base")],
         "Training": ["train/loss", "val/loss_cond", "val/loss_uncond"],
     }
 
 
 def build_workspace(cfg: DictConfig, ws, wr):
     """The W&B workspace of the study (not saved): one section per `panel_spec` entry, a line plot per key."""
-    sections = [ws.Section(name=title, panels=[wr.LinePlot(x="Step", y=[key]) for key in keys], is_open=True)
+    sections = [ws.Section(name=title, panels=[wr.LinePlot(x="Step", y=[k]) for k in keys], is_open=True)
                 for title, keys in panel_spec(list(cfg.guidance_scales)).items()]  # fmt: skip
     return ws.Workspace(entity=cfg.entity, project=cfg.project, name=f"priorlab {cfg.name}", sections=sections)
 

@@ -7,6 +7,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 
+from priorlab import lightning_private
 from priorlab.errors import UserError
 
 COMM_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
@@ -46,23 +47,22 @@ class DDPStrategy(LightningDDP):
             kwargs["ddp_comm_hook"] = COMM_HOOKS[comm_hook]
         super().__init__(**kwargs)
         self.same_stream = same_stream
+        self.comm_hook = comm_hook
 
     def configure_ddp(self) -> None:
         import torch._dynamo
 
-        torch._dynamo.config.optimize_ddp = self.compiled_ddp  # read when the module is first compiled, after this
-        super().configure_ddp()
-
-    def _register_ddp_hooks(self) -> None:
         # Lightning registers communication hooks on CUDA only (NCCL) and would ignore one silently elsewhere
-        if self._ddp_comm_hook is not None and self.root_device.type != "cuda":
+        if self.comm_hook is not None and self.root_device.type != "cuda":
             raise UserError(
                 f"trainer.strategy.comm_hook needs GPUs (NCCL); this run's processes are on {self.root_device.type}. "
                 "Set trainer.strategy.comm_hook=null"
             )
-        super()._register_ddp_hooks()
+        torch._dynamo.config.optimize_ddp = self.compiled_ddp  # read when the module is first compiled, after this
+        super().configure_ddp()
 
-    def _setup_model(self, model: Module) -> DistributedDataParallel:
+    def _setup_model(self, model: Module) -> DistributedDataParallel:  # Lightning's private hook, pinned
         if not self.same_stream:
             return super()._setup_model(model)
-        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **self._ddp_kwargs)
+        kwargs = lightning_private.ddp_kwargs(self)
+        return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), **kwargs)

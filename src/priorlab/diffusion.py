@@ -68,17 +68,3 @@ def convert(pred: Tensor, src: str, dst: str, x_t: Tensor, abar: Tensor) -> Tens
     if src == dst:
         return pred
     return from_eps(to_eps(pred, src, x_t, abar), dst, x_t, abar)
-
-
-def match_timesteps(abar_model: Tensor, abar_prior: Tensor, t: Tensor) -> Tensor:
-    """The prior's timestep whose ᾱ is closest to the model's ᾱ at timestep t.
-
-    Used when the prior was trained with another schedule: the paper queries the prior at "the timestep of
-    closest variance" (Phunyaphibarn et al. 2025, Sec. 4).
-    """
-    return closest_timesteps(abar_prior, abar_model.to(abar_prior.device)[t.to(abar_prior.device)])
-
-
-def closest_timesteps(abar_prior: Tensor, target_abar: Tensor) -> Tensor:
-    """The prior's timestep whose ᾱ is closest to each target ᾱ (N,), e.g. a sampler's interpolated ᾱ."""
-    return (abar_prior[None, :] - target_abar.to(abar_prior.device)[:, None]).abs().argmin(dim=1)

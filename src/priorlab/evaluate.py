@@ -9,7 +9,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic, checks
-from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
 from priorlab.evaluation.features import describe_evaluator
@@ -19,10 +18,11 @@ from priorlab.evaluation.setup import (
     ensure_evaluator,
     evaluator_dir,
     identity_diff,
-    make_prior,
+    make_prior_net,
     train_and_cache_evaluator,
 )
 from priorlab.models.io import check_recorded_base, load_denoiser
+from priorlab.priors import PriorWeights
 
 DATA_TARGETS = ("priorlab.data.MNISTDataModule", "priorlab.data.DigitsDataModule", "priorlab.data.HFDataModule",
                 "priorlab.data.Toy2DDataModule")  # what a model folder's config.yaml may name as its data  # fmt: skip
@@ -129,7 +129,7 @@ def evaluate(cfg: DictConfig) -> Path:
         raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
                         f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
     evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule, progress=True)
-    prior = make_prior(model, base, channels)
+    prior_net = make_prior_net(model, base, channels)
     for part in (model.denoiser, evaluator.net, base.denoiser if base else None):
         if part is not None:
             part.to(device).eval()
@@ -138,26 +138,26 @@ def evaluate(cfg: DictConfig) -> Path:
     with torch.no_grad():
         say("fitting the auto/mix priors' weights on the calibration split" if {"auto", "mix"} & set(settings.priors)
             else "starting")  # fmt: skip
-        weights = fit_priors(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors, settings,
+        weights = fit_priors(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors, settings,
                              {w.mode: w for w in given}, evaluator=evaluator, mixture=mixture,
                              shape=tuple(datamodule.sample_shape))  # fmt: skip
         say(f"conditional quality: {settings.num_samples} samples × prior {', '.join(settings.priors)} × w "
             f"{', '.join(map(str, settings.guidance_scales))}, {settings.num_steps} steps each")  # fmt: skip
-        cond, grids = conditional_quality(model.denoiser, model.scheduler, prior, evaluator,
+        cond, grids = conditional_quality(model.denoiser, model.scheduler, prior_net, evaluator,
                                           datamodule.sample_shape, settings, mixture, weights)  # fmt: skip
         say("prior quality on the held-out data")
-        prior_metrics = prior_quality(model.denoiser, model.scheduler, prior, datamodule.val_set.tensors,
+        prior_metrics = prior_quality(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors,
                                       evaluator, settings, mixture, weights)  # fmt: skip
     out = Path(cfg.out) if cfg.out else model.path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    for mode, w in weights.items():
-        w.save(out / f"prior_weights_{mode}.json")
+    for prior, w in weights.items():
+        w.save(out / f"prior_weights_{prior}.json")
     info = {"model": str(model.path), "base": str(base.path) if base else None, "settings": vars(settings),
             "evaluator_accuracy": evaluator.accuracy}  # fmt: skip
     for name, values in (("conditional", cond), ("prior", prior_metrics)):
         atomic.write_json(out / f"{name}.json", {**info, "metrics": values})
-    for prior_name, x in grids.items():
-        save_grid(x, model.denoiser.num_classes, out / f"grid_prior={prior_name}.png")
+    for prior, x in grids.items():
+        save_grid(x, model.denoiser.num_classes, out / f"grid_prior={prior}.png")
     _print_table(cond)
     print(f"wrote {out}/conditional.json and {out}/prior.json")
     return out

@@ -9,7 +9,7 @@ Two conditions (their Eq. 8/9, InstructPix2Pix's three-way guidance); the swap r
 A guidance interval (Kynkäänniemi et al. 2024) applies guidance only where the noise level
 σ = sqrt((1 − ᾱ)/ᾱ) lies in [lo, hi]; elsewhere the conditional prediction is used and the prior's
 network is not evaluated.
-Fitted priors (`priorlab.calibration`): `auto` and `mix` take the unconditional term per timestep bucket as
+Fitted priors (`priorlab.priors`): `auto` and `mix` take the unconditional term per timestep bucket as
 (1 − w_b)·eps_θ(x_t, ∅) + w_b·eps_ψ(x_t, ∅), with w_b fitted on held-out denoising loss; `auto`'s w_b is 0 or 1,
 so each row evaluates only its chosen network.
 """
@@ -19,15 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from priorlab import diffusion
-from priorlab.calibration import FITTED, PriorWeights, combine
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
-
-PRIORS = ("self", "base", "none", *FITTED)
+from priorlab.priors import FITTED, PriorNet, PriorWeights, check_prior, combine
 
 
 @dataclass
@@ -82,72 +79,6 @@ def check_scale(scale: float) -> float:
     return float(scale)
 
 
-class Prior:
-    """An unconditional prior: a denoiser queried with its null class, returning eps for the model's x_t.
-
-    Args:
-        denoiser: the prior network ψ.
-        scheduler: ψ's training schedule (its ᾱ is indexed by ψ's timesteps).
-        model_alphas_cumprod: the guided model's ᾱ; ψ is queried at its timestep of closest ᾱ.
-        channels: the input channels of x_t that ψ sees (e.g. the noisy latent of an 8-channel model);
-            all when None.
-    """
-
-    def __init__(
-        self,
-        denoiser: Denoiser,
-        scheduler: SchedulerMixin,
-        model_alphas_cumprod: Tensor,
-        channels: slice | None = None,
-    ):
-        self.denoiser = denoiser
-        self.scheduler = scheduler
-        self.abar = scheduler.alphas_cumprod
-        self.model_abar = model_alphas_cumprod
-        self.channels = channels
-        self.same_schedule = torch.equal(self.abar.cpu(), model_alphas_cumprod.cpu())
-        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
-
-    def _schedules(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        """ψ's and the model's ᾱ on `device`, copied once: a copy from host memory at every call would wait
-        for the GPU at every denoising step."""
-        if device not in self._on:
-            self._on[device] = (self.abar.to(device), self.model_abar.to(device))
-        return self._on[device]
-
-    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
-        x = x_t if self.channels is None else x_t[:, self.channels]
-        abar, model_abar = self._schedules(x.device)
-        tp = t if self.same_schedule else diffusion.match_timesteps(model_abar, abar, t)
-        null = torch.full((len(x),), self.denoiser.null_class, device=x.device, dtype=torch.long)
-        return _eps(self.denoiser(x, tp, null), self.denoiser.prediction_type, x, abar[tp])
-
-
-def check_prior_fits(model_shape: tuple[int, ...], prior_in: tuple[int, ...], prior: Prior) -> None:
-    """An image-size or channel mismatch between model and prior is an error unless channels are given."""
-    seen = model_shape if prior.channels is None else (len(range(model_shape[0])[prior.channels]), *model_shape[1:])
-    if tuple(seen) != tuple(prior_in):
-        raise UserError(
-            f"the prior takes inputs of shape {tuple(prior_in)} but the model's samples have shape "
-            f"{tuple(model_shape)}; use a prior of the same image size and channels, or tell it which input "
-            "channels it sees (prior_channels)"
-        )
-
-
-def check_prior(prior: str, base: Prior | None, weights: PriorWeights | None = None) -> None:
-    """The prior is known, and has the base and the fitted weights it needs."""
-    if prior not in PRIORS:
-        raise UserError(f"prior={prior} is unknown; use one of {', '.join(PRIORS)}")
-    if prior in ("base", *FITTED) and base is None:
-        raise UserError(f"prior={prior} needs a base model (base=PATH)")
-    if prior in FITTED:
-        if weights is None:
-            raise UserError(f"prior={prior} needs per-noise-level weights fitted on a calibration split "
-                            "(priorlab.calibration); give calibration data or a weights file")  # fmt: skip
-        if weights.mode != prior:
-            raise UserError(f"prior={prior} was given weights fitted for prior={weights.mode}")
-
-
 def guide(
     model: Denoiser,
     x_t: Tensor,
@@ -156,7 +87,7 @@ def guide(
     abar_t: Tensor,
     scale: float,
     prior: str = "self",
-    base: Prior | None = None,
+    prior_net: PriorNet | None = None,
     interval: tuple[float, float] | None = None,
     overlap: bool = True,
     weights: PriorWeights | None = None,
@@ -168,16 +99,18 @@ def guide(
         x_t: noisy samples (N, ...); t: timesteps (N,); labels: classes (N,).
         abar_t: the model's ᾱ at t, (N,).
         scale: guidance scale w.
-        prior: "self" (θ with the null class), "base" (the `base` prior ψ), "none" (conditional only), or the
-            fitted "auto" / "mix" (per timestep bucket, the `weights` convex combination of self and base).
+        prior: "self" (θ with the null class), "base" (the prior network ψ, `prior_net`), "none" (conditional
+            only), or the fitted "auto" / "mix" / "checked" (per timestep bucket, the `weights` convex combination
+            of self and base).
+        prior_net: ψ, queried at θ's ᾱ_t (`priorlab.priors.PriorNet.eps`).
         interval: apply guidance only where σ(ᾱ_t) ∈ [lo, hi].
         overlap: on a GPU, run the base prior on a side CUDA stream concurrently with the model.
-        weights: the fitted base weights of prior=auto|mix (`priorlab.calibration.PriorWeights`).
+        weights: the fitted base weights of prior=auto|mix|checked (`priorlab.priors.PriorWeights`).
     Each network is evaluated only on the rows that need it: θ's ∅ branch where the base weight is below 1 (in
     one batched pass with the conditional branch), ψ where it is above 0. Every branch is converted to the dtype of
     x_t before it is combined, so under autocast the combination is not computed in bf16.
     """
-    check_prior(prior, base, weights)
+    check_prior(prior, prior_net, weights)
     rows = torch.ones(len(x_t), dtype=torch.bool, device=x_t.device)
     if interval is not None:
         rows = in_interval(abar_t.to(x_t.device), interval)
@@ -192,18 +125,18 @@ def guide(
         if prior == "self":
             cond, uncond = _model_pass(model, x_t, t, labels, abar_t, None)
         elif overlap and x_t.is_cuda:
-            cond, uncond = _overlapped(lambda: _cond(model, x_t, t, labels, abar_t), base, x_t, t)
+            cond, uncond = _overlapped(lambda: _cond(model, x_t, t, labels, abar_t), prior_net, x_t, abar_t)
         else:
-            cond, uncond = _cond(model, x_t, t, labels, abar_t), base(x_t, t)
+            cond, uncond = _cond(model, x_t, t, labels, abar_t), prior_net.eps(x_t, abar_t)
         uncond = uncond.to(cond.dtype)
         return Branches(cfg(cond, uncond, scale), cond, uncond, rows, w)
     use_self, use_base = rows & (w < 1), rows & (w > 0)
     if use_base.any() and overlap and x_t.is_cuda:
         (cond, eps_self), eps_base = _overlapped(lambda: _model_pass(model, x_t, t, labels, abar_t, use_self),
-                                                 base, x_t[use_base], t[use_base])  # fmt: skip
+                                                 prior_net, x_t[use_base], abar_t[use_base])  # fmt: skip
     else:
         cond, eps_self = _model_pass(model, x_t, t, labels, abar_t, use_self)
-        eps_base = base(x_t[use_base], t[use_base]) if use_base.any() else None
+        eps_base = prior_net.eps(x_t[use_base], abar_t[use_base]) if use_base.any() else None
     uncond = combine(_rows(use_self, eps_self, cond), _rows(use_base, eps_base, cond), w)
     guided = torch.where(rows.reshape(-1, *[1] * (cond.ndim - 1)), cfg(cond, uncond, scale), cond)
     return Branches(guided, cond, uncond, rows, w)
@@ -257,9 +190,9 @@ def _rows(sel: Tensor, values: Tensor | None, like: Tensor) -> Tensor:
 _SIDE_STREAMS: dict = {}
 
 
-def _overlapped(model_pass, base, x_base, t_base):
-    """The model's pass on the current CUDA stream and the base's on a side stream, concurrently. The side stream
-    is one per device, made once, so that a CUDA graph capturing this (`priorlab.sampling`) forks and joins the
+def _overlapped(model_pass, prior_net: PriorNet, x_base: Tensor, abar_base: Tensor):
+    """The model's pass on the current CUDA stream and the prior network's on a side stream, concurrently. The side
+    stream is one per device, made once, so that a CUDA graph capturing this (`priorlab.sampling`) forks and joins the
     same stream at every replay."""
     main = torch.cuda.current_stream(x_base.device)
     side = _SIDE_STREAMS.get(x_base.device)
@@ -267,7 +200,7 @@ def _overlapped(model_pass, base, x_base, t_base):
         side = _SIDE_STREAMS[x_base.device] = torch.cuda.Stream(x_base.device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        prior_eps = base(x_base, t_base)
+        prior_eps = prior_net.eps(x_base, abar_base)
     out = model_pass()
     main.wait_stream(side)
     if not torch.cuda.is_current_stream_capturing():  # a graph's memory is its own pool, ordered by the join

@@ -17,10 +17,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
-from priorlab.guidance import Prior, check_prior, guide, in_interval
+from priorlab.guidance import guide, in_interval
 from priorlab.models.denoiser import Denoiser
+from priorlab.priors import PriorNet, PriorWeights, check_prior
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -57,10 +57,10 @@ class GraphedGuide:
     graphs of one model share one memory pool, which is safe because they are replayed one at a time on one
     stream and nothing but the output outlives a replay."""
 
-    def __init__(self, model: Denoiser, base: Prior | None, prior: str, scale: float, abar: Tensor, x: Tensor,
-                 labels: Tensor, autocast: bool, pool=None):  # fmt: skip
+    def __init__(self, model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, abar: Tensor,
+                 x: Tensor, labels: Tensor, autocast: bool, pool=None):  # fmt: skip
         self.model, self.prior, self.scale, self.abar, self.autocast = model, prior, scale, abar, autocast
-        self.base = base  # kept alive with the graph, which reads its weights by address
+        self.prior_net = prior_net  # kept alive with the graph, which reads its weights by address
         self.x, self.y = torch.zeros_like(x), labels.clone()
         self.t = torch.zeros(len(x), dtype=torch.long, device=x.device)
         warm = torch.cuda.Stream(x.device)  # warm-up off the capture stream, as torch.cuda.graphs asks
@@ -77,7 +77,7 @@ class GraphedGuide:
     def _run(self) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             return guide(self.model, self.x, self.t, self.y, self.abar[self.t], self.scale, self.prior,
-                         self.base, overlap=False).guided  # fmt: skip
+                         self.prior_net, overlap=False).guided  # fmt: skip
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         self.x.copy_(x)
@@ -96,15 +96,16 @@ def _pointers(net) -> tuple:
     return tuple(p.data_ptr() for p in net.parameters()) if net is not None else ()
 
 
-def graphed_guide(model: Denoiser, base: Prior | None, prior: str, scale: float, abar: Tensor, x: Tensor,
-                  labels: Tensor, autocast: bool) -> GraphedGuide:  # fmt: skip
+def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, abar: Tensor,
+                  x: Tensor, labels: Tensor, autocast: bool) -> GraphedGuide:  # fmt: skip
     """The cached `GraphedGuide` of this model, prior, scale, batch shape and precision (captured on first use)."""
     graphs = _GRAPHS.setdefault(model, {})
-    base_net = base.denoiser if base is not None else None
-    key = (prior, float(scale), tuple(x.shape), x.dtype, autocast, id(base), _pointers(model), _pointers(base_net))
+    prior_module = prior_net.module if prior_net is not None else None
+    key = (prior, float(scale), tuple(x.shape), x.dtype, autocast, id(prior_net), _pointers(model),
+           _pointers(prior_module))  # fmt: skip
     if key not in graphs:
         pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
-        graphs[key] = GraphedGuide(model, base, prior, scale, abar, x, labels, autocast, pool)
+        graphs[key] = GraphedGuide(model, prior_net, prior, scale, abar, x, labels, autocast, pool)
     return graphs[key]
 
 
@@ -117,7 +118,7 @@ def sample(
     sample_shape: tuple[int, ...],
     scale: float = 1.0,
     prior: str = "self",
-    base: Prior | None = None,
+    prior_net: PriorNet | None = None,
     interval: tuple[float, float] | None = None,
     sampler: str = "ddim",
     num_steps: int = 25,
@@ -134,7 +135,7 @@ def sample(
         labels: class of each sample (N,); the null class gives unconditional samples.
         seeds: seed of each sample (N,).
         train_scheduler: θ's training schedule (its ᾱ and timestep count).
-        scale, prior, base, interval, weights: guidance, see `priorlab.guidance.guide`; `weights` (prior=auto
+        scale, prior, prior_net, interval, weights: guidance, see `priorlab.guidance.guide`; `weights` (prior=auto
             or mix) must be fitted over θ's training timesteps.
         sampler: scheduler name; num_steps: denoising steps.
         autocast: run the networks under bf16 autocast (the guidance combination and the scheduler's update
@@ -142,7 +143,7 @@ def sample(
         graphs: on a GPU, replay each step's guided prediction from a CUDA graph (`GraphedGuide`) for prior
             self, base or none; elsewhere, and for the fitted priors, the same computation runs eagerly.
     """
-    check_prior(prior, base, weights)
+    check_prior(prior, prior_net, weights)
     num_t = train_scheduler.config.num_train_timesteps
     if weights is not None and weights.num_train_timesteps != num_t:
         raise UserError(f"the prior weights were fitted over {weights.num_train_timesteps} training timesteps but "
@@ -174,10 +175,10 @@ def sample(
             w = scale if guided else 1.0
             if graphed:
                 p = prior if w != 1 else "none"
-                eps = graphed_guide(model, base, p, w, abar, x_in, y, autocast)(x_in, t, y)
+                eps = graphed_guide(model, prior_net, p, w, abar, x_in, y, autocast)(x_in, t, y)
             else:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    eps = guide(model, x_in, t, y, abar[t], w, prior, base, weights=weights).guided
+                    eps = guide(model, x_in, t, y, abar[t], w, prior, prior_net, weights=weights).guided
             x = scheduler.step(eps.float(), step_t, x, **step_kwargs).prev_sample
         out.append(x)
     return torch.cat(out)

@@ -7,7 +7,6 @@ column per folder level between `run` and `cond_dropout`: `base_name`, then each
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -16,34 +15,14 @@ import yaml
 from priorlab import atomic
 from priorlab.checks import read_json_object
 from priorlab.errors import UserError
+from priorlab.keys import bucket_bounds, row_parts
 
 COLUMNS = ["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric", "value"]
 
 
 def parse_key(key: str) -> tuple[str, str, float]:
-    """Split a metric key into (metric, prior, guidance_scale).
-
-    eval/cond/fd/prior=base/w=2.0            → ("fd", "base", 2.0)
-    eval/prior/loss/model=self/t=0-99        → ("loss/t=0-99", "self", nan)
-    eval/prior/disagreement/all              → ("disagreement/all", "", nan)
-    eval/uncond/fd/model=base                → ("uncond_fd", "base", nan)
-    eval/calib/loss/model=self/t=0-99        → ("calib_loss/t=0-99", "self", nan)
-    eval/diff/fd_se/prior=base/w=2.0         → ("diff_fd_se", "base", 2.0)   (SE of fd(self) − fd(base))
-    eval/cond/num_classes                    → ("num_classes", "", nan)
-    """
-    parts = key.split("/")[1:]
-    prior, scale, rest = "", float("nan"), []
-    for part in parts[1:]:
-        if part.startswith(("prior=", "model=")):
-            prior = part.split("=", 1)[1]
-        elif part.startswith("w="):
-            scale = float(part[2:])
-        else:
-            rest.append(part)
-    metric = "/".join(rest)
-    if parts[0] in ("uncond", "calib", "diff"):
-        metric = f"{parts[0]}_{metric}"
-    return metric, prior, scale
+    """Split a metric key into (metric, prior, guidance_scale), the table's columns (`priorlab.keys.row_parts`)."""
+    return row_parts(key)
 
 
 def run_axes(run_dir: Path, study_dir: Path) -> dict[str, str]:
@@ -186,5 +165,5 @@ def final_rows(frame: pd.DataFrame) -> pd.DataFrame:
 
 def bucket_start(metric: str) -> int | None:
     """The first timestep of a per-bucket metric such as loss/t=100-199."""
-    m = re.search(r"/t=(\d+)-(\d+)$", metric)
-    return int(m.group(1)) if m else None
+    bounds = bucket_bounds(metric) if "/" in metric else None
+    return bounds[0] if bounds else None

@@ -17,9 +17,7 @@ from scipy import stats
 
 from priorlab.analysis.results import axis_columns, bucket_start, final_rows
 from priorlab.analysis.stats import Estimate, mean_ci
-
-FIXED = ("self", "base")
-FITTED = ("auto", "mix", "checked")
+from priorlab.priors.modes import FITTED, FIXED
 
 
 @dataclass

@@ -19,8 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from priorlab import atomic
-from priorlab.calibration import FITTED
+from priorlab import atomic, keys
 from priorlab.evaluation.core import (
     EvalSettings,
     calibration_split,
@@ -29,8 +28,9 @@ from priorlab.evaluation.core import (
     prior_quality,
 )
 from priorlab.evaluation.images import log_image, save_grid
-from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior
+from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
 from priorlab.models.io import load_denoiser
+from priorlab.priors import FITTED
 from priorlab.training import check_finite_weights
 
 
@@ -86,15 +86,15 @@ class _Evaluation(L.Callback):
             pl_module.to(device)
         self.evaluator.net.to(device)
         started = time.perf_counter()
-        prior = None
+        prior_net = None
         if self.base is not None:
             self.base.denoiser.to(device)
-            prior = make_prior((denoiser, pl_module.scheduler), self.base)
+            prior_net = make_prior_net((denoiser, pl_module.scheduler), self.base)
         # Eager, even where the network is compiled for training: evaluation batch shapes differ from the
         # training batch, and each new shape would recompile the network in the middle of training.
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-            weights = self.fitted_priors(trainer, pl_module, prior)
-            metrics, grids = self.measure(trainer, pl_module, prior, final, weights)
+            weights = self.fitted_priors(trainer, pl_module, prior_net)
+            metrics, grids = self.measure(trainer, pl_module, prior_net, final, weights)
         seconds = time.perf_counter() - started  # metrics are Python floats by now: the GPU work has finished
         denoiser.train(was_training)
         if home != device:
@@ -108,16 +108,15 @@ class _Evaluation(L.Callback):
             record = {"step": step, "metrics": metrics, "seconds": round(seconds, 3)}  # wall time (issue 17)
             atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json", record)
             if self.kind == "cond":
-                for mode, w in weights.items():
-                    w.save(self.out_dir / f"prior_weights_{mode}_step={step}.json")
-            for prior_name, x in grids.items():
-                path = save_grid(
-                    x, pl_module.denoiser.num_classes, self.out_dir / f"grid_step={step}_prior={prior_name}.png"
-                )
-                log_image(trainer.loggers, f"eval/grid/prior={prior_name}", path, step)
+                for prior, w in weights.items():
+                    w.save(self.out_dir / f"prior_weights_{prior}_step={step}.json")
+            for prior, x in grids.items():
+                grid = self.out_dir / f"grid_step={step}_prior={prior}.png"
+                path = save_grid(x, pl_module.denoiser.num_classes, grid)
+                log_image(trainer.loggers, keys.key("grid", prior=prior), path, step)
         trainer.strategy.barrier()
 
-    def fitted_priors(self, trainer: L.Trainer, pl_module: L.LightningModule, prior) -> dict:
+    def fitted_priors(self, trainer: L.Trainer, pl_module: L.LightningModule, prior_net) -> dict:
         """prior=auto|mix weights for this step, fitted once per step and shared by the evaluation callbacks."""
         s = self.settings
         key = (trainer.global_step, tuple(s.priors), s.buckets, s.heldout, s.calibration, s.seed, s.batch_size)
@@ -125,7 +124,7 @@ class _Evaluation(L.Callback):
         if cached is not None and cached[0] == key:
             return cached[1]
         dm = trainer.datamodule
-        weights = fit_priors(pl_module.denoiser, pl_module.scheduler, prior, dm.val_set.tensors, s,
+        weights = fit_priors(pl_module.denoiser, pl_module.scheduler, prior_net, dm.val_set.tensors, s,
                              evaluator=self.evaluator, mixture=getattr(dm, "mixture", None),
                              shape=tuple(dm.sample_shape))  # fmt: skip
         pl_module._priorlab_fitted_priors = (key, weights)
@@ -136,7 +135,7 @@ class _Evaluation(L.Callback):
         """Whether the evaluation at the end of fit measures more than the ones during fit."""
         return False
 
-    def measure(self, trainer, pl_module, prior, final: bool, weights: dict) -> tuple[dict, dict]:
+    def measure(self, trainer, pl_module, prior_net, final: bool, weights: dict) -> tuple[dict, dict]:
         raise NotImplementedError
 
 
@@ -158,10 +157,10 @@ class PriorQuality(_Evaluation):
     def final_differs(self) -> bool:
         return not self.samples_during_fit
 
-    def measure(self, trainer, pl_module, prior, final: bool, weights: dict):
+    def measure(self, trainer, pl_module, prior_net, final: bool, weights: dict):
         dm = trainer.datamodule
         evaluator = self.evaluator if final or self.samples_during_fit else None
-        return prior_quality(pl_module.denoiser, pl_module.scheduler, prior, dm.val_set.tensors, evaluator,
+        return prior_quality(pl_module.denoiser, pl_module.scheduler, prior_net, dm.val_set.tensors, evaluator,
                              self.settings, getattr(dm, "mixture", None), weights), {}  # fmt: skip
 
 
@@ -170,7 +169,7 @@ class ConditionalQuality(_Evaluation):
 
     kind = "cond"
 
-    def measure(self, trainer, pl_module, prior, final: bool, weights: dict):
+    def measure(self, trainer, pl_module, prior_net, final: bool, weights: dict):
         dm = trainer.datamodule
-        return conditional_quality(pl_module.denoiser, pl_module.scheduler, prior, self.evaluator, dm.sample_shape,
+        return conditional_quality(pl_module.denoiser, pl_module.scheduler, prior_net, self.evaluator, dm.sample_shape,
                                    self.settings, getattr(dm, "mixture", None), weights)  # fmt: skip

@@ -15,29 +15,27 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from priorlab import diffusion
-from priorlab.calibration import (
-    FITTED,
-    MODES,
-    OBJECTIVES,
-    PriorWeights,
-    bucket_edges,
-    bucket_index,
-    bucket_name,
-    calibrate,
-    calibration_metrics,
-    combine,
-    heldout_noise,
-    scale_name,
-    uncond_predictions,
-)
 from priorlab.checks import check_eval_settings
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.errors import UserError
 from priorlab.evaluation import metrics
+from priorlab.evaluation.calibrate import calibrate, calibration_metrics, heldout_noise, uncond_predictions
 from priorlab.evaluation.distributed import gather, shard
 from priorlab.evaluation.features import Evaluator, external_features
-from priorlab.guidance import PRIORS, Prior, check_scale
+from priorlab.guidance import check_scale
+from priorlab.keys import bucket_name, key, scale_name
 from priorlab.models.denoiser import Denoiser
+from priorlab.priors import (
+    FITTABLE,
+    FITTED,
+    MODES,
+    OBJECTIVES,
+    DenoiserPrior,
+    PriorWeights,
+    bucket_edges,
+    bucket_index,
+    combine,
+)
 from priorlab.sampling import sample
 
 
@@ -49,7 +47,7 @@ class EvalSettings:
         num_samples: generated samples per (prior, guidance scale); classes cycle 0..K-1.
         num_steps: sampler steps; sampler: scheduler name.
         guidance_scales: the scales w to evaluate; priors: a subset of self, base, auto, mix (auto and mix are
-            fitted per timestep bucket on the calibration split, see `priorlab.calibration`).
+            fitted per timestep bucket on the calibration split, see `priorlab.priors`).
         interval: guidance interval [lo, hi] in σ, or None.
         batch_size: samples per forward pass on each process.
         seed: offset of the per-sample seeds (sample i uses seed·10⁶ + i).
@@ -59,7 +57,7 @@ class EvalSettings:
             after `heldout`, so the two sets are disjoint.
         calibration_objective: what auto and mix minimise per timestep bucket: "guided", the loss of the guided
             prediction at each guidance scale (one set of weights per scale), or "null_loss", the ∅ loss (one set
-            for every scale); see `priorlab.calibration`.
+            for every scale); see `priorlab.priors`.
         check_samples: samples per candidate and guidance scale of prior=checked's sampling check.
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
@@ -97,18 +95,14 @@ class EvalSettings:
     def __post_init__(self):
         check_eval_settings(self)
         self.guidance_scales = [check_scale(w) for w in self.guidance_scales]
-        unknown = [p for p in self.priors if p not in PRIORS]
+        unknown = [p for p in self.priors if p not in MODES]
         if unknown:
-            raise UserError(f"eval.priors holds {', '.join(map(str, unknown))}; use some of {', '.join(PRIORS)}")
+            raise UserError(f"eval.priors holds {', '.join(map(str, unknown))}; use some of {', '.join(MODES)}")
         if self.features != "domain":
             external_features(self.features)
         if self.calibration_objective not in OBJECTIVES:
             raise UserError(f"eval.calibration_objective={self.calibration_objective} is unknown; use one of "
                             f"{', '.join(OBJECTIVES)}")  # fmt: skip
-
-
-def _fmt(w: float) -> str:
-    return f"{float(w):g}" if float(w) != int(w) else f"{float(w):.1f}"
 
 
 @dataclass
@@ -177,16 +171,15 @@ def paired_scores(
         draws = torch.randint(0, n, (settings.bootstrap, n), generator=g)
         boot = {key: metrics.bootstrap_fd(s.feats, reference, draws) for key, s in scored.items()}
         for (prior, w), values in boot.items():
-            out[f"eval/cond/fd_se/prior={prior}/w={_fmt(w)}"] = float(values.std())
+            out[key("cond", "fd_se", prior=prior, scale=w)] = float(values.std())
     for (prior, w), s in scored.items():
         mine = scored.get(("self", w))
         if prior == "self" or w == 1 or mine is None:
             continue
-        tag = f"prior={prior}/w={_fmt(w)}"
         for name in mine.values.keys() & s.values.keys():
-            out[f"eval/diff/{name}_se/{tag}"] = _se(mine.values[name] - s.values[name])
+            out[key("diff", f"{name}_se", prior=prior, scale=w)] = _se(mine.values[name] - s.values[name])
         if boot:
-            out[f"eval/diff/fd_se/{tag}"] = float((boot[("self", w)] - boot[(prior, w)]).std())
+            out[key("diff", "fd_se", prior=prior, scale=w)] = float((boot[("self", w)] - boot[(prior, w)]).std())
     return out
 
 
@@ -196,13 +189,13 @@ def _se(d: Tensor) -> float:
 
 def generate(
     model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
-    settings: EvalSettings, scale: float = 1.0, prior: str = "self", base: Prior | None = None,
+    settings: EvalSettings, scale: float = 1.0, prior: str = "self", prior_net: DenoiserPrior | None = None,
     weights: PriorWeights | None = None,
 ) -> Tensor:  # fmt: skip
     """All samples for (labels, seeds), this rank generating its shard; gathered on every rank."""
     idx = shard(len(labels))
     interval = tuple(settings.interval) if settings.interval else None
-    x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, base, interval, settings.sampler,
+    x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, prior_net, interval, settings.sampler,
                settings.num_steps, settings.batch_size, autocast=settings.autocast, weights=weights,
                graphs=settings.cuda_graphs)  # fmt: skip
     return gather(x, len(labels))
@@ -213,9 +206,9 @@ def eval_labels_seeds(num_samples: int, num_classes: int, seed: int) -> tuple[Te
     return labels, seed * 1_000_000 + torch.arange(num_samples)
 
 
-def usable_priors(settings: EvalSettings, base: Prior | None) -> list[str]:
+def usable_priors(settings: EvalSettings, prior_net: DenoiserPrior | None) -> list[str]:
     """The priors of `settings` that can run: those that need a base are left out without one."""
-    return [p for p in settings.priors if base is not None or p in ("self", "none")]
+    return [p for p in settings.priors if prior_net is not None or p in ("self", "none")]
 
 
 def calibration_split(heldout: tuple[Tensor, Tensor], settings: EvalSettings) -> tuple[Tensor, Tensor]:
@@ -232,7 +225,7 @@ def calibration_split(heldout: tuple[Tensor, Tensor], settings: EvalSettings) ->
 
 
 def fit_priors(
-    model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, heldout: tuple[Tensor, Tensor] | None,
+    model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, heldout: tuple[Tensor, Tensor] | None,
     settings: EvalSettings, given: dict[str, PriorWeights] | None = None, evaluator: Evaluator | None = None,
     mixture: GaussianMixture | None = None, shape: tuple[int, ...] | None = None,
 ) -> dict[str, PriorWeights]:  # fmt: skip
@@ -241,7 +234,7 @@ def fit_priors(
 
     prior=checked (`check_by_sampling`) also needs the scorer of its samples: the toy2d `mixture` (exact NLL) or
     the `evaluator` (FD), and the sample `shape`."""
-    usable = [p for p in usable_priors(settings, base) if p in FITTED]
+    usable = [p for p in usable_priors(settings, prior_net) if p in FITTED]
     # Given weights keep their per-bucket weights but not the losses stored with them: those were measured on
     # another model or split and must not be reported as this evaluation's calibration losses.
     out = {p: replace(w, losses=None) for p, w in (given or {}).items() if p in usable}
@@ -255,17 +248,17 @@ def fit_priors(
     if not wanted:
         return out
     x0, y = calibration_split(heldout, settings)
-    fit = [p for p in wanted if p in MODES]
+    fit = [p for p in wanted if p in FITTABLE]
     if "checked" in wanted and "mix" not in out and "mix" not in fit:
         fit.append("mix")  # a candidate of the check
     fitted = {}
     if fit:
-        fitted = calibrate(model, scheduler, base, x0, settings.buckets, tuple(fit), seed=settings.seed + 54321,
+        fitted = calibrate(model, scheduler, prior_net, x0, settings.buckets, tuple(fit), seed=settings.seed + 54321,
                            batch_size=settings.batch_size, objective=settings.calibration_objective,
                            labels=y, scales=list(settings.guidance_scales))  # fmt: skip
     out.update({p: w for p, w in fitted.items() if p in wanted})
     if "checked" in wanted:
-        out["checked"] = check_by_sampling(model, scheduler, base, out.get("mix") or fitted["mix"], y, settings,
+        out["checked"] = check_by_sampling(model, scheduler, prior_net, out.get("mix") or fitted["mix"], y, settings,
                                            evaluator, mixture, shape)  # fmt: skip
     return out
 
@@ -275,7 +268,7 @@ CHECK_CANDIDATES = ("self", "base", "mix")
 
 @torch.no_grad()
 def check_by_sampling(
-    model: Denoiser, scheduler: DDPMScheduler, base: Prior, mix: PriorWeights, labels: Tensor,
+    model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior, mix: PriorWeights, labels: Tensor,
     settings: EvalSettings, evaluator: Evaluator | None, mixture: GaussianMixture | None,
     shape: tuple[int, ...] | None,
 ) -> PriorWeights:  # fmt: skip
@@ -304,7 +297,7 @@ def check_by_sampling(
             continue
         score = {}
         for cand in CHECK_CANDIDATES:
-            x = generate(model, scheduler, check_labels, seeds, shape, settings, w, cand, base,
+            x = generate(model, scheduler, check_labels, seeds, shape, settings, w, cand, prior_net,
                          mix if cand == "mix" else None)  # fmt: skip
             if mixture is not None:
                 score[cand] = float(-mixture.log_prob(x.cpu(), 1.0, check_labels.cpu()).mean())
@@ -318,8 +311,9 @@ def check_by_sampling(
 
 
 def conditional_quality(
-    model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, evaluator: Evaluator, shape: tuple[int, ...],
-    settings: EvalSettings, mixture: GaussianMixture | None = None, weights: dict[str, PriorWeights] | None = None,
+    model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, evaluator: Evaluator,
+    shape: tuple[int, ...], settings: EvalSettings, mixture: GaussianMixture | None = None,
+    weights: dict[str, PriorWeights] | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:  # fmt: skip
     """Metrics under keys eval/cond/<metric>/prior=<p>/w=<w>, and a grid of samples per prior.
 
@@ -327,15 +321,15 @@ def conditional_quality(
     weights are reported under eval/calib/... .
     """
     weights = weights or {}
-    priors = usable_priors(settings, base)
+    priors = usable_priors(settings, prior_net)
     missing = [p for p in priors if p in FITTED and p not in weights]
     if missing:
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed)
     results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in FITTED})
-    results["eval/cond/num_classes"] = float(model.num_classes)  # chance accuracy is 1 / num_classes
+    results[key("cond", "num_classes")] = float(model.num_classes)  # chance accuracy is 1 / num_classes
     if mixture is not None:
-        results["eval/cond/entropy"] = mixture.conditional_entropy()
+        results[key("cond", "entropy")] = mixture.conditional_entropy()
     unguided = None  # w = 1 never evaluates the prior: the same for every prior
     scored: dict[tuple[str, float], Scored] = {}
     ideal: dict[float, Tensor] = {}  # toy2d: per scale, the samples of exact guidance from the same seeds
@@ -349,27 +343,28 @@ def conditional_quality(
                     exact.to(next(model.parameters()).device)
                     ideal[w] = generate(exact, scheduler, labels, seeds, shape, settings, w)
                     for name, value in sample_scores(ideal[w], labels, evaluator, settings, mixture)[0].items():
-                        results[f"eval/cond/{name}/prior=exact/w={_fmt(w)}"] = value  # the reference of each w
-                x = generate(model, scheduler, labels, seeds, shape, settings, w, prior, base, weights.get(prior))
+                        results[key("cond", name, prior="exact", scale=w)] = value  # the reference of each w
+                x = generate(model, scheduler, labels, seeds, shape, settings, w, prior, prior_net,
+                             weights.get(prior))  # fmt: skip
                 scores, per_sample = sample_scores(x, labels, evaluator, settings, mixture, ideal.get(w))
                 unguided = (scores, per_sample) if w == 1 else unguided
             scored[(prior, w)] = per_sample
             for name, value in scores.items():
-                results[f"eval/cond/{name}/prior={prior}/w={_fmt(w)}"] = value
+                results[key("cond", name, prior=prior, scale=w)] = value
     results.update(paired_scores(scored, evaluator.reference, settings))
     grids = {}
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
     g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)
     g_seeds = settings.seed * 1_000_000 + torch.arange(len(g_labels))
     for prior in priors:
-        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, base,
+        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, prior_net,
                                 weights.get(prior))  # fmt: skip
     return results, grids
 
 
 @torch.no_grad()
 def prior_quality(
-    model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, heldout: tuple[Tensor, Tensor],
+    model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, heldout: tuple[Tensor, Tensor],
     evaluator: Evaluator | None, settings: EvalSettings, mixture: GaussianMixture | None = None,
     weights: dict[str, PriorWeights] | None = None,
 ) -> dict[str, float]:  # fmt: skip
@@ -386,35 +381,38 @@ def prior_quality(
     t_all, noise_all = heldout_noise(n, tuple(x0_all.shape[1:]), num_t, settings.seed + 12345)
     idx = shard(n)
     x0, t, noise = x0_all[idx].to(device), t_all[idx].to(device), noise_all[idx].to(device)
-    eps_self, eps_base = uncond_predictions(model, scheduler, base, x0, t, noise, settings.batch_size)
-    per_sample: dict[str, Tensor] = {"loss/model=self": _sq(eps_self - noise)}
+    eps_self, eps_base = uncond_predictions(model, scheduler, prior_net, x0, t, noise, settings.batch_size)
+    # (metric, model, guidance scale) → per-sample values
+    per_sample: dict[tuple[str, str | None, float | None], Tensor] = {("loss", "self", None): _sq(eps_self - noise)}
     truth = None
     if mixture is not None:
         abar = scheduler.alphas_cumprod.to(device)[t]
         x_t = diffusion.add_noise(x0, noise, abar)
         truth = mixture.eps(x_t.cpu(), abar.cpu()).float().to(device)
-        per_sample["score_error/model=self"] = _sq(eps_self - truth)
+        per_sample[("score_error", "self", None)] = _sq(eps_self - truth)
     if eps_base is not None:
-        per_sample["loss/model=base"] = _sq(eps_base - noise)
-        per_sample["disagreement"] = _sq(eps_self - eps_base)
+        per_sample[("loss", "base", None)] = _sq(eps_base - noise)
+        per_sample[("disagreement", None, None)] = _sq(eps_self - eps_base)
         if truth is not None:
-            per_sample["score_error/model=base"] = _sq(eps_base - truth)
-        for mode, pw in (weights or {}).items():  # weights per guidance scale: the ∅ loss at each guided scale
+            per_sample[("score_error", "base", None)] = _sq(eps_base - truth)
+        for prior, pw in (weights or {}).items():  # weights per guidance scale: the ∅ loss at each guided scale
             for scale in [None] if pw.scales is None else [w for w in pw.scales if w != 1]:
-                name = f"loss/model={mode}" + ("" if scale is None else f"/{scale_name(scale)}")
-                per_sample[name] = _sq(combine(eps_self, eps_base, pw.at(t, scale)) - noise)
+                per_sample[("loss", prior, scale)] = _sq(combine(eps_self, eps_base, pw.at(t, scale)) - noise)
     edges = bucket_edges(num_t, settings.buckets)
     bucket = bucket_index(t_all, edges)
     results = {}
-    for name, values in per_sample.items():
+    for (metric, who, scale), values in per_sample.items():
         values = gather(values, n)
-        results[f"eval/prior/{name}/all"] = float(values.mean())
+        results[key("prior", metric, model=who, scale=scale, bucket="all")] = float(values.mean())
         for b in range(settings.buckets):
             sel = bucket == b
             if sel.any():
-                results[f"eval/prior/{name}/{bucket_name(edges, b)}"] = float(values[sel].mean())
+                results[key("prior", metric, model=who, scale=scale, bucket=bucket_name(edges, b))] = float(
+                    values[sel].mean()
+                )
     if evaluator is not None:
-        results.update(unconditional_quality(model, scheduler, base, evaluator, tuple(x0_all.shape[1:]), settings))
+        results.update(unconditional_quality(model, scheduler, prior_net, evaluator, tuple(x0_all.shape[1:]),
+                                             settings))  # fmt: skip
     return results
 
 
@@ -423,22 +421,21 @@ def _sq(d: Tensor) -> Tensor:
 
 
 def unconditional_quality(
-    model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, evaluator: Evaluator, shape: tuple[int, ...],
-    settings: EvalSettings,
+    model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, evaluator: Evaluator,
+    shape: tuple[int, ...], settings: EvalSettings,
 ) -> dict[str, float]:  # fmt: skip
     """FD and KID of unconditional samples of the model's ∅ branch and of the base, against the data."""
     n = settings.num_samples
     seeds = settings.seed * 1_000_000 + torch.arange(n)
     sources = {"self": (model, scheduler)}
-    if base is not None:
-        sources["base"] = (base.denoiser, base.scheduler)
+    if prior_net is not None:
+        sources["base"] = (prior_net.denoiser, prior_net.scheduler)
     out = {}
     for name, (net, sched) in sources.items():
         x = generate(net, sched, torch.full((n,), net.null_class), seeds, shape, settings)
         feats, _ = evaluator.embed(x)
         metrics.check_finite(feats, f"the evaluator features of the unconditional samples of {name}")
-        out[f"eval/uncond/fd/model={name}"] = metrics.frechet_distance(feats.cpu(), evaluator.reference)
-        out[f"eval/uncond/kid/model={name}"] = metrics.kid(
-            feats.cpu(), evaluator.reference, subset_size=settings.kid_subset
-        )
+        out[key("uncond", "fd", model=name)] = metrics.frechet_distance(feats.cpu(), evaluator.reference)
+        out[key("uncond", "kid", model=name)] = metrics.kid(feats.cpu(), evaluator.reference,
+                                                            subset_size=settings.kid_subset)  # fmt: skip
     return out

@@ -16,8 +16,8 @@ from priorlab.evaluation.features import (
     load_evaluator,
     save_evaluator,
 )
-from priorlab.guidance import Prior, check_prior_fits
 from priorlab.models.io import SavedModel
+from priorlab.priors import DenoiserPrior, check_prior_fits
 
 
 def evaluator_dir(runs: str | Path, datamodule: TensorDataModule) -> Path:
@@ -78,11 +78,12 @@ def train_and_cache_evaluator(
     return ev
 
 
-def make_prior(model: SavedModel | tuple, base: SavedModel | None, channels: slice | None = None) -> Prior | None:
-    """The base as a Prior for `model` (timesteps matched by ᾱ when the schedules differ)."""
+def make_prior_net(model: SavedModel | tuple, base: SavedModel | None,
+                   channels: slice | None = None) -> DenoiserPrior | None:  # fmt: skip
+    """The base as the prior network of `model` (queried at its timestep of closest ᾱ)."""
     if base is None:
         return None
     denoiser, scheduler = (model.denoiser, model.scheduler) if isinstance(model, SavedModel) else model
-    prior = Prior(base.denoiser, base.scheduler, scheduler.alphas_cumprod, channels)
-    check_prior_fits(denoiser.sample_shape, base.denoiser.sample_shape, prior)
-    return prior
+    prior_net = DenoiserPrior(base.denoiser, base.scheduler, scheduler.alphas_cumprod, channels)
+    check_prior_fits(denoiser.sample_shape, base.denoiser.sample_shape, prior_net)
+    return prior_net

@@ -1,8 +1,8 @@
 """The prior swap on real diffusers pipelines and checkpoints (issue 5).
 
 pipe = load_pipeline("path/to/fine-tuned")        # a diffusers pipeline folder (or hub name)
-prior = load_prior("path/to/base")                 # a pipeline, a bare model or a priorlab folder
-with swap_prior(pipe, prior, mode="base"):
+prior_net = load_prior("path/to/base")             # a pipeline, a bare model or a priorlab folder
+with swap_prior(pipe, prior_net, prior="base"):
     images = pipe(prompt="...", guidance_scale=7.5).images
 
 A priorlab model becomes a pipeline with `from_priorlab("runs/.../finetune/...")` (in memory) or
@@ -12,9 +12,8 @@ A priorlab model becomes a pipeline with `from_priorlab("runs/.../finetune/...")
 from priorlab.pipelines.class_pipeline import ClassConditionalPipeline
 from priorlab.pipelines.export import export_pipeline, from_priorlab, load_exported
 from priorlab.pipelines.families import FAMILIES, IMAGE_CONDITIONED, Family, family_of
-from priorlab.pipelines.prior import DiffusersPrior, load_pipeline, load_prior, null_condition
+from priorlab.pipelines.prior import load_pipeline, load_prior, null_condition
 from priorlab.pipelines.swap import (
-    MODES,
     SwappedDenoiser,
     encode_images,
     fit_pipeline_weights,
@@ -22,12 +21,12 @@ from priorlab.pipelines.swap import (
     model_null_condition,
     swap_prior,
 )
+from priorlab.priors import DiffusersPrior
 
 __all__ = [
     "FAMILIES",
     "IMAGE_CONDITIONED",
     "ClassConditionalPipeline",
-    "MODES",
     "DiffusersPrior",
     "Family",
     "SwappedDenoiser",

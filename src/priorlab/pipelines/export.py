@@ -27,7 +27,8 @@ from priorlab.errors import UserError
 from priorlab.models.io import META, SavedModel, check_recorded_base, load_denoiser
 from priorlab.pipelines import class_pipeline
 from priorlab.pipelines.class_pipeline import ClassConditionalPipeline
-from priorlab.pipelines.prior import DiffusersPrior, load_pipeline, load_prior
+from priorlab.pipelines.prior import load_pipeline, load_prior
+from priorlab.priors import DiffusersPrior, PriorNet
 
 CODE_FILE = Path(class_pipeline.__file__).name  # class_pipeline.py
 CLASS_NAME = [Path(CODE_FILE).stem, ClassConditionalPipeline.__name__]  # model_index.json's _class_name
@@ -169,7 +170,7 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None, role: str 
 
 
 def load_base(path: str, negative_prompt: str = "", device: str | torch.device = "cpu",
-              dtype: torch.dtype | None = None) -> DiffusersPrior:  # fmt: skip
+              dtype: torch.dtype | None = None) -> PriorNet:  # fmt: skip
     """The prior ψ of `base=`: an exported class-conditional folder queried with its null class, else whatever
     `priorlab.pipelines.load_prior` takes (a priorlab model, a diffusers pipeline or model)."""
     if not is_exported(path) or is_priorlab_model(path):

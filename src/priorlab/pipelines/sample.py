@@ -20,18 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from priorlab import atomic, checks
-from priorlab.calibration import PriorWeights
 from priorlab.errors import UserError
 from priorlab.pipelines.export import base_note, check_class_labels, load_base, load_model
 from priorlab.pipelines.families import Family, family_of
 from priorlab.pipelines.swap import (
-    MODES,
     encode_images,
     fit_pipeline_weights,
     model_conditions,
     model_null_condition,
     swap_prior,
 )
+from priorlab.priors import IN_PIPELINES, PriorWeights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NEEDS_IMAGE = ("instruct-pix2pix", "image-variation", "image-text-to-video", "image-to-image")
@@ -285,8 +284,8 @@ def image_guidance_scale(cfg: DictConfig, pipe) -> float:
 
 def sample_command(cfg: DictConfig) -> Path:
     """Run `priorlab sample` (see the module doc); returns the output folder."""
-    if cfg.prior not in MODES:
-        raise UserError(f"prior={cfg.prior} is unknown; use one of {', '.join(MODES)}")
+    if cfg.prior not in IN_PIPELINES:
+        raise UserError(f"prior={cfg.prior} is unknown; use one of {', '.join(IN_PIPELINES)}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype} is unknown; use one of {', '.join(DTYPES)}")
     out = Path(cfg.out)

@@ -1,6 +1,6 @@
 """The prior swap inside a diffusers pipeline.
 
-`swap_prior(pipe, prior, mode)` puts a `SwappedDenoiser` in place of the pipeline's denoiser for the duration of
+`swap_prior(pipe, prior_net, prior)` puts a `SwappedDenoiser` in place of the pipeline's denoiser for the duration of
 a `with` block. On every guided call it recognises the pipeline's guidance batch (the family's `chunks` copies of
 the same noisy latents), evaluates the fine-tuned network θ only where it is needed and fills the fully
 unconditional chunk with the prior's prediction, converted to θ's parameterization at θ's ᾱ. The pipeline then
@@ -8,10 +8,17 @@ combines the chunks with its own formula, which for the chunk layouts of `famili
 `guidance.cfg` (two chunks) or `guidance.cfg_two_conditions` (InstructPix2Pix) with eps(∅, ∅) from ψ (Eq. 7–9
 of Phunyaphibarn et al. 2025).
 
-Modes: "self" passes every call through unchanged (the pipeline's own output, bit for bit); "base" takes ψ's
-prediction for the ∅ chunk; "auto" / "mix" take the per-noise-level convex combination of θ's and ψ's ∅
-predictions given by `calibration.PriorWeights` (fitted on the user's calibration latents with
-`fit_pipeline_weights`).
+Priors (`priorlab.priors.IN_PIPELINES`): "self" passes every call through unchanged (the pipeline's own output,
+bit for bit); "base" takes ψ's prediction for the ∅ chunk; "auto" / "mix" take the per-noise-level convex
+combination of θ's and ψ's ∅ predictions given by `priorlab.priors.PriorWeights` (fitted on the user's
+calibration latents with `fit_pipeline_weights`).
+
+Edges: fractional timesteps (Euler-type samplers) are mapped to θ's ᾱ by interpolating σ, or log σ where the
+scheduler places its steps by log σ (`priorlab.priors.abar_at`). At a step where θ's ᾱ_t = 0 (zero terminal SNR)
+and θ predicts v or x0, ψ's prediction cannot be expressed in θ's parameterization unless ψ predicts it itself
+there (`priorlab.priors.nets`): such rows fall back to self, θ's own ∅ prediction, and are counted in
+`SwappedDenoiser.fallback_rows`. DiT's null label (1000, hard-coded by DiTPipeline) is mapped to θ's own null
+class only in the unconditional chunk, so a fine-tune with more than 1000 classes keeps its class 1000.
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from priorlab import diffusion
-from priorlab.calibration import PriorWeights, combine, fit_weights
 from priorlab.errors import UserError
 from priorlab.pipelines.families import Family, family_of
-from priorlab.pipelines.prior import DiffusersPrior, check_latent_space, latent_space
+from priorlab.pipelines.prior import check_latent_space, latent_space
+from priorlab.priors import IN_PIPELINES, PriorNet, PriorWeights, abar_at, combine, fit_weights
 
-MODES = ("self", "base", "auto", "mix")
+LOG_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")  # t from log σ
 
 
 class SwappedDenoiser(nn.Module):
@@ -44,28 +51,33 @@ class SwappedDenoiser(nn.Module):
         prediction_type: what θ predicts (the pipeline scheduler's prediction_type).
         latent_channels: channels of the noisy latent at the front of θ's input (the rest, e.g. InstructPix2Pix's
             image latents, are conditioning that ψ never sees).
-        prior: ψ; mode: one of MODES; weights: the fitted per-bucket base weights for auto / mix.
+        prior_net: ψ; prior: one of `priorlab.priors.IN_PIPELINES`; weights: the fitted per-bucket base weights
+            for auto / mix.
         guided_flag: a callable returning the pipeline's own guidance flag (True, False, or None outside a call),
             used in place of recognising the guidance batch by its content.
+        guidance_scale: selects the row of weights fitted per guidance scale.
+        log_sigma: the scheduler places fractional timesteps by log σ (Karras and similar sigmas), else by σ.
     """
 
     def __init__(self, net: nn.Module, family: Family, model_abar: Tensor, prediction_type: str,
-                 latent_channels: int, prior: DiffusersPrior | None, mode: str,
+                 latent_channels: int, prior_net: PriorNet | None, prior: str,
                  weights: PriorWeights | None = None, guided_flag=None,
-                 guidance_scale: float | None = None):  # fmt: skip
+                 guidance_scale: float | None = None, log_sigma: bool = False):  # fmt: skip
         super().__init__()
         self.net = net
         self.family = family
         self.model_abar = model_abar.float()
         self.prediction_type = prediction_type
         self.latent_channels = latent_channels
+        self.prior_net = prior_net
         self.prior = prior
-        self.mode = mode
         self.weights = weights
+        self.log_sigma = log_sigma
+        self.fallback_rows = 0  # ∅ rows that kept θ's own prediction where ψ's is undefined (zero terminal SNR)
         self.null_class = _model_null_class(net) if family.pipeline_null is not None else None
         self.calls = {"guided": 0, "unguided": 0}
         self.guided_flag = guided_flag
-        self.guidance_scale = guidance_scale  # selects the row of weights fitted per guidance scale
+        self.guidance_scale = guidance_scale
 
     def __getattr__(self, name: str):
         try:
@@ -75,17 +87,19 @@ class SwappedDenoiser(nn.Module):
 
     def forward(self, sample: Tensor, timestep, *args, **kwargs):
         chunk = self._guided_chunk(sample, kwargs)
-        kwargs = self._map_null_class(kwargs)
-        self.calls["guided" if chunk else "unguided"] += 1
-        if self.mode == "self" or not chunk:
-            return self.net(sample, timestep, *args, **kwargs)
         n, g, lc = len(sample), chunk, self.latent_channels
         rows = torch.arange(n, device=sample.device)
         uncond = (rows >= self.family.uncond * g) & (rows < (self.family.uncond + 1) * g)
+        kwargs = self._map_null_class(kwargs, uncond if chunk else None)
+        self.calls["guided" if chunk else "unguided"] += 1
+        if self.prior == "self" or not chunk:
+            return self.net(sample, timestep, *args, **kwargs)
         t_u = _per_row(timestep, n, sample.device)[uncond]
-        abar_u = abar_at(self.model_abar.to(sample.device), t_u)
-        w = torch.ones(g) if self.mode == "base" else self.weights.at(t_u.round().long().cpu(), self.guidance_scale)
-        w = w.to(sample.device)
+        abar_u = abar_at(self.model_abar.to(sample.device), t_u, self.log_sigma)
+        w = torch.ones(g) if self.prior == "base" else self.weights.at(t_u.round().long().cpu(), self.guidance_scale)
+        defined = self.prior_net.defined(abar_u, self.prediction_type)
+        w = torch.where(defined, w.to(sample.device), 0.0)  # zero terminal SNR: self where ψ's is undefined
+        self.fallback_rows += int((~defined).sum())
         need_self = bool((w < 1).any())
         out = self._call_net(sample, timestep, args, kwargs, torch.ones_like(uncond) if need_self else ~uncond)
         pred = _output_tensor(out)
@@ -97,8 +111,11 @@ class SwappedDenoiser(nn.Module):
             full[~uncond] = pred
             own = None
         base = None
-        if bool((w > 0).any()):
-            base = self.prior.predict(sample[uncond][:, :lc], abar_u, self.prediction_type).to(full.dtype)
+        use = w > 0
+        if bool(use.any()):
+            x_u = sample[uncond][:, :lc]
+            base = full.new_zeros(x_u.shape)  # rows of weight 0 are never read
+            base[use] = self.prior_net.predict(x_u[use], abar_u[use], self.prediction_type).to(full.dtype)
         # eps, v and x0 are affine in one another at fixed x_t and ᾱ, so the convex combination may be taken in
         # θ's own parameterization: w = 0 rows keep θ's output untouched, w = 1 rows are ψ's.
         full[uncond, :lc] = combine(own, base, w)
@@ -125,13 +142,17 @@ class SwappedDenoiser(nn.Module):
         parts = sample[:, : self.latent_channels].chunk(k)
         return g if all(torch.equal(parts[0], p) for p in parts[1:]) else 0
 
-    def _map_null_class(self, kwargs: dict) -> dict:
-        """DiTPipeline passes label 1000 for ∅ whatever the model: map it to θ's own null class."""
+    def _map_null_class(self, kwargs: dict, uncond: Tensor | None) -> dict:
+        """DiTPipeline passes label 1000 for ∅ whatever the model: map it to θ's own null class in the
+        unconditional chunk `uncond` (rows (N,)) of a guidance batch, and nowhere else (None: not one), so that a
+        fine-tune with more than 1000 classes keeps its class 1000 in the conditional chunk."""
         labels = kwargs.get("class_labels")
-        if self.null_class is None or labels is None or self.null_class == self.family.pipeline_null:
+        if self.null_class is None or labels is None or uncond is None or self.null_class == self.family.pipeline_null:
             return kwargs
-        null = self.family.pipeline_null
-        labels = torch.where(labels == null, torch.full_like(labels, self.null_class), labels)
+        if not isinstance(labels, Tensor) or labels.ndim != 1 or len(labels) != len(uncond):
+            return kwargs
+        null = uncond.to(labels.device) & (labels == self.family.pipeline_null)
+        labels = torch.where(null, torch.full_like(labels, self.null_class), labels)
         return {**kwargs, "class_labels": labels}
 
     def _call_net(self, sample: Tensor, timestep, args: tuple, kwargs: dict, keep: Tensor):
@@ -156,15 +177,6 @@ def _model_null_class(net: nn.Module) -> int:
     if not classes:
         raise UserError(f"{type(net).__name__} has no num_embeds_ada_norm in its config: its null class is unknown")
     return int(classes)
-
-
-def abar_at(abar: Tensor, t: Tensor) -> Tensor:
-    """ᾱ at timesteps t, linearly interpolated between integer timesteps (Euler-type samplers pass fractions)."""
-    t = t.float().clamp(0, len(abar) - 1)
-    lo = t.floor().long()
-    hi = (lo + 1).clamp(max=len(abar) - 1)
-    frac = t - lo.float()
-    return abar[lo] + frac * (abar[hi] - abar[lo])
 
 
 def _per_row(timestep, n: int, device) -> Tensor:
@@ -201,22 +213,22 @@ def _latent_channels(pipe, net: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: PriorWeights | None = None,
+def swap_prior(pipe, prior_net: PriorNet | None, prior: str = "base", weights: PriorWeights | None = None,
                family: Family | None = None, guidance_scale: float | None = None,
                image_guidance_scale: float | None = None) -> Iterator[SwappedDenoiser]:  # fmt: skip
-    """Within the block, `pipe(...)` guides with the unconditional prediction of `mode` (see the module doc).
+    """Within the block, `pipe(...)` guides with the unconditional prediction of `prior` (see the module doc).
     Weights fitted per guidance scale (the guided objective) need the `guidance_scale` the pipeline runs at, and
     two-condition weights (InstructPix2Pix) also its `image_guidance_scale`, the one they were fitted at.
 
     Yields the stand-in network (its `calls` count guided and unguided calls). The pipeline's own denoiser is
     put back on leaving the block, also after an error.
     """
-    if mode not in MODES:
-        raise UserError(f"prior={mode} is unknown; use one of {', '.join(MODES)}")
-    if mode != "self" and prior is None:
-        raise UserError(f"prior={mode} needs a base model (base=PATH)")
-    if mode in ("auto", "mix") and weights is None:
-        raise UserError(f"prior={mode} needs fitted weights (prior_weights=PATH, or fit them on calibration images)")
+    if prior not in IN_PIPELINES:
+        raise UserError(f"prior={prior} is unknown; use one of {', '.join(IN_PIPELINES)}")
+    if prior != "self" and prior_net is None:
+        raise UserError(f"prior={prior} needs a base model (base=PATH)")
+    if prior in ("auto", "mix") and weights is None:
+        raise UserError(f"prior={prior} needs fitted weights (prior_weights=PATH, or fit them on calibration images)")
     family = family or family_of(pipe)
     net = getattr(pipe, family.component, None)
     if net is None:
@@ -230,11 +242,11 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
     if sched.config.get("timestep_type") == "continuous":
         raise UserError(f"{type(sched).__name__} with timestep_type=continuous passes log-σ, not timesteps; use "
                         "timestep_type=discrete")  # fmt: skip
-    if prior is not None:
-        check_latent_space(latent_space(pipe), prior)
+    if prior_net is not None:
+        check_latent_space(latent_space(pipe), prior_net)
         device = next(net.parameters()).device
-        if next(prior.net.parameters()).device != device:
-            prior.to(device)
+        if next(prior_net.module.parameters()).device != device:
+            prior_net.to(device)
     if weights is not None and int(weights.edges[-1]) != len(sched.alphas_cumprod):
         raise UserError(f"the prior weights were fitted over {int(weights.edges[-1])} timesteps but the model has "
                         f"{len(sched.alphas_cumprod)}")  # fmt: skip
@@ -245,8 +257,10 @@ def swap_prior(pipe, prior: DiffusersPrior | None, mode: str = "base", weights: 
         weights.row(guidance_scale)
         weights.check_image_scale(image_guidance_scale)
     flag = (lambda: _pipeline_flag(pipe)) if hasattr(type(pipe), "do_classifier_free_guidance") else None
+    log_sigma = any(bool(sched.config.get(name)) for name in LOG_SIGMA_SCHEDULES)
     swapped = SwappedDenoiser(net, family, sched.alphas_cumprod, sched.config.prediction_type,
-                              _latent_channels(pipe, net), prior, mode, weights, flag, guidance_scale)  # fmt: skip
+                              _latent_channels(pipe, net), prior_net, prior, weights, flag, guidance_scale,
+                              log_sigma)  # fmt: skip
     object.__setattr__(pipe, family.component, swapped)
     try:
         yield swapped
@@ -259,7 +273,7 @@ CALIBRATED_FAMILIES = ("text-to-image", "image-to-image", "instruct-pix2pix", "d
 
 
 @torch.no_grad()
-def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwargs: dict, mode: str = "auto",
+def fit_pipeline_weights(pipe, prior_net: PriorNet, latents: Tensor, null_kwargs: dict, prior: str = "auto",
                          buckets: int = 10, seed: int = 0, family: Family | None = None, batch_size: int = 16,
                          objective: str = "null_loss", cond_kwargs: dict | None = None,
                          scales: list[float] | None = None,
@@ -267,7 +281,7 @@ def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwar
     """Fit prior=auto|mix weights for a pipeline's θ against ψ on the user's calibration latents.
 
     With objective="guided" the weights minimise the loss of the guided prediction at each of `scales`
-    (`priorlab.calibration`), which needs each latent's own condition: `cond_kwargs`, the keyword arguments of θ
+    (`priorlab.priors.weights`), which needs each latent's own condition: `cond_kwargs`, the keyword arguments of θ
     with a leading dimension of N (`model_conditions` builds them from texts, class labels or images). For models
     that take the condition's image latents as extra input channels (InstructPix2Pix, Zero-1-to-3), cond_kwargs
     holds them under "image_latents" (N, extra, H, W); InstructPix2Pix's two-condition guidance also needs the
@@ -279,7 +293,7 @@ def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwar
             for images; for video, encode the frames and stack them on dim 2).
         null_kwargs: θ's null condition for one sample (`model_null_condition` gives the pipeline's own).
             Input channels beyond the latent (InstructPix2Pix's, Zero-1-to-3's image latents) are zeros, their ∅.
-        mode: "auto" or "mix"; buckets: timestep buckets; seed: of the calibration noise and timesteps;
+        prior: "auto" or "mix"; buckets: timestep buckets; seed: of the calibration noise and timesteps;
         batch_size: latents per forward pass.
     """
     family = family or family_of(pipe)
@@ -332,11 +346,11 @@ def fit_pipeline_weights(pipe, prior: DiffusersPrior, latents: Tensor, null_kwar
             eps_cond.append(own_eps(x_t, channels, tb, {k: v[rows].to(param.device) for k, v in cond_kwargs.items()}))
             if two:  # eps_θ(x_t, c_I, ∅): the image condition with the null text
                 eps_image.append(own_eps(x_t, channels, tb, null))
-        eps_base.append(prior.eps(x_t, abar[tb]).cpu())
+        eps_base.append(prior_net.eps(x_t, abar[tb]).cpu())
     extra_args = {"eps_cond": torch.cat(eps_cond), "scales": list(scales)} if guided else {}
     if guided and two:
         extra_args.update(eps_image=torch.cat(eps_image), image_scale=float(image_scale))
-    return fit_weights(torch.cat(eps_self), torch.cat(eps_base), noise, t, len(abar), buckets, mode, objective,
+    return fit_weights(torch.cat(eps_self), torch.cat(eps_base), noise, t, len(abar), buckets, prior, objective,
                        **extra_args)  # fmt: skip
 
 

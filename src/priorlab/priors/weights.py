@@ -1,4 +1,4 @@
-"""`prior=auto` and `prior=mix`: the unconditional prior chosen per noise level from held-out denoising loss.
+"""Fitted priors (`auto`, `mix`, `checked`): per-noise-level weights of the base in the unconditional prediction.
 
 On a calibration split x0 with fixed noise eps and timesteps t, the two unconditional candidates are the guided
 model's own branch eps_θ(x_t, ∅) ("self") and the base's eps_ψ(x_t, ∅) ("base"). In timestep bucket b the
@@ -33,8 +33,8 @@ Two conditions (InstructPix2Pix: image c_I, text c_T, scales s_I and s_T) guide 
 The same argument holds (E over c_T given x_t, c_I of eps*(c_I, c_T) is eps*(c_I, ∅), and over c_I of that,
 eps*(∅, ∅)), so the rows are fitted per text scale at one image scale, which the weights record.
 
-`fit_weights` and `combine` are pure functions of tensors, for any pair of denoisers (the pipeline adapters call
-them with their own predictions); `calibrate` computes the predictions of priorlab's own denoisers.
+`fit_weights` and `combine` are pure functions of tensors, for any pair of denoisers: the pipeline adapters call
+them with their own predictions, and `priorlab.evaluation.calibrate` with those of priorlab's own denoisers.
 """
 
 from __future__ import annotations
@@ -43,23 +43,15 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from priorlab import atomic, diffusion
+from priorlab import atomic
 from priorlab.errors import UserError
-from priorlab.evaluation.distributed import gather, shard
+from priorlab.keys import scale_name
+from priorlab.priors.modes import FITTABLE, FITTED
 
-if TYPE_CHECKING:
-    from diffusers import DDPMScheduler
-
-    from priorlab.guidance import Prior
-    from priorlab.models.denoiser import Denoiser
-
-MODES = ("auto", "mix")  # fitted by least squares on a calibration split
-FITTED = (*MODES, "checked")  # every prior that guides with fitted weights (checked: chosen by sampling, evaluation)
 OBJECTIVES = ("guided", "null_loss")
 FORMAT = "priorlab.prior_weights"
 
@@ -77,17 +69,6 @@ def bucket_index(t: Tensor, edges: Tensor) -> Tensor:
     return torch.bucketize(t, inner.to(t.dtype) if t.is_floating_point() else inner, right=True)
 
 
-def scale_name(w: float) -> str:
-    """The metric-key name of guidance scale w, as in the evaluation's keys: w=2.0, w=1.5."""
-    w = float(w)
-    return f"w={w:g}" if w != int(w) else f"w={w:.1f}"
-
-
-def bucket_name(edges: Tensor, b: int) -> str:
-    """The metric-key name of bucket b, e.g. t=100-199."""
-    return f"t={int(edges[b])}-{int(edges[b + 1]) - 1}"
-
-
 @dataclass
 class PriorWeights:
     """Per-bucket convex weights of the base in the unconditional prediction (1 = all base, 0 = all self).
@@ -96,7 +77,7 @@ class PriorWeights:
         edges: K + 1 integer boundaries over the guided model's training timesteps [0, T].
         base_weight: (K,) weights in [0, 1], or (S, K) with one row per guidance scale of `scales`; `auto`
             weights are 0 or 1.
-        mode: "auto" or "mix".
+        mode: the prior these weights are for, "auto", "mix" or "checked" (the record's "mode").
         losses: per-bucket held-out losses it was fitted from: lists of K values under "self", "base" (the ∅
             losses) and, for the null_loss objective, the mode's name (None where a bucket had no calibration
             sample), and "count"; for the guided objective also "guided": {"w=<w>": {"self", "base", mode}}.
@@ -236,7 +217,7 @@ def combine(eps_self: Tensor | None, eps_base: Tensor | None, w_base: Tensor) ->
 
 
 def fit_weights(
-    eps_self: Tensor, eps_base: Tensor, noise: Tensor, t: Tensor, num_train_timesteps: int, buckets: int, mode: str,
+    eps_self: Tensor, eps_base: Tensor, noise: Tensor, t: Tensor, num_train_timesteps: int, buckets: int, prior: str,
     objective: str = "null_loss", eps_cond: Tensor | None = None, scales: list[float] | None = None,
     eps_image: Tensor | None = None, image_scale: float | None = None,
 ) -> PriorWeights:  # fmt: skip
@@ -247,15 +228,15 @@ def fit_weights(
         eps_self: the guided model's ∅ predictions (N, ...), as eps; eps_base: the base's, the same shape.
         noise: the eps each x_t was made with (N, ...); t: integer timesteps (N,) of the guided model.
         num_train_timesteps: T of the guided model; buckets: K equal timestep buckets over [0, T).
-        mode: "auto" (each bucket's better candidate) or "mix" (the least-squares convex weight).
+        prior: "auto" (each bucket's better candidate) or "mix" (the least-squares convex weight).
         objective: "null_loss" or "guided"; the guided one needs `eps_cond`, the model's conditional predictions
             eps_θ(x_t, c) at the calibration labels (N, ...), and the guidance `scales` to fit a row for.
         eps_image, image_scale: two conditions (module doc): eps_θ(x_t, c_I, ∅) (N, ...) and the image scale
             s_I; `eps_cond` is then eps_θ(x_t, c_I, c_T) and `scales` the text scales.
     Buckets without a calibration sample take the weight of the nearest bucket that has one.
     """
-    if mode not in MODES:
-        raise UserError(f"prior={mode} cannot be fitted; fitted priors are {', '.join(MODES)}")
+    if prior not in FITTABLE:
+        raise UserError(f"prior={prior} cannot be fitted; fitted priors are {', '.join(FITTABLE)}")
     if objective not in OBJECTIVES:
         raise UserError(f"calibration objective {objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
     if not (eps_self.shape == eps_base.shape == noise.shape) or len(t) != len(noise):
@@ -275,10 +256,10 @@ def fit_weights(
     index = bucket_index(t.cpu(), edges)
     e_self, e_base, eps = (v.double().flatten(1).cpu() for v in (eps_self, eps_base, noise))  # (N, D)
     d = e_base - e_self
-    w_null, null, count = _fit_buckets(e_self - eps, d, index, buckets, mode)
+    w_null, null, count = _fit_buckets(e_self - eps, d, index, buckets, prior)
     if objective == "null_loss":
-        record = _record(null, count, ("self", "base", mode))
-        return PriorWeights(edges, w_null.float(), mode, record)
+        record = _record(null, count, ("self", "base", prior))
+        return PriorWeights(edges, w_null.float(), prior, record)
     e_cond = eps_cond.double().flatten(1).cpu()
     e_image = None if eps_image is None else eps_image.double().flatten(1).cpu()
     rows, guided = [], {}
@@ -287,17 +268,17 @@ def fit_weights(
         a = w * e_cond + (1 - s_i) * e_self - eps  # the self-guided residual
         if e_image is not None:
             a = a + (s_i - w) * e_image
-        fitted, losses, _ = _fit_buckets(a, (1 - s_i) * d, index, buckets, mode)
+        fitted, losses, _ = _fit_buckets(a, (1 - s_i) * d, index, buckets, prior)
         rows.append(fitted)
-        guided[scale_name(w)] = _record(losses, count, ("self", "base", mode), with_count=False)
+        guided[scale_name(w)] = _record(losses, count, ("self", "base", prior), with_count=False)
     record = {**_record(null, count, ("self", "base")), "guided": guided}
-    return PriorWeights(edges, torch.stack(rows).float(), mode, record, "guided", [float(w) for w in scales],
+    return PriorWeights(edges, torch.stack(rows).float(), prior, record, "guided", [float(w) for w in scales],
                         None if image_scale is None else float(image_scale))  # fmt: skip
 
 
-def _fit_buckets(a: Tensor, d: Tensor, index: Tensor, buckets: int, mode: str) -> tuple[Tensor, dict, Tensor]:
+def _fit_buckets(a: Tensor, d: Tensor, index: Tensor, buckets: int, prior: str) -> tuple[Tensor, dict, Tensor]:
     """Per bucket, the weight λ minimising E‖a + λ·d‖² (auto: λ ∈ {0, 1}, self on ties; mix: λ ∈ [0, 1]), the
-    losses at 0 (self), 1 (base) and λ (the mode), and the bucket counts."""
+    losses at 0 (self), 1 (base) and λ (under the prior's name), and the bucket counts."""
 
     def per_bucket(values: Tensor) -> Tensor:  # (N,) → (K,) sums
         return torch.zeros(buckets, dtype=torch.float64).index_add_(0, index, values)
@@ -309,12 +290,12 @@ def _fit_buckets(a: Tensor, d: Tensor, index: Tensor, buckets: int, mode: str) -
         return aa + 2 * w * ad + w * w * dd
 
     zero, one = torch.zeros(buckets, dtype=torch.float64), torch.ones(buckets, dtype=torch.float64)
-    if mode == "auto":
+    if prior == "auto":
         w = (loss(one) < loss(zero)).double()
     else:
         w = torch.where(dd > 0, -ad / dd.clamp(min=torch.finfo(torch.float64).tiny), zero).clamp(0, 1)
     w = _fill_empty(w, count > 0)
-    return w, {"self": loss(zero), "base": loss(one), mode: loss(w)}, count
+    return w, {"self": loss(zero), "base": loss(one), prior: loss(w)}, count
 
 
 def _record(losses: dict, count: Tensor, keys: tuple[str, ...], with_count: bool = True) -> dict:
@@ -332,113 +313,3 @@ def _fill_empty(w: Tensor, has_data: Tensor) -> Tensor:
         return w
     nearest = full[(torch.arange(len(w))[:, None] - full[None, :]).abs().argmin(dim=1)]
     return w[nearest]
-
-
-def heldout_noise(n: int, shape: tuple[int, ...], num_train_timesteps: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Fixed timesteps (n,) and noise (n, *shape) for held-out measurements, drawn from `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, num_train_timesteps, (n,), generator=g)
-    return t, torch.randn((n, *shape), generator=g)
-
-
-@torch.no_grad()
-def uncond_predictions(
-    model: Denoiser, scheduler: DDPMScheduler, base: Prior | None, x0: Tensor, t: Tensor, noise: Tensor,
-    batch_size: int | None = None, labels: Tensor | None = None,
-) -> tuple[Tensor, ...]:  # fmt: skip
-    """eps_θ(x_t, ∅) of the model and eps_ψ(x_t, ∅) of the base (None without one) at x_t = noised x0; with
-    `labels` (N,) also eps_θ(x_t, c) at those labels, third (in one batched pass with the ∅ branch).
-
-    x0, t and noise lie on the model's device; x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise with the model's ᾱ.
-    """
-    abar_all = scheduler.alphas_cumprod.to(x0.device)
-    selves, bases, conds = [], [], []
-    step = batch_size or max(1, len(x0))
-    for start in range(0, len(x0), step):
-        sl = slice(start, start + step)
-        tb, abar = t[sl], abar_all[t[sl]]
-        x_t = diffusion.add_noise(x0[sl], noise[sl], abar)
-        null = torch.full_like(tb, model.null_class)
-        if labels is None:
-            selves.append(diffusion.to_eps(model(x_t, tb, null), model.prediction_type, x_t, abar))
-        else:
-            both = torch.cat([x_t, x_t])
-            abar2 = torch.cat([abar, abar])
-            out = diffusion.to_eps(model(both, torch.cat([tb, tb]), torch.cat([null, labels[sl].to(tb.device)])),
-                                   model.prediction_type, both, abar2)  # fmt: skip
-            selves.append(out[: len(x_t)])
-            conds.append(out[len(x_t) :])
-        if base is not None:
-            bases.append(base(x_t, tb))
-    out = (torch.cat(selves), torch.cat(bases) if base is not None else None)
-    return (*out, torch.cat(conds)) if labels is not None else out
-
-
-@torch.no_grad()
-def calibrate(
-    model: Denoiser, scheduler: DDPMScheduler, base: Prior, x0: Tensor, buckets: int, modes: tuple[str, ...] = MODES,
-    seed: int = 0, batch_size: int | None = None, objective: str = "null_loss", labels: Tensor | None = None,
-    scales: list[float] | None = None,
-) -> dict[str, PriorWeights]:  # fmt: skip
-    """Fit `modes` weights for model θ and base ψ on calibration samples x0 (N, ...), one noise draw per sample;
-    the guided objective needs the samples' `labels` (N,) and the guidance `scales`.
-
-    The work is sharded over DDP ranks and gathered, so every rank fits the same weights.
-    """
-    if objective not in OBJECTIVES:
-        raise UserError(f"calibration objective {objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
-    if objective == "guided" and (labels is None or not scales):
-        raise UserError("the guided calibration objective needs labelled calibration data and guidance scales")
-    device = next(model.parameters()).device
-    n, num_t = len(x0), scheduler.config.num_train_timesteps
-    t, noise = heldout_noise(n, tuple(x0.shape[1:]), num_t, seed)
-    idx = shard(n)
-    guided = objective == "guided"
-    preds = uncond_predictions(model, scheduler, base, x0[idx].to(device), t[idx].to(device), noise[idx].to(device),
-                               batch_size, labels[idx] if guided else None)  # fmt: skip
-    eps_self, eps_base, *cond = (gather(p, n) for p in preds)
-    extra = {"eps_cond": cond[0], "scales": list(scales)} if guided else {}
-    return {mode: fit_weights(eps_self, eps_base, noise, t, num_t, buckets, mode, objective, **extra) for mode in modes}
-
-
-def calibration_metrics(weights: dict[str, PriorWeights]) -> dict[str, float]:
-    """The calibration losses per bucket and overall (eval/calib/loss/model=<m>/...) and each mode's weights.
-
-    `all` is the count-weighted mean over buckets; `log_ratio` is the mean over buckets with data of
-    log(L_self / L_base) of the ∅ loss, positive where the base's loss is lower. Weights fitted on the guided
-    objective add, per scale, eval/calib/guided_loss/model=<m>/w=<w>/... and weights under .../prior=<p>/w=<w>/.
-    """
-    out: dict[str, float] = {}
-    for mode, pw in weights.items():
-        losses, edges = pw.losses or {}, pw.edges
-        count = losses.get("count", [])
-        for scale in pw.scales or [None]:
-            where = "" if scale is None else f"/{scale_name(scale)}"
-            row = pw.row(scale)
-            for b in range(len(row)):
-                out[f"eval/calib/weight/prior={mode}{where}/{bucket_name(edges, b)}"] = float(row[b])
-        _loss_metrics(out, "loss", "", losses, ("self", "base", mode), count, edges)
-        for name, by_model in (losses.get("guided") or {}).items():
-            _loss_metrics(out, "guided_loss", f"/{name}", by_model, ("self", "base", mode), count, edges)
-        check = losses.get("check") or {}
-        for name, by_model in (check.get("scores") or {}).items():
-            for model, value in by_model.items():
-                out[f"eval/calib/check_{check['metric']}/model={model}/{name}"] = float(value)
-        if "seconds" in check:
-            out["eval/calib/check_seconds"] = float(check["seconds"])
-        ratios = [math.log(s / b) for s, b in zip(losses.get("self", []), losses.get("base", []), strict=False)
-                  if s is not None and b is not None and s > 0 and b > 0]  # fmt: skip
-        if ratios:
-            out["eval/calib/log_ratio/all"] = sum(ratios) / len(ratios)
-    return out
-
-
-def _loss_metrics(out: dict, name: str, where: str, losses: dict, models: tuple, count: list, edges: Tensor) -> None:
-    for model in models:
-        values = losses.get(model, [])
-        for b, v in enumerate(values):
-            if v is not None:
-                out[f"eval/calib/{name}/model={model}{where}/{bucket_name(edges, b)}"] = float(v)
-        pairs = [(v, c) for v, c in zip(values, count, strict=False) if v is not None]
-        if pairs:
-            out[f"eval/calib/{name}/model={model}{where}/all"] = sum(v * c for v, c in pairs) / sum(c for _, c in pairs)
