@@ -445,3 +445,20 @@ def test_cpu_threads_auto_takes_the_free_cores_and_keeps_the_users_omp_setting(m
     for bad in (0, -1, "two", True, 1.5, 2**70):
         with pytest.raises(UserError, match="must be auto or a whole number"):
             threads.cpu_threads(bad)
+
+
+def test_every_seed_is_derived_by_one_module_with_the_values_runs_have_always_used():
+    from priorlab import seeds
+
+    # values of the formulas written at each call site before `seeds` existed: old runs reproduce bit for bit
+    assert seeds.noise_seed(3, 17, 1) == (3 * 1_000_003 + 17) * 1_009 + 1
+    assert seeds.step_seed(seeds.batch_seed(2, 5), 9) == ((2 * 1_000_003 + 5) * 1_000_003 + 9) % 2**64
+    assert seeds.validation_seed(4) == 1004
+    assert torch.equal(seeds.sample_seeds("samples", 2, 3), torch.tensor([2_000_000, 2_000_001, 2_000_002]))
+    assert torch.equal(seeds.sample_seeds("check", 0, 2), torch.tensor([777_000_000, 777_000_001]))
+    assert (seeds.stream_seed("heldout", 1), seeds.stream_seed("calibration", 1)) == (12_346, 54_322)
+    # the named streams of one evaluation seed never share a sample seed
+    streams = [set(seeds.sample_seeds(name, 0, 10_000).tolist()) for name in seeds.OFFSETS]
+    assert sum(map(len, streams)) == len(set().union(*streams))
+    with pytest.raises(KeyError):
+        seeds.stream_seed("nope", 0)

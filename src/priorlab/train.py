@@ -45,6 +45,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         prediction_type=cfg.diffusion.prediction_type,
     )
     scheduler = instantiate(cfg.diffusion)
+    datamodule.run_seed = int(cfg.seed)  # the run's stream of batches (`seeds.batch_seed`)
     meta = {"stage": cfg.stage.name, "seed": cfg.seed, "data": cfg.data.get("_target_")}
     if cfg.stage.name == "base":
         cond_dropout = 1.0

@@ -14,6 +14,7 @@ from torch import Tensor
 from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser, drop_labels, label_tables
+from priorlab.seeds import noise_seed, validation_seed
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
@@ -106,9 +107,7 @@ class DiffusionModule(L.LightningModule):
         x0, labels = batch
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        gen = torch.Generator(device=x0.device).manual_seed(
-            (self.seed * 1_000_003 + self.global_step) * 1_009 + self.global_rank
-        )
+        gen = torch.Generator(device=x0.device).manual_seed(noise_seed(self.seed, self.global_step, self.global_rank))
         labels = drop_labels(labels, self.cond_dropout, self.denoiser.null_class, generator=gen)
         loss = self.loss(x0, labels, generator=gen).mean()
         self.check_finite(loss)
@@ -169,7 +168,7 @@ class DiffusionModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, labels = batch
         # The same noise and timesteps at every validation, so curves compare across steps and runs.
-        gen = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)
+        gen = torch.Generator(device=x0.device).manual_seed(validation_seed(batch_idx))
         state = gen.get_state()
         cond = self.loss(x0, labels, generator=gen).mean()
         gen.set_state(state)

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from priorlab.checks import MAX_TORCH_SEED, is_whole, whole
 from priorlab.errors import UserError
+from priorlab.seeds import batch_seed, step_seed
 
 
 def resize_images(x: Tensor, image_size: int) -> Tensor:
@@ -62,6 +63,7 @@ class TensorDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.run_seed = 0  # the run's seed, which picks its stream of batches (set by `train.build_module`)
         self.num_workers = num_workers
         self.train_set: TensorDataset | None = None  # what training draws from (train_per_class applied)
         self.full_train_set: TensorDataset | None = None  # the whole training split (evaluator, reference)
@@ -126,12 +128,12 @@ class TensorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Batches that are a pure function of (run seed, split_seed, step, rank): a resumed run sees the same data,
-        and each seed of a sweep its own stream. The run seed is the trained module's `seed` (0 without one)."""
+        and each seed of a sweep its own stream. The run seed is `run_seed`, which
+        `train.build_module` sets to the run's `seed` (0 otherwise)."""
         trainer = getattr(self, "trainer", None)
         start = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        run_seed = getattr(trainer.lightning_module, "seed", 0) if trainer is not None else 0
-        seed = batch_seed(run_seed, self.split_seed)
+        seed = batch_seed(self.run_seed, self.split_seed)
         sampler = StepBatchSampler(len(self.train_set), self.batch_size, seed, start, rank, world)
         # A batch is one indexing of the tensors (not a stack of single samples); pinned host memory lets the
         # copy to the GPU run without stalling the queue of kernels.
@@ -154,12 +156,6 @@ def _as_batch(items: list[Tensor]) -> list[Tensor]:
     return items
 
 
-def batch_seed(run_seed: int, split_seed: int) -> int:
-    """The seed of the batch stream, from the run's seed and the data's split seed (distinct pairs give distinct
-    seeds for split seeds below 1,000,003)."""
-    return (int(run_seed) * 1_000_003 + int(split_seed)) % 2**64
-
-
 class StepBatchSampler:
     """An endless stream of batches, batch k drawn with replacement from a generator seeded by (seed, k).
 
@@ -175,7 +171,7 @@ class StepBatchSampler:
     def __iter__(self):
         step = self.start_step
         while True:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % 2**64)
+            g = torch.Generator().manual_seed(step_seed(self.seed, step))
             idx = torch.randint(0, self.n, (self.batch_size * self.world,), generator=g)
             yield idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
             step += 1

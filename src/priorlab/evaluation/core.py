@@ -37,6 +37,7 @@ from priorlab.priors import (
     combine,
 )
 from priorlab.sampling import sample
+from priorlab.seeds import sample_seeds, stream_seed
 
 
 @dataclass
@@ -167,7 +168,7 @@ def paired_scores(
     n = len(next(iter(scored.values())).feats)
     boot = {}
     if settings.bootstrap > 1 and n > 1:
-        g = torch.Generator().manual_seed(settings.seed + 777)
+        g = torch.Generator().manual_seed(stream_seed("check", settings.seed))
         draws = torch.randint(0, n, (settings.bootstrap, n), generator=g)
         boot = {key: metrics.bootstrap_fd(s.feats, reference, draws) for key, s in scored.items()}
         for (prior, w), values in boot.items():
@@ -203,7 +204,7 @@ def generate(
 
 def eval_labels_seeds(num_samples: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
     labels = torch.arange(num_samples) % num_classes
-    return labels, seed * 1_000_000 + torch.arange(num_samples)
+    return labels, sample_seeds("samples", seed, num_samples)
 
 
 def usable_priors(settings: EvalSettings, prior_net: DenoiserPrior | None) -> list[str]:
@@ -253,9 +254,10 @@ def fit_priors(
         fit.append("mix")  # a candidate of the check
     fitted = {}
     if fit:
-        fitted = calibrate(model, scheduler, prior_net, x0, settings.buckets, tuple(fit), seed=settings.seed + 54321,
-                           batch_size=settings.batch_size, objective=settings.calibration_objective,
-                           labels=y, scales=list(settings.guidance_scales))  # fmt: skip
+        fitted = calibrate(model, scheduler, prior_net, x0, settings.buckets, tuple(fit),
+                           seed=stream_seed("calibration", settings.seed), batch_size=settings.batch_size,
+                           objective=settings.calibration_objective, labels=y,
+                           scales=list(settings.guidance_scales))  # fmt: skip
     out.update({p: w for p, w in fitted.items() if p in wanted})
     if "checked" in wanted:
         out["checked"] = check_by_sampling(model, scheduler, prior_net, out.get("mix") or fitted["mix"], y, settings,
@@ -286,7 +288,7 @@ def check_by_sampling(
     started = time.perf_counter()
     n = min(settings.check_samples, len(labels))
     check_labels = labels[:n]
-    seeds = (settings.seed + 777) * 1_000_000 + torch.arange(n)  # not the evaluation's seeds
+    seeds = sample_seeds("check", settings.seed, n)  # not the evaluation's seeds
     metric = "nll" if mixture is not None else "fd"
     scales = list(settings.guidance_scales)
     k = len(mix.edges) - 1
@@ -355,7 +357,7 @@ def conditional_quality(
     grids = {}
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
     g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)
-    g_seeds = settings.seed * 1_000_000 + torch.arange(len(g_labels))
+    g_seeds = sample_seeds("samples", settings.seed, len(g_labels))
     for prior in priors:
         grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, prior_net,
                                 weights.get(prior))  # fmt: skip
@@ -378,7 +380,7 @@ def prior_quality(
     device = next(model.parameters()).device
     x0_all = heldout[0][: settings.heldout]
     n, num_t = len(x0_all), scheduler.config.num_train_timesteps
-    t_all, noise_all = heldout_noise(n, tuple(x0_all.shape[1:]), num_t, settings.seed + 12345)
+    t_all, noise_all = heldout_noise(n, tuple(x0_all.shape[1:]), num_t, stream_seed("heldout", settings.seed))
     idx = shard(n)
     x0, t, noise = x0_all[idx].to(device), t_all[idx].to(device), noise_all[idx].to(device)
     eps_self, eps_base = uncond_predictions(model, scheduler, prior_net, x0, t, noise, settings.batch_size)
@@ -426,7 +428,7 @@ def unconditional_quality(
 ) -> dict[str, float]:  # fmt: skip
     """FD and KID of unconditional samples of the model's ∅ branch and of the base, against the data."""
     n = settings.num_samples
-    seeds = settings.seed * 1_000_000 + torch.arange(n)
+    seeds = sample_seeds("samples", settings.seed, n)
     sources = {"self": (model, scheduler)}
     if prior_net is not None:
         sources["base"] = (prior_net.denoiser, prior_net.scheduler)
