@@ -14,6 +14,7 @@ fits their weights on the calibration split of the validation data (`evaluation.
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import lightning as L
@@ -120,14 +121,14 @@ class _Evaluation(L.Callback):
         """prior=auto|mix weights for this step, fitted once per step and shared by the evaluation callbacks."""
         s = self.settings
         key = (trainer.global_step, tuple(s.priors), s.buckets, s.heldout, s.calibration, s.seed, s.batch_size)
-        cached = getattr(pl_module, "_priorlab_fitted_priors", None)
+        cached = _FITTED.get(pl_module)
         if cached is not None and cached[0] == key:
             return cached[1]
         dm = trainer.datamodule
         weights = fit_priors(pl_module.denoiser, pl_module.scheduler, prior_net, dm.val_set.tensors, s,
                              evaluator=self.evaluator, mixture=getattr(dm, "mixture", None),
                              shape=tuple(dm.sample_shape))  # fmt: skip
-        pl_module._priorlab_fitted_priors = (key, weights)
+        _FITTED[pl_module] = (key, weights)
         return weights
 
     @property
@@ -137,6 +138,11 @@ class _Evaluation(L.Callback):
 
     def measure(self, trainer, pl_module, prior_net, final: bool, weights: dict) -> tuple[dict, dict]:
         raise NotImplementedError
+
+
+# The fitted prior weights of the last evaluated step, per trained module: both evaluation callbacks of a run use
+# the same fit, held here rather than as an attribute on the training module (and dropped with the module).
+_FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PriorQuality(_Evaluation):
