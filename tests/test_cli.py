@@ -150,7 +150,7 @@ def test_child_overrides_keep_their_values(value):
     assert parsed.value() == value
 
 
-COMMAND_CONFIGS = ["train", "train-evaluator", "evaluate", "study", "report", "dashboard", "sample"]
+COMMAND_CONFIGS = ["train", "train-evaluator", "evaluate", "study", "report", "dashboard", "sample", "export"]
 
 
 @pytest.mark.parametrize("command", COMMAND_CONFIGS)

@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
@@ -138,20 +139,29 @@ def test_callbacks_and_evaluate_command(tmp_path):
     assert (run / "eval/grid_step=4_prior=base.png").exists() and (run / "eval/grid_step=4_prior=self.png").exists()
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "eval/cond/fd/prior=base/w=3.0" in header and "eval/prior/loss/model=self/all" in header
-    out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "base=runs/e/base", "eval=tiny", cwd=tmp_path)
+    out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "base=runs/e/base", "eval=tiny",
+                  "eval.guidance_scales=[1.0,5.0]", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    report = run_cli("report", "runs/e", cwd=tmp_path)  # the study's report picks the evaluation up
+    assert report.returncode == 0, report.stderr[-3000:]
+    results = pd.read_csv(tmp_path / "runs/e/results.csv")
+    final = results[(results["metric"] == "fd") & (results["step"] == 4)]
+    assert set(final["guidance_scale"]) == {1.0, 5.0}  # evaluate's record replaced the training's at step 4
     status = [line.split("] ", 1)[1] for line in out.stdout.splitlines() if line.startswith("[evaluate ")]
     assert status[0] == "starting" and status[2] == "prior quality on the held-out data", out.stdout
-    assert status[1].startswith("conditional quality: 40 samples × prior self, base × w 1.0, 3.0, 4 steps each")
-    cond = json.loads((run / "eval/conditional.json").read_text())["metrics"]
+    assert status[1].startswith("conditional quality: 40 samples × prior self, base × w 1.0, 5.0, 4 steps each")
+    record = json.loads((run / "eval/step=4_cond.json").read_text())  # the callbacks' format, replacing theirs
+    assert record["step"] == 4 and record["made_by"] == "priorlab evaluate" and record["seconds"] > 0
+    cond = record["metrics"]
     assert cond["eval/cond/fd/prior=self/w=1.0"] == cond["eval/cond/fd/prior=base/w=1.0"]
-    assert (run / "eval/prior.json").exists() and (run / "eval/grid_prior=base.png").exists()
+    assert (run / "eval/step=4_prior.json").exists() and (run / "eval/grid_step=4_prior=base.png").exists()
+    assert "made_by" not in json.loads((run / "eval/replaced/step=4_cond.json").read_text())  # the training's
     out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "eval.guidance_scales=[-1]", cwd=tmp_path)
     assert out.returncode == 2 and "guidance_scale=-1 must be" in out.stderr and "Traceback" not in out.stderr
     fitted = ("model=runs/e/finetune/p=0.1/seed=0", "base=runs/e/base", "eval=tiny", "eval.priors=[self,auto,mix]")
     out = run_cli("evaluate", *fitted, "out=runs/fitted", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    cond = json.loads((tmp_path / "runs/fitted/conditional.json").read_text())["metrics"]
+    cond = json.loads((tmp_path / "runs/fitted/step=4_cond.json").read_text())["metrics"]
     assert {"eval/cond/fd/prior=auto/w=3.0", "eval/cond/fd/prior=mix/w=3.0", "eval/calib/loss/model=base/all"} <= set(
         cond
     )
@@ -168,7 +178,7 @@ def test_callbacks_and_evaluate_command(tmp_path):
     out = run_cli("evaluate", *fitted, "prior_weights=all_base.json", "eval.priors=[base,mix]", "out=runs/given",
                   cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    cond = json.loads((tmp_path / "runs/given/conditional.json").read_text())["metrics"]
+    cond = json.loads((tmp_path / "runs/given/step=4_cond.json").read_text())["metrics"]
     assert cond["eval/cond/fd/prior=mix/w=3.0"] == pytest.approx(cond["eval/cond/fd/prior=base/w=3.0"], rel=1e-5)
     # the given file's weights are reported, the losses stored with it (another model's) are not
     assert cond["eval/calib/weight/prior=mix/w=3.0/t=0-99"] == 1.0

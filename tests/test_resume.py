@@ -237,4 +237,4 @@ def test_evaluate_refuses_the_recorded_base_changed_since_the_fine_tune(tiny_run
     assert _files(root / "runs") == before
     out = run_cli("evaluate", f"model={FINETUNE}", f"base={BASE}", "eval=tiny", "base_check=false", cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (root / FINETUNE / "eval/conditional.json").exists()
+    assert list((root / FINETUNE / "eval").glob("step=*_cond.json"))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from priorlab import atomic, checks
+from priorlab import atomic, checks, keys
 from priorlab.errors import UserError
 from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
 from priorlab.evaluation.features import describe_evaluator
@@ -105,7 +106,10 @@ def train_evaluator(cfg: DictConfig) -> Path:
 
 
 def evaluate(cfg: DictConfig) -> Path:
-    """Evaluate a saved model with each prior of eval.priors; write eval/*.json and sample grids.
+    """Evaluate a saved model with each prior of eval.priors; write eval/step=N_cond.json, eval/step=N_prior.json
+    and sample grids, the records the evaluation callbacks write during training (N: the model's training step),
+    so that `priorlab report` of a study picks them up. A record already there for that step (the training's own
+    evaluation, or an earlier `evaluate`) is moved to eval/replaced/, not lost.
 
     prior=auto|mix use the weights files of `prior_weights` where given, and are otherwise fitted on the
     calibration split of the validation data; the weights used are written to prior_weights_<p>.json.
@@ -135,6 +139,7 @@ def evaluate(cfg: DictConfig) -> Path:
             part.to(device).eval()
     mixture = getattr(datamodule, "mixture", None)
     say = _status(cfg.get("progress", True))
+    started = time.perf_counter()
     with torch.no_grad():
         say("fitting the auto/mix priors' weights on the calibration split" if {"auto", "mix"} & set(settings.priors)
             else "starting")  # fmt: skip
@@ -148,19 +153,34 @@ def evaluate(cfg: DictConfig) -> Path:
         say("prior quality on the held-out data")
         prior_metrics = prior_quality(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors,
                                       evaluator, settings, mixture, weights)  # fmt: skip
+    seconds = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else model.path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    step = int(model.meta.get("step", 0))
     for prior, w in weights.items():
         w.save(out / f"prior_weights_{prior}.json")
     info = {"model": str(model.path), "base": str(base.path) if base else None, "settings": vars(settings),
-            "evaluator_accuracy": evaluator.accuracy}  # fmt: skip
-    for name, values in (("conditional", cond), ("prior", prior_metrics)):
-        atomic.write_json(out / f"{name}.json", {**info, "metrics": values})
+            "evaluator_accuracy": evaluator.accuracy, "made_by": "priorlab evaluate"}  # fmt: skip
+    written = []
+    for kind, values in (("cond", cond), ("prior", prior_metrics)):
+        path = out / f"step={step}_{kind}.json"
+        _keep_replaced(path)
+        atomic.write_json(path, {"step": step, "metrics": values, "seconds": round(seconds, 3), **info})
+        written.append(path)
     for prior, x in grids.items():
-        save_grid(x, model.denoiser.num_classes, out / f"grid_prior={prior}.png")
+        save_grid(x, model.denoiser.num_classes, out / f"grid_step={step}_prior={prior}.png")
     _print_table(cond)
-    print(f"wrote {out}/conditional.json and {out}/prior.json")
+    print(f"wrote {written[0]} and {written[1]}")
     return out
+
+
+def _keep_replaced(path: Path) -> None:
+    """Move an existing evaluation record out of the way (to replaced/ beside it), saying so."""
+    if path.exists():
+        kept = path.parent / "replaced" / path.name
+        kept.parent.mkdir(exist_ok=True)
+        path.replace(kept)
+        print(f"an evaluation was already recorded at {path}; it is kept as {kept}")
 
 
 def _status(show: bool):
@@ -175,8 +195,11 @@ def _status(show: bool):
 
 
 def _print_table(cond: dict[str, float]) -> None:
-    rows = sorted({k.split("/", 3)[3] for k in cond if k.startswith("eval/cond/fd/")})
+    parsed = [keys.parse(k) for k in cond]
+    rows = sorted({(k.prior, k.scale) for k in parsed if k.group == "cond" and k.metric == "fd"})
     print(f"{'setting':<22}{'FD':>10}{'KID':>10}{'prec':>8}{'recall':>8}{'acc':>8}")
-    for r in rows:
-        v = [cond.get(f"eval/cond/{m}/{r}", float("nan")) for m in ("fd", "kid", "precision", "recall", "accuracy")]
-        print(f"{r:<22}{v[0]:>10.3f}{v[1]:>10.4f}{v[2]:>8.3f}{v[3]:>8.3f}{v[4]:>8.3f}")
+    for prior, scale in rows:
+        v = [cond.get(keys.key("cond", m, prior=prior, scale=scale), float("nan"))
+             for m in ("fd", "kid", "precision", "recall", "accuracy")]  # fmt: skip
+        name = f"prior={prior}/{keys.scale_name(scale)}"
+        print(f"{name:<22}{v[0]:>10.3f}{v[1]:>10.4f}{v[2]:>8.3f}{v[3]:>8.3f}{v[4]:>8.3f}")

@@ -11,7 +11,14 @@ from scipy import stats
 
 from priorlab import atomic
 from priorlab.analysis import figures, swap
-from priorlab.analysis.results import axis_columns, final_rows, load_results, study_record
+from priorlab.analysis.results import (
+    axis_columns,
+    collect_results,
+    final_rows,
+    has_eval_records,
+    load_results,
+    study_record,
+)
 from priorlab.analysis.stats import Estimate, mean_ci, paired_difference
 from priorlab.analysis.validity import (
     LOWER_IS_BETTER,
@@ -276,6 +283,8 @@ def build_report(study_dir: str | Path) -> Path:
     """Rebuild figures and report.md from results.csv (with the run folders where present: the base's loss curve
     and the sample grids); the validity checks come first and gate every conclusion."""
     study_dir = Path(study_dir)
+    if has_eval_records(study_dir):
+        collect_results(study_dir)  # the run folders are the source: `priorlab evaluate` adds records after a study
     frame = load_results(study_dir)
     fig_dir = study_dir / "figures"
     meta = study_record(study_dir / "study.json") if (study_dir / "study.json").exists() else {}

@@ -48,6 +48,13 @@ def run_rows(run_dir: Path, study_dir: Path) -> list[dict]:
     return rows
 
 
+def has_eval_records(study_dir: str | Path) -> bool:
+    """Whether a study folder holds finished fine-tunes with evaluation records, from which results.csv is built
+    (a results folder may hold results.csv alone)."""
+    runs = (p.parent for p in (Path(study_dir) / "finetune").rglob("done.json"))
+    return any(next((run / "eval").glob("step=*_*.json"), None) is not None for run in runs)
+
+
 def collect_results(study_dir: str | Path) -> pd.DataFrame:
     """Gather every finished fine-tune of a study into results.csv (written atomically) and return it."""
     study_dir = Path(study_dir)
