@@ -278,9 +278,9 @@ def priorlab_path(
     import lightning as L
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    from priorlab.callbacks import EMA
     from priorlab.data.base import TensorDataModule
-    from priorlab.training import DiffusionModule
+    from priorlab.lightning_module import DiffusionModule
+    from priorlab.training_callbacks import EMA
 
     class RandomData(TensorDataModule):
         def load(self):

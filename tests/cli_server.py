@@ -75,8 +75,8 @@ def _wait(pid: int, timeout: float) -> int:
 def main() -> None:
     import priorlab.analysis.report  # noqa: F401 - imported once here, not in every case
     import priorlab.cli  # noqa: F401
-    import priorlab.evaluate  # noqa: F401
-    import priorlab.train  # noqa: F401
+    import priorlab.commands.evaluate  # noqa: F401
+    import priorlab.commands.train  # noqa: F401
 
     replies = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:

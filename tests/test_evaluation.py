@@ -14,13 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import run_cli
+from priorlab.commands.train import build_module
 from priorlab.errors import UserError
 from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
 from priorlab.evaluation.features import Classifier, Evaluator
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior as Prior
 from priorlab.priors import PriorWeights
-from priorlab.train import build_module
 
 
 def _tiny_setup():
@@ -225,8 +225,8 @@ def test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout(
 
 
 def test_data_that_differ_only_in_classes_or_draw_do_not_share_an_evaluator(compose_tmp, tmp_path):
+    from priorlab.commands.evaluate import train_evaluator
     from priorlab.data import DigitsDataModule
-    from priorlab.evaluate import train_evaluator
     from priorlab.evaluation.setup import COMMAND, ensure_evaluator, evaluator_dir, train_and_cache_evaluator
 
     def name(*overrides):
@@ -304,9 +304,9 @@ def test_final_evaluation_runs_on_ema_weights_before_lightning_moves_the_module_
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    from priorlab.callbacks import EMA
     from priorlab.evaluation.callbacks import ConditionalQuality, PriorQuality
     from priorlab.evaluation.setup import train_and_cache_evaluator
+    from priorlab.training_callbacks import EMA
 
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.num_samples=512", "data.batch_size=32"])
     dm = instantiate(cfg.data)
@@ -392,7 +392,7 @@ def test_a_model_folders_data_config_cannot_choose_what_is_called(tmp_path, data
     datamodule with plain values: a folder from someone else must not import or call anything."""
     import yaml
 
-    from priorlab.evaluate import _data_config
+    from priorlab.commands.evaluate import _data_config
 
     (tmp_path / "model").mkdir()
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": data}))

@@ -17,8 +17,8 @@ import yaml
 
 from conftest import run_cli
 from priorlab.analysis.results import parse_key, run_axes
+from priorlab.analysis.sign_rule import Proportion, fitted_vs_fixed, sign_rule, swap_points
 from priorlab.analysis.stats import mean_ci
-from priorlab.analysis.swap import Proportion, fitted_vs_fixed, sign_rule, swap_points
 from priorlab.errors import UserError
 from priorlab.models.io import content_hash
 from priorlab.studies import check_bases, claim_study_dir, finetune_subdir, load_experiment, preset_overrides
@@ -511,7 +511,7 @@ def test_wilson_interval_equals_the_hand_written_formula():
 def test_fitted_cells_pair_seeds_within_a_cell_against_its_better_fixed_prior():
     """Per (p, w) cell, paired differences over seeds against the better fixed prior (by its mean), checked by
     hand: a cell within noise is said to be so, not counted as a failure."""
-    from priorlab.analysis.swap import fitted_cells
+    from priorlab.analysis.sign_rule import fitted_cells
 
     rows = []
     for seed, (s, b, a) in enumerate([(1.0, 2.0, 0.8), (1.2, 2.1, 0.95), (1.1, 1.9, 0.95)]):  # cell w=2: self better

@@ -8,8 +8,8 @@ import pytest
 from conftest import run_cli
 from priorlab.cli import rewrite_overrides
 from priorlab.errors import UserError
-from priorlab.progress import StudyProgress, duration
 from priorlab.studies import run_study
+from priorlab.study_progress import StudyProgress, duration
 from priorlab.study_settings import merge_sweep, route_study_args
 
 

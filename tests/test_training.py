@@ -8,9 +8,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from priorlab.commands.train import build_module
 from priorlab.errors import UserError
 from priorlab.models import save_denoiser
-from priorlab.train import build_module
 
 TINY_MLP = ["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"]
 
@@ -100,7 +100,7 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
     import json
     import time
 
-    from priorlab.callbacks import Throughput
+    from priorlab.training_callbacks import Throughput
 
     cfg, dm, module = _module(compose_tmp, TINY_MLP)
 
@@ -131,10 +131,10 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
 def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch):
     """Reading train/loss for display waits for the GPU (.item()). Lightning does it after every batch for metrics
     logged with prog_bar=True, and its bar reads the metrics after every batch: neither may happen every step."""
-    from priorlab.progress_bar import StepProgressBar as ProgressBar
+    from priorlab.training_callbacks import StepProgressBar as ProgressBar
 
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    assert cfg.callbacks.progress._target_ == "priorlab.progress_bar.StepProgressBar"
+    assert cfg.callbacks.progress._target_ == "priorlab.training_callbacks.StepProgressBar"
     assert instantiate(cfg.callbacks.progress).metrics_every_n_steps == cfg.trainer.log_every_n_steps
     dm = instantiate(cfg.data)
     dm.setup()
@@ -166,7 +166,7 @@ def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypa
 def test_progress_bar_counts_steps_and_a_fresh_run_does_not_warn(compose_tmp, capsys, recwarn):
     """The bar reads `step 4/4` (not Lightning's `Epoch 0/-2` of max_epochs=-1), and a fresh run's loggers find
     its folder empty (Lightning warns of an "Experiment logs directory ... not empty" and drops metrics.csv)."""
-    from priorlab.train import train
+    from priorlab.commands.train import train
 
     steps = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "logger=default", "trainer.log_every_n_steps=1",
@@ -184,8 +184,8 @@ def test_progress_bar_counts_steps_and_a_fresh_run_does_not_warn(compose_tmp, ca
 def test_base_with_another_schedule_or_prediction_type_is_refused():
     from diffusers import DDPMScheduler
 
+    from priorlab.commands.train import check_same_schedule
     from priorlab.errors import UserError
-    from priorlab.train import check_same_schedule
 
     base = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon").config
     check_same_schedule(base, DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="epsilon").config)
@@ -198,7 +198,7 @@ def test_base_with_another_schedule_or_prediction_type_is_refused():
 
 
 def test_ema_is_the_exponential_average_of_the_weights_after_each_step(compose_tmp):
-    from priorlab.callbacks import EMA
+    from priorlab.training_callbacks import EMA
 
     cfg, dm, module = _module(compose_tmp, [*TINY_MLP, "optimizer.lr=1e-2"])
     seen = []
@@ -345,7 +345,7 @@ def test_cuda_graph_compile_refuses_gradient_accumulation(compose_tmp, monkeypat
 def test_ema_builds_its_lists_again_when_the_weights_are_replaced():
     from torch.optim.swa_utils import AveragedModel
 
-    from priorlab.callbacks import EMA
+    from priorlab.training_callbacks import EMA
 
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     module.device = torch.device("cpu")
@@ -402,7 +402,7 @@ def test_the_same_run_started_twice_fails_in_one_line(tmp_path):
     import os
 
     from conftest import run_cli
-    from priorlab.train import run_lock
+    from priorlab.commands.train import run_lock
 
     args = (
         "train",

@@ -21,9 +21,9 @@ from priorlab.errors import UserError
 
 CONFIG_DIR = Path(os.environ.get("PRIORLAB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
 COMMANDS = {
-    "train": "priorlab.train:train",
-    "train-evaluator": "priorlab.evaluate:train_evaluator",
-    "evaluate": "priorlab.evaluate:evaluate",
+    "train": "priorlab.commands.train:train",
+    "train-evaluator": "priorlab.commands.evaluate:train_evaluator",
+    "evaluate": "priorlab.commands.evaluate:evaluate",
     "study": "priorlab.studies:run_study",
     "report": "priorlab.analysis.report:report_command",
     "dashboard": "priorlab.dashboard:dashboard",

@@ -4,15 +4,13 @@ Lightning 2.6 has no public hook for these; `tests/test_lightning_private.py` pi
 upgrade that renames or removes one fails there, naming it, rather than deep inside a training run:
 
 - WeightAveraging keeps its AveragedModel in `_average_model` and the step of its last update in
-  `_latest_update_step` (saved in its state_dict); `callbacks.EMA` replaces the per-step update with a fused
+  `_latest_update_step` (saved in its state_dict); `training_callbacks.EMA` replaces the per-step update with a fused
   one and must keep both as Lightning does.
 - DDPStrategy builds DistributedDataParallel in `_setup_model(model)` from the `_ddp_kwargs` it was given;
   `ddp.DDPStrategy` builds it on the current CUDA stream instead of a side stream.
-- RichProgressBar's `_initialize_train_progress_bar_id()` and `_update(bar_id, current)` move the bar without
-  reading the metrics (`callbacks.ProgressBar`).
 
 What has a public hook uses it: checkpoints are written atomically through a `CheckpointIO` plugin set on the
-strategy (`callbacks.AtomicCheckpoint`), the EMA average is copied into the module through WeightAveraging's
+strategy (`training_callbacks.AtomicCheckpoint`), the EMA average is copied into the module through WeightAveraging's
 public `on_train_end`, and DDP's communication hook is checked in the public `configure_ddp`.
 """
 
@@ -31,12 +29,6 @@ PINNED: tuple[tuple[str, str, Any], ...] = (
     ("lightning.pytorch.callbacks.WeightAveraging", "_latest_update_step", "attribute"),
     ("lightning.pytorch.strategies.DDPStrategy", "_ddp_kwargs", "attribute"),
     ("lightning.pytorch.strategies.DDPStrategy", "_setup_model", ("self", "model")),
-    ("lightning.pytorch.callbacks.RichProgressBar", "_initialize_train_progress_bar_id", ("self",)),
-    (
-        "lightning.pytorch.callbacks.RichProgressBar",
-        "_update",
-        ("self", "progress_bar_id", "current", "visible", "hard"),
-    ),
 )
 
 

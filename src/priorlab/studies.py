@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from priorlab import atomic
 from priorlab.cli import override, override_value
 from priorlab.errors import UserError
-from priorlab.progress import StudyProgress, duration
+from priorlab.study_progress import StudyProgress, duration
 from priorlab.study_settings import (
     STUDY_KEYS,
     apply_given,

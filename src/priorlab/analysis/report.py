@@ -10,7 +10,7 @@ import pandas as pd
 from scipy import stats
 
 from priorlab import atomic
-from priorlab.analysis import figures, swap
+from priorlab.analysis import figures, sign_rule
 from priorlab.analysis.results import (
     axis_columns,
     collect_results,
@@ -376,12 +376,12 @@ def _swap_sections(frame: pd.DataFrame, fig_dir: Path, validity: Validity) -> tu
     metric = study_metric(frame)
     axes = axis_columns(frame)
     keys = condition_keys(frame)
-    points = swap.swap_points(frame, metric)
+    points = sign_rule.swap_points(frame, metric)
     lines: list[str] = []
     made: dict[str, tuple[str, Path | None]] = {}
-    if final_rows(frame)["prior"].isin(swap.FITTED).any():
+    if final_rows(frame)["prior"].isin(sign_rule.FITTED).any():
         lines += [f"## Best {metric.upper()} over guidance scales per condition, every prior (mean [95% CI] over "
-                  "seeds)", "", _markdown_table(swap.condition_table(frame, metric)), ""]  # fmt: skip
+                  "seeds)", "", _markdown_table(sign_rule.condition_table(frame, metric)), ""]  # fmt: skip
     if points.empty or points["log_ratio"].isna().all():
         return lines, made
     conds = points[keys].apply(tuple, axis=1)
@@ -396,7 +396,7 @@ def _swap_sections(frame: pd.DataFrame, fig_dir: Path, validity: Validity) -> tu
             "",
         ], made
     source = "calibration" if final_rows(frame)["metric"].str.startswith("calib_loss/").any() else "metric held-out"
-    overall, per_scale = swap.sign_rule(points)
+    overall, per_scale = sign_rule.sign_rule(points)
     signs = set(np.sign(points["log_ratio"].dropna()).tolist()) - {0.0}
     lines += [
         f"Benefit = {metric.upper()}(self) − {metric.upper()}(base) at each fine-tune's final step and each w ≠ 1 "
@@ -416,22 +416,22 @@ def _swap_sections(frame: pd.DataFrame, fig_dir: Path, validity: Validity) -> tu
         f"- all scales: the sign rule held at {overall}.",
         *[f"- w={_fmt_w(w)}: {p}." for w, p in per_scale.items()],
         *[f"- {key}={_fmt_axis(v)}: {p}." for key in [*axes, "cond_dropout"] if points[key].nunique() > 1
-          for v, p in swap.sign_rule(points, key)[1].items()],
-        "- Spearman's ρ(log ratio, benefit) = {:.2f} (p = {:.2g}, n = {}).".format(*swap.rank_correlation(points)),
+          for v, p in sign_rule.sign_rule(points, key)[1].items()],
+        "- Spearman's ρ(log ratio, benefit) = {:.2f} (p = {:.2g}, n = {}).".format(*sign_rule.rank_correlation(points)),
         "",
     ]  # fmt: skip
     made["f"] = ("(f) the swap's benefit vs the ∅ loss ratio",
                  figures.swap_vs_loss_ratio(points, fig_dir / "f_swap_vs_loss_ratio.png", metric))  # fmt: skip
     lines += _fitted_lines(points, metric)
     made["g"] = ("(g) log(L_self / L_base) and the mix weight per timestep bucket",
-                 figures.log_ratio_per_bucket(swap.bucket_log_ratios(frame), axes,
+                 figures.log_ratio_per_bucket(sign_rule.bucket_log_ratios(frame), axes,
                                               fig_dir / "g_log_ratio_per_bucket.png"))  # fmt: skip
     return lines, made
 
 
 def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
     """The section comparing prior=auto and prior=mix with the better and the worse fixed prior at each point."""
-    fitted = [c for c in (swap.fitted_vs_fixed(points, p) for p in swap.FITTED) if c is not None]
+    fitted = [c for c in (sign_rule.fitted_vs_fixed(points, p) for p in sign_rule.FITTED) if c is not None]
     if not fitted:
         return []
     title = f"## The fitted priors (auto, mix, checked) against both fixed priors ({metric.upper()}, lower is better)"
@@ -440,7 +440,7 @@ def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
              "fixed prior (the better by its mean over seeds), mean [95% t-CI] over seeds; a cell whose interval "
              "against the better includes 0 is within noise, not a failure.", ""]  # fmt: skip
     for c in fitted:
-        cells = swap.fitted_cells(points, c.prior)
+        cells = sign_rule.fitted_cells(points, c.prior)
         counts = cells["verdict"].value_counts()
         summary = "; ".join(f"{v}: {counts[v]}" for v in counts.index)
         lines += [f"**prior={c.prior}** over {len(cells)} cells: {summary}.", ""]

@@ -30,9 +30,9 @@ from priorlab.evaluation.core import (
 )
 from priorlab.evaluation.images import log_image, save_grid
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
+from priorlab.lightning_module import check_finite_weights
 from priorlab.models.io import load_denoiser
 from priorlab.priors import FITTED
-from priorlab.training import check_finite_weights
 
 
 class _Evaluation(L.Callback):

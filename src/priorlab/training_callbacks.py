@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from priorlab import lightning_private
@@ -131,37 +131,51 @@ class EMA(EMAWeightAveraging):
             super().on_train_end(trainer, pl_module)  # WeightAveraging's copy of the average into the module
 
 
-class ProgressBar(RichProgressBar):
-    """Lightning's RichProgressBar, showing train/loss and the other metrics anew every `metrics_every_n_steps`.
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's TQDMProgressBar counting the run's optimizer steps (`step 120/400`) rather than epochs.
 
-    Showing a GPU metric reads it with `.item()`, which waits for the GPU to finish all queued work. Lightning
-    does that after every batch for every metric logged with `prog_bar=True`, and its bar reads the metrics
-    after every batch too, so the host could never queue a step's kernels while the GPU still ran the previous
-    one. priorlab logs nothing with `prog_bar=True`; this bar reads train/loss from the trainer's callback
-    metrics on the first step, every `metrics_every_n_steps` steps (the trainer's `log_every_n_steps` in the
-    presets), and at the end of each epoch and validation. The step counter moves every batch.
+    priorlab's runs are set by trainer.max_steps (max_epochs=-1), for which Lightning's bars read `Epoch 0/-2`.
+    This bar's total is max_steps and its count the trainer's global step, so a resumed run starts where it
+    stopped. train/loss is read for display on the first step and every `metrics_every_n_steps` steps only:
+    reading a GPU metric waits for the GPU to finish its queued work (priorlab logs nothing with prog_bar=True).
+
+    Args:
+        metrics_every_n_steps: steps between readings of train/loss (the presets: trainer.log_every_n_steps).
+        refresh_rate: steps between redraws of the count.
     """
 
-    def __init__(self, metrics_every_n_steps: int = 50, **kwargs):
-        super().__init__(**kwargs)
+    BAR_FORMAT = "step {n}/{total} |{bar:20}| {elapsed}<{remaining}, {rate_fmt}{postfix}"
+
+    def __init__(self, metrics_every_n_steps: int = 50, refresh_rate: int = 1, **kwargs):
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
         self.metrics_every_n_steps = whole(metrics_every_n_steps, "callbacks.progress.metrics_every_n_steps", 1)
+
+    def init_train_tqdm(self):
+        bar = super().init_train_tqdm()
+        bar.bar_format = self.BAR_FORMAT
+        return bar
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = bar.n = trainer.global_step  # the rate counts this session's steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step, bar = trainer.global_step, self.train_progress_bar
+        if step == 1 or step % self.metrics_every_n_steps == 0:
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        if step % self.refresh_rate == 0 or step == bar.total:
+            bar.n = step
+            bar.refresh()
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             items["train/loss"] = f"{float(loss):.4g}"
         return items
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == 1 or step % self.metrics_every_n_steps == 0:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()  # as Lightning's bar does (a run resumed mid-epoch)
-        self._update(self.train_progress_bar_id, batch_idx + 1)
-        self.refresh()
 
 
 class SaveDenoiser(L.Callback):

@@ -12,13 +12,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic
-from priorlab.callbacks import SaveDenoiser
 from priorlab.checks import check_train_values
 from priorlab.errors import UserError
+from priorlab.lightning_module import DiffusionModule
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
 from priorlab.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
 from priorlab.threads import set_cpu_threads
-from priorlab.training import DiffusionModule
+from priorlab.training_callbacks import SaveDenoiser
 
 STAGES = ("base", "finetune")
 

@@ -120,7 +120,7 @@ class DiffusionModule(L.LightningModule):
 
     def log_step(self, loss: Tensor, labels: Tensor) -> None:
         # Not prog_bar=True: Lightning converts progress-bar metrics to numbers after every batch, an `.item()`
-        # that waits for the GPU at every step. priorlab's ProgressBar shows train/loss every N steps instead.
+        # that waits for the GPU at every step. priorlab's StepProgressBar shows train/loss every N steps instead.
         self.log("train/loss", loss)
         self.log("train/drop_rate", (labels == self.denoiser.null_class).float().mean())
 

@@ -188,7 +188,7 @@ def _status(show: bool):
     sampling and scoring take minutes with nothing else on screen."""
     import time
 
-    from priorlab.progress import duration
+    from priorlab.study_progress import duration
 
     start = time.time()
     return lambda text: print(f"[evaluate {duration(time.time() - start)}] {text}", flush=True) if show else None
