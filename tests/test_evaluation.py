@@ -1,6 +1,7 @@
 """Evaluation: DDP invariance, the toy2d ground truth, the callbacks and `priorlab evaluate`."""
 
 import json
+import re
 from dataclasses import replace
 
 import lightning as L
@@ -126,6 +127,9 @@ def test_callbacks_and_evaluate_command(tmp_path):
                   "callbacks.prior_quality.every_n_steps=2", "callbacks.conditional_quality.every_n_steps=2", *TINY,
                   cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    # each evaluation says what it does and how long it took
+    assert "[step 2] evaluating conditional quality ..." in out.stdout, out.stdout[-2000:]
+    assert re.search(r"\[step 4\] prior quality evaluated in \d+ s", out.stdout), out.stdout[-2000:]
     run = tmp_path / "runs/e/finetune/p=0.1/seed=0"
     assert (tmp_path / "runs/evaluators/digits8/evaluator.json").exists()
     for step in (2, 4):

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -43,6 +45,14 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the resumed run's metrics.csv continues the killed session's: the same rows as the unbroken run's, once each
+    unbroken, killed = (pd.read_csv(tmp_path / f"runs/{r}/base/metrics.csv") for r in ("unbroken", "killed"))
+    assert sorted(killed.columns) == sorted(unbroken.columns)
+    for frame in (unbroken, killed):
+        frame.sort_values(["step", *sorted(frame.columns)], inplace=True, ignore_index=True)
+    assert len(killed) == len(unbroken) and (killed["step"].to_numpy() == unbroken["step"].to_numpy()).all()
+    for column in ("val/loss_cond", "train/loss"):
+        assert np.allclose(killed[column], unbroken[column], rtol=1e-5, equal_nan=True), column
     # started again once finished, it trains nothing
     out = subprocess.run(_cmd("killed"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert "is finished" in out.stdout

@@ -462,3 +462,30 @@ def test_every_seed_is_derived_by_one_module_with_the_values_runs_have_always_us
     assert sum(map(len, streams)) == len(set().union(*streams))
     with pytest.raises(KeyError):
         seeds.stream_seed("nope", 0)
+
+
+def test_the_csv_logger_continues_metrics_csv_when_a_run_resumes(tmp_path):
+    import csv
+
+    from priorlab.loggers import CSVLogger
+
+    first = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    for step in range(6):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    first.save()
+    # resumed from a checkpoint at step 4: steps 4 and 5 are logged again, with a metric the first session lacked
+    again = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    for step in range(4, 8):
+        again.log_metrics({"train/loss": 10.0 + step, "val/loss": 1.0}, step=step)
+    again.save()
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["step"]) for r in rows] == list(range(8))  # each step once
+    assert [float(r["train/loss"]) for r in rows] == [0, 1, 2, 3, 14, 15, 16, 17]  # the new session's from step 4
+    assert [r["val/loss"] for r in rows] == ["", "", "", "", "1.0", "1.0", "1.0", "1.0"]
+    # a run started over (from step 0) in the folder starts a fresh file
+    fresh = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    fresh.log_metrics({"train/loss": 5.0}, step=0)
+    fresh.save()
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        assert [(r["step"], r["train/loss"]) for r in csv.DictReader(file)] == [("0", "5.0")]

@@ -6,6 +6,9 @@ upgrade that renames or removes one fails there, naming it, rather than deep ins
 - WeightAveraging keeps its AveragedModel in `_average_model` and the step of its last update in
   `_latest_update_step` (saved in its state_dict); `training_callbacks.EMA` replaces the per-step update with a fused
   one and must keep both as Lightning does.
+- CSVLogger's ExperimentWriter deletes metrics.csv in `_check_log_dir_exists()`; `loggers.CSVLogger` builds its own
+  writer (`_experiment`, `_fs`), which keeps it and continues it from its `metrics`, `metrics_keys`,
+  `metrics_file_path` and `_fs`.
 - DDPStrategy builds DistributedDataParallel in `_setup_model(model)` from the `_ddp_kwargs` it was given;
   `ddp.DDPStrategy` builds it on the current CUDA stream instead of a side stream.
 
@@ -29,6 +32,13 @@ PINNED: tuple[tuple[str, str, Any], ...] = (
     ("lightning.pytorch.callbacks.WeightAveraging", "_latest_update_step", "attribute"),
     ("lightning.pytorch.strategies.DDPStrategy", "_ddp_kwargs", "attribute"),
     ("lightning.pytorch.strategies.DDPStrategy", "_setup_model", ("self", "model")),
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "_check_log_dir_exists", ("self",)),
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "metrics", "attribute"),
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "metrics_keys", "attribute"),
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "metrics_file_path", "attribute"),
+    ("lightning.pytorch.loggers.csv_logs.ExperimentWriter", "_fs", "attribute"),
+    ("lightning.pytorch.loggers.CSVLogger", "_experiment", "attribute"),
+    ("lightning.pytorch.loggers.CSVLogger", "_fs", "attribute"),
 )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from tqdm.auto import tqdm
 
 from priorlab import atomic, keys
 from priorlab.evaluation.core import (
@@ -87,6 +88,9 @@ class _Evaluation(L.Callback):
             pl_module.to(device)
         self.evaluator.net.to(device)
         started = time.perf_counter()
+        what = {"cond": "conditional quality", "prior": "prior quality"}.get(self.kind, self.kind)
+        if trainer.is_global_zero:  # sampling takes minutes, with nothing else on screen
+            tqdm.write(f"[step {step}] evaluating {what} ...")
         prior_net = None
         if self.base is not None:
             self.base.denoiser.to(device)
@@ -97,6 +101,8 @@ class _Evaluation(L.Callback):
             weights = self.fitted_priors(trainer, pl_module, prior_net)
             metrics, grids = self.measure(trainer, pl_module, prior_net, final, weights)
         seconds = time.perf_counter() - started  # metrics are Python floats by now: the GPU work has finished
+        if trainer.is_global_zero:
+            tqdm.write(f"[step {step}] {what} evaluated in {seconds:.0f} s")
         denoiser.train(was_training)
         if home != device:
             pl_module.to(home)
