@@ -9,20 +9,20 @@ prints the counts with 95% Wilson intervals and writes runs/when_swap_pays/figur
 import sys
 from pathlib import Path
 
-from priorlab.analysis import figures, swap
+from priorlab.analysis import figures, sign_rule
 from priorlab.analysis.results import load_results
 from priorlab.analysis.validity import study_metric
 
 study = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/when_swap_pays")
 frame = load_results(study)
 metric = sys.argv[2] if len(sys.argv) > 2 else study_metric(frame)
-points = swap.swap_points(frame, metric)
-overall, per_scale = swap.sign_rule(points)
+points = sign_rule.swap_points(frame, metric)
+overall, per_scale = sign_rule.sign_rule(points)
 print(f"sign rule ({metric}), all scales: held at {overall}")
 for w, p in per_scale.items():
     print(f"sign rule ({metric}), w={w}: held at {p}")
-for prior in swap.FITTED:
-    c = swap.fitted_vs_fixed(points, prior)
+for prior in sign_rule.FITTED:
+    c = sign_rule.fitted_vs_fixed(points, prior)
     if c is not None:
         print(
             f"prior={prior}: beats both at {c.beats_both}, ties the better at {c.ties_better}, "

@@ -77,6 +77,8 @@ def main() -> None:
     import priorlab.cli  # noqa: F401
     import priorlab.commands.evaluate  # noqa: F401
     import priorlab.commands.train  # noqa: F401
+    import priorlab.pipelines.export  # noqa: F401
+    import priorlab.pipelines.sample  # noqa: F401
 
     replies = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,42 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
     exe = Path(sys.executable).parent / "priorlab"
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+class Server:
+    """tests/cli_server.py, started once: `run(args, cwd)` → {"rc", "stdout", "stderr", "seconds"}. Each command line
+    runs in a fork of one interpreter that imported priorlab once (a fresh `priorlab` spends seconds importing)."""
+
+    def __init__(self):
+        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+        here = Path(__file__).resolve().parent
+        self.proc = subprocess.Popen([sys.executable, str(here / "cli_server.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+    def run(self, args: list[str], cwd: Path, timeout: float = 300) -> dict:
+        self.proc.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "timeout": timeout}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the CLI server stopped"
+        return json.loads(line)
+
+    def __call__(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Like `run_cli`: the command's exit status and output."""
+        out = self.run(list(args), cwd, timeout)
+        return subprocess.CompletedProcess(["priorlab", *args], out["rc"], out["stdout"], out["stderr"])
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """`cli(*args, cwd=...)`: a `priorlab` command line run by the session's CLI server, for tests that run many
+    short commands (user mistakes)."""
+    server = Server()
+    yield server
+    server.close()
 
 
 class RaiseLearningRate(L.Callback):

@@ -201,7 +201,7 @@ def test_sample_fits_auto_weights_on_calibration_images_of_a_pixel_model(runs, t
     assert (tmp_path / "a" / "prior=auto_0.png").is_file()
 
 
-def test_export_and_sample_user_mistakes_are_one_line_errors(runs, tmp_path):
+def test_export_and_sample_user_mistakes_are_one_line_errors(runs, tmp_path, cli):
     ft = runs["unet", "ft"]
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -216,7 +216,7 @@ def test_export_and_sample_user_mistakes_are_one_line_errors(runs, tmp_path):
     }
     for args, message in cases.items():
         extra = ["num_steps=1", "progress=false", f"out={tmp_path / 'o'}"] if args[0] == "sample" else []
-        result = run_cli(*args, *extra, cwd=tmp_path)
+        result = cli(*args, *extra, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists() and (tmp_path / "full" / "x").read_text() == "x"

@@ -15,14 +15,12 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from conftest import compose_cfg
+from conftest import Server, compose_cfg
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results" / "dropout_vs_prior_gpu_first_preset"
@@ -86,26 +84,6 @@ PLAUSIBLE = {"seed": ["1", "4294967295"], "cond_dropout": ["0", "1", "0.999"], "
 GROUPS = {"data": ["toy2d", "digits", "mnist", "hf"], "model": ["mlp", "unet_tiny", "dit_s", "unet_b"],
           "trainer": ["cpu", "ddp_cpu", "gpu", "ddp"], "callbacks": ["default", "eval"],
           "stage": ["base", "finetune"], "eval": ["default", "tiny"], "logger": ["csv", "default"]}  # fmt: skip
-
-
-class Server:
-    """tests/cli_server.py, started once: `run(args, cwd)` → (rc, stdout, stderr)."""
-
-    def __init__(self):
-        env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "cli_server.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
-
-    def run(self, args: list[str], cwd: Path, timeout: float = 300) -> dict:
-        self.proc.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "timeout": timeout}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the CLI server stopped"
-        return json.loads(line)
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

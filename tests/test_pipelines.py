@@ -398,9 +398,7 @@ def test_sample_command_dit_and_video(folders, tmp_path):
     assert gif.n_frames == 3 and len(list((tmp_path / "video" / "prior=base_0").glob("frame_*.png"))) == 3
 
 
-def test_sample_command_user_mistakes_are_one_line_errors(folders, tmp_path):
-    from conftest import run_cli
-
+def test_sample_command_user_mistakes_are_one_line_errors(folders, tmp_path, cli):
     cases = {
         ("sample", f"model={folders['sd']}", "prior=base", "prompt=x"): "needs base=PATH",
         ("sample", f"model={folders['sd']}", "prior=self"): "needs prompt",
@@ -412,7 +410,7 @@ def test_sample_command_user_mistakes_are_one_line_errors(folders, tmp_path):
         ("sample", f"model={folders['dit']}", "prior=self", "class_labels=[1]"): "takes no height=",
     }
     for args, message in cases.items():
-        result = run_cli(*args, "num_steps=1", "height=16", "width=16", f"out={tmp_path / 'x'}", cwd=tmp_path)
+        result = cli(*args, "num_steps=1", "height=16", "width=16", f"out={tmp_path / 'x'}", cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
