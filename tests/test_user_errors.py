@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import perturbed_mlp, run_cli
+from conftest import perturbed_mlp
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "dropout_vs_prior_gpu_first_preset"
 TINY = ["data=toy2d", "data.num_samples=200", "model=mlp", "model.hidden=8", "model.depth=1", "logger=csv",
@@ -61,8 +61,8 @@ def no_run_folder(root: Path, study: str) -> None:
         ("train", ["seed=["], "cannot read the override 'seed=['"),
     ],
 )
-def test_hydra_key_typos_name_the_closest_key(tmp_path, command, args, message):
-    out = run_cli(command, *args, cwd=tmp_path)
+def test_hydra_key_typos_name_the_closest_key(tmp_path, command, args, message, cli):
+    out = cli(command, *args, cwd=tmp_path)
     one_line_error(out, message)
     assert not list(tmp_path.iterdir())
 
@@ -76,15 +76,15 @@ def test_hydra_key_typos_name_the_closest_key(tmp_path, command, args, message):
         ("trainer.max_steps=0", "trainer.max_steps=0 must be a whole number of at least 1"),
     ],
 )
-def test_values_a_run_cannot_use_are_refused_before_its_folder_is_made(tmp_path, arg, message):
-    out = run_cli("train", "study=v", *TINY, arg, cwd=tmp_path)
+def test_values_a_run_cannot_use_are_refused_before_its_folder_is_made(tmp_path, arg, message, cli):
+    out = cli("train", "study=v", *TINY, arg, cwd=tmp_path)
     one_line_error(out, message)
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_path):
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_path, cli):
     """A learning rate of 1e30 makes the loss non-finite before the first validation writes a checkpoint."""
-    out = run_cli("train", "study=nan", *TINY, "optimizer.lr=1e30", cwd=tmp_path)
+    out = cli("train", "study=nan", *TINY, "optimizer.lr=1e30", cwd=tmp_path)
     one_line_error(out, "the training loss became")
     no_run_folder(tmp_path, "nan")
 
@@ -99,16 +99,16 @@ def _model_folder(path: Path) -> Path:
 
 @pytest.mark.parametrize(("command", "key"), [("evaluate", "num_classes"), ("evaluate", "prediction_type"),
                                               ("train", "null_class"), ("train", "class_name")])  # fmt: skip
-def test_a_priorlab_json_with_a_missing_key_is_one_line(tmp_path, command, key):
+def test_a_priorlab_json_with_a_missing_key_is_one_line(tmp_path, command, key, cli):
     model = _model_folder(tmp_path / "base" / "model")
     meta = json.loads((model / "priorlab.json").read_text())
     del meta[key]
     (model / "priorlab.json").write_text(json.dumps(meta))
     before = files_under(tmp_path)
     if command == "evaluate":
-        out = run_cli("evaluate", f"model={model}", "data=toy2d", "eval=tiny", cwd=tmp_path)
+        out = cli("evaluate", f"model={model}", "data=toy2d", "eval=tiny", cwd=tmp_path)
     else:
-        out = run_cli("train", "study=f", "stage=finetune", f"base={model}", *TINY, "data.num_classes=4", cwd=tmp_path)
+        out = cli("train", "study=f", "stage=finetune", f"base={model}", *TINY, "data.num_classes=4", cwd=tmp_path)
     one_line_error(out, f"{model / 'priorlab.json'} lacks {key}; restore the model folder or train it again")
     assert files_under(tmp_path / "base") == {k[5:]: v for k, v in before.items() if k.startswith("base/")}
     assert not (tmp_path / "base" / "eval").exists()
@@ -157,9 +157,9 @@ def _hf_source(tmp_path: Path, kind: str) -> Path:
         ("float labels", "row 1 holds 0.5, not a class index (a whole number)"),
     ],
 )
-def test_hf_data_mistakes_are_one_line(tmp_path, kind, message):
+def test_hf_data_mistakes_are_one_line(tmp_path, kind, message, cli):
     source = _hf_source(tmp_path, kind)
-    out = run_cli("train", "study=hf", "data=hf", f"data.source={source}", "data.image_size=8", "model=unet_tiny",
+    out = cli("train", "study=hf", "data=hf", f"data.source={source}", "data.image_size=8", "model=unet_tiny",
                   *TINY[5:], cwd=tmp_path)  # fmt: skip
     one_line_error(out, message.format(source=source))
     no_run_folder(tmp_path, "hf")
@@ -197,13 +197,13 @@ def _results_csv(path: Path, kind: str) -> None:
         ("missing column", "results.csv lacks the column(s) step"),
     ],
 )
-def test_report_on_a_broken_results_csv_is_one_line(tmp_path, kind, message):
+def test_report_on_a_broken_results_csv_is_one_line(tmp_path, kind, message, cli):
     study = tmp_path / "runs" / "s"
     study.mkdir(parents=True)
     shutil.copy(RESULTS / "study.json", study / "study.json")
     _results_csv(study / "results.csv", kind)
     before = files_under(study)
-    one_line_error(run_cli("report", "runs/s", cwd=tmp_path), message)
+    one_line_error(cli("report", "runs/s", cwd=tmp_path), message)
     assert files_under(study) == before  # no figures, no report.md
 
 
@@ -223,14 +223,14 @@ def test_results_csv_cells_and_completeness_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["report", "study"])
-def test_a_garbled_study_json_is_one_line(tmp_path, command):
+def test_a_garbled_study_json_is_one_line(tmp_path, command, cli):
     study = tmp_path / "runs" / "dropout_vs_prior"
     study.mkdir(parents=True)
     shutil.copy(RESULTS / "results.csv", study / "results.csv")
     (study / "study.json").write_text('{"name": "dropout_vs_prior", "pres')
     before = files_under(study)
     args = ["report", "runs/dropout_vs_prior"] if command == "report" else ["study", "dropout_vs_prior", "preset=tiny"]
-    one_line_error(run_cli(*args, cwd=tmp_path), "study.json is not readable as a study record (JSONDecodeError)")
+    one_line_error(cli(*args, cwd=tmp_path), "study.json is not readable as a study record (JSONDecodeError)")
     assert files_under(study) == before
 
 
@@ -261,12 +261,12 @@ def pipelines(tmp_path_factory):
         ("unknown family", "DDPMPipeline is not a pipeline priorlab knows"),
     ],
 )
-def test_sample_mistakes_are_one_line(pipelines, tmp_path, case, message):
+def test_sample_mistakes_are_one_line(pipelines, tmp_path, case, message, cli):
     if case == "mlp base":
         args = [f"model={pipelines['sd']}", f"base={pipelines['mlp']}", "prompt=a cat"]
     else:
         args = [f"model={pipelines['ddpm']}", "prior=self"]
-    out = run_cli("sample", *args, "num_steps=1", "height=16", "width=16", f"out={tmp_path / 'o'}", cwd=tmp_path)
+    out = cli("sample", *args, "num_steps=1", "height=16", "width=16", f"out={tmp_path / 'o'}", cwd=tmp_path)
     line = one_line_error(out, message.format(mlp=pipelines["mlp"]))
     assert "family=" not in line.split("In Python")[0]  # the command line takes no family= setting
     assert not list(tmp_path.iterdir())
@@ -284,17 +284,17 @@ def test_sample_mistakes_are_one_line(pipelines, tmp_path, case, message):
         (["sample", "model=x", "device=cuda", "out=o"], "device=cuda but no CUDA GPU is visible; use device=cpu"),
     ],
 )
-def test_a_gpu_asked_for_without_one_is_one_line(tmp_path, args, message):
-    one_line_error(run_cli(*args, cwd=tmp_path), message)
+def test_a_gpu_asked_for_without_one_is_one_line(tmp_path, args, message, cli):
+    one_line_error(cli(*args, cwd=tmp_path), message)
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_output_folder_is_one_line(tmp_path):
+def test_a_read_only_output_folder_is_one_line(tmp_path, cli):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs").chmod(0o555)
     try:
-        out = run_cli("train", "study=ro", *TINY, cwd=tmp_path)
+        out = cli("train", "study=ro", *TINY, cwd=tmp_path)
     finally:
         (tmp_path / "runs").chmod(0o755)
     one_line_error(out, "cannot write")
