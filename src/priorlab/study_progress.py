@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,14 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _show(line: str) -> None:
+    """Print a line at the start of a line of its own. The fine-tunes share this output and draw progress bars on it
+    without ending their line (a validation bar ends with the cursor moved up), so the line starts with a carriage
+    return, on a terminal also erasing what the bar left there."""
+    sys.stdout.write(("\r\x1b[K" if sys.stdout.isatty() else "\r") + line + "\n")
+    sys.stdout.flush()
 
 
 class StudyProgress:
@@ -50,7 +59,7 @@ class StudyProgress:
                     f"{duration(time.time() - self.started)} elapsed")  # fmt: skip
             if left:
                 line += f" · about {duration(busy / self.new * left)} left"
-            print(line, flush=True)
+            _show(line)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -144,7 +145,7 @@ class StepProgressBar(TQDMProgressBar):
         refresh_rate: steps between redraws of the count.
     """
 
-    BAR_FORMAT = "step {n}/{total} |{bar:20}| {elapsed}<{remaining}, {rate_fmt}{postfix}"
+    STEP_FORMAT = "step {n}/{total} |{bar:20}| {elapsed}<{remaining}, {rate_fmt}{postfix}"
 
     def __init__(self, metrics_every_n_steps: int = 50, refresh_rate: int = 1, **kwargs):
         super().__init__(refresh_rate=refresh_rate, **kwargs)
@@ -152,7 +153,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def init_train_tqdm(self):
         bar = super().init_train_tqdm()
-        bar.bar_format = self.BAR_FORMAT
+        bar.bar_format = self.STEP_FORMAT  # the train bar only: validation bars keep Lightning's format
         return bar
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
@@ -176,6 +177,13 @@ class StepProgressBar(TQDMProgressBar):
         if loss is not None:
             items["train/loss"] = f"{float(loss):.4g}"
         return items
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)  # closes the bar: its last line ends
+        # written out now, not when the process exits: a study prints its own lines on the same output when this
+        # run's done.json appears, and they would otherwise follow the bar on one line
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
 
 
 class SaveDenoiser(L.Callback):
