@@ -93,7 +93,7 @@ def test_study_progress_says_k_of_n_with_the_time_left(tmp_path, capsys):
         time.sleep(0.5)
     with progress.watching():
         finish("p=0.1/seed=1")  # seen by the poll at the end
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]  # each line starts with a \r
     assert lines[0] == "[study s] 1 of 3 fine-tunes done already"
     assert lines[1].startswith("[study s] fine-tune 2 of 3 done (p=0.1, seed=0) · 1m1")
     assert " elapsed · about " in lines[1] and lines[1].endswith("s left")
