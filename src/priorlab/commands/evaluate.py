@@ -186,8 +186,6 @@ def _keep_replaced(path: Path) -> None:
 def _status(show: bool):
     """A function printing `[evaluate 1m05s] text` (the time since this call), or nothing when `show` is false:
     sampling and scoring take minutes with nothing else on screen."""
-    import time
-
     from priorlab.study_progress import duration
 
     start = time.time()

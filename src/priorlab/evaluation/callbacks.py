@@ -35,6 +35,10 @@ from priorlab.lightning_module import check_finite_weights
 from priorlab.models.io import load_denoiser
 from priorlab.priors import FITTED
 
+# The fitted prior weights of the last evaluated step, per trained module: both evaluation callbacks of a run use
+# the same fit, held here rather than as an attribute on the training module (and dropped with the module).
+_FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 class _Evaluation(L.Callback):
     kind = ""
@@ -144,11 +148,6 @@ class _Evaluation(L.Callback):
 
     def measure(self, trainer, pl_module, prior_net, final: bool, weights: dict) -> tuple[dict, dict]:
         raise NotImplementedError
-
-
-# The fitted prior weights of the last evaluated step, per trained module: both evaluation callbacks of a run use
-# the same fit, held here rather than as an attribute on the training module (and dropped with the module).
-_FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PriorQuality(_Evaluation):

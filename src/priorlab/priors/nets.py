@@ -120,6 +120,11 @@ class PriorNet:
         """The network, for its device and dtype."""
         raise NotImplementedError
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PriorNet:
+        """Move the network (and, in dtype, its weights) to `device`."""
+        self.module.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+        return self
+
     def _query(self, x: Tensor, t: Tensor) -> Tensor:
         """ψ's raw output at its own integer timesteps t (N,) with its null condition, on x's device."""
         raise NotImplementedError
@@ -200,10 +205,6 @@ class DenoiserPrior(PriorNet):
     def module(self) -> nn.Module:
         return self.denoiser
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DenoiserPrior:
-        self.denoiser.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
-        return self
-
     def _query(self, x: Tensor, t: Tensor) -> Tensor:
         null = torch.full((len(x),), self.denoiser.null_class, device=x.device, dtype=torch.long)
         return self.denoiser(x, t, null)
@@ -240,7 +241,7 @@ class DiffusersPrior(PriorNet):
         return self.net
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> DiffusersPrior:
-        self.net.to(device=device, **({"dtype": dtype} if dtype is not None else {}))
+        super().to(device, dtype)
         self.null = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) if isinstance(v, Tensor)
                      else v for k, v in self.null.items()}  # fmt: skip
         return self
