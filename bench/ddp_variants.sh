@@ -4,10 +4,14 @@
 # trainer.strategy, plus the host's all-reduce bandwidth. Throughput only (base stage: no base model and no
 # evaluation needed). Writes <name>.json per run into $OUT (default bench/results/ddp-variants).
 #   bash bench/ddp_variants.sh [STEPS] [VARIANT...]      variants: one ddp_side ddp ddp_bf16 ddp_whole ddp_view
-#                                                         one_nocl ddp_nocl (COMPILE=false: eager)
+#                                                         one_nocl ddp_nocl ddp_skip ddp_nocl_skip
+#                                                         (COMPILE=false: eager)
 # Issue 17: ddp_view builds DDP with gradient_as_bucket_view (the gradients are the buckets' views, in the
 # parameters' strides); *_nocl turn channels-last off. Each run's log counts DDP's "Grad strides do not match"
-# warnings.
+# warnings. *_skip register a communication hook that all-reduces nothing (priorlab.ddp.skip_allreduce_hook): DDP's
+# step without its communication, so the gap between ddp and ddp_skip is what the all-reduce costs where the
+# backward pass does not hide it, and the gap between ddp_skip and one is DDP's other overhead (hooks, buckets, the
+# two processes' host work).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 WANDB_MODE=offline
 export PYTHONFAULTHANDLER=1
@@ -29,6 +33,8 @@ for v in "${variants[@]}"; do
     ddp_view) args=(trainer=ddp +trainer.strategy.gradient_as_bucket_view=true) ;;
     one_nocl) args=(trainer=gpu channels_last=false) ;;
     ddp_nocl) args=(trainer=ddp channels_last=false) ;;
+    ddp_skip) args=(trainer=ddp trainer.strategy.comm_hook=skip) ;;
+    ddp_nocl_skip) args=(trainer=ddp channels_last=false trainer.strategy.comm_hook=skip) ;;
     *) echo "unknown variant $v"; exit 2 ;;
   esac
   stamp "$v"

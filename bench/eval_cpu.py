@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from priorlab.cli import CONFIG_DIR
 from priorlab.evaluation.core import EvalSettings, conditional_quality
 from priorlab.evaluation.features import Evaluator, fit_classifier
-from priorlab.guidance import Prior
+from priorlab.priors import DenoiserPrior as Prior
 
 
 def main() -> None:

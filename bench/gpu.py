@@ -26,8 +26,8 @@ from diffusers import DDPMScheduler
 from torch.utils.flop_counter import FlopCounterMode
 
 from priorlab import diffusion
-from priorlab.guidance import Prior
 from priorlab.models import dit, unet
+from priorlab.priors import DenoiserPrior as Prior
 from priorlab.sampling import sample
 
 RESULTS = Path(__file__).parent / "results"
@@ -338,8 +338,8 @@ def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile
     ddim.set_timesteps(steps)
     sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
     interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
-    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", base=prior),
-               "prior_base_interval": dict(prior="base", base=prior, interval=interval),
+    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", prior_net=prior),
+               "prior_base_interval": dict(prior="base", prior_net=prior, interval=interval),
                "cond_only": dict(prior="none")}  # fmt: skip  # one network at B: the bound of the two above
     out = {}
     for name, kw in configs.items():

@@ -29,8 +29,9 @@ from diffusers import DDPMScheduler
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu import models, sync  # noqa: E402
 
-from priorlab.guidance import Prior, sigma  # noqa: E402
+from priorlab.guidance import sigma  # noqa: E402
 from priorlab.models import dit, unet  # noqa: E402
+from priorlab.priors import DenoiserPrior as Prior  # noqa: E402
 from priorlab.sampling import make_scheduler, sample  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,9 +88,9 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
     sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
     interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
     labels, seeds = torch.arange(batch) % k, torch.arange(batch)
-    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", base=prior),
-               "prior_base_interval": dict(prior="base", base=prior, interval=interval),
-               "cond_only": dict(prior="none"), "cheap_prior": dict(prior="base", base=cheap_prior)}  # fmt: skip
+    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", prior_net=prior),
+               "prior_base_interval": dict(prior="base", prior_net=prior, interval=interval),
+               "cond_only": dict(prior="none"), "cheap_prior": dict(prior="base", prior_net=cheap_prior)}  # fmt: skip
     out = {"params_m": {"model": sum(p.numel() for p in model.parameters()) / 1e6,
                         "cheap_prior": sum(p.numel() for p in cheap.parameters()) / 1e6}}  # fmt: skip
     for graphs in (False, True):
@@ -113,7 +114,7 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
         }
         out[mode] = table
     kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
-                  autocast=device.type == "cuda", prior="base", base=prior)  # fmt: skip
+                  autocast=device.type == "cuda", prior="base", prior_net=prior)  # fmt: skip
     with torch.inference_mode():
         eager = sample(model, labels, seeds, **kwargs, graphs=False)
         graphed = sample(model, labels, seeds, **kwargs, graphs=True)

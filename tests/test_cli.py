@@ -104,7 +104,8 @@ def test_a_user_error_from_an_instantiated_config_class_is_one_line(tmp_path):
     """Hydra wraps errors raised while instantiating a config (here the DDP strategy's) in its own exception."""
     out = run_cli("train", "trainer=ddp_cpu", "trainer.strategy.comm_hook=int8", "data=digits", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Error in call to target" not in out.stderr
-    assert out.stderr.strip() == "priorlab: error: trainer.strategy.comm_hook=int8 is not one of bf16, fp16 (or null)"
+    expected = "priorlab: error: trainer.strategy.comm_hook=int8 is not one of bf16, fp16, skip (or null)"
+    assert out.stderr.strip() == expected
 
 
 def test_multirun_with_ddp_is_refused_in_one_line(tmp_path):

@@ -113,6 +113,14 @@ def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monk
         ddp.DDPStrategy(same_stream=False)._setup_model(module)
     assert ddp.DDPStrategy(comm_hook="bf16")._ddp_comm_hook is default_hooks.bf16_compress_hook
     assert ddp.DDPStrategy()._ddp_comm_hook is None
+    assert ddp.DDPStrategy(comm_hook="skip")._ddp_comm_hook is ddp.skip_allreduce_hook
+
+    class Bucket:  # what DDP hands a hook: its flattened gradients
+        def buffer(self):
+            return grads
+
+    grads = torch.arange(4.0)
+    assert ddp.skip_allreduce_hook(None, Bucket()).wait() is grads  # nothing communicated, nothing changed
     with pytest.raises(UserError, match="comm_hook=int8 is not one of bf16, fp16"):
         ddp.DDPStrategy(comm_hook="int8")
     with pytest.raises(UserError, match="compiled_ddp=whole is not one of ddp_optimizer, no_optimization"):

@@ -131,3 +131,38 @@ def test_graphs_on_the_cpu_are_the_launched_computation(model):
               prior_net=Prior(model, sched, sched.alphas_cumprod))  # fmt: skip
     labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
     assert torch.equal(sample(model, labels, seeds, graphs=True, **kw), sample(model, labels, seeds, **kw))
+
+
+@pytest.mark.parametrize(("sampler", "interval"), [("ddim", None), ("ddpm", None), ("ddim", (0.5, 5.0))])
+def test_one_pass_of_several_settings_equals_each_sampled_alone(model, sampler, interval):
+    """sample_many runs every (prior, w) trajectory side by side: each equals `sample` of that setting alone, up to
+    the rounding of other batch shapes, with stochastic samplers too (each row keeps its own generator)."""
+    from priorlab.sample_many import Setting, sample_many
+
+    sched = DDPMScheduler()
+    torch.manual_seed(1)
+    other = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).eval()
+    base, small = Prior(model, sched, sched.alphas_cumprod), Prior(other, sched, sched.alphas_cumprod)
+    labels, seeds = torch.tensor([0, 1, 2, 0, 1]), torch.arange(40, 45)
+    settings = [Setting("self", 1.0), Setting("self", 3.0), Setting("base", 3.0, base), Setting("base", 2.0, small),
+                Setting("none", 4.0), Setting("self", 2.0)]  # fmt: skip
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), sampler=sampler, num_steps=5, interval=interval)
+    many = sample_many(model, labels, seeds, settings=settings, batch_size=3, **kw)
+    assert len(many) == len(settings) and all(x.shape == (5, 1, 8, 8) for x in many)
+    for s, x in zip(settings, many, strict=True):
+        alone = sample(model, labels, seeds, scale=s.scale, prior=s.prior, prior_net=s.prior_net, batch_size=5, **kw)
+        assert_close_across_shapes(x, alone, passes=5)
+    if interval is None:  # the settings differ from each other by more than the tolerance: each is its own
+        assert (many[1] - many[5]).abs().mean() > 10 * across_shapes_atol(many[1], passes=5)
+        assert (many[2] - many[3]).abs().mean() > 10 * across_shapes_atol(many[2], passes=5)
+
+
+def test_one_pass_refuses_a_fitted_prior_and_a_base_without_its_network(model):
+    from priorlab.sample_many import Setting, sample_many
+
+    kw = dict(labels=torch.tensor([0]), seeds=torch.tensor([0]), train_scheduler=DDPMScheduler(),
+              sample_shape=(1, 8, 8))  # fmt: skip
+    with pytest.raises(UserError, match="prior=auto cannot share a sampling pass"):
+        sample_many(model, settings=[Setting("auto", 2.0)], **kw)
+    with pytest.raises(UserError, match="prior=base needs a base model"):
+        sample_many(model, settings=[Setting("base", 2.0)], **kw)

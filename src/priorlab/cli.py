@@ -114,7 +114,8 @@ def override(key: str, value) -> str:
 
 
 def rewrite_overrides(command: str, args: list[str]) -> list[str]:
-    """Rename path keys (PATH_KEYS) and quote values that contain '=' (run folders such as p=0.1/seed=0)."""
+    """Rename path keys (PATH_KEYS), let extra_priors.NAME=PATH add a key, and quote values that contain '=' (run
+    folders such as p=0.1/seed=0)."""
     out = []
     if args and command in POSITIONAL and "=" not in args[0] and not args[0].startswith("-"):
         args = [override(POSITIONAL[command], args[0]), *args[1:]]
@@ -122,6 +123,9 @@ def rewrite_overrides(command: str, args: list[str]) -> list[str]:
         key, sep, value = arg.partition("=")
         if sep and key in PATH_KEYS.get(command, {}):
             key = PATH_KEYS[command][key]
+            arg = f"{key}={value}"
+        if sep and key.startswith("extra_priors.") and command in ("train", "evaluate"):
+            key = f"++{key}"  # a new key of the (empty) extra_priors mapping, or a replaced one
             arg = f"{key}={value}"
         if sep and "=" in value and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
             arg = f"{key}={_quote(value)}"

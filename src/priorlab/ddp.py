@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDP
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import Module
@@ -10,7 +11,18 @@ from torch.nn.parallel import DistributedDataParallel
 from priorlab import lightning_private
 from priorlab.errors import UserError
 
-COMM_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+
+def skip_allreduce_hook(state, bucket):
+    """A DDP communication hook that communicates nothing: each process keeps its own gradient, so the processes'
+    models drift apart. For benchmarks only (`comm_hook=skip`, bench/ddp_variants.sh): DDP's time without the
+    all-reduce, which measures what the communication costs."""
+    future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
+COMM_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook,
+              "skip": skip_allreduce_hook}  # fmt: skip
 COMPILED_DDP = ("ddp_optimizer", "no_optimization")
 
 
@@ -25,7 +37,8 @@ class DDPStrategy(LightningDDP):
     Args:
         same_stream: build DDP on the current stream (as PyTorch's own examples do) instead of a side stream.
         comm_hook: None, "bf16" or "fp16": all-reduce the gradients in that precision (half the bytes); the
-            averaged gradient is then rounded to it, so runs differ slightly from one GPU.
+            averaged gradient is then rounded to it, so runs differ slightly from one GPU. "skip": no all-reduce at
+            all, for benchmarks only (`skip_allreduce_hook`): the processes train apart.
         compiled_ddp: how torch.compile treats the DDP module (`torch._dynamo.config.optimize_ddp`):
             "ddp_optimizer" (PyTorch's default) splits the compiled graph at the gradient buckets so that the
             all-reduce overlaps the backward pass; "no_optimization" compiles one graph and all-reduces after it.

@@ -24,7 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -81,6 +81,7 @@ def preset_overrides(spec: dict, preset: str, sweep: dict | None = None, base_se
         "finetune": p.get("finetune", []),
         "sweep": sweep,
         "bases": check_bases(p.get("bases"), where),
+        "priors": check_priors(p.get("priors"), where),
         "base_seeds": check_base_seeds(p.get("base_seeds") if base_seeds is None else base_seeds, sweep["seed"], where),
         "validity": check_validity({**spec.get("validity", {}), **p.get("validity", {})}, where),
         "jobs": p.get("jobs", 1),
@@ -125,6 +126,25 @@ def check_bases(bases: dict | None, where: str) -> dict[str, dict[str, list]] | 
             raise UserError(f"{where}: base {name} takes only `common`, `base` and `finetune` override lists")
         out[str(name)] = {key: list(entry.get(key) or []) for key in ("common", "base", "finetune")}
     return out
+
+
+def check_priors(priors: dict | None, where: str) -> dict[str, list[str]]:
+    """The `priors` of a preset: name → the overrides of a base trained as an extra prior (e.g. a smaller network,
+    issue 17's cheap prior), which every fine-tune's evaluation uses beside the base, reported as prior=<name>."""
+    from priorlab.evaluation.core import check_extra_priors
+
+    if priors is None:
+        return {}
+    if not isinstance(priors, dict) or not priors:
+        raise UserError(f"{where}: `priors` must map each extra prior's name to the overrides of its base run")
+    for name, overrides in priors.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise UserError(f"{where}: prior {name} takes a list of overrides of its base run, e.g. [model.hidden=32]")
+    try:
+        check_extra_priors(priors)
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from err
+    return {str(name): list(overrides) for name, overrides in priors.items()}
 
 
 def finetune_subdir(base: str, sweep: dict) -> str | None:
@@ -392,6 +412,8 @@ def with_command_line(bases: list[BaseRuns], given: list[str], steps: dict) -> t
 
     left_out: list[str] = []
     for b in bases:
+        b.priors = {folder: apply_given(overrides, [*given, *steps["base"]], _compose_train, CONFIG_DIR)[0]
+                    for folder, overrides in b.priors.items()}  # fmt: skip
         b.base, dropped = apply_given(b.base, [*given, *steps["base"]], _compose_train, CONFIG_DIR)
         b.finetune, dropped_too = apply_given(b.finetune, [*given, *steps["finetune"]], _compose_train, CONFIG_DIR)
         left_out += [d for d in dict.fromkeys(dropped + dropped_too) if d not in left_out]
@@ -431,6 +453,29 @@ class BaseRuns:
     base: list[str]
     finetune: list[str]
     seeds: list  # the fine-tune seeds that start from this base
+    priors: dict = field(default_factory=dict)  # extra prior's folder → its base run's overrides
+
+
+def with_priors(bases: list[BaseRuns], study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
+    """The preset's extra priors (`priors`), each trained as a base under prior/<name>/ (…/seed=<b>/ with base
+    seeds: the fine-tunes from base seed b use the prior of seed b), given to the fine-tunes as extra_priors."""
+    base_seeds = parts.get("base_seeds")
+    for b in bases:
+        seed = next((o.split("=", 1)[1] for o in b.base if o.startswith("seed=")), None) if base_seeds else None
+        for name, own in parts["priors"].items():
+            folder = study_dir / "prior" / name
+            folder = folder / f"seed={seed}" if seed is not None else folder
+            b.priors[folder] = [*common, *parts["base"], *own, *([f"seed={seed}"] if seed is not None else []),
+                                f"stage.run_subdir={folder.relative_to(study_dir)}"]  # fmt: skip
+            b.finetune = [*b.finetune, override(f"+extra_priors.{name}", folder)]
+    return bases
+
+
+def prior_jobs(bases: list[BaseRuns]) -> list[tuple[str, list[str]]]:
+    """The training jobs of the extra priors, each once however many bases use it."""
+    runs = {folder: overrides for b in bases for folder, overrides in b.priors.items()}
+    return [("_".join(folder.parts[-2:] if folder.name.startswith("seed=") else ("prior", folder.name)),
+             ["train", "stage=base", *overrides]) for folder, overrides in runs.items()]  # fmt: skip
 
 
 def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
@@ -490,7 +535,8 @@ def run_study(cfg: DictConfig) -> Path:
     runs = Path(cfg.paths.runs).resolve()
     study_dir = runs / spec["name"]
     common = [override("study", spec["name"]), override("paths.runs", runs), *parts["common"]]
-    bases, left_out = with_command_line(study_bases(study_dir, common, parts), run_overrides(cfg), step_overrides(cfg))
+    bases = with_priors(study_bases(study_dir, common, parts), study_dir, common, parts)
+    bases, left_out = with_command_line(bases, run_overrides(cfg), step_overrides(cfg))
     check_runs(bases[0], sweep_points({**parts["sweep"], "seed": bases[0].seeds})[0])
     commands = {}  # per base: the fine-tunes' commands, one multirun or one run per point
     for b in bases:
@@ -507,6 +553,8 @@ def run_study(cfg: DictConfig) -> Path:
     if cfg.dry_run:
         counts = (len(bases), sum(len(sweep_points({**parts["sweep"], "seed": b.seeds})) for b in bases))
         print(describe(spec["name"], cfg.preset, _composed(bases[0], parts), parts["sweep"], counts, left_out))
+        for label, args in prior_jobs(bases):
+            print(f"{label}: {_shell(['priorlab', *args])}")
         for b in bases:
             tag = f" ({b.label})" if b.label else ""
             print(f"base{tag}:      {_shell(['priorlab', 'train', 'stage=base', *b.base])}")
@@ -527,6 +575,9 @@ def run_study(cfg: DictConfig) -> Path:
         if jobs > 1:
             _run_at_once(spec["name"], study_dir, bases, commands, jobs, progress)
         done = 0
+        for label, args in [] if jobs > 1 else prior_jobs(bases):
+            print(f"[study {spec['name']}] extra prior {label}", flush=True)
+            _priorlab(args)
         for i, b in enumerate([] if jobs > 1 else bases):
             tag = f" {b.label}" if b.label else ""
             print(f"[study {spec['name']}] base{tag} ({i + 1} of {len(bases)})", flush=True)
@@ -557,7 +608,10 @@ def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: di
     """The bases, then every fine-tune of every base, `jobs` runs at a time (logs under logs/)."""
     logs = study_dir / "logs"
     base_jobs = [(f"base_{b.label}" if b.label else "base", ["train", "stage=base", *b.base]) for b in bases]
-    print(f"[study {name}] {len(base_jobs)} base(s), {jobs} at a time", flush=True)
+    priors = prior_jobs(bases)
+    what = f" and {len(priors)} extra prior(s)" if priors else ""
+    print(f"[study {name}] {len(base_jobs)} base(s){what}, {jobs} at a time", flush=True)
+    base_jobs += priors
     run_parallel(base_jobs, jobs, logs, name)
     finetunes = [job for b in bases for job in commands[b.label]]
     prepare_evaluator(finetunes[0][1][1:])

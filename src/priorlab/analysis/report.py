@@ -11,6 +11,7 @@ from scipy import stats
 
 from priorlab import atomic
 from priorlab.analysis import figures, sign_rule
+from priorlab.analysis.other_priors import extra_prior_lines
 from priorlab.analysis.results import (
     axis_columns,
     collect_results,
@@ -327,6 +328,7 @@ def build_report(study_dir: str | Path) -> Path:
         if len(table):
             lines += ["<details><summary>Every condition and scale</summary>", "", _markdown_table(table), "",
                       "</details>", ""]  # fmt: skip
+    lines += extra_prior_lines(frame, validity, metric)
     made["h"] = ("(h) the swap's benefit at each guided scale, per condition",
                  figures.benefit_per_scale(benefits(frame, metric), condition_keys(frame), validity.valid, metric,
                                            fig_dir / "h_benefit_per_scale.png"))  # fmt: skip

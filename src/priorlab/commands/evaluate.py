@@ -134,7 +134,11 @@ def evaluate(cfg: DictConfig) -> Path:
                         f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
     evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule, progress=True)
     prior_net = make_prior_net(model, base, channels)
-    for part in (model.denoiser, evaluator.net, base.denoiser if base else None):
+    extra_paths = _extra_prior_paths(cfg.get("extra_priors"))
+    extra_saved = {name: load_denoiser(path, role=f"prior {name}") for name, path in extra_paths.items()}
+    extra = {name: make_prior_net(model, saved, channels) for name, saved in extra_saved.items()}
+    for part in (model.denoiser, evaluator.net, base.denoiser if base else None,
+                 *(saved.denoiser for saved in extra_saved.values())):  # fmt: skip
         if part is not None:
             part.to(device).eval()
     mixture = getattr(datamodule, "mixture", None)
@@ -146,10 +150,10 @@ def evaluate(cfg: DictConfig) -> Path:
         weights = fit_priors(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors, settings,
                              {w.mode: w for w in given}, evaluator=evaluator, mixture=mixture,
                              shape=tuple(datamodule.sample_shape))  # fmt: skip
-        say(f"conditional quality: {settings.num_samples} samples × prior {', '.join(settings.priors)} × w "
-            f"{', '.join(map(str, settings.guidance_scales))}, {settings.num_steps} steps each")  # fmt: skip
+        say(f"conditional quality: {settings.num_samples} samples × prior {', '.join([*settings.priors, *extra])} "
+            f"× w {', '.join(map(str, settings.guidance_scales))}, {settings.num_steps} steps each")  # fmt: skip
         cond, grids = conditional_quality(model.denoiser, model.scheduler, prior_net, evaluator,
-                                          datamodule.sample_shape, settings, mixture, weights)  # fmt: skip
+                                          datamodule.sample_shape, settings, mixture, weights, extra)  # fmt: skip
         say("prior quality on the held-out data")
         prior_metrics = prior_quality(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors,
                                       evaluator, settings, mixture, weights)  # fmt: skip
@@ -159,7 +163,8 @@ def evaluate(cfg: DictConfig) -> Path:
     step = int(model.meta.get("step", 0))
     for prior, w in weights.items():
         w.save(out / f"prior_weights_{prior}.json")
-    info = {"model": str(model.path), "base": str(base.path) if base else None, "settings": vars(settings),
+    info = {"model": str(model.path), "base": str(base.path) if base else None,
+            "extra_priors": {name: str(saved.path) for name, saved in extra_saved.items()}, "settings": vars(settings),
             "evaluator_accuracy": evaluator.accuracy, "made_by": "priorlab evaluate"}  # fmt: skip
     written = []
     for kind, values in (("cond", cond), ("prior", prior_metrics)):
@@ -172,6 +177,19 @@ def evaluate(cfg: DictConfig) -> Path:
     _print_table(cond)
     print(f"wrote {written[0]} and {written[1]}")
     return out
+
+
+def _extra_prior_paths(value) -> dict[str, str]:
+    """extra_priors={name: PATH, ...} as a dict of names to paths, with their names checked."""
+    from priorlab.evaluation.core import check_extra_priors
+
+    value = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise UserError(f"extra_priors={value!r} must map names to model folders, e.g. +extra_priors.small=PATH")
+    check_extra_priors(value)
+    return value
 
 
 def _keep_replaced(path: Path) -> None:

@@ -25,6 +25,7 @@ from priorlab import atomic, keys
 from priorlab.evaluation.core import (
     EvalSettings,
     calibration_split,
+    check_extra_priors,
     conditional_quality,
     fit_priors,
     prior_quality,
@@ -176,11 +177,30 @@ class PriorQuality(_Evaluation):
 
 
 class ConditionalQuality(_Evaluation):
-    """FD, KID, precision, recall and accuracy for each prior and guidance scale, plus sample grids."""
+    """FD, KID, precision, recall and accuracy for each prior and guidance scale, plus sample grids.
+
+    Args:
+        extra_priors: name → path of more prior networks (any diffusion model of the sample shape, e.g. a smaller
+            base), each used as prior=base is and reported as prior=<name>.
+    """
 
     kind = "cond"
 
+    def __init__(self, *args, extra_priors: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_paths = dict(extra_priors or {})
+        check_extra_priors(self.extra_paths)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.extra = {name: load_denoiser(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
+
     def measure(self, trainer, pl_module, prior_net, final: bool, weights: dict):
         dm = trainer.datamodule
+        device = trainer.strategy.root_device
+        extra = {}
+        for name, saved in self.extra.items():
+            saved.denoiser.to(device)
+            extra[name] = make_prior_net((pl_module.denoiser, pl_module.scheduler), saved)
         return conditional_quality(pl_module.denoiser, pl_module.scheduler, prior_net, self.evaluator, dm.sample_shape,
-                                   self.settings, getattr(dm, "mixture", None), weights)  # fmt: skip
+                                   self.settings, getattr(dm, "mixture", None), weights, extra)  # fmt: skip

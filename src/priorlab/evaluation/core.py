@@ -8,6 +8,8 @@ All shard their work over DDP ranks by sample index and return the same numbers 
 
 from __future__ import annotations
 
+import re
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -36,8 +38,11 @@ from priorlab.priors import (
     bucket_index,
     combine,
 )
+from priorlab.sample_many import ONE_PASS, Setting, sample_many
 from priorlab.sampling import sample
 from priorlab.seeds import sample_seeds, stream_seed
+
+ONE_PASS_MODES = ("off", "scales", "all")
 
 
 @dataclass
@@ -65,6 +70,10 @@ class EvalSettings:
         autocast: sample under bf16 autocast (GPU presets).
         cuda_graphs: on a GPU, replay each step's guided prediction from a CUDA graph (prior self, base; the
             fitted priors run as launched; `priorlab.sampling.GraphedGuide`).
+        one_pass: "off", each (prior, w) sampled on its own; "scales", each prior's guidance scales in one sampling
+            pass; "all", every (prior, w) in one pass (`priorlab.sample_many`; prior self, base and extra priors,
+            the fitted ones sampled on their own). A pass of k settings makes up to 2k × batch_size rows per forward
+            pass; its wall time is shared out equally among its settings' sample_seconds.
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
         bootstrap: resamples of the generated samples for the standard errors of FD and of the paired
@@ -90,6 +99,7 @@ class EvalSettings:
     grid_per_class: int = 6
     autocast: bool = False
     cuda_graphs: bool = False
+    one_pass: str = "off"
     features: str = "domain"
     bootstrap: int = 200
 
@@ -101,6 +111,8 @@ class EvalSettings:
             raise UserError(f"eval.priors holds {', '.join(map(str, unknown))}; use some of {', '.join(MODES)}")
         if self.features != "domain":
             external_features(self.features)
+        if self.one_pass not in ONE_PASS_MODES:
+            raise UserError(f"eval.one_pass={self.one_pass} is unknown; use one of {', '.join(ONE_PASS_MODES)}")
         if self.calibration_objective not in OBJECTIVES:
             raise UserError(f"eval.calibration_objective={self.calibration_objective} is unknown; use one of "
                             f"{', '.join(OBJECTIVES)}")  # fmt: skip
@@ -202,6 +214,46 @@ def generate(
     return gather(x, len(labels))
 
 
+def generate_many(
+    model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
+    settings: EvalSettings, batch: list[Setting],
+) -> list[Tensor]:  # fmt: skip
+    """`generate` for several settings in one sampling pass (`priorlab.sample_many`), gathered on every rank."""
+    idx = shard(len(labels))
+    interval = tuple(settings.interval) if settings.interval else None
+    xs = sample_many(model, labels[idx], seeds[idx], scheduler, shape, batch, interval, settings.sampler,
+                     settings.num_steps, settings.batch_size, autocast=settings.autocast)  # fmt: skip
+    return [gather(x, len(labels)) for x in xs]
+
+
+def one_pass_samples(
+    model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
+    settings: EvalSettings, runs: list[tuple[str, str, DenoiserPrior | None]],
+) -> dict[tuple[str, float], tuple[Tensor, float]]:  # fmt: skip
+    """With eval.one_pass, the samples of each (prior label, w) that can share a pass, and each one's share of its
+    pass's wall time; the unguided samples (w = 1) under the first prior's label. Empty with one_pass=off."""
+    if settings.one_pass == "off":
+        return {}
+    groups: list[list[tuple[tuple[str, float], Setting]]] = []
+    for i, (label, mode, net) in enumerate(runs):
+        if mode not in ONE_PASS:
+            continue
+        group = [((label, w), Setting(mode, w, net)) for w in settings.guidance_scales if w != 1 or i == 0]
+        if settings.one_pass == "scales" or not groups:
+            groups.append(group)
+        else:
+            groups[0] += group
+    out = {}
+    for group in groups:
+        started = time.perf_counter()
+        xs = generate_many(model, scheduler, labels, seeds, shape, settings, [s for _, s in group])
+        if xs and xs[0].is_cuda:
+            torch.cuda.synchronize(xs[0].device)
+        seconds = (time.perf_counter() - started) / len(group)
+        out.update({name: (x, seconds) for (name, _), x in zip(group, xs, strict=True)})
+    return out
+
+
 def eval_labels_seeds(num_samples: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
     labels = torch.arange(num_samples) % num_classes
     return labels, sample_seeds("samples", seed, num_samples)
@@ -279,8 +331,6 @@ def check_by_sampling(
     for every candidate). The score is the study's metric: on toy2d the exact NLL, else FD against the evaluator's
     reference features. A step-by-step loss misses what a candidate does to a whole trajectory (at high noise
     above all); this sees it, at the cost of sampling (recorded in seconds)."""
-    import time
-
     if (mixture is None and evaluator is None) or shape is None:
         raise UserError("prior=checked scores samples: it needs the evaluator (images) or toy2d's mixture")
     if not settings.check_samples > 0:
@@ -312,21 +362,44 @@ def check_by_sampling(
     return PriorWeights(mix.edges, torch.stack(rows), "checked", {"check": check}, mix.objective, scales)
 
 
+def check_extra_priors(names) -> None:
+    """Names of extra priors (`extra_priors`): letters, digits and '_', and none of the built-in priors' names."""
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(name)) or name in MODES or name == "exact":
+            raise UserError(f"extra_priors.{name}: a prior's name must start with a letter, hold only letters, digits "
+                            f"and '_', and not be one of {', '.join(MODES)} or exact")  # fmt: skip
+
+
+def _timed_generate(*args, **kwargs) -> tuple[Tensor, float]:
+    """`generate` and its wall time in seconds, the device's work included."""
+    started = time.perf_counter()
+    x = generate(*args, **kwargs)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return x, time.perf_counter() - started
+
+
 def conditional_quality(
     model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, evaluator: Evaluator,
     shape: tuple[int, ...], settings: EvalSettings, mixture: GaussianMixture | None = None,
-    weights: dict[str, PriorWeights] | None = None,
+    weights: dict[str, PriorWeights] | None = None, extra: dict[str, DenoiserPrior] | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:  # fmt: skip
     """Metrics under keys eval/cond/<metric>/prior=<p>/w=<w>, and a grid of samples per prior.
 
     Fitted priors (auto, mix) take their weights from `weights` (see `fit_priors`); their calibration losses and
-    weights are reported under eval/calib/... .
+    weights are reported under eval/calib/... . `extra` maps more prior networks by name (e.g. a smaller base,
+    issue 17's cheap prior): each is used as prior=base is and reported as prior=<name>, paired with self. The
+    wall time of each (prior, w)'s sampling is eval/cond/sample_seconds/prior=<p>/w=<w>.
     """
     weights = weights or {}
+    extra = extra or {}
+    check_extra_priors(extra)
     priors = usable_priors(settings, prior_net)
     missing = [p for p in priors if p in FITTED and p not in weights]
     if missing:
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
+    # every prior as (the label it is reported under, its mode, its network)
+    runs = [(p, p, prior_net) for p in priors] + [(name, "base", net) for name, net in extra.items()]
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed)
     results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in FITTED})
     results[key("cond", "num_classes")] = float(model.num_classes)  # chance accuracy is 1 / num_classes
@@ -335,7 +408,8 @@ def conditional_quality(
     unguided = None  # w = 1 never evaluates the prior: the same for every prior
     scored: dict[tuple[str, float], Scored] = {}
     ideal: dict[float, Tensor] = {}  # toy2d: per scale, the samples of exact guidance from the same seeds
-    for prior in priors:
+    batched = one_pass_samples(model, scheduler, labels, seeds, shape, settings, runs)
+    for prior, mode, net in runs:
         for w in settings.guidance_scales:
             if w == 1 and unguided is not None:
                 scores, per_sample = unguided
@@ -346,9 +420,11 @@ def conditional_quality(
                     ideal[w] = generate(exact, scheduler, labels, seeds, shape, settings, w)
                     for name, value in sample_scores(ideal[w], labels, evaluator, settings, mixture)[0].items():
                         results[key("cond", name, prior="exact", scale=w)] = value  # the reference of each w
-                x = generate(model, scheduler, labels, seeds, shape, settings, w, prior, prior_net,
-                             weights.get(prior))  # fmt: skip
+                x, seconds = batched.get((prior, w)) or _timed_generate(
+                    model, scheduler, labels, seeds, shape, settings, w, mode, net, weights.get(prior)
+                )
                 scores, per_sample = sample_scores(x, labels, evaluator, settings, mixture, ideal.get(w))
+                scores = {**scores, "sample_seconds": seconds}
                 unguided = (scores, per_sample) if w == 1 else unguided
             scored[(prior, w)] = per_sample
             for name, value in scores.items():
@@ -358,8 +434,8 @@ def conditional_quality(
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
     g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)
     g_seeds = sample_seeds("samples", settings.seed, len(g_labels))
-    for prior in priors:
-        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, prior, prior_net,
+    for prior, mode, net in runs:
+        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, mode, net,
                                 weights.get(prior))  # fmt: skip
     return results, grids
 

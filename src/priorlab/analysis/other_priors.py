@@ -1,0 +1,116 @@
+"""The report's section on extra priors (`extra_priors`, e.g. a smaller base as a cheap prior; issue 17): each one
+against the fine-tune's own ∅ branch and against the full-size base, paired over seeds, with its sampling time."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from priorlab.analysis.results import final_rows
+from priorlab.analysis.stats import Estimate, paired_difference
+from priorlab.analysis.validity import LOWER_IS_BETTER, Validity, condition_keys
+from priorlab.priors import MODES
+
+COMPARED = ("self", "base")  # what each extra prior is compared with
+
+
+def extra_prior_names(frame: pd.DataFrame) -> list[str]:
+    """The priors of the results that are none of the built-in modes: the study's extra priors."""
+    final = final_rows(frame)
+    names = final.loc[final["metric"] == "fd", "prior"].dropna().unique().tolist()
+    return sorted(p for p in names if p and p not in MODES and p != "exact")
+
+
+def advantage(frame: pd.DataFrame, metric: str, other: str, name: str) -> pd.DataFrame:
+    """Per condition and guided scale: how much better prior=`name` did than prior=`other` in `metric`, paired
+    over seeds (> 0: `name` better), with the interval over samples where the runs recorded its SE."""
+    diffs = paired_difference(final_rows(frame), metric, condition_keys(frame), a=other, b=name)
+    diffs = diffs[diffs["guidance_scale"] != 1].copy()  # w = 1 never uses a prior
+    if metric not in LOWER_IS_BETTER:
+        diffs["estimate"] = diffs["estimate"].map(lambda e: Estimate(-e.mean, -e.hi, -e.lo, e.n))
+        diffs["over_samples"] = diffs["over_samples"].map(
+            lambda e: None if e is None else Estimate(-e.mean, -e.hi, -e.lo, e.n)
+        )
+    return diffs
+
+
+def time_ratios(frame: pd.DataFrame, name: str) -> dict[str, float]:
+    """The median over runs and guided scales of prior=`name`'s sampling time over that of self and of base."""
+    final = final_rows(frame)
+    sub = final[(final["metric"] == "sample_seconds") & (final["guidance_scale"] != 1)]
+    wide = sub.pivot_table(index=["run", "guidance_scale"], columns="prior", values="value")
+    out = {}
+    for other in COMPARED:
+        if name in wide and other in wide:
+            ratio = (wide[name] / wide[other]).dropna()
+            out[other] = float(np.median(ratio)) if len(ratio) else math.nan
+    return out
+
+
+def _of(rows: pd.DataFrame, keys: list[str], cond: tuple) -> pd.DataFrame:
+    """The rows of one condition."""
+    return rows[(rows[keys] == pd.Series(dict(zip(keys, cond, strict=True)))).all(axis=1)]
+
+
+def _verdict(rows: pd.DataFrame) -> str:
+    seen = [r for _, r in rows.iterrows() if r["estimate"].excludes_zero]
+    if not seen:
+        return "no difference (every interval over seeds holds 0)"
+    better = [f"w={r['guidance_scale']:g}: {r['estimate']}" for r in seen if r["estimate"].mean > 0]
+    worse = [f"w={r['guidance_scale']:g}: {r['estimate']}" for r in seen if r["estimate"].mean < 0]
+    parts = []
+    if better:
+        parts.append(f"better at {'; '.join(better)}")
+    if worse:
+        parts.append(f"worse at {'; '.join(worse)}")
+    return ", ".join(parts)
+
+
+def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> list[str]:
+    """Report lines for each extra prior: a statement per valid condition against self and base, the table of
+    every condition and scale, and the sampling time against self and base. Empty without extra priors."""
+    names = extra_prior_names(frame)
+    if not names:
+        return []
+    keys = condition_keys(frame)
+    unit = metric.upper()
+    lines = []
+    for name in names:
+        ratios = time_ratios(frame, name)
+        timing = ", ".join(f"{ratios[o]:.2f}× prior={o}'s" for o in COMPARED if not math.isnan(ratios.get(o, math.nan)))
+        lines += [f"## The extra prior `{name}`: against the fine-tune's own ∅ branch and the base", "",
+                  f"prior={name} is another network in the base's place (`extra_priors`). Advantage > 0: prior={name} "
+                  f"did better (lower {unit}, higher accuracy); mean [95% CI over seeds], paired. A statement needs "
+                  "its condition to pass the validity checks."
+                  + (f" Its sampling took {timing} time (median over runs and guided scales, each (prior, w)'s "
+                     "sampling timed on its own)." if timing else ""), ""]  # fmt: skip
+        table = []
+        per_other = {o: advantage(frame, metric, o, name) for o in COMPARED}
+        accuracy = {o: advantage(frame, "accuracy", o, name) for o in COMPARED}
+        for cond in sorted({tuple(r) for r in per_other["self"][keys].itertuples(index=False)}):
+            label = ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in zip(keys, cond, strict=True))  # fmt: skip
+            valid = validity.valid(cond)
+            mine = {o: _of(per_other[o], keys, cond).sort_values("guidance_scale") for o in COMPARED}
+            if valid:
+                vs = [f"against prior={o}, {_verdict(mine[o])}" for o in COMPARED]
+                lines.append(f"- **{label}** ({unit}): {'; '.join(vs)}.")
+            else:
+                lines.append(f"- **{label}**: no conclusion (it failed a validity check).")
+            for other in COMPARED:
+                acc = _of(accuracy[other], keys, cond).set_index("guidance_scale")["estimate"]
+                for _, r in mine[other].iterrows():
+                    w = r["guidance_scale"]
+                    table.append({"condition": label, "against": other, "w": f"{w:g}",
+                                  f"{unit} advantage": str(r["estimate"]),
+                                  "accuracy advantage": str(acc[w]) if w in acc.index else "—",
+                                  "conclusive": "yes" if valid else "no (validity)"})  # fmt: skip
+        if table:
+            df = pd.DataFrame(table)
+            lines += ["", "<details><summary>Every condition and scale</summary>", "",
+                      "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns),
+                      *["| " + " | ".join(map(str, row)) + " |" for row in df.values], "", "</details>"]  # fmt: skip
+        lines.append("")
+    return lines

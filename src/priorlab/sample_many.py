@@ -1,0 +1,110 @@
+"""Several (prior, guidance scale) settings of the same samples in one sampling pass (issue 17, item 3).
+
+An evaluation samples the same labels and seeds once per prior and scale. `sample_many` runs every setting's
+trajectory side by side in one batch: at each step the model θ makes one pass over every row (the conditional
+branch of each setting, and the ∅ branch of the prior=self settings), and each prior network one pass over the
+rows of its settings. Each setting's samples are those `sampling.sample` gives it alone, up to the rounding of
+other batch shapes: every row keeps its own generator, so stochastic samplers draw the same per-step noise.
+The cost is memory: a chunk of `batch_size` samples makes up to 2 × settings × `batch_size` rows per pass.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+from priorlab.errors import UserError
+from priorlab.guidance import _eps, in_interval
+from priorlab.models.denoiser import Denoiser
+from priorlab.priors import PriorNet
+from priorlab.sampling import initial_noise, make_scheduler
+
+ONE_PASS = ("self", "base", "none")  # the modes one pass can batch (the fitted ones choose rows per step)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One trajectory per sample: the prior's mode (self, base or none), its network (mode base), the scale."""
+
+    prior: str
+    scale: float
+    prior_net: PriorNet | None = None
+
+
+@torch.no_grad()
+def sample_many(
+    model: Denoiser, labels: Tensor, seeds: Tensor, train_scheduler: DDPMScheduler, sample_shape: tuple[int, ...],
+    settings: list[Setting], interval: tuple[float, float] | None = None, sampler: str = "ddim", num_steps: int = 25,
+    batch_size: int = 256, autocast: bool = False,
+) -> list[Tensor]:  # fmt: skip
+    """One sample per (label, seed) pair for each setting, all in one pass; returns one (N, *sample_shape) tensor per
+    setting, in order, on the model's device. `batch_size` counts samples per chunk (each with every setting)."""
+    for s in settings:
+        if s.prior not in ONE_PASS:
+            raise UserError(f"prior={s.prior} cannot share a sampling pass; one pass takes {', '.join(ONE_PASS)}")
+        if s.prior == "base" and s.prior_net is None:
+            raise UserError("prior=base needs a base model (base=PATH)")
+    device = next(model.parameters()).device
+    abar = train_scheduler.alphas_cumprod.to(device)
+    k = len(settings)
+    out: list[list[Tensor]] = [[] for _ in settings]
+    for start in range(0, len(labels), batch_size):
+        y = labels[start : start + batch_size].to(device)
+        b = len(y)
+        x, gens = initial_noise(seeds[start : start + batch_size].repeat(k), tuple(sample_shape))
+        y_all = y.repeat(k)
+        scheduler = make_scheduler(sampler, train_scheduler)
+        scheduler.set_timesteps(num_steps)
+        step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        x = x.to(device) * scheduler.init_noise_sigma
+        ts = scheduler.timesteps.round().long()
+        ts_device = ts.to(device)
+        for i, step_t in enumerate(scheduler.timesteps):
+            x_in = scheduler.scale_model_input(x, step_t)
+            guided = interval is None or bool(in_interval(train_scheduler.alphas_cumprod[ts[i]].float(), interval))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                eps = _guided_step(model, x_in, ts_device[i], y_all, abar, settings, b, guided)
+            x = scheduler.step(eps.float(), step_t, x, **step_kwargs).prev_sample
+        for j in range(k):
+            out[j].append(x[j * b : (j + 1) * b])
+    return [torch.cat(parts) for parts in out]
+
+
+def _guided_step(model: Denoiser, x: Tensor, t: Tensor, y: Tensor, abar: Tensor, settings: list[Setting], b: int,
+                 guided: bool) -> Tensor:  # fmt: skip
+    """The guided eps of every row: θ's one pass over all rows (conditional) and the self settings' rows (∅), and
+    one pass of each prior network over its settings' rows."""
+    n = len(x)
+    t_rows = t.expand(n)
+    abar_rows = abar[t_rows]
+    blocks = [slice(j * b, (j + 1) * b) for j in range(len(settings))]
+    active = [j for j, s in enumerate(settings) if guided and s.scale != 1 and s.prior != "none"]
+    own = [j for j in active if settings[j].prior == "self"]
+    null = torch.full((b * len(own),), model.null_class, device=x.device, dtype=y.dtype)
+    x_theta = torch.cat([x, *[x[blocks[j]] for j in own]])
+    t_theta = t.expand(len(x_theta))
+    pred = model(x_theta, t_theta, torch.cat([y, null]))
+    both = _eps(pred, model.prediction_type, x_theta, abar[t_theta])
+    cond, uncond_self = both[:n], both[n:]
+    eps = cond.clone()
+    for i, j in enumerate(own):
+        eps[blocks[j]] = _cfg(cond[blocks[j]], uncond_self[i * b : (i + 1) * b], settings[j].scale)
+    nets: dict[int, list[int]] = {}
+    for j in active:
+        if settings[j].prior == "base":
+            nets.setdefault(id(settings[j].prior_net), []).append(j)
+    for js in nets.values():
+        net = settings[js[0]].prior_net
+        rows = torch.cat([x[blocks[j]] for j in js])
+        prior_eps = net.eps(rows, torch.cat([abar_rows[blocks[j]] for j in js])).to(cond.dtype)
+        for i, j in enumerate(js):
+            eps[blocks[j]] = _cfg(cond[blocks[j]], prior_eps[i * b : (i + 1) * b], settings[j].scale)
+    return eps
+
+
+def _cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    return uncond + scale * (cond - uncond)

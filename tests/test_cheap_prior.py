@@ -1,0 +1,136 @@
+"""Extra priors (issue 17's cheap prior): a second network in the base's place, in the evaluation, `evaluate`, the
+study (trained once per base seed, given to every fine-tune) and its report section."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from conftest import run_cli
+from priorlab.analysis.other_priors import advantage, extra_prior_names, time_ratios
+from priorlab.errors import UserError
+from priorlab.evaluation.core import EvalSettings, check_extra_priors, conditional_quality
+from priorlab.evaluation.features import Classifier, Evaluator
+from priorlab.models import unet
+from priorlab.priors import DenoiserPrior
+from priorlab.studies import check_priors, prior_jobs, study_bases, with_priors
+
+
+def _nets():
+    torch.manual_seed(0)
+    nets = [unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).eval() for _ in range(3)]
+    for m in nets:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return nets
+
+
+def test_an_extra_prior_is_sampled_as_the_base_is_and_reported_under_its_name():
+    model, base, small = _nets()
+    sched = DDPMScheduler()
+    net = Classifier((1, 8, 8), 3, width=8, feature_dim=16).eval()
+    with torch.no_grad():
+        real = torch.randn(60, 1, 8, 8)
+        evaluator = Evaluator(net, net.features(real), torch.arange(60) % 3, 1.0)
+        settings = EvalSettings(num_samples=9, num_steps=3, guidance_scales=[1.0, 3.0], kid_subset=5, batch_size=9,
+                                grid_per_class=1, bootstrap=10)  # fmt: skip
+        prior = DenoiserPrior(base, sched, sched.alphas_cumprod)
+        extra = {"twin": DenoiserPrior(base, sched, sched.alphas_cumprod),
+                 "small": DenoiserPrior(small, sched, sched.alphas_cumprod)}  # fmt: skip
+        cond, grids = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, extra=extra)
+    assert set(grids) == {"self", "base", "twin", "small"}
+    for metric in ("fd", "kid", "accuracy", "precision"):  # the same network as the base: the same computation
+        assert cond[f"eval/cond/{metric}/prior=twin/w=3.0"] == cond[f"eval/cond/{metric}/prior=base/w=3.0"]
+    assert cond["eval/diff/fd_se/prior=twin/w=3.0"] == cond["eval/diff/fd_se/prior=base/w=3.0"]
+    assert torch.equal(grids["twin"], grids["base"]) and not torch.allclose(grids["small"], grids["base"])
+    assert cond["eval/cond/fd/prior=small/w=3.0"] != pytest.approx(cond["eval/cond/fd/prior=base/w=3.0"])
+    assert cond["eval/cond/fd/prior=small/w=1.0"] == cond["eval/cond/fd/prior=self/w=1.0"]  # w = 1: no prior
+    for prior_name in ("self", "base", "small"):
+        assert cond[f"eval/cond/sample_seconds/prior={prior_name}/w=3.0"] > 0
+    with pytest.raises(UserError, match="must start with a letter"):
+        conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, extra={"base": extra["small"]})
+
+
+@pytest.mark.parametrize("name", ["base", "self", "exact", "a/b", "1st", "p=1"])
+def test_extra_prior_names_that_would_clash_or_break_a_key_are_refused(name):
+    with pytest.raises(UserError, match=f"extra_priors.{name}"):
+        check_extra_priors([name])
+    with pytest.raises(UserError, match="preset q"):
+        check_priors({name: ["model.hidden=8"]}, "preset q")
+
+
+def test_check_priors_wants_a_list_of_overrides_per_name():
+    assert check_priors(None, "p") == {}
+    assert check_priors({"small": ["model.hidden=8"]}, "p") == {"small": ["model.hidden=8"]}
+    with pytest.raises(UserError, match="prior small takes a list of overrides"):
+        check_priors({"small": "model.hidden=8"}, "p")
+    with pytest.raises(UserError, match="must map each extra prior"):
+        check_priors([], "p")
+
+
+def test_an_extra_prior_is_trained_once_per_base_seed_and_given_to_that_seeds_fine_tunes():
+    study = Path("/s")
+    parts = {"sweep": {"cond_dropout": [0.0], "seed": [0, 1, 2]}, "bases": None, "base": ["trainer.max_steps=9"],
+             "finetune": ["x=1"], "base_seeds": [7, 8], "priors": {"small": ["model.hidden=8"]}}  # fmt: skip
+    bases = with_priors(study_bases(study, ["study=s"], parts), study, ["study=s"], parts)
+    assert [b.finetune[-1] for b in bases] == ["+extra_priors.small='/s/prior/small/seed=7'",
+                                               "+extra_priors.small='/s/prior/small/seed=8'"]  # fmt: skip
+    jobs = prior_jobs(bases)
+    assert jobs == [("small_seed=7", ["train", "stage=base", "study=s", "trainer.max_steps=9", "model.hidden=8",
+                                      "seed=7", "stage.run_subdir=prior/small/seed=7"]),
+                    ("small_seed=8", ["train", "stage=base", "study=s", "trainer.max_steps=9", "model.hidden=8",
+                                      "seed=8", "stage.run_subdir=prior/small/seed=8"])]  # fmt: skip
+    # several named bases share one extra prior: it is trained once
+    named = {**parts, "base_seeds": None, "bases": {"a": {"common": [], "base": [], "finetune": []},
+                                                    "b": {"common": [], "base": [], "finetune": []}}}  # fmt: skip
+    bases = with_priors(study_bases(study, [], named), study, [], named)
+    assert all(b.finetune[-1] == "+extra_priors.small=/s/prior/small" for b in bases)
+    assert prior_jobs(bases) == [("prior_small", ["train", "stage=base", "trainer.max_steps=9", "model.hidden=8",
+                                                  "stage.run_subdir=prior/small"])]  # fmt: skip
+
+
+def test_report_section_pairs_the_extra_prior_with_self_and_base_over_seeds():
+    rows = []
+    for seed in range(3):
+        run = f"finetune/p=0.0/seed={seed}"
+        for prior, fd, seconds in (("self", 10.0 + seed, 2.0), ("base", 8.0 + seed, 2.0), ("small", 7.0 + seed, 1.0)):
+            for w in (1.0, 2.0):
+                value = 10.0 + seed if w == 1 else fd
+                rows += [(run, 0.0, seed, 6, prior, w, "fd", value), (run, 0.0, seed, 6, prior, w, "accuracy", 0.9),
+                         (run, 0.0, seed, 6, prior, w, "sample_seconds", seconds)]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric",
+                                        "value"])  # fmt: skip
+    assert extra_prior_names(frame) == ["small"]
+    vs_self = advantage(frame, "fd", "self", "small")
+    assert list(vs_self["guidance_scale"]) == [2.0]  # w = 1 never uses a prior
+    assert vs_self["estimate"].iloc[0].mean == pytest.approx(3.0)  # FD(self) − FD(small), > 0: small better
+    assert advantage(frame, "fd", "base", "small")["estimate"].iloc[0].mean == pytest.approx(1.0)
+    assert advantage(frame, "accuracy", "base", "small")["estimate"].iloc[0].mean == pytest.approx(0.0)
+    assert time_ratios(frame, "small") == {"self": 0.5, "base": 0.5}
+
+
+def test_cheap_prior_study_and_evaluate_with_an_extra_prior(tmp_path):
+    out = run_cli("study", "cheap_prior", "preset=tiny", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    study = tmp_path / "runs" / "cheap_prior"
+    prior_dir = study / "prior" / "small"
+    assert (prior_dir / "done.json").exists() and (prior_dir / "model").is_dir()
+    frame = pd.read_csv(study / "results.csv")
+    small = frame[(frame["prior"] == "small") & (frame["metric"] == "nll") & (frame["guidance_scale"] == 3.0)]
+    assert small["run"].nunique() == 4  # every fine-tune evaluated with the extra prior
+    assert {"diff_nll_se", "sample_seconds"} <= set(frame[frame["prior"] == "small"]["metric"])
+    report = (study / "report.md").read_text()
+    assert "## The extra prior `small`: against the fine-tune's own ∅ branch and the base" in report
+    assert "| p=0.2 | base | 3 |" in report and "no conclusion (it failed a validity check)" in report
+    # `priorlab evaluate` takes extra priors too
+    run = study / "finetune/p=0.0/seed=0"
+    out = run_cli("evaluate", f"model={run}", f"base={study / 'base'}", f"extra_priors.small={prior_dir}",
+                  "eval=tiny", "eval.guidance_scales=[3.0]", f"out={tmp_path / 'ev'}", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads(next((tmp_path / "ev").glob("step=*_cond.json")).read_text())
+    assert record["extra_priors"] == {"small": str(prior_dir / "model")}  # the model folder it loaded
+    assert "eval/cond/nll/prior=small/w=3.0" in record["metrics"] and "prior=small/w=3.0" in out.stdout
