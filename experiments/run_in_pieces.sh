@@ -2,7 +2,7 @@
 # Run a study in pieces of at most LIMIT seconds, as on a lent GPU machine whose commands are cut at 10 minutes:
 # each piece resumes the study (finished runs are skipped, unfinished ones resume from their last checkpoint) and
 # ends by packing what the study has written so far into OUT/study.tgz (results.csv, report.md, study.json,
-# figures, the runs' logs (jobs > 1), the bases' loss logs, every fine-tune's metrics, configs and evaluation
+# figures, the runs' logs (jobs > 1), the bases' and extra priors' loss logs, every fine-tune's metrics, configs and evaluation
 # records, and the first seed's sample grids, from which `priorlab report` rebuilds the
 # report), the layout of results/<study>/.
 #
@@ -31,7 +31,8 @@ rc=$?
 dir=runs/$study
 if [ -f "$dir/study.json" ]; then
   files=$(cd "$dir" && ls -d results.csv report.md study.json figures logs base/*/metrics.csv base/*/config.yaml \
-    base/*/done.json base/metrics.csv base/config.yaml base/done.json finetune/*/*/seed=0/eval/grid_*.png \
+    base/*/done.json base/metrics.csv base/config.yaml base/done.json prior/*/*/metrics.csv prior/*/*/config.yaml \
+    prior/*/*/done.json prior/*/metrics.csv prior/*/config.yaml prior/*/done.json finetune/*/*/seed=0/eval/grid_*.png \
     finetune/*/seed=0/eval/grid_*.png 2>/dev/null; find finetune -name '*.json' -o -name metrics.csv -o -name config.yaml \
     2>/dev/null)
   (cd "$dir" && tar czf "$out/study.tgz" $files) || true
