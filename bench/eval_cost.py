@@ -1,7 +1,7 @@
 """The study's conditional evaluation, before and after (issue 17, item 3).
 
     python bench/eval_cost.py                                   # on the GPU: every variant, one process
-    python bench/eval_cost.py --procs 6 --variants off,all_250  # six processes at once on one GPU, as the study ran
+    python bench/eval_cost.py --procs 6 --variants off,all_150  # six processes at once on one GPU, as the study ran
     python bench/eval_cost.py --smoke                           # tiny, on the CPU: checks that the script runs
 
 The workload is one fine-tune's end-of-training conditional evaluation in dropout_vs_prior's gpu preset: the
@@ -14,7 +14,9 @@ prior=small with --small. Weights are random (speed does not depend on them). Va
     graphs        the same, each step's guided prediction replayed from a CUDA graph (eval.cuda_graphs)
     scales        eval.one_pass=scales: each prior's guidance scales in one pass, batch 750
     all           eval.one_pass=all: every (prior, w) in one pass, batch 750
-    all_250       eval.one_pass=all with batch 250 (about as many rows per network pass as `off`)
+    all_250       eval.one_pass=all with batch 250 (16 settings' rows: 4,000 rows per pass of θ)
+    all_150       eval.one_pass=all with batch 150 (2,400 rows, below the 3,000 that six evaluations of batch
+                  1,500 at once had needed when they filled an H200)
     all_graphs    not offered: one pass is not captured in graphs
 
 With --procs N, N processes run the same variant at once on the same GPU (the study ran 6 fine-tunes per GPU)
@@ -50,6 +52,7 @@ VARIANTS = {
     "scales": {"one_pass": "scales"},
     "all": {"one_pass": "all"},
     "all_250": {"one_pass": "all", "batch_size": 250},
+    "all_150": {"one_pass": "all", "batch_size": 150},
 }
 
 

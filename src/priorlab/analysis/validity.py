@@ -106,9 +106,10 @@ def _accuracy_at(final: pd.DataFrame, best: pd.DataFrame) -> pd.Series:
 
 
 def base_runs(study_dir: Path) -> list[Path]:
-    """The study's finished base runs (base/, base/<name>/, base/seed=<b>/, ...)."""
-    root = study_dir / "base"
-    return sorted(p.parent for p in root.rglob("done.json")) if root.exists() else []
+    """The study's finished base runs (base/, base/<name>/, base/seed=<b>/, ...), then its extra priors' (prior/<name>/
+    ...): a prior that had not converged is as little the model a swap assumes as such a base."""
+    roots = [study_dir / "base", study_dir / "prior"]
+    return [run for root in roots if root.exists() for run in sorted(p.parent for p in root.rglob("done.json"))]
 
 
 def base_curve(run_dir: Path) -> pd.DataFrame:
