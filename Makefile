@@ -20,7 +20,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadscope   # one worker per core; a module's tests (and its fixtures) stay on one
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

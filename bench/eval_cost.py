@@ -20,7 +20,8 @@ prior=small with --small. Weights are random (speed does not depend on them). Va
     all_graphs    not offered: one pass is not captured in graphs
 
 With --procs N, N processes run the same variant at once on the same GPU (the study ran 6 fine-tunes per GPU)
-after each has warmed up, and each reports its own wall time. Writes bench/results/<card>-<date>-eval_cost.json
+after each has warmed up, each with the cores shared out as `priorlab study jobs=N` does, and each reports its
+own wall time. Writes bench/results/<card>-<date>-eval_cost.json
 (one entry per procs × variant, added to what the file holds).
 """
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,6 +46,7 @@ from priorlab.evaluation.core import EvalSettings, conditional_quality
 from priorlab.evaluation.features import Classifier, Evaluator
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
+from priorlab.studies import job_threads
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -109,7 +112,8 @@ def run_variant(variant: str, smoke: bool, small: bool, barrier: tuple[Path, int
     seconds = time.perf_counter() - started
     sampling = {k.split("/", 3)[3]: v for k, v in metrics.items() if "/sample_seconds/" in k}
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    samplings = 1 + sum(1 for k in sampling if not k.endswith("w=1.0"))  # w = 1 is sampled once for every prior
+    guided = sum(1 for w in settings.guidance_scales if w != 1)
+    samplings = 1 + guided * (len(settings.priors) + len(extra))  # w = 1 is sampled once for every prior
     return {"variant": variant, "seconds": seconds, "samples": settings.num_samples, "samplings": samplings,
             "sample_seconds": sampling, "peak_gib": peak}  # fmt: skip
 
@@ -138,8 +142,9 @@ def main() -> None:
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory() as folder:
             flags = [*(["--smoke"] if args.smoke else []), *(["--small"] if args.small else [])]
+            env = {**os.environ, **job_threads(args.procs)}  # the cores shared out, as `priorlab study jobs=N` does
             procs = [subprocess.Popen([sys.executable, __file__, "--worker", f"{variant},{i},{args.procs},{folder}",
-                                       *flags]) for i in range(args.procs)]  # fmt: skip
+                                       *flags], env=env) for i in range(args.procs)]  # fmt: skip
             codes = [p.wait() for p in procs]
             if any(codes):
                 sys.exit(f"variant {variant}: a worker failed (exit codes {codes})")

@@ -73,7 +73,8 @@ class EvalSettings:
         one_pass: "off", each (prior, w) sampled on its own; "scales", each prior's guidance scales in one sampling
             pass; "all", every (prior, w) in one pass (`priorlab.sample_many`; prior self, base and extra priors,
             the fitted ones sampled on their own). A pass of k settings makes up to 2k × batch_size rows per forward
-            pass; its wall time is shared out equally among its settings' sample_seconds.
+            pass; its wall time is shared out equally among its settings' sample_seconds (none are recorded for a
+            pass over several priors, whose time is not any one prior's).
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
         bootstrap: resamples of the generated samples for the standard errors of FD and of the paired
@@ -249,7 +250,9 @@ def one_pass_samples(
         xs = generate_many(model, scheduler, labels, seeds, shape, settings, [s for _, s in group])
         if xs and xs[0].is_cuda:
             torch.cuda.synchronize(xs[0].device)
-        seconds = (time.perf_counter() - started) / len(group)
+        # a pass's time is shared out among its settings; one over several priors says nothing of each prior's cost
+        one_prior = len({name[0] for name, _ in group if name[1] != 1}) <= 1
+        seconds = (time.perf_counter() - started) / len(group) if one_prior else None
         out.update({name: (x, seconds) for (name, _), x in zip(group, xs, strict=True)})
     return out
 
@@ -424,7 +427,7 @@ def conditional_quality(
                     model, scheduler, labels, seeds, shape, settings, w, mode, net, weights.get(prior)
                 )
                 scores, per_sample = sample_scores(x, labels, evaluator, settings, mixture, ideal.get(w))
-                scores = {**scores, "sample_seconds": seconds}
+                scores = {**scores, "sample_seconds": seconds} if seconds is not None else scores
                 unguided = (scores, per_sample) if w == 1 else unguided
             scored[(prior, w)] = per_sample
             for name, value in scores.items():
