@@ -10,7 +10,6 @@ The cost is memory: a chunk of `batch_size` samples makes up to 2 × settings ×
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +17,10 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from priorlab.errors import UserError
-from priorlab.guidance import _eps, in_interval
+from priorlab.guidance import _eps
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import PriorNet
-from priorlab.sampling import initial_noise, make_scheduler
+from priorlab.sampling import trajectory
 
 ONE_PASS = ("self", "base", "none")  # the modes one pass can batch (the fitted ones choose rows per step)
 
@@ -55,20 +54,15 @@ def sample_many(
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size].to(device)
         b = len(y)
-        x, gens = initial_noise(seeds[start : start + batch_size].repeat(k), tuple(sample_shape))
         y_all = y.repeat(k)
-        scheduler = make_scheduler(sampler, train_scheduler)
-        scheduler.set_timesteps(num_steps)
-        step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        x = x.to(device) * scheduler.init_noise_sigma
-        ts = scheduler.timesteps.round().long()
-        ts_device = ts.to(device)
-        for i, step_t in enumerate(scheduler.timesteps):
-            x_in = scheduler.scale_model_input(x, step_t)
-            guided = interval is None or bool(in_interval(train_scheduler.alphas_cumprod[ts[i]].float(), interval))
+
+        def predict(x_in: Tensor, t: Tensor, guided: bool, y_all=y_all, b=b) -> Tensor:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                eps = _guided_step(model, x_in, ts_device[i], y_all, abar, settings, b, guided)
-            x = scheduler.step(eps.float(), step_t, x, **step_kwargs).prev_sample
+                return _guided_step(model, x_in, t, y_all, abar, settings, b, guided)
+
+        # every setting's trajectory of a sample starts from that sample's seed
+        x = trajectory(seeds[start : start + batch_size].repeat(k), sample_shape, train_scheduler, sampler, num_steps,
+                       device, interval, predict)  # fmt: skip
         for j in range(k):
             out[j].append(x[j * b : (j + 1) * b])
     return [torch.cat(parts) for parts in out]

@@ -109,6 +109,34 @@ def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale
     return graphs[key]
 
 
+def trajectory(
+    seeds: Tensor, sample_shape: tuple[int, ...], train_scheduler: DDPMScheduler, sampler: str, num_steps: int,
+    device: torch.device, interval: tuple[float, float] | None, predict,
+) -> Tensor:  # fmt: skip
+    """One chunk of samples from noise to data: each sample's initial noise from its seed, then at every step
+    `predict(x_in, t, guided)` gives the eps the scheduler steps with (t: the step's timestep on the device; guided:
+    whether the step lies in the guidance interval). Shared by `sample` and `priorlab.sample_many`."""
+    x, gens = initial_noise(seeds, tuple(sample_shape))
+    scheduler = make_scheduler(sampler, train_scheduler)
+    scheduler.set_timesteps(num_steps)
+    # stochastic schedulers draw their per-step noise from each sample's generator; deterministic ones
+    # (UniPC, PNDM) take no generator argument
+    step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    x = x.to(device) * scheduler.init_noise_sigma
+    # With a deterministic sampler (ddim, the default) and prior self, base or none, nothing in a step waits
+    # for the GPU, so the host queues steps ahead (stochastic samplers copy each step's per-sample noise in):
+    # the timesteps are copied to the device once, and whether a step lies in the guidance interval is
+    # decided here, from σ of its timestep, rather than row by row on the GPU.
+    ts = scheduler.timesteps.round().long()
+    ts_device = ts.to(device)
+    for i, step_t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(x, step_t)
+        guided = interval is None or bool(in_interval(train_scheduler.alphas_cumprod[ts[i]].float(), interval))
+        eps = predict(x_in, ts_device[i], guided)
+        x = scheduler.step(eps.float(), step_t, x, **step_kwargs).prev_sample
+    return x
+
+
 @torch.no_grad()
 def sample(
     model: Denoiser,
@@ -155,30 +183,15 @@ def sample(
     chunks = range(0, len(labels), batch_size)
     for start in tqdm(chunks, desc=f"sampling prior={prior} w={scale}", disable=not progress, leave=False):
         y = labels[start : start + batch_size].to(device)
-        x, gens = initial_noise(seeds[start : start + batch_size], tuple(sample_shape))
-        scheduler = make_scheduler(sampler, train_scheduler)
-        scheduler.set_timesteps(num_steps)
-        # stochastic schedulers draw their per-step noise from each sample's generator; deterministic ones
-        # (UniPC, PNDM) take no generator argument
-        step_kwargs = {"generator": gens} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        x = x.to(device) * scheduler.init_noise_sigma
-        # With a deterministic sampler (ddim, the default) and prior self, base or none, nothing in a step waits
-        # for the GPU, so the host queues steps ahead (stochastic samplers copy each step's per-sample noise in):
-        # the timesteps are copied to the device once, and whether a step lies in the guidance interval is
-        # decided here, from σ of its timestep, rather than row by row on the GPU.
-        ts = scheduler.timesteps.round().long()
-        ts_device = ts.to(device)
-        for i, step_t in enumerate(scheduler.timesteps):
-            t = ts_device[i].expand(len(y))
-            x_in = scheduler.scale_model_input(x, step_t)
-            guided = interval is None or bool(in_interval(train_scheduler.alphas_cumprod[ts[i]].float(), interval))
-            w = scale if guided else 1.0
+
+        def predict(x_in: Tensor, t_step: Tensor, guided: bool, y=y) -> Tensor:
+            t, w = t_step.expand(len(y)), scale if guided else 1.0
             if graphed:
                 p = prior if w != 1 else "none"
-                eps = graphed_guide(model, prior_net, p, w, abar, x_in, y, autocast)(x_in, t, y)
-            else:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    eps = guide(model, x_in, t, y, abar[t], w, prior, prior_net, weights=weights).guided
-            x = scheduler.step(eps.float(), step_t, x, **step_kwargs).prev_sample
-        out.append(x)
+                return graphed_guide(model, prior_net, p, w, abar, x_in, y, autocast)(x_in, t, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                return guide(model, x_in, t, y, abar[t], w, prior, prior_net, weights=weights).guided
+
+        out.append(trajectory(seeds[start : start + batch_size], sample_shape, train_scheduler, sampler, num_steps,
+                              device, interval, predict))  # fmt: skip
     return torch.cat(out)
