@@ -2,6 +2,7 @@
 study (trained once per base seed, given to every fine-tune) and its report section."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -10,9 +11,9 @@ import torch
 from diffusers import DDPMScheduler
 
 from conftest import run_cli
-from priorlab.analysis.other_priors import advantage, extra_prior_names, time_ratios
+from priorlab.analysis.other_priors import advantage, extra_prior_names, null_losses, time_ratios
 from priorlab.errors import UserError
-from priorlab.evaluation.core import EvalSettings, check_extra_priors, conditional_quality
+from priorlab.evaluation.core import EvalSettings, check_extra_priors, conditional_quality, prior_quality
 from priorlab.evaluation.features import Classifier, Evaluator
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
@@ -53,6 +54,13 @@ def test_an_extra_prior_is_sampled_as_the_base_is_and_reported_under_its_name():
         assert cond[f"eval/cond/sample_seconds/prior={prior_name}/w=3.0"] > 0
     with pytest.raises(UserError, match="must start with a letter"):
         conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, extra={"base": extra["small"]})
+    with torch.no_grad():  # the prior-quality measures: each extra prior's ∅ loss and unconditional FD
+        pq = prior_quality(model, sched, prior, (real[:20], torch.arange(20) % 3), evaluator,
+                           replace(settings, heldout=20, buckets=2), extra=extra)  # fmt: skip
+    for metric in ("loss/model={}/all", "loss/model={}/t=0-499", "uncond/fd/model={}"):
+        key = "eval/" + ("prior/" if metric.startswith("loss") else "") + metric
+        assert pq[key.format("twin")] == pq[key.format("base")], key
+        assert pq[key.format("small")] != pytest.approx(pq[key.format("base")]), key
 
 
 @pytest.mark.parametrize("name", ["base", "self", "exact", "a/b", "1st", "p=1"])
@@ -102,6 +110,8 @@ def test_report_section_pairs_the_extra_prior_with_self_and_base_over_seeds():
                 value = 10.0 + seed if w == 1 else fd
                 rows += [(run, 0.0, seed, 6, prior, w, "fd", value), (run, 0.0, seed, 6, prior, w, "accuracy", 0.9),
                          (run, 0.0, seed, 6, prior, w, "sample_seconds", seconds)]  # fmt: skip
+            rows.append((run, 0.0, seed, 6, prior, float("nan"), "loss/all", {"self": 2.0, "base": 1.0}.get(prior, 1.1)
+                         + seed))  # fmt: skip
     frame = pd.DataFrame(rows, columns=["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric",
                                         "value"])  # fmt: skip
     assert extra_prior_names(frame) == ["small"]
@@ -111,6 +121,7 @@ def test_report_section_pairs_the_extra_prior_with_self_and_base_over_seeds():
     assert advantage(frame, "fd", "base", "small")["estimate"].iloc[0].mean == pytest.approx(1.0)
     assert advantage(frame, "accuracy", "base", "small")["estimate"].iloc[0].mean == pytest.approx(0.0)
     assert time_ratios(frame, "small") == {"self": 0.5, "base": 0.5}
+    assert null_losses(frame, "small") == pytest.approx({"self": 3.0, "base": 2.0, "small": 2.1})
 
 
 def test_cheap_prior_study_and_evaluate_with_an_extra_prior(tmp_path):
@@ -122,10 +133,14 @@ def test_cheap_prior_study_and_evaluate_with_an_extra_prior(tmp_path):
     frame = pd.read_csv(study / "results.csv")
     small = frame[(frame["prior"] == "small") & (frame["metric"] == "nll") & (frame["guidance_scale"] == 3.0)]
     assert small["run"].nunique() == 4  # every fine-tune evaluated with the extra prior
-    assert {"diff_nll_se", "sample_seconds"} <= set(frame[frame["prior"] == "small"]["metric"])
+    assert {"diff_nll_se", "sample_seconds", "loss/all", "score_error/all", "uncond_fd"} <= set(
+        frame[frame["prior"] == "small"]["metric"]
+    )
     report = (study / "report.md").read_text()
     assert "## The extra prior `small`: against the fine-tune's own ∅ branch and the base" in report
     assert "| p=0.2 | base | 3 |" in report and "no conclusion (it failed a validity check)" in report
+    assert "Held-out ∅ loss over all timesteps (mean over the fine-tunes' final evaluations): self " in report
+    assert "| base converged (prior/small) |" in report  # the extra prior's own validity check
     # `priorlab evaluate` takes extra priors too
     run = study / "finetune/p=0.0/seed=0"
     out = run_cli("evaluate", f"model={run}", f"base={study / 'base'}", f"extra_priors.small={prior_dir}",

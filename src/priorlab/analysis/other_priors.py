@@ -49,6 +49,15 @@ def time_ratios(frame: pd.DataFrame, name: str) -> dict[str, float]:
     return out
 
 
+def null_losses(frame: pd.DataFrame, name: str) -> dict[str, float]:
+    """The held-out ∅ loss over all timesteps of self, base and prior `name`, each the mean over the fine-tunes'
+    final evaluations (the prior-quality measures)."""
+    final = final_rows(frame)
+    sub = final[final["metric"] == "loss/all"]
+    return {who: float(sub.loc[sub["prior"] == who, "value"].mean()) for who in (*COMPARED, name)
+            if (sub["prior"] == who).any()}  # fmt: skip
+
+
 def _of(rows: pd.DataFrame, keys: list[str], cond: tuple) -> pd.DataFrame:
     """The rows of one condition."""
     return rows[(rows[keys] == pd.Series(dict(zip(keys, cond, strict=True)))).all(axis=1)]
@@ -80,12 +89,16 @@ def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> l
     for name in names:
         ratios = time_ratios(frame, name)
         timing = ", ".join(f"{ratios[o]:.2f}× prior={o}'s" for o in COMPARED if not math.isnan(ratios.get(o, math.nan)))
+        losses = null_losses(frame, name)
+        loss_text = ", ".join(f"{who} {value:.4g}" for who, value in losses.items())
         lines += [f"## The extra prior `{name}`: against the fine-tune's own ∅ branch and the base", "",
                   f"prior={name} is another network in the base's place (`extra_priors`). Advantage > 0: prior={name} "
                   f"did better (lower {unit}, higher accuracy); mean [95% CI over seeds], paired. A statement needs "
                   "its condition to pass the validity checks."
                   + (f" Its sampling took {timing} time (median over runs and guided scales, each (prior, w)'s "
-                     "sampling timed on its own)." if timing else ""), ""]  # fmt: skip
+                     "sampling timed on its own)." if timing else "")
+                  + (f" Held-out ∅ loss over all timesteps (mean over the fine-tunes' final evaluations): {loss_text}."
+                     if name in losses else ""), ""]  # fmt: skip
         table = []
         per_other = {o: advantage(frame, metric, o, name) for o in COMPARED}
         accuracy = {o: advantage(frame, "accuracy", o, name) for o in COMPARED}

@@ -156,7 +156,7 @@ def evaluate(cfg: DictConfig) -> Path:
                                           datamodule.sample_shape, settings, mixture, weights, extra)  # fmt: skip
         say("prior quality on the held-out data")
         prior_metrics = prior_quality(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors,
-                                      evaluator, settings, mixture, weights)  # fmt: skip
+                                      evaluator, settings, mixture, weights, extra)  # fmt: skip
     seconds = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else model.path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -42,12 +42,18 @@ _FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Evaluation(L.Callback):
+    """What both evaluation callbacks share. `base`: the base's folder (the prior=base network); `extra_priors`: name
+    → folder of more prior networks (any diffusion model of the sample shape, e.g. a smaller base), each used as
+    prior=base is and reported as prior=<name> (model=<name> in the prior-quality measures)."""
+
     kind = ""
 
     def __init__(
         self, out_dir: str, runs: str = "runs", base: str | None = None, every_n_steps: int = 1000,
-        settings: dict | None = None, evaluator: str | None = None,
+        settings: dict | None = None, evaluator: str | None = None, extra_priors: dict | None = None,
     ):  # fmt: skip
+        self.extra_paths = dict(extra_priors or {})
+        check_extra_priors(self.extra_paths)
         self.out_dir = Path(out_dir)
         self.runs = runs
         self.base_path = base
@@ -64,6 +70,7 @@ class _Evaluation(L.Callback):
         trainer.strategy.barrier()
         self.evaluator = ensure_evaluator(path, dm)
         self.base = None if not self.base_path else load_denoiser(self.base_path, role="base")
+        self.extra = {name: load_denoiser(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
         if self.base is not None and any(p in FITTED for p in self.settings.priors):
             calibration_split(dm.val_set.tensors, self.settings)  # too small a split fails now, not after training
 
@@ -128,6 +135,14 @@ class _Evaluation(L.Callback):
                 log_image(trainer.loggers, keys.key("grid", prior=prior), path, step)
         trainer.strategy.barrier()
 
+    def extra_nets(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """The extra priors as prior networks of the module, on the evaluation's device."""
+        out = {}
+        for name, saved in self.extra.items():
+            saved.denoiser.to(trainer.strategy.root_device)
+            out[name] = make_prior_net((pl_module.denoiser, pl_module.scheduler), saved)
+        return out
+
     def fitted_priors(self, trainer: L.Trainer, pl_module: L.LightningModule, prior_net) -> dict:
         """prior=auto|mix weights for this step, fitted once per step and shared by the evaluation callbacks."""
         s = self.settings
@@ -173,34 +188,17 @@ class PriorQuality(_Evaluation):
         dm = trainer.datamodule
         evaluator = self.evaluator if final or self.samples_during_fit else None
         return prior_quality(pl_module.denoiser, pl_module.scheduler, prior_net, dm.val_set.tensors, evaluator,
-                             self.settings, getattr(dm, "mixture", None), weights), {}  # fmt: skip
+                             self.settings, getattr(dm, "mixture", None), weights,
+                             self.extra_nets(trainer, pl_module)), {}  # fmt: skip
 
 
 class ConditionalQuality(_Evaluation):
-    """FD, KID, precision, recall and accuracy for each prior and guidance scale, plus sample grids.
-
-    Args:
-        extra_priors: name → path of more prior networks (any diffusion model of the sample shape, e.g. a smaller
-            base), each used as prior=base is and reported as prior=<name>.
-    """
+    """FD, KID, precision, recall and accuracy for each prior and guidance scale, plus sample grids."""
 
     kind = "cond"
 
-    def __init__(self, *args, extra_priors: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.extra_paths = dict(extra_priors or {})
-        check_extra_priors(self.extra_paths)
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        self.extra = {name: load_denoiser(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
-
     def measure(self, trainer, pl_module, prior_net, final: bool, weights: dict):
         dm = trainer.datamodule
-        device = trainer.strategy.root_device
-        extra = {}
-        for name, saved in self.extra.items():
-            saved.denoiser.to(device)
-            extra[name] = make_prior_net((pl_module.denoiser, pl_module.scheduler), saved)
         return conditional_quality(pl_module.denoiser, pl_module.scheduler, prior_net, self.evaluator, dm.sample_shape,
-                                   self.settings, getattr(dm, "mixture", None), weights, extra)  # fmt: skip
+                                   self.settings, getattr(dm, "mixture", None), weights,
+                                   self.extra_nets(trainer, pl_module))  # fmt: skip

@@ -447,9 +447,11 @@ def conditional_quality(
 def prior_quality(
     model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, heldout: tuple[Tensor, Tensor],
     evaluator: Evaluator | None, settings: EvalSettings, mixture: GaussianMixture | None = None,
-    weights: dict[str, PriorWeights] | None = None,
+    weights: dict[str, PriorWeights] | None = None, extra: dict[str, DenoiserPrior] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Unconditional branch of the model (self) vs the base, per timestep bucket and by unconditional samples.
+    Extra priors (`extra`, name → prior network) get their own loss (and score error, unconditional FD/KID) under
+    model=<name>.
 
     On held-out data x0 with fixed noise and timesteps: the eps-space denoising loss of each, their
     disagreement ‖eps_self(x_t, ∅) − eps_base(x_t, ∅)‖² (per element), and on toy2d each one's error against
@@ -463,6 +465,9 @@ def prior_quality(
     idx = shard(n)
     x0, t, noise = x0_all[idx].to(device), t_all[idx].to(device), noise_all[idx].to(device)
     eps_self, eps_base = uncond_predictions(model, scheduler, prior_net, x0, t, noise, settings.batch_size)
+    extra = extra or {}
+    check_extra_priors(extra)
+    eps_extra = {name: _prior_eps(net, scheduler, x0, t, noise, settings.batch_size) for name, net in extra.items()}
     # (metric, model, guidance scale) → per-sample values
     per_sample: dict[tuple[str, str | None, float | None], Tensor] = {("loss", "self", None): _sq(eps_self - noise)}
     truth = None
@@ -471,6 +476,10 @@ def prior_quality(
         x_t = diffusion.add_noise(x0, noise, abar)
         truth = mixture.eps(x_t.cpu(), abar.cpu()).float().to(device)
         per_sample[("score_error", "self", None)] = _sq(eps_self - truth)
+    for name, eps in eps_extra.items():
+        per_sample[("loss", name, None)] = _sq(eps - noise)
+        if truth is not None:
+            per_sample[("score_error", name, None)] = _sq(eps - truth)
     if eps_base is not None:
         per_sample[("loss", "base", None)] = _sq(eps_base - noise)
         per_sample[("disagreement", None, None)] = _sq(eps_self - eps_base)
@@ -493,7 +502,7 @@ def prior_quality(
                 )
     if evaluator is not None:
         results.update(unconditional_quality(model, scheduler, prior_net, evaluator, tuple(x0_all.shape[1:]),
-                                             settings))  # fmt: skip
+                                             settings, extra))  # fmt: skip
     return results
 
 
@@ -501,16 +510,31 @@ def _sq(d: Tensor) -> Tensor:
     return d.float().pow(2).flatten(1).mean(1)
 
 
+def _prior_eps(prior_net: DenoiserPrior, scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor,
+               batch_size: int) -> Tensor:  # fmt: skip
+    """eps_ψ(x_t, ∅) of a prior network at x_t = noised x0 with the model's ᾱ (as `uncond_predictions` makes x_t)."""
+    abar_all = scheduler.alphas_cumprod.to(x0.device)
+    out = []
+    for start in range(0, len(x0), max(1, batch_size)):
+        sl = slice(start, start + max(1, batch_size))
+        abar = abar_all[t[sl]]
+        out.append(prior_net.eps(diffusion.add_noise(x0[sl], noise[sl], abar), abar))
+    return torch.cat(out) if out else noise[:0]
+
+
 def unconditional_quality(
     model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, evaluator: Evaluator,
-    shape: tuple[int, ...], settings: EvalSettings,
+    shape: tuple[int, ...], settings: EvalSettings, extra: dict[str, DenoiserPrior] | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """FD and KID of unconditional samples of the model's ∅ branch and of the base, against the data."""
+    """FD and KID of unconditional samples of the model's ∅ branch, of the base and of each extra prior, against
+    the data."""
     n = settings.num_samples
     seeds = sample_seeds("samples", settings.seed, n)
     sources = {"self": (model, scheduler)}
     if prior_net is not None:
         sources["base"] = (prior_net.denoiser, prior_net.scheduler)
+    for name, net in (extra or {}).items():
+        sources[name] = (net.denoiser, net.scheduler)
     out = {}
     for name, (net, sched) in sources.items():
         x = generate(net, sched, torch.full((n,), net.null_class), seeds, shape, settings)
