@@ -17,7 +17,14 @@ from priorlab.evaluation.core import EvalSettings, check_extra_priors, condition
 from priorlab.evaluation.features import Classifier, Evaluator
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
-from priorlab.studies import check_priors, prior_jobs, study_bases, with_priors
+from priorlab.studies import (
+    check_finished_have_priors,
+    check_priors,
+    prior_jobs,
+    study_bases,
+    with_command_line,
+    with_priors,
+)
 
 
 def _nets():
@@ -49,7 +56,6 @@ def test_an_extra_prior_is_sampled_as_the_base_is_and_reported_under_its_name():
     assert cond["eval/diff/fd_se/prior=twin/w=3.0"] == cond["eval/diff/fd_se/prior=base/w=3.0"]
     assert torch.equal(grids["twin"], grids["base"]) and not torch.allclose(grids["small"], grids["base"])
     assert cond["eval/cond/fd/prior=small/w=3.0"] != pytest.approx(cond["eval/cond/fd/prior=base/w=3.0"])
-    assert cond["eval/cond/fd/prior=small/w=1.0"] == cond["eval/cond/fd/prior=self/w=1.0"]  # w = 1: no prior
     for prior_name in ("self", "base", "small"):
         assert cond[f"eval/cond/sample_seconds/prior={prior_name}/w=3.0"] > 0
     with pytest.raises(UserError, match="must start with a letter"):
@@ -92,13 +98,30 @@ def test_an_extra_prior_is_trained_once_per_base_seed_and_given_to_that_seeds_fi
                                       "seed=7", "stage.run_subdir=prior/small/seed=7"]),
                     ("small_seed=8", ["train", "stage=base", "study=s", "trainer.max_steps=9", "model.hidden=8",
                                       "seed=8", "stage.run_subdir=prior/small/seed=8"])]  # fmt: skip
-    # several named bases share one extra prior: it is trained once
-    named = {**parts, "base_seeds": None, "bases": {"a": {"common": [], "base": [], "finetune": []},
-                                                    "b": {"common": [], "base": [], "finetune": []}}}  # fmt: skip
-    bases = with_priors(study_bases(study, [], named), study, [], named)
-    assert all(b.finetune[-1] == "+extra_priors.small=/s/prior/small" for b in bases)
+    # the command line's settings apply to the prior too, but not over its own (a small prior stays small)
+    bases, _ = with_command_line(bases, ["model.hidden=256", "data.std=0.2"], {"base": [], "finetune": []})
+    assert prior_jobs(bases)[0][1][3:] == ["trainer.max_steps=9", "model.hidden=256", "data.std=0.2", "model.hidden=8",
+                                           "seed=7", "stage.run_subdir=prior/small/seed=7"]  # fmt: skip
+    one = {**parts, "base_seeds": None}  # one base: one prior, beside base/
+    bases = with_priors(study_bases(study, [], one), study, [], one)
+    assert bases[0].finetune[-1] == "+extra_priors.small=/s/prior/small"
     assert prior_jobs(bases) == [("prior_small", ["train", "stage=base", "trainer.max_steps=9", "model.hidden=8",
                                                   "stage.run_subdir=prior/small"])]  # fmt: skip
+    with pytest.raises(UserError, match="`priors` and `bases` together are not supported yet"):
+        check_priors({"small": ["model.hidden=8"]}, "p", {"a": {}, "b": {}})
+
+
+def test_a_study_refuses_finished_fine_tunes_evaluated_without_its_extra_prior(tmp_path):
+    run = tmp_path / "finetune/p=0.0/seed=0"
+    run.mkdir(parents=True)
+    (run / "done.json").write_text("{}")
+    (run / "config.yaml").write_text("extra_priors: {}\n")
+    with pytest.raises(UserError, match=r"1 finished fine-tune\(s\) .* \(e.g. finetune/p=0.0/seed=0\) were evaluated "
+                       "without the extra prior\\(s\\) small"):  # fmt: skip
+        check_finished_have_priors(tmp_path, ["small"])
+    (run / "config.yaml").write_text("extra_priors: {small: /somewhere}\n")
+    check_finished_have_priors(tmp_path, ["small"])  # evaluated with it: nothing to refuse
+    check_finished_have_priors(tmp_path / "elsewhere", ["small"])  # a new study: nothing finished
 
 
 def test_report_section_pairs_the_extra_prior_with_self_and_base_over_seeds():
@@ -138,9 +161,14 @@ def test_cheap_prior_study_and_evaluate_with_an_extra_prior(tmp_path):
     )
     report = (study / "report.md").read_text()
     assert "## The extra prior `small`: against the fine-tune's own ∅ branch and the base" in report
-    assert "| p=0.2 | base | 3 |" in report and "no conclusion (it failed a validity check)" in report
+    assert "| p=0.2 | base | 3 |" in report
+    # 10 steps: the small prior has not converged; its own check fails and withholds only its findings
+    assert (
+        "| extra prior converged (prior/small) |" in report
+        and "no conclusion (an extra prior did not converge)" in report
+    )
+    assert "the report draws no conclusion about the extra priors (the findings about self and base stand)" in report
     assert "Held-out ∅ loss over all timesteps (mean over the fine-tunes' final evaluations): self " in report
-    assert "| base converged (prior/small) |" in report  # the extra prior's own validity check
     # `priorlab evaluate` takes extra priors too
     run = study / "finetune/p=0.0/seed=0"
     out = run_cli("evaluate", f"model={run}", f"base={study / 'base'}", f"extra_priors.small={prior_dir}",

@@ -113,7 +113,8 @@ def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monk
         ddp.DDPStrategy(same_stream=False)._setup_model(module)
     assert ddp.DDPStrategy(comm_hook="bf16")._ddp_comm_hook is default_hooks.bf16_compress_hook
     assert ddp.DDPStrategy()._ddp_comm_hook is None
-    assert ddp.DDPStrategy(comm_hook="skip")._ddp_comm_hook is ddp.skip_allreduce_hook
+    with pytest.warns(UserWarning, match="comm_hook=skip all-reduces nothing"):
+        assert ddp.DDPStrategy(comm_hook="skip")._ddp_comm_hook is ddp.skip_allreduce_hook
 
     class Bucket:  # what DDP hands a hook: its flattened gradients
         def buffer(self):

@@ -429,19 +429,20 @@ def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monk
         alone, grids = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
         batched, grids_b = conditional_quality(model, sched, prior, evaluator, (1, 8, 8),
                                                replace(settings, one_pass=one_pass), weights=weights)  # fmt: skip
-    expected = [[("self", 1.0), ("self", 2.0), ("self", 4.0)], [("base", 2.0), ("base", 4.0)]]  # auto, mix: alone
+    expected = [[("self", 2.0), ("self", 4.0)], [("base", 2.0), ("base", 4.0)]]  # w = 1, auto, mix: alone
     assert passes == (expected if one_pass == "scales" else [expected[0] + expected[1]])
     timed = {k for k in alone if "/sample_seconds/" in k}
     if one_pass == "scales":  # each prior's own pass: its time is that prior's
         assert set(alone) == set(batched)
-    else:  # one pass over several priors: no prior's time is known, so none is recorded (auto and mix ran alone,
-        # but share the unguided samples of w = 1 with that pass)
-        untimed = {k for k in timed if "prior=self" in k or "prior=base" in k or k.endswith("/w=1.0")}
-        assert set(alone) - set(batched) == untimed and len(untimed) == 8
+    else:  # one pass over several priors: no prior's time is known, so none is recorded (w = 1, auto, mix: alone)
+        untimed = {k for k in timed if ("prior=self" in k or "prior=base" in k) and not k.endswith("/w=1.0")}
+        assert set(alone) - set(batched) == untimed and len(untimed) == 4
     quality = [k for k in alone if "/sample_seconds/" not in k]
     assert len(quality) > 40 and "eval/cond/fd/prior=mix/w=4.0" in quality
+    step = 1 / settings.num_samples  # accuracy, precision and recall count samples: a near-tie may flip one
     for k in quality:
-        assert batched[k] == pytest.approx(alone[k], rel=1e-3, abs=1e-4), k
+        discrete = any(f"/{m}/" in k for m in ("accuracy", "precision", "recall"))
+        assert batched[k] == pytest.approx(alone[k], rel=1e-3, abs=step + 1e-9 if discrete else 1e-4), k
     assert all(batched[k] > 0 for k in batched if "/sample_seconds/" in k)
     for p in grids:
         torch.testing.assert_close(grids_b[p], grids[p])  # the grids are sampled as before

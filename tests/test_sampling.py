@@ -166,3 +166,19 @@ def test_one_pass_refuses_a_fitted_prior_and_a_base_without_its_network(model):
         sample_many(model, settings=[Setting("auto", 2.0)], **kw)
     with pytest.raises(UserError, match="prior=base needs a base model"):
         sample_many(model, settings=[Setting("base", 2.0)], **kw)
+
+
+def test_one_pass_under_bf16_autocast_agrees_with_each_setting_alone(model):
+    """The autocast path of sample_many (the GPU presets sample in bf16): bf16 networks, float32 combination."""
+    from priorlab.sample_many import Setting, sample_many
+
+    sched = DDPMScheduler()
+    base = Prior(model, sched, sched.alphas_cumprod)
+    labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), num_steps=4, autocast=True)
+    settings = [Setting("self", 3.0), Setting("base", 2.0, base)]
+    many = sample_many(model, labels, seeds, settings=settings, batch_size=3, **kw)
+    assert all(x.dtype == torch.float32 for x in many)
+    for s, x in zip(settings, many, strict=True):
+        alone = sample(model, labels, seeds, scale=s.scale, prior=s.prior, prior_net=s.prior_net, batch_size=3, **kw)
+        torch.testing.assert_close(x, alone, rtol=0, atol=0.05)  # bf16 rounding of other batch shapes

@@ -129,7 +129,8 @@ def rewrite_overrides(command: str, args: list[str]) -> list[str]:
             arg = f"{key}={value}"
         if sep and "=" in value and re.fullmatch(r"[+~]{0,2}[\w.@/-]+", key):
             arg = f"{key}={_quote(value)}"
-        elif sep and key.lstrip("+~") in PATH_VALUES and re.fullmatch(NUMBER, value, re.IGNORECASE):
+        elif (sep and (key.lstrip("+~") in PATH_VALUES or key.lstrip("+~").startswith("extra_priors."))
+              and re.fullmatch(NUMBER, value, re.IGNORECASE)):  # fmt: skip
             arg = f"{key}='{value}'"  # a folder named 2024 stays the string "2024"
         out.append(arg)
     if command == "study":

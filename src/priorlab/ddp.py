@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lightning.pytorch.strategies import DDPStrategy as LightningDDP
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -58,6 +60,9 @@ class DDPStrategy(LightningDDP):
                 names = ", ".join(COMM_HOOKS)
                 raise UserError(f"trainer.strategy.comm_hook={comm_hook} is not one of {names} (or null)")
             kwargs["ddp_comm_hook"] = COMM_HOOKS[comm_hook]
+            if comm_hook == "skip":
+                warnings.warn("trainer.strategy.comm_hook=skip all-reduces nothing: the processes train apart. It is "
+                              "for benchmarks only (bench/ddp_variants.sh)", stacklevel=2)  # fmt: skip
         super().__init__(**kwargs)
         self.same_stream = same_stream
         self.comm_hook = comm_hook

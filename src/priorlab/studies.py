@@ -81,7 +81,7 @@ def preset_overrides(spec: dict, preset: str, sweep: dict | None = None, base_se
         "finetune": p.get("finetune", []),
         "sweep": sweep,
         "bases": check_bases(p.get("bases"), where),
-        "priors": check_priors(p.get("priors"), where),
+        "priors": check_priors(p.get("priors"), where, p.get("bases")),
         "base_seeds": check_base_seeds(p.get("base_seeds") if base_seeds is None else base_seeds, sweep["seed"], where),
         "validity": check_validity({**spec.get("validity", {}), **p.get("validity", {})}, where),
         "jobs": p.get("jobs", 1),
@@ -128,13 +128,17 @@ def check_bases(bases: dict | None, where: str) -> dict[str, dict[str, list]] | 
     return out
 
 
-def check_priors(priors: dict | None, where: str) -> dict[str, list[str]]:
+def check_priors(priors: dict | None, where: str, bases: dict | None = None) -> dict[str, list[str]]:
     """The `priors` of a preset: name → the overrides of a base trained as an extra prior (e.g. a smaller network,
-    issue 17's cheap prior), which every fine-tune's evaluation uses beside the base, reported as prior=<name>."""
+    issue 17's cheap prior), which every fine-tune's evaluation uses beside the base, reported as prior=<name>.
+    Not with several `bases` yet: each would need a prior trained with its own settings."""
     from priorlab.evaluation.core import check_extra_priors
 
     if priors is None:
         return {}
+    if bases:
+        raise UserError(f"{where}: `priors` and `bases` together are not supported yet (each base would need its own "
+                        "prior); give the extra priors to a preset with one base")  # fmt: skip
     if not isinstance(priors, dict) or not priors:
         raise UserError(f"{where}: `priors` must map each extra prior's name to the overrides of its base run")
     for name, overrides in priors.items():
@@ -412,8 +416,9 @@ def with_command_line(bases: list[BaseRuns], given: list[str], steps: dict) -> t
 
     left_out: list[str] = []
     for b in bases:
-        b.priors = {folder: apply_given(overrides, [*given, *steps["base"]], _compose_train, CONFIG_DIR)[0]
-                    for folder, overrides in b.priors.items()}  # fmt: skip
+        # an extra prior keeps its own settings over the command line's (a smaller width stays smaller)
+        b.priors = {folder: (apply_given(shared, [*given, *steps["base"]], _compose_train, CONFIG_DIR)[0], own)
+                    for folder, (shared, own) in b.priors.items()}  # fmt: skip
         b.base, dropped = apply_given(b.base, [*given, *steps["base"]], _compose_train, CONFIG_DIR)
         b.finetune, dropped_too = apply_given(b.finetune, [*given, *steps["finetune"]], _compose_train, CONFIG_DIR)
         left_out += [d for d in dict.fromkeys(dropped + dropped_too) if d not in left_out]
@@ -453,27 +458,46 @@ class BaseRuns:
     base: list[str]
     finetune: list[str]
     seeds: list  # the fine-tune seeds that start from this base
-    priors: dict = field(default_factory=dict)  # extra prior's folder → its base run's overrides
+    priors: dict = field(default_factory=dict)  # extra prior's folder → (settings shared with the base, its own)
 
 
 def with_priors(bases: list[BaseRuns], study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
     """The preset's extra priors (`priors`), each trained as a base under prior/<name>/ (…/seed=<b>/ with base
     seeds: the fine-tunes from base seed b use the prior of seed b), given to the fine-tunes as extra_priors."""
-    base_seeds = parts.get("base_seeds")
     for b in bases:
-        seed = next((o.split("=", 1)[1] for o in b.base if o.startswith("seed=")), None) if base_seeds else None
+        seed = b.base_dir.name.split("=", 1)[1] if parts.get("base_seeds") else None  # base/seed=<b>/
         for name, own in parts["priors"].items():
             folder = study_dir / "prior" / name
             folder = folder / f"seed={seed}" if seed is not None else folder
-            b.priors[folder] = [*common, *parts["base"], *own, *([f"seed={seed}"] if seed is not None else []),
-                                f"stage.run_subdir={folder.relative_to(study_dir)}"]  # fmt: skip
+            # (the settings shared with the base, the prior's own): the command line's settings go between them
+            placed = [
+                *([f"seed={seed}"] if seed is not None else []),
+                f"stage.run_subdir={folder.relative_to(study_dir)}",
+            ]
+            b.priors[folder] = ([*common, *parts["base"]], [*own, *placed])
             b.finetune = [*b.finetune, override(f"+extra_priors.{name}", folder)]
     return bases
 
 
+def check_finished_have_priors(study_dir: Path, names: list[str]) -> None:
+    """Refuse a study whose finished fine-tunes were evaluated without one of its extra priors (`priors:` added
+    after they finished): a finished run is skipped, so it would never be evaluated with it."""
+    missing = []
+    for done in sorted((study_dir / "finetune").rglob("done.json")) if (study_dir / "finetune").exists() else []:
+        config = done.parent / "config.yaml"
+        held = (yaml.safe_load(config.read_text()) or {}).get("extra_priors") or {} if config.exists() else {}
+        if set(names) - set(held):
+            missing.append(done.parent.relative_to(study_dir).as_posix())
+    if missing:
+        raise UserError(f"{len(missing)} finished fine-tune(s) of {study_dir} (e.g. {missing[0]}) were evaluated "
+                        f"without the extra prior(s) {', '.join(names)}, and a finished run is not evaluated "
+                        "again; evaluate them with `priorlab evaluate model=RUN base=BASE extra_priors.NAME=PATH`, or "
+                        "run the study in another paths.runs")  # fmt: skip
+
+
 def prior_jobs(bases: list[BaseRuns]) -> list[tuple[str, list[str]]]:
     """The training jobs of the extra priors, each once however many bases use it."""
-    runs = {folder: overrides for b in bases for folder, overrides in b.priors.items()}
+    runs = {folder: [*shared, *own] for b in bases for folder, (shared, own) in b.priors.items()}
     return [("_".join(folder.parts[-2:] if folder.name.startswith("seed=") else ("prior", folder.name)),
              ["train", "stage=base", *overrides]) for folder, overrides in runs.items()]  # fmt: skip
 
@@ -561,6 +585,7 @@ def run_study(cfg: DictConfig) -> Path:
             for _, args in commands[b.label]:
                 print(f"finetunes{tag}: {_shell(['priorlab', *args])}")
         return study_dir
+    check_finished_have_priors(study_dir, list(parts["priors"]))
     held = claim_study_dir(study_dir, spec["name"], cfg.preset, validity=parts["validity"],
                            base_seeds=parts["base_seeds"], seeds=list(parts["sweep"]["seed"]))  # fmt: skip
     for b in bases:

@@ -95,8 +95,9 @@ def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> l
                   f"prior={name} is another network in the base's place (`extra_priors`). Advantage > 0: prior={name} "
                   f"did better (lower {unit}, higher accuracy); mean [95% CI over seeds], paired. A statement needs "
                   "its condition to pass the validity checks."
-                  + (f" Its sampling took {timing} time (median over runs and guided scales, each (prior, w)'s "
-                     "sampling timed on its own)." if timing else "")
+                  + (f" Its sampling took {timing} time (median over runs and guided scales of each (prior, w)'s "
+                     "sampling time; with eval.one_pass=scales a prior's pass is shared out over its scales)."
+                     if timing else "")
                   + (f" Held-out ∅ loss over all timesteps (mean over the fine-tunes' final evaluations): {loss_text}."
                      if name in losses else ""), ""]  # fmt: skip
         table = []
@@ -105,13 +106,14 @@ def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> l
         for cond in sorted({tuple(r) for r in per_other["self"][keys].itertuples(index=False)}):
             label = ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in zip(keys, cond, strict=True))  # fmt: skip
-            valid = validity.valid(cond)
+            valid = validity.valid(cond) and validity.priors_valid
             mine = {o: _of(per_other[o], keys, cond).sort_values("guidance_scale") for o in COMPARED}
             if valid:
                 vs = [f"against prior={o}, {_verdict(mine[o])}" for o in COMPARED]
                 lines.append(f"- **{label}** ({unit}): {'; '.join(vs)}.")
             else:
-                lines.append(f"- **{label}**: no conclusion (it failed a validity check).")
+                why = "an extra prior did not converge" if not validity.priors_valid else "it failed a validity check"
+                lines.append(f"- **{label}**: no conclusion ({why}).")
             for other in COMPARED:
                 acc = _of(accuracy[other], keys, cond).set_index("guidance_scale")["estimate"]
                 for _, r in mine[other].iterrows():

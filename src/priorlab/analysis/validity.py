@@ -30,6 +30,10 @@ THRESHOLDS = {
 }
 LOWER_IS_BETTER = {"fd", "kid", "nll", "ideal_mse"}
 BASE_CHECK = "base converged"  # the name of each base's convergence check, the study-wide gate
+PRIOR_CHECK = "extra prior converged"  # each extra prior's, the gate of the findings about extra priors
+MEANING_BASE = ("its prior is not the converged model that a swap assumes, so a swap's benefit or harm says little "
+                "about a converged base")  # fmt: skip
+MEANING_PRIOR = "the report draws no conclusion about the extra priors (the findings about self and base stand)"
 
 
 @dataclass
@@ -63,6 +67,11 @@ class Validity:
     def study_valid(self) -> bool:
         """Whether every base converged (the study-wide checks that gate findings); conditions add their own."""
         return all(c.passed is not False for c in self.checks if c.name.startswith(BASE_CHECK))
+
+    @property
+    def priors_valid(self) -> bool:
+        """Whether every extra prior converged (`priors:` of a study): the gate of the report's extra-prior findings."""
+        return all(c.passed is not False for c in self.checks if c.name.startswith(PRIOR_CHECK))
 
     def valid(self, condition: tuple) -> bool:
         if not self.study_valid:
@@ -105,11 +114,11 @@ def _accuracy_at(final: pd.DataFrame, best: pd.DataFrame) -> pd.Series:
     return merged.set_index("run")["value"]
 
 
-def base_runs(study_dir: Path) -> list[Path]:
-    """The study's finished base runs (base/, base/<name>/, base/seed=<b>/, ...), then its extra priors' (prior/<name>/
-    ...): a prior that had not converged is as little the model a swap assumes as such a base."""
-    roots = [study_dir / "base", study_dir / "prior"]
-    return [run for root in roots if root.exists() for run in sorted(p.parent for p in root.rglob("done.json"))]
+def base_runs(study_dir: Path, folder: str = "base") -> list[Path]:
+    """The study's finished base runs (base/, base/<name>/, base/seed=<b>/, ...), or with folder="prior" its extra
+    priors' (prior/<name>/, prior/<name>/seed=<b>/)."""
+    root = study_dir / folder
+    return sorted(p.parent for p in root.rglob("done.json")) if root.exists() else []
 
 
 def base_curve(run_dir: Path) -> pd.DataFrame:
@@ -134,19 +143,21 @@ def base_change(curve: pd.DataFrame, max_steps: int) -> tuple[float, int, int] |
     return (b["loss"] - a["loss"]) / b["loss"], int(a["step"]), int(b["step"])
 
 
-def check_bases(study_dir: Path, thresholds: dict) -> list[Check]:
-    """One check per base: the last 20% of its training changed its held-out ∅ loss by less than the threshold."""
+def check_bases(study_dir: Path, thresholds: dict, priors: bool = False) -> list[Check]:
+    """One check per base: the last 20% of its training changed its held-out ∅ loss by less than the threshold.
+    With `priors`, the same for each extra prior (PRIOR_CHECK: it gates only the findings about that prior)."""
     limit = thresholds["max_base_change"]
-    runs = base_runs(study_dir)
-    if not runs:
+    runs = base_runs(study_dir, "prior" if priors else "base")
+    if not runs and not priors:
         return [Check(BASE_CHECK, None, "no finished base run found beside results.csv",
                       f"change over the last 20% < {limit:.0%}")]  # fmt: skip
+    check, what = (PRIOR_CHECK, "the extra prior") if priors else (BASE_CHECK, "the base")
     out = []
     for run in runs:
         config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
         max_steps = int((config.get("trainer") or {}).get("max_steps") or 0)
         found = base_change(base_curve(run), max_steps) if max_steps else None
-        name = f"{BASE_CHECK} ({run.relative_to(study_dir).as_posix()})"
+        name = f"{check} ({run.relative_to(study_dir).as_posix()})"
         target = (f"< {limit:.0%} over the last 20% of {max_steps} steps; EMA start weight < "
                   f"{thresholds['max_ema_start']:.0%}")  # fmt: skip
         if found is None:
@@ -160,11 +171,11 @@ def check_bases(study_dir: Path, thresholds: dict) -> list[Check]:
         value = f"held-out ∅ loss {'rose' if change > 0 else 'fell'} {abs(change):.1%} from step {a} to {b}"
         if start_share >= thresholds["max_ema_start"]:
             value += f"; the EMA still holds {start_share:.0%} of the initial weights (decay {decay:g})"
-        failure = ("the base's held-out loss was rising at its end, so it was overfitting its training split"
-                   if change >= limit else "the base was still improving (or too short to tell)")  # fmt: skip
+        failure = (f"{what}'s held-out loss was rising at its end, so it was overfitting its training split"
+                   if change >= limit else f"{what} was still improving (or too short to tell)")  # fmt: skip
         ok = abs(change) < limit and start_share < thresholds["max_ema_start"]
-        out.append(Check(name, ok, value, target, f"{failure}: its prior is not the converged model that a swap "
-                         "assumes, so a swap's benefit or harm says little about a converged base"))  # fmt: skip
+        meaning = MEANING_PRIOR if priors else MEANING_BASE
+        out.append(Check(name, ok, value, target, f"{failure}: {meaning}"))
     return out
 
 
@@ -244,7 +255,7 @@ def check_study(
     findings hold for that base (a check that fails without withholding them)."""
     thresholds = {**THRESHOLDS, **(thresholds or {})}
     conditions, notes = check_conditions(frame, thresholds)
-    checks = check_bases(Path(study_dir), thresholds)
+    checks = check_bases(Path(study_dir), thresholds) + check_bases(Path(study_dir), thresholds, priors=True)
     n_bases = len(base_seeds or [None])
     checks.append(Check("base seeds", n_bases > 1, f"{n_bases} (the fine-tune seeds are dealt out over them)",
                         "≥ 2, so that the intervals include the base's training noise",

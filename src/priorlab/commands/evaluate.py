@@ -11,7 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic, checks, keys
 from priorlab.errors import UserError
-from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
+from priorlab.evaluation.core import (
+    EvalSettings,
+    conditional_quality,
+    extra_prior_paths,
+    fit_priors,
+    prior_quality,
+)
 from priorlab.evaluation.features import describe_evaluator
 from priorlab.evaluation.images import save_grid
 from priorlab.evaluation.setup import (
@@ -134,7 +140,7 @@ def evaluate(cfg: DictConfig) -> Path:
                         f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
     evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule, progress=True)
     prior_net = make_prior_net(model, base, channels)
-    extra_paths = _extra_prior_paths(cfg.get("extra_priors"))
+    extra_paths = extra_prior_paths(cfg.get("extra_priors"))
     extra_saved = {name: load_denoiser(path, role=f"prior {name}") for name, path in extra_paths.items()}
     extra = {name: make_prior_net(model, saved, channels) for name, saved in extra_saved.items()}
     for part in (model.denoiser, evaluator.net, base.denoiser if base else None,
@@ -177,19 +183,6 @@ def evaluate(cfg: DictConfig) -> Path:
     _print_table(cond)
     print(f"wrote {written[0]} and {written[1]}")
     return out
-
-
-def _extra_prior_paths(value) -> dict[str, str]:
-    """extra_priors={name: PATH, ...} as a dict of names to paths, with their names checked."""
-    from priorlab.evaluation.core import check_extra_priors
-
-    value = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise UserError(f"extra_priors={value!r} must map names to model folders, e.g. +extra_priors.small=PATH")
-    check_extra_priors(value)
-    return value
 
 
 def _keep_replaced(path: Path) -> None:

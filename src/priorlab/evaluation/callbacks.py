@@ -25,8 +25,8 @@ from priorlab import atomic, keys
 from priorlab.evaluation.core import (
     EvalSettings,
     calibration_split,
-    check_extra_priors,
     conditional_quality,
+    extra_prior_paths,
     fit_priors,
     prior_quality,
 )
@@ -52,8 +52,7 @@ class _Evaluation(L.Callback):
         self, out_dir: str, runs: str = "runs", base: str | None = None, every_n_steps: int = 1000,
         settings: dict | None = None, evaluator: str | None = None, extra_priors: dict | None = None,
     ):  # fmt: skip
-        self.extra_paths = dict(extra_priors or {})
-        check_extra_priors(self.extra_paths)
+        self.extra_paths = extra_prior_paths(extra_priors)
         self.out_dir = Path(out_dir)
         self.runs = runs
         self.base_path = base
@@ -71,6 +70,8 @@ class _Evaluation(L.Callback):
         self.evaluator = ensure_evaluator(path, dm)
         self.base = None if not self.base_path else load_denoiser(self.base_path, role="base")
         self.extra = {name: load_denoiser(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
+        for saved in self.extra.values():  # a prior of another sample shape fails now, not after training
+            make_prior_net((pl_module.denoiser, pl_module.scheduler), saved)
         if self.base is not None and any(p in FITTED for p in self.settings.priors):
             calibration_split(dm.val_set.tensors, self.settings)  # too small a split fails now, not after training
 
@@ -121,6 +122,8 @@ class _Evaluation(L.Callback):
             self.evaluator.net.to(home)
             if self.base is not None:
                 self.base.denoiser.to(home)
+            for saved in self.extra.values():
+                saved.denoiser.to(home)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)

@@ -74,7 +74,8 @@ class EvalSettings:
             pass; "all", every (prior, w) in one pass (`priorlab.sample_many`; prior self, base and extra priors,
             the fitted ones sampled on their own). A pass of k settings makes up to 2k × batch_size rows per forward
             pass; its wall time is shared out equally among its settings' sample_seconds (none are recorded for a
-            pass over several priors, whose time is not any one prior's).
+            pass over several priors, whose time is not any one prior's). w = 1 is sampled on its own. A pass is
+            not captured in CUDA graphs: with one_pass, cuda_graphs applies only to what is sampled alone.
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
         bootstrap: resamples of the generated samples for the standard errors of FD and of the paired
@@ -231,15 +232,15 @@ def one_pass_samples(
     model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
     settings: EvalSettings, runs: list[tuple[str, str, DenoiserPrior | None]],
 ) -> dict[tuple[str, float], tuple[Tensor, float]]:  # fmt: skip
-    """With eval.one_pass, the samples of each (prior label, w) that can share a pass, and each one's share of its
-    pass's wall time; the unguided samples (w = 1) under the first prior's label. Empty with one_pass=off."""
+    """With eval.one_pass, the samples of each guided (prior label, w) that can share a pass, and each one's share of
+    its pass's wall time (None for a pass over several priors). Empty with one_pass=off."""
     if settings.one_pass == "off":
         return {}
     groups: list[list[tuple[tuple[str, float], Setting]]] = []
-    for i, (label, mode, net) in enumerate(runs):
-        if mode not in ONE_PASS:
+    for label, mode, net in runs:  # guided scales only: w = 1 (no prior) is sampled once, on its own
+        if mode not in ONE_PASS or all(w == 1 for w in settings.guidance_scales):
             continue
-        group = [((label, w), Setting(mode, w, net)) for w in settings.guidance_scales if w != 1 or i == 0]
+        group = [((label, w), Setting(mode, w, net)) for w in settings.guidance_scales if w != 1]
         if settings.one_pass == "scales" or not groups:
             groups.append(group)
         else:
@@ -247,11 +248,9 @@ def one_pass_samples(
     out = {}
     for group in groups:
         started = time.perf_counter()
-        xs = generate_many(model, scheduler, labels, seeds, shape, settings, [s for _, s in group])
-        if xs and xs[0].is_cuda:
-            torch.cuda.synchronize(xs[0].device)
+        xs = generate_many(model, scheduler, labels, seeds, shape, settings, [s for _, s in group])  # on the CPU
         # a pass's time is shared out among its settings; one over several priors says nothing of each prior's cost
-        one_prior = len({name[0] for name, _ in group if name[1] != 1}) <= 1
+        one_prior = len({name[0] for name, _ in group}) <= 1
         seconds = (time.perf_counter() - started) / len(group) if one_prior else None
         out.update({name: (x, seconds) for (name, _), x in zip(group, xs, strict=True)})
     return out
@@ -373,12 +372,24 @@ def check_extra_priors(names) -> None:
                             f"and '_', and not be one of {', '.join(MODES)} or exact")  # fmt: skip
 
 
+def extra_prior_paths(value) -> dict[str, str]:
+    """extra_priors={name: PATH, ...} (a mapping from the config, or None) as a dict of names to paths, checked."""
+    from omegaconf import DictConfig, OmegaConf
+
+    value = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
+        raise UserError(f"extra_priors={value!r} must map names to model folders, e.g. extra_priors.small=PATH")
+    check_extra_priors(value)
+    return dict(value)
+
+
 def _timed_generate(*args, **kwargs) -> tuple[Tensor, float]:
-    """`generate` and its wall time in seconds, the device's work included."""
+    """`generate` and its wall time in seconds, the device's work included (the gathered samples are on the CPU,
+    so the device has finished by the time they are returned)."""
     started = time.perf_counter()
     x = generate(*args, **kwargs)
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
     return x, time.perf_counter() - started
 
 
