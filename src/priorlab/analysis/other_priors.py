@@ -10,6 +10,7 @@ import pandas as pd
 
 from priorlab.analysis.results import final_rows
 from priorlab.analysis.stats import Estimate, paired_difference
+from priorlab.analysis.text import cond_label, markdown_table
 from priorlab.analysis.validity import LOWER_IS_BETTER, Validity, condition_keys
 from priorlab.priors import MODES
 
@@ -29,10 +30,8 @@ def advantage(frame: pd.DataFrame, metric: str, other: str, name: str) -> pd.Dat
     diffs = paired_difference(final_rows(frame), metric, condition_keys(frame), a=other, b=name)
     diffs = diffs[diffs["guidance_scale"] != 1].copy()  # w = 1 never uses a prior
     if metric not in LOWER_IS_BETTER:
-        diffs["estimate"] = diffs["estimate"].map(lambda e: Estimate(-e.mean, -e.hi, -e.lo, e.n))
-        diffs["over_samples"] = diffs["over_samples"].map(
-            lambda e: None if e is None else Estimate(-e.mean, -e.hi, -e.lo, e.n)
-        )
+        diffs["estimate"] = diffs["estimate"].map(Estimate.negated)
+        diffs["over_samples"] = diffs["over_samples"].map(lambda e: None if e is None else e.negated())
     return diffs
 
 
@@ -104,8 +103,7 @@ def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> l
         per_other = {o: advantage(frame, metric, o, name) for o in COMPARED}
         accuracy = {o: advantage(frame, "accuracy", o, name) for o in COMPARED}
         for cond in sorted({tuple(r) for r in per_other["self"][keys].itertuples(index=False)}):
-            label = ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in zip(keys, cond, strict=True))  # fmt: skip
+            label = cond_label(keys, cond)
             valid = validity.valid(cond) and validity.priors_valid
             mine = {o: _of(per_other[o], keys, cond).sort_values("guidance_scale") for o in COMPARED}
             if valid:
@@ -123,9 +121,7 @@ def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> l
                                   "accuracy advantage": str(acc[w]) if w in acc.index else "—",
                                   "conclusive": "yes" if valid else "no (validity)"})  # fmt: skip
         if table:
-            df = pd.DataFrame(table)
             lines += ["", "<details><summary>Every condition and scale</summary>", "",
-                      "| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns),
-                      *["| " + " | ".join(map(str, row)) + " |" for row in df.values], "", "</details>"]  # fmt: skip
+                      markdown_table(pd.DataFrame(table)), "", "</details>"]  # fmt: skip
         lines.append("")
     return lines

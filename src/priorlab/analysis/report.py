@@ -21,6 +21,7 @@ from priorlab.analysis.results import (
     study_record,
 )
 from priorlab.analysis.stats import Estimate, mean_ci, paired_difference
+from priorlab.analysis.text import cond_label, fmt_axis, markdown_table
 from priorlab.analysis.validity import (
     LOWER_IS_BETTER,
     Validity,
@@ -34,14 +35,6 @@ from priorlab.analysis.validity import (
 
 def _fmt_w(w: float) -> str:
     return f"{w:g}"
-
-
-def _fmt_axis(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _cond_label(keys: list[str], cond: tuple) -> str:
-    return ", ".join(f"{'p' if k == 'cond_dropout' else k}={_fmt_axis(v)}" for k, v in zip(keys, cond, strict=True))
 
 
 def headline(frame: pd.DataFrame, metric: str = "fd", keys: list[str] | None = None) -> pd.DataFrame:
@@ -92,15 +85,11 @@ def benefits(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     diffs = paired_difference(final_rows(frame), metric, condition_keys(frame))
     diffs = diffs[diffs["guidance_scale"] != 1].copy()  # identical by construction: scale 1 never uses the prior
     if metric in HIGHER_IS_BETTER:
-        diffs["estimate"] = diffs["estimate"].map(_negate)
-        diffs["over_samples"] = diffs["over_samples"].map(lambda e: None if e is None else _negate(e))
+        diffs["estimate"] = diffs["estimate"].map(Estimate.negated)
+        diffs["over_samples"] = diffs["over_samples"].map(lambda e: None if e is None else e.negated())
         diffs["per_seed"] = diffs["per_seed"].map(lambda v: -v)
     diffs["mde"] = diffs["per_seed"].map(power_estimate)
     return diffs
-
-
-def _negate(e: Estimate) -> Estimate:
-    return Estimate(-e.mean, -e.hi, -e.lo, e.n)
 
 
 def statements(frame: pd.DataFrame, metric: str = "fd") -> list[str]:
@@ -115,7 +104,7 @@ def statements(frame: pd.DataFrame, metric: str = "fd") -> list[str]:
             text = f"w={_fmt_w(w)}: {est}"
             (helps if est.excludes_zero and est.mean > 0 else hurts if est.excludes_zero else noise).append(text)
         n = int(g["estimate"].iloc[0].n) if len(g) else 0
-        parts = [f"**{_cond_label(keys, cond)}** ({n} seeds; the swap's benefit in {metric.upper()}, mean [95% CI "
+        parts = [f"**{cond_label(keys, cond)}** ({n} seeds; the swap's benefit in {metric.upper()}, mean [95% CI "
                  "over seeds], > 0: prior=base better):"]  # fmt: skip
         parts.append(f"the base prior helps at {'; '.join(helps)}." if helps else "the base prior helps at no scale.")
         if hurts:
@@ -139,7 +128,7 @@ def summary(frame: pd.DataFrame, validity: Validity, metric: str) -> list[str]:
         seen = [e.mean for e in g["estimate"] if e.excludes_zero]
         kind = ("shows no difference" if not seen else "helps" if min(seen) > 0 else "hurts" if max(seen) < 0
                 else "helps at some scales and hurts at others")  # fmt: skip
-        groups[kind].append(_cond_label(keys, cond))
+        groups[kind].append(cond_label(keys, cond))
     total = sum(len(v) for v in groups.values())
     if not total:
         return []
@@ -155,7 +144,7 @@ def findings(frame: pd.DataFrame, validity: Validity, metric: str) -> tuple[list
     name = metric.upper()
     for cond, g in benefits(frame, metric).groupby(keys, sort=True):
         cond = cond if isinstance(cond, tuple) else (cond,)
-        label = _cond_label(keys, cond)
+        label = cond_label(keys, cond)
         valid = validity.valid(cond)
         for _, row in g.sort_values("guidance_scale").iterrows():
             table.append({"condition": label, "w": _fmt_w(row["guidance_scale"]),
@@ -222,16 +211,9 @@ def drift_statement(frame: pd.DataFrame) -> list[str]:
         dis = mean_ci(g[g["metric"] == "disagreement/all"]["value"])
         ls = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == "self")]["value"])
         lb = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == "base")]["value"])
-        out.append(f"{_cond_label(keys, cond)}: disagreement with the base {dis}; held-out ∅ loss self {ls} vs "
+        out.append(f"{cond_label(keys, cond)}: disagreement with the base {dis}; held-out ∅ loss self {ls} vs "
                    f"base {lb}.")  # fmt: skip
     return out
-
-
-def _markdown_table(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in df.values]
-    return "\n".join(lines)
 
 
 def interval_note(num_seeds: int) -> str:
@@ -265,7 +247,7 @@ def validity_lines(validity: Validity, metric: str) -> list[str]:
     lines += [*[f"- {n}" for n in validity.notes], ""]
     if len(validity.conditions):
         table = validity.conditions.copy()
-        table["condition"] = [_cond_label(validity.keys, c) for c in table["condition"]]
+        table["condition"] = [cond_label(validity.keys, c) for c in table["condition"]]
         for col in ("accuracy", "accuracy_w1", "chance", "nll_excess"):
             table[col] = table[col].map(lambda v: f"{v:.3g}")
         columns = {"condition": "condition", "seeds": "seeds",
@@ -276,7 +258,7 @@ def validity_lines(validity: Validity, metric: str) -> list[str]:
         table = table[list(columns)].rename(columns=columns)
         if (table["excess NLL at w=1"] == "nan").all():
             table = table.drop(columns="excess NLL at w=1")
-        lines += [_markdown_table(table), ""]
+        lines += [markdown_table(table), ""]
     return lines
 
 
@@ -326,7 +308,7 @@ def build_report(study_dir: str | Path) -> Path:
                   *summary(frame, validity, m), *[f"- {line}" if not line.startswith("  ") else line for line in found],
                   ""]  # fmt: skip
         if len(table):
-            lines += ["<details><summary>Every condition and scale</summary>", "", _markdown_table(table), "",
+            lines += ["<details><summary>Every condition and scale</summary>", "", markdown_table(table), "",
                       "</details>", ""]  # fmt: skip
     lines += extra_prior_lines(frame, validity, metric)
     made["h"] = ("(h) the swap's benefit at each guided scale, per condition",
@@ -364,7 +346,7 @@ def _per_condition_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path,
                 "accuracy": "accuracy of the samples (evaluator)"}[m]  # fmt: skip
         table = headline(frame, m)
         lines += [f"## Headline: best {name} over guidance scales (mean [95% CI over seeds])", "",
-                  _markdown_table(table), ""]  # fmt: skip
+                  markdown_table(table), ""]  # fmt: skip
         if len(table) and ((table["w* self"] == "1") & (table["w* base"] == "1")).any():
             lines += ["Where both priors are best at w=1 they coincide by construction (w=1 never uses the prior): "
                       "guidance did not improve this metric there.", ""]  # fmt: skip
@@ -383,7 +365,7 @@ def _swap_sections(frame: pd.DataFrame, fig_dir: Path, validity: Validity) -> tu
     made: dict[str, tuple[str, Path | None]] = {}
     if final_rows(frame)["prior"].isin(sign_rule.FITTED).any():
         lines += [f"## Best {metric.upper()} over guidance scales per condition, every prior (mean [95% CI] over "
-                  "seeds)", "", _markdown_table(sign_rule.condition_table(frame, metric)), ""]  # fmt: skip
+                  "seeds)", "", markdown_table(sign_rule.condition_table(frame, metric)), ""]  # fmt: skip
     if points.empty or points["log_ratio"].isna().all():
         return lines, made
     conds = points[keys].apply(tuple, axis=1)
@@ -417,7 +399,7 @@ def _swap_sections(frame: pd.DataFrame, fig_dir: Path, validity: Validity) -> tu
     lines += [
         f"- all scales: the sign rule held at {overall}.",
         *[f"- w={_fmt_w(w)}: {p}." for w, p in per_scale.items()],
-        *[f"- {key}={_fmt_axis(v)}: {p}." for key in [*axes, "cond_dropout"] if points[key].nunique() > 1
+        *[f"- {key}={fmt_axis(v)}: {p}." for key in [*axes, "cond_dropout"] if points[key].nunique() > 1
           for v, p in sign_rule.sign_rule(points, key)[1].items()],
         "- Spearman's ρ(log ratio, benefit) = {:.2f} (p = {:.2g}, n = {}).".format(*sign_rule.rank_correlation(points)),
         "",

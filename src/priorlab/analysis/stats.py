@@ -36,6 +36,10 @@ class Estimate:
     def excludes_zero(self) -> bool:
         return self.n >= 2 and (self.lo > 0 or self.hi < 0)
 
+    def negated(self) -> Estimate:
+        """The estimate of minus the quantity (its interval mirrored)."""
+        return Estimate(-self.mean, -self.hi, -self.lo, self.n)
+
 
 def mean_ci(values) -> Estimate:
     """Mean and 95% t-interval of independent values (one per seed)."""

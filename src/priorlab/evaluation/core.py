@@ -234,13 +234,14 @@ def one_pass_samples(
 ) -> dict[tuple[str, float], tuple[Tensor, float]]:  # fmt: skip
     """With eval.one_pass, the samples of each guided (prior label, w) that can share a pass, and each one's share of
     its pass's wall time (None for a pass over several priors). Empty with one_pass=off."""
-    if settings.one_pass == "off":
+    guided = [w for w in settings.guidance_scales if w != 1]  # w = 1 (no prior) is sampled once, on its own
+    if settings.one_pass == "off" or not guided:
         return {}
     groups: list[list[tuple[tuple[str, float], Setting]]] = []
-    for label, mode, net in runs:  # guided scales only: w = 1 (no prior) is sampled once, on its own
-        if mode not in ONE_PASS or all(w == 1 for w in settings.guidance_scales):
+    for label, mode, net in runs:
+        if mode not in ONE_PASS:
             continue
-        group = [((label, w), Setting(mode, w, net)) for w in settings.guidance_scales if w != 1]
+        group = [((label, w), Setting(mode, w, net)) for w in guided]
         if settings.one_pass == "scales" or not groups:
             groups.append(group)
         else:

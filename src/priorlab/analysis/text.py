@@ -1,0 +1,23 @@
+"""How the reports write conditions and tables (shared by `report` and `other_priors`)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def fmt_axis(value) -> str:
+    """A condition's value: floats without trailing zeros, anything else as it is."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def cond_label(keys: list[str], cond: tuple) -> str:
+    """A condition as `key=value, ...`, cond_dropout written p: e.g. `train_per_class=5, p=0.1`."""
+    return ", ".join(f"{'p' if k == 'cond_dropout' else k}={fmt_axis(v)}" for k, v in zip(keys, cond, strict=True))
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A data frame as a Markdown table, floats without trailing zeros."""
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in df.values]
+    return "\n".join(lines)
