@@ -147,6 +147,41 @@ def test_report_section_pairs_the_extra_prior_with_self_and_base_over_seeds():
     assert null_losses(frame, "small") == pytest.approx({"self": 3.0, "base": 2.0, "small": 2.1})
 
 
+def test_figures_show_the_extra_prior_beside_self_and_base(tmp_path, monkeypatch):
+    """(a) draws a line per extra prior at its own values; (e) adds a column of its sample grids where every
+    condition has them, and leaves it out where one lacks them."""
+    import numpy as np
+    from PIL import Image
+
+    from priorlab.analysis import figures
+
+    rows = []
+    for p in (0.0, 0.1):
+        for seed in range(2):
+            run = f"finetune/p={p}/seed={seed}"
+            for prior, fd in (("self", 5.0), ("base", 3.0), ("small", 2.0)):
+                rows += [(run, p, seed, 6, prior, w, "fd", fd * w + seed) for w in (1.0, 2.0)]
+                grid = tmp_path / run / "eval" / f"grid_step=6_prior={prior}.png"
+                grid.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.zeros((20, 20), np.uint8)).save(grid)
+    frame = pd.DataFrame(rows, columns=["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric",
+                                        "value"])  # fmt: skip
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
+    figures.fd_vs_scale(frame, tmp_path / "a.png")
+    for ax in saved[-1].axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert list(lines) == ["prior=self", "prior=base", "prior=small"]
+        assert list(lines["prior=small"].get_ydata()) == pytest.approx([2.5, 4.5])  # mean over the two seeds
+        assert lines["prior=small"].get_color() == "tab:green"
+    figures.sample_grids(tmp_path, frame, tmp_path / "e.png")
+    titles = [ax.get_title() for ax in saved[-1].axes]
+    assert len(titles) == 6 and titles[2] == "p=0, seed=0, prior=small, w=2"
+    (tmp_path / "finetune/p=0.1/seed=0/eval/grid_step=6_prior=small.png").unlink()
+    figures.sample_grids(tmp_path, frame, tmp_path / "e.png")
+    assert len(saved[-1].axes) == 4 and not any("small" in ax.get_title() for ax in saved[-1].axes)
+
+
 def test_cheap_prior_study_and_evaluate_with_an_extra_prior(tmp_path):
     out = run_cli("study", "cheap_prior", "preset=tiny", cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -297,6 +297,43 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again_alone_once(tmp_path, monkey
     assert not studies.ran_out_of_gpu_memory(tmp_path / "job0.log")
 
 
+def test_a_study_resumed_in_pieces_keeps_every_pieces_log(tmp_path, monkeypatch):
+    """Each piece appends to a job's log under its own header; an out-of-memory error of an earlier piece does not
+    make a later piece's failure count as one (it is not run again)."""
+    import priorlab.studies as studies
+
+    attempts = {}
+
+    class FakeProcess:
+        def __init__(self, cmd, stdout, stderr, env):
+            self.name = cmd[-1]
+            attempts[self.name] = attempts.get(self.name, 0) + 1
+            first = attempts[self.name] == 1
+            stdout.write("torch.OutOfMemoryError: CUDA out of memory\n" if first else "piece two: bad config\n")
+            self.returncode = None
+            self.result = 1
+
+        def poll(self):
+            self.returncode = self.result
+            return self.returncode
+
+    monkeypatch.setattr(studies.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(studies, "_gpu_count", lambda: 1)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    (tmp_path / "job0.log").write_text("piece one's training output\n")
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: job0"):
+        studies.run_parallel([("job0", ["train", "seed=0"])], 1, tmp_path, "t")
+    assert attempts["seed=0"] == 2  # out of memory, then run again alone: two attempts
+    attempts["seed=0"] = 1  # the next piece's attempt fails otherwise
+    with pytest.raises(UserError, match=r"1 run\(s\) failed: job0"):
+        studies.run_parallel([("job0", ["train", "seed=0"])], 1, tmp_path, "t")
+    assert attempts["seed=0"] == 2  # not run again: its earlier out-of-memory error is not this attempt's
+    log = (tmp_path / "job0.log").read_text()
+    assert log.startswith("piece one's training output\n")
+    assert log.count("[priorlab study] job0 started ") == 3 and log.count("run again alone") == 1
+    assert log.rstrip().endswith("piece two: bad config")
+
+
 @pytest.mark.parametrize("jobs", ["0", "two", "true"])
 def test_jobs_must_be_a_positive_whole_number(tmp_path, jobs):
     out = run_cli("study", "dropout_vs_prior", "preset=tiny", f"jobs={jobs}", cwd=tmp_path, timeout=120)

@@ -253,12 +253,13 @@ def job_threads(max_jobs: int) -> dict[str, str]:
 OUT_OF_MEMORY = re.compile(r"CUDA out of memory|CUDA error: out of memory|OutOfMemoryError")
 
 
-def ran_out_of_gpu_memory(log: Path) -> bool:
+def ran_out_of_gpu_memory(log: Path, since: int = 0) -> bool:
     """Whether a job's log ends in a CUDA out-of-memory error (jobs sharing a GPU can exceed its memory together
-    where each alone fits: six evaluations of the gpu preset on one H200 peaked at its 140 GB)."""
+    where each alone fits: six evaluations of the gpu preset on one H200 peaked at its 140 GB), looking only at
+    what was written from byte `since` on (the current attempt; the log keeps the earlier ones)."""
     try:
         with open(log, "rb") as fh:
-            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 20000))
+            fh.seek(max(since, fh.seek(0, os.SEEK_END) - 20000))
             return bool(OUT_OF_MEMORY.search(fh.read().decode("utf-8", "replace")))
     except OSError:
         return False
@@ -267,8 +268,9 @@ def ran_out_of_gpu_memory(log: Path) -> bool:
 def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path, tag: str) -> None:
     """`priorlab <args>` for each (label, args) of `jobs`, at most `max_jobs` at once, each writing its output to
     log_dir/<label>.log. On a machine with several GPUs (and CUDA_VISIBLE_DEVICES unset) the job in slot i sees
-    only GPU i mod count. A job that ran out of GPU memory is run again, once, alone after the others (it
-    resumes from its checkpoint; its log keeps the first attempt). Any other failed job stops new ones from
+    only GPU i mod count. Logs are appended to, each attempt under a dated header, so that a study resumed in
+    pieces keeps every piece's output. A job that ran out of GPU memory is run again, once, alone after the others
+    (it resumes from its checkpoint). Any other failed job stops new ones from
     starting; the running ones finish (their work is kept for a resume), then the study stops with the failed
     jobs' logs named. An interrupted study ends its jobs."""
     import time
@@ -280,38 +282,40 @@ def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path
     pending = list(jobs)
     again: list[tuple[str, list[str]]] = []  # ran out of GPU memory: once more, alone, at the end
     retried: set[str] = set()
-    # slot → (process, label, args, log, start time)
-    running: dict[int, tuple[subprocess.Popen, str, list[str], Path, float]] = {}
+    # slot → (process, label, args, log, the log's size at the start, start time)
+    running: dict[int, tuple[subprocess.Popen, str, list[str], Path, int, float]] = {}
     failed: list[tuple[str, Path, int]] = []
     done = 0
 
-    def start(label: str, args: list[str], slot: int, mode: str) -> None:
+    def start(label: str, args: list[str], slot: int, again: bool) -> None:
         env = {**os.environ, "PRIORLAB_COMMAND": "", **threads}
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
         log = log_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}.log"
-        with open(log, mode) as fh:
-            if mode == "a":
-                fh.write("\n[priorlab study] run again alone after running out of GPU memory\n")
-                fh.flush()
+        with open(log, "a") as fh:
+            offset = fh.tell()
+            why = " (run again alone after running out of GPU memory)" if again else ""
+            gap = "\n" if offset else ""  # a blank line between attempts
+            fh.write(f"{gap}[priorlab study] {label} started {time.strftime('%Y-%m-%d %H:%M:%S')}{why}\n")
+            fh.flush()
             proc = subprocess.Popen([*base_cmd, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
-        running[slot] = (proc, label, args, log, time.time())
+        running[slot] = (proc, label, args, log, offset, time.time())
         print(f"[study {tag}] started {label} (log: {log})", flush=True)
 
     try:
         while pending or running or (again and not failed):
             while pending and not failed and len(running) < max_jobs:
-                start(*pending.pop(0), next(i for i in range(max_jobs) if i not in running), "w")
+                start(*pending.pop(0), next(i for i in range(max_jobs) if i not in running), False)
             if again and not pending and not running and not failed:
-                start(*again.pop(0), 0, "a")
+                start(*again.pop(0), 0, True)
             if failed and not running:
                 break
             time.sleep(0.5)
-            for slot, (proc, label, args, log, t0) in list(running.items()):
+            for slot, (proc, label, args, log, offset, t0) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[slot]
-                if proc.returncode != 0 and label not in retried and ran_out_of_gpu_memory(log):
+                if proc.returncode != 0 and label not in retried and ran_out_of_gpu_memory(log, offset):
                     retried.add(label)
                     again.append((label, args))
                     print(f"[study {tag}] {label} ran out of GPU memory; it runs again alone after the others",

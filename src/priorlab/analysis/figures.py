@@ -13,10 +13,11 @@ import pandas as pd  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from priorlab.analysis.results import axis_columns, bucket_start, final_rows  # noqa: E402
+from priorlab.analysis.results import axis_columns, bucket_start, extra_priors, final_rows  # noqa: E402
 from priorlab.analysis.stats import mean_ci  # noqa: E402
 
 COLORS = {"self": "tab:red", "base": "tab:blue"}
+EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown")  # the study's extra priors, in name order
 # The values each metric can take: a band (a confidence interval) is drawn inside them, never beyond.
 RANGES = {"accuracy": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "fd": (0.0, np.inf),
           "kid": (0.0, np.inf), "loss": (0.0, np.inf), "disagreement": (0.0, np.inf)}  # fmt: skip
@@ -37,6 +38,10 @@ def panels(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         key = key if isinstance(key, tuple) else (key,)
         out.append((", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True)), g))
     return out
+
+
+def prior_color(prior: str, extras: list[str]) -> str:
+    return COLORS.get(prior) or EXTRA_COLORS[extras.index(prior) % len(EXTRA_COLORS)]
 
 
 def _save(fig, path: Path) -> Path:
@@ -60,9 +65,10 @@ def _band(ax, x, groups, label, color, bounds: tuple[float, float] = (-np.inf, n
 
 def fd_vs_scale(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
     """(a) The metric against guidance scale, one panel per condition (rows: the other axes; columns: dropout
-    rates), prior=self vs prior=base, mean and 95% band over seeds."""
+    rates), prior=self vs prior=base and each extra prior, mean and 95% band over seeds."""
     final = final_rows(frame)
-    sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base", "exact"])]
+    extras = extra_priors(final[final["metric"] == metric])
+    sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base", "exact", *extras])]
     rows = panels(sub)
     rates = sorted(sub["cond_dropout"].unique())
     # each panel its own y scale: a prior that fails at one dropout rate must not flatten the others' curves
@@ -70,11 +76,11 @@ def fd_vs_scale(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
                              layout="constrained")  # fmt: skip
     for row_axes, (title, part) in zip(axes, rows, strict=True):
         for ax, p in zip(row_axes, rates, strict=True):
-            for prior in ("self", "base"):
+            for prior in ("self", "base", *extras):
                 s = part[(part["cond_dropout"] == p) & (part["prior"] == prior)]
                 scales = sorted(s["guidance_scale"].unique())
                 _band(ax, scales, [s[s["guidance_scale"] == w]["value"] for w in scales], f"prior={prior}",
-                      COLORS[prior], metric_range(metric))  # fmt: skip
+                      prior_color(prior, extras), metric_range(metric))  # fmt: skip
             exact = part[(part["cond_dropout"] == p) & (part["prior"] == "exact")]
             if len(exact):  # toy2d: guidance with the true scores, from the same seeds
                 mean = exact.groupby("guidance_scale")["value"].mean()
@@ -219,25 +225,30 @@ def loss_per_timestep(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def sample_grids(study_dir: Path, frame: pd.DataFrame, path: Path) -> Path | None:
-    """(e) The final sample grids of the lowest seed of each condition, prior=self beside prior=base; each grid
-    has one row per class."""
+    """(e) The final sample grids of the lowest seed of each condition, prior=self beside prior=base (and beside
+    each extra prior whose grids every condition has); each grid has one row per class."""
     final = final_rows(frame)
     keys = [*axis_columns(frame), "cond_dropout"]
+    firsts = [(cond if isinstance(cond, tuple) else (cond,), g, g.sort_values("seed").iloc[0])
+              for cond, g in final.groupby(keys, sort=True)]  # fmt: skip
+
+    def grid(row, prior: str) -> Path:
+        return study_dir / row["run"] / "eval" / f"grid_step={int(row['step'])}_prior={prior}.png"
+
+    shown = ("self", "base", *(e for e in extra_priors(final) if all(grid(r, e).exists() for _, _, r in firsts)))
     pairs = []
-    for cond, g in final.groupby(keys, sort=True):
-        cond = cond if isinstance(cond, tuple) else (cond,)
-        row = g.sort_values("seed").iloc[0]
+    for cond, g, row in firsts:
         run = study_dir / row["run"]
-        imgs = [run / "eval" / f"grid_step={int(row['step'])}_prior={prior}.png" for prior in ("self", "base")]
+        imgs = [grid(row, prior) for prior in shown]
         if all(i.exists() for i in imgs):
             label = ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in zip(keys, cond, strict=True))  # fmt: skip
             pairs.append((label, int(row["seed"]), imgs, _grid_scale(run, g), _grid_rows(g)))
     if not pairs:
         return None
-    fig, axes = plt.subplots(len(pairs), 2, figsize=(8, 2.2 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), len(shown), figsize=(4 * len(shown), 2.2 * len(pairs)), squeeze=False)
     for (label, seed, imgs, w, rows), row_axes in zip(pairs, axes, strict=True):
-        for ax, img, prior in zip(row_axes, imgs, ("self", "base"), strict=True):
+        for ax, img, prior in zip(row_axes, imgs, shown, strict=True):
             pixels = np.asarray(Image.open(img))
             ax.imshow(pixels, cmap="gray")
             scale = f", w={w:g}" if w is not None else ""

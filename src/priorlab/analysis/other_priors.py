@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pandas as pd
 
-from priorlab.analysis.results import final_rows
+from priorlab.analysis.results import extra_priors, final_rows
 from priorlab.analysis.stats import Estimate, paired_difference
 from priorlab.analysis.text import cond_label, markdown_table
 from priorlab.analysis.validity import LOWER_IS_BETTER, Validity, condition_keys
-from priorlab.priors import MODES
 
 COMPARED = ("self", "base")  # what each extra prior is compared with
 
@@ -20,8 +19,7 @@ COMPARED = ("self", "base")  # what each extra prior is compared with
 def extra_prior_names(frame: pd.DataFrame) -> list[str]:
     """The priors of the results that are none of the built-in modes: the study's extra priors."""
     final = final_rows(frame)
-    names = final.loc[final["metric"] == "fd", "prior"].dropna().unique().tolist()
-    return sorted(p for p in names if p and p not in MODES and p != "exact")
+    return extra_priors(final[final["metric"] == "fd"])
 
 
 def advantage(frame: pd.DataFrame, metric: str, other: str, name: str) -> pd.DataFrame:

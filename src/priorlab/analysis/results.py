@@ -174,3 +174,12 @@ def bucket_start(metric: str) -> int | None:
     """The first timestep of a per-bucket metric such as loss/t=100-199."""
     bounds = bucket_bounds(metric) if "/" in metric else None
     return bounds[0] if bounds else None
+
+
+def extra_priors(frame: pd.DataFrame) -> list[str]:
+    """The priors in `frame` that are none of the built-in modes (nor toy2d's exact scores): the study's extra
+    priors (`extra_priors`), in name order."""
+    from priorlab.priors import MODES
+
+    names = frame["prior"].dropna().unique().tolist()
+    return sorted(p for p in names if p and p not in MODES and p != "exact")
