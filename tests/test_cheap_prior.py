@@ -69,6 +69,43 @@ def test_an_extra_prior_is_sampled_as_the_base_is_and_reported_under_its_name():
         assert pq[key.format("small")] != pytest.approx(pq[key.format("base")]), key
 
 
+def test_both_evaluation_callbacks_share_one_copy_of_the_base_and_each_extra_prior(tmp_path, monkeypatch):
+    """The conditional- and prior-quality callbacks of a run hold the same loaded networks (one copy on the
+    device, not two); a model folder whose weights were rewritten is loaded again."""
+    import os
+    from types import SimpleNamespace
+
+    from priorlab.evaluation import callbacks
+    from priorlab.models import save_denoiser
+
+    model, base, small = _nets()
+    sched = DDPMScheduler()
+    save_denoiser(base, sched, tmp_path / "base" / "model")
+    save_denoiser(small, sched, tmp_path / "small")
+    monkeypatch.setattr(callbacks, "ensure_evaluator", lambda path, dm: None)
+    trainer = SimpleNamespace(datamodule=None, is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    module = SimpleNamespace(denoiser=model, scheduler=sched)
+    made = []
+    for cls in (callbacks.ConditionalQuality, callbacks.PriorQuality):
+        cb = cls(str(tmp_path / "eval"), base=str(tmp_path / "base"), evaluator=str(tmp_path / "ev"),
+                 extra_priors={"small": str(tmp_path / "small")})  # fmt: skip
+        cb.setup(trainer, module, "fit")
+        made.append(cb)
+    cond, prior = made
+    assert cond.base is prior.base and cond.extra["small"] is prior.extra["small"]
+    assert torch.equal(next(iter(cond.extra["small"].denoiser.parameters())), next(iter(small.parameters())))
+    assert cond.base is not cond.extra["small"]
+    with torch.no_grad():  # rewritten weights: a new version of the folder, loaded anew
+        next(iter(small.parameters())).add_(1.0)
+    save_denoiser(small, sched, tmp_path / "small")
+    weights = tmp_path / "small" / callbacks.WEIGHTS
+    os.utime(weights, ns=(1, 1))  # a distinct mtime even on a file system with coarse timestamps
+    again = callbacks.shared_model(tmp_path / "small", "prior small")
+    assert again is not cond.extra["small"]
+    assert torch.equal(next(iter(again.denoiser.parameters())), next(iter(small.parameters())))
+    assert callbacks.shared_model(tmp_path / "base", "base") is cond.base  # the run folder or its model/: one
+
+
 @pytest.mark.parametrize("name", ["base", "self", "exact", "a/b", "1st", "p=1"])
 def test_extra_prior_names_that_would_clash_or_break_a_key_are_refused(name):
     with pytest.raises(UserError, match=f"extra_priors.{name}"):

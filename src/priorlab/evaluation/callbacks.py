@@ -33,12 +33,29 @@ from priorlab.evaluation.core import (
 from priorlab.evaluation.images import log_image, save_grid
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
 from priorlab.lightning_module import check_finite_weights
-from priorlab.models.io import load_denoiser
+from priorlab.models.io import WEIGHTS, SavedModel, load_denoiser, resolve_model_dir
 from priorlab.priors import FITTED
 
 # The fitted prior weights of the last evaluated step, per trained module: both evaluation callbacks of a run use
 # the same fit, held here rather than as an attribute on the training module (and dropped with the module).
 _FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# The networks the evaluation callbacks load (the base, the extra priors), one copy per model folder and version of
+# its weights: both callbacks of a run need each of them, and would otherwise hold two copies on the device.
+_LOADED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def shared_model(path: str | Path, role: str) -> SavedModel:
+    """The model folder `path` (or a run folder holding model/) loaded once per process while anything holds it;
+    weights rewritten since (a new mtime or size) are loaded again."""
+    folder = resolve_model_dir(path, role).resolve()
+    stat = (folder / WEIGHTS).stat()
+    key = (str(folder), stat.st_mtime_ns, stat.st_size)
+    saved = _LOADED.get(key)
+    if saved is None:
+        saved = _LOADED[key] = load_denoiser(folder, role)
+    return saved
 
 
 class _Evaluation(L.Callback):
@@ -68,8 +85,8 @@ class _Evaluation(L.Callback):
             ensure_evaluator(path, dm)
         trainer.strategy.barrier()
         self.evaluator = ensure_evaluator(path, dm)
-        self.base = None if not self.base_path else load_denoiser(self.base_path, role="base")
-        self.extra = {name: load_denoiser(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
+        self.base = None if not self.base_path else shared_model(self.base_path, role="base")
+        self.extra = {name: shared_model(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
         for saved in self.extra.values():  # a prior of another sample shape fails now, not after training
             make_prior_net((pl_module.denoiser, pl_module.scheduler), saved)
         if self.base is not None and any(p in FITTED for p in self.settings.priors):

@@ -1,0 +1,53 @@
+"""What a cheap prior costs in arithmetic: the parameters and forward multiply-adds of each model of
+bench/guided_sampling.py and of its cheap prior, counted on the CPU (torch's FLOP counter, one sample).
+
+    python bench/prior_flops.py            # writes bench/results/prior_flops.json
+
+Set beside guided_sampling.py's times, the ratio tells whether a cheap prior's time is what its arithmetic
+predicts: (cheap prior − conditional alone) ÷ (conditional alone) is the small network's time as a share of the
+full one's, to compare with its share of the multiply-adds.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu import models  # noqa: E402
+from guided_sampling import small_builders  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def count(net: torch.nn.Module, shape: tuple[int, ...]) -> dict:
+    """Parameters (millions) and multiply-adds (GMAC) of one forward pass of one sample."""
+    x, t, y = torch.randn(1, *shape), torch.tensor([10]), torch.tensor([1])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.eval()(x, t, y)
+    return {"params_m": sum(p.numel() for p in net.parameters()) / 1e6, "gmac": counter.get_total_flops() / 2e9}
+
+
+def main(smoke: bool = False) -> dict:
+    small = small_builders(smoke)
+    out = {}
+    for name, (build, shape, _) in models(smoke).items():
+        full, cheap = count(build(), shape), count(small[name](), shape)
+        out[name] = {"model": full, "cheap_prior": cheap, "gmac_ratio": cheap["gmac"] / full["gmac"],
+                     "params_ratio": cheap["params_m"] / full["params_m"]}  # fmt: skip
+        print(f"{name}: cheap prior {cheap['params_m']:.1f}M / {full['params_m']:.1f}M parameters, "
+              f"{cheap['gmac']:.2f} / {full['gmac']:.2f} GMAC per sample ({out[name]['gmac_ratio']:.3f})")  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    smoke = "--smoke" in sys.argv
+    result = main(smoke)
+    if not smoke:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "prior_flops.json").write_text(json.dumps(result, indent=1))
+        print(f"wrote {RESULTS / 'prior_flops.json'}")
