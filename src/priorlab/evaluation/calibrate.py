@@ -32,6 +32,17 @@ def heldout_noise(n: int, shape: tuple[int, ...], num_train_timesteps: int, seed
 
 
 @torch.no_grad()
+def noised_batches(scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor, batch_size: int | None = None):
+    """(rows, t, ᾱ_t, x_t) for each batch of at most `batch_size` rows (all at once without): x_t = sqrt(ᾱ_t)·x0 +
+    sqrt(1 − ᾱ_t)·noise with the scheduler's ᾱ, x0, t and noise on one device."""
+    abar_all = scheduler.alphas_cumprod.to(x0.device)
+    step = max(1, batch_size or len(x0))
+    for start in range(0, len(x0), step):
+        rows = slice(start, start + step)
+        abar = abar_all[t[rows]]
+        yield rows, t[rows], abar, diffusion.add_noise(x0[rows], noise[rows], abar)
+
+
 def uncond_predictions(
     model: Denoiser, scheduler: DDPMScheduler, prior_net: PriorNet | None, x0: Tensor, t: Tensor, noise: Tensor,
     batch_size: int | None = None, labels: Tensor | None = None,
@@ -41,13 +52,8 @@ def uncond_predictions(
 
     x0, t and noise lie on the model's device; x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise with the model's ᾱ.
     """
-    abar_all = scheduler.alphas_cumprod.to(x0.device)
     selves, bases, conds = [], [], []
-    step = batch_size or max(1, len(x0))
-    for start in range(0, len(x0), step):
-        sl = slice(start, start + step)
-        tb, abar = t[sl], abar_all[t[sl]]
-        x_t = diffusion.add_noise(x0[sl], noise[sl], abar)
+    for sl, tb, abar, x_t in noised_batches(scheduler, x0, t, noise, batch_size):
         null = torch.full_like(tb, model.null_class)
         if labels is None:
             selves.append(diffusion.to_eps(model(x_t, tb, null), model.prediction_type, x_t, abar))

@@ -21,7 +21,13 @@ from priorlab.checks import check_eval_settings
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.errors import UserError
 from priorlab.evaluation import metrics
-from priorlab.evaluation.calibrate import calibrate, calibration_metrics, heldout_noise, uncond_predictions
+from priorlab.evaluation.calibrate import (
+    calibrate,
+    calibration_metrics,
+    heldout_noise,
+    noised_batches,
+    uncond_predictions,
+)
 from priorlab.evaluation.distributed import gather, shard
 from priorlab.evaluation.features import Evaluator, external_features
 from priorlab.guidance import check_scale
@@ -525,12 +531,7 @@ def _sq(d: Tensor) -> Tensor:
 def _prior_eps(prior_net: DenoiserPrior, scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor,
                batch_size: int) -> Tensor:  # fmt: skip
     """eps_ψ(x_t, ∅) of a prior network at x_t = noised x0 with the model's ᾱ (as `uncond_predictions` makes x_t)."""
-    abar_all = scheduler.alphas_cumprod.to(x0.device)
-    out = []
-    for start in range(0, len(x0), max(1, batch_size)):
-        sl = slice(start, start + max(1, batch_size))
-        abar = abar_all[t[sl]]
-        out.append(prior_net.eps(diffusion.add_noise(x0[sl], noise[sl], abar), abar))
+    out = [prior_net.eps(x_t, abar) for _, _, abar, x_t in noised_batches(scheduler, x0, t, noise, batch_size)]
     return torch.cat(out) if out else noise[:0]
 
 
