@@ -411,3 +411,27 @@ def test_two_condition_guided_fit_scores_the_instruct_pix2pix_combination(tmp_pa
     with pytest.raises(ValueError, match="two conditions need eps_image"):
         fit_weights(eps_self, eps_base, noise, t, T, 4, "mix", "guided", eps_cond=eps_cond, scales=[2.0],
                     eps_image=eps_image)  # fmt: skip
+
+
+def test_uncond_predictions_are_the_networks_at_the_noised_samples_in_any_batch_size():
+    """eps_θ(x_t, ∅), eps_ψ(x_t, ∅) and eps_θ(x_t, c) at x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise, whatever the
+    batch size, without building an autograd graph (the held-out measures run on large splits)."""
+    from priorlab.evaluation.calibrate import noised_batches, uncond_predictions
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+    model, base = perturbed_mlp(0), perturbed_mlp(1)
+    prior = Prior(base, sched, sched.alphas_cumprod)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(10, 2, generator=g), torch.randn(10, 2, generator=g)
+    t, labels = torch.randint(0, 100, (10,), generator=g), torch.arange(10) % 3
+    abar = sched.alphas_cumprod[t][:, None]
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    with torch.no_grad():
+        want = (model(x_t, t, torch.full_like(t, model.null_class)), base(x_t, t, torch.full_like(t, base.null_class)),
+                model(x_t, t, labels))  # fmt: skip
+    for batch_size in (None, 3, 10):
+        got = uncond_predictions(model, sched, prior, x0, t, noise, batch_size, labels=labels)
+        for a, b in zip(got, want, strict=True):
+            assert not a.requires_grad
+            assert_close_across_shapes(a, b)
+    assert [rows for rows, *_ in noised_batches(sched, x0, t, noise, 4)] == [slice(0, 4), slice(4, 8), slice(8, 12)]

@@ -31,7 +31,6 @@ def heldout_noise(n: int, shape: tuple[int, ...], num_train_timesteps: int, seed
     return t, torch.randn((n, *shape), generator=g)
 
 
-@torch.no_grad()
 def noised_batches(scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tensor, batch_size: int | None = None):
     """(rows, t, ᾱ_t, x_t) for each batch of at most `batch_size` rows (all at once without): x_t = sqrt(ᾱ_t)·x0 +
     sqrt(1 − ᾱ_t)·noise with the scheduler's ᾱ, x0, t and noise on one device."""
@@ -43,6 +42,7 @@ def noised_batches(scheduler: DDPMScheduler, x0: Tensor, t: Tensor, noise: Tenso
         yield rows, t[rows], abar, diffusion.add_noise(x0[rows], noise[rows], abar)
 
 
+@torch.no_grad()
 def uncond_predictions(
     model: Denoiser, scheduler: DDPMScheduler, prior_net: PriorNet | None, x0: Tensor, t: Tensor, noise: Tensor,
     batch_size: int | None = None, labels: Tensor | None = None,
