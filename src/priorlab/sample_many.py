@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from priorlab.errors import UserError
-from priorlab.guidance import _eps
+from priorlab.guidance import _eps, cfg
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import PriorNet
 from priorlab.sampling import trajectory
@@ -86,7 +86,7 @@ def _guided_step(model: Denoiser, x: Tensor, t: Tensor, y: Tensor, abar: Tensor,
     cond, uncond_self = both[:n], both[n:]
     eps = cond.clone()
     for i, j in enumerate(own):
-        eps[blocks[j]] = _cfg(cond[blocks[j]], uncond_self[i * b : (i + 1) * b], settings[j].scale)
+        eps[blocks[j]] = cfg(cond[blocks[j]], uncond_self[i * b : (i + 1) * b], settings[j].scale)
     nets: dict[int, list[int]] = {}
     for j in active:
         if settings[j].prior == "base":
@@ -96,9 +96,5 @@ def _guided_step(model: Denoiser, x: Tensor, t: Tensor, y: Tensor, abar: Tensor,
         rows = torch.cat([x[blocks[j]] for j in js])
         prior_eps = net.eps(rows, torch.cat([abar_rows[blocks[j]] for j in js])).to(cond.dtype)
         for i, j in enumerate(js):
-            eps[blocks[j]] = _cfg(cond[blocks[j]], prior_eps[i * b : (i + 1) * b], settings[j].scale)
+            eps[blocks[j]] = cfg(cond[blocks[j]], prior_eps[i * b : (i + 1) * b], settings[j].scale)
     return eps
-
-
-def _cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    return uncond + scale * (cond - uncond)

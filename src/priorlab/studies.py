@@ -634,7 +634,7 @@ def run_study(cfg: DictConfig) -> Path:
 
 def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: dict, jobs: int,
                  progress: StudyProgress) -> None:  # fmt: skip
-    """The bases, then every fine-tune of every base, `jobs` runs at a time (logs under logs/)."""
+    """The bases and extra priors, then every fine-tune of every base, `jobs` runs at a time (logs under logs/)."""
     logs = study_dir / "logs"
     base_jobs = [(f"base_{b.label}" if b.label else "base", ["train", "stage=base", *b.base]) for b in bases]
     priors = prior_jobs(bases)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from priorlab.analysis.results import extra_priors, final_rows
-from priorlab.analysis.stats import Estimate, paired_difference
+from priorlab.analysis.stats import guided_advantage
 from priorlab.analysis.text import cond_label, markdown_table
 from priorlab.analysis.validity import LOWER_IS_BETTER, Validity, condition_keys
 
@@ -25,12 +25,8 @@ def extra_prior_names(frame: pd.DataFrame) -> list[str]:
 def advantage(frame: pd.DataFrame, metric: str, other: str, name: str) -> pd.DataFrame:
     """Per condition and guided scale: how much better prior=`name` did than prior=`other` in `metric`, paired
     over seeds (> 0: `name` better), with the interval over samples where the runs recorded its SE."""
-    diffs = paired_difference(final_rows(frame), metric, condition_keys(frame), a=other, b=name)
-    diffs = diffs[diffs["guidance_scale"] != 1].copy()  # w = 1 never uses a prior
-    if metric not in LOWER_IS_BETTER:
-        diffs["estimate"] = diffs["estimate"].map(Estimate.negated)
-        diffs["over_samples"] = diffs["over_samples"].map(lambda e: None if e is None else e.negated())
-    return diffs
+    return guided_advantage(final_rows(frame), metric, condition_keys(frame), other, name,
+                            metric not in LOWER_IS_BETTER)  # fmt: skip
 
 
 def time_ratios(frame: pd.DataFrame, name: str) -> dict[str, float]:

@@ -20,7 +20,7 @@ from priorlab.analysis.results import (
     load_results,
     study_record,
 )
-from priorlab.analysis.stats import Estimate, mean_ci, paired_difference
+from priorlab.analysis.stats import Estimate, guided_advantage, mean_ci
 from priorlab.analysis.text import cond_label, fmt_axis, markdown_table
 from priorlab.analysis.validity import (
     LOWER_IS_BETTER,
@@ -82,12 +82,8 @@ def benefits(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The swap's benefit per condition and w ≠ 1, signed so that > 0 means prior=base did better: metric(self) −
     metric(base) for lower-is-better metrics, the reverse for accuracy, precision and recall. Columns of
     `paired_difference` plus `mde`, the smallest benefit 3+ seeds detect with 80% power (over seeds)."""
-    diffs = paired_difference(final_rows(frame), metric, condition_keys(frame))
-    diffs = diffs[diffs["guidance_scale"] != 1].copy()  # identical by construction: scale 1 never uses the prior
-    if metric in HIGHER_IS_BETTER:
-        diffs["estimate"] = diffs["estimate"].map(Estimate.negated)
-        diffs["over_samples"] = diffs["over_samples"].map(lambda e: None if e is None else e.negated())
-        diffs["per_seed"] = diffs["per_seed"].map(lambda v: -v)
+    diffs = guided_advantage(final_rows(frame), metric, condition_keys(frame), "self", "base",
+                             metric in HIGHER_IS_BETTER)  # fmt: skip
     diffs["mde"] = diffs["per_seed"].map(power_estimate)
     return diffs
 

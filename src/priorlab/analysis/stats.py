@@ -95,3 +95,18 @@ def paired_difference(
         rows.append({**dict(zip([*keys, "guidance_scale"], cond, strict=True)), "estimate": mean_ci(g.values),
                      "over_samples": samples, "per_seed": g.values})  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
+
+
+def guided_advantage(
+    frame: pd.DataFrame, metric: str, keys: list[str], a: str, b: str, higher_is_better: bool
+) -> pd.DataFrame:
+    """How much better prior=b did than prior=a at each guided scale (w ≠ 1, where the priors differ), paired
+    over seeds: `paired_difference` a − b, negated (estimate, over_samples and per_seed) where higher is better,
+    so that > 0 means b did better."""
+    diffs = paired_difference(frame, metric, keys, a=a, b=b)
+    diffs = diffs[diffs["guidance_scale"] != 1].copy()  # identical by construction: w = 1 never uses the prior
+    if higher_is_better:
+        diffs["estimate"] = diffs["estimate"].map(Estimate.negated)
+        diffs["over_samples"] = diffs["over_samples"].map(lambda e: None if e is None else e.negated())
+        diffs["per_seed"] = diffs["per_seed"].map(lambda v: -v)
+    return diffs
