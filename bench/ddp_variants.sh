@@ -5,7 +5,8 @@
 # evaluation needed). Writes <name>.json per run into $OUT (default bench/results/ddp-variants).
 #   bash bench/ddp_variants.sh [STEPS] [VARIANT...]      variants: one ddp_side ddp ddp_bf16 ddp_whole ddp_view
 #                                                         one_nocl ddp_nocl ddp_skip ddp_nocl_skip
-#                                                         (COMPILE=false: eager)
+#                                                         (COMPILE=false: eager; EXTRA="k=v ...": more overrides,
+#                                                         e.g. EXTRA=trainer.devices=1 for DDP over one GPU)
 # Issue 17: ddp_view builds DDP with gradient_as_bucket_view (the gradients are the buckets' views, in the
 # parameters' strides); *_nocl turn channels-last off. Each run's log counts DDP's "Grad strides do not match"
 # warnings. *_skip register a communication hook that all-reduces nothing (priorlab.ddp.skip_allreduce_hook): DDP's
@@ -23,6 +24,7 @@ stamp() { echo "[$(date +%T)] $*"; }
 common=(stage=base data=mnist data.image_size=32 data.batch_size=256 model=unet_b logger=csv "paths.runs=$runs"
         "trainer.max_steps=$steps" "trainer.val_check_interval=$steps" trainer.limit_val_batches=1
         callbacks.throughput.warmup=50 "compile=${COMPILE:-true}")
+read -ra extra <<< "${EXTRA:-}"
 for v in "${variants[@]}"; do
   case $v in
     one) args=(trainer=gpu) ;;
@@ -39,7 +41,7 @@ for v in "${variants[@]}"; do
   esac
   stamp "$v"
   rm -rf "$runs/$v"
-  timeout -s ABRT -k 10 "${LIMIT:-300}" priorlab train "study=$v" "${args[@]}" "${common[@]}" 2>&1 | tee "$out/$v.log"
+  timeout -s ABRT -k 10 "${LIMIT:-300}" priorlab train "study=$v" "${args[@]}" "${common[@]}" "${extra[@]}" 2>&1 | tee "$out/$v.log"
   stamp "rc=${PIPESTATUS[0]}; stride warnings: $(grep -c 'Grad strides do not match' "$out/$v.log")"
   cp "$runs/$v/base/throughput.json" "$out/$v-compile_${COMPILE:-true}.json" && cat "$out/$v-compile_${COMPILE:-true}.json"
 done
