@@ -2,14 +2,17 @@
 
     python bench/guided_sampling.py                 # UNet-36M and DiT-B/2, eager and compiled, on the GPU
     python bench/guided_sampling.py --smoke         # tiny models on the CPU: checks that the script runs
+    python bench/guided_sampling.py --only UNet-7M-16px --batch 750   # the cheap_prior study's pair, as evaluated
 
 For each model and each of eager / torch.compile, the median ms per denoising step (B = --batch, bf16, DDIM,
-w = 4) of: batched CFG (prior=self: one network at 2B), prior=base (two networks at B, the base on a side
-stream), prior=base guided over the middle half of the steps only, the conditional network alone (one at B, no
-guidance), and prior=base with a small base (the cheap prior: unet_s-sized for the UNet, DiT-S/2 for DiT-B/2),
-each launched eagerly and replayed from CUDA graphs (`priorlab.sampling.GraphedGuide`). Ratios divide by batched
-CFG of the same launch mode and compilation, in the same run. It also samples prior=base graphed and ungraphed
-from the same seeds and records the largest difference (bf16 networks: differences of a few 1e-2 are rounding).
+w = 4) of: batched CFG (prior=self: one network at 2B), prior=base (two networks at B), prior=base guided over the
+middle half of the steps only, the conditional network alone (one at B, no guidance), and prior=base with a small
+base (the cheap prior: a 64-128-128-128 UNet for UNet-36M, DiT-S/2 for DiT-B/2, and for UNet-7M-16px the 32-64-64
+UNet whose quality the cheap_prior study measured; that pair runs without channels-last, as the study trained and
+evaluated it), each launched eagerly and replayed from CUDA graphs (`priorlab.sampling.GraphedGuide`). Ratios
+divide by batched CFG of the same launch mode and compilation, in the same run. It also samples prior=base graphed
+and ungraphed from the same seeds and records the largest difference (bf16 networks: differences of a few 1e-2 are
+rounding).
 Writes bench/results/<card>-<date>-guided_sampling.json.
 """
 
@@ -55,7 +58,23 @@ def small_builders(smoke: bool) -> dict:
             norm_num_groups=32,
             attention_head_dim=64,
         ),  # fmt: skip
+        STUDY: lambda: unet(
+            (1, 16, 16), 10, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, **STUDY_UNET
+        ),  # the cheap_prior study's small prior, 1.24M parameters  # fmt: skip
     }
+
+
+# The cheap_prior study's gpu preset (experiments/cheap_prior.yaml): unet_s with adaptive group norm at 16 px, 7.28M
+# parameters, trained and evaluated eagerly without channels-last; its small prior is built above.
+STUDY = "UNet-7M-16px"
+STUDY_UNET = dict(attention=(False, True, True), attention_head_dim=8, time_scale_shift="scale_shift")
+
+
+def study_model() -> dict:
+    """name → (builder, sample_shape, num_classes) of the cheap_prior study's fine-tune."""
+    build = lambda: unet((1, 16, 16), 10, block_out_channels=(64, 128, 128), layers_per_block=2,  # noqa: E731
+                         norm_num_groups=32, **STUDY_UNET)  # fmt: skip
+    return {STUDY: (build, (1, 16, 16), 10)}
 
 
 def time_config(model, labels, seeds, kwargs, runs: int) -> float:
@@ -75,7 +94,7 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
     torch.manual_seed(0)
     model, base, cheap = build().to(device).eval(), build().to(device).eval(), small().to(device).eval()
     nets = (model, base, cheap)
-    if len(shape) == 3 and "UNet" in model.class_name and device.type == "cuda":
+    if len(shape) == 3 and "UNet" in model.class_name and device.type == "cuda" and name != STUDY:
         for m in nets:
             m.net.to(memory_format=torch.channels_last)
     if compile_:
@@ -146,7 +165,7 @@ def main() -> None:
     small = small_builders(args.smoke)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}-guided_sampling.json"
-    for name, (build, shape, k) in models(args.smoke).items():
+    for name, (build, shape, k) in {**models(args.smoke), **({} if args.smoke else study_model())}.items():
         if args.only and name != args.only:
             continue
         result["models"][name] = {}
