@@ -17,7 +17,8 @@ prior=small with --small. Weights are random (speed does not depend on them). Va
     all_250       eval.one_pass=all with batch 250 (16 settings' rows: 4,000 rows per pass of θ)
     all_150       eval.one_pass=all with batch 150 (2,400 rows, below the 3,000 that six evaluations of batch
                   1,500 at once had needed when they filled an H200)
-    all_graphs    not offered: one pass is not captured in graphs
+    scales_graphs eval.one_pass=scales with eval.cuda_graphs: each step of each pass replayed from one graph
+    all_graphs    eval.one_pass=all with eval.cuda_graphs
 
 With --procs N, N processes run the same variant at once on the same GPU (the study ran 6 fine-tunes per GPU)
 after each has warmed up, each with the cores shared out as `priorlab study jobs=N` does, and each reports its
@@ -56,6 +57,8 @@ VARIANTS = {
     "all": {"one_pass": "all"},
     "all_250": {"one_pass": "all", "batch_size": 250},
     "all_150": {"one_pass": "all", "batch_size": 150},
+    "scales_graphs": {"one_pass": "scales", "cuda_graphs": True},
+    "all_graphs": {"one_pass": "all", "cuda_graphs": True},
 }
 
 

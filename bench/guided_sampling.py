@@ -9,7 +9,7 @@ w = 4) of: batched CFG (prior=self: one network at 2B), prior=base (two networks
 middle half of the steps only, the conditional network alone (one at B, no guidance), and prior=base with a small
 base (the cheap prior: a 64-128-128-128 UNet for UNet-36M, DiT-S/2 for DiT-B/2, and for UNet-7M-16px the 32-64-64
 UNet whose quality the cheap_prior study measured; that pair runs without channels-last, as the study trained and
-evaluated it), each launched eagerly and replayed from CUDA graphs (`priorlab.sampling.GraphedGuide`). Ratios
+evaluated it), each launched eagerly and replayed from CUDA graphs (`priorlab.sampling.GraphedStep`). Ratios
 divide by batched CFG of the same launch mode and compilation, in the same run. It also samples prior=base graphed
 and ungraphed from the same seeds and records the largest difference (bf16 networks: differences of a few 1e-2 are
 rounding).

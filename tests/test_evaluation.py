@@ -448,6 +448,30 @@ def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monk
         torch.testing.assert_close(grids_b[p], grids[p])  # the grids are sampled as before
 
 
+def test_cuda_graphs_reach_the_one_pass_passes(monkeypatch):
+    """eval.cuda_graphs applies to one_pass's passes too (each step of a pass replayed from one graph on a GPU; on
+    the CPU the same launched computation, so the numbers do not change)."""
+    from priorlab.evaluation import core
+
+    flags = []
+
+    def recorded(*args, **kwargs):
+        flags.append(kwargs.get("graphs"))
+        return real(*args, **kwargs)
+
+    real = core.sample_many
+    monkeypatch.setattr(core, "sample_many", recorded)
+    model, sched, prior, evaluator, settings, heldout = _tiny_setup()
+    settings = replace(settings, guidance_scales=[1.0, 2.0], priors=["self", "base"], one_pass="scales")
+    with torch.no_grad():
+        plain, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings)
+        graphed, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), replace(settings, cuda_graphs=True))
+    assert flags == [False, False, True, True]  # one pass per prior, without and with graphs
+    assert {k: v for k, v in plain.items() if "/sample_seconds/" not in k} == {
+        k: v for k, v in graphed.items() if "/sample_seconds/" not in k
+    }
+
+
 def test_one_pass_setting_is_checked():
     with pytest.raises(UserError, match="eval.one_pass=some is unknown; use one of off, scales, all"):
         EvalSettings(one_pass="some")

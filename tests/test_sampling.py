@@ -133,6 +133,52 @@ def test_graphs_on_the_cpu_are_the_launched_computation(model):
     assert torch.equal(sample(model, labels, seeds, graphs=True, **kw), sample(model, labels, seeds, **kw))
 
 
+def _many_settings(model, sched, device="cpu"):
+    from priorlab.sample_many import Setting
+
+    torch.manual_seed(1)
+    other = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).to(device).eval()
+    base, small = Prior(model, sched, sched.alphas_cumprod), Prior(other, sched, sched.alphas_cumprod)
+    return [Setting("self", 1.0), Setting("self", 3.0), Setting("base", 3.0, base), Setting("base", 2.0, small),
+            Setting("none", 4.0)]  # fmt: skip
+
+
+def test_one_pass_with_graphs_on_the_cpu_is_the_launched_computation(model):
+    """sample_many(graphs=True) needs a GPU to capture; elsewhere it runs the same launched steps."""
+    from priorlab.sample_many import sample_many
+
+    sched = DDPMScheduler()
+    kw = dict(labels=torch.tensor([0, 1, 2]), seeds=torch.arange(3), train_scheduler=sched, sample_shape=(1, 8, 8),
+              settings=_many_settings(model, sched), num_steps=3, batch_size=2, interval=(0.5, 5.0))  # fmt: skip
+    for a, b in zip(sample_many(model, graphs=True, **kw), sample_many(model, **kw), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/eval_cost.py)")
+def test_one_pass_replayed_from_graphs_equals_the_launched_pass_and_is_captured_once(model):
+    """Each step of a one_pass pass (θ over every row, each prior network over its settings' rows, the
+    combinations) replayed from one CUDA graph computes what the launched pass computes, chunk sizes and the
+    guidance interval included; a second call of the same shapes replays the cached graphs."""
+    from priorlab.sample_many import sample_many
+    from priorlab.sampling import _GRAPHS
+
+    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).cuda().eval()
+    net.load_state_dict(model.state_dict())
+    sched = DDPMScheduler()
+    kw = dict(labels=torch.tensor([0, 1, 2, 0, 1]), seeds=torch.arange(5), train_scheduler=sched,
+              sample_shape=(1, 8, 8), settings=_many_settings(net, sched, "cuda"), num_steps=6, batch_size=3,
+              interval=(0.5, 5.0), autocast=True)  # fmt: skip
+    launched = sample_many(net, graphs=False, **kw)
+    graphed = sample_many(net, graphs=True, **kw)
+    for a, b in zip(graphed, launched, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+    captured = len(_GRAPHS[net])
+    assert captured >= 1 + 4  # the pool, and chunks of 3 and 2 samples, each with guided and unguided steps
+    again = sample_many(net, graphs=True, **kw)
+    assert len(_GRAPHS[net]) == captured
+    assert all(torch.equal(a, b) for a, b in zip(again, graphed, strict=True))
+
+
 @pytest.mark.parametrize(("sampler", "interval"), [("ddim", None), ("ddpm", None), ("ddim", (0.5, 5.0))])
 def test_one_pass_of_several_settings_equals_each_sampled_alone(model, sampler, interval):
     """sample_many runs every (prior, w) trajectory side by side: each equals `sample` of that setting alone, up to

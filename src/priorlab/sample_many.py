@@ -20,7 +20,7 @@ from priorlab.errors import UserError
 from priorlab.guidance import _eps, cfg
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import PriorNet
-from priorlab.sampling import trajectory
+from priorlab.sampling import graphed_step, prior_key, trajectory
 
 ONE_PASS = ("self", "base", "none")  # the modes one pass can batch (the fitted ones choose rows per step)
 
@@ -38,10 +38,12 @@ class Setting:
 def sample_many(
     model: Denoiser, labels: Tensor, seeds: Tensor, train_scheduler: DDPMScheduler, sample_shape: tuple[int, ...],
     settings: list[Setting], interval: tuple[float, float] | None = None, sampler: str = "ddim", num_steps: int = 25,
-    batch_size: int = 256, autocast: bool = False,
+    batch_size: int = 256, autocast: bool = False, graphs: bool = False,
 ) -> list[Tensor]:  # fmt: skip
     """One sample per (label, seed) pair for each setting, all in one pass; returns one (N, *sample_shape) tensor per
-    setting, in order, on the model's device. `batch_size` counts samples per chunk (each with every setting)."""
+    setting, in order, on the model's device. `batch_size` counts samples per chunk (each with every setting).
+    `graphs`: on a GPU, replay each step's prediction of the whole pass from a CUDA graph (`sampling.GraphedStep`;
+    one graph per chunk size and guided/unguided step); elsewhere the same computation runs launched."""
     for s in settings:
         if s.prior not in ONE_PASS:
             raise UserError(f"prior={s.prior} cannot share a sampling pass; one pass takes {', '.join(ONE_PASS)}")
@@ -50,6 +52,8 @@ def sample_many(
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     k = len(settings)
+    graphed = graphs and device.type == "cuda"
+    nets = tuple(s.prior_net for s in settings if s.prior_net is not None)  # read by address from a graph
     out: list[list[Tensor]] = [[] for _ in settings]
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size].to(device)
@@ -57,8 +61,14 @@ def sample_many(
         y_all = y.repeat(k)
 
         def predict(x_in: Tensor, t: Tensor, guided: bool, y_all=y_all, b=b) -> Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                return _guided_step(model, x_in, t, y_all, abar, settings, b, guided)
+            def step(x_rows: Tensor, t_step: Tensor, y_rows: Tensor) -> Tensor:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    return _guided_step(model, x_rows, t_step, y_rows, abar, settings, b, guided)
+
+            if not graphed:
+                return step(x_in, t, y_all)
+            key = ("many", b, guided, autocast, *[(s.prior, float(s.scale), *prior_key(s.prior_net)) for s in settings])
+            return graphed_step(model, key, step, x_in, t, y_all, keep=nets)(x_in, t, y_all)
 
         # every setting's trajectory of a sample starts from that sample's seed
         x = trajectory(seeds[start : start + batch_size].repeat(k), sample_shape, train_scheduler, sampler, num_steps,

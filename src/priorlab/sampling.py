@@ -46,38 +46,31 @@ def initial_noise(seeds: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, list[t
     return torch.stack([torch.randn(shape, generator=g) for g in gens]), gens
 
 
-class GraphedGuide:
-    """The whole guided prediction of one denoising step (θ's pass, the prior's pass on its side stream, and the
-    combination) captured once as a CUDA graph and replayed at every step: a small network's compiled step is
-    bound by kernel launches, and prior=base launches two networks' worth (issue 17). Inputs are copied into
-    static buffers; the output buffer is overwritten by the next replay, so `__call__` returns a copy.
+class GraphedStep:
+    """A denoising step's whole guided prediction `fn(x, t, y)` captured once as a CUDA graph and replayed at every
+    step: a small network's compiled step is bound by kernel launches, and prior=base launches two networks' worth
+    (issue 17). Inputs are copied into static buffers; the output buffer is overwritten by the next replay, so
+    `__call__` returns a copy.
 
-    Only the paths whose work does not depend on GPU values are captured: prior self, base or none (fitted
-    priors pick rows by their weights, which reads the GPU). Graphs are cached per model (`graphed_guide`); the
-    graphs of one model share one memory pool, which is safe because they are replayed one at a time on one
-    stream and nothing but the output outlives a replay."""
+    Only paths whose work does not depend on GPU values can be captured: prior self, base or none, alone
+    (`graphed_guide`) or several in one pass (`priorlab.sample_many`); fitted priors pick rows by their weights,
+    which reads the GPU. Graphs are cached per model (`graphed_step`); the graphs of one model share one memory
+    pool, which is safe because they are replayed one at a time on one stream and nothing but the output outlives a
+    replay. `fn` is not kept (the cache is keyed weakly by the model, which `fn` refers to); `keep` holds the other
+    networks the graph reads by address."""
 
-    def __init__(self, model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, abar: Tensor,
-                 x: Tensor, labels: Tensor, autocast: bool, pool=None):  # fmt: skip
-        self.model, self.prior, self.scale, self.abar, self.autocast = model, prior, scale, abar, autocast
-        self.prior_net = prior_net  # kept alive with the graph, which reads its weights by address
-        self.x, self.y = torch.zeros_like(x), labels.clone()
-        self.t = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    def __init__(self, fn, x: Tensor, t: Tensor, labels: Tensor, keep: tuple = (), pool=None):
+        self.keep = keep
+        self.x, self.t, self.y = torch.zeros_like(x), torch.zeros_like(t), labels.clone()
         warm = torch.cuda.Stream(x.device)  # warm-up off the capture stream, as torch.cuda.graphs asks
         warm.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(warm):
             for _ in range(2):
-                self._run()
+                fn(self.x, self.t, self.y)
         torch.cuda.current_stream(x.device).wait_stream(warm)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = self._run()
-        self.model = None  # the cache is keyed weakly by the model: no reference back to it
-
-    def _run(self) -> Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            return guide(self.model, self.x, self.t, self.y, self.abar[self.t], self.scale, self.prior,
-                         self.prior_net, overlap=False).guided  # fmt: skip
+            self.out = fn(self.x, self.t, self.y)
 
     def __call__(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         self.x.copy_(x)
@@ -96,17 +89,34 @@ def _pointers(net) -> tuple:
     return tuple(p.data_ptr() for p in net.parameters()) if net is not None else ()
 
 
-def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, abar: Tensor,
-                  x: Tensor, labels: Tensor, autocast: bool) -> GraphedGuide:  # fmt: skip
-    """The cached `GraphedGuide` of this model, prior, scale, batch shape and precision (captured on first use)."""
+def prior_key(prior_net: PriorNet | None) -> tuple:
+    """What a captured graph depends on of a prior network: which one it is, and where its weights live."""
+    return (id(prior_net), _pointers(prior_net.module if prior_net is not None else None))
+
+
+def graphed_step(
+    model: Denoiser, key: tuple, fn, x: Tensor, t: Tensor, labels: Tensor, keep: tuple = ()
+) -> GraphedStep:
+    """The cached `GraphedStep` of this model under `key` (which must name everything `fn` computes with besides
+    the model: prior networks, scales, batch shape, precision), captured on first use."""
     graphs = _GRAPHS.setdefault(model, {})
-    prior_module = prior_net.module if prior_net is not None else None
-    key = (prior, float(scale), tuple(x.shape), x.dtype, autocast, id(prior_net), _pointers(model),
-           _pointers(prior_module))  # fmt: skip
+    key = (*key, tuple(x.shape), x.dtype, tuple(t.shape), _pointers(model))
     if key not in graphs:
         pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
-        graphs[key] = GraphedGuide(model, prior_net, prior, scale, abar, x, labels, autocast, pool)
+        graphs[key] = GraphedStep(fn, x, t, labels, keep, pool)
     return graphs[key]
+
+
+def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, abar: Tensor,
+                  x: Tensor, t: Tensor, labels: Tensor, autocast: bool) -> GraphedStep:  # fmt: skip
+    """The cached graph of one setting's guided prediction (`guide`) for this batch shape and precision."""
+
+    def fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            return guide(model, x, t, y, abar[t], scale, prior, prior_net, overlap=False).guided
+
+    key = ("guide", prior, float(scale), autocast, *prior_key(prior_net))
+    return graphed_step(model, key, fn, x, t, labels, keep=(prior_net,))
 
 
 def trajectory(
@@ -168,7 +178,7 @@ def sample(
         sampler: scheduler name; num_steps: denoising steps.
         autocast: run the networks under bf16 autocast (the guidance combination and the scheduler's update
             stay in fp32).
-        graphs: on a GPU, replay each step's guided prediction from a CUDA graph (`GraphedGuide`) for prior
+        graphs: on a GPU, replay each step's guided prediction from a CUDA graph (`GraphedStep`) for prior
             self, base or none; elsewhere, and for the fitted priors, the same computation runs eagerly.
     """
     check_prior(prior, prior_net, weights)
@@ -188,7 +198,7 @@ def sample(
             t, w = t_step.expand(len(y)), scale if guided else 1.0
             if graphed:
                 p = prior if w != 1 else "none"
-                return graphed_guide(model, prior_net, p, w, abar, x_in, y, autocast)(x_in, t, y)
+                return graphed_guide(model, prior_net, p, w, abar, x_in, t, y, autocast)(x_in, t, y)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 return guide(model, x_in, t, y, abar[t], w, prior, prior_net, weights=weights).guided
 

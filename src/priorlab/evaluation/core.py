@@ -74,14 +74,14 @@ class EvalSettings:
         kid_subset: subset size of KID; per_class_fd: also FD per class.
         grid_scale: scale of the sample grids (the largest evaluated when None); grid_per_class: columns.
         autocast: sample under bf16 autocast (GPU presets).
-        cuda_graphs: on a GPU, replay each step's guided prediction from a CUDA graph (prior self, base; the
-            fitted priors run as launched; `priorlab.sampling.GraphedGuide`).
+        cuda_graphs: on a GPU, replay each step's guided prediction from a CUDA graph (prior self, base, and the
+            passes of one_pass; the fitted priors run as launched; `priorlab.sampling.GraphedStep`).
         one_pass: "off", each (prior, w) sampled on its own; "scales", each prior's guidance scales in one sampling
             pass; "all", every (prior, w) in one pass (`priorlab.sample_many`; prior self, base and extra priors,
             the fitted ones sampled on their own). A pass of k settings makes up to 2k × batch_size rows per forward
             pass; its wall time is shared out equally among its settings' sample_seconds (none are recorded for a
-            pass over several priors, whose time is not any one prior's). w = 1 is sampled on its own. A pass is
-            not captured in CUDA graphs: with one_pass, cuda_graphs applies only to what is sampled alone.
+            pass over several priors, whose time is not any one prior's). w = 1 is sampled on its own. With
+            cuda_graphs, each step of a pass is replayed from one graph too.
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
         bootstrap: resamples of the generated samples for the standard errors of FD and of the paired
@@ -230,7 +230,8 @@ def generate_many(
     idx = shard(len(labels))
     interval = tuple(settings.interval) if settings.interval else None
     xs = sample_many(model, labels[idx], seeds[idx], scheduler, shape, batch, interval, settings.sampler,
-                     settings.num_steps, settings.batch_size, autocast=settings.autocast)  # fmt: skip
+                     settings.num_steps, settings.batch_size, autocast=settings.autocast,
+                     graphs=settings.cuda_graphs)  # fmt: skip
     return [gather(x, len(labels)) for x in xs]
 
 
