@@ -1,6 +1,6 @@
 """Guided sampling speed with and without CUDA graphs, and a cheap prior (issue 17, items 1 and 2).
 
-    python bench/guided_sampling.py                 # UNet-36M and DiT-B/2, eager and compiled, on the GPU
+    python bench/guided_sampling.py                 # UNet-36M, DiT-B/2 and UNet-7M-16px, eager and compiled (GPU)
     python bench/guided_sampling.py --smoke         # tiny models on the CPU: checks that the script runs
     python bench/guided_sampling.py --only UNet-7M-16px --batch 750   # the cheap_prior study's pair, as evaluated
 
@@ -68,6 +68,11 @@ def small_builders(smoke: bool) -> dict:
 # parameters, trained and evaluated eagerly without channels-last; its small prior is built above.
 STUDY = "UNet-7M-16px"
 STUDY_UNET = dict(attention=(False, True, True), attention_head_dim=8, time_scale_shift="scale_shift")
+
+
+def all_models(smoke: bool) -> dict:
+    """name → (builder, sample_shape, num_classes): bench/gpu.py's models and the cheap_prior study's fine-tune."""
+    return {**models(smoke), **({} if smoke else study_model())}
 
 
 def study_model() -> dict:
@@ -165,7 +170,7 @@ def main() -> None:
     small = small_builders(args.smoke)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}-guided_sampling.json"
-    for name, (build, shape, k) in {**models(args.smoke), **({} if args.smoke else study_model())}.items():
+    for name, (build, shape, k) in all_models(args.smoke).items():
         if args.only and name != args.only:
             continue
         result["models"][name] = {}

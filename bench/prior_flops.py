@@ -6,8 +6,8 @@ hooks, one sample).
 
 Set beside guided_sampling.py's times, the ratio tells whether a cheap prior's time is what its arithmetic
 predicts: (cheap prior − conditional alone) ÷ (conditional alone) is the small network's time as a share of the
-full one's, to compare with its share of the multiply-adds (the matrix work) and of the activation elements (the
-memory-bound work: normalisations, activations, additions).
+full one's, to compare with its share of the multiply-adds (the matrix work) and of the activation elements (the leaf
+modules' outputs, a proxy for the memory-bound work).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import models  # noqa: E402
-from guided_sampling import small_builders, study_model  # noqa: E402
+from guided_sampling import all_models, small_builders  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def count(net: torch.nn.Module, shape: tuple[int, ...]) -> dict:
-    """Parameters (millions), multiply-adds (GMAC) and activation elements (millions: the outputs of every leaf
-    module, each written once and read at least once, the work of the memory-bound layers) of one forward pass of
-    one sample."""
+    """Parameters (millions), multiply-adds (GMAC) and activation elements (millions) of one forward pass of one
+    sample. Activation elements: the outputs of every leaf module (convolutions, linear layers, normalisations,
+    activations), each written once and read at least once; a proxy for the memory-bound work, which leaves out
+    functional residual additions, interpolation and the attention's inner tensors."""
     x, t, y = torch.randn(1, *shape), torch.tensor([10]), torch.tensor([1])
     elements = []
     leaves = [m for m in net.modules() if not list(m.children())]
@@ -46,7 +46,7 @@ def count(net: torch.nn.Module, shape: tuple[int, ...]) -> dict:
 def main(smoke: bool = False) -> dict:
     small = small_builders(smoke)
     out = {}
-    for name, (build, shape, _) in {**models(smoke), **({} if smoke else study_model())}.items():
+    for name, (build, shape, _) in all_models(smoke).items():
         full, cheap = count(build(), shape), count(small[name](), shape)
         out[name] = {"model": full, "cheap_prior": cheap, "gmac_ratio": cheap["gmac"] / full["gmac"],
                      "params_ratio": cheap["params_m"] / full["params_m"],

@@ -83,6 +83,63 @@ def test_stage_run_folders(compose_tmp, stage):
     assert cfg.paths.run_dir.endswith(expected)
 
 
+def _conv_with_grad(in_channels: int, grad_strides: tuple | None):
+    """A channels-last convolution whose weight's gradient has the given strides (None: the weight's own)."""
+    import torch
+
+    conv = torch.nn.Conv2d(in_channels, 8, 3).to(memory_format=torch.channels_last)
+    w = conv.weight
+    strides = grad_strides or w.stride()
+    conv.weight.grad = torch.empty_strided(w.shape, strides).copy_(torch.randn(w.shape))
+    return conv
+
+
+def test_layout_mismatches_tell_size_one_strides_from_another_element_order():
+    """DDP warned "Grad strides do not match bucket view strides" for the one-channel first convolution, whose
+    channels-last weight (9, 1, 3, 1) gets cuDNN's gradient as (9, 9, 3, 1): strides that differ only in a size-1
+    dimension, the same bytes. A (8, 4, 3, 3) weight's gradient in the standard layout is another element order."""
+    import torch
+
+    from priorlab import ddp
+
+    benign, real, own = _conv_with_grad(1, (9, 9, 3, 1)), _conv_with_grad(4, (36, 9, 3, 1)), _conv_with_grad(4, None)
+    assert benign.weight.stride() == (9, 1, 3, 1) and real.weight.stride() == (36, 1, 12, 4)
+    assert ddp.same_order(benign.weight.grad, benign.weight) and not ddp.same_order(real.weight.grad, real.weight)
+    net = torch.nn.ModuleDict({"benign": benign, "real": real, "own": own, "untrained": torch.nn.Linear(2, 2)})
+    assert ddp.layout_mismatches(net) == (["benign.weight"], ["real.weight"])
+
+
+def test_ddp_strategy_silences_ddps_stride_warning_and_names_real_mismatches_once(monkeypatch):
+    """The strategy replaces DDP's warning, which also fires for strides of size-1 dimensions, by its own check
+    after the first backward pass: it names weights whose gradients lie in another element order, once."""
+    import warnings
+
+    import torch
+
+    from priorlab import ddp
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # from a known state: every warning shown, then the strategy's filter
+        warnings.simplefilter("always")
+        strategy = ddp.DDPStrategy()
+        warnings.warn(f"{ddp.STRIDE_WARNING}. This may indicate grad was not created ...", UserWarning, stacklevel=1)
+        warnings.warn("Grad norms are large", UserWarning, stacklevel=1)  # others still show
+    assert [str(w.message) for w in caught] == ["Grad norms are large"]
+    module = torch.nn.ModuleDict(
+        {"benign": _conv_with_grad(1, (9, 9, 3, 1)), "real": _conv_with_grad(4, (36, 9, 3, 1))}
+    )
+    monkeypatch.setattr(ddp.DDPStrategy, "lightning_module", property(lambda self: module))
+    with pytest.warns(UserWarning, match=r"gradients of 1 weights \(real.weight\) come back in another memory layout"):
+        strategy.post_backward(torch.tensor(0.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        strategy.post_backward(torch.tensor(0.0))  # checked once
+        quiet = ddp.DDPStrategy()
+        monkeypatch.setattr(ddp.DDPStrategy, "lightning_module", property(lambda self: module["benign"]))
+        quiet.post_backward(torch.tensor(0.0))  # only size-1 strides differ: nothing to say
+    assert caught == []
+
+
 def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monkeypatch):
     """Lightning builds DDP inside a new side CUDA stream; priorlab's strategy builds it on the current one unless
     same_stream=false, and comm_hook picks a gradient compression hook by name (a wrong name is a UserError)."""

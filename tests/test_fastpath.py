@@ -1,12 +1,11 @@
 """The GPU presets' fast settings give the slow path's results within bf16 tolerance (checked on the CPU)."""
 
-import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from conftest import assert_close_across_shapes
 from priorlab.guidance import guide
-from priorlab.lightning_module import DiffusionModule, to_channels_last
+from priorlab.lightning_module import DiffusionModule
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior as Prior
 from priorlab.sampling import sample
@@ -103,47 +102,3 @@ def test_compile_takes_true_or_a_torch_compile_mode(monkeypatch):
     assert modes == ["default", "reduce-overhead"]
     with pytest.raises(UserError, match="compile=fast is not true, false or a torch.compile mode"):
         DiffusionModule(_model(), DDPMScheduler(), opt, cond_dropout=0.1, compile="fast")
-
-
-def _grad_layouts(device: str, channels: int) -> dict[str, tuple]:
-    """After one bf16 training step with channels_last: each weight whose gradient came back in other strides than
-    its own, as name → (weight strides, gradient strides)."""
-    torch.manual_seed(0)
-    net = unet((channels, 16, 16), 4, block_out_channels=(16, 32), norm_num_groups=8)
-    module = DiffusionModule(net, DDPMScheduler(), torch.optim.AdamW, cond_dropout=0.1, channels_last=True).to(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(8, channels, 16, 16, device=device, generator=gen).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device, dtype=torch.bfloat16):
-        loss = module.loss(x0, torch.randint(0, 4, (8,), device=device, generator=gen), generator=gen).mean()
-    loss.backward()
-    return {name: (p.stride(), p.grad.stride()) for name, p in module.denoiser.named_parameters()
-            if p.grad.stride() != p.stride()}  # fmt: skip
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="cuDNN's gradient layouts need a GPU"))])  # fmt: skip
-def test_channels_last_weights_have_their_gradients_strides(device, channels):
-    """DDP builds its gradient buckets in each weight's strides and warns, at every run, "Grad strides do not match
-    bucket view strides ... may impair performance" where a gradient comes back in others (issue 17): on a GPU,
-    cuDNN did so for the first convolution of a one-channel model (to_channels_last). The check DDP makes, without
-    DDP: every gradient in its weight's strides."""
-    assert _grad_layouts(device, channels) == {}
-
-
-def test_to_channels_last_keeps_values_and_converts_every_ambiguous_weight_to_one_layout():
-    torch.manual_seed(0)
-    net = unet((1, 16, 16), 4, block_out_channels=(16, 32), norm_num_groups=8).net
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    to_channels_last(net)
-    for name, p in net.named_parameters():
-        assert torch.equal(p, before[name]), name
-        if p.dim() == 4:
-            assert p.is_contiguous(memory_format=torch.channels_last), name
-    assert net.conv_in.weight.stride() == (9, 9, 3, 1)  # one input channel: the standard strides, same bytes
-    assert net.down_blocks[0].resnets[0].conv1.weight.stride() == (144, 1, 48, 16)  # channels-last proper
-    # a 1×1 convolution's layouts are the same bytes too, but compiled kernels return its gradient channels-last
-    assert net.down_blocks[1].resnets[0].conv_shortcut.weight.stride() == (16, 1, 16, 16)
-    compiled = unet((1, 16, 16), 4, block_out_channels=(16, 32), norm_num_groups=8).net
-    to_channels_last(compiled, eager=False)  # the compiled DDP step returns conv_in's gradient channels-last
-    assert compiled.conv_in.weight.stride() == (9, 1, 3, 1)

@@ -23,6 +23,34 @@ def skip_allreduce_hook(state, bucket):
     return future
 
 
+# DDP's own warning (reducer.cpp) when a gradient's strides differ from its bucket's, which has its weight's strides.
+# It compares strides in full, also those of size-1 dimensions, which do not change where any element lies: with
+# channels_last=true on one-channel images, the first convolution's weight (128, 1, 3, 3) has channels-last strides
+# (9, 1, 3, 1) and eager cuDNN returns its gradient as (9, 9, 3, 1), the same bytes (issue 17, BENCHMARKS.md). The
+# strategy silences it and checks the layouts itself after the first backward pass (`layout_mismatches`).
+STRIDE_WARNING = "Grad strides do not match bucket view strides"
+
+
+def same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape lay out their elements in the same order: their strides agree in every
+    dimension longer than 1 (the stride of a size-1 dimension is never used to find an element)."""
+    return a.shape == b.shape and all(
+        n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+    )
+
+
+def layout_mismatches(module: Module) -> tuple[list[str], list[str]]:
+    """The weights whose gradient has other strides than the weight, split into (same element order: DDP's copy
+    into its bucket moves the same bytes, as a plain copy; another order: a strided copy at every step)."""
+    same, other = [], []
+    for name, param in module.named_parameters():
+        grad = param.grad
+        if grad is None or grad.is_sparse or grad.stride() == param.stride():
+            continue
+        (same if same_order(grad, param) else other).append(name)
+    return same, other
+
+
 COMM_HOOKS = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook,
               "skip": skip_allreduce_hook}  # fmt: skip
 COMPILED_DDP = ("ddp_optimizer", "no_optimization")
@@ -66,6 +94,23 @@ class DDPStrategy(LightningDDP):
         super().__init__(**kwargs)
         self.same_stream = same_stream
         self.comm_hook = comm_hook
+        self.layouts_checked = False
+        warnings.filterwarnings("ignore", message=STRIDE_WARNING)  # checked by post_backward instead
+
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        super().post_backward(closure_loss)
+        if self.layouts_checked or self.lightning_module is None:
+            return
+        self.layouts_checked = True  # once: the layouts of one step are those of every step
+        _, other = layout_mismatches(self.lightning_module)
+        if other and self.global_rank == 0:
+            shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            warnings.warn(
+                f"the gradients of {len(other)} weights ({shown}) come back in another memory layout than the "
+                "weights, so DDP copies them into its buckets strided at every step. With channels_last=true, "
+                "compare the speed with channels_last=false",
+                stacklevel=2,
+            )
 
     def configure_ddp(self) -> None:
         import torch._dynamo

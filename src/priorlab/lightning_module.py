@@ -20,27 +20,6 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
-def to_channels_last(net: torch.nn.Module, eager: bool = True) -> None:
-    """Convert a network's 4-d weights to channels-last, in place; with `eager` (a network that trains without
-    torch.compile), a weight with one input channel (the first convolution of a one-channel image model) keeps its
-    standard strides.
-
-    For such a weight both layouts are the same bytes, and only the strides of its size-1 dimension tell them apart:
-    channels-last gives (9, 1, 3, 1) for (128, 1, 3, 3). Eager cuDNN returns its gradient as (9, 9, 3, 1), the
-    compiled DDP step as (9, 1, 3, 1). Autograd keeps either (it ignores the strides of size-1 dimensions), but
-    DDP, which builds its buckets in the weights' strides and compares strides in full, warned at every run that
-    "Grad strides do not match bucket view strides ... may impair performance" (issue 17). The copy into the
-    bucket is the same bytes either way; the strides chosen here only silence the false alarm. The 1×1
-    convolutions' weights, whose layouts coincide too, stay channels-last: eager cuDNN returns their gradients in
-    the weight's own strides, compiled kernels in channels-last ones. Measured on an H200 (BENCHMARKS.md)."""
-    net.to(memory_format=torch.channels_last)
-    if not eager:
-        return
-    for param in net.parameters():
-        if param.dim() == 4 and param.shape[1] == 1 and param.is_contiguous():
-            param.data = param.data.clone(memory_format=torch.contiguous_format)
-
-
 class DiffusionModule(L.LightningModule):
     """Denoising training of a class-conditional denoiser with conditioning dropout.
 
@@ -105,7 +84,7 @@ class DiffusionModule(L.LightningModule):
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.channels_last = channels_last and denoiser.sample_shape.__len__() == 3
         if self.channels_last:
-            to_channels_last(denoiser.net, eager=not compile)
+            denoiser.net.to(memory_format=torch.channels_last)
         self.compile_mode = None
         if compile:
             mode = self.compile_mode = "default" if compile is True else compile
