@@ -54,6 +54,9 @@ def sample_many(
     k = len(settings)
     graphed = graphs and device.type == "cuda"
     nets = tuple(s.prior_net for s in settings if s.prior_net is not None)  # read by address from a graph
+    # what a pass's graphs depend on besides the chunk size and the step's guidance, named once per pass rather than
+    # at every step (prior_key reads the address of every weight of each prior network)
+    pass_key = ("many", autocast, *[(s.prior, float(s.scale), *prior_key(s.prior_net)) for s in settings])
     out: list[list[Tensor]] = [[] for _ in settings]
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size].to(device)
@@ -67,8 +70,7 @@ def sample_many(
 
             if not graphed:
                 return step(x_in, t, y_all)
-            key = ("many", b, guided, autocast, *[(s.prior, float(s.scale), *prior_key(s.prior_net)) for s in settings])
-            return graphed_step(model, key, step, x_in, t, y_all, keep=nets)(x_in, t, y_all)
+            return graphed_step(model, (*pass_key, b, guided), step, x_in, t, y_all, keep=nets)(x_in, t, y_all)
 
         # every setting's trajectory of a sample starts from that sample's seed
         x = trajectory(seeds[start : start + batch_size].repeat(k), sample_shape, train_scheduler, sampler, num_steps,
