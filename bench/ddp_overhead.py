@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import sync  # noqa: E402
+from gpu import sync, unet_b  # noqa: E402
 
 from priorlab.ddp import skip_allreduce_hook  # noqa: E402
 from priorlab.models import unet  # noqa: E402
@@ -52,8 +52,7 @@ VARIANTS = ("plain", "ddp", "ddp_view", "ddp_skip", "ddp_nosync")
 def build(smoke: bool):
     if smoke:
         return unet((1, 16, 16), 10, block_out_channels=(16, 32), norm_num_groups=8), (1, 16, 16)
-    return unet((1, 32, 32), 10, block_out_channels=(128, 256, 256, 256), attention=(False, True, False, False),
-                layers_per_block=2, norm_num_groups=32, attention_head_dim=64), (1, 32, 32)  # fmt: skip
+    return unet_b(channels=1), (1, 32, 32)
 
 
 def wrap(variant: str, net: torch.nn.Module, device: torch.device):

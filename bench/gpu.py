@@ -72,20 +72,15 @@ def models(smoke: bool) -> dict:
             (4, 32, 32),
             1000,
         ),
-        "UNet-36M": (
-            lambda: unet(
-                (3, 32, 32),
-                10,
-                block_out_channels=(128, 256, 256, 256),
-                attention=(False, True, False, False),
-                layers_per_block=2,
-                norm_num_groups=32,
-                attention_head_dim=64,
-            ),  # fmt: skip
-            (3, 32, 32),
-            10,
-        ),
+        "UNet-36M": (unet_b, (3, 32, 32), 10),
     }
+
+
+def unet_b(channels: int = 3):
+    """The presets' unet_b (configs/model/unet_b.yaml: DDPM's CIFAR-10 UNet) for 32-px images with `channels`
+    channels and 10 classes: 35.8M parameters at 3 channels."""
+    return unet((channels, 32, 32), 10, block_out_channels=(128, 256, 256, 256), attention=(False, True, False, False),
+                layers_per_block=2, norm_num_groups=32, attention_head_dim=64)  # fmt: skip
 
 
 def step_flops(build, shape, num_classes, batch: int, device) -> float:

@@ -16,22 +16,24 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
-from priorlab.ddp import same_order
-from priorlab.lightning_module import DiffusionModule
-from priorlab.models import unet
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu import unet_b  # noqa: E402
+
+from priorlab.ddp import same_order  # noqa: E402
+from priorlab.lightning_module import DiffusionModule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def mismatches(compiled: bool) -> list:
     torch.manual_seed(0)
-    net = unet((1, 32, 32), 10, block_out_channels=(128, 256, 256, 256), attention=(False, True, False, False),
-               layers_per_block=2, norm_num_groups=32, attention_head_dim=64)  # fmt: skip
+    net = unet_b(channels=1)
     module = DiffusionModule(net, DDPMScheduler(), torch.optim.AdamW, cond_dropout=0.1, channels_last=True,
                              compile=compiled).cuda()  # fmt: skip
     x = torch.randn(16, 1, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
