@@ -173,17 +173,25 @@ def main() -> None:
         if rank == 0:
             print(f"  ws={world} {variant:10s} {row['ms_per_step']:8.2f} ms/step  "
                   f"{row['img_per_s_per_process']:8.0f} img/s per process", flush=True)  # fmt: skip
+            write(result, out)  # after every variant: a run cut short keeps the variants it measured
         del model, opt, step, net
         gc.collect()
     if rank == 0:
-        ref = result["variants"].get("plain", {}).get("ms_per_step")
-        if ref:
-            for row in result["variants"].values():
-                row["throughput_vs_plain"] = ref / row["ms_per_step"]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
     dist.destroy_process_group()
+
+
+def write(result: dict, out: Path) -> None:
+    """The results so far, each variant's throughput against the plain loop's where that ran, written whole
+    (a temporary file renamed into place)."""
+    ref = result["variants"].get("plain", {}).get("ms_per_step")
+    if ref:
+        for row in result["variants"].values():
+            row["throughput_vs_plain"] = ref / row["ms_per_step"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

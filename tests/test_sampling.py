@@ -124,6 +124,39 @@ def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, p
     assert len(_GRAPHS[net]) == captured and torch.equal(again, graphed)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
+def test_graphed_sampling_reads_weight_addresses_once_per_call_and_recaptures_moved_weights(model, monkeypatch):
+    """A graph reads its weights by address, so a weight swapped for another tensor must not replay an old graph;
+    the addresses are read once per sampling call, not at every step (each read walks every weight)."""
+    import priorlab.sampling as sampling_module
+    from priorlab.sample_many import sample_many
+
+    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).cuda().eval()
+    net.load_state_dict(model.state_dict())
+    sched = DDPMScheduler()
+    settings = _many_settings(net, sched, "cuda")
+    base = settings[2].prior_net
+    reads = []
+    pointers = sampling_module._pointers
+    monkeypatch.setattr(sampling_module, "_pointers", lambda m: reads.append(m) or pointers(m))
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), batch_size=4, autocast=True)
+    labels, seeds = torch.tensor([0, 1, 2, 0]), torch.arange(4)
+    for steps in (3, 6):
+        reads.clear()
+        sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=steps, graphs=True, **kw)
+        assert len(reads) == 2  # θ and ψ, once each, whatever the number of steps
+        reads.clear()
+        sample_many(net, labels, seeds, settings=settings, num_steps=steps, graphs=True, **kw)
+        assert len(reads) == 1 + len(settings)
+    before = sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=6, graphs=True, **kw)
+    with torch.no_grad():
+        net.net.conv_in.weight = torch.nn.Parameter(net.net.conv_in.weight * 2)  # another tensor, another address
+    graphed = sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=6, graphs=True, **kw)
+    launched = sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=6, **kw)
+    torch.testing.assert_close(graphed, launched, rtol=0, atol=0.05)
+    assert (graphed - before).abs().max() > 0.1  # the swapped weight changed the samples
+
+
 def test_graphs_on_the_cpu_are_the_launched_computation(model):
     """graphs=True needs a GPU; elsewhere it runs the same launched steps (the evaluation may set it everywhere)."""
     sched = DDPMScheduler()

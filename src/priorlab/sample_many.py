@@ -20,7 +20,7 @@ from priorlab.errors import UserError
 from priorlab.guidance import _eps, cfg
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import PriorNet
-from priorlab.sampling import graphed_step, prior_key, trajectory
+from priorlab.sampling import graphed_step, trajectory, weights_key
 
 ONE_PASS = ("self", "base", "none")  # the modes one pass can batch (the fitted ones choose rows per step)
 
@@ -55,8 +55,9 @@ def sample_many(
     graphed = graphs and device.type == "cuda"
     nets = tuple(s.prior_net for s in settings if s.prior_net is not None)  # read by address from a graph
     # what a pass's graphs depend on besides the chunk size and the step's guidance, named once per pass rather than
-    # at every step (prior_key reads the address of every weight of each prior network)
-    pass_key = ("many", autocast, *[(s.prior, float(s.scale), *prior_key(s.prior_net)) for s in settings])
+    # at every step (weights_key reads the address of every weight of each network)
+    pass_key = ("many", autocast, *weights_key(model, *[s.prior_net for s in settings]),
+                *[(s.prior, float(s.scale)) for s in settings]) if graphed else ()  # fmt: skip
     out: list[list[Tensor]] = [[] for _ in settings]
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size].to(device)
