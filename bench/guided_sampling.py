@@ -9,7 +9,8 @@ w = 4) of: batched CFG (prior=self: one network at 2B), prior=base (two networks
 middle half of the steps only, the conditional network alone (one at B, no guidance), and prior=base with a small
 base (the cheap prior: a 64-128-128-128 UNet for UNet-36M, DiT-S/2 for DiT-B/2, and for UNet-7M-16px the 32-64-64
 UNet whose quality the cheap_prior study measured; that pair runs without channels-last, as the study trained and
-evaluated it), each launched eagerly and replayed from CUDA graphs (`priorlab.sampling.GraphedStep`). Ratios
+evaluated it), each launched eagerly, replayed from CUDA graphs (`priorlab.sampling.GraphedStep`), and replayed
+from the same graphs with the weights' addresses read at every step as before baf14f8 (graphs_key_per_step). Ratios
 divide by batched CFG of the same launch mode and compilation, in the same run. It also samples prior=base graphed
 and ungraphed from the same seeds and records the largest difference (bf16 networks: differences of a few 1e-2 are
 rounding).
@@ -19,6 +20,7 @@ Writes bench/results/<card>-<date>-guided_sampling.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
@@ -32,6 +34,7 @@ from diffusers import DDPMScheduler
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu import models, sync  # noqa: E402
 
+from priorlab import sampling  # noqa: E402
 from priorlab.guidance import sigma  # noqa: E402
 from priorlab.models import dit, unet  # noqa: E402
 from priorlab.priors import DenoiserPrior as Prior  # noqa: E402
@@ -82,6 +85,26 @@ def study_model() -> dict:
     return {STUDY: (build, (1, 16, 16), 10)}
 
 
+@contextlib.contextmanager
+def key_per_step(on: bool):
+    """The graphed path as it was before baf14f8: the weights' addresses of θ and of the prior network read at
+    every step (now once per sample() call). The same graphs replay; only that host work differs."""
+    if not on:
+        yield
+        return
+    original = sampling.graphed_step
+
+    def graphed_step(model, key, fn, x, t, labels, keep=()):
+        sampling.weights_key(model, *keep)
+        return original(model, key, fn, x, t, labels, keep)
+
+    sampling.graphed_step = graphed_step
+    try:
+        yield
+    finally:
+        sampling.graphed_step = original
+
+
 def time_config(model, labels, seeds, kwargs, runs: int) -> float:
     with torch.inference_mode():
         sample(model, labels, seeds, **kwargs)  # warm-up: compilation and graph capture
@@ -117,13 +140,14 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
                "cond_only": dict(prior="none"), "cheap_prior": dict(prior="base", prior_net=cheap_prior)}  # fmt: skip
     out = {"params_m": {"model": sum(p.numel() for p in model.parameters()) / 1e6,
                         "cheap_prior": sum(p.numel() for p in cheap.parameters()) / 1e6}}  # fmt: skip
-    for graphs in (False, True):
-        mode = "graphs" if graphs else "launched"
+    for mode in ("launched", "graphs", "graphs_key_per_step"):
+        graphs = mode != "launched"
         table = {}
         for cname, kw in configs.items():
             kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
                           autocast=device.type == "cuda", graphs=graphs, **kw)  # fmt: skip
-            table[cname] = {"ms_per_step": time_config(model, labels, seeds, kwargs, runs)}
+            with key_per_step(mode == "graphs_key_per_step"):
+                table[cname] = {"ms_per_step": time_config(model, labels, seeds, kwargs, runs)}
             print(f"  {name} compile={compile_} {mode:8s} {cname:20s} {table[cname]['ms_per_step']:8.2f} ms/step",
                   flush=True)  # fmt: skip
         ref = table["batched_cfg"]["ms_per_step"]
