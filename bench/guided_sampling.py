@@ -94,9 +94,9 @@ def key_per_step(on: bool):
         return
     original = sampling.graphed_step
 
-    def graphed_step(model, key, fn, x, t, labels, keep=()):
+    def graphed_step(model, weights, key, fn, inputs, keep=()):
         sampling.weights_key(model, *keep)
-        return original(model, key, fn, x, t, labels, keep)
+        return original(model, weights, key, fn, inputs, keep)
 
     sampling.graphed_step = graphed_step
     try:
@@ -148,7 +148,7 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
                           autocast=device.type == "cuda", graphs=graphs, **kw)  # fmt: skip
             with key_per_step(mode == "graphs_key_per_step"):
                 table[cname] = {"ms_per_step": time_config(model, labels, seeds, kwargs, runs)}
-            print(f"  {name} compile={compile_} {mode:8s} {cname:20s} {table[cname]['ms_per_step']:8.2f} ms/step",
+            print(f"  {name} compile={compile_} {mode:19s} {cname:20s} {table[cname]['ms_per_step']:8.2f} ms/step",
                   flush=True)  # fmt: skip
         ref = table["batched_cfg"]["ms_per_step"]
         for row in table.values():

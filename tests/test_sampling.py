@@ -125,9 +125,11 @@ def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, p
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
-def test_graphed_sampling_reads_weight_addresses_once_per_call_and_recaptures_moved_weights(model, monkeypatch):
-    """A graph reads its weights by address, so a weight swapped for another tensor must not replay an old graph;
-    the addresses are read once per sampling call, not at every step (each read walks every weight)."""
+def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memory(model, monkeypatch):
+    """A graph reads by address. Weights are keyed by where they live, read once per sampling call (each read walks
+    every weight), so θ's or ψ's weight swapped for a tensor elsewhere is captured anew; the ᾱ table, which each
+    call copies to the device anew, is an input copied into the graph's own buffer, so a later call whose old table's
+    memory now holds something else, or whose schedule differs, still replays what the launched step computes."""
     import priorlab.sampling as sampling_module
     from priorlab.sample_many import sample_many
 
@@ -135,26 +137,42 @@ def test_graphed_sampling_reads_weight_addresses_once_per_call_and_recaptures_mo
     net.load_state_dict(model.state_dict())
     sched = DDPMScheduler()
     settings = _many_settings(net, sched, "cuda")
-    base = settings[2].prior_net
+    small = settings[3].prior_net  # ψ with weights of its own
     reads = []
     pointers = sampling_module._pointers
     monkeypatch.setattr(sampling_module, "_pointers", lambda m: reads.append(m) or pointers(m))
-    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), batch_size=4, autocast=True)
-    labels, seeds = torch.tensor([0, 1, 2, 0]), torch.arange(4)
+    kw = dict(labels=torch.tensor([0, 1, 2, 0]), seeds=torch.arange(4), sample_shape=(1, 8, 8), batch_size=4,
+              autocast=True)  # fmt: skip
     for steps in (3, 6):
         reads.clear()
-        sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=steps, graphs=True, **kw)
+        sample(net, train_scheduler=sched, scale=3.0, prior="base", prior_net=small, num_steps=steps, graphs=True,
+               **kw)  # fmt: skip
         assert len(reads) == 2  # θ and ψ, once each, whatever the number of steps
         reads.clear()
-        sample_many(net, labels, seeds, settings=settings, num_steps=steps, graphs=True, **kw)
+        sample_many(net, train_scheduler=sched, settings=settings, num_steps=steps, graphs=True, **kw)
         assert len(reads) == 1 + len(settings)
-    before = sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=6, graphs=True, **kw)
-    with torch.no_grad():
-        net.net.conv_in.weight = torch.nn.Parameter(net.net.conv_in.weight * 2)  # another tensor, another address
-    graphed = sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=6, graphs=True, **kw)
-    launched = sample(net, labels, seeds, scale=3.0, prior="base", prior_net=base, num_steps=6, **kw)
-    torch.testing.assert_close(graphed, launched, rtol=0, atol=0.05)
-    assert (graphed - before).abs().max() > 0.1  # the swapped weight changed the samples
+
+    def graphed_equals_launched(train_scheduler) -> torch.Tensor:
+        one = dict(train_scheduler=train_scheduler, scale=3.0, prior="base", prior_net=small, num_steps=6, **kw)
+        graphed = sample(net, graphs=True, **one)
+        torch.testing.assert_close(graphed, sample(net, **one), rtol=0, atol=0.05)
+        many = dict(train_scheduler=train_scheduler, settings=settings, num_steps=6, **kw)
+        for a, b in zip(sample_many(net, graphs=True, **many), sample_many(net, **many), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+        return graphed
+
+    first = graphed_equals_launched(sched)
+    hog = [torch.full((1000,), 0.5, device="cuda") for _ in range(256)]  # takes the blocks the last ᾱ copies freed
+    assert torch.equal(graphed_equals_launched(sched), first)
+    for module in (net.net.conv_in, small.module.net.conv_in):  # θ's weight alone, then ψ's alone
+        with torch.no_grad():
+            module.weight = torch.nn.Parameter(module.weight * 2)  # another tensor, at another address
+        swapped = graphed_equals_launched(sched)
+        assert (swapped - first).abs().max() > 0.1  # the swap changed the samples
+        first = swapped
+    other = graphed_equals_launched(DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
+    assert (other - first).abs().max() > 0.1
+    del hog
 
 
 def test_graphs_on_the_cpu_are_the_launched_computation(model):

@@ -56,8 +56,8 @@ def sample_many(
     nets = tuple(s.prior_net for s in settings if s.prior_net is not None)  # read by address from a graph
     # what a pass's graphs depend on besides the chunk size and the step's guidance, named once per pass rather than
     # at every step (weights_key reads the address of every weight of each network)
-    pass_key = ("many", autocast, *weights_key(model, *[s.prior_net for s in settings]),
-                *[(s.prior, float(s.scale)) for s in settings]) if graphed else ()  # fmt: skip
+    weights = weights_key(model, *[s.prior_net for s in settings]) if graphed else ()
+    pass_key = ("many", autocast, *[(s.prior, float(s.scale)) for s in settings])
     out: list[list[Tensor]] = [[] for _ in settings]
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size].to(device)
@@ -65,13 +65,14 @@ def sample_many(
         y_all = y.repeat(k)
 
         def predict(x_in: Tensor, t: Tensor, guided: bool, y_all=y_all, b=b) -> Tensor:
-            def step(x_rows: Tensor, t_step: Tensor, y_rows: Tensor) -> Tensor:
+            def step(x_rows: Tensor, t_step: Tensor, y_rows: Tensor, abar_all: Tensor) -> Tensor:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    return _guided_step(model, x_rows, t_step, y_rows, abar, settings, b, guided)
+                    return _guided_step(model, x_rows, t_step, y_rows, abar_all, settings, b, guided)
 
+            inputs = (x_in, t, y_all, abar)
             if not graphed:
-                return step(x_in, t, y_all)
-            return graphed_step(model, (*pass_key, b, guided), step, x_in, t, y_all, keep=nets)(x_in, t, y_all)
+                return step(*inputs)
+            return graphed_step(model, weights, (*pass_key, b, guided), step, inputs, keep=nets)(*inputs)
 
         # every setting's trajectory of a sample starts from that sample's seed
         x = trajectory(seeds[start : start + batch_size].repeat(k), sample_shape, train_scheduler, sampler, num_steps,

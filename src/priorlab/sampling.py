@@ -47,10 +47,12 @@ def initial_noise(seeds: Tensor, shape: tuple[int, ...]) -> tuple[Tensor, list[t
 
 
 class GraphedStep:
-    """A denoising step's whole guided prediction `fn(x, t, y)` captured once as a CUDA graph and replayed at every
+    """A denoising step's whole guided prediction `fn(*inputs)` captured once as a CUDA graph and replayed at every
     step: a small network's compiled step is bound by kernel launches, and prior=base launches two networks' worth
-    (issue 17). Inputs are copied into static buffers; the output buffer is overwritten by the next replay, so
-    `__call__` returns a copy.
+    (issue 17). Every tensor the step reads besides the networks' weights is an input (x, t, labels, and the
+    model's ᾱ table, which each sampling call copies to the device anew): inputs are copied into static buffers
+    before each replay, so a replay never reads memory a later call has freed. The output buffer is overwritten by
+    the next replay, so `__call__` returns a copy.
 
     Only paths whose work does not depend on GPU values can be captured: prior self, base or none, alone
     (`graphed_guide`) or several in one pass (`priorlab.sample_many`); fitted priors pick rows by their weights,
@@ -59,23 +61,23 @@ class GraphedStep:
     replay. `fn` is not kept (the cache is keyed weakly by the model, which `fn` refers to); `keep` holds the other
     networks the graph reads by address."""
 
-    def __init__(self, fn, x: Tensor, t: Tensor, labels: Tensor, keep: tuple = (), pool=None):
+    def __init__(self, fn, inputs: tuple[Tensor, ...], keep: tuple = (), pool=None):
         self.keep = keep
-        self.x, self.t, self.y = torch.zeros_like(x), torch.zeros_like(t), labels.clone()
-        warm = torch.cuda.Stream(x.device)  # warm-up off the capture stream, as torch.cuda.graphs asks
-        warm.wait_stream(torch.cuda.current_stream(x.device))
+        self.inputs = tuple(a.clone() for a in inputs)
+        device = inputs[0].device
+        warm = torch.cuda.Stream(device)  # warm-up off the capture stream, as torch.cuda.graphs asks
+        warm.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(warm):
             for _ in range(2):
-                fn(self.x, self.t, self.y)
-        torch.cuda.current_stream(x.device).wait_stream(warm)
+                fn(*self.inputs)
+        torch.cuda.current_stream(device).wait_stream(warm)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = fn(self.x, self.t, self.y)
+            self.out = fn(*self.inputs)
 
-    def __call__(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        self.x.copy_(x)
-        self.t.copy_(t)
-        self.y.copy_(labels)
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for static, a in zip(self.inputs, inputs, strict=True):
+            static.copy_(a)
         self.graph.replay()
         return self.out.clone()
 
@@ -101,31 +103,29 @@ def weights_key(model: Denoiser, *prior_nets: PriorNet | None) -> tuple:
     return (_pointers(model), *[prior_key(p) for p in prior_nets])
 
 
-def graphed_step(
-    model: Denoiser, key: tuple, fn, x: Tensor, t: Tensor, labels: Tensor, keep: tuple = ()
-) -> GraphedStep:
-    """The cached `GraphedStep` of this model under `key`, captured on first use. `key` must name everything `fn`
-    computes with: the weights it reads (`weights_key` of the model and of every prior network), scales,
-    precision; the batch shape is added here."""
+def graphed_step(model: Denoiser, weights: tuple, key: tuple, fn, inputs: tuple[Tensor, ...],
+                 keep: tuple = ()) -> GraphedStep:  # fmt: skip
+    """The cached `GraphedStep` of this model, captured on first use. `weights` is `weights_key` of the model and
+    of every prior network `fn` reads; `key` names the rest of what `fn` computes with (priors, scales,
+    precision); the inputs' shapes and dtypes are added here."""
     graphs = _GRAPHS.setdefault(model, {})
-    key = (*key, tuple(x.shape), x.dtype, tuple(t.shape))
+    key = (weights, *key, *[(tuple(a.shape), a.dtype) for a in inputs])
     if key not in graphs:
         pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
-        graphs[key] = GraphedStep(fn, x, t, labels, keep, pool)
+        graphs[key] = GraphedStep(fn, inputs, keep, pool)
     return graphs[key]
 
 
-def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, abar: Tensor,
-                  x: Tensor, t: Tensor, labels: Tensor, autocast: bool, weights: tuple) -> GraphedStep:  # fmt: skip
-    """The cached graph of one setting's guided prediction (`guide`) for this batch shape and precision; `weights`
-    is `weights_key(model, prior_net)`, named once per sampling call."""
+def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, autocast: bool,
+                  weights: tuple, inputs: tuple[Tensor, ...]) -> GraphedStep:  # fmt: skip
+    """The cached graph of one setting's guided prediction (`guide`) of inputs (x, t, labels, ᾱ) for their shapes
+    and this precision; `weights` is `weights_key(model, prior_net)`, named once per sampling call."""
 
-    def fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def fn(x: Tensor, t: Tensor, y: Tensor, abar: Tensor) -> Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             return guide(model, x, t, y, abar[t], scale, prior, prior_net, overlap=False).guided
 
-    key = ("guide", prior, float(scale), autocast, *weights)
-    return graphed_step(model, key, fn, x, t, labels, keep=(prior_net,))
+    return graphed_step(model, weights, ("guide", prior, float(scale), autocast), fn, inputs, keep=(prior_net,))
 
 
 def trajectory(
@@ -208,7 +208,8 @@ def sample(
             t, w = t_step.expand(len(y)), scale if guided else 1.0
             if graphed:
                 p = prior if w != 1 else "none"
-                return graphed_guide(model, prior_net, p, w, abar, x_in, t, y, autocast, weights_at)(x_in, t, y)
+                inputs = (x_in, t, y, abar)
+                return graphed_guide(model, prior_net, p, w, autocast, weights_at, inputs)(*inputs)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 return guide(model, x_in, t, y, abar[t], w, prior, prior_net, weights=weights).guided
 
