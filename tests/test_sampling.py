@@ -124,6 +124,32 @@ def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, p
     assert len(_GRAPHS[net]) == captured and torch.equal(again, graphed)
 
 
+def test_graph_keys_name_where_every_weight_and_buffer_of_each_network_lives(model):
+    """A graph reads weights and buffers by address: the same tensors give the same key; θ's buffer (DiT's position
+    table), θ's weight or ψ's weight swapped for another tensor, another ψ, or no ψ, give another key."""
+    from priorlab.models import dit
+    from priorlab.sampling import weights_key
+
+    torch.manual_seed(0)
+    net = dit((1, 8, 8), 3)
+    sched = DDPMScheduler()
+    prior = Prior(model, sched, sched.alphas_cumprod)
+    keys = [weights_key(net, prior)]
+    assert weights_key(net, prior) == keys[0]
+    patch = net.net.pos_embed
+    patch.pos_embed = patch.pos_embed.clone()  # still the module's buffer, at another address
+    keys.append(weights_key(net, prior))
+    with torch.no_grad():
+        net.net.proj_out_2.weight = torch.nn.Parameter(net.net.proj_out_2.weight.clone())
+        keys.append(weights_key(net, prior))
+        keep = model.net.conv_in.weight  # restored below: the module fixture is shared
+        model.net.conv_in.weight = torch.nn.Parameter(keep.clone())
+        keys.append(weights_key(net, prior))
+        model.net.conv_in.weight = keep
+    keys += [weights_key(net, Prior(model, sched, sched.alphas_cumprod)), weights_key(net, None), weights_key(net)]
+    assert len(set(keys)) == len(keys)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
 def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memory(model, monkeypatch):
     """A graph reads by address. Weights are keyed by where they live, read once per sampling call (each read walks
