@@ -150,6 +150,89 @@ def test_graph_keys_name_where_every_weight_and_buffer_of_each_network_lives(mod
     assert len(set(keys)) == len(keys)
 
 
+class _RunInstead:
+    """Stands in for `GraphedStep` on the CPU, to test the graph cache: runs the step instead of replaying it."""
+
+    def __init__(self, fn, inputs, pool=None):
+        self.fn = fn
+
+    def __call__(self, *inputs):
+        return self.fn(*inputs)
+
+
+def test_graph_cache_shares_graphs_that_read_no_prior_and_drops_a_priors_graphs_when_it_dies(model, monkeypatch):
+    """Each evaluation builds its prior networks anew. prior=self's graphs read none of them, so they are keyed
+    without them and shared across evaluations; a graph that reads a prior network goes when that network dies,
+    rather than piling up for as long as the model lives."""
+    import gc
+
+    import priorlab.sampling as sampling_module
+
+    monkeypatch.setattr(sampling_module, "GraphedStep", _RunInstead)
+    monkeypatch.setattr(sampling_module, "can_graph", lambda device, *nets: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    sched = DDPMScheduler()
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=3, batch_size=3)
+    labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
+    launched = sample(model, labels, seeds, prior="self", **kw)
+    graphed = sample(model, labels, seeds, prior="self", prior_net=Prior(model, sched, sched.alphas_cumprod),
+                     graphs=True, **kw)  # fmt: skip
+    torch.testing.assert_close(graphed, launched)
+    graphs = sampling_module._GRAPHS[model]
+    count = len(graphs)
+    sample(model, labels, seeds, prior="self", prior_net=Prior(model, sched, sched.alphas_cumprod), graphs=True, **kw)
+    assert len(graphs) == count  # another evaluation's prior network: the same graphs
+
+    prior = Prior(model, sched, sched.alphas_cumprod)
+    step = sampling_module.graphed_step(model, ("weights",), ("key",), lambda x: 2 * x, (torch.ones(2),), keep=(prior,))
+    assert torch.equal(step(torch.ones(2)), torch.full((2,), 2.0)) and len(graphs) == count + 1
+    del prior, step
+    gc.collect()
+    assert len(graphs) == count
+
+
+def test_graphed_steps_cast_without_autocasts_cache(model, monkeypatch):
+    """Under a caller's own autocast, cached bf16 copies of the weights would be made outside the graph and freed
+    when that caller's context ends, then read from the graph: captured steps run with the cache off."""
+    import priorlab.sample_many as many_module
+    import priorlab.sampling as sampling_module
+
+    monkeypatch.setattr(sampling_module, "GraphedStep", _RunInstead)
+    monkeypatch.setattr(sampling_module, "can_graph", lambda device, *nets: True)
+    monkeypatch.setattr(many_module, "can_graph", lambda device, *nets: True)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    cached = []
+    for module, name in ((sampling_module, "guide"), (many_module, "_guided_step")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, **k: cached.append(torch.is_autocast_cache_enabled())
+                            or _f(*a, **k))  # fmt: skip
+    sched = DDPMScheduler()
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), num_steps=2, batch_size=3)
+    labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
+    sample(model, labels, seeds, prior="self", scale=3.0, graphs=True, **kw)
+    from priorlab.sample_many import sample_many
+
+    sample_many(model, labels, seeds, settings=_many_settings(model, sched), graphs=True, **kw)
+    assert len(cached) >= 4 and not any(cached)
+
+
+def test_only_a_priorlab_denoiser_on_the_models_gpu_is_read_from_a_graph(model):
+    """A prior on another device runs outside the graph, and a diffusers pipeline's prior reads null-condition
+    tensors that no key names: steps that read them run launched."""
+    from priorlab.priors import PriorNet
+    from priorlab.sampling import can_graph
+
+    class Stand(PriorNet):  # a prior network that is not a priorlab denoiser, without weights
+        module = torch.nn.Identity()
+
+    sched = DDPMScheduler()
+    on_cpu = Prior(model, sched, sched.alphas_cumprod)
+    assert not can_graph(torch.device("cpu"))
+    assert not can_graph(torch.device("cuda"), on_cpu)
+    assert not can_graph(torch.device("cuda"), Stand(sched.alphas_cumprod, "epsilon"))
+    assert can_graph(torch.device("cuda"))  # no prior network read: θ alone decides, on its GPU
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
 def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memory(model, monkeypatch):
     """A graph reads by address. Weights are keyed by where they live, read once per sampling call (each read walks
@@ -199,6 +282,16 @@ def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memor
     other = graphed_equals_launched(DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
     assert (other - first).abs().max() > 0.1
     del hog
+    import gc
+
+    graphs = sampling_module._GRAPHS[net]
+    count = len(graphs)
+    passing = Prior(small.module, sched, sched.alphas_cumprod)  # an evaluation's prior network, built for it
+    sample(net, train_scheduler=sched, scale=3.0, prior="base", prior_net=passing, num_steps=6, graphs=True, **kw)
+    assert len(graphs) > count
+    del passing
+    gc.collect()
+    assert len(graphs) == count  # its graphs went with it
 
 
 def test_graphs_on_the_cpu_are_the_launched_computation(model):

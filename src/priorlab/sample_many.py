@@ -20,7 +20,7 @@ from priorlab.errors import UserError
 from priorlab.guidance import _eps, cfg
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import PriorNet
-from priorlab.sampling import graphed_step, trajectory, weights_key
+from priorlab.sampling import can_graph, graphed_step, trajectory, weights_key
 
 ONE_PASS = ("self", "base", "none")  # the modes one pass can batch (the fitted ones choose rows per step)
 
@@ -43,7 +43,8 @@ def sample_many(
     """One sample per (label, seed) pair for each setting, all in one pass; returns one (N, *sample_shape) tensor per
     setting, in order, on the model's device. `batch_size` counts samples per chunk (each with every setting).
     `graphs`: on a GPU, replay each step's prediction of the whole pass from a CUDA graph (`sampling.GraphedStep`;
-    one graph per chunk size and guided/unguided step); elsewhere the same computation runs launched."""
+    one graph per chunk size and guided/unguided step) where every base prior is a priorlab denoiser on the model's
+    GPU (`sampling.can_graph`); elsewhere the same computation runs launched."""
     for s in settings:
         if s.prior not in ONE_PASS:
             raise UserError(f"prior={s.prior} cannot share a sampling pass; one pass takes {', '.join(ONE_PASS)}")
@@ -52,11 +53,12 @@ def sample_many(
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     k = len(settings)
-    graphed = graphs and device.type == "cuda"
-    nets = tuple(s.prior_net for s in settings if s.prior_net is not None)  # read by address from a graph
+    reads = [s.prior_net if s.prior == "base" else None for s in settings]  # the prior networks a step reads
+    nets = tuple(dict.fromkeys(n for n in reads if n is not None))  # read by address from a graph
+    graphed = graphs and can_graph(device, *nets)
     # what a pass's graphs depend on besides the chunk size and the step's guidance, named once per pass rather than
     # at every step (weights_key reads the address of every weight of each network)
-    weights = weights_key(model, *[s.prior_net for s in settings]) if graphed else ()
+    weights = weights_key(model, *reads) if graphed else ()
     pass_key = ("many", autocast, *[(s.prior, float(s.scale)) for s in settings])
     out: list[list[Tensor]] = [[] for _ in settings]
     for start in range(0, len(labels), batch_size):
@@ -66,7 +68,8 @@ def sample_many(
 
         def predict(x_in: Tensor, t: Tensor, guided: bool, y_all=y_all, b=b) -> Tensor:
             def step(x_rows: Tensor, t_step: Tensor, y_rows: Tensor, abar_all: Tensor) -> Tensor:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                # no cast cache (sampling.graphed_guide says why)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
                     return _guided_step(model, x_rows, t_step, y_rows, abar_all, settings, b, guided)
 
             inputs = (x_in, t, y_all, abar)

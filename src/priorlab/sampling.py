@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from priorlab.errors import UserError
 from priorlab.guidance import guide, in_interval
 from priorlab.models.denoiser import Denoiser
-from priorlab.priors import PriorNet, PriorWeights, check_prior
+from priorlab.priors import DenoiserPrior, PriorNet, PriorWeights, check_prior
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -59,11 +59,10 @@ class GraphedStep:
     (`graphed_guide`) or several in one pass (`priorlab.sample_many`); fitted priors pick rows by their weights,
     which reads the GPU. Graphs are cached per model (`graphed_step`); the graphs of one model share one memory
     pool, which is safe because they are replayed one at a time on one stream and nothing but the output outlives a
-    replay. `fn` is not kept (the cache is keyed weakly by the model, which `fn` refers to); `keep` holds the other
-    networks the graph reads by address."""
+    replay. `fn` is not kept (the cache is keyed weakly by the model, which `fn` refers to), nor are the prior
+    networks the graph reads: a graph is dropped when one of them dies (`graphed_step`)."""
 
-    def __init__(self, fn, inputs: tuple[Tensor, ...], keep: tuple = (), pool=None):
-        self.keep = keep
+    def __init__(self, fn, inputs: tuple[Tensor, ...], pool=None):
         self.inputs = tuple(a.clone() for a in inputs)
         device = inputs[0].device
         warm = torch.cuda.Stream(device)  # warm-up off the capture stream, as torch.cuda.graphs asks
@@ -106,16 +105,30 @@ def weights_key(model: Denoiser, *prior_nets: PriorNet | None) -> tuple:
     return (_pointers(model), *[prior_key(p) for p in prior_nets])
 
 
+def can_graph(device: torch.device, *prior_nets: PriorNet) -> bool:
+    """Whether a step that reads these prior networks can be captured: on a GPU, each a priorlab denoiser with its
+    weights on that device. A diffusers pipeline's prior also reads null-condition tensors that no key names (and
+    PixArt's copies host data at every call), and a prior elsewhere runs outside the graph; those steps run
+    launched."""
+    return device.type == "cuda" and all(
+        isinstance(p, DenoiserPrior) and all(w.device == device for w in p.module.parameters()) for p in prior_nets
+    )
+
+
 def graphed_step(model: Denoiser, weights: tuple, key: tuple, fn, inputs: tuple[Tensor, ...],
                  keep: tuple = ()) -> GraphedStep:  # fmt: skip
     """The cached `GraphedStep` of this model, captured on first use. `weights` is `weights_key` of the model and
-    of every prior network `fn` reads; `key` names the rest of what `fn` computes with (priors, scales,
-    precision); the inputs' shapes and dtypes are added here."""
+    of every prior network `fn` reads, and `keep` those networks; `key` names the rest of what `fn` computes with
+    (priors, scales, precision); the inputs' shapes and dtypes are added here. A graph goes when a network in `keep`
+    dies: each evaluation builds its prior networks anew, and their graphs would otherwise pile up for as long as
+    the model lives (the key holds the network's identity, so a new one never reuses them)."""
     graphs = _GRAPHS.setdefault(model, {})
     key = (weights, *key, *[(tuple(a.shape), a.dtype) for a in inputs])
     if key not in graphs:
         pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
-        graphs[key] = GraphedStep(fn, inputs, keep, pool)
+        graphs[key] = GraphedStep(fn, inputs, pool)
+        for net in keep:
+            weakref.finalize(net, graphs.pop, key, None)
     return graphs[key]
 
 
@@ -125,10 +138,13 @@ def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale
     and this precision; `weights` is `weights_key(model, prior_net)`, named once per sampling call."""
 
     def fn(x: Tensor, t: Tensor, y: Tensor, abar: Tensor) -> Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        # no cast cache: under a caller's own autocast, the bf16 copies of the weights would be made outside the
+        # graph, kept until that caller's context ends, and then read freed from the graph
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             return guide(model, x, t, y, abar[t], scale, prior, prior_net, overlap=False).guided
 
-    return graphed_step(model, weights, ("guide", prior, float(scale), autocast), fn, inputs, keep=(prior_net,))
+    keep = (prior_net,) if prior_net is not None else ()
+    return graphed_step(model, weights, ("guide", prior, float(scale), autocast), fn, inputs, keep=keep)
 
 
 def trajectory(
@@ -191,7 +207,8 @@ def sample(
         autocast: run the networks under bf16 autocast (the guidance combination and the scheduler's update
             stay in fp32).
         graphs: on a GPU, replay each step's guided prediction from a CUDA graph (`GraphedStep`) for prior
-            self, base or none; elsewhere, and for the fitted priors, the same computation runs eagerly.
+            self, base (a priorlab denoiser on the model's GPU: `can_graph`) or none; elsewhere, and for the fitted
+            priors, the same computation runs eagerly.
     """
     check_prior(prior, prior_net, weights)
     num_t = train_scheduler.config.num_train_timesteps
@@ -200,8 +217,9 @@ def sample(
                         f"the model has {num_t}; fit them for this model")  # fmt: skip
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
-    graphed = graphs and device.type == "cuda" and prior in ("self", "base", "none")
-    weights_at = weights_key(model, prior_net) if graphed else ()  # once per call, not at every step
+    reads = prior_net if prior == "base" else None  # the prior network a graphed step reads
+    graphed = graphs and prior in ("self", "base", "none") and can_graph(device, *[n for n in (reads,) if n])
+    weights_at = weights_key(model, reads) if graphed else ()  # once per call, not at every step
     out = []
     chunks = range(0, len(labels), batch_size)
     for start in tqdm(chunks, desc=f"sampling prior={prior} w={scale}", disable=not progress, leave=False):
@@ -212,7 +230,7 @@ def sample(
             if graphed:
                 p = prior if w != 1 else "none"
                 inputs = (x_in, t, y, abar)
-                return graphed_guide(model, prior_net, p, w, autocast, weights_at, inputs)(*inputs)
+                return graphed_guide(model, reads, p, w, autocast, weights_at, inputs)(*inputs)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 return guide(model, x_in, t, y, abar[t], w, prior, prior_net, weights=weights).guided
 
