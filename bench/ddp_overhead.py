@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu import sync, unet_b  # noqa: E402
+from gpu import sync, unet_b, write  # noqa: E402
 
 from priorlab.ddp import skip_allreduce_hook  # noqa: E402
 from priorlab.models import unet  # noqa: E402
@@ -173,7 +172,7 @@ def main() -> None:
         if rank == 0:
             print(f"  ws={world} {variant:10s} {row['ms_per_step']:8.2f} ms/step  "
                   f"{row['img_per_s_per_process']:8.0f} img/s per process", flush=True)  # fmt: skip
-            write(result, out)  # after every variant: a run cut short keeps the variants it measured
+            write(with_ratios(result), out)  # after every variant: a run cut short keeps the variants it measured
         del model, opt, step, net
         gc.collect()
     if rank == 0:
@@ -181,17 +180,13 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def write(result: dict, out: Path) -> None:
-    """The results so far, each variant's throughput against the plain loop's where that ran, written whole
-    (a temporary file renamed into place)."""
+def with_ratios(result: dict) -> dict:
+    """The results, each variant's throughput against the plain loop's where that ran."""
     ref = result["variants"].get("plain", {}).get("ms_per_step")
     if ref:
         for row in result["variants"].values():
             row["throughput_vs_plain"] = ref / row["ms_per_step"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    return result
 
 
 if __name__ == "__main__":
