@@ -54,8 +54,7 @@ def sample_many(
     abar = train_scheduler.alphas_cumprod.to(device)
     k = len(settings)
     reads = [s.prior_net if s.prior == "base" else None for s in settings]  # the prior networks a step reads
-    nets = tuple(dict.fromkeys(n for n in reads if n is not None))  # read by address from a graph
-    graphed = graphs and can_graph(device, *nets)
+    graphed = graphs and can_graph(device, *reads)
     # what a pass's graphs depend on besides the chunk size and the step's guidance, named once per pass rather than
     # at every step (weights_key reads the address of every weight of each network)
     weights = weights_key(model, *reads) if graphed else ()
@@ -75,7 +74,7 @@ def sample_many(
             inputs = (x_in, t, y_all, abar)
             if not graphed:
                 return step(*inputs)
-            return graphed_step(model, weights, (*pass_key, b, guided), step, inputs, keep=nets)(*inputs)
+            return graphed_step(model, weights, (*pass_key, b, guided), step, inputs, keep=tuple(reads))(*inputs)
 
         # every setting's trajectory of a sample starts from that sample's seed
         x = trajectory(seeds[start : start + batch_size].repeat(k), sample_shape, train_scheduler, sampler, num_steps,

@@ -105,29 +105,31 @@ def weights_key(model: Denoiser, *prior_nets: PriorNet | None) -> tuple:
     return (_pointers(model), *[prior_key(p) for p in prior_nets])
 
 
-def can_graph(device: torch.device, *prior_nets: PriorNet) -> bool:
-    """Whether a step that reads these prior networks can be captured: on a GPU, each a priorlab denoiser with its
-    weights on that device. A diffusers pipeline's prior also reads null-condition tensors that no key names (and
-    PixArt's copies host data at every call), and a prior elsewhere runs outside the graph; those steps run
-    launched."""
+def can_graph(device: torch.device, *prior_nets: PriorNet | None) -> bool:
+    """Whether a step that reads these prior networks (None: none) can be captured: on a GPU, each a priorlab
+    denoiser with its weights on that device. A diffusers pipeline's prior also reads null-condition tensors that
+    no key names (and PixArt's copies host data at every call), and a prior elsewhere runs outside the graph;
+    those steps run launched."""
     return device.type == "cuda" and all(
-        isinstance(p, DenoiserPrior) and all(w.device == device for w in p.module.parameters()) for p in prior_nets
+        isinstance(p, DenoiserPrior) and all(w.device == device for w in p.module.parameters())
+        for p in prior_nets
+        if p is not None
     )
 
 
 def graphed_step(model: Denoiser, weights: tuple, key: tuple, fn, inputs: tuple[Tensor, ...],
                  keep: tuple = ()) -> GraphedStep:  # fmt: skip
     """The cached `GraphedStep` of this model, captured on first use. `weights` is `weights_key` of the model and
-    of every prior network `fn` reads, and `keep` those networks; `key` names the rest of what `fn` computes with
-    (priors, scales, precision); the inputs' shapes and dtypes are added here. A graph goes when a network in `keep`
-    dies: each evaluation builds its prior networks anew, and their graphs would otherwise pile up for as long as
-    the model lives (the key holds the network's identity, so a new one never reuses them)."""
+    of every prior network `fn` reads, and `keep` those networks (None: none); `key` names the rest of what `fn`
+    computes with (priors, scales, precision); the inputs' shapes and dtypes are added here. A graph goes when a
+    network in `keep` dies: each evaluation builds its prior networks anew, and their graphs would otherwise pile up
+    for as long as the model lives (the key holds the network's identity, so a new one never reuses them)."""
     graphs = _GRAPHS.setdefault(model, {})
     key = (weights, *key, *[(tuple(a.shape), a.dtype) for a in inputs])
     if key not in graphs:
         pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
         graphs[key] = GraphedStep(fn, inputs, pool)
-        for net in keep:
+        for net in dict.fromkeys(n for n in keep if n is not None):
             weakref.finalize(net, graphs.pop, key, None)
     return graphs[key]
 
@@ -143,8 +145,7 @@ def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             return guide(model, x, t, y, abar[t], scale, prior, prior_net, overlap=False).guided
 
-    keep = (prior_net,) if prior_net is not None else ()
-    return graphed_step(model, weights, ("guide", prior, float(scale), autocast), fn, inputs, keep=keep)
+    return graphed_step(model, weights, ("guide", prior, float(scale), autocast), fn, inputs, keep=(prior_net,))
 
 
 def trajectory(
@@ -218,7 +219,7 @@ def sample(
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     reads = prior_net if prior == "base" else None  # the prior network a graphed step reads
-    graphed = graphs and prior in ("self", "base", "none") and can_graph(device, *[n for n in (reads,) if n])
+    graphed = graphs and prior in ("self", "base", "none") and can_graph(device, reads)
     weights_at = weights_key(model, reads) if graphed else ()  # once per call, not at every step
     out = []
     chunks = range(0, len(labels), batch_size)
