@@ -29,15 +29,17 @@ COMMANDS = {
     "dashboard": "priorlab.dashboard:dashboard",
     "sample": "priorlab.pipelines.sample:sample_command",
     "export": "priorlab.pipelines.export:export_command",
+    "data": "priorlab.commands.data:prepare_data",
 }
 # A first argument without '=' is the value of this key: `priorlab study NAME`, `priorlab report runs/NAME`.
-POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name"}
+POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name", "data": "dataset"}
 # `model` is also a config group (the architecture presets of `train`); where a command takes a model folder,
 # `model=PATH` is renamed to that command's key for it.
 PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"}, "export": {"model": "model_dir"}}
 # Settings that hold paths or names of folders: a value that Hydra would read as a number or a boolean is quoted.
 PATH_VALUES = {"base", "paths.runs", "paths.run_dir", "data.source", "data.name", "model_dir", "evaluator", "out",
-               "study_dir", "image", "calibration", "prior_weights", "name", "study", "stage.run_subdir"}  # fmt: skip
+               "study_dir", "image", "calibration", "prior_weights", "name", "study", "stage.run_subdir", "data.root",
+               "tarballs"}  # fmt: skip
 REQUIRED = {"model_dir": "model=PATH", "study_dir": "priorlab report runs/NAME", "name": "priorlab study NAME"}
 NUMBER = r"[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(e[+-]?\d+)?|[+-]?inf|nan|true|false"
 USAGE = "usage: priorlab {" + ",".join(COMMANDS) + "} [key=value ...]   (Hydra overrides; --help for each)"

@@ -31,8 +31,9 @@ from priorlab.evaluation.setup import (
 from priorlab.models.io import check_recorded_base, load_denoiser
 from priorlab.priors import PriorWeights
 
+# what a model folder's config.yaml may name as its data
 DATA_TARGETS = ("priorlab.data.MNISTDataModule", "priorlab.data.DigitsDataModule", "priorlab.data.HFDataModule",
-                "priorlab.data.Toy2DDataModule")  # what a model folder's config.yaml may name as its data  # fmt: skip
+                "priorlab.data.Toy2DDataModule", "priorlab.data.EmojiDataModule")  # fmt: skip
 HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 
 

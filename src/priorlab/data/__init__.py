@@ -2,12 +2,14 @@
 
 from priorlab.data.base import TensorDataModule
 from priorlab.data.digits import DigitsDataModule
+from priorlab.data.emoji import EmojiDataModule
 from priorlab.data.hf import HFDataModule
 from priorlab.data.mnist import MNISTDataModule
 from priorlab.data.toy2d import GaussianMixture, Toy2DDataModule
 
 __all__ = [
     "DigitsDataModule",
+    "EmojiDataModule",
     "GaussianMixture",
     "HFDataModule",
     "MNISTDataModule",
