@@ -85,7 +85,30 @@ def preset_overrides(spec: dict, preset: str, sweep: dict | None = None, base_se
         "base_seeds": check_base_seeds(p.get("base_seeds") if base_seeds is None else base_seeds, sweep["seed"], where),
         "validity": check_validity({**spec.get("validity", {}), **p.get("validity", {})}, where),
         "jobs": p.get("jobs", 1),
+        "primary_scale": check_primary_scale(p.get("primary_scale"), where),
+        "main": check_main(p.get("main"), where),
     }
+
+
+def check_primary_scale(scale, where: str) -> float | None:
+    """The preset's `primary_scale`: the one guidance scale declared before the study runs, at which its report
+    states findings without a multiple-comparison correction (the other scales are secondary, Holm-corrected)."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 1:
+        raise UserError(f"{where}: `primary_scale` must be a guidance scale above 1 (e.g. 1.5), got {scale!r}")
+    return float(scale)
+
+
+def check_main(main, where: str) -> dict[str, list[str]] | None:
+    """The preset's `main` conditions: a mapping from a condition key (a study axis such as base_name, or
+    cond_dropout) to its values; the conditions matching every entry are the ones the study is about (the
+    validity check "guidance pays" asks it of them). None: every condition."""
+    if main is None:
+        return None
+    if not isinstance(main, dict) or not main or not all(isinstance(v, list) and v for v in main.values()):
+        raise UserError(f"{where}: `main` must map condition keys to lists of values, e.g. {{base_name: [broad]}}")
+    return {str(k): [str(v) for v in values] for k, values in main.items()}
 
 
 def check_base_seeds(base_seeds: list | None, seeds: list, where: str) -> list[int] | None:
@@ -122,10 +145,32 @@ def check_bases(bases: dict | None, where: str) -> dict[str, dict[str, list]] | 
         entry = entry or {}
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise UserError(f"{where}: base name {name!r} may hold only letters, digits, '_', '.' and '-'")
-        if not isinstance(entry, dict) or set(entry) - {"common", "base", "finetune"}:
-            raise UserError(f"{where}: base {name} takes only `common`, `base` and `finetune` override lists")
+        if not isinstance(entry, dict) or set(entry) - {"common", "base", "finetune", "priors"}:
+            raise UserError(f"{where}: base {name} takes only `common`, `base` and `finetune` override lists and "
+                            "`priors`")  # fmt: skip
         out[str(name)] = {key: list(entry.get(key) or []) for key in ("common", "base", "finetune")}
+        out[str(name)]["priors"] = check_base_priors(entry.get("priors"), str(name), bases, where)
     return out
+
+
+def check_base_priors(priors, name: str, bases: dict, where: str) -> dict[str, str]:
+    """A base's `priors`: extra prior name → another base of the preset, whose model (of the same base seed)
+    evaluates this base's fine-tunes as prior=<name>: a diffusion model the fine-tune did not start from (the
+    paper's second claim), at no extra training."""
+    from priorlab.evaluation.core import check_extra_priors
+
+    if priors is None:
+        return {}
+    others = [str(b) for b in bases if str(b) != name]
+    if not isinstance(priors, dict) or not all(str(v) in others for v in priors.values()):
+        example = others[0] if others else "NAME"
+        raise UserError(f"{where}: base {name}'s `priors` must map prior names to other bases of the preset "
+                        f"({', '.join(others) or 'none'}), e.g. {{other: {example}}}")  # fmt: skip
+    try:
+        check_extra_priors(priors)
+    except UserError as err:
+        raise UserError(f"{where}: base {name}: {err}") from err
+    return {str(k): str(v) for k, v in priors.items()}
 
 
 def check_priors(priors: dict | None, where: str, bases: dict | None = None) -> dict[str, list[str]]:
@@ -463,6 +508,7 @@ class BaseRuns:
     finetune: list[str]
     seeds: list  # the fine-tune seeds that start from this base
     priors: dict = field(default_factory=dict)  # extra prior's folder → (settings shared with the base, its own)
+    others: dict = field(default_factory=dict)  # prior name → another base's folder (`priors` of a base)
 
 
 def with_priors(bases: list[BaseRuns], study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
@@ -519,12 +565,16 @@ def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRun
         named = []
         for name, entry in parts["bases"].items():
             own = [*common, *entry["common"]]
+            others = {p: study_dir / "base" / other for p, other in entry["priors"].items()}
             named.append(BaseRuns(name, study_dir / "base" / name,
                                   [*own, *parts["base"], *entry["base"], f"stage.run_subdir=base/{name}"],
                                   [*own, *parts["finetune"], *entry["finetune"],
-                                   f"stage.run_subdir={finetune_subdir(name, parts['sweep'])}"], seeds))  # fmt: skip
+                                   f"stage.run_subdir={finetune_subdir(name, parts['sweep'])}"],
+                                  seeds, others=others))  # fmt: skip
     base_seeds = parts.get("base_seeds")
     if not base_seeds:
+        for b in named:
+            b.finetune += [override(f"+extra_priors.{p}", folder) for p, folder in b.others.items()]
         return named
     out = []
     for b in named:
@@ -532,9 +582,10 @@ def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRun
             folder = b.base_dir / f"seed={seed}"
             label = f"{b.label}_seed={seed}" if b.label else f"seed={seed}"
             own = [o for o in b.base if not o.startswith("stage.run_subdir=")]
+            others = [override(f"+extra_priors.{p}", other / f"seed={seed}") for p, other in b.others.items()]
             out.append(BaseRuns(label, folder,
                                 [*own, f"seed={seed}", f"stage.run_subdir={folder.relative_to(study_dir)}"],
-                                b.finetune, seeds[i :: len(base_seeds)]))  # fmt: skip
+                                [*b.finetune, *others], seeds[i :: len(base_seeds)]))  # fmt: skip
     return out
 
 
@@ -589,9 +640,11 @@ def run_study(cfg: DictConfig) -> Path:
             for _, args in commands[b.label]:
                 print(f"finetunes{tag}: {_shell(['priorlab', *args])}")
         return study_dir
-    check_finished_have_priors(study_dir, list(parts["priors"]))
+    cross = [p for entry in (parts["bases"] or {}).values() for p in entry["priors"]]
+    check_finished_have_priors(study_dir, list(dict.fromkeys([*parts["priors"], *cross])))
     held = claim_study_dir(study_dir, spec["name"], cfg.preset, validity=parts["validity"],
-                           base_seeds=parts["base_seeds"], seeds=list(parts["sweep"]["seed"]))  # fmt: skip
+                           base_seeds=parts["base_seeds"], seeds=list(parts["sweep"]["seed"]),
+                           primary_scale=parts["primary_scale"], main=parts["main"])  # fmt: skip
     for b in bases:
         name = f"wandb_sweep_base={b.label}.yaml" if b.label else "wandb_sweep.yaml"
         (study_dir / name).write_text(sweep_yaml(spec["name"], b.base_dir, b.finetune, [],
@@ -607,10 +660,12 @@ def run_study(cfg: DictConfig) -> Path:
         for label, args in [] if jobs > 1 else prior_jobs(bases):
             print(f"[study {spec['name']}] extra prior {label}", flush=True)
             _priorlab(args)
-        for i, b in enumerate([] if jobs > 1 else bases):
+        for i, b in enumerate([] if jobs > 1 else bases):  # every base first: a base may be another's prior
             tag = f" {b.label}" if b.label else ""
             print(f"[study {spec['name']}] base{tag} ({i + 1} of {len(bases)})", flush=True)
             _priorlab(["train", "stage=base", *b.base])
+        for b in [] if jobs > 1 else bases:
+            tag = f" {b.label}" if b.label else ""
             n = len(sweep_points({**parts["sweep"], "seed": b.seeds}))
             print(f"[study {spec['name']}] fine-tunes {done + 1}–{done + n} of {total} (from base{tag})", flush=True)
             with progress.watching():

@@ -49,6 +49,7 @@ from priorlab.sampling import sample
 from priorlab.seeds import sample_seeds, stream_seed
 
 ONE_PASS_MODES = ("off", "scales", "all")
+LABELS = ("uniform", "data")
 
 
 @dataclass
@@ -56,7 +57,10 @@ class EvalSettings:
     """What an evaluation computes.
 
     Attributes:
-        num_samples: generated samples per (prior, guidance scale); classes cycle 0..K-1.
+        num_samples: generated samples per (prior, guidance scale).
+        labels: the classes of those samples: "uniform", classes cycling 0..K-1; "data", in the proportions of the
+            evaluator's reference data (`eval_labels`), so that FD against that data compares like with like where
+            the classes are unbalanced (the emoji categories: 85 to 360 images).
         num_steps: sampler steps; sampler: scheduler name.
         guidance_scales: the scales w to evaluate; priors: a subset of self, base, auto, mix (auto and mix are
             fitted per timestep bucket on the calibration split, see `priorlab.priors`).
@@ -89,6 +93,7 @@ class EvalSettings:
     """
 
     num_samples: int = 1000
+    labels: str = "uniform"
     num_steps: int = 25
     sampler: str = "ddim"
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
@@ -119,6 +124,8 @@ class EvalSettings:
             raise UserError(f"eval.priors holds {', '.join(map(str, unknown))}; use some of {', '.join(MODES)}")
         if self.features != "domain":
             external_features(self.features)
+        if self.labels not in LABELS:
+            raise UserError(f"eval.labels={self.labels} is unknown; use one of {', '.join(LABELS)}")
         if self.one_pass not in ONE_PASS_MODES:
             raise UserError(f"eval.one_pass={self.one_pass} is unknown; use one of {', '.join(ONE_PASS_MODES)}")
         if self.calibration_objective not in OBJECTIVES:
@@ -264,9 +271,29 @@ def one_pass_samples(
     return out
 
 
-def eval_labels_seeds(num_samples: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
-    labels = torch.arange(num_samples) % num_classes
+def eval_labels_seeds(num_samples: int, num_classes: int, seed: int, reference: Tensor | None = None
+                      ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The evaluation's labels and per-sample seeds: classes cycling 0..K-1, or with `reference` (labels of the
+    reference data) in its proportions (`proportional_labels`)."""
+    if reference is None:
+        labels = torch.arange(num_samples) % num_classes
+    else:
+        labels = proportional_labels(torch.bincount(reference.cpu(), minlength=num_classes), num_samples)
     return labels, sample_seeds("samples", seed, num_samples)
+
+
+def proportional_labels(counts: Tensor, n: int) -> Tensor:
+    """n labels in the proportions of `counts` (K,), spread out: label i is the class furthest behind its share
+    of the first i + 1 labels (ties to the lower class), so every prefix is close to the proportions too and the
+    counts are within one of n · share."""
+    share = counts.double() / counts.sum()
+    given = torch.zeros_like(share)
+    out = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        k = int(torch.argmax(share * (i + 1) - given))
+        out[i] = k
+        given[k] += 1
+    return out
 
 
 def usable_priors(settings: EvalSettings, prior_net: DenoiserPrior | None) -> list[str]:
@@ -422,7 +449,8 @@ def conditional_quality(
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
     # every prior as (the label it is reported under, its mode, its network)
     runs = [(p, p, prior_net) for p in priors] + [(name, "base", net) for name, net in extra.items()]
-    labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed)
+    reference = evaluator.reference_labels if settings.labels == "data" else None
+    labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed, reference)
     results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in FITTED})
     results[key("cond", "num_classes")] = float(model.num_classes)  # chance accuracy is 1 / num_classes
     if mixture is not None:
