@@ -134,7 +134,8 @@ def predictions(frame: pd.DataFrame) -> pd.DataFrame:
 @dataclass
 class Score:
     """One predictor against the measured signs: agreement over every point it guessed on, over the clear ones and
-    per guidance scale; the points it abstained on; the distinct guesses it made (one: a constant predictor)."""
+    per guidance scale; the points it abstained on; the distinct guesses it made (one: a constant predictor); and
+    the base rate over the points it guessed on (the agreement of always answering "use base" there)."""
 
     predictor: str
     agrees: Proportion
@@ -143,6 +144,7 @@ class Score:
     abstained: int
     points: int
     signs: tuple[float, ...] = field(default_factory=tuple)
+    base_rate: Proportion = field(default_factory=lambda: Proportion(0, 0))
 
     @property
     def constant(self) -> bool:
@@ -159,16 +161,23 @@ def score_predictors(preds: pd.DataFrame, primary_scale: float | None = None) ->
     """Per predictor (`PREDICTORS`), its `Score` over the points of `predictions`: at guidance scale
     `primary_scale` only, or at every scale (None)."""
     points = scored_points(preds, primary_scale)
-    out = {}
-    for name in PREDICTORS:
-        made = points[points[name].notna()]
-        hit = made[name] == made["sign"]
-        clear = made["clear"].fillna(False).astype(bool)
-        per_scale = {float(w): Proportion(int(g.sum()), len(g)) for w, g in hit.groupby(made["guidance_scale"])}
-        agrees, agrees_clear = Proportion(int(hit.sum()), len(hit)), Proportion(int(hit[clear].sum()), int(clear.sum()))
-        out[name] = Score(name, agrees, agrees_clear, per_scale, len(points) - len(made), len(points),
-                          tuple(sorted(set(made[name]))))  # fmt: skip
-    return out
+    return {name: _score(name, points) for name in PREDICTORS}
+
+
+def _score(name: str, points: pd.DataFrame) -> Score:
+    """One predictor's `Score` over points with a measured sign."""
+    made = points[points[name].notna()]
+    hit = made[name] == made["sign"]
+    clear = made["clear"].fillna(False).astype(bool)
+    per_scale = {float(w): _count(g) for w, g in hit.groupby(made["guidance_scale"])}
+    signs = tuple(sorted(set(made[name])))
+    return Score(name, _count(hit), _count(hit[clear]), per_scale, len(points) - len(made), len(points), signs,
+                 _count(made["sign"] > 0))  # fmt: skip
+
+
+def _count(flags: pd.Series) -> Proportion:
+    """How many of the flags are true, of how many."""
+    return Proportion(int(flags.sum()), len(flags))
 
 
 def base_rate(preds: pd.DataFrame, clear_only: bool = False) -> Proportion:
@@ -177,7 +186,7 @@ def base_rate(preds: pd.DataFrame, clear_only: bool = False) -> Proportion:
     points = scored_points(preds)
     if clear_only:
         points = points[points["clear"].fillna(False).astype(bool)]
-    return Proportion(int((points["sign"] > 0).sum()), len(points))
+    return _count(points["sign"] > 0)
 
 
 def pooled(scores: list[dict[str, Score]]) -> dict[str, Score]:
@@ -187,9 +196,10 @@ def pooled(scores: list[dict[str, Score]]) -> dict[str, Score]:
         parts = [s[name] for s in scores if name in s]
         scales = sorted({w for p in parts for w in p.per_scale})
         per_scale = {w: _add(p.per_scale.get(w, Proportion(0, 0)) for p in parts) for w in scales}
+        signs = tuple(sorted({s for p in parts for s in p.signs}))
         out[name] = Score(name, _add(p.agrees for p in parts), _add(p.agrees_clear for p in parts), per_scale,
-                          sum(p.abstained for p in parts), sum(p.points for p in parts),
-                          tuple(sorted({s for p in parts for s in p.signs})))  # fmt: skip
+                          sum(p.abstained for p in parts), sum(p.points for p in parts), signs,
+                          _add(p.base_rate for p in parts))  # fmt: skip
     return out
 
 
@@ -227,8 +237,9 @@ def predictor_lines(frame: pd.DataFrame, primary_scale: float | None = None) -> 
 
 def explanation(metric: str) -> str:
     """What the section scores and how to read it."""
-    return (f"Measured sign per (run, w ≠ 1) at each run's final step: of {metric}(self) − {metric}(base), > 0 where "
-            "the base prior helped; clear where |difference| > 1.96 × the run's SE of the paired difference. Each "
+    return (f"The measured sign per (run, w ≠ 1), at each run's final step, is that of {metric}(self) − "
+            f"{metric}(base): > 0 where the base prior helped; it is clear where |difference| > 1.96 × the run's SE "
+            "of the paired difference. Each "
             "predictor guesses the sign before sampling: the **∅-loss ratio** from the mean over timestep buckets of "
             "log(L_self / L_base) (one guess per run, the same at every w), the **guided loss** from log(guided loss "
             "of self / of base) at w on the calibration split, the **checked prior's choice** from its sampling check "
@@ -256,6 +267,8 @@ def note_lines(name: str, score: Score) -> list[str]:
         return [f"- **{label}**: no data; it needs {NEEDS[name]}, which this study did not record."]
     scales = "; ".join(f"w={w:g}: {p}" for w, p in score.per_scale.items())
     lines = [f"- **{label}** per scale: {scales}."]
+    if score.abstained:
+        lines.append(f"  Over the {score.agrees.n} points it guessed on, the base helped at {score.base_rate}.")
     if score.constant:
         says = "use base" if score.signs[0] > 0 else "use self"
         lines.append(f"  **Constant**: it says \"{says}\" at every point it guesses, so its agreement is only the "
