@@ -253,7 +253,7 @@ def base_rate_lines(preds: pd.DataFrame) -> list[str]:
     """The base rate, the agreement of always answering "use base", for comparison."""
     ties = int((preds["sign"] == 0).sum())
     everywhere, clear = base_rate(preds), base_rate(preds, clear_only=True)
-    tied = f" {ties} points with a benefit of exactly 0 are left out." if ties else ""
+    tied = f" Points with a benefit of exactly 0, left out: {ties}." if ties else ""
     return [
         f'Base rate, the share of points where the base prior helped (what always answering "use base" '
         f"agrees at): {everywhere} over all points with a measured sign, {clear} over the clear ones.{tied}"
