@@ -141,7 +141,7 @@ def test_agreement_counts_over_all_points_clear_points_scales_and_the_primary_sc
 def test_the_section_states_a_constant_predictor_the_base_rate_and_a_predictor_without_data():
     lines = predictors.predictor_lines(_scored_study(), primary_scale=4.0)
     text = "\n".join(lines)
-    assert lines[0] == predictors.TITLE
+    assert lines[0] == predictors.TITLE and "log(L_self / L_base) on the metric held-out split" in lines[2]
     header = "| predictor | agrees (all points) | agrees (clear points) | at the primary scale (w=4) | abstained |"
     assert header in lines
     assert "| ∅-loss ratio | 3 of 6 (50%" in text and "| 0 of 6 |" in text
@@ -170,7 +170,8 @@ def test_the_committed_toy2d_study_scores_all_three_predictors():
         assert scores[name].agrees.n == 32 and scores[name].abstained == 0
         assert scores[name].agrees.k / scores[name].agrees.n > predictors.base_rate(preds).k / 32
     assert set(preds["checked_pick"]) <= {"self", "base", "mix"} and preds["checked_pick"].notna().all()
-    assert len(predictors.predictor_lines(frame, 2.0)) > 6
+    lines = predictors.predictor_lines(frame, 2.0)
+    assert len(lines) > 6 and "log(L_self / L_base) on the calibration split" in lines[2]
 
 
 def test_the_script_prints_each_study_and_writes_the_same_markdown(tmp_path):

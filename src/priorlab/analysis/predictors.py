@@ -222,7 +222,8 @@ def predictor_lines(frame: pd.DataFrame, primary_scale: float | None = None) -> 
     metric = study_metric(frame).upper()
     at_primary = score_predictors(preds, primary_scale) if primary_scale is not None else {}
     primary = "at the primary scale" + (f" (w={primary_scale:g})" if primary_scale is not None else "")
-    lines = [TITLE, "", explanation(metric), "", *base_rate_lines(preds), "",
+    source = "calibration" if frame["metric"].str.startswith("calib_loss/t=").any() else "metric held-out"
+    lines = [TITLE, "", explanation(metric, source), "", *base_rate_lines(preds), "",
              f"| predictor | agrees (all points) | agrees (clear points) | {primary} | abstained |",
              "|---|---|---|---|---|"]  # fmt: skip
     for name, s in scores.items():
@@ -235,18 +236,18 @@ def predictor_lines(frame: pd.DataFrame, primary_scale: float | None = None) -> 
     return lines
 
 
-def explanation(metric: str) -> str:
-    """What the section scores and how to read it."""
+def explanation(metric: str, source: str) -> str:
+    """What the section scores and how to read it; `source` names the split of the ∅ losses."""
     return (f"The measured sign per (run, w ≠ 1), at each run's final step, is that of {metric}(self) − "
             f"{metric}(base): > 0 where the base prior helped; it is clear where |difference| > 1.96 × the run's SE "
-            "of the paired difference. Each "
-            "predictor guesses the sign before sampling: the **∅-loss ratio** from the mean over timestep buckets of "
-            "log(L_self / L_base) (one guess per run, the same at every w), the **guided loss** from log(guided loss "
-            "of self / of base) at w on the calibration split, the **checked prior's choice** from its sampling check "
-            "at w (base's score against self's; mix ignored). Counts are k of n points where the guess equals the "
-            "measured sign, with Wilson 95% intervals treating points as independent (a run's points at several "
-            "scales are not); a predictor abstains where the study lacks its records or it ties. Points are not "
-            "filtered by the report's validity checks.")  # fmt: skip
+            "of the paired difference. Each predictor guesses the sign before the evaluation samples: the **∅-loss "
+            f"ratio** from the mean over timestep buckets of log(L_self / L_base) on the {source} split (one guess "
+            "per run, the same at every w), the **guided loss** from log(guided loss of self / of base) at w on the "
+            "calibration split, the **checked prior's choice** from its sampling check at w (base's score against "
+            "self's; mix ignored; the check itself samples, on the calibration labels with its own seeds). Counts "
+            "are k of n points where the guess equals the measured sign, with Wilson 95% intervals treating points "
+            "as independent (a run's points at several scales are not); a predictor abstains where the study lacks "
+            "its records or it ties. Points are not filtered by the report's validity checks.")  # fmt: skip
 
 
 def base_rate_lines(preds: pd.DataFrame) -> list[str]:
