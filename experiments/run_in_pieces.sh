@@ -30,10 +30,9 @@ timeout --signal=TERM --kill-after=15 "$left" priorlab study "$study" "preset=$p
 rc=$?
 dir=runs/$study
 if [ -f "$dir/study.json" ]; then
-  files=$(cd "$dir" && ls -d results.csv report.md study.json figures logs base/*/metrics.csv base/*/config.yaml \
-    base/*/done.json base/metrics.csv base/config.yaml base/done.json prior/*/*/metrics.csv prior/*/*/config.yaml \
-    prior/*/*/done.json prior/*/metrics.csv prior/*/config.yaml prior/*/done.json finetune/*/*/seed=0/eval/grid_*.png \
-    finetune/*/seed=0/eval/grid_*.png 2>/dev/null; find finetune -name '*.json' -o -name metrics.csv -o -name config.yaml \
+  files=$(cd "$dir" && ls -d results.csv report.md study.json figures logs 2>/dev/null; \
+    find base prior -name metrics.csv -o -name config.yaml -o -name done.json 2>/dev/null; \
+    find finetune -name '*.json' -o -name metrics.csv -o -name config.yaml -o -path '*/seed=0/eval/grid_*.png' \
     2>/dev/null)
   (cd "$dir" && tar czf "$out/study.tgz" $files) || true
 fi

@@ -9,9 +9,9 @@ import json
 import pandas as pd
 import pytest
 import torch
+
 from conftest import run_cli
 from emoji_fixture import build_tarballs
-
 from priorlab.cli import override
 from priorlab.evaluation.core import eval_labels_seeds, proportional_labels
 from priorlab.studies import load_experiment, preset_overrides, study_bases
@@ -39,7 +39,8 @@ def test_each_base_is_the_other_bases_prior_with_the_same_base_seed(tmp_path):
     assert sorted(bases) == ["broad_seed=0", "broad_seed=1", "same_seed=0", "same_seed=1"]
     other = [o for o in bases["broad_seed=1"].finetune if o.startswith("+extra_priors.other=")]
     assert other == [override("+extra_priors.other", tmp_path / "paper_setting/base/same/seed=1")]
-    assert override("+extra_priors.other", tmp_path / "paper_setting/base/broad/seed=0") in bases["same_seed=0"].finetune
+    broad = override("+extra_priors.other", tmp_path / "paper_setting/base/broad/seed=0")
+    assert broad in bases["same_seed=0"].finetune
     assert "data.styles=[google,openmoji,fluent]" in bases["broad_seed=0"].base
 
 

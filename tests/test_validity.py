@@ -169,6 +169,22 @@ def test_paired_standard_errors_over_samples():
     assert not any("diff" in k for k in paired_scores({("self", 1.0): scored[("self", 2.0)]}, ref, EvalSettings()))
 
 
+def test_every_two_priors_have_a_paired_standard_error():
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    acc = {p: (torch.rand(n, generator=g) < q).double() for p, q in (("self", 0.5), ("base", 0.7), ("other", 0.9))}
+    feats = torch.randn(n, 4, generator=g)
+    scored = {(p, w): Scored(feats + shift, {"accuracy": acc[p]}) for p, shift in (("self", 0), ("base", 0.3),
+              ("other", 0.6)) for w in (1.0, 2.0)}  # fmt: skip
+    out = paired_scores(scored, torch.randn(1000, 4, generator=g), EvalSettings(bootstrap=50))
+    d = acc["base"] - acc["other"]
+    assert out["eval/diff/accuracy_se_vs_base/prior=other/w=2.0"] == pytest.approx(float(d.std() / math.sqrt(n)))
+    assert out["eval/diff/fd_se_vs_base/prior=other/w=2.0"] > 0
+    assert "eval/diff/accuracy_se/prior=other/w=2.0" in out  # self − other as before
+    assert not any("w=1.0" in k and "diff" in k for k in out)  # w = 1 never uses the prior
+    assert not any("vs_other" in k or "vs_self" in k for k in out)  # one key per pair
+
+
 def test_bands_never_leave_the_metric_range():
     import matplotlib.pyplot as plt
 

@@ -80,7 +80,7 @@ def preset_overrides(spec: dict, preset: str, sweep: dict | None = None, base_se
         "base": p.get("base", []),
         "finetune": p.get("finetune", []),
         "sweep": sweep,
-        "bases": check_bases(p.get("bases"), where),
+        "bases": check_bases(p.get("bases"), where, sweep),
         "priors": check_priors(p.get("priors"), where, p.get("bases")),
         "base_seeds": check_base_seeds(p.get("base_seeds") if base_seeds is None else base_seeds, sweep["seed"], where),
         "validity": check_validity({**spec.get("validity", {}), **p.get("validity", {})}, where),
@@ -134,8 +134,9 @@ def check_validity(validity: dict, where: str) -> dict:
     return {**THRESHOLDS, **{k: float(v) for k, v in validity.items()}}
 
 
-def check_bases(bases: dict | None, where: str) -> dict[str, dict[str, list]] | None:
-    """The `bases` of a preset: name → lists of overrides under common (base and fine-tunes), base, finetune."""
+def check_bases(bases: dict | None, where: str, sweep: dict | None = None) -> dict[str, dict] | None:
+    """The `bases` of a preset: name → lists of overrides under common (base and fine-tunes), base, finetune, and
+    the base's `priors` (other bases as extra priors) and `sweep` (its own values of some of `sweep`'s keys)."""
     if bases is None:
         return None
     if not isinstance(bases, dict) or not bases:
@@ -145,12 +146,25 @@ def check_bases(bases: dict | None, where: str) -> dict[str, dict[str, list]] | 
         entry = entry or {}
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise UserError(f"{where}: base name {name!r} may hold only letters, digits, '_', '.' and '-'")
-        if not isinstance(entry, dict) or set(entry) - {"common", "base", "finetune", "priors"}:
-            raise UserError(f"{where}: base {name} takes only `common`, `base` and `finetune` override lists and "
-                            "`priors`")  # fmt: skip
+        if not isinstance(entry, dict) or set(entry) - {"common", "base", "finetune", "priors", "sweep"}:
+            raise UserError(f"{where}: base {name} takes only `common`, `base` and `finetune` override lists, "
+                            "`priors` and `sweep`")  # fmt: skip
         out[str(name)] = {key: list(entry.get(key) or []) for key in ("common", "base", "finetune")}
         out[str(name)]["priors"] = check_base_priors(entry.get("priors"), str(name), bases, where)
+        out[str(name)]["sweep"] = check_base_sweep(entry.get("sweep"), str(name), sweep, where)
     return out
+
+
+def check_base_sweep(own, name: str, sweep: dict, where: str) -> dict[str, list]:
+    """A base's `sweep`: values of some of the preset's sweep keys (not seed) for this base's fine-tunes only, e.g. a
+    control run at one data size. The keys stay the preset's, so every base's run folders have the same levels."""
+    if own is None:
+        return {}
+    keys = [k for k in sweep or {} if k != "seed"]
+    if not isinstance(own, dict) or not all(k in keys and isinstance(v, list) and v for k, v in own.items()):
+        raise UserError(f"{where}: base {name}'s `sweep` must give lists of values for some of the preset's sweep "
+                        f"keys ({', '.join(keys)})")  # fmt: skip
+    return dict(own)
 
 
 def check_base_priors(priors, name: str, bases: dict, where: str) -> dict[str, str]:
@@ -493,7 +507,7 @@ def check_runs(b: BaseRuns, point: list[str]) -> None:
 
 def _composed(b: BaseRuns, parts: dict) -> tuple[DictConfig, DictConfig]:
     """The training configs of the study's first base and first fine-tune, with Hydra's (its group choices)."""
-    point = sweep_points({**parts["sweep"], "seed": b.seeds})[0]
+    point = sweep_points(b.grid(parts["sweep"]))[0]
     finetune = ["stage=finetune", override("base", b.base_dir), *b.finetune, *point]
     return _compose_train(["stage=base", *b.base], hydra_config=True), _compose_train(finetune, hydra_config=True)
 
@@ -509,6 +523,11 @@ class BaseRuns:
     seeds: list  # the fine-tune seeds that start from this base
     priors: dict = field(default_factory=dict)  # extra prior's folder → (settings shared with the base, its own)
     others: dict = field(default_factory=dict)  # prior name → another base's folder (`priors` of a base)
+    sweep: dict = field(default_factory=dict)  # the base's own values of some sweep keys (`sweep` of a base)
+
+    def grid(self, sweep: dict) -> dict:
+        """The sweep of this base's fine-tunes: the preset's, with the base's own values and its seeds."""
+        return {**sweep, **self.sweep, "seed": self.seeds}
 
 
 def with_priors(bases: list[BaseRuns], study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
@@ -570,7 +589,7 @@ def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRun
                                   [*own, *parts["base"], *entry["base"], f"stage.run_subdir=base/{name}"],
                                   [*own, *parts["finetune"], *entry["finetune"],
                                    f"stage.run_subdir={finetune_subdir(name, parts['sweep'])}"],
-                                  seeds, others=others))  # fmt: skip
+                                  seeds, others=others, sweep=entry["sweep"]))  # fmt: skip
     base_seeds = parts.get("base_seeds")
     if not base_seeds:
         for b in named:
@@ -585,7 +604,7 @@ def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRun
             others = [override(f"+extra_priors.{p}", other / f"seed={seed}") for p, other in b.others.items()]
             out.append(BaseRuns(label, folder,
                                 [*own, f"seed={seed}", f"stage.run_subdir={folder.relative_to(study_dir)}"],
-                                [*b.finetune, *others], seeds[i :: len(base_seeds)]))  # fmt: skip
+                                [*b.finetune, *others], seeds[i :: len(base_seeds)], sweep=b.sweep))  # fmt: skip
     return out
 
 
@@ -616,11 +635,11 @@ def run_study(cfg: DictConfig) -> Path:
     common = [override("study", spec["name"]), override("paths.runs", runs), *parts["common"]]
     bases = with_priors(study_bases(study_dir, common, parts), study_dir, common, parts)
     bases, left_out = with_command_line(bases, run_overrides(cfg), step_overrides(cfg))
-    check_runs(bases[0], sweep_points({**parts["sweep"], "seed": bases[0].seeds})[0])
+    check_runs(bases[0], sweep_points(bases[0].grid(parts["sweep"]))[0])
     commands = {}  # per base: the fine-tunes' commands, one multirun or one run per point
     for b in bases:
         fixed = ["stage=finetune", override("base", b.base_dir), *b.finetune]
-        own_sweep = {**parts["sweep"], "seed": b.seeds}
+        own_sweep = b.grid(parts["sweep"])
         points = sweep_points(own_sweep)
         if cfg.launcher == "basic" and (jobs > 1 or launches_ddp_processes([*fixed, *points[0]])):
             tag = [f"base_{b.label}"] if b.label else []
@@ -630,7 +649,7 @@ def run_study(cfg: DictConfig) -> Path:
             sweep = [f"{key}={_values(values)}" for key, values in own_sweep.items()]
             commands[b.label] = [("finetunes", ["train", "-m", *fixed, *sweep, *LAUNCHERS[cfg.launcher]])]
     if cfg.dry_run:
-        counts = (len(bases), sum(len(sweep_points({**parts["sweep"], "seed": b.seeds})) for b in bases))
+        counts = (len(bases), sum(len(sweep_points(b.grid(parts["sweep"]))) for b in bases))
         print(describe(spec["name"], cfg.preset, _composed(bases[0], parts), parts["sweep"], counts, left_out))
         for label, args in prior_jobs(bases):
             print(f"{label}: {_shell(['priorlab', *args])}")
@@ -648,8 +667,8 @@ def run_study(cfg: DictConfig) -> Path:
     for b in bases:
         name = f"wandb_sweep_base={b.label}.yaml" if b.label else "wandb_sweep.yaml"
         (study_dir / name).write_text(sweep_yaml(spec["name"], b.base_dir, b.finetune, [],
-                                                 {**parts["sweep"], "seed": b.seeds}))  # fmt: skip
-    total = sum(len(sweep_points({**parts["sweep"], "seed": b.seeds})) for b in bases)
+                                                 b.grid(parts["sweep"])))  # fmt: skip
+    total = sum(len(sweep_points(b.grid(parts["sweep"]))) for b in bases)
     progress = StudyProgress(spec["name"], study_dir / "finetune", total, started)
     finished = False
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` ends a piece: its time is recorded
@@ -666,7 +685,7 @@ def run_study(cfg: DictConfig) -> Path:
             _priorlab(["train", "stage=base", *b.base])
         for b in [] if jobs > 1 else bases:
             tag = f" {b.label}" if b.label else ""
-            n = len(sweep_points({**parts["sweep"], "seed": b.seeds}))
+            n = len(sweep_points(b.grid(parts["sweep"])))
             print(f"[study {spec['name']}] fine-tunes {done + 1}–{done + n} of {total} (from base{tag})", flush=True)
             with progress.watching():
                 for _, args in commands[b.label]:

@@ -181,13 +181,15 @@ def sample_scores(
 def paired_scores(
     scored: dict[tuple[str, float], Scored], reference: Tensor, settings: EvalSettings
 ) -> dict[str, float]:
-    """Standard errors over the generated samples: of each FD (bootstrap), and of metric(self) − metric(p) for
-    every other prior p at each scale w ≠ 1, paired sample by sample (the priors share seeds and labels).
+    """Standard errors over the generated samples: of each FD (bootstrap), and of metric(a) − metric(b) for every
+    two priors a, b at each scale w ≠ 1, paired sample by sample (the priors share seeds and labels).
 
     Accuracy and NLL are means of per-sample values, so the SE of their paired difference is the standard deviation
     of the per-sample differences over √N. FD is not a mean: its SEs come from `settings.bootstrap` resamples of
     the sample indices, the same resamples for every prior and scale (a paired bootstrap; the reference is fixed).
-    Keys: eval/cond/fd_se/prior=<p>/w=<w>, eval/diff/<metric>_se/prior=<p>/w=<w>.
+    Keys: eval/cond/fd_se/prior=<p>/w=<w>, eval/diff/<metric>_se/prior=<p>/w=<w> (of self − p), and for two priors
+    a, b other than self (a before b in the evaluation's order) eval/diff/<metric>_se_vs_<a>/prior=<b>/w=<w> (of
+    a − b; the same for b − a), so that any two priors' difference has an interval over samples.
     """
     out: dict[str, float] = {}
     if not scored:
@@ -200,14 +202,18 @@ def paired_scores(
         boot = {key: metrics.bootstrap_fd(s.feats, reference, draws) for key, s in scored.items()}
         for (prior, w), values in boot.items():
             out[key("cond", "fd_se", prior=prior, scale=w)] = float(values.std())
-    for (prior, w), s in scored.items():
-        mine = scored.get(("self", w))
-        if prior == "self" or w == 1 or mine is None:
-            continue
-        for name in mine.values.keys() & s.values.keys():
-            out[key("diff", f"{name}_se", prior=prior, scale=w)] = _se(mine.values[name] - s.values[name])
-        if boot:
-            out[key("diff", "fd_se", prior=prior, scale=w)] = float((boot[("self", w)] - boot[(prior, w)]).std())
+    priors = list(dict.fromkeys(prior for prior, _ in scored))
+    for i, a in enumerate(priors):  # every pair (a, b), a before b; a = self keeps the key without `_vs_`
+        for b in priors[i + 1 :]:
+            for w in {w for p, w in scored if p == b and w != 1}:
+                if (a, w) not in scored:
+                    continue
+                mine, other = scored[(a, w)], scored[(b, w)]
+                tag = "" if a == "self" else f"_vs_{a}"
+                for name in mine.values.keys() & other.values.keys():
+                    out[key("diff", f"{name}_se{tag}", prior=b, scale=w)] = _se(mine.values[name] - other.values[name])
+                if boot:
+                    out[key("diff", f"fd_se{tag}", prior=b, scale=w)] = float((boot[(a, w)] - boot[(b, w)]).std())
     return out
 
 
