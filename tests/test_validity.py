@@ -15,6 +15,7 @@ from priorlab.analysis.report import benefits, findings
 from priorlab.analysis.stats import paired_difference, pooled_over_samples
 from priorlab.analysis.validity import (
     THRESHOLDS,
+    Check,
     base_change,
     check_bases,
     check_conditions,
@@ -373,3 +374,68 @@ def test_html_dashboard_script_draws_the_charts(tmp_path):
     assert drawn["metric"] == "fd" and drawn["scales"].startswith("<svg") and drawn["scales"].count("<polyline") == 2
     assert "prior=self" in drawn["scales"] and "prior=base" in drawn["scales"]
     assert drawn["drift"].count("<polyline") == 1
+
+
+def _fd_study(fd_self: dict, axis: dict | None = None, seeds=(0, 1, 2)) -> pd.DataFrame:
+    """FD of prior=self {w: [per seed]} (prior=base 0.5 lower at w ≠ 1), accuracy 0.97, in one condition; `axis`
+    ({column: value}) adds a study axis between run and cond_dropout."""
+    rows = []
+    for i, s in enumerate(seeds):
+        run = f"finetune/p=0.1/seed={s}"
+        rows += _rows(run, 0.1, s, {w: (v[i], v[i] - 0.5 * (w != 1)) for w, v in fd_self.items()}, "fd")
+        rows += _rows(run, 0.1, s, {w: (0.97, 0.97) for w in fd_self}, "accuracy")
+    frame = pd.DataFrame(rows)
+    for position, (column, value) in enumerate((axis or {}).items(), start=1):
+        frame.insert(position, column, value)
+        frame["run"] = f"{column}={value}/" + frame["run"]
+    return frame
+
+
+def _pays(validity) -> Check:
+    return next(c for c in validity.checks if c.name == "guidance pays (prior=self, main conditions)")
+
+
+def test_guidance_pays_where_the_best_scale_beats_unguided_over_seeds(tmp_path):
+    # FD lowest unguided: guidance does not pay, and the check says so with the best scale
+    unguided = check_study(tmp_path, _fd_study({1.0: [3.0, 3.1, 3.2], 2.0: [4.0, 4.2, 4.1], 3.0: [5.0, 5.1, 5.3]}))
+    row = unguided.conditions.iloc[0]
+    assert row["best w self"] == 1.0 and not row["guidance pays"] and unguided.guidance_pays((0.1,)) is False
+    assert _pays(unguided).passed is False and "cond_dropout=0.1: w*=1 (unguided is best)" in _pays(unguided).value
+    assert "outside the regime that CFG users work in" in _pays(unguided).failure
+    assert unguided.outside_regime() == [(0.1,)] and unguided.valid((0.1,))  # per-scale findings still stated
+    # FD at w=2 lower than at w=1 by 2.0, 1.9, 1.8 over the seeds: guidance pays
+    pays = check_study(tmp_path, _fd_study({1.0: [5.0, 5.1, 5.2], 2.0: [3.0, 3.2, 3.4], 3.0: [4.0, 4.0, 4.0]}))
+    row = pays.conditions.iloc[0]
+    assert row["best w self"] == 2.0 and row["guidance pays"] and pays.guidance_pays((0.1,)) is True
+    assert (row["gain at best w self"].mean, row["gain at best w self"].lo > 0) == (pytest.approx(1.9), True)
+    assert _pays(pays).passed is True and pays.outside_regime() == []
+    # best at w=2 by the mean, but the gain's interval over seeds holds 0: not shown to pay
+    noisy = check_study(tmp_path, _fd_study({1.0: [5.0, 5.0, 5.0], 2.0: [3.0, 6.0, 4.5], 3.0: [6.0, 6.0, 6.0]}))
+    assert noisy.conditions.iloc[0]["best w self"] == 2.0 and _pays(noisy).passed is False
+    assert "FD(1) − FD(w*) 0.5 [" in _pays(noisy).value
+    # toy2d ranks scales by NLL, which guidance always lowers: no such check
+    nll = _fd_study({1.0: [3.0, 3.1, 3.2], 2.0: [4.0, 4.2, 4.1]})
+    nll["metric"] = nll["metric"].replace("fd", "nll")
+    toy = check_study(tmp_path, nll)
+    assert "guidance pays" not in toy.conditions and toy.guidance_pays((0.1,)) is None
+    assert not any(c.name.startswith("guidance pays") for c in toy.checks)
+
+
+def test_main_conditions_decide_the_guidance_check(tmp_path):
+    from priorlab.errors import UserError
+
+    broad = _fd_study({1.0: [5.0, 5.1, 5.2], 2.0: [3.0, 3.2, 3.4]}, {"base_name": "broad"})
+    narrow = _fd_study({1.0: [3.0, 3.1, 3.2], 2.0: [4.0, 4.2, 4.1]}, {"base_name": "narrow"})
+    frame = pd.concat([broad, narrow], ignore_index=True)
+    every = check_study(tmp_path, frame)
+    assert _pays(every).passed is False and "1 of 2 conditions (all main) fail" in _pays(every).value
+    main = check_study(tmp_path, frame, main={"base_name": ["broad"]})
+    assert list(main.conditions["main"]) == [True, False] and _pays(main).passed is True
+    assert main.guidance_pays(("narrow", 0.1)) is False  # not main: no study-level failure, still its own caveat
+    assert main.outside_regime() == [("narrow", 0.1)]
+    by_rate = check_study(tmp_path, frame, main={"base_name": ["narrow"], "cond_dropout": ["0.1"]})
+    assert list(by_rate.conditions["main"]) == [False, True] and _pays(by_rate).passed is False
+    assert "1 of 1 main conditions fail: base_name=narrow, cond_dropout=0.1: w*=1" in _pays(by_rate).value
+    assert list(check_study(tmp_path, frame, main={"cond_dropout": [0]}).conditions["main"]) == [False, False]
+    with pytest.raises(UserError, match="main names 'base'"):
+        check_study(tmp_path, frame, main={"base": ["broad"]})

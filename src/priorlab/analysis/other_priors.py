@@ -1,5 +1,7 @@
 """The report's section on extra priors (`extra_priors`, e.g. a smaller base as a cheap prior; issue 17): each one
-against the fine-tune's own ∅ branch and against the full-size base, paired over seeds, with its sampling time."""
+against the fine-tune's own ∅ branch and against the full-size base, paired over seeds, with its sampling time.
+What counts as a finding is the report's one rule (`stats.judge_scales`), each (condition, comparison, metric) a
+family; against the base no interval over samples is recorded, so no difference from the base is a finding."""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 from priorlab.analysis.results import extra_priors, final_rows
-from priorlab.analysis.stats import guided_advantage
-from priorlab.analysis.text import cond_label, markdown_table
-from priorlab.analysis.validity import LOWER_IS_BETTER, Validity, condition_keys
+from priorlab.analysis.stats import guided_advantage, with_verdicts
+from priorlab.analysis.text import cond_label, fmt_p, interval, markdown_table
+from priorlab.analysis.validity import CAVEAT, LOWER_IS_BETTER, Validity, condition_keys
 
 COMPARED = ("self", "base")  # what each extra prior is compared with
 
@@ -57,20 +59,43 @@ def _of(rows: pd.DataFrame, keys: list[str], cond: tuple) -> pd.DataFrame:
 
 
 def _verdict(rows: pd.DataFrame) -> str:
-    seen = [r for _, r in rows.iterrows() if r["estimate"].excludes_zero]
-    if not seen:
-        return "no difference (every interval over seeds holds 0)"
-    better = [f"w={r['guidance_scale']:g}: {r['estimate']}" for r in seen if r["estimate"].mean > 0]
-    worse = [f"w={r['guidance_scale']:g}: {r['estimate']}" for r in seen if r["estimate"].mean < 0]
-    parts = []
-    if better:
-        parts.append(f"better at {'; '.join(better)}")
-    if worse:
-        parts.append(f"worse at {'; '.join(worse)}")
-    return ", ".join(parts)
+    """What the findings against one prior say (rows with a `verdict`), naming the differences whose interval over
+    seeds excludes 0 but which are no finding, with why."""
+    found = [r for _, r in rows.iterrows() if r["verdict"].finding]
+    missed = [r for _, r in rows.iterrows() if not r["verdict"].finding and r["estimate"].excludes_zero]
+    better = [_scale(r) for r in found if r["estimate"].mean > 0]
+    worse = [_scale(r) for r in found if r["estimate"].mean < 0]
+    parts = [f"better at {'; '.join(better)}"] if better else []
+    parts += [f"worse at {'; '.join(worse)}"] if worse else []
+    although = f"although the interval over seeds excludes 0 at {'; '.join(map(_missed, missed))}" if missed else ""
+    if not parts:
+        return f"no finding, {although}" if missed else "no finding"
+    return ", ".join(parts) + (f"; no finding {although}" if missed else "")
 
 
-def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> list[str]:
+def _scale(r) -> str:
+    return f"w={r['guidance_scale']:g}{' (primary)' if r['verdict'].primary else ''}: {r['estimate']}"
+
+
+def _missed(r) -> str:
+    return f"{_scale(r)} ({r['verdict'].why_not})"
+
+
+def _table_row(label: str, other: str, r, acc: pd.Series, unit: str, valid: bool) -> dict:
+    """One row of an extra prior's table: both intervals, the Holm-adjusted p-values, the verdict."""
+    w, v = r["guidance_scale"], r["verdict"]
+    return {"condition": label, "against": other, "w": f"{w:g}" + (" (primary)" if v.primary else ""),
+            f"{unit} advantage": str(r["estimate"]),
+            "[CI over samples]": interval(r["over_samples"]),
+            "Holm p: seeds, samples": "—" if v.primary else f"{fmt_p(v.adj_seeds)}, {fmt_p(v.adj_samples)}",
+            "finding": "yes" if v.finding else f"no ({v.why_not})",
+            "accuracy advantage": str(acc[w]) if w in acc.index else "—",
+            "conclusive": "yes" if valid else "no (validity)"}  # fmt: skip
+
+
+def extra_prior_lines(
+    frame: pd.DataFrame, validity: Validity, metric: str, primary_scale: float | None = None
+) -> list[str]:
     """Report lines for each extra prior: a statement per valid condition against self and base, the table of
     every condition and scale, and the sampling time against self and base. Empty without extra priors."""
     names = extra_prior_names(frame)
@@ -86,34 +111,33 @@ def extra_prior_lines(frame: pd.DataFrame, validity: Validity, metric: str) -> l
         loss_text = ", ".join(f"{who} {value:.4g}" for who, value in losses.items())
         lines += [f"## The extra prior `{name}`: against the fine-tune's own ∅ branch and the base", "",
                   f"prior={name} is another network in the base's place (`extra_priors`). Advantage > 0: prior={name} "
-                  f"did better (lower {unit}, higher accuracy); mean [95% CI over seeds], paired. A statement needs "
-                  "its condition to pass the validity checks."
+                  f"did better (lower {unit}, higher accuracy); mean [95% CI over seeds], paired. A finding follows "
+                  "the rule stated for the swap's findings (both intervals at the primary scale, Holm-adjusted p "
+                  "over seeds and over samples at the secondary ones) and needs its condition to pass the validity "
+                  "checks; against prior=base the interval over samples is not recorded, so no difference from the "
+                  "base is a finding."
                   + (f" Its sampling took {timing} time (median over runs and guided scales of each (prior, w)'s "
                      "sampling time; with eval.one_pass=scales a prior's pass is shared out over its scales)."
                      if timing else "")
                   + (f" Held-out ∅ loss over all timesteps (mean over the fine-tunes' final evaluations): {loss_text}."
                      if name in losses else ""), ""]  # fmt: skip
         table = []
-        per_other = {o: advantage(frame, metric, o, name) for o in COMPARED}
+        per_other = {o: with_verdicts(advantage(frame, metric, o, name), keys, primary_scale) for o in COMPARED}
         accuracy = {o: advantage(frame, "accuracy", o, name) for o in COMPARED}
         for cond in sorted({tuple(r) for r in per_other["self"][keys].itertuples(index=False)}):
             label = cond_label(keys, cond)
             valid = validity.valid(cond) and validity.priors_valid
             mine = {o: _of(per_other[o], keys, cond).sort_values("guidance_scale") for o in COMPARED}
             if valid:
-                vs = [f"against prior={o}, {_verdict(mine[o])}" for o in COMPARED]
-                lines.append(f"- **{label}** ({unit}): {'; '.join(vs)}.")
+                caveat = f" Caveat: {CAVEAT}." if validity.guidance_pays(cond) is False else ""
+                lines.append(f"- **{label}** ({unit}):{caveat}")
+                lines += [f"  - against prior={o}: {_verdict(mine[o])}." for o in COMPARED]
             else:
                 why = "an extra prior did not converge" if not validity.priors_valid else "it failed a validity check"
                 lines.append(f"- **{label}**: no conclusion ({why}).")
             for other in COMPARED:
                 acc = _of(accuracy[other], keys, cond).set_index("guidance_scale")["estimate"]
-                for _, r in mine[other].iterrows():
-                    w = r["guidance_scale"]
-                    table.append({"condition": label, "against": other, "w": f"{w:g}",
-                                  f"{unit} advantage": str(r["estimate"]),
-                                  "accuracy advantage": str(acc[w]) if w in acc.index else "—",
-                                  "conclusive": "yes" if valid else "no (validity)"})  # fmt: skip
+                table += [_table_row(label, other, r, acc, unit, valid) for _, r in mine[other].iterrows()]
         if table:
             lines += ["", "<details><summary>Every condition and scale</summary>", "",
                       markdown_table(pd.DataFrame(table)), "", "</details>"]  # fmt: skip

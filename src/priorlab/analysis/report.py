@@ -11,6 +11,15 @@ from scipy import stats
 
 from priorlab import atomic
 from priorlab.analysis import figures, sign_rule
+from priorlab.analysis.findings import (
+    BENEFIT_NOTE,
+    DETECTABLE_NOTE,
+    benefits,
+    findings,
+    regime_lines,
+    rule_note,
+    summary,
+)
 from priorlab.analysis.other_priors import extra_prior_lines
 from priorlab.analysis.results import (
     axis_columns,
@@ -20,15 +29,16 @@ from priorlab.analysis.results import (
     load_results,
     study_record,
 )
-from priorlab.analysis.stats import Estimate, guided_advantage, mean_ci
-from priorlab.analysis.text import cond_label, fmt_axis, markdown_table
+from priorlab.analysis.stats import Estimate, judge, mean_ci, pooled_over_samples
+from priorlab.analysis.text import cond_label, fmt_axis, interval, markdown_table
 from priorlab.analysis.validity import (
+    GAIN,
     LOWER_IS_BETTER,
+    PAYS,
     Validity,
     check_study,
     comparison_metrics,
     condition_keys,
-    power_estimate,
     study_metric,
 )
 
@@ -37,11 +47,18 @@ def _fmt_w(w: float) -> str:
     return f"{w:g}"
 
 
-def headline(frame: pd.DataFrame, metric: str = "fd", keys: list[str] | None = None) -> pd.DataFrame:
-    """Per condition: best value over scales for each prior (mean and CI over seeds) and its argmin scale."""
+def headline(
+    frame: pd.DataFrame, metric: str = "fd", keys: list[str] | None = None, validity: Validity | None = None
+) -> pd.DataFrame:
+    """Per condition: best value over scales for each prior (mean and CI over seeds), its best scale by the mean
+    over seeds, and Δ best (self − base, per seed). With `validity`, Δ best's interval over samples and whether it
+    is a finding: judged alone by both intervals (`stats.judge`), never where the condition failed its validity
+    checks or guidance does not pay there."""
     keys = keys or condition_keys(frame)
     final = final_rows(frame)
     sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base"])]
+    se_rows = final[(final["metric"] == f"diff_{metric}_se") & (final["prior"] == "base")]
+    se = se_rows.set_index([*keys, "seed", "guidance_scale"])["value"]
     better_low = metric in LOWER_IS_BETTER
     rows = []
     for cond, g in sub.groupby(keys, sort=True):
@@ -51,151 +68,59 @@ def headline(frame: pd.DataFrame, metric: str = "fd", keys: list[str] | None = N
         for prior in ("self", "base"):
             s = g[g["prior"] == prior]
             pick = s.groupby("seed")["value"].idxmin() if better_low else s.groupby("seed")["value"].idxmax()
-            per_seed = s.loc[pick]
-            best[prior] = per_seed.set_index("seed")["value"]
-            row[f"best {metric} prior={prior}"] = str(mean_ci(per_seed["value"]))
+            best[prior] = s.loc[pick].set_index("seed")[["guidance_scale", "value"]]
+            row[f"best {metric} prior={prior}"] = str(mean_ci(best[prior]["value"]))
             mean_by_w = s.groupby("guidance_scale")["value"].mean()
             row[f"w* {prior}"] = _fmt_w(mean_by_w.idxmin() if better_low else mean_by_w.idxmax()) if len(s) else ""
-        diff = (best["self"] - best["base"]).dropna()
-        row["Δ best (self − base)"] = str(mean_ci(diff.values))
+        diff = (best["self"]["value"] - best["base"]["value"]).dropna()
+        estimate = mean_ci(diff.values)
+        row["Δ best (self − base)"] = str(estimate)
+        if validity is not None:
+            samples = _best_over_samples(best, diff, lambda seed, w, c=cond: se.get((*c, seed, w), math.nan))
+            row["Δ best [CI over samples]"] = interval(samples)
+            row["Δ best a finding"] = _best_finding(validity, cond, estimate, samples, diff.values, best)
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-HIGHER_IS_BETTER = {"accuracy", "precision", "recall"}
+def _best_over_samples(best: dict[str, pd.DataFrame], diff: pd.Series, se_at) -> Estimate | None:
+    """Δ best's interval over samples, pooled from each seed's recorded SE of the paired difference where both
+    priors are best at the same scale at every seed (w = 1: the same samples, SE 0); None elsewhere (not recorded)."""
+    ws, wb = best["self"]["guidance_scale"].reindex(diff.index), best["base"]["guidance_scale"].reindex(diff.index)
+    if diff.empty or not (ws == wb).all():
+        return None
+    ses = [0.0 if w == 1 else se_at(seed, w) for seed, w in ws.items()]
+    return None if any(math.isnan(x) for x in ses) else pooled_over_samples(diff.values, ses)
+
+
+def _best_finding(
+    validity: Validity, cond: tuple, estimate: Estimate, samples: Estimate | None, per_seed, best: dict
+) -> str:
+    """Whether Δ best is a finding, or why not."""
+    if not validity.valid(cond):
+        return "no (validity)"
+    if validity.guidance_pays(cond) is False:
+        return "no (guidance does not pay)"
+    verdict = judge(estimate, samples, per_seed)
+    differ = not best["self"]["guidance_scale"].equals(best["base"]["guidance_scale"])
+    unrecorded = verdict.why_not == "over samples not recorded" and differ
+    why = verdict.why_not + (": the priors' best scales differ at some seed" if unrecorded else "")
+    return "yes" if verdict.finding else f"no ({why})"
+
+
 METRIC_NAMES = {"fd": "FD", "nll": "exact NLL (nats)", "accuracy": "accuracy",
                 "ideal_mse": "distance to exact guidance (ideal_mse)"}  # fmt: skip
-BENEFIT_NOTE = (
-    "Benefit > 0: prior=base did better than the fine-tune's own ∅ branch (prior=self). A finding is a benefit whose "
-    '95% interval over seeds excludes 0 in a condition that passed its validity checks. "Detectable" is the '
-    "smallest benefit a paired t-test over these seeds finds with 80% power (two-sided 5%), from the spread of the "
-    "per-seed benefits."
+BEST_NOTE = (
+    "Δ best is judged alone, as a primary scale is: a finding only if both its 95% intervals, over seeds and over "
+    "samples, exclude 0, in a condition that passed its validity checks and where guidance pays. Its interval over "
+    "samples pools each seed's recorded SE of the paired difference where both priors are best at the same scale at "
+    "every seed (at w=1 the difference is exactly 0); elsewhere it is not recorded, and Δ best is no finding."
 )
 IDEAL_NOTE = (
     "ideal_mse is the mean squared distance of each sample to the sample that guidance with the true scores gives "
     "from the same noise, at the same scale and with the same sampler: unlike the NLL, which samples collapsing onto "
     "the modes lower, it asks which prior guides closer to exact guidance."
 )
-
-
-def benefits(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """The swap's benefit per condition and w ≠ 1, signed so that > 0 means prior=base did better: metric(self) −
-    metric(base) for lower-is-better metrics, the reverse for accuracy, precision and recall. Columns of
-    `paired_difference` plus `mde`, the smallest benefit 3+ seeds detect with 80% power (over seeds)."""
-    diffs = guided_advantage(final_rows(frame), metric, condition_keys(frame), "self", "base",
-                             metric in HIGHER_IS_BETTER)  # fmt: skip
-    diffs["mde"] = diffs["per_seed"].map(power_estimate)
-    return diffs
-
-
-def statements(frame: pd.DataFrame, metric: str = "fd") -> list[str]:
-    """One sentence per condition: where the base prior helps, hurts, or is within noise (paired over seeds)."""
-    keys = condition_keys(frame)
-    out = []
-    for cond, g in benefits(frame, metric).groupby(keys, sort=True):
-        cond = cond if isinstance(cond, tuple) else (cond,)
-        helps, hurts, noise = [], [], []
-        for _, row in g.sort_values("guidance_scale").iterrows():
-            est, w = row["estimate"], row["guidance_scale"]
-            text = f"w={_fmt_w(w)}: {est}"
-            (helps if est.excludes_zero and est.mean > 0 else hurts if est.excludes_zero else noise).append(text)
-        n = int(g["estimate"].iloc[0].n) if len(g) else 0
-        parts = [f"**{cond_label(keys, cond)}** ({n} seeds; the swap's benefit in {metric.upper()}, mean [95% CI "
-                 "over seeds], > 0: prior=base better):"]  # fmt: skip
-        parts.append(f"the base prior helps at {'; '.join(helps)}." if helps else "the base prior helps at no scale.")
-        if hurts:
-            parts.append(f"It hurts at {'; '.join(hurts)}.")
-        if noise:
-            parts.append(f"Within noise at {'; '.join(noise)}.")
-        out.append(" ".join(parts))
-    return out
-
-
-def summary(frame: pd.DataFrame, validity: Validity, metric: str) -> list[str]:
-    """One line counting the valid conditions where the base prior helps at every scale where a difference was
-    found, hurts, or shows no difference, naming them."""
-    keys = condition_keys(frame)
-    groups: dict[str, list[str]] = {"helps": [], "hurts": [], "helps at some scales and hurts at others": [],
-                                    "shows no difference": []}  # fmt: skip
-    for cond, g in benefits(frame, metric).groupby(keys, sort=True):
-        cond = cond if isinstance(cond, tuple) else (cond,)
-        if not validity.valid(cond):
-            continue
-        seen = [e.mean for e in g["estimate"] if e.excludes_zero]
-        kind = ("shows no difference" if not seen else "helps" if min(seen) > 0 else "hurts" if max(seen) < 0
-                else "helps at some scales and hurts at others")  # fmt: skip
-        groups[kind].append(cond_label(keys, cond))
-    total = sum(len(v) for v in groups.values())
-    if not total:
-        return []
-    parts = [f"{kind} in {len(v)} ({'; '.join(v)})" for kind, v in groups.items() if v]
-    return [f"**Summary over the {total} conditions that passed**: the base prior {', '.join(parts)}.", ""]
-
-
-def findings(frame: pd.DataFrame, validity: Validity, metric: str) -> tuple[list[str], pd.DataFrame]:
-    """The statements a valid condition supports, and the table of every benefit with both intervals and the
-    smallest detectable benefit. Invalid conditions get one line saying why nothing is concluded there."""
-    keys = condition_keys(frame)
-    table, lines = [], []
-    name = metric.upper()
-    for cond, g in benefits(frame, metric).groupby(keys, sort=True):
-        cond = cond if isinstance(cond, tuple) else (cond,)
-        label = cond_label(keys, cond)
-        valid = validity.valid(cond)
-        for _, row in g.sort_values("guidance_scale").iterrows():
-            table.append({"condition": label, "w": _fmt_w(row["guidance_scale"]),
-                          "benefit [CI over seeds]": str(row["estimate"]),
-                          "[CI over samples]": _interval(row["over_samples"]),
-                          "detectable (80% power)": f"{row['mde']:.3g}" if not math.isnan(row["mde"]) else "—",
-                          "conclusive": "yes" if valid else "no (validity)"})  # fmt: skip
-        if not valid:
-            lines.append(f"**{label}**: no conclusion ({_why_not(validity, cond)}).")
-            continue
-        seen = [r for _, r in g.iterrows() if r["estimate"].excludes_zero]
-        samples_only = [r for _, r in g.iterrows() if not r["estimate"].excludes_zero and r["over_samples"] is not None
-                        and r["over_samples"].excludes_zero]  # fmt: skip
-        if seen:
-            parts = [f"w={_fmt_w(r['guidance_scale'])}: {'+' if r['estimate'].mean > 0 else ''}{r['estimate']}"
-                     for r in seen]  # fmt: skip
-            helps = all(r["estimate"].mean > 0 for r in seen)
-            hurts = all(r["estimate"].mean < 0 for r in seen)
-            verb = "helps" if helps else "hurts" if hurts else "helps or hurts by scale"
-            lines.append(f"**{label}**: the base prior {verb} ({name}, > 0: better with the base; 95% CI over "
-                         f"{int(g['estimate'].iloc[0].n)} seeds) at {'; '.join(parts)}.")  # fmt: skip
-        else:
-            mde = g["mde"].dropna()
-            power = (
-                f"; with these seeds a benefit below {mde.median():.3g} (median over w) would go unseen"
-                if len(mde)
-                else ""
-            )
-            lines.append(f"**{label}**: no difference between the priors excludes 0 over seeds{power}.")
-        if samples_only:
-            ws = ", ".join(_fmt_w(r["guidance_scale"]) for r in samples_only)
-            lines.append(
-                f"  - at w={ws} the interval over samples excludes 0 but the one over seeds does not: "
-                "a difference of these trained models, not shown to survive another training run."
-            )
-    return lines, pd.DataFrame(table)
-
-
-def _interval(e: Estimate | None) -> str:
-    return "—" if e is None else f"[{e.lo + 0.0:.3g}, {e.hi + 0.0:.3g}]"  # + 0.0: no "-0"
-
-
-def _why_not(validity: Validity, cond: tuple) -> str:
-    reasons = [] if validity.study_valid else ["the base did not converge"]
-    rows = validity.conditions[validity.conditions["condition"] == cond]
-    if rows.empty:
-        return "; ".join(reasons) or "not evaluated"
-    row = rows.iloc[0]
-    if not row["learned"]:
-        extra = f", excess NLL {row['nll_excess']:.2f} nats" if not math.isnan(row["nll_excess"]) else ""
-        reasons.append(f"the fine-tunes did not learn their conditions: accuracy {row['accuracy']:.3f}, chance "
-                       f"{row['chance']:.3f}{extra}")  # fmt: skip
-    if not row["enough_seeds"]:
-        reasons.append(f"{row['seeds']} seeds, fewer than needed")
-    return "; ".join(reasons)
 
 
 def drift_statement(frame: pd.DataFrame) -> list[str]:
@@ -234,6 +159,7 @@ def validity_lines(validity: Validity, metric: str) -> list[str]:
         lines.append(f"{lead}: the findings below are results of this design, within the intervals stated.")
     for c in failed:
         lines.append(f"- **{c.name} failed**: {c.value}. {c.failure[:1].upper()}{c.failure[1:]}.")
+    lines += regime_lines(validity)
     if not validity.study_valid:
         lines.append("- **No conclusion about priors can be drawn from this study.**")
     elif len(validity.conditions) and not validity.conditions["valid"].any():
@@ -242,20 +168,30 @@ def validity_lines(validity: Validity, metric: str) -> list[str]:
                      f"(the lowest accuracy {row['accuracy']:.3f}, chance {row['chance']:.3f}).")  # fmt: skip
     lines += [*[f"- {n}" for n in validity.notes], ""]
     if len(validity.conditions):
-        table = validity.conditions.copy()
-        table["condition"] = [cond_label(validity.keys, c) for c in table["condition"]]
-        for col in ("accuracy", "accuracy_w1", "chance", "nll_excess"):
-            table[col] = table[col].map(lambda v: f"{v:.3g}")
-        columns = {"condition": "condition", "seeds": "seeds",
-                   "accuracy": f"lowest accuracy at the best prior and w ({metric.upper()})",
-                   "accuracy_w1": "lowest accuracy unguided", "chance": "chance", "nll_excess": "excess NLL at w=1",
-                   "best w self": "best w self", "best w base": "best w base", "w inside grid": "w inside grid",
-                   "valid": "findings stated"}  # fmt: skip
-        table = table[list(columns)].rename(columns=columns)
-        if (table["excess NLL at w=1"] == "nan").all():
-            table = table.drop(columns="excess NLL at w=1")
-        lines += [markdown_table(table), ""]
+        lines += [markdown_table(_conditions_table(validity, metric)), ""]
     return lines
+
+
+def _conditions_table(validity: Validity, metric: str) -> pd.DataFrame:
+    """The per-condition table of the validity section; `main` where study.json names main conditions, and the
+    guidance-pays columns where the check applies (FD)."""
+    table = validity.conditions.copy()
+    table["condition"] = [cond_label(validity.keys, c) for c in table["condition"]]
+    for col in ("accuracy", "accuracy_w1", "chance", "nll_excess"):
+        table[col] = table[col].map(lambda v: f"{v:.3g}")
+    columns = {"condition": "condition", "main": "main", "seeds": "seeds",
+               "accuracy": f"lowest accuracy at the best prior and w ({metric.upper()})",
+               "accuracy_w1": "lowest accuracy unguided", "chance": "chance", "nll_excess": "excess NLL at w=1",
+               "best w self": "best w self", "best w base": "best w base", "w inside grid": "w inside grid",
+               GAIN: "FD(w=1) − FD(best w self)", PAYS: "guidance pays", "valid": "findings stated"}  # fmt: skip
+    if GAIN in table:
+        table[GAIN] = table[GAIN].map(str)
+    if table["main"].all():
+        del columns["main"]
+    table = table[[c for c in columns if c in table]].rename(columns=columns)
+    if (table["excess NLL at w=1"] == "nan").all():
+        table = table.drop(columns="excess NLL at w=1")
+    return table
 
 
 def build_report(study_dir: str | Path) -> Path:
@@ -270,7 +206,9 @@ def build_report(study_dir: str | Path) -> Path:
     final = final_rows(frame)
     axes = axis_columns(frame)
     metric = study_metric(frame)
-    validity = check_study(study_dir, frame, meta.get("validity"), meta.get("base_seeds"))
+    validity = check_study(study_dir, frame, meta.get("validity"), meta.get("base_seeds"), meta.get("main"))
+    primary = meta.get("primary_scale")
+    guided = sorted(w for w in final["guidance_scale"].dropna().unique() if w != 1)
     rates = ", ".join(f"{p:g}" for p in sorted(frame["cond_dropout"].unique()))
     scales = ", ".join(_fmt_w(w) for w in sorted(final["guidance_scale"].dropna().unique()))
     conditions = "".join(f"{a} ∈ {{{', '.join(map(str, sorted(frame[a].unique(), key=str)))}}}, " for a in axes)
@@ -287,7 +225,8 @@ def build_report(study_dir: str | Path) -> Path:
         f"Guidance scales are ranked by {metric.upper()}. FD, KID, precision and recall use the study's evaluator "
         f'features; {interval_note(frame["seed"].nunique())} Intervals "over samples" pool each run\'s standard '
         "error over its generated samples (a paired bootstrap for FD): they describe these trained models, not "
-        "another training run. Scale 1 never uses the prior, so both priors coincide there.",
+        "another training run. Scale 1 never uses the prior, so both priors coincide there. "
+        + _primary_text(primary, guided),
         "",
         *validity_lines(validity, metric),
     ]
@@ -298,19 +237,20 @@ def build_report(study_dir: str | Path) -> Path:
         )
     }
     for m in comparison_metrics(frame):
-        found, table = findings(frame, validity, m)
-        note = f"{BENEFIT_NOTE} {IDEAL_NOTE}" if m == "ideal_mse" else BENEFIT_NOTE
+        found, table = findings(frame, validity, m, primary)
+        note = f"{BENEFIT_NOTE} {rule_note(primary, guided)} {DETECTABLE_NOTE}"
+        note += f" {IDEAL_NOTE}" if m == "ideal_mse" else ""
         lines += [f"## Findings: the swap's benefit in {METRIC_NAMES.get(m, m)}", "", note, "",
-                  *summary(frame, validity, m), *[f"- {line}" if not line.startswith("  ") else line for line in found],
-                  ""]  # fmt: skip
+                  *summary(frame, validity, m, primary),
+                  *[f"- {line}" if not line.startswith("  ") else line for line in found], ""]  # fmt: skip
         if len(table):
             lines += ["<details><summary>Every condition and scale</summary>", "", markdown_table(table), "",
                       "</details>", ""]  # fmt: skip
-    lines += extra_prior_lines(frame, validity, metric)
+    lines += extra_prior_lines(frame, validity, metric, primary)
     made["h"] = ("(h) the swap's benefit at each guided scale, per condition",
                  figures.benefit_per_scale(benefits(frame, metric), condition_keys(frame), validity.valid, metric,
                                            fig_dir / "h_benefit_per_scale.png"))  # fmt: skip
-    body, figs = _per_condition_sections(study_dir, frame, fig_dir, metric)
+    body, figs = _per_condition_sections(study_dir, frame, fig_dir, metric, validity)
     lines += body
     made.update(figs)
     swap_lines, swap_figs = _swap_sections(frame, fig_dir, validity)
@@ -323,7 +263,18 @@ def build_report(study_dir: str | Path) -> Path:
     return atomic.write_text(study_dir / "report.md", "\n".join(lines))
 
 
-def _per_condition_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path, metric: str) -> tuple[list, dict]:
+def _primary_text(primary: float | None, guided: list[float]) -> str:
+    """The sentence on the study's primary guidance scale (study.json's `primary_scale`)."""
+    if primary is None:
+        return "No primary guidance scale is declared, so every guided scale is secondary."
+    if not any(math.isclose(primary, w) for w in guided):
+        return f"The declared primary scale w={primary:g} was not evaluated, so every guided scale is secondary."
+    return f"The primary guidance scale is w={primary:g}; the other guided scales are secondary."
+
+
+def _per_condition_sections(
+    study_dir: Path, frame: pd.DataFrame, fig_dir: Path, metric: str, validity: Validity
+) -> tuple[list, dict]:
     """The headline and drift sections, with figures (a)–(e)."""
     made = {
         "a": (f"(a) {metric.upper()} vs guidance scale", figures.fd_vs_scale(frame, fig_dir / "a_fd_vs_scale.png",
@@ -340,9 +291,14 @@ def _per_condition_sections(study_dir: Path, frame: pd.DataFrame, fig_dir: Path,
     for m in [x for x in ("fd", "nll", "accuracy") if (final["metric"] == x).any()]:
         name = {"fd": "FD", "nll": "exact NLL of the samples under the true conditional density",
                 "accuracy": "accuracy of the samples (evaluator)"}[m]  # fmt: skip
-        table = headline(frame, m)
+        table = headline(frame, m, validity=validity)
+        first = not lines
         lines += [f"## Headline: best {name} over guidance scales (mean [95% CI over seeds])", "",
                   markdown_table(table), ""]  # fmt: skip
+        if first:
+            lines += [BEST_NOTE, ""]
+        if m == "fd" and regime_lines(validity):
+            lines += [*regime_lines(validity), ""]
         if len(table) and ((table["w* self"] == "1") & (table["w* base"] == "1")).any():
             lines += ["Where both priors are best at w=1 they coincide by construction (w=1 never uses the prior): "
                       "guidance did not improve this metric there.", ""]  # fmt: skip
@@ -418,7 +374,10 @@ def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
     lines = [title, "",
              "Per cell (study axes, p, w) the fitted prior's paired difference from the cell's better and worse "
              "fixed prior (the better by its mean over seeds), mean [95% t-CI] over seeds; a cell whose interval "
-             "against the better includes 0 is within noise, not a failure.", ""]  # fmt: skip
+             "against the better includes 0 is within noise, not a failure. These verdicts describe the cells by "
+             "the interval over seeds alone (no interval over samples is recorded against the better fixed prior, and "
+             "there is no correction over cells), so they are not findings in the sense of the rule above; a "
+             "zero-width interval counts as no spread, never as better or worse.", ""]  # fmt: skip
     for c in fitted:
         cells = sign_rule.fitted_cells(points, c.prior)
         counts = cells["verdict"].value_counts()

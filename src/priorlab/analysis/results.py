@@ -148,19 +148,26 @@ def check_complete(frame: pd.DataFrame, path: Path) -> None:
 
 def study_record(path: str | Path) -> dict:
     """study.json (`path`), checked: a JSON object whose name and preset are names, validity a mapping of
-    numbers, base_seeds and seeds lists of whole numbers, sessions a list; a UserError naming the file otherwise."""
+    numbers, base_seeds and seeds lists of whole numbers, sessions a list, primary_scale a number (or null) and main
+    a mapping of condition keys to lists of values; a UserError naming the file otherwise."""
     path = Path(path)
     remedy = ('restore it, or write {"name": "<study>", "preset": "<preset>"} there and run `priorlab study <study> '
               'preset=<preset>` again (its finished runs are kept)')  # fmt: skip
     held = read_json_object(path, "a study record", remedy)
     kinds = {"name": (str,), "preset": (str,), "validity": (dict, type(None)), "base_seeds": (list, type(None)),
-             "seeds": (list,), "sessions": (list,)}  # fmt: skip
+             "seeds": (list,), "sessions": (list,), "primary_scale": (int, float, type(None)),
+             "main": (dict, type(None))}  # fmt: skip
     for key, types in kinds.items():
         if key in held and not isinstance(held[key], types):
             raise UserError(f"{path}: {key}={held[key]!r} is not {' or '.join(t.__name__ for t in types)}; {remedy}")
     numbers = [*(held.get("validity") or {}).values(), *(held.get("base_seeds") or []), *held.get("seeds", [])]
+    numbers += [held["primary_scale"]] if held.get("primary_scale") is not None else []
+    main = (held.get("main") or {}).values()
+    if not all(isinstance(v, list) and all(isinstance(x, str | int | float) for x in v) for v in main):
+        raise UserError(f'{path}: main must map condition keys to lists of values, e.g. {{"base_name": ["broad"]}}; '
+                        f"{remedy}")  # fmt: skip
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
-        raise UserError(f"{path}: validity, base_seeds and seeds must hold numbers; {remedy}")
+        raise UserError(f"{path}: validity, base_seeds, seeds and primary_scale must hold numbers; {remedy}")
     return held
 
 

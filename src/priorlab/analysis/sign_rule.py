@@ -129,8 +129,11 @@ def fitted_cells(points: pd.DataFrame, prior: str) -> pd.DataFrame:
     """Per cell (study axes, cond_dropout, w), `prior` against the better and the worse fixed prior of the cell
     (by the mean over seeds) as paired differences over seeds, mean [95% t-CI], with a verdict: "better than
     both" or "worse than the better" where the interval against the better excludes 0, "the better itself"
-    where it gave the same values at every seed, else "within noise of the better" (with fewer than 2 seeds,
-    "one seed"). Seeds, not (run, w) points, are the replicates."""
+    where it gave the same values at every seed, "no spread over seeds" where it differed from the better by the
+    same nonzero amount at every seed (a zero-width interval is no evidence: the report's rule), else "within
+    noise of the better" (with fewer than 2 seeds, "one seed"). Seeds, not (run, w) points, are the replicates.
+    These are descriptive: judged by the interval over seeds alone, with no interval over samples (none is recorded
+    against a fixed prior other than self) and no correction over cells, they are not findings."""
     if prior not in points:
         return pd.DataFrame()
     keys = [c for c in points.columns if c not in ("run", "seed", "benefit", "log_ratio", *FIXED, *FITTED)]
@@ -144,6 +147,8 @@ def fitted_cells(points: pd.DataFrame, prior: str) -> pd.DataFrame:
             verdict = "one seed"
         elif vs_better.mean == 0 and vs_better.lo == vs_better.hi == 0:
             verdict = "the better itself"  # the same samples as the better fixed prior at every seed
+        elif vs_better.zero_width:
+            verdict = "no spread over seeds"
         elif vs_better.hi < 0:
             verdict = "better than both" if vs_worse.hi < 0 else "better than the better"
         elif vs_better.lo > 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 
@@ -21,3 +23,13 @@ def markdown_table(df: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in df.values]
     return "\n".join(lines)
+
+
+def interval(e) -> str:
+    """An Estimate's interval as `[lo, hi]`, "—" for None (not recorded)."""
+    return "—" if e is None else f"[{e.lo + 0.0:.3g}, {e.hi + 0.0:.3g}]"  # + 0.0: no "-0"
+
+
+def fmt_p(p: float) -> str:
+    """A p-value to two significant digits, "—" for nan (no test), "<1e-10" below that."""
+    return "—" if math.isnan(p) else "<1e-10" if p < 1e-10 else f"{p:.2g}"

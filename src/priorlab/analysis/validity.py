@@ -2,9 +2,10 @@
 
 A comparison of priors means something only where (1) the base it swaps in had converged, (2) the fine-tune
 learned the conditions it is guided towards, (3) the best guidance scale lies inside the grid, so that "best
-over w" is not cut off, and (4) the design has the seeds to see an effect of the size that matters. Each check
-gives its number and its threshold; a failing check says what cannot be concluded. Conditions (the study axes
-and cond_dropout) are judged one by one: a failing condition withholds its own findings, not the others'.
+over w" is not cut off, (4) the design has the seeds to see an effect of the size that matters, and (5) on images,
+guidance pays: the fine-tune's FD is lower at its best guided scale than unguided, the regime CFG users work in.
+Each check gives its number and its threshold; a failing check says what cannot be concluded. Conditions (the study
+axes and cond_dropout) are judged one by one: a failing condition withholds its own findings, not the others'.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import yaml
 from scipy import stats
 
 from priorlab.analysis.results import axis_columns, final_rows
+from priorlab.analysis.stats import Estimate, mean_ci
+from priorlab.errors import UserError
 
 # The defaults of an experiment preset's `validity:` thresholds.
 THRESHOLDS = {
@@ -34,6 +37,14 @@ PRIOR_CHECK = "extra prior converged"  # each extra prior's, the gate of the fin
 MEANING_BASE = ("its prior is not the converged model that a swap assumes, so a swap's benefit or harm says little "
                 "about a converged base")  # fmt: skip
 MEANING_PRIOR = "the report draws no conclusion about the extra priors (the findings about self and base stand)"
+PAYS_CHECK = "guidance pays (prior=self, main conditions)"
+PAYS = "guidance pays"  # the conditions table's column: True, False, or absent where not measured (toy2d's NLL)
+GAIN = "gain at best w self"  # FD(w=1) − FD(w*) of prior=self per seed, an Estimate
+OUTSIDE_REGIME = ("outside the regime where guidance pays (the fine-tune's FD at its best guidance scale is not shown "
+                  "to be lower than unguided)")  # fmt: skip
+NO_GAIN = "the comparisons of priors there are at guidance scales that do not improve FD (or are not shown to)"
+CAVEAT = ("guidance does not pay in this condition (see Validity), so these are comparisons of priors at guidance "
+          "scales that do not improve FD")  # fmt: skip
 
 
 @dataclass
@@ -78,6 +89,18 @@ class Validity:
             return False
         row = self.conditions[self.conditions["condition"] == condition]
         return bool(len(row)) and bool(row["valid"].iloc[0])
+
+    def guidance_pays(self, condition: tuple) -> bool | None:
+        """Whether guidance pays in the condition (`check_guidance`); None where not measured (toy2d's NLL)."""
+        row = self.conditions[self.conditions["condition"] == condition] if PAYS in self.conditions else []
+        return None if not len(row) else bool(row[PAYS].iloc[0])
+
+    def outside_regime(self) -> list[tuple]:
+        """The conditions where guidance does not pay: their comparisons of priors are at scales that do not
+        improve FD, and their best over scales is no finding."""
+        if PAYS not in self.conditions:
+            return []
+        return list(self.conditions.loc[~self.conditions[PAYS].astype(bool), "condition"])
 
 
 def study_metric(frame: pd.DataFrame) -> str:
@@ -190,9 +213,10 @@ def power_estimate(differences: np.ndarray, power: float = 0.8, alpha: float = 0
     return float((stats.t.ppf(1 - alpha / 2, dof) + stats.t.ppf(power, dof)) * d.std(ddof=1) / math.sqrt(len(d)))
 
 
-def check_conditions(frame: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFrame, list[str]]:
+def check_conditions(frame: pd.DataFrame, thresholds: dict, main: dict | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Per condition: its seeds, the lowest accuracy of its fine-tunes at their best (prior, w), the largest
-    excess NLL at w = 1 (toy2d), the best w of each prior (mean over seeds) and whether that lies inside the grid;
+    excess NLL at w = 1 (toy2d), the best w of each prior (mean over seeds) and whether that lies inside the grid,
+    whether it is one of the study's `main` conditions and, on images, whether guidance pays (`check_guidance`);
     `valid` when it has the seeds and every fine-tune learned its conditions."""
     final = final_rows(frame)
     metric = study_metric(frame)
@@ -232,10 +256,42 @@ def check_conditions(frame: pd.DataFrame, thresholds: dict) -> tuple[pd.DataFram
             interior = interior and not (at_top or at_bottom_guided)
         row["w inside grid"] = interior
         row["valid"] = row["learned"] and row["enough_seeds"]
+        row["main"] = is_main(dict(zip(keys, cond, strict=True)), main)
+        if metric == "fd":
+            row[GAIN], row[PAYS] = check_guidance(final, g["run"], row["best w self"])
         rows.append(row)
     if not rows:
         notes.append("no fine-tune has an evaluation with prior=self at its final step")
     return pd.DataFrame(rows), notes
+
+
+def is_main(condition: dict, main: dict | None) -> bool:
+    """Whether a condition ({key: value}) matches every entry of study.json's `main` ({key: [values]}), values
+    compared as strings or, where both are numbers, as numbers ("0" matches cond_dropout 0.0). No `main`: True.
+    A key that is no condition key is a UserError: a misspelt key would otherwise leave no condition main."""
+    unknown = [key for key in (main or {}) if key not in condition]
+    if unknown:
+        raise UserError(f"study.json: main names {unknown[0]!r}, which is not a condition key of the results (one of "
+                        f"{', '.join(condition)})")  # fmt: skip
+
+    def same(a, b) -> bool:
+        try:
+            return str(a) == str(b) or float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+
+    return all(any(same(condition[key], v) for v in values) for key, values in (main or {}).items())
+
+
+def check_guidance(final: pd.DataFrame, runs: pd.Series, best_w: float | None) -> tuple[Estimate, bool]:
+    """Does guidance pay? The per-seed gain FD(w=1) − FD(w*) of prior=self at w*, its best scale by the mean over
+    seeds, with its 95% t-interval; it pays when w* > 1 and the interval lies above 0 with ≥ 2 seeds."""
+    sub = final[(final["metric"] == "fd") & (final["prior"] == "self") & final["run"].isin(runs)]
+    by_scale = sub.pivot_table(index="run", columns="guidance_scale", values="value")
+    if best_w is None or 1.0 not in by_scale or best_w not in by_scale:
+        return Estimate(math.nan, math.nan, math.nan, 0), False
+    gain = mean_ci((by_scale[1.0] - by_scale[best_w]).dropna())
+    return gain, bool(best_w > 1 and gain.n >= 2 and gain.lo > 0)
 
 
 def _best_mean_scale(final: pd.DataFrame, runs: pd.Series, metric: str, prior: str) -> float | None:
@@ -247,14 +303,19 @@ def _best_mean_scale(final: pd.DataFrame, runs: pd.Series, metric: str, prior: s
 
 
 def check_study(
-    study_dir: str | Path, frame: pd.DataFrame, thresholds: dict | None = None, base_seeds: list | None = None
+    study_dir: str | Path,
+    frame: pd.DataFrame,
+    thresholds: dict | None = None,
+    base_seeds: list | None = None,
+    main: dict | None = None,
 ) -> Validity:
     """Every validity check of a study: the bases from their run folders, the fine-tunes from the results.
 
     `base_seeds` (study.json's) says whether the seeds replicate the base's training too; with one base the
-    findings hold for that base (a check that fails without withholding them)."""
+    findings hold for that base (a check that fails without withholding them). `main` (study.json's) names the
+    conditions whose guidance must pay ({key: [values]}; all of them by default)."""
     thresholds = {**THRESHOLDS, **(thresholds or {})}
-    conditions, notes = check_conditions(frame, thresholds)
+    conditions, notes = check_conditions(frame, thresholds, main)
     checks = check_bases(Path(study_dir), thresholds) + check_bases(Path(study_dir), thresholds, priors=True)
     n_bases = len(base_seeds or [None])
     checks.append(Check("base seeds", n_bases > 1, f"{n_bases} (the fine-tune seeds are dealt out over them)",
@@ -296,8 +357,39 @@ def check_study(
             "every condition" if edge.empty else f"{len(edge)} of {len(conditions)} conditions at an edge",
             "best w (mean over seeds) below the largest scale, and no guided scale best at the lowest",
             "the best-over-w comparison is cut off by the grid; per-w comparisons still stand"))  # fmt: skip
+        if PAYS in conditions:
+            checks.append(_pays_check(conditions, condition_keys(frame)))
     return Validity(checks, conditions, condition_keys(frame), notes)
 
 
+def _pays_check(conditions: pd.DataFrame, keys: list[str]) -> Check:
+    """The study-level check that guidance pays in every main condition, naming the gain of each failing one."""
+    main = conditions[conditions["main"]]
+    target = "best w of prior=self (lowest mean FD) > 1, and FD(w=1) − FD(w*) > 0 over seeds (95% t-interval, ≥ 2)"
+    failure = ("the study is outside the regime that CFG users work in (guidance does not improve FD there), so the "
+               "report draws no conclusion about priors at the best scale")  # fmt: skip
+    if main.empty:
+        return Check(PAYS_CHECK, None, "no condition matches study.json's `main`", target, failure)
+    failing = main[~main[PAYS].astype(bool)]
+    shown = failing if len(failing) else main
+    each = [_gain_text(r, keys) for _, r in shown.iterrows()]
+    listed = f": {'; '.join(each)}" if len(each) <= 4 else ""
+    which = "main conditions" if len(main) < len(conditions) else "conditions (all main)"
+    value = (f"{len(failing)} of {len(main)} {which} fail{listed}" if len(failing) else
+             f"{len(main)} of {len(main)} {which} pass{listed}")  # fmt: skip
+    return Check(PAYS_CHECK, failing.empty, value, target, failure)
+
+
+def _gain_text(row, keys: list[str]) -> str:
+    """A condition's best scale for prior=self and the gain of guidance there, FD(1) − FD(w*)."""
+    w = row["best w self"]
+    gain = " (unguided is best)" if pd.notna(w) and w <= 1 else f", FD(1) − FD(w*) {row[GAIN]}"
+    return f"{_cond_text(row, keys)}: w*={_text(w)}{gain}"
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _cond_text(row, keys: list[str]) -> str:
-    return ", ".join(f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys)
+    return ", ".join(f"{k}={_text(row[k])}" for k in keys)
