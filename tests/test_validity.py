@@ -439,3 +439,24 @@ def test_main_conditions_decide_the_guidance_check(tmp_path):
     assert list(check_study(tmp_path, frame, main={"cond_dropout": [0]}).conditions["main"]) == [False, False]
     with pytest.raises(UserError, match="main names 'base'"):
         check_study(tmp_path, frame, main={"base": ["broad"]})
+
+
+def test_any_two_priors_get_an_interval_over_samples_from_their_recorded_se():
+    from priorlab.analysis.stats import paired_difference
+
+    rows = []
+    for seed in range(3):
+        for prior, fd in (("self", 5.0), ("base", 4.0 + 0.1 * seed), ("other", 3.0)):
+            rows.append({"run": f"r{seed}", "cond_dropout": 0.1, "seed": seed, "step": 10, "prior": prior,
+                         "guidance_scale": 2.0, "metric": "fd", "value": fd})  # fmt: skip
+        for metric, prior, se in (("diff_fd_se", "other", 0.3), ("diff_fd_se_vs_base", "other", 0.2)):
+            rows.append({"run": f"r{seed}", "cond_dropout": 0.1, "seed": seed, "step": 10, "prior": prior,
+                         "guidance_scale": 2.0, "metric": metric, "value": se})  # fmt: skip
+    frame = pd.DataFrame(rows)
+    half = 1.959964 * math.sqrt(3 * 0.2**2) / 3
+    for a, b, mean in (("base", "other", 1.1), ("other", "base", -1.1)):  # the SE of a − b is that of b − a
+        est = paired_difference(frame, "fd", a=a, b=b).iloc[0]["over_samples"]
+        assert est.mean == pytest.approx(mean) and est.hi - est.mean == pytest.approx(half, rel=1e-4)
+    est = paired_difference(frame, "fd", a="self", b="other").iloc[0]["over_samples"]
+    assert est.hi - est.mean == pytest.approx(1.959964 * math.sqrt(3 * 0.3**2) / 3, rel=1e-4)
+    assert paired_difference(frame, "fd", a="self", b="base").iloc[0]["over_samples"] is None  # not recorded

@@ -83,8 +83,8 @@ def paired_difference(
     """Per condition (`keys`, default cond_dropout) and guidance scale: metric(prior=a) − metric(prior=b).
 
     Columns: the keys, guidance_scale, `estimate` (mean and t-interval over seeds), `over_samples` (the same mean
-    with the interval pooled from each run's SE of the paired difference, `diff_<metric>_se`, where the runs
-    recorded it; b is the prior of that SE, a must be self) and `per_seed` (the per-seed differences).
+    with the interval pooled from each run's SE of the paired difference (`pair_se`) where the runs recorded it)
+    and `per_seed` (the per-seed differences).
     """
     keys = list(keys or ["cond_dropout"])
     cols = [*keys, "guidance_scale", "estimate", "over_samples", "per_seed"]
@@ -94,8 +94,7 @@ def paired_difference(
     if a not in wide or b not in wide:
         return pd.DataFrame(columns=cols)
     diff = (wide[a] - wide[b]).dropna()
-    se_rows = frame[(frame["metric"] == f"diff_{metric}_se") & (frame["prior"] == b)]
-    se = se_rows.set_index(index)["value"] if a == "self" and len(se_rows) else pd.Series(dtype=float)
+    se = pair_se(frame, metric, a, b, index)
     rows = []
     for cond, g in diff.groupby(level=[*keys, "guidance_scale"]):
         cond = cond if isinstance(cond, tuple) else (cond,)
@@ -104,6 +103,19 @@ def paired_difference(
         rows.append({**dict(zip([*keys, "guidance_scale"], cond, strict=True)), "estimate": mean_ci(g.values),
                      "over_samples": samples, "per_seed": g.values})  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
+
+
+def pair_se(frame: pd.DataFrame, metric: str, a: str, b: str, index: list[str]) -> pd.Series:
+    """Each run's SE over samples of metric(a) − metric(b), indexed by `index`: `diff_<metric>_se` at prior=b where
+    a is self, else `diff_<metric>_se_vs_<a>` at prior=b or `..._vs_<b>` at prior=a (the SE of a difference is that
+    of its negation); empty where the runs did not record it."""
+    candidates = [(f"diff_{metric}_se", other) for me, other in ((a, b), (b, a)) if me == "self"]
+    candidates += [(f"diff_{metric}_se_vs_{a}", b), (f"diff_{metric}_se_vs_{b}", a)]
+    for name, who in candidates:
+        rows = frame[(frame["metric"] == name) & (frame["prior"] == who)]
+        if len(rows):
+            return rows.set_index(index)["value"]
+    return pd.Series(dtype=float)
 
 
 def guided_advantage(
