@@ -380,6 +380,13 @@ def test_checked_prior_takes_the_best_scoring_candidate_per_scale():
         assert cond[f"eval/cond/fd/prior=checked/w={w}"] == pytest.approx(cond[f"eval/cond/fd/prior={best}/w={w}"],
                                                                          rel=1e-4, abs=1e-6)  # fmt: skip
     assert cond["eval/calib/check_seconds"] > 0
+    alone = {"checked": weights["checked"]}  # checked alone still reports the mix's ∅ and guided losses of self, base
+    with torch.no_grad():
+        cond, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), replace(settings, priors=["checked"]),
+                                      weights=alone)  # fmt: skip
+    for model_name in ("self", "base"):
+        assert cond[f"eval/calib/loss/model={model_name}/all"] > 0
+        assert cond[f"eval/calib/guided_loss/model={model_name}/w=2.0/all"] > 0
     with pytest.raises(UserError, match="needs the evaluator"):
         fit_priors(model, sched, prior, heldout, settings)
 

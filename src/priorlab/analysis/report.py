@@ -21,6 +21,7 @@ from priorlab.analysis.findings import (
     summary,
 )
 from priorlab.analysis.other_priors import extra_prior_lines
+from priorlab.analysis.predictors import predictor_lines
 from priorlab.analysis.results import (
     axis_columns,
     collect_results,
@@ -255,6 +256,7 @@ def build_report(study_dir: str | Path) -> Path:
     made.update(figs)
     swap_lines, swap_figs = _swap_sections(frame, fig_dir, validity)
     lines += swap_lines
+    lines += predictor_lines(frame, primary)
     made.update(swap_figs)
     lines += ["## Figures", ""]
     for title, path in made.values():

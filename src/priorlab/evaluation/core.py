@@ -402,7 +402,10 @@ def check_by_sampling(
         rows.append({"self": torch.zeros(k), "base": torch.ones(k), "mix": mix.row(w)}[best])
         scores[scale_name(w)] = {**score, "checked": score[best]}
     check = {"metric": metric, "samples": n, "scores": scores, "seconds": time.perf_counter() - started}
-    return PriorWeights(mix.edges, torch.stack(rows), "checked", {"check": check}, mix.objective, scales)
+    # the mix's calibration losses come along: the ∅ and guided losses of self and base on the calibration split,
+    # which tell before sampling which prior to use (`priorlab.analysis.predictors`)
+    losses = {**(mix.losses or {}), "check": check}
+    return PriorWeights(mix.edges, torch.stack(rows), "checked", losses, mix.objective, scales)
 
 
 def check_extra_priors(names) -> None:
