@@ -113,6 +113,7 @@ def test_secondary_scales_are_holm_corrected_over_seeds_and_over_samples_separat
     half = stats.norm.ppf(0.975)  # SE 1
     borderline = {w: Estimate(z, z - half, z + half, 3) for w in seeds}  # a normal test p of 0.03 each
     assert p_over_samples(borderline[2.0]) == pytest.approx(0.03)
+    assert math.isnan(p_over_samples(Estimate(0.0, 0.0, 0.0, 1)))  # one run whose samples all agreed: no test
     strong = {w: [5.0, 5.1, 4.9] for w in seeds}
     verdicts = judge_scales(_rows_of(strong, borderline), primary_scale=None)
     assert [v.adj_samples for v in verdicts] == pytest.approx([0.09, 0.09, 0.09])

@@ -207,6 +207,10 @@ def test_images_with_base_seeds_and_a_data_size_axis(tmp_path):
     assert "base seeds [0, 1], dealt out in turn" in report and "| base converged (base/seed=1) |" in report
     assert "train_per_class=5, p=0.2" in report
     assert (study / "figures/e_sample_grids.png").exists() and (study / "figures/h_benefit_per_scale.png").exists()
+    again = run_cli("study", "dropout_vs_prior", "preset=tiny_images", "jobs=2", cwd=tmp_path, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    # a resumed study skips its finished runs without starting a process for each (checked as `train` would)
+    assert again.stdout.count("is finished; skipping") == 10 and "started" not in again.stdout
 
 
 def test_jobs_at_once_stop_at_a_failure_and_name_its_log(tmp_path):
@@ -295,6 +299,8 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again_alone_once(tmp_path, monkey
     assert attempts["seed=9"] == 2
     assert studies.ran_out_of_gpu_memory(tmp_path / "job9.log")
     assert not studies.ran_out_of_gpu_memory(tmp_path / "job0.log")
+    (tmp_path / "cublas.log").write_text("RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling ...")
+    assert studies.ran_out_of_gpu_memory(tmp_path / "cublas.log")  # the same exhaustion, reported by cuBLAS
 
 
 def test_a_study_resumed_in_pieces_keeps_every_pieces_log(tmp_path, monkeypatch):

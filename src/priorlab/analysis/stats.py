@@ -151,7 +151,7 @@ def p_over_seeds(per_seed) -> float:
 def p_over_samples(e: Estimate | None) -> float:
     """Two-sided p of the normal test that `pooled_over_samples` inverts: z = mean / SE, with SE its half-width over
     z_.975; nan where it was not recorded or has zero width."""
-    if e is None or e.n == 0 or math.isnan(e.lo) or e.zero_width:
+    if e is None or e.n == 0 or math.isnan(e.lo) or e.zero_width or not e.hi - e.lo > 0:  # one run with SE 0 too
         return float("nan")
     return float(2 * stats.norm.sf(abs(e.mean) / ((e.hi - e.lo) / (2 * Z_975))))
 
