@@ -1,7 +1,8 @@
 """The report's section on extra priors (`extra_priors`, e.g. a smaller base as a cheap prior; issue 17): each one
 against the fine-tune's own ∅ branch and against the full-size base, paired over seeds, with its sampling time.
 What counts as a finding is the report's one rule (`stats.judge_scales`), each (condition, comparison, metric) a
-family; against the base no interval over samples is recorded, so no difference from the base is a finding."""
+family. Studies run before the evaluation recorded the SE of every two priors' difference have no interval over
+samples against the base, so there no difference from the base is a finding."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from priorlab.analysis.results import extra_priors, final_rows
-from priorlab.analysis.stats import guided_advantage, with_verdicts
+from priorlab.analysis.stats import guided_advantage, pair_se, with_verdicts
 from priorlab.analysis.text import cond_label, fmt_p, interval, markdown_table
 from priorlab.analysis.validity import CAVEAT, LOWER_IS_BETTER, Validity, condition_keys
 
@@ -93,6 +94,13 @@ def _table_row(label: str, other: str, r, acc: pd.Series, unit: str, valid: bool
             "conclusive": "yes" if valid else "no (validity)"}  # fmt: skip
 
 
+def base_recorded(frame: pd.DataFrame, metric: str, name: str) -> bool:
+    """Whether the runs recorded the SE over samples of base − `name` (`stats.pair_se`): evaluations since the one
+    that records it for every two priors."""
+    index = ["run", "guidance_scale"]
+    return not pair_se(final_rows(frame), metric, "base", name, index).empty
+
+
 def extra_prior_lines(
     frame: pd.DataFrame, validity: Validity, metric: str, primary_scale: float | None = None
 ) -> list[str]:
@@ -114,8 +122,9 @@ def extra_prior_lines(
                   f"did better (lower {unit}, higher accuracy); mean [95% CI over seeds], paired. A finding follows "
                   "the rule stated for the swap's findings (both intervals at the primary scale, Holm-adjusted p "
                   "over seeds and over samples at the secondary ones) and needs its condition to pass the validity "
-                  "checks; against prior=base the interval over samples is not recorded, so no difference from the "
-                  "base is a finding."
+                  "checks."
+                  + ("" if base_recorded(frame, metric, name) else " Against prior=base these runs recorded no "
+                     "interval over samples, so no difference from the base is a finding.")
                   + (f" Its sampling took {timing} time (median over runs and guided scales of each (prior, w)'s "
                      "sampling time; with eval.one_pass=scales a prior's pass is shared out over its scales)."
                      if timing else "")
