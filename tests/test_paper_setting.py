@@ -75,3 +75,22 @@ def test_the_tiny_preset_runs_from_tarballs_to_report(tmp_path):
         assert f"other: {study}/base/{other}" in config
     report = (study / "report.md").read_text()
     assert "## Validity" in report and "The extra prior `other`" in report
+
+
+def _every_preset():
+    from priorlab.studies import EXPERIMENTS_DIR
+
+    return [
+        (p.stem, name) for p in sorted(EXPERIMENTS_DIR.glob("*.yaml")) for name in load_experiment(p.stem)["presets"]
+    ]
+
+
+@pytest.mark.parametrize("experiment, preset", _every_preset())
+def test_every_preset_of_every_experiment_composes(experiment, preset, compose_tmp, capsys):
+    """A dry run composes each base's and first fine-tune's training config, so a setting that no config takes, a
+    base prior naming no base or a malformed sweep is caught here, not on a lent GPU."""
+    from priorlab.studies import run_study
+
+    run_study(compose_tmp([f"name={experiment}", f"preset={preset}", "dry_run=true"], config_name="study"))
+    out = capsys.readouterr().out
+    assert f"study {experiment}, preset {preset}" in out and "finetunes" in out
