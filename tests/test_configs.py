@@ -38,8 +38,15 @@ def test_model_configs_build_denoisers(compose_tmp, model):
 
 
 @pytest.mark.parametrize("data", [d for d in _options("data") if d != "hf"])
-def test_data_configs(compose_tmp, data):
-    dm = instantiate(compose_tmp([f"data={data}"]).data)
+def test_data_configs(compose_tmp, data, tmp_path):
+    extra = []
+    if data == "emoji":  # prepared from tarballs built here (`priorlab data emoji` fetches with npm)
+        from emoji_fixture import build_tarballs
+        from priorlab.data.emoji_prepare import prepare_emoji
+
+        prepare_emoji(["twitter"], tmp_path / "emoji", size=8, tarballs=build_tarballs(tmp_path / "tarballs"))
+        extra = [f"data.root={tmp_path / 'emoji'}", "data.image_size=8"]
+    dm = instantiate(compose_tmp([f"data={data}", *extra]).data)
     dm.setup()
     assert len(dm.train_set) > 0
 

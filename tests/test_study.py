@@ -359,7 +359,7 @@ def test_a_folder_of_another_study_is_refused(tmp_path):
 
 
 def test_experiment_errors_name_what_exists():
-    with pytest.raises(UserError, match="known: cheap_prior, dropout_vs_prior, when_swap_pays"):
+    with pytest.raises(UserError, match="known: cheap_prior, dropout_vs_prior, paper_setting, when_swap_pays"):
         load_experiment("nope")
     with pytest.raises(UserError, match="presets: quick, gpu, mnist_cpu"):
         preset_overrides(load_experiment("dropout_vs_prior"), "huge")
@@ -456,8 +456,9 @@ def test_when_swap_pays_again_trains_nothing(swap_study):
 
 def test_bases_and_their_run_folders():
     bases = check_bases({"a": None, "b": {"base": ["data.rotation=1"], "common": ["model.hidden=8"]}}, "p")
-    assert bases == {"a": {"common": [], "base": [], "finetune": []},
-                     "b": {"common": ["model.hidden=8"], "base": ["data.rotation=1"], "finetune": []}}  # fmt: skip
+    assert bases == {"a": {"common": [], "base": [], "finetune": [], "priors": {}, "sweep": {}},
+                     "b": {"common": ["model.hidden=8"], "base": ["data.rotation=1"], "finetune": [], "priors": {},
+                           "sweep": {}}}  # fmt: skip
     with pytest.raises(UserError, match="base b takes only `common`, `base` and `finetune`"):
         check_bases({"b": {"data": ["x"]}}, "p")
     with pytest.raises(UserError, match="base name 'a/b' may hold only"):

@@ -55,7 +55,7 @@ def no_run_folder(root: Path, study: str) -> None:
         (
             "train",
             ["data=toy2e"],
-            "data=toy2e is not one of the data configs (digits, hf, mnist, toy2d); did you mean data=toy2d?",
+            "data=toy2e is not one of the data configs (digits, emoji, hf, mnist, toy2d); did you mean data=toy2d?",
         ),
         ("evaluate", ["model=x", "eval.guidance_scale=[1]"], "did you mean eval.guidance_scales?"),
         ("train", ["seed=["], "cannot read the override 'seed=['"),
