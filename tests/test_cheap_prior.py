@@ -82,7 +82,7 @@ def test_both_evaluation_callbacks_share_one_copy_of_the_base_and_each_extra_pri
     sched = DDPMScheduler()
     save_denoiser(base, sched, tmp_path / "base" / "model")
     save_denoiser(small, sched, tmp_path / "small")
-    monkeypatch.setattr(callbacks, "ensure_evaluator", lambda path, dm: None)
+    monkeypatch.setattr(callbacks, "ensure_evaluator", lambda path, dm, steps: None)
     trainer = SimpleNamespace(datamodule=None, is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
     module = SimpleNamespace(denoiser=model, scheduler=sched)
     made = []

@@ -257,6 +257,8 @@ def test_data_that_differ_only_in_classes_or_draw_do_not_share_an_evaluator(comp
     stamp = (path / "evaluator.json").stat().st_mtime_ns
     assert torch.equal(ensure_evaluator(path, subset, steps=5).reference, ev.reference)  # the same data: reused
     assert (path / "evaluator.json").stat().st_mtime_ns == stamp
+    ensure_evaluator(path, subset, steps=6)  # other steps (eval.evaluator_steps): an automatic cache is retrained
+    assert json.loads((path / "evaluator.json").read_text())["steps"] == 6
     # ... and one made by `priorlab train-evaluator` is never overwritten: the mismatch is an error
     train_and_cache_evaluator(path, every, steps=5, made_by=COMMAND)
     with pytest.raises(UserError, match=r"trained on other data \(classes: None \(cached\) vs \[0, 1, 2\]"):

@@ -244,6 +244,7 @@ def test_jobs_share_out_the_cores_and_the_gpus(tmp_path, monkeypatch):
                 self.returncode = 0
             return self.returncode
 
+    monkeypatch.setenv("PRIORLAB_FORKSERVER", "0")  # a process per job, which this test fakes
     monkeypatch.setattr(studies.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(studies, "_gpu_count", lambda: 2)
     monkeypatch.setattr(studies.os, "cpu_count", lambda: 16)
@@ -284,6 +285,7 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again_alone_once(tmp_path, monkey
             return self.returncode
 
     live = []
+    monkeypatch.setenv("PRIORLAB_FORKSERVER", "0")  # a process per job, which this test fakes
     monkeypatch.setattr(studies.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(studies, "_gpu_count", lambda: 1)
     monkeypatch.setattr("time.sleep", lambda s: None)
@@ -323,6 +325,7 @@ def test_a_study_resumed_in_pieces_keeps_every_pieces_log(tmp_path, monkeypatch)
             self.returncode = self.result
             return self.returncode
 
+    monkeypatch.setenv("PRIORLAB_FORKSERVER", "0")  # a process per job, which this test fakes
     monkeypatch.setattr(studies.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(studies, "_gpu_count", lambda: 1)
     monkeypatch.setattr("time.sleep", lambda s: None)

@@ -164,7 +164,8 @@ def read_json_object(path: str | Path, what: str, remedy: str) -> dict:
 # The least value of each count of eval.*: precision and recall need more samples than their k = 3 neighbours, the
 # unbiased KID two samples per subset.
 EVAL_COUNTS = {"num_samples": 4, "num_steps": 1, "batch_size": 1, "buckets": 1, "heldout": 2, "calibration": 1,
-               "check_samples": 1, "kid_subset": 2, "grid_per_class": 1, "bootstrap": 0}  # fmt: skip
+               "check_samples": 1, "kid_subset": 2, "grid_per_class": 1, "bootstrap": 0,
+               "evaluator_steps": 1}  # fmt: skip
 
 
 def check_eval_settings(settings) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from priorlab import atomic
+from priorlab import atomic, forkserver
 from priorlab.cli import override, override_value
 from priorlab.errors import UserError
 from priorlab.study_progress import StudyProgress, duration
@@ -281,10 +281,27 @@ def _priorlab_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "priorlab"]
 
 
-def _priorlab(args: list[str]) -> None:
-    result = subprocess.run([*_priorlab_command(), *args], env={**os.environ, "PRIORLAB_COMMAND": ""})
-    if result.returncode != 0:
-        raise UserError(f"`priorlab {' '.join(args[:3])} ...` failed (exit {result.returncode}); see its output above. "
+def _priorlab(args: list[str], server=None) -> None:
+    """`priorlab ARGS` with the study's own stdout and stderr: forked from `server` (`priorlab.forkserver`), or a
+    process of its own without a server."""
+    env = {**os.environ, "PRIORLAB_COMMAND": ""}
+    if server is None:
+        code = subprocess.run([*_priorlab_command(), *args], env=env).returncode
+    else:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        run = server.start(args, env, os.getcwd(), forkserver.STDOUT, forkserver.STDERR)
+        try:
+            code = run.wait()
+        except BaseException:  # interrupted: the run stops too (it resumes from its checkpoint)
+            run.terminate()
+            try:
+                run.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                run.kill()
+            raise
+    if code != 0:
+        raise UserError(f"`priorlab {' '.join(args[:3])} ...` failed (exit {code}); see its output above. "
                         "Run the same study command again to resume")  # fmt: skip
 
 
@@ -325,18 +342,22 @@ def ran_out_of_gpu_memory(log: Path, since: int = 0) -> bool:
         return False
 
 
-def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path, tag: str) -> None:
+def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path, tag: str, server=None) -> None:
     """`priorlab <args>` for each (label, args) of `jobs`, at most `max_jobs` at once, each writing its output to
     log_dir/<label>.log. On a machine with several GPUs (and CUDA_VISIBLE_DEVICES unset) the job in slot i sees
     only GPU i mod count. Logs are appended to, each attempt under a dated header, so that a study resumed in
     pieces keeps every piece's output. A job that ran out of GPU memory is run again, once, alone after the others
     (it resumes from its checkpoint). Any other failed job stops new ones from
     starting; the running ones finish (their work is kept for a resume), then the study stops with the failed
-    jobs' logs named. An interrupted study ends its jobs."""
+    jobs' logs named. An interrupted study ends its jobs. The jobs are forked from `server` (`priorlab.forkserver`,
+    one that imported priorlab once; a new one when None), unless PRIORLAB_FORKSERVER=0 starts each as a process of
+    its own."""
     import time
 
     log_dir.mkdir(parents=True, exist_ok=True)
     base_cmd = _priorlab_command()
+    own = server is None and forkserver.enabled() and bool(jobs)
+    server = forkserver.ForkServer() if own else server
     gpus = _gpu_count()
     threads = job_threads(max_jobs)
     pending = list(jobs)
@@ -358,7 +379,10 @@ def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path
             gap = "\n" if offset else ""  # a blank line between attempts
             fh.write(f"{gap}[priorlab study] {label} started {time.strftime('%Y-%m-%d %H:%M:%S')}{why}\n")
             fh.flush()
-            proc = subprocess.Popen([*base_cmd, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            if server is None:
+                proc = subprocess.Popen([*base_cmd, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            else:
+                proc = server.start(args, env, os.getcwd(), log)
         running[slot] = (proc, label, args, log, offset, time.time())
         print(f"[study {tag}] started {label} (log: {log})", flush=True)
 
@@ -398,6 +422,8 @@ def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if own:
+            server.close()
     if failed:
         logs = "; ".join(f"{label} (exit {rc}): {log}" for label, log, rc in failed)
         raise UserError(f"{len(failed)} run(s) failed: {logs}. Run the same study command again to resume")
@@ -418,7 +444,7 @@ def prepare_evaluator(overrides: list[str]) -> None:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     path = evaluating[0].get("evaluator") or evaluator_dir(cfg.paths.runs, datamodule)
-    ensure_evaluator(path, datamodule, progress=True)
+    ensure_evaluator(path, datamodule, steps=int(cfg.eval.get("evaluator_steps", 1500)), progress=True)
 
 
 def _values(values: list) -> str:
@@ -673,28 +699,31 @@ def run_study(cfg: DictConfig) -> Path:
     progress = StudyProgress(spec["name"], study_dir / "finetune", total, started)
     finished = False
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # `timeout` ends a piece: its time is recorded
+    server = forkserver.ForkServer() if forkserver.enabled() else None  # imports while the study starts up
     try:
         if jobs > 1:
-            _run_at_once(spec["name"], study_dir, bases, commands, jobs, progress)
+            _run_at_once(spec["name"], study_dir, bases, commands, jobs, progress, server)
         done = 0
         for label, args in [] if jobs > 1 else prior_jobs(bases):
             print(f"[study {spec['name']}] extra prior {label}", flush=True)
-            _priorlab(args)
+            _priorlab(args, server)
         for i, b in enumerate([] if jobs > 1 else bases):  # every base first: a base may be another's prior
             tag = f" {b.label}" if b.label else ""
             print(f"[study {spec['name']}] base{tag} ({i + 1} of {len(bases)})", flush=True)
-            _priorlab(["train", "stage=base", *b.base])
+            _priorlab(["train", "stage=base", *b.base], server)
         for b in [] if jobs > 1 else bases:
             tag = f" {b.label}" if b.label else ""
             n = len(sweep_points(b.grid(parts["sweep"])))
             print(f"[study {spec['name']}] fine-tunes {done + 1}–{done + n} of {total} (from base{tag})", flush=True)
             with progress.watching():
                 for _, args in commands[b.label]:
-                    _priorlab(args)
+                    _priorlab(args, server)
             done += n
         collect_results(study_dir)
         finished = True
     finally:
+        if server is not None:
+            server.close()
         signal.signal(signal.SIGTERM, previous)
         session = {"wall_time_s": round(time.time() - started, 1), "commit": commit(), "machine": machine(),
                    "finished": finished}  # fmt: skip
@@ -708,7 +737,7 @@ def run_study(cfg: DictConfig) -> Path:
 
 
 def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: dict, jobs: int,
-                 progress: StudyProgress) -> None:  # fmt: skip
+                 progress: StudyProgress, server=None) -> None:  # fmt: skip
     """The bases and extra priors, then every fine-tune of every base, `jobs` runs at a time (logs under logs/);
     finished runs are skipped without starting a process (`unfinished`)."""
     logs = study_dir / "logs"
@@ -716,12 +745,12 @@ def _run_at_once(name: str, study_dir: Path, bases: list[BaseRuns], commands: di
     priors = prior_jobs(bases)
     what = f" and {len(priors)} extra prior(s)" if priors else ""
     print(f"[study {name}] {len(base_jobs)} base(s){what}, {jobs} at a time", flush=True)
-    run_parallel(unfinished([*base_jobs, *priors], name), jobs, logs, name)
+    run_parallel(unfinished([*base_jobs, *priors], name), jobs, logs, name, server)
     finetunes = [job for b in bases for job in commands[b.label]]
     prepare_evaluator(finetunes[0][1][1:])
     print(f"[study {name}] {len(finetunes)} fine-tunes, {jobs} at a time", flush=True)
     with progress.watching():
-        run_parallel(unfinished(finetunes, name), jobs, logs, name)
+        run_parallel(unfinished(finetunes, name), jobs, logs, name, server)
 
 
 def unfinished(jobs: list[tuple[str, list[str]]], name: str) -> list[tuple[str, list[str]]]:

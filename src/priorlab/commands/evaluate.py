@@ -139,7 +139,8 @@ def evaluate(cfg: DictConfig) -> Path:
     if tuple(datamodule.sample_shape) != model.denoiser.sample_shape:
         raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
                         f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
-    evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule, progress=True)
+    evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule,
+                                 steps=settings.evaluator_steps, progress=True)  # fmt: skip
     prior_net = make_prior_net(model, base, channels)
     extra_paths = extra_prior_paths(cfg.get("extra_priors"))
     extra_saved = {name: load_denoiser(path, role=f"prior {name}") for name, path in extra_paths.items()}

@@ -81,10 +81,11 @@ class _Evaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         path = self.evaluator_path or evaluator_dir(self.runs, dm)
+        steps = self.settings.evaluator_steps
         if trainer.is_global_zero:
-            ensure_evaluator(path, dm)
+            ensure_evaluator(path, dm, steps=steps)
         trainer.strategy.barrier()
-        self.evaluator = ensure_evaluator(path, dm)
+        self.evaluator = ensure_evaluator(path, dm, steps=steps)
         self.base = None if not self.base_path else shared_model(self.base_path, role="base")
         self.extra = {name: shared_model(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
         for saved in self.extra.values():  # a prior of another sample shape fails now, not after training

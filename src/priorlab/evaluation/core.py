@@ -88,6 +88,8 @@ class EvalSettings:
             cuda_graphs, each step of a pass is replayed from one graph too.
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
+        evaluator_steps: training steps of that classifier where an evaluation trains it on first use (a cached one
+            made with other steps is trained again; one made by `priorlab train-evaluator` is kept).
         bootstrap: resamples of the generated samples for the standard errors of FD and of the paired
             differences between priors (0: none).
     """
@@ -115,6 +117,7 @@ class EvalSettings:
     one_pass: str = "off"
     features: str = "domain"
     bootstrap: int = 200
+    evaluator_steps: int = 1500
 
     def __post_init__(self):
         check_eval_settings(self)

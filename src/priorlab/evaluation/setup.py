@@ -42,12 +42,15 @@ def ensure_evaluator(
     """The cached evaluator at `path` when it was made from this data (the same `identity()`).
 
     A missing one is trained and cached. One made from other data is retrained when it was made automatically
-    (here), and an error when it was made by `priorlab train-evaluator`, which is never overwritten silently.
+    (here), and an error when it was made by `priorlab train-evaluator`, which is never overwritten silently. One
+    made automatically with another number of training steps is retrained too.
     """
     path = Path(path)
     desc = describe_evaluator(path)
     if desc is not None:
         diff = identity_diff(desc.get("identity"), datamodule.identity())
+        if not diff and desc.get("made_by") != COMMAND and desc.get("steps", steps) != steps:
+            diff = f"steps: {desc.get('steps')!r} (cached) vs {steps!r}"
         if not diff:
             return load_evaluator(path)
         if desc.get("made_by") == COMMAND:
@@ -55,7 +58,7 @@ def ensure_evaluator(
                 f"the evaluator at {path} was trained on other data ({diff}); run `priorlab train-evaluator "
                 "data=... force=true` to retrain it for this data, or give this data another data.name"
             )
-        print(f"the evaluator at {path} was made from other data ({diff}); retraining it")
+        print(f"the evaluator at {path} was made from other data or settings ({diff}); retraining it")
     train_and_cache_evaluator(path, datamodule, steps=steps, progress=progress)
     return load_evaluator(path)
 
