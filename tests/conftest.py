@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -76,11 +77,24 @@ def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"
         return compose(config_name=config_name, overrides=[f"paths.runs={tmp_path}/runs", *overrides])
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the installed `priorlab` command and capture its output."""
-    exe = Path(sys.executable).parent / "priorlab"
-    full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+_SERVER: list = []  # this test process's CLI server, started on first use
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
+            fresh: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run `priorlab ARGS` and capture its output: in a fork of a server that imported priorlab once (`Server`, as
+    the executable would run it, with WANDB_MODE=offline and `env` added to the environment), or with `fresh` as a
+    new process of the installed executable (what a fork cannot show: imports, the interpreter's own start)."""
+    extra = {"WANDB_MODE": "offline", **(env or {})}
+    if fresh:
+        exe = Path(sys.executable).parent / "priorlab"
+        full_env = {**os.environ, **extra}
+        return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if not _SERVER:
+        _SERVER.append(Server())
+        atexit.register(_SERVER[0].close)
+    out = _SERVER[0].run(list(args), cwd, timeout, env=extra)
+    return subprocess.CompletedProcess(["priorlab", *args], out["rc"], out["stdout"], out["stderr"])
 
 
 class Server:
@@ -93,8 +107,9 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, str(here / "cli_server.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
-    def run(self, args: list[str], cwd: Path, timeout: float = 300) -> dict:
-        self.proc.stdin.write(json.dumps({"args": args, "cwd": str(cwd), "timeout": timeout}) + "\n")
+    def run(self, args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> dict:
+        case = {"args": args, "cwd": str(cwd), "timeout": timeout, "env": env or {}}
+        self.proc.stdin.write(json.dumps(case) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line, "the CLI server stopped"

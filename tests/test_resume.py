@@ -17,9 +17,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from conftest import run_cli
 from priorlab.models.io import content_hash
 
-ARGS = ["train", "data=toy2d", "model=mlp", "model.hidden=64", "logger=csv", "trainer.max_steps=1500",
+ARGS = ["train", "data=toy2d", "model=mlp", "model.hidden=64", "logger=csv", "trainer.max_steps=600",
         "trainer.val_check_interval=50", "trainer.log_every_n_steps=50", "callbacks.ema.decay=0.99"]  # fmt: skip
 
 
@@ -28,9 +29,12 @@ def _cmd(study):
 
 
 def test_sigkill_then_resume_gives_identical_weights(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    subprocess.run(_cmd("unbroken"), cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(_cmd("killed"), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # one thread in every process: the weights are compared bit for bit, and a thread count that followed the
+    # machine's load (cpu_threads=auto) could split the same reductions differently in the runs compared
+    env = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    assert run_cli(*ARGS, "study=unbroken", cwd=tmp_path, env=env).returncode == 0
+    proc = subprocess.Popen(_cmd("killed"), cwd=tmp_path, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # a process of its own, for SIGKILL  # fmt: skip
     ckpt = tmp_path / "runs/killed/base/checkpoints/last.ckpt"
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline:
@@ -38,8 +42,8 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     step = torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
-    assert 0 < step < 1500 and not (tmp_path / "runs/killed/base/done.json").exists()
-    subprocess.run(_cmd("killed"), cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    assert 0 < step < 600 and not (tmp_path / "runs/killed/base/done.json").exists()
+    assert run_cli(*ARGS, "study=killed", cwd=tmp_path, env=env).returncode == 0
     a = load_file(tmp_path / "runs/unbroken/base/model/diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "runs/killed/base/model/diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys()
@@ -54,8 +58,7 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     for column in ("val/loss_cond", "train/loss"):
         assert np.allclose(killed[column], unbroken[column], rtol=1e-5, equal_nan=True), column
     # started again once finished, it trains nothing
-    out = subprocess.run(_cmd("killed"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert "is finished" in out.stdout
+    assert "is finished" in run_cli(*ARGS, "study=killed", cwd=tmp_path, env=env).stdout
 
 
 def test_corrupt_checkpoint_is_a_one_line_error_and_nothing_is_overwritten(tmp_path):
