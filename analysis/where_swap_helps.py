@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from priorlab.analysis.findings import statements
-from priorlab.analysis.results import load_results, study_record
+from priorlab.analysis.results import load_results
+from priorlab.study.layout import study_record
 
 study = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/dropout_vs_prior")
 metric = sys.argv[2] if len(sys.argv) > 2 else "fd"

@@ -9,7 +9,7 @@ AdamW, eps-prediction MSE) timed for each variant, on the same network from the 
 - plain: the network itself, no DDP;
 - ddp: DistributedDataParallel with its defaults (what trainer=ddp builds);
 - ddp_view: gradient_as_bucket_view=True (the gradients live in the buckets: no copy in or out);
-- ddp_skip: a communication hook that all-reduces nothing (`priorlab.ddp.skip_allreduce_hook`);
+- ddp_skip: a communication hook that all-reduces nothing (`priorlab.training.ddp.skip_allreduce_hook`);
 - ddp_nosync: the step under `no_sync()`: DDP's forward, no gradient hooks firing into buckets at all.
 With one process, DDP's all-reduce is a copy within one GPU, so ddp − plain is DDP's own bookkeeping (its
 autograd hooks, the bucket copies, its forward pass), apart from any second GPU or host sharing.
@@ -41,8 +41,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu import sync, unet_b, write  # noqa: E402
 
-from priorlab.ddp import skip_allreduce_hook  # noqa: E402
 from priorlab.models import unet  # noqa: E402
+from priorlab.training.ddp import skip_allreduce_hook  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("plain", "ddp", "ddp_view", "ddp_skip", "ddp_nosync")

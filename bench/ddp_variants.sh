@@ -10,7 +10,7 @@
 #                                                         EXTRA=trainer.devices=1 for DDP over one GPU)
 # Issue 17: ddp_view builds DDP with gradient_as_bucket_view (the gradients are the buckets' views, in the
 # parameters' strides); *_nocl turn channels-last off. Each run's log counts DDP's "Grad strides do not match"
-# warnings. *_skip register a communication hook that all-reduces nothing (priorlab.ddp.skip_allreduce_hook): DDP's
+# warnings. *_skip register a communication hook that all-reduces nothing (priorlab.training.ddp.skip_allreduce_hook): DDP's
 # step without its communication, so the gap between ddp and ddp_skip is what the all-reduce costs where the
 # backward pass does not hide it, and the gap between ddp_skip and one is DDP's other overhead (hooks, buckets, the
 # two processes' host work) plus the Python hook's own cost (0.6% through the Trainer on one H200, BENCHMARKS.md).

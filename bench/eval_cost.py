@@ -47,7 +47,7 @@ from priorlab.evaluation.core import EvalSettings, conditional_quality
 from priorlab.evaluation.features import Classifier, Evaluator
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
-from priorlab.studies import job_threads
+from priorlab.study.schedule import job_threads
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {

@@ -274,8 +274,8 @@ def priorlab_path(
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     from priorlab.data.base import TensorDataModule
-    from priorlab.lightning_module import DiffusionModule
-    from priorlab.training_callbacks import EMA
+    from priorlab.training.callbacks import EMA
+    from priorlab.training.module import DiffusionModule
 
     class RandomData(TensorDataModule):
         def load(self):

@@ -2,15 +2,14 @@
 
     python bench/grad_strides.py            # the preset's unet_b at 1×32×32, eager and compiled, channels-last
 
-DDP builds its gradient buckets in each weight's strides and warns ("Grad strides do not match bucket view
-strides"), once per process, where a gradient arrives in others. This lists every such weight without DDP, after
-one bf16 training step of DiffusionModule's loss with channels-last weights and inputs, eager and under
-torch.compile, and says of each whether only the strides of size-1 dimensions differ (`priorlab.ddp.same_order`:
-the same bytes, DDP's copy is a plain one) or the element order does. Compiled without DDP is not the compiled DDP
-step (DDP splits the compiled graph at its buckets), so the compiled case does not predict a compiled DDP run;
-`trainer=ddp` runs the same check itself after its first backward pass. Prints one line per case and writes
-bench/results/<card>-<date>-grad_strides.json.
-"""
+DDP builds its gradient buckets in each weight's strides and warns ("Grad strides do not match bucket view strides"),
+once per process, where a gradient arrives in others. This lists every such weight without DDP, after one bf16 training
+step of DiffusionModule's loss with channels-last weights and inputs, eager and under torch.compile, and says of each
+whether only the strides of size-1 dimensions differ (`priorlab.training.ddp.same_order`: the same bytes, DDP's copy is
+a plain one) or the element order does. Compiled without DDP is not the compiled DDP step (DDP splits the compiled
+graph at its buckets), so the compiled case does not predict a compiled DDP run; `trainer=ddp` runs the same check
+itself after its first backward pass. Prints one line per case and writes
+bench/results/<card>-<date>-grad_strides.json. """
 
 from __future__ import annotations
 
@@ -25,8 +24,8 @@ from diffusers import DDPMScheduler
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu import unet_b  # noqa: E402
 
-from priorlab.ddp import same_order  # noqa: E402
-from priorlab.lightning_module import DiffusionModule  # noqa: E402
+from priorlab.training.ddp import same_order  # noqa: E402
+from priorlab.training.module import DiffusionModule  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

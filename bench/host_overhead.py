@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu  # noqa: E402
 
-from priorlab.training_callbacks import EMA  # noqa: E402
+from priorlab.training.callbacks import EMA  # noqa: E402
 
 
 class _Module(torch.nn.Module):

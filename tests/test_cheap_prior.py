@@ -17,14 +17,9 @@ from priorlab.evaluation.core import EvalSettings, check_extra_priors, condition
 from priorlab.evaluation.features import Classifier, Evaluator
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
-from priorlab.studies import (
-    check_finished_have_priors,
-    check_priors,
-    prior_jobs,
-    study_bases,
-    with_command_line,
-    with_priors,
-)
+from priorlab.study.bases import check_finished_have_priors, prior_jobs, study_bases, with_priors
+from priorlab.study.compose import with_command_line
+from priorlab.study.spec import check_priors
 
 
 def _nets():

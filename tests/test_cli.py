@@ -122,7 +122,7 @@ def test_multirun_with_ddp_is_refused_in_one_line(tmp_path):
 def test_values_with_equals_signs_are_quoted_for_hydra():
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from priorlab.cli import rewrite_overrides
+    from priorlab.overrides import rewrite_overrides
 
     args = ["model=runs/x/finetune/p=0.1/seed=0", "extra=[trainer=ddp_cpu,seed=3]", 'extra=["trainer=gpu"]',
             "eval.guidance_scales=[1.0,3.0]", "base='already=quoted'"]  # fmt: skip
@@ -144,7 +144,7 @@ def test_child_overrides_keep_their_values(value):
     read back by Hydra as they were."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from priorlab.cli import override, rewrite_overrides
+    from priorlab.overrides import override, rewrite_overrides
 
     text = rewrite_overrides("train", [override("key", value)])  # as the child's CLI passes it on to Hydra
     (parsed,) = OverridesParser.create().parse_overrides(text)
@@ -158,7 +158,7 @@ COMMAND_CONFIGS = ["train", "train-evaluator", "evaluate", "study", "report", "d
 def test_each_command_has_its_own_help_describing_its_settings(tmp_path, command):
     """`priorlab COMMAND --help`: its usage and every setting of configs/COMMAND.yaml described (the part above
     the defaults that Hydra appends), not Hydra's generic text nor, but for train, train's config groups."""
-    from priorlab.cli import CONFIG_DIR, PATH_KEYS
+    from priorlab.overrides import CONFIG_DIR, PATH_KEYS
 
     out = run_cli(command, "--help", cwd=tmp_path, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -9,8 +9,8 @@ import lightning as L
 import pytest
 from hydra.utils import instantiate
 
-from priorlab.cli import CONFIG_DIR
 from priorlab.models.denoiser import Denoiser
+from priorlab.overrides import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_trainer_configs(compose_tmp, trainer):
         # without them (unmeasured there)
         assert cfg.compile == {"gpu": "reduce-overhead", "ddp": True}[trainer]
     if "ddp" in trainer:
-        assert cfg.trainer.strategy._target_ == "priorlab.ddp.DDPStrategy" and cfg.trainer.strategy.same_stream
+        assert cfg.trainer.strategy._target_ == "priorlab.training.ddp.DDPStrategy" and cfg.trainer.strategy.same_stream
 
 
 @pytest.mark.parametrize("logger", _options("logger"))
@@ -107,7 +107,7 @@ def test_layout_mismatches_tell_size_one_strides_from_another_element_order():
     dimension, the same bytes. A (8, 4, 3, 3) weight's gradient in the standard layout is another element order."""
     import torch
 
-    from priorlab import ddp
+    from priorlab.training import ddp
 
     benign, real, own = _conv_with_grad(1, (9, 9, 3, 1)), _conv_with_grad(4, (36, 9, 3, 1)), _conv_with_grad(4, None)
     assert benign.weight.stride() == (9, 1, 3, 1) and real.weight.stride() == (36, 1, 12, 4)
@@ -123,7 +123,7 @@ def test_ddp_strategy_silences_ddps_stride_warning_and_names_real_mismatches_onc
 
     import torch
 
-    from priorlab import ddp
+    from priorlab.training import ddp
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.resetwarnings()  # from a known state: every warning shown, then the strategy's filter
@@ -153,8 +153,8 @@ def test_ddp_strategy_wraps_on_the_current_stream_and_compresses_on_request(monk
     import torch
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    from priorlab import ddp
     from priorlab.errors import UserError
+    from priorlab.training import ddp
 
     class SideStream(Exception):
         pass

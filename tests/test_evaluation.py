@@ -313,7 +313,7 @@ def test_final_evaluation_runs_on_ema_weights_before_lightning_moves_the_module_
 
     from priorlab.evaluation.callbacks import ConditionalQuality, PriorQuality
     from priorlab.evaluation.setup import train_and_cache_evaluator
-    from priorlab.training_callbacks import EMA
+    from priorlab.training.callbacks import EMA
 
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.num_samples=512", "data.batch_size=32"])
     dm = instantiate(cfg.data)

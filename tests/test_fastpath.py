@@ -5,10 +5,10 @@ from diffusers import DDPMScheduler
 
 from conftest import assert_close_across_shapes
 from priorlab.guidance import guide
-from priorlab.lightning_module import DiffusionModule
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior as Prior
 from priorlab.sampling import sample
+from priorlab.training.module import DiffusionModule
 
 
 def _model(seed=0):

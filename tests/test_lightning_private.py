@@ -1,12 +1,12 @@
-"""Pins of the private Lightning names priorlab relies on (`priorlab.lightning_private`): an upgrade that renames
-or removes one fails here, naming it."""
+"""Pins of the private Lightning names priorlab relies on (`priorlab.training.lightning_private`): an upgrade
+that renames or removes one fails here, naming it."""
 
 import importlib
 import inspect
 
 import pytest
 
-from priorlab.lightning_private import PINNED
+from priorlab.training.lightning_private import PINNED
 
 
 def _instance(cls, tmp_path):
@@ -29,12 +29,16 @@ def test_lightning_still_has_the_private_name(owner, name, kind, tmp_path):
     cls = getattr(importlib.import_module(module), cls_name)
     if kind == "attribute":
         obj = _instance(cls, tmp_path)
-        assert hasattr(obj, name), f"Lightning's {owner} no longer sets {name}: update priorlab.lightning_private"
+        assert hasattr(obj, name), (
+            f"Lightning's {owner} no longer sets {name}: update priorlab.training.lightning_private"
+        )
         if name == "_ddp_kwargs":
             assert obj._ddp_kwargs == {"find_unused_parameters": False}
     else:
         method = getattr(cls, name, None)
-        assert callable(method), f"Lightning's {owner} no longer has {name}(): update priorlab.lightning_private"
+        assert callable(method), (
+            f"Lightning's {owner} no longer has {name}(): update priorlab.training.lightning_private"
+        )
         params = tuple(inspect.signature(method).parameters)
         assert params == kind, f"Lightning's {owner}.{name} now takes {params}, priorlab calls it with {kind}"
 

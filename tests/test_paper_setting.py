@@ -12,9 +12,10 @@ import torch
 
 from conftest import run_cli
 from emoji_fixture import build_tarballs
-from priorlab.cli import override
 from priorlab.evaluation.core import eval_labels_seeds, proportional_labels
-from priorlab.studies import load_experiment, preset_overrides, study_bases
+from priorlab.overrides import override
+from priorlab.study.bases import study_bases
+from priorlab.study.spec import load_experiment, preset_overrides
 
 
 def test_proportional_labels_follow_the_counts_in_every_prefix():
@@ -46,7 +47,7 @@ def test_each_base_is_the_other_bases_prior_with_the_same_base_seed(tmp_path):
 
 def test_a_base_prior_must_name_another_base():
     from priorlab.errors import UserError
-    from priorlab.studies import check_bases
+    from priorlab.study.spec import check_bases
 
     with pytest.raises(UserError, match="other bases of the preset \\(b\\)"):
         check_bases({"a": {"priors": {"other": "a"}}, "b": {}}, "here")
@@ -78,7 +79,7 @@ def test_the_tiny_preset_runs_from_tarballs_to_report(tmp_path):
 
 
 def _every_preset():
-    from priorlab.studies import EXPERIMENTS_DIR
+    from priorlab.study.spec import EXPERIMENTS_DIR
 
     return [
         (p.stem, name) for p in sorted(EXPERIMENTS_DIR.glob("*.yaml")) for name in load_experiment(p.stem)["presets"]
@@ -89,7 +90,7 @@ def _every_preset():
 def test_every_preset_of_every_experiment_composes(experiment, preset, compose_tmp, capsys):
     """A dry run composes each base's and first fine-tune's training config, so a setting that no config takes, a
     base prior naming no base or a malformed sweep is caught here, not on a lent GPU."""
-    from priorlab.studies import run_study
+    from priorlab.study.run import run_study
 
     run_study(compose_tmp([f"name={experiment}", f"preset={preset}", "dry_run=true"], config_name="study"))
     out = capsys.readouterr().out

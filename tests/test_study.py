@@ -21,7 +21,8 @@ from priorlab.analysis.sign_rule import Proportion, fitted_vs_fixed, sign_rule, 
 from priorlab.analysis.stats import mean_ci
 from priorlab.errors import UserError
 from priorlab.models.io import content_hash
-from priorlab.studies import check_bases, claim_study_dir, finetune_subdir, load_experiment, preset_overrides
+from priorlab.study.layout import claim_study_dir, finetune_subdir
+from priorlab.study.spec import check_bases, load_experiment, preset_overrides
 
 FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_loss_per_timestep.png",
            "e_sample_grids.png", "h_benefit_per_scale.png", "v_base_loss.png"]  # fmt: skip
@@ -215,7 +216,7 @@ def test_images_with_base_seeds_and_a_data_size_axis(tmp_path):
 
 def test_jobs_at_once_stop_at_a_failure_and_name_its_log(tmp_path):
     """A failed run stops new ones from starting; the error names the failed run's log."""
-    from priorlab.studies import run_parallel
+    from priorlab.study.schedule import run_parallel
 
     jobs = [("bad", ["train", "data=no_such_data"]), ("never", ["train", "data=no_such_data_either"])]
     with pytest.raises(UserError, match=r"1 run\(s\) failed: bad \(exit [1-9]\d*\): .*bad\.log") as err:
@@ -227,7 +228,7 @@ def test_jobs_at_once_stop_at_a_failure_and_name_its_log(tmp_path):
 def test_jobs_share_out_the_cores_and_the_gpus(tmp_path, monkeypatch):
     """Each job gets cores // jobs CPU threads (unless the user set OMP_NUM_THREADS) and, on several GPUs, the
     GPU of its slot; at most max_jobs run at once."""
-    import priorlab.studies as studies
+    import priorlab.study.schedule as studies
 
     started, live = [], []
 
@@ -264,7 +265,7 @@ def test_jobs_share_out_the_cores_and_the_gpus(tmp_path, monkeypatch):
 def test_a_job_that_ran_out_of_gpu_memory_runs_again_alone_once(tmp_path, monkeypatch):
     """Jobs sharing a GPU can exhaust it together: such a job is started again, once, when no other job runs,
     and its log keeps both attempts. A second out-of-memory failure, or any other failure, is a failure."""
-    import priorlab.studies as studies
+    import priorlab.study.schedule as studies
 
     attempts, events = {}, []
 
@@ -308,7 +309,7 @@ def test_a_job_that_ran_out_of_gpu_memory_runs_again_alone_once(tmp_path, monkey
 def test_a_study_resumed_in_pieces_keeps_every_pieces_log(tmp_path, monkeypatch):
     """Each piece appends to a job's log under its own header; an out-of-memory error of an earlier piece does not
     make a later piece's failure count as one (it is not run again)."""
-    import priorlab.studies as studies
+    import priorlab.study.schedule as studies
 
     attempts = {}
 
@@ -628,7 +629,7 @@ def test_online_dashboard_builds_the_w_and_b_workspace_spec():
     import wandb_workspaces.workspaces as ws
     from omegaconf import OmegaConf
 
-    from priorlab.dashboard import build_workspace
+    from priorlab.commands.dashboard import build_workspace
 
     cfg = OmegaConf.create({"name": "s", "entity": "me", "project": "priorlab", "guidance_scales": [1.0, 1.5]})
     workspace = build_workspace(cfg, ws, wr)
@@ -646,7 +647,7 @@ def test_study_progress_lines_start_a_line_of_their_own_after_a_bar(tmp_path, ca
     import sys
     import time
 
-    from priorlab.study_progress import StudyProgress
+    from priorlab.study.progress import StudyProgress
 
     progress = StudyProgress("s", tmp_path, total=2, started=time.time())
     sys.stdout.write("step 6/6 |████| 00:00, train/loss=1.2")  # a bar's last state, no newline

@@ -6,16 +6,19 @@ import time
 import pytest
 
 from conftest import run_cli
-from priorlab.cli import rewrite_overrides
 from priorlab.errors import UserError
-from priorlab.studies import run_study
-from priorlab.study_progress import StudyProgress, duration
-from priorlab.study_settings import merge_sweep, route_study_args
+from priorlab.overrides import rewrite_overrides
+from priorlab.study.progress import StudyProgress, duration
+from priorlab.study.run import run_study
+from priorlab.study.settings import merge_sweep, route_study_args
 
 
 def _dry_run(compose_tmp, capsys, *args: str) -> str:
     """The dry run of `priorlab study dropout_vs_prior preset=tiny ARGS`, in this process."""
-    cfg = compose_tmp(rewrite_overrides("study", ["dropout_vs_prior", "preset=tiny", "dry_run=true", *args]), "study")
+    cfg = compose_tmp(
+        route_study_args(rewrite_overrides("study", ["dropout_vs_prior", "preset=tiny", "dry_run=true", *args])),
+        "study",
+    )
     run_study(cfg)
     return capsys.readouterr().out
 

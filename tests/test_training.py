@@ -100,7 +100,7 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
     import json
     import time
 
-    from priorlab.training_callbacks import Throughput
+    from priorlab.training.callbacks import Throughput
 
     cfg, dm, module = _module(compose_tmp, TINY_MLP)
 
@@ -131,10 +131,10 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
 def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch):
     """Reading train/loss for display waits for the GPU (.item()). Lightning does it after every batch for metrics
     logged with prog_bar=True, and its bar reads the metrics after every batch: neither may happen every step."""
-    from priorlab.training_callbacks import StepProgressBar as ProgressBar
+    from priorlab.training.callbacks import StepProgressBar as ProgressBar
 
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    assert cfg.callbacks.progress._target_ == "priorlab.training_callbacks.StepProgressBar"
+    assert cfg.callbacks.progress._target_ == "priorlab.training.callbacks.StepProgressBar"
     assert instantiate(cfg.callbacks.progress).metrics_every_n_steps == cfg.trainer.log_every_n_steps
     dm = instantiate(cfg.data)
     dm.setup()
@@ -198,7 +198,7 @@ def test_base_with_another_schedule_or_prediction_type_is_refused():
 
 
 def test_ema_is_the_exponential_average_of_the_weights_after_each_step(compose_tmp):
-    from priorlab.training_callbacks import EMA
+    from priorlab.training.callbacks import EMA
 
     cfg, dm, module = _module(compose_tmp, [*TINY_MLP, "optimizer.lr=1e-2"])
     seen = []
@@ -345,7 +345,7 @@ def test_cuda_graph_compile_refuses_gradient_accumulation(compose_tmp, monkeypat
 def test_ema_builds_its_lists_again_when_the_weights_are_replaced():
     from torch.optim.swa_utils import AveragedModel
 
-    from priorlab.training_callbacks import EMA
+    from priorlab.training.callbacks import EMA
 
     module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     module.device = torch.device("cpu")
@@ -430,7 +430,7 @@ def test_the_same_run_started_twice_fails_in_one_line(tmp_path):
 def test_cpu_threads_auto_takes_the_free_cores_and_keeps_the_users_omp_setting(monkeypatch):
     """bench/cpu_threads.py: two threads on a 2-core machine with another busy process ran a step 2.3× slower than
     one, so auto takes the cores not busy at the start (cores − load average, at least 1)."""
-    from priorlab import threads
+    from priorlab.training import threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)

@@ -34,7 +34,7 @@ from pathlib import Path
 STDOUT, STDERR = "<stdout>", "<stderr>"  # a run's output to the study's own stdout or stderr
 OWN: dict[str, int] = {}  # in the server: STDOUT and STDERR → the descriptors the study passed
 PRELOAD = ("priorlab.cli", "priorlab.commands.train", "priorlab.commands.evaluate", "priorlab.analysis.report",
-           "priorlab.evaluation.callbacks", "priorlab.lightning_module")  # fmt: skip
+           "priorlab.evaluation.callbacks", "priorlab.training.module")  # fmt: skip
 
 
 def enabled() -> bool:
@@ -83,7 +83,7 @@ def _child(request: dict) -> None:
 def _threads_from_environment() -> None:
     """Apply OMP_NUM_THREADS as a fresh process would: OpenMP reads it when torch is loaded, which in a fork was the
     server's start, without it. Left unapplied, two jobs of one thread each ran two threads each and took 1-3 s a
-    step of a tiny model on 2 cores instead of 0.1 s (`priorlab.threads` measured why)."""
+    step of a tiny model on 2 cores instead of 0.1 s (`priorlab.training.threads` measured why)."""
     value = os.environ.get("OMP_NUM_THREADS", "")
     if value.isdigit() and int(value) > 0:
         import torch
@@ -134,7 +134,7 @@ def _signal(pid: int, sig: int) -> None:
 
 class ForkServer:
     """The study's end of the server: `start(args, env, cwd, out)` returns a `Run` with the part of the
-    subprocess.Popen interface that `priorlab.studies` uses."""
+    subprocess.Popen interface that `priorlab.study.schedule` uses."""
 
     def __init__(self):
         own = (os.dup(1), os.dup(2))  # the study's stdout and stderr, for runs that write to them

@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from priorlab.analysis.results import axis_columns, bucket_start, extra_priors, final_rows  # noqa: E402
 from priorlab.analysis.stats import mean_ci  # noqa: E402
+from priorlab.study.layout import axis_label  # noqa: E402
 
 COLORS = {"self": "tab:red", "base": "tab:blue"}
 EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown")  # the study's extra priors, in name order
@@ -183,7 +184,7 @@ def drift(frame: pd.DataFrame, path: Path) -> Path:
         for i, (axis_title, p, part) in enumerate(groups):
             s = part[(part["metric"] == metric) & (part["prior"] == prior)]
             steps = sorted(s["step"].unique())
-            label = f"p={p:g}{', ' + axis_title if axis_title else ''}"
+            label = f"{axis_label('cond_dropout')}={p:g}{', ' + axis_title if axis_title else ''}"
             _band(ax, steps, [s[s["step"] == t]["value"] for t in steps], label, cmap(i / max(1, len(groups) - 1)),
                   metric_range(metric))  # fmt: skip
         if metric == "loss/all":
@@ -209,7 +210,7 @@ def loss_per_timestep(frame: pd.DataFrame, path: Path) -> Path:
     for i, (axis_title, p, part) in enumerate(groups):
         s = part[part["prior"] == "self"]
         ts = sorted(s["t"].unique())
-        label = f"self, p={p:g}{', ' + axis_title if axis_title else ''}"
+        label = f"self, {axis_label('cond_dropout')}={p:g}{', ' + axis_title if axis_title else ''}"
         _band(
             ax, ts, [s[s["t"] == t]["value"] for t in ts], label, cmap(i / max(1, len(groups) - 1)), (1e-12, np.inf)
         )  # log scale: the band stays above 0
@@ -241,7 +242,7 @@ def sample_grids(study_dir: Path, frame: pd.DataFrame, path: Path) -> Path | Non
         run = study_dir / row["run"]
         imgs = [grid(row, prior) for prior in shown]
         if all(i.exists() for i in imgs):
-            label = ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            label = ", ".join(f"{axis_label(k)}={v:g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in zip(keys, cond, strict=True))  # fmt: skip
             pairs.append((label, int(row["seed"]), imgs, _grid_scale(run, g), _grid_rows(g)))
     if not pairs:

@@ -21,6 +21,7 @@ import pandas as pd
 from priorlab import atomic
 from priorlab.analysis.results import axis_columns, final_rows, load_results
 from priorlab.analysis.stats import mean_ci
+from priorlab.study.layout import axis_label
 
 CHART_METRICS = ("fd", "accuracy", "kid", "precision", "recall", "nll", "ideal_mse")
 DRIFT_METRICS = ("disagreement/all", "loss/all")
@@ -31,7 +32,7 @@ def _num(x: float) -> float | None:
 
 
 def _condition_label(keys: list[str], cond: tuple) -> str:
-    return ", ".join(f"{'p' if k == 'cond_dropout' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+    return ", ".join(f"{axis_label(k)}={v:g}" if isinstance(v, float) else f"{k}={v}"
                      for k, v in zip(keys, cond, strict=True))  # fmt: skip
 
 

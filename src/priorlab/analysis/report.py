@@ -28,7 +28,6 @@ from priorlab.analysis.results import (
     final_rows,
     has_eval_records,
     load_results,
-    study_record,
 )
 from priorlab.analysis.stats import Estimate, judge, mean_ci, pooled_over_samples
 from priorlab.analysis.text import cond_label, fmt_axis, interval, markdown_table
@@ -42,6 +41,7 @@ from priorlab.analysis.validity import (
     condition_keys,
     study_metric,
 )
+from priorlab.study.layout import study_record
 
 
 def _fmt_w(w: float) -> str:
@@ -396,10 +396,3 @@ def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
         lines += ["", f"Pooled over every (run, w) point (not independent: for scale only): better than both at "
                       f"{c.beats_both}; {c.prior} − min(self, base) {c.vs_better}.", ""]  # fmt: skip
     return lines
-
-
-def report_command(cfg) -> Path:
-    """`priorlab report runs/NAME`: results.csv (and the runs' sample grids, for figure (e)) → figures, report.md."""
-    path = build_report(cfg.study_dir)
-    print(f"wrote {path}")
-    return path

@@ -13,9 +13,9 @@ import pandas as pd
 import yaml
 
 from priorlab import atomic
-from priorlab.checks import read_json_object
 from priorlab.errors import UserError
 from priorlab.keys import bucket_bounds, row_parts
+from priorlab.study.layout import run_axes
 
 COLUMNS = ["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "metric", "value"]
 
@@ -23,13 +23,6 @@ COLUMNS = ["run", "cond_dropout", "seed", "step", "prior", "guidance_scale", "me
 def parse_key(key: str) -> tuple[str, str, float]:
     """Split a metric key into (metric, prior, guidance_scale), the table's columns (`priorlab.keys.row_parts`)."""
     return row_parts(key)
-
-
-def run_axes(run_dir: Path, study_dir: Path) -> dict[str, str]:
-    """The study axes a fine-tune's folder names besides p and seed: finetune/base=a/max_steps=200/p=0/seed=0
-    → {"base_name": "a", "max_steps": "200"} (`base` is a prior's name, so the base's axis is `base_name`)."""
-    levels = [level.split("=", 1) for level in run_dir.relative_to(study_dir / "finetune").parts if "=" in level]
-    return {("base_name" if key == "base" else key): value for key, value in levels if key not in ("p", "seed")}
 
 
 def run_rows(run_dir: Path, study_dir: Path) -> list[dict]:
@@ -144,31 +137,6 @@ def check_complete(frame: pd.DataFrame, path: Path) -> None:
         what = f"{metric}" + (f" prior={prior}" if prior else "") + (f" w={scale:g}" if scale >= 0 else "")
         raise UserError(f"{path} is incomplete: the last evaluation of {short} has no {what}, which other runs have; "
                         f"{REBUILD}")  # fmt: skip
-
-
-def study_record(path: str | Path) -> dict:
-    """study.json (`path`), checked: a JSON object whose name and preset are names, validity a mapping of
-    numbers, base_seeds and seeds lists of whole numbers, sessions a list, primary_scale a number (or null) and main
-    a mapping of condition keys to lists of values; a UserError naming the file otherwise."""
-    path = Path(path)
-    remedy = ('restore it, or write {"name": "<study>", "preset": "<preset>"} there and run `priorlab study <study> '
-              'preset=<preset>` again (its finished runs are kept)')  # fmt: skip
-    held = read_json_object(path, "a study record", remedy)
-    kinds = {"name": (str,), "preset": (str,), "validity": (dict, type(None)), "base_seeds": (list, type(None)),
-             "seeds": (list,), "sessions": (list,), "primary_scale": (int, float, type(None)),
-             "main": (dict, type(None))}  # fmt: skip
-    for key, types in kinds.items():
-        if key in held and not isinstance(held[key], types):
-            raise UserError(f"{path}: {key}={held[key]!r} is not {' or '.join(t.__name__ for t in types)}; {remedy}")
-    numbers = [*(held.get("validity") or {}).values(), *(held.get("base_seeds") or []), *held.get("seeds", [])]
-    numbers += [held["primary_scale"]] if held.get("primary_scale") is not None else []
-    main = (held.get("main") or {}).values()
-    if not all(isinstance(v, list) and all(isinstance(x, str | int | float) for x in v) for v in main):
-        raise UserError(f'{path}: main must map condition keys to lists of values, e.g. {{"base_name": ["broad"]}}; '
-                        f"{remedy}")  # fmt: skip
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
-        raise UserError(f"{path}: validity, base_seeds, seeds and primary_scale must hold numbers; {remedy}")
-    return held
 
 
 def final_rows(frame: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,8 @@ import math
 
 import pandas as pd
 
+from priorlab.study.layout import axis_label
+
 
 def fmt_axis(value) -> str:
     """A condition's value: floats without trailing zeros, anything else as it is."""
@@ -14,7 +16,7 @@ def fmt_axis(value) -> str:
 
 def cond_label(keys: list[str], cond: tuple) -> str:
     """A condition as `key=value, ...`, cond_dropout written p: e.g. `train_per_class=5, p=0.1`."""
-    return ", ".join(f"{'p' if k == 'cond_dropout' else k}={fmt_axis(v)}" for k, v in zip(keys, cond, strict=True))
+    return ", ".join(f"{axis_label(k)}={fmt_axis(v)}" for k, v in zip(keys, cond, strict=True))
 
 
 def markdown_table(df: pd.DataFrame) -> str:

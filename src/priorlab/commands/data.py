@@ -16,3 +16,6 @@ def prepare_data(cfg: DictConfig) -> None:
     styles = OmegaConf.to_container(cfg.styles) if OmegaConf.is_list(cfg.styles) else cfg.styles
     out = prepare_emoji(styles, cfg.out, cfg.size, cfg.tarballs, flag(cfg.force, "force"))
     print(f"wrote {out} (data card: {out / 'README.md'})")
+
+
+main = prepare_data  # the command's entry point (`priorlab.cli`)

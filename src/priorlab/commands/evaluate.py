@@ -18,15 +18,11 @@ from priorlab.evaluation.core import (
     fit_priors,
     prior_quality,
 )
-from priorlab.evaluation.features import describe_evaluator
 from priorlab.evaluation.images import save_grid
 from priorlab.evaluation.setup import (
-    COMMAND,
     ensure_evaluator,
     evaluator_dir,
-    identity_diff,
     make_prior_net,
-    train_and_cache_evaluator,
 )
 from priorlab.models.io import check_recorded_base, load_denoiser
 from priorlab.priors import PriorWeights
@@ -90,26 +86,6 @@ def _keys(node) -> list[str]:
     if isinstance(node, list):
         return [k for v in node for k in _keys(v)]
     return []
-
-
-def train_evaluator(cfg: DictConfig) -> Path:
-    """Train (or reuse) the evaluator of a data set and print its held-out accuracy."""
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    out = Path(cfg.out) if cfg.out else evaluator_dir(cfg.paths.runs, datamodule)
-    desc = describe_evaluator(out)
-    if desc is not None and not cfg.force:
-        diff = identity_diff(desc.get("identity"), datamodule.identity())
-        if not diff:
-            msg = f"evaluator for {datamodule.name} already at {out} (held-out accuracy {desc['accuracy']:.4f})"
-            print(msg + "; force=true retrains")
-            return out
-        if desc.get("made_by") == COMMAND:
-            raise UserError(f"the evaluator at {out} was trained on other data ({diff}); force=true retrains it for "
-                            "this data, or give this data another data.name or out=")  # fmt: skip
-    ev = train_and_cache_evaluator(out, datamodule, steps=cfg.steps, seed=cfg.seed, progress=True, made_by=COMMAND)
-    print(f"evaluator for {datamodule.name} written to {out}: held-out accuracy {ev.accuracy:.4f}")
-    return out
 
 
 def evaluate(cfg: DictConfig) -> Path:
@@ -199,7 +175,7 @@ def _keep_replaced(path: Path) -> None:
 def _status(show: bool):
     """A function printing `[evaluate 1m05s] text` (the time since this call), or nothing when `show` is false:
     sampling and scoring take minutes with nothing else on screen."""
-    from priorlab.study_progress import duration
+    from priorlab.study.progress import duration
 
     start = time.time()
     return lambda text: print(f"[evaluate {duration(time.time() - start)}] {text}", flush=True) if show else None
@@ -214,3 +190,6 @@ def _print_table(cond: dict[str, float]) -> None:
              for m in ("fd", "kid", "precision", "recall", "accuracy")]  # fmt: skip
         name = f"prior={prior}/{keys.scale_name(scale)}"
         print(f"{name:<22}{v[0]:>10.3f}{v[1]:>10.4f}{v[2]:>8.3f}{v[3]:>8.3f}{v[4]:>8.3f}")
+
+
+main = evaluate  # the command's entry point (`priorlab.cli`)

@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from priorlab import atomic
 from priorlab.checks import check_train_values
 from priorlab.errors import UserError
-from priorlab.lightning_module import DiffusionModule
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
-from priorlab.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
-from priorlab.threads import set_cpu_threads
-from priorlab.training_callbacks import SaveDenoiser
+from priorlab.training.callbacks import SaveDenoiser
+from priorlab.training.module import DiffusionModule
+from priorlab.training.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
+from priorlab.training.threads import set_cpu_threads
 
 STAGES = ("base", "finetune")
 
@@ -158,7 +158,7 @@ def train(cfg: DictConfig) -> Path:
     A run folder holding `done.json` is finished and skipped; one holding `checkpoints/last.ckpt` is resumed
     from it, and ends with the same weights as an unbroken run (batches are drawn from (seed, data.split_seed,
     step), noise, timesteps and dropout from (seed, step, rank)). Either must be given the settings and base it
-    recorded (`priorlab.resume`), checked before anything in the folder is written.
+    recorded (`priorlab.training.resume`), checked before anything in the folder is written.
     """
     check_config(cfg)
     set_cpu_threads(cfg.get("cpu_threads", "auto"))
@@ -222,3 +222,6 @@ def _finish_wandb() -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
         wandb.finish()
+
+
+main = train  # the command's entry point (`priorlab.cli`)

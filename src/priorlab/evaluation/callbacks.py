@@ -32,9 +32,9 @@ from priorlab.evaluation.core import (
 )
 from priorlab.evaluation.images import log_image, save_grid
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
-from priorlab.lightning_module import check_finite_weights
 from priorlab.models.io import WEIGHTS, SavedModel, load_denoiser, resolve_model_dir
 from priorlab.priors import FITTED
+from priorlab.training.module import check_finite_weights
 
 # The fitted prior weights of the last evaluated step, per trained module: both evaluation callbacks of a run use
 # the same fit, held here rather than as an attribute on the training module (and dropped with the module).

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler
-from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic
 from priorlab.errors import UserError
@@ -198,16 +197,3 @@ def check_class_labels(pipe, labels: list[int] | None) -> None:
     bad = [v for v in labels if not 0 <= v < int(classes)]
     if bad:
         raise UserError(f"class_labels={bad} are not classes of this model: use indices 0 … {int(classes) - 1}")
-
-
-def export_command(cfg: DictConfig) -> Path:
-    """Run `priorlab export model=PATH out=FOLDER`."""
-    if cfg.out is None:
-        raise UserError("out is required: out=FOLDER, the pipeline folder to write")
-    names = cfg.get("class_names")
-    if names is not None and not OmegaConf.is_list(names):
-        raise UserError(f"class_names={names} must be a list of names, one per class: class_names=[cat,dog]")
-    names = OmegaConf.to_container(names) if names is not None else None
-    out = export_pipeline(str(cfg.model_dir), str(cfg.out), bool(cfg.overwrite), names)
-    print(f"wrote the diffusers pipeline of {cfg.model_dir} to {out}")
-    return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from priorlab.errors import UserError
+from priorlab.overrides import override
 
 # The study's own settings (configs/study.yaml); any other key=value is a setting of every run.
 STUDY_KEYS = ("name", "preset", "sweep", "base_steps", "finetune_steps", "base_seeds", "jobs", "launcher",
@@ -30,7 +31,6 @@ STEPS = {"base_steps": "trainer.max_steps", "finetune_steps": "trainer.max_steps
 def route_study_args(args: list[str]) -> list[str]:
     """The `priorlab study` command line for Hydra: the study's own overrides as they are (a `sweep.KEY=...`
     added where the preset has no such axis), every other key=value collected into `overrides=[...]`."""
-    from priorlab.cli import override
 
     own, runs = [], []
     for arg in args:

@@ -74,3 +74,6 @@ def dashboard(cfg: DictConfig) -> None:
     except Exception as err:  # network or permission problems: the user needs W&B's words
         raise UserError(f"W&B refused the workspace: {err}") from err
     print(f"dashboard for {cfg.name}: {workspace.url} (runs grouped by W&B group {cfg.name!r})")
+
+
+main = dashboard  # the command's entry point (`priorlab.cli`)

@@ -10,8 +10,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 
-from priorlab import lightning_private
 from priorlab.errors import UserError
+from priorlab.training import lightning_private
 
 
 def skip_allreduce_hook(state, bucket):

@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from priorlab import lightning_private
 from priorlab.checks import number, whole
 from priorlab.errors import UserError
 from priorlab.models.io import save_denoiser
+from priorlab.training import lightning_private
 
 
 class AtomicCheckpointIO(CheckpointIO):
