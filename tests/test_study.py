@@ -480,7 +480,8 @@ def test_bases_and_their_run_folders():
 
 
 def test_base_seeds_train_a_base_each_and_deal_out_the_fine_tune_seeds():
-    from priorlab.studies import check_base_seeds, study_bases
+    from priorlab.study.bases import study_bases
+    from priorlab.study.spec import check_base_seeds
 
     parts = {"sweep": {"cond_dropout": [0.0], "seed": [0, 1, 2, 3, 4]}, "bases": None, "base": ["trainer.max_steps=9"],
              "finetune": ["x=1"], "base_seeds": [7, 8]}  # fmt: skip
@@ -595,7 +596,7 @@ def test_a_study_with_a_ddp_trainer_trains_one_fine_tune_per_point(compose_tmp, 
     """`priorlab train -m` refuses DDP (its processes would re-run the multirun), so the study runs each point."""
     import re
 
-    from priorlab.studies import run_study
+    from priorlab.study.run import run_study
 
     def finetune_commands(trainer: str) -> list[str]:
         preset = {"common": ["data=toy2d", "model=mlp", f"trainer={trainer}"],

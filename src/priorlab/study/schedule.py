@@ -8,6 +8,8 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from priorlab import forkserver
@@ -91,81 +93,104 @@ def run_parallel(jobs: list[tuple[str, list[str]]], max_jobs: int, log_dir: Path
     jobs' logs named. An interrupted study ends its jobs. The jobs are forked from `server` (`priorlab.forkserver`,
     one that imported priorlab once; a new one when None), unless PRIORLAB_FORKSERVER=0 starts each as a process of
     its own."""
-    import time
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    base_cmd = _priorlab_command()
     own = server is None and forkserver.enabled() and bool(jobs)
-    server = forkserver.ForkServer() if own else server
-    gpus = _gpu_count()
-    threads = job_threads(max_jobs)
-    pending = list(jobs)
-    again: list[tuple[str, list[str]]] = []  # ran out of GPU memory: once more, alone, at the end
-    retried: set[str] = set()
-    # slot → (process, label, args, log, the log's size at the start, start time)
-    running: dict[int, tuple[subprocess.Popen, str, list[str], Path, int, float]] = {}
-    failed: list[tuple[str, Path, int]] = []
-    done = 0
+    pool = JobPool(max_jobs, log_dir, tag, forkserver.ForkServer() if own else server, len(jobs))
+    try:
+        pool.run(list(jobs))
+    finally:  # an interrupted study (Ctrl-C, `timeout`) ends its jobs quickly; each resumes from its checkpoint
+        pool.stop()
+        if own:
+            pool.server.close()
+    if pool.failed:
+        logs = "; ".join(f"{label} (exit {rc}): {log}" for label, log, rc in pool.failed)
+        raise UserError(f"{len(pool.failed)} run(s) failed: {logs}. Run the same study command again to resume")
 
-    def start(label: str, args: list[str], slot: int, again: bool) -> None:
-        env = {**os.environ, "PRIORLAB_COMMAND": "", **threads}
-        if gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-        log = log_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}.log"
+
+@dataclass
+class Job:
+    proc: subprocess.Popen
+    label: str
+    args: list[str]
+    log: Path
+    offset: int  # the log's size when this attempt started
+    started: float
+
+
+class JobPool:
+    """The jobs of `run_parallel`: started in free slots, polled, and ended."""
+
+    def __init__(self, max_jobs: int, log_dir: Path, tag: str, server, total: int):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.max_jobs, self.log_dir, self.tag, self.server, self.total = max_jobs, log_dir, tag, server, total
+        self.gpus = _gpu_count()
+        self.threads = job_threads(max_jobs)
+        self.running: dict[int, Job] = {}  # slot → job
+        self.again: list[tuple[str, list[str]]] = []  # ran out of GPU memory: once more, alone, at the end
+        self.retried: set[str] = set()
+        self.failed: list[tuple[str, Path, int]] = []
+        self.done = 0
+
+    def run(self, pending: list[tuple[str, list[str]]]) -> None:
+        while pending or self.running or (self.again and not self.failed):
+            while pending and not self.failed and len(self.running) < self.max_jobs:
+                self.start(*pending.pop(0), next(i for i in range(self.max_jobs) if i not in self.running), False)
+            if self.again and not pending and not self.running and not self.failed:
+                self.start(*self.again.pop(0), 0, True)
+            if self.failed and not self.running:
+                break
+            time.sleep(0.5)
+            self.poll()
+
+    def start(self, label: str, args: list[str], slot: int, again: bool) -> None:
+        env = {**os.environ, "PRIORLAB_COMMAND": "", **self.threads}
+        if self.gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
+        log = self.log_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}.log"
         with open(log, "a") as fh:
             offset = fh.tell()
             why = " (run again alone after running out of GPU memory)" if again else ""
             gap = "\n" if offset else ""  # a blank line between attempts
             fh.write(f"{gap}[priorlab study] {label} started {time.strftime('%Y-%m-%d %H:%M:%S')}{why}\n")
             fh.flush()
-            if server is None:
-                proc = subprocess.Popen([*base_cmd, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+            if self.server is None:
+                proc = subprocess.Popen([*_priorlab_command(), *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
             else:
-                proc = server.start(args, env, os.getcwd(), log)
-        running[slot] = (proc, label, args, log, offset, time.time())
-        print(f"[study {tag}] started {label} (log: {log})", flush=True)
+                proc = self.server.start(args, env, os.getcwd(), log)
+        self.running[slot] = Job(proc, label, args, log, offset, time.time())
+        print(f"[study {self.tag}] started {label} (log: {log})", flush=True)
 
-    try:
-        while pending or running or (again and not failed):
-            while pending and not failed and len(running) < max_jobs:
-                start(*pending.pop(0), next(i for i in range(max_jobs) if i not in running), False)
-            if again and not pending and not running and not failed:
-                start(*again.pop(0), 0, True)
-            if failed and not running:
-                break
-            time.sleep(0.5)
-            for slot, (proc, label, args, log, offset, t0) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[slot]
-                if proc.returncode != 0 and label not in retried and ran_out_of_gpu_memory(log, offset):
-                    retried.add(label)
-                    again.append((label, args))
-                    print(f"[study {tag}] {label} ran out of GPU memory; it runs again alone after the others",
-                          flush=True)  # fmt: skip
-                    continue
-                done += 1
-                if proc.returncode != 0:
-                    failed.append((label, log, proc.returncode))
-                    print(f"[study {tag}] {label} failed (exit {proc.returncode}); see {log}", flush=True)
-                else:
-                    print(f"[study {tag}] {label} finished in {time.time() - t0:.0f} s "
-                          f"({done} of {len(jobs)})", flush=True)  # fmt: skip
-    finally:  # an interrupted study (Ctrl-C, `timeout`) ends its jobs quickly; each resumes from its checkpoint
-        for proc, *_ in running.values():
-            proc.terminate()
+    def poll(self) -> None:
+        """Take the jobs that ended out of their slots: count, fail, or queue again after running out of memory."""
+        for slot, job in list(self.running.items()):
+            if job.proc.poll() is None:
+                continue
+            del self.running[slot]
+            rc = job.proc.returncode
+            if rc != 0 and job.label not in self.retried and ran_out_of_gpu_memory(job.log, job.offset):
+                self.retried.add(job.label)
+                self.again.append((job.label, job.args))
+                print(f"[study {self.tag}] {job.label} ran out of GPU memory; it runs again alone after the others",
+                      flush=True)  # fmt: skip
+                continue
+            self.done += 1
+            if rc != 0:
+                self.failed.append((job.label, job.log, rc))
+                print(f"[study {self.tag}] {job.label} failed (exit {rc}); see {job.log}", flush=True)
+            else:
+                print(f"[study {self.tag}] {job.label} finished in {time.time() - job.started:.0f} s "
+                      f"({self.done} of {self.total})", flush=True)  # fmt: skip
+
+    def stop(self) -> None:
+        """End the running jobs: terminate, then kill what is left after 5 s."""
+        for job in self.running.values():
+            job.proc.terminate()
         deadline = time.time() + 5
-        for proc, *_ in running.values():
+        for job in self.running.values():
             try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
+                job.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if own:
-            server.close()
-    if failed:
-        logs = "; ".join(f"{label} (exit {rc}): {log}" for label, log, rc in failed)
-        raise UserError(f"{len(failed)} run(s) failed: {logs}. Run the same study command again to resume")
+                job.proc.kill()
+                job.proc.wait()
 
 
 def shell_line(args: list[str]) -> str:
