@@ -86,7 +86,7 @@ def fd_vs_scale(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
             if len(exact):  # toy2d: guidance with the true scores, from the same seeds
                 mean = exact.groupby("guidance_scale")["value"].mean()
                 ax.plot(mean.index, mean.values, "k--", lw=1, label="exact scores")
-            ax.set_title(f"{title + ', ' if title else ''}cond_dropout={p:g}", fontsize=8)
+            ax.set_title(f"{title + chr(10) if title else ''}cond_dropout={p:g}", fontsize=8)  # two lines
             ax.set_xlabel("guidance scale w")
         row_axes[0].set_ylabel(metric.upper())
     axes[0][0].legend(fontsize=7)
@@ -247,13 +247,13 @@ def sample_grids(study_dir: Path, frame: pd.DataFrame, path: Path) -> Path | Non
             pairs.append((label, int(row["seed"]), imgs, _grid_scale(run, g), _grid_rows(g)))
     if not pairs:
         return None
-    fig, axes = plt.subplots(len(pairs), len(shown), figsize=(4 * len(shown), 2.2 * len(pairs)), squeeze=False)
+    fig, axes = plt.subplots(len(pairs), len(shown), figsize=(4 * len(shown), 2.5 * len(pairs)), squeeze=False)
     for (label, seed, imgs, w, rows), row_axes in zip(pairs, axes, strict=True):
         for ax, img, prior in zip(row_axes, imgs, shown, strict=True):
             pixels = np.asarray(Image.open(img))
             ax.imshow(pixels, cmap="gray")
             scale = f", w={w:g}" if w is not None else ""
-            ax.set_title(f"{label}, seed={seed}, prior={prior}{scale}", fontsize=8)
+            ax.set_title(f"{label}, seed={seed}\nprior={prior}{scale}", fontsize=8)  # two lines: long conditions overlap
             ax.set_xticks([])
             if rows:  # one row of samples per class, top to bottom
                 step = pixels.shape[0] / rows

@@ -145,9 +145,12 @@ def run_plan(plan: Plan, started: float) -> None:
     from priorlab.analysis.results import collect_results
 
     held = claim(plan)
+    # where and from what it ran, found now: at a SIGTERM (`timeout` ending a piece) the session is recorded first,
+    # in the seconds before the SIGKILL that follows, while the jobs' GPU processes may take long to end
+    where = {"commit": commit(), "machine": machine()}
     progress = StudyProgress(plan.name, plan.study_dir / "finetune", plan.total, started)
     finished = False
-    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)  # `timeout` ends a piece: its time is recorded
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     server = forkserver.ForkServer() if forkserver.enabled() else None  # imports while the study starts up
     try:
         if plan.jobs > 1:
@@ -157,14 +160,13 @@ def run_plan(plan: Plan, started: float) -> None:
         collect_results(plan.study_dir)
         finished = True
     finally:
-        if server is not None:
-            server.close()
-        signal.signal(signal.SIGTERM, previous)
-        session = {"wall_time_s": round(time.time() - started, 1), "commit": commit(), "machine": machine(),
-                   "finished": finished}  # fmt: skip
+        session = {"wall_time_s": round(time.time() - started, 1), **where, "finished": finished}
         sessions = [*held.get("sessions", []), session]
         claim_study_dir(plan.study_dir, plan.name, plan.preset, sessions=sessions,
                         wall_time_s=round(sum(s["wall_time_s"] for s in sessions), 1))  # fmt: skip
+        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.close()
 
 
 def _run_in_turn(plan: Plan, progress: StudyProgress, server) -> None:
