@@ -230,7 +230,7 @@ def test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout(
 
 
 def test_data_that_differ_only_in_classes_or_draw_do_not_share_an_evaluator(compose_tmp, tmp_path):
-    from priorlab.commands.evaluate import train_evaluator
+    from priorlab.commands.train_evaluator import main as train_evaluator
     from priorlab.data import DigitsDataModule
     from priorlab.evaluation.setup import COMMAND, ensure_evaluator, evaluator_dir, train_and_cache_evaluator
 
