@@ -153,3 +153,50 @@ class RaiseLearningRate(L.Callback):
 @pytest.fixture
 def compose_tmp(tmp_path):
     return lambda overrides, config_name="train": compose_cfg(tmp_path, overrides, config_name)
+
+
+# The end-to-end tier (`pytest -m e2e`; `make test-fast` leaves it out): whole studies, tests that start processes
+# of their own (fresh interpreters, DDP, the fork server's lifecycle), and trainings to a quality bar. Listed here,
+# each with why, rather than on each test, so that the tier reads in one place.
+E2E_MODULES = {
+    "test_forkserver.py": "starts and stops fork servers and their runs",
+    "test_imports.py": "imports each module (and each bench script) in a process of its own",
+    "test_own_data.py": "the README's walkthrough: a study on the user's own images",
+    "test_fuzz.py": "hundreds of command lines through the CLI",
+}
+E2E_TESTS = {
+    # whole studies
+    "test_study.py::test_toy2d_study_writes_results_report_and_every_figure": "a study",
+    "test_study.py::test_a_study_too_short_to_learn_says_it_cannot_conclude": "a study",
+    "test_study.py::test_running_the_study_again_trains_nothing": "a study",
+    "test_study.py::test_a_study_whose_base_changed_refuses_its_finished_fine_tunes": "a study",
+    "test_study.py::test_report_rebuilds_from_results_alone": "a study",
+    "test_study.py::test_killed_study_resumes_to_the_same_results": "a study, killed and resumed",
+    "test_study.py::test_images_with_base_seeds_and_a_data_size_axis": "a study",
+    "test_study.py::test_jobs_at_once_stop_at_a_failure_and_name_its_log": "a study",
+    "test_study.py::test_analysis_scripts_run_on_a_study": "a study, then the analysis scripts",
+    "test_study.py::test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis": "a study",
+    "test_study.py::test_when_swap_pays_again_trains_nothing": "a study",
+    "test_paper_setting.py::test_the_tiny_preset_runs_from_tarballs_to_report": "a study from npm tarballs",
+    "test_paper_setting.py::test_every_preset_of_every_experiment_composes": "dry-runs every preset (22)",
+    "test_cheap_prior.py::test_cheap_prior_study_and_evaluate_with_an_extra_prior": "a study",
+    "test_predictors.py::test_the_script_prints_each_study_and_writes_the_same_markdown": "an analysis script",
+    # processes of their own
+    "test_evaluation.py::test_metrics_from_two_gloo_processes_equal_those_from_one": "two gloo processes",
+    "test_cli.py::test_two_process_ddp_fit": "two DDP processes",
+    "test_resume.py::test_sigkill_then_resume_gives_identical_weights": "a run killed with SIGKILL",
+    "test_configs.py::test_installing_priorlab_keeps_the_installed_torch_and_everything_else": "pip in a venv",
+    # training to a quality bar, or a base then its fine-tune through the CLI
+    "test_evaluation.py::test_toy2d_ground_truth_base_prior_beats_an_untrained_unconditional_branch": "trains",
+    "test_evaluation.py::test_callbacks_and_evaluate_command": "trains, then evaluates through the CLI",
+    "test_cli.py::test_base_then_finetune_write_their_run_folders": "a base and a fine-tune through the CLI",
+    "test_cli.py::test_base_of_another_size_and_unknown_column_are_refused": "uses that base",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark the end-to-end tier (E2E_MODULES, E2E_TESTS; `tests/test_tiers.py` checks that each names a test)."""
+    for item in items:
+        if item.path.name in E2E_MODULES or f"{item.path.name}::{item.originalname}" in E2E_TESTS:
+            item.add_marker(pytest.mark.e2e)

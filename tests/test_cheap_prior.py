@@ -208,7 +208,7 @@ def test_figures_show_the_extra_prior_beside_self_and_base(tmp_path, monkeypatch
         assert lines["prior=small"].get_color() == "tab:green"
     figures.sample_grids(tmp_path, frame, tmp_path / "e.png")
     titles = [ax.get_title() for ax in saved[-1].axes]
-    assert len(titles) == 6 and titles[2] == "p=0, seed=0, prior=small, w=2"
+    assert len(titles) == 6 and titles[2] == "p=0, seed=0\nprior=small, w=2"
     (tmp_path / "finetune/p=0.1/seed=0/eval/grid_step=6_prior=small.png").unlink()
     figures.sample_grids(tmp_path, frame, tmp_path / "e.png")
     assert len(saved[-1].axes) == 4 and not any("small" in ax.get_title() for ax in saved[-1].axes)

@@ -17,7 +17,8 @@ CLASSES = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 # two fine-tunes (cond_dropout 0 and 0.2) of 2 steps. Later settings win, as on any Hydra command line.
 TINY = {
     "train-evaluator": "data.image_size=8 steps=10".split(),
-    "study": "preset=tiny_images data.image_size=8 sweep.data.train_per_class=null sweep.seed=[0] base_seeds=[0] "
+    "study": "preset=tiny_images data.image_size=8 sweep.data.train_per_class=null sweep.cond_dropout=[0.0,0.2] "
+    "sweep.seed=[0] base_seeds=[0] "
     "base_steps=4 finetune_steps=2".split(),
     "report": [],
 }

@@ -72,7 +72,7 @@ def test_the_tiny_preset_runs_from_tarballs_to_report(tmp_path):
     fd = frame[(frame["metric"] == "fd") & (frame["guidance_scale"] == 1.5)]
     assert set(fd["prior"]) == {"self", "base", "other", "checked"}
     for name, other in (("broad", "same"), ("same", "broad")):  # each base's fine-tunes used the other base
-        config = (study / "finetune" / f"base={name}" / "p=0.0" / "seed=0" / "config.yaml").read_text()
+        config = (study / "finetune" / f"base={name}" / "p=0.1" / "seed=0" / "config.yaml").read_text()
         assert f"other: {study}/base/{other}" in config
     report = (study / "report.md").read_text()
     assert "## Validity" in report and "The extra prior `other`" in report

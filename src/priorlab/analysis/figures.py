@@ -253,7 +253,7 @@ def sample_grids(study_dir: Path, frame: pd.DataFrame, path: Path) -> Path | Non
             pixels = np.asarray(Image.open(img))
             ax.imshow(pixels, cmap="gray")
             scale = f", w={w:g}" if w is not None else ""
-            ax.set_title(f"{label}, seed={seed}\nprior={prior}{scale}", fontsize=8)  # two lines: long conditions overlap
+            ax.set_title(f"{label}, seed={seed}\nprior={prior}{scale}", fontsize=8)  # two lines: long ones overlap
             ax.set_xticks([])
             if rows:  # one row of samples per class, top to bottom
                 step = pixels.shape[0] / rows
