@@ -10,18 +10,11 @@ import pytest
 import torch
 from scipy import stats
 
+from priorlab.analysis.convergence import Check, base_change, check_bases
 from priorlab.analysis.figures import _band, metric_range
 from priorlab.analysis.report import benefits, findings
 from priorlab.analysis.stats import paired_difference, pooled_over_samples
-from priorlab.analysis.validity import (
-    THRESHOLDS,
-    Check,
-    base_change,
-    check_bases,
-    check_conditions,
-    check_study,
-    power_estimate,
-)
+from priorlab.analysis.validity import THRESHOLDS, check_conditions, check_study, power_estimate
 from priorlab.evaluation.core import EvalSettings, Scored, paired_scores
 from priorlab.evaluation.metrics import frechet_distance
 

@@ -1,4 +1,7 @@
-"""The study's figures (a)–(e), each a function of the tidy results that writes one PNG."""
+"""The study's figures (a)–(h) and (v), each a function of the tidy results that writes one PNG.
+
+Longer than 300 lines because it holds one function per figure, with the plotting conventions they share
+(colours per prior, bands over seeds, titles); splitting it would scatter those."""
 
 from __future__ import annotations
 
@@ -154,7 +157,7 @@ def benefit_per_scale(benefits: pd.DataFrame, keys: list[str], valid, metric: st
 
 def base_curves(study_dir: Path, path: Path) -> Path | None:
     """(v) The held-out ∅ loss of each base at each validation, with the window of the convergence check."""
-    from priorlab.analysis.validity import base_curve, base_runs
+    from priorlab.analysis.convergence import base_curve, base_runs
 
     runs = base_runs(study_dir)
     curves = [(run, base_curve(run)) for run in runs]

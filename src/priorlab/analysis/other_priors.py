@@ -101,6 +101,25 @@ def base_recorded(frame: pd.DataFrame, metric: str, name: str) -> bool:
     return not pair_se(final_rows(frame), metric, "base", name, index).empty
 
 
+def _intro(frame: pd.DataFrame, metric: str, name: str) -> str:
+    """The paragraph before an extra prior's statements: what counts, its sampling time and its ∅ loss."""
+    ratios = time_ratios(frame, name)
+    timing = ", ".join(f"{ratios[o]:.2f}× prior={o}'s" for o in COMPARED if not math.isnan(ratios.get(o, math.nan)))
+    losses = null_losses(frame, name)
+    loss_text = ", ".join(f"{who} {value:.4g}" for who, value in losses.items())
+    return (f"prior={name} is another network in the base's place (`extra_priors`). Advantage > 0: prior={name} "
+            f"did better (lower {metric.upper()}, higher accuracy); mean [95% CI over seeds], paired. A finding "
+            "follows the rule stated for the swap's findings (both intervals at the primary scale, Holm-adjusted p "
+            "over seeds and over samples at the secondary ones) and needs its condition to pass the validity checks."
+            + ("" if base_recorded(frame, metric, name) else " Against prior=base these runs recorded no "
+               "interval over samples, so no difference from the base is a finding.")
+            + (f" Its sampling took {timing} time (median over runs and guided scales of each (prior, w)'s "
+               "sampling time; with eval.one_pass=scales a prior's pass is shared out over its scales)."
+               if timing else "")
+            + (f" Held-out ∅ loss over all timesteps (mean over the fine-tunes' final evaluations): {loss_text}."
+               if name in losses else ""))  # fmt: skip
+
+
 def extra_prior_lines(
     frame: pd.DataFrame, validity: Validity, metric: str, primary_scale: float | None = None
 ) -> list[str]:
@@ -113,23 +132,8 @@ def extra_prior_lines(
     unit = metric.upper()
     lines = []
     for name in names:
-        ratios = time_ratios(frame, name)
-        timing = ", ".join(f"{ratios[o]:.2f}× prior={o}'s" for o in COMPARED if not math.isnan(ratios.get(o, math.nan)))
-        losses = null_losses(frame, name)
-        loss_text = ", ".join(f"{who} {value:.4g}" for who, value in losses.items())
         lines += [f"## The extra prior `{name}`: against the fine-tune's own ∅ branch and the base", "",
-                  f"prior={name} is another network in the base's place (`extra_priors`). Advantage > 0: prior={name} "
-                  f"did better (lower {unit}, higher accuracy); mean [95% CI over seeds], paired. A finding follows "
-                  "the rule stated for the swap's findings (both intervals at the primary scale, Holm-adjusted p "
-                  "over seeds and over samples at the secondary ones) and needs its condition to pass the validity "
-                  "checks."
-                  + ("" if base_recorded(frame, metric, name) else " Against prior=base these runs recorded no "
-                     "interval over samples, so no difference from the base is a finding.")
-                  + (f" Its sampling took {timing} time (median over runs and guided scales of each (prior, w)'s "
-                     "sampling time; with eval.one_pass=scales a prior's pass is shared out over its scales)."
-                     if timing else "")
-                  + (f" Held-out ∅ loss over all timesteps (mean over the fine-tunes' final evaluations): {loss_text}."
-                     if name in losses else ""), ""]  # fmt: skip
+                  _intro(frame, metric, name), ""]  # fmt: skip
         table = []
         per_other = {o: with_verdicts(advantage(frame, metric, o, name), keys, primary_scale) for o in COMPARED}
         accuracy = {o: advantage(frame, "accuracy", o, name) for o in COMPARED}

@@ -1,11 +1,13 @@
-"""runs/NAME/report.md: the headline table, statements with numbers and intervals, and the figures."""
+"""runs/NAME/report.md: the headline table, statements with numbers and intervals, and the figures.
+
+Longer than 300 lines because it is the report's outline: every section's order, title and framing text is here,
+while the numbers come from `findings`, `other_priors`, `sign_rule`, `predictors` and `validity`."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -30,7 +32,7 @@ from priorlab.analysis.results import (
     load_results,
 )
 from priorlab.analysis.stats import Estimate, judge, mean_ci, pooled_over_samples
-from priorlab.analysis.text import cond_label, fmt_axis, interval, markdown_table
+from priorlab.analysis.text import cond_label, interval, markdown_table
 from priorlab.analysis.validity import (
     GAIN,
     LOWER_IS_BETTER,
@@ -204,21 +206,45 @@ def build_report(study_dir: str | Path) -> Path:
     frame = load_results(study_dir)
     fig_dir = study_dir / "figures"
     meta = study_record(study_dir / "study.json") if (study_dir / "study.json").exists() else {}
-    final = final_rows(frame)
-    axes = axis_columns(frame)
     metric = study_metric(frame)
     validity = check_study(study_dir, frame, meta.get("validity"), meta.get("base_seeds"), meta.get("main"))
     primary = meta.get("primary_scale")
+    lines = [*_intro(study_dir, frame, meta, metric), *validity_lines(validity, metric)]
+    made: dict[str, tuple[str, Path | None]] = {
+        "v": ("(v) the base's held-out ∅ loss during training",
+              figures.base_curves(study_dir, fig_dir / "v_base_loss.png")),
+    }  # fmt: skip
+    lines += _finding_sections(frame, validity, primary)
+    lines += extra_prior_lines(frame, validity, metric, primary)
+    made["h"] = ("(h) the swap's benefit at each guided scale, per condition",
+                 figures.benefit_per_scale(benefits(frame, metric), condition_keys(frame), validity.valid, metric,
+                                           fig_dir / "h_benefit_per_scale.png"))  # fmt: skip
+    for section in (_per_condition_sections(study_dir, frame, fig_dir, metric, validity),
+                    sign_rule.swap_sections(frame, fig_dir, validity)):  # fmt: skip
+        lines += section[0]
+        made.update(section[1])
+    lines += predictor_lines(frame, primary)
+    lines += ["## Figures", ""]
+    for title, path in made.values():
+        if path is not None:
+            lines += [f"### {title}", "", f"![{title}](figures/{path.name})", ""]
+    return atomic.write_text(study_dir / "report.md", "\n".join(lines))
+
+
+def _intro(study_dir: Path, frame: pd.DataFrame, meta: dict, metric: str) -> list[str]:
+    """The title and the paragraph that says what was run and how the intervals are drawn."""
+    final = final_rows(frame)
     guided = sorted(w for w in final["guidance_scale"].dropna().unique() if w != 1)
     rates = ", ".join(f"{p:g}" for p in sorted(frame["cond_dropout"].unique()))
     scales = ", ".join(_fmt_w(w) for w in sorted(final["guidance_scale"].dropna().unique()))
-    conditions = "".join(f"{a} ∈ {{{', '.join(map(str, sorted(frame[a].unique(), key=str)))}}}, " for a in axes)
+    conditions = "".join(f"{a} ∈ {{{', '.join(map(str, sorted(frame[a].unique(), key=str)))}}}, "
+                         for a in axis_columns(frame))  # fmt: skip
     base_seeds = meta.get("base_seeds")
     bases = (f" Each fine-tune seed starts from its own base: base seeds {base_seeds}, dealt out in turn, so the "
              "intervals over seeds include the base's training noise." if base_seeds and len(base_seeds) > 1 else
              " Every fine-tune starts from one base, so the intervals over seeds do not include the base's training "
              "noise.")  # fmt: skip
-    lines = [
+    return [
         f"# Study {meta.get('name', study_dir.name)} (preset {meta.get('preset', '?')})",
         "",
         f"{final['run'].nunique()} fine-tunes: {conditions}cond_dropout ∈ {{{rates}}}, "
@@ -227,16 +253,16 @@ def build_report(study_dir: str | Path) -> Path:
         f'features; {interval_note(frame["seed"].nunique())} Intervals "over samples" pool each run\'s standard '
         "error over its generated samples (a paired bootstrap for FD): they describe these trained models, not "
         "another training run. Scale 1 never uses the prior, so both priors coincide there. "
-        + _primary_text(primary, guided),
+        + _primary_text(meta.get("primary_scale"), guided),
         "",
-        *validity_lines(validity, metric),
     ]
-    made: dict[str, tuple[str, Path | None]] = {
-        "v": (
-            "(v) the base's held-out ∅ loss during training",
-            figures.base_curves(study_dir, fig_dir / "v_base_loss.png"),
-        )
-    }
+
+
+def _finding_sections(frame: pd.DataFrame, validity: Validity, primary: float | None) -> list[str]:
+    """One section per compared metric: what counts as a finding, the findings, and every condition and scale."""
+    final = final_rows(frame)
+    guided = sorted(w for w in final["guidance_scale"].dropna().unique() if w != 1)
+    lines: list[str] = []
     for m in comparison_metrics(frame):
         found, table = findings(frame, validity, m, primary)
         note = f"{BENEFIT_NOTE} {rule_note(primary, guided)} {DETECTABLE_NOTE}"
@@ -247,22 +273,7 @@ def build_report(study_dir: str | Path) -> Path:
         if len(table):
             lines += ["<details><summary>Every condition and scale</summary>", "", markdown_table(table), "",
                       "</details>", ""]  # fmt: skip
-    lines += extra_prior_lines(frame, validity, metric, primary)
-    made["h"] = ("(h) the swap's benefit at each guided scale, per condition",
-                 figures.benefit_per_scale(benefits(frame, metric), condition_keys(frame), validity.valid, metric,
-                                           fig_dir / "h_benefit_per_scale.png"))  # fmt: skip
-    body, figs = _per_condition_sections(study_dir, frame, fig_dir, metric, validity)
-    lines += body
-    made.update(figs)
-    swap_lines, swap_figs = _swap_sections(frame, fig_dir, validity)
-    lines += swap_lines
-    lines += predictor_lines(frame, primary)
-    made.update(swap_figs)
-    lines += ["## Figures", ""]
-    for title, path in made.values():
-        if path is not None:
-            lines += [f"### {title}", "", f"![{title}](figures/{path.name})", ""]
-    return atomic.write_text(study_dir / "report.md", "\n".join(lines))
+    return lines
 
 
 def _primary_text(primary: float | None, guided: list[float]) -> str:
@@ -306,93 +317,3 @@ def _per_condition_sections(
                       "guidance did not improve this metric there.", ""]  # fmt: skip
     lines += ["## Drift of the unconditional branch (final step)", "", *[f"- {s}" for s in drift_statement(frame)], ""]
     return lines, made
-
-
-def _swap_sections(frame: pd.DataFrame, fig_dir: Path, validity: Validity) -> tuple[list[str], dict]:
-    """The fitted priors' table, the sign rule and auto/mix against the fixed priors (over the conditions that
-    passed their validity checks), figures (f), (g)."""
-    metric = study_metric(frame)
-    axes = axis_columns(frame)
-    keys = condition_keys(frame)
-    points = sign_rule.swap_points(frame, metric)
-    lines: list[str] = []
-    made: dict[str, tuple[str, Path | None]] = {}
-    if final_rows(frame)["prior"].isin(sign_rule.FITTED).any():
-        lines += [f"## Best {metric.upper()} over guidance scales per condition, every prior (mean [95% CI] over "
-                  "seeds)", "", markdown_table(sign_rule.condition_table(frame, metric)), ""]  # fmt: skip
-    if points.empty or points["log_ratio"].isna().all():
-        return lines, made
-    conds = points[keys].apply(tuple, axis=1)
-    valid = conds.map(validity.valid)
-    left_out = int((~valid).sum())
-    points = points[valid]
-    lines += ["## When does the swap pay? The sign rule", ""]
-    if points.empty:
-        return [
-            *lines,
-            "Not tested: no condition passed its validity checks, so its benefits are not results.",
-            "",
-        ], made
-    source = "calibration" if final_rows(frame)["metric"].str.startswith("calib_loss/").any() else "metric held-out"
-    overall, per_scale = sign_rule.sign_rule(points)
-    signs = set(np.sign(points["log_ratio"].dropna()).tolist()) - {0.0}
-    lines += [
-        f"Benefit = {metric.upper()}(self) − {metric.upper()}(base) at each fine-tune's final step and each w ≠ 1 "
-        f"(> 0: the base prior helped). Loss ratio = mean over timestep buckets of log(L_self / L_base), the "
-        f"held-out ∅ denoising losses on the {source} split (> 0: the base's loss is lower). The rule predicts "
-        "equal signs. Intervals are Wilson 95% intervals treating points as independent; points of one run at "
-        "several scales are not, so read the per-scale counts too."
-        + (f" {left_out} points of conditions that failed their validity checks are left out." if left_out else ""),
-        "",
-    ]  # fmt: skip
-    if len(signs) == 1:
-        lower, verb = ("the fine-tune's own", "did not help") if signs == {-1.0} else ("the base's", "helped")
-        lines += [f"**The loss ratio has one sign at every point ({lower} ∅ loss is the lower), so the rule is "
-                  f"tested on one side only**: each count below is just the share of points where the swap {verb}, "
-                  "not evidence that the ratio predicts the sign.", ""]  # fmt: skip
-    lines += [
-        f"- all scales: the sign rule held at {overall}.",
-        *[f"- w={_fmt_w(w)}: {p}." for w, p in per_scale.items()],
-        *[f"- {key}={fmt_axis(v)}: {p}." for key in [*axes, "cond_dropout"] if points[key].nunique() > 1
-          for v, p in sign_rule.sign_rule(points, key)[1].items()],
-        "- Spearman's ρ(log ratio, benefit) = {:.2f} (p = {:.2g}, n = {}).".format(*sign_rule.rank_correlation(points)),
-        "",
-    ]  # fmt: skip
-    made["f"] = ("(f) the swap's benefit vs the ∅ loss ratio",
-                 figures.swap_vs_loss_ratio(points, fig_dir / "f_swap_vs_loss_ratio.png", metric))  # fmt: skip
-    lines += _fitted_lines(points, metric)
-    made["g"] = ("(g) log(L_self / L_base) and the mix weight per timestep bucket",
-                 figures.log_ratio_per_bucket(sign_rule.bucket_log_ratios(frame), axes,
-                                              fig_dir / "g_log_ratio_per_bucket.png"))  # fmt: skip
-    return lines, made
-
-
-def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
-    """The section comparing prior=auto and prior=mix with the better and the worse fixed prior at each point."""
-    fitted = [c for c in (sign_rule.fitted_vs_fixed(points, p) for p in sign_rule.FITTED) if c is not None]
-    if not fitted:
-        return []
-    title = f"## The fitted priors (auto, mix, checked) against both fixed priors ({metric.upper()}, lower is better)"
-    lines = [title, "",
-             "Per cell (study axes, p, w) the fitted prior's paired difference from the cell's better and worse "
-             "fixed prior (the better by its mean over seeds), mean [95% t-CI] over seeds; a cell whose interval "
-             "against the better includes 0 is within noise, not a failure. These verdicts describe the cells by "
-             "the interval over seeds alone (no interval over samples is recorded against the better fixed prior, and "
-             "there is no correction over cells), so they are not findings in the sense of the rule above; a "
-             "zero-width interval counts as no spread, never as better or worse.", ""]  # fmt: skip
-    for c in fitted:
-        cells = sign_rule.fitted_cells(points, c.prior)
-        counts = cells["verdict"].value_counts()
-        summary = "; ".join(f"{v}: {counts[v]}" for v in counts.index)
-        lines += [f"**prior={c.prior}** over {len(cells)} cells: {summary}.", ""]
-        keys = [k for k in cells.columns if k not in ("seeds", "better fixed", "vs better", "vs worse", "verdict")]
-        lines.append("| " + " | ".join([*keys, "seeds", "better fixed", f"{c.prior} − better", f"{c.prior} − worse",
-                                         "verdict"]) + " |")  # fmt: skip
-        lines.append("|" + "---|" * (len(keys) + 5))
-        for _, r in cells.iterrows():
-            values = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
-            lines.append("| " + " | ".join([*values, str(r["seeds"]), r["better fixed"], str(r["vs better"]),
-                                            str(r["vs worse"]), r["verdict"]]) + " |")  # fmt: skip
-        lines += ["", f"Pooled over every (run, w) point (not independent: for scale only): better than both at "
-                      f"{c.beats_both}; {c.prior} − min(self, base) {c.vs_better}.", ""]  # fmt: skip
-    return lines

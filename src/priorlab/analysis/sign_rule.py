@@ -10,6 +10,7 @@ log(L_self / L_base) on the calibration split (on the metric held-out split when
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from scipy import stats
 
 from priorlab.analysis.results import axis_columns, bucket_start, final_rows
 from priorlab.analysis.stats import Estimate, mean_ci
+from priorlab.analysis.text import fmt_axis, markdown_table
 from priorlab.priors.modes import FITTED, FIXED
 
 
@@ -192,3 +194,100 @@ def bucket_log_ratios(frame: pd.DataFrame) -> pd.DataFrame:
     mix["t"] = mix["metric"].map(bucket_start)
     mix = mix[[*keys, "t", "value"]].rename(columns={"value": "mix_weight"})
     return wide[[*keys, "t", "log_ratio"]].merge(mix, on=[*keys, "t"], how="left")
+
+
+def swap_sections(frame: pd.DataFrame, fig_dir: Path, validity) -> tuple[list[str], dict]:
+    """The report's sections on the fitted priors' table, the sign rule and auto/mix against the fixed priors (over
+    the conditions that passed their validity checks, `validity.valid`), with figures (f), (g)."""
+    from priorlab.analysis import figures
+    from priorlab.analysis.validity import condition_keys, study_metric
+
+    metric = study_metric(frame)
+    points = swap_points(frame, metric)
+    lines: list[str] = []
+    made: dict[str, tuple[str, Path | None]] = {}
+    if final_rows(frame)["prior"].isin(FITTED).any():
+        lines += [f"## Best {metric.upper()} over guidance scales per condition, every prior (mean [95% CI] over "
+                  "seeds)", "", markdown_table(condition_table(frame, metric)), ""]  # fmt: skip
+    if points.empty or points["log_ratio"].isna().all():
+        return lines, made
+    valid = points[condition_keys(frame)].apply(tuple, axis=1).map(validity.valid)
+    left_out = int((~valid).sum())
+    points = points[valid]
+    lines += ["## When does the swap pay? The sign rule", ""]
+    if points.empty:
+        return [
+            *lines,
+            "Not tested: no condition passed its validity checks, so its benefits are not results.",
+            "",
+        ], made
+    lines += _rule_lines(frame, points, metric, left_out)
+    made["f"] = ("(f) the swap's benefit vs the ∅ loss ratio",
+                 figures.swap_vs_loss_ratio(points, fig_dir / "f_swap_vs_loss_ratio.png", metric))  # fmt: skip
+    lines += _fitted_lines(points, metric)
+    made["g"] = ("(g) log(L_self / L_base) and the mix weight per timestep bucket",
+                 figures.log_ratio_per_bucket(bucket_log_ratios(frame), axis_columns(frame),
+                                              fig_dir / "g_log_ratio_per_bucket.png"))  # fmt: skip
+    return lines, made
+
+
+def _rule_lines(frame: pd.DataFrame, points: pd.DataFrame, metric: str, left_out: int) -> list[str]:
+    """The sign rule's statement, its one-sidedness where the ratio has one sign, and its counts."""
+    source = "calibration" if final_rows(frame)["metric"].str.startswith("calib_loss/").any() else "metric held-out"
+    overall, per_scale = sign_rule(points)
+    signs = set(np.sign(points["log_ratio"].dropna()).tolist()) - {0.0}
+    lines = [
+        f"Benefit = {metric.upper()}(self) − {metric.upper()}(base) at each fine-tune's final step and each w ≠ 1 "
+        f"(> 0: the base prior helped). Loss ratio = mean over timestep buckets of log(L_self / L_base), the "
+        f"held-out ∅ denoising losses on the {source} split (> 0: the base's loss is lower). The rule predicts "
+        "equal signs. Intervals are Wilson 95% intervals treating points as independent; points of one run at "
+        "several scales are not, so read the per-scale counts too."
+        + (f" {left_out} points of conditions that failed their validity checks are left out." if left_out else ""),
+        "",
+    ]  # fmt: skip
+    if len(signs) == 1:
+        lower, verb = ("the fine-tune's own", "did not help") if signs == {-1.0} else ("the base's", "helped")
+        lines += [f"**The loss ratio has one sign at every point ({lower} ∅ loss is the lower), so the rule is "
+                  f"tested on one side only**: each count below is just the share of points where the swap {verb}, "
+                  "not evidence that the ratio predicts the sign.", ""]  # fmt: skip
+    keys = [*axis_columns(frame), "cond_dropout"]
+    return [
+        *lines,
+        f"- all scales: the sign rule held at {overall}.",
+        *[f"- w={w:g}: {p}." for w, p in per_scale.items()],
+        *[f"- {key}={fmt_axis(v)}: {p}." for key in keys if points[key].nunique() > 1
+          for v, p in sign_rule(points, key)[1].items()],
+        "- Spearman's ρ(log ratio, benefit) = {:.2f} (p = {:.2g}, n = {}).".format(*rank_correlation(points)),
+        "",
+    ]  # fmt: skip
+
+
+def _fitted_lines(points: pd.DataFrame, metric: str) -> list[str]:
+    """The section comparing prior=auto and prior=mix with the better and the worse fixed prior at each point."""
+    fitted = [c for c in (fitted_vs_fixed(points, p) for p in FITTED) if c is not None]
+    if not fitted:
+        return []
+    title = f"## The fitted priors (auto, mix, checked) against both fixed priors ({metric.upper()}, lower is better)"
+    lines = [title, "",
+             "Per cell (study axes, p, w) the fitted prior's paired difference from the cell's better and worse "
+             "fixed prior (the better by its mean over seeds), mean [95% t-CI] over seeds; a cell whose interval "
+             "against the better includes 0 is within noise, not a failure. These verdicts describe the cells by "
+             "the interval over seeds alone (no interval over samples is recorded against the better fixed prior, and "
+             "there is no correction over cells), so they are not findings in the sense of the rule above; a "
+             "zero-width interval counts as no spread, never as better or worse.", ""]  # fmt: skip
+    for c in fitted:
+        cells = fitted_cells(points, c.prior)
+        counts = cells["verdict"].value_counts()
+        summary = "; ".join(f"{v}: {counts[v]}" for v in counts.index)
+        lines += [f"**prior={c.prior}** over {len(cells)} cells: {summary}.", ""]
+        keys = [k for k in cells.columns if k not in ("seeds", "better fixed", "vs better", "vs worse", "verdict")]
+        lines.append("| " + " | ".join([*keys, "seeds", "better fixed", f"{c.prior} − better", f"{c.prior} − worse",
+                                         "verdict"]) + " |")  # fmt: skip
+        lines.append("|" + "---|" * (len(keys) + 5))
+        for _, r in cells.iterrows():
+            values = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+            lines.append("| " + " | ".join([*values, str(r["seeds"]), r["better fixed"], str(r["vs better"]),
+                                            str(r["vs worse"]), r["verdict"]]) + " |")  # fmt: skip
+        lines += ["", f"Pooled over every (run, w) point (not independent: for scale only): better than both at "
+                      f"{c.beats_both}; {c.prior} − min(self, base) {c.vs_better}.", ""]  # fmt: skip
+    return lines

@@ -6,6 +6,9 @@ over w" is not cut off, (4) the design has the seeds to see an effect of the siz
 guidance pays: the fine-tune's FD is lower at its best guided scale than unguided, the regime CFG users work in.
 Each check gives its number and its threshold; a failing check says what cannot be concluded. Conditions (the study
 axes and cond_dropout) are judged one by one: a failing condition withholds its own findings, not the others'.
+
+Longer than 300 lines because the checks are read together: each check's threshold, its text in the report and
+the condition table it fills stay in one file (the bases' convergence is `priorlab.analysis.convergence`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from scipy import stats
 
+from priorlab.analysis.convergence import BASE_CHECK, PRIOR_CHECK, Check, check_bases
 from priorlab.analysis.results import axis_columns, final_rows
 from priorlab.analysis.stats import Estimate, mean_ci
 from priorlab.errors import UserError
@@ -32,11 +35,6 @@ THRESHOLDS = {
     "max_ema_start": 0.01,  # the initial weights' share in the base's EMA at its end, decay^steps
 }
 LOWER_IS_BETTER = {"fd", "kid", "nll", "ideal_mse"}
-BASE_CHECK = "base converged"  # the name of each base's convergence check, the study-wide gate
-PRIOR_CHECK = "extra prior converged"  # each extra prior's, the gate of the findings about extra priors
-MEANING_BASE = ("its prior is not the converged model that a swap assumes, so a swap's benefit or harm says little "
-                "about a converged base")  # fmt: skip
-MEANING_PRIOR = "the report draws no conclusion about the extra priors (the findings about self and base stand)"
 PAYS_CHECK = "guidance pays (prior=self, main conditions)"
 PAYS = "guidance pays"  # the conditions table's column: True, False, or absent where not measured (toy2d's NLL)
 GAIN = "gain at best w self"  # FD(w=1) − FD(w*) of prior=self per seed, an Estimate
@@ -45,24 +43,6 @@ OUTSIDE_REGIME = ("outside the regime where guidance pays (the fine-tune's FD at
 NO_GAIN = "the comparisons of priors there are at guidance scales that do not improve FD (or are not shown to)"
 CAVEAT = ("guidance does not pay in this condition (see Validity), so these are comparisons of priors at guidance "
           "scales that do not improve FD")  # fmt: skip
-
-
-@dataclass
-class Check:
-    """One validity check: what was measured, against what, and what a failure means."""
-
-    name: str
-    passed: bool | None  # None: could not be measured
-    value: str
-    target: str
-    failure: str = ""  # the plain consequence when it fails
-
-    def __post_init__(self):
-        self.passed = None if self.passed is None else bool(self.passed)
-
-    @property
-    def mark(self) -> str:
-        return {True: "pass", False: "**FAIL**", None: "not measured"}[self.passed]
 
 
 @dataclass
@@ -135,71 +115,6 @@ def _accuracy_at(final: pd.DataFrame, best: pd.DataFrame) -> pd.Series:
     acc = final[final["metric"] == "accuracy"]
     merged = best[["run", "prior", "guidance_scale"]].merge(acc, on=["run", "prior", "guidance_scale"], how="left")
     return merged.set_index("run")["value"]
-
-
-def base_runs(study_dir: Path, folder: str = "base") -> list[Path]:
-    """The study's finished base runs (base/, base/<name>/, base/seed=<b>/, ...), or with folder="prior" its extra
-    priors' (prior/<name>/, prior/<name>/seed=<b>/)."""
-    root = study_dir / folder
-    return sorted(p.parent for p in root.rglob("done.json")) if root.exists() else []
-
-
-def base_curve(run_dir: Path) -> pd.DataFrame:
-    """The base's held-out ∅ loss at each validation (columns step, loss), steps counted from 1."""
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return pd.DataFrame(columns=["step", "loss"])
-    log = pd.read_csv(path)
-    if "val/loss_uncond" not in log:
-        return pd.DataFrame(columns=["step", "loss"])
-    rows = log.dropna(subset=["val/loss_uncond"])
-    return pd.DataFrame({"step": rows["step"].astype(int) + 1, "loss": rows["val/loss_uncond"].astype(float)})
-
-
-def base_change(curve: pd.DataFrame, max_steps: int) -> tuple[float, int, int] | None:
-    """(L(end) − L(80%)) / L(end) of a base's held-out loss (< 0: it still fell, > 0: it rose), with the two
-    steps; None without a validation in the first 80% of training."""
-    early = curve[curve["step"] <= 0.8 * max_steps]
-    if early.empty or curve.empty:
-        return None
-    a, b = early.iloc[-1], curve.iloc[-1]
-    return (b["loss"] - a["loss"]) / b["loss"], int(a["step"]), int(b["step"])
-
-
-def check_bases(study_dir: Path, thresholds: dict, priors: bool = False) -> list[Check]:
-    """One check per base: the last 20% of its training changed its held-out ∅ loss by less than the threshold.
-    With `priors`, the same for each extra prior (PRIOR_CHECK: it gates only the findings about that prior)."""
-    limit = thresholds["max_base_change"]
-    runs = base_runs(study_dir, "prior" if priors else "base")
-    if not runs and not priors:
-        return [Check(BASE_CHECK, None, "no finished base run found beside results.csv",
-                      f"change over the last 20% < {limit:.0%}")]  # fmt: skip
-    check, what = (PRIOR_CHECK, "the extra prior") if priors else (BASE_CHECK, "the base")
-    out = []
-    for run in runs:
-        config = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
-        max_steps = int((config.get("trainer") or {}).get("max_steps") or 0)
-        found = base_change(base_curve(run), max_steps) if max_steps else None
-        name = f"{check} ({run.relative_to(study_dir).as_posix()})"
-        target = (f"< {limit:.0%} over the last 20% of {max_steps} steps; EMA start weight < "
-                  f"{thresholds['max_ema_start']:.0%}")  # fmt: skip
-        if found is None:
-            out.append(Check(name, None, "no held-out loss before 80% of training (validate more often)", target))
-            continue
-        change, a, b = found
-        # The held-out loss is measured on the EMA weights: a run shorter than the average's memory barely moves
-        # them, and a flat curve would then say nothing. decay^steps is the initial weights' share at the end.
-        decay = float(((config.get("callbacks") or {}).get("ema") or {}).get("decay") or 0.0)
-        start_share = decay**max_steps
-        value = f"held-out ∅ loss {'rose' if change > 0 else 'fell'} {abs(change):.1%} from step {a} to {b}"
-        if start_share >= thresholds["max_ema_start"]:
-            value += f"; the EMA still holds {start_share:.0%} of the initial weights (decay {decay:g})"
-        failure = (f"{what}'s held-out loss was rising at its end, so it was overfitting its training split"
-                   if change >= limit else f"{what} was still improving (or too short to tell)")  # fmt: skip
-        ok = abs(change) < limit and start_share < thresholds["max_ema_start"]
-        meaning = MEANING_PRIOR if priors else MEANING_BASE
-        out.append(Check(name, ok, value, target, f"{failure}: {meaning}"))
-    return out
 
 
 def power_estimate(differences: np.ndarray, power: float = 0.8, alpha: float = 0.05) -> float:
@@ -322,44 +237,53 @@ def check_study(
                         "≥ 2, so that the intervals include the base's training noise",
                         "every fine-tune starts from one base, so the findings hold for that base; another base "
                         "may give others (they are still stated)"))  # fmt: skip
-    if len(conditions):
-        worst = conditions.loc[conditions["accuracy"].idxmin()]
-        n_bad = int((~conditions["learned"]).sum())
-        checks.append(Check(
-            "fine-tunes learned their conditions", n_bad == 0,
-            f"lowest accuracy at the best prior and w {worst['accuracy']:.3f} "
-            f"({_cond_text(worst, condition_keys(frame))}); "
-            f"chance {worst['chance']:.3f}; {n_bad} of {len(conditions)} conditions below",
-            f"≥ {thresholds['min_accuracy']:g} for every fine-tune",
-            "where a fine-tune did not learn its conditions, guidance has nothing to steer towards and no "
-            "conclusion about priors can be drawn"))  # fmt: skip
-        if conditions["nll_excess"].notna().any():
-            worst = conditions.loc[conditions["nll_excess"].idxmax()]
-            checks.append(Check(
-                "unguided samples match the true conditionals (toy2d)",
-                bool((conditions["nll_excess"] <= thresholds["max_nll_excess"]).all()),
-                f"largest NLL at w=1 above the true conditional entropy: {worst['nll_excess']:.2f} nats",
-                f"≤ {thresholds['max_nll_excess']:g} nats", "the conditional branch is far from the true "
-                "conditionals"))  # fmt: skip
-        few = conditions[~conditions["enough_seeds"]]
-        checks.append(
-            Check(
-                "seeds per condition",
-                few.empty,
-                f"{int(conditions['seeds'].min())} (fewest)",
-                f"≥ {thresholds['min_seeds']:g}",
-                "with fewer seeds the intervals over seeds are too wide to conclude",
-            )
-        )
-        edge = conditions[~conditions["w inside grid"]]
-        checks.append(Check(
-            "best w inside the grid", edge.empty,
-            "every condition" if edge.empty else f"{len(edge)} of {len(conditions)} conditions at an edge",
-            "best w (mean over seeds) below the largest scale, and no guided scale best at the lowest",
-            "the best-over-w comparison is cut off by the grid; per-w comparisons still stand"))  # fmt: skip
-        if PAYS in conditions:
-            checks.append(_pays_check(conditions, condition_keys(frame)))
+    checks += _condition_checks(conditions, condition_keys(frame), thresholds)
     return Validity(checks, conditions, condition_keys(frame), notes)
+
+
+def _condition_checks(conditions: pd.DataFrame, keys: list[str], thresholds: dict) -> list[Check]:
+    """The checks over the fine-tunes' conditions: learned, matching the true conditionals (toy2d), seeds, the
+    best w inside the grid, and guidance pays (where measured)."""
+    if conditions.empty:
+        return []
+    out: list[Check] = []
+    worst = conditions.loc[conditions["accuracy"].idxmin()]
+    n_bad = int((~conditions["learned"]).sum())
+    out.append(Check(
+        "fine-tunes learned their conditions", n_bad == 0,
+        f"lowest accuracy at the best prior and w {worst['accuracy']:.3f} "
+        f"({_cond_text(worst, keys)}); "
+        f"chance {worst['chance']:.3f}; {n_bad} of {len(conditions)} conditions below",
+        f"≥ {thresholds['min_accuracy']:g} for every fine-tune",
+        "where a fine-tune did not learn its conditions, guidance has nothing to steer towards and no "
+        "conclusion about priors can be drawn"))  # fmt: skip
+    if conditions["nll_excess"].notna().any():
+        worst = conditions.loc[conditions["nll_excess"].idxmax()]
+        out.append(Check(
+            "unguided samples match the true conditionals (toy2d)",
+            bool((conditions["nll_excess"] <= thresholds["max_nll_excess"]).all()),
+            f"largest NLL at w=1 above the true conditional entropy: {worst['nll_excess']:.2f} nats",
+            f"≤ {thresholds['max_nll_excess']:g} nats", "the conditional branch is far from the true "
+            "conditionals"))  # fmt: skip
+    few = conditions[~conditions["enough_seeds"]]
+    out.append(
+        Check(
+            "seeds per condition",
+            few.empty,
+            f"{int(conditions['seeds'].min())} (fewest)",
+            f"≥ {thresholds['min_seeds']:g}",
+            "with fewer seeds the intervals over seeds are too wide to conclude",
+        )
+    )
+    edge = conditions[~conditions["w inside grid"]]
+    out.append(Check(
+        "best w inside the grid", edge.empty,
+        "every condition" if edge.empty else f"{len(edge)} of {len(conditions)} conditions at an edge",
+        "best w (mean over seeds) below the largest scale, and no guided scale best at the lowest",
+        "the best-over-w comparison is cut off by the grid; per-w comparisons still stand"))  # fmt: skip
+    if PAYS in conditions:
+        out.append(_pays_check(conditions, keys))
+    return out
 
 
 def _pays_check(conditions: pd.DataFrame, keys: list[str]) -> Check:
