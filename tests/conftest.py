@@ -151,5 +151,17 @@ class RaiseLearningRate(L.Callback):
 
 
 @pytest.fixture
+def cpu_graphs(monkeypatch):
+    """CUDA graphs' stand-in on the CPU (`recorded_graphs.RecordedGraphs`) in place of `sampling.GRAPHS`: the
+    graphed sampling paths run here, their captures and replays counted."""
+    import priorlab.sampling as sampling_module
+    from recorded_graphs import RecordedGraphs
+
+    graphs = RecordedGraphs()
+    monkeypatch.setattr(sampling_module, "GRAPHS", graphs)
+    return graphs
+
+
+@pytest.fixture
 def compose_tmp(tmp_path):
     return lambda overrides, config_name="train": compose_cfg(tmp_path, overrides, config_name)
