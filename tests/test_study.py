@@ -644,14 +644,13 @@ def test_online_dashboard_builds_the_w_and_b_workspace_spec():
 def test_study_progress_lines_start_a_line_of_their_own_after_a_bar(tmp_path, capsys):
     """A fine-tune's bar leaves its line unended on the shared output; the study's line still reads on its own."""
     import sys
-    import time
 
     from priorlab.study_progress import StudyProgress
 
-    progress = StudyProgress("s", tmp_path, total=2, started=time.time())
+    progress = StudyProgress("s", tmp_path, total=2, started=100.0, clock=lambda: 142.0)
     sys.stdout.write("step 6/6 |████| 00:00, train/loss=1.2")  # a bar's last state, no newline
     (tmp_path / "p=0.1" / "seed=0").mkdir(parents=True)
     (tmp_path / "p=0.1" / "seed=0" / "done.json").write_text("{}")
     progress.poll(busy=10.0)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "[study s] fine-tune 1 of 2 done (p=0.1, seed=0) · 0s elapsed · about 10s left"
+    assert lines[-1] == "[study s] fine-tune 1 of 2 done (p=0.1, seed=0) · 42s elapsed · about 10s left"
