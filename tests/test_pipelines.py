@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import pipeline_models as pm
-from conftest import across_shapes_atol, assert_close_across_shapes
+from conftest import across_shapes_atol, assert_close_across_shapes, torch_threads
 from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.guidance import cfg, cfg_two_conditions
@@ -365,17 +365,19 @@ def test_sample_command_writes_images_settings_and_a_comparison(folders, tmp_pat
     args = ["sample", f"model={folders['sd']}", f"base={folders['sd_base']}", "prompt=a red cat", "guidance_scale=5",
             "num_steps=3", "height=16", "width=16", "num_images=2", "seed=7", "compare=true", f"out={out}",
             "progress=false"]  # fmt: skip
-    result = run_cli(*args, cwd=tmp_path)
+    result = run_cli(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     settings = json.loads((out / "sample.json").read_text())
     assert settings["family"] == "text-to-image" and settings["files"] == {
         "self": ["prior=self_0.png", "prior=self_1.png"], "base": ["prior=base_0.png", "prior=base_1.png"]}  # fmt: skip
     assert Image.open(out / "compare.png").size == (2 * 16, 2 * 16)  # a row per prior, a column per image
-    # prior=self is diffusers' own output for the same seeds
+    # prior=self is diffusers' own output for the same seeds: the same computation, bit for bit, on one thread as
+    # the command ran
     pipe = load_pipeline(str(folders["sd"]))
     generators = [torch.Generator().manual_seed(7 + i) for i in range(2)]
-    own = pipe(prompt="a red cat", guidance_scale=5.0, num_inference_steps=3, height=16, width=16,
-               num_images_per_prompt=2, generator=generators).images  # fmt: skip
+    with torch_threads(1):
+        own = pipe(prompt="a red cat", guidance_scale=5.0, num_inference_steps=3, height=16, width=16,
+                   num_images_per_prompt=2, generator=generators).images  # fmt: skip
     for i in range(2):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"prior=self_{i}.png")), np.asarray(own[i]))
     assert not np.array_equal(np.asarray(Image.open(out / "prior=base_0.png")), np.asarray(own[0]))
