@@ -22,6 +22,8 @@ import time
 import traceback
 from pathlib import Path
 
+from priorlab.forkserver import _threads_from_environment
+
 
 def _child(case: dict, out_path: str, err_path: str) -> None:
     code = 1
@@ -33,6 +35,7 @@ def _child(case: dict, out_path: str, err_path: str) -> None:
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
         os.chdir(case["cwd"])
         os.environ.update(case.get("env") or {})
+        _threads_from_environment()  # a case's OMP_NUM_THREADS, as a fresh process would apply it
         sys.argv = [str(Path(sys.executable).parent / "priorlab"), *case["args"]]
         try:
             from priorlab.cli import main

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -40,6 +42,19 @@ def perturbed_mlp(seed: int = 0, prediction_type: str = "epsilon", **kw):
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return m
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` in this process for the block: a result compared bit for bit with
+    another process's must be computed with the thread count that process used (OMP_NUM_THREADS=n there), since
+    CPU kernels split their reductions by it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 ULPS_PER_PASS = 4096  # rounding allowed per network pass, in units of the dtype's eps (assert_close_across_shapes)
@@ -148,6 +163,18 @@ class RaiseLearningRate(L.Callback):
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] = self.lr
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """CUDA graphs' stand-in on the CPU (`recorded_graphs.RecordedGraphs`) in place of `sampling.GRAPHS`: the
+    graphed sampling paths run here, their captures and replays counted."""
+    import priorlab.sampling as sampling_module
+    from recorded_graphs import RecordedGraphs
+
+    graphs = RecordedGraphs()
+    monkeypatch.setattr(sampling_module, "GRAPHS", graphs)
+    return graphs
 
 
 @pytest.fixture

@@ -457,9 +457,9 @@ def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monk
         torch.testing.assert_close(grids_b[p], grids[p])  # the grids are sampled as before
 
 
-def test_cuda_graphs_reach_the_one_pass_passes(monkeypatch):
-    """eval.cuda_graphs applies to one_pass's passes too (each step of a pass replayed from one graph on a GPU; on
-    the CPU the same launched computation, so the numbers do not change)."""
+def test_cuda_graphs_reach_the_one_pass_passes(monkeypatch, cpu_graphs):
+    """eval.cuda_graphs applies to one_pass's passes too (each step of a pass replayed from one graph on a GPU),
+    here replayed from graphs recorded on the CPU (`recorded_graphs`): the numbers do not change."""
     from priorlab.evaluation import core
 
     flags = []
@@ -476,6 +476,7 @@ def test_cuda_graphs_reach_the_one_pass_passes(monkeypatch):
         plain, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings)
         graphed, _ = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), replace(settings, cuda_graphs=True))
     assert flags == [False, False, True, True]  # one pass per prior, without and with graphs
+    assert cpu_graphs.captures > 0 and cpu_graphs.replays > cpu_graphs.captures  # the graphed passes replayed
     assert {k: v for k, v in plain.items() if "/sample_seconds/" not in k} == {
         k: v for k, v in graphed.items() if "/sample_seconds/" not in k
     }

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import pipeline_models as pm
-from conftest import across_shapes_atol, assert_close_across_shapes
+from conftest import across_shapes_atol, assert_close_across_shapes, torch_threads
 from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.guidance import cfg, cfg_two_conditions
@@ -321,6 +321,52 @@ def test_auto_and_mix_weights_choose_per_noise_level(folders):
     assert (own_high - base_high).abs().max() > 20 * across_shapes_atol(own_high)  # either alone would be seen
 
 
+def _draws(pipe, latents: torch.Tensor, seed: int = 0):
+    """The calibration draws of `fit_pipeline_weights` (timesteps, then noise, from one generator seeded `seed`),
+    the noisy latents they make, and θ's ᾱ."""
+    abar = pipe.scheduler.alphas_cumprod.float()
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, len(abar), (len(latents),), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    return t, noise, diffusion.add_noise(latents, noise, abar[t]), abar
+
+
+def _unet_eps(pipe, x_t, t, abar, emb) -> torch.Tensor:
+    """θ's prediction as eps at (x_t, t) with the prompt embeddings `emb` (one for all rows, or one per row)."""
+    out = pipe.unet(x_t, t, encoder_hidden_states=emb.expand(len(x_t), *emb.shape[1:])).sample
+    return diffusion.to_eps(out, pipe.scheduler.config.prediction_type, x_t, abar[t])
+
+
+def _least_squares(a, d, t, edges) -> list[float | None]:
+    """Per bucket [edges[b], edges[b + 1]) of the timesteps t, the w ∈ [0, 1] minimising mean ‖a + w·d‖²: the
+    convex quadratic's minimiser −⟨a, d⟩/⟨d, d⟩, clipped (None where the bucket holds no sample)."""
+    a, d = a.double().flatten(1), d.double().flatten(1)
+    out = []
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        rows = (t >= lo) & (t < hi)
+        out.append(float((-(a[rows] * d[rows]).sum() / (d[rows] ** 2).sum()).clamp(0, 1)) if rows.any() else None)
+    return out
+
+
+def _assert_weights(fitted: torch.Tensor, expected: list[float | None], atol: float = 1e-4) -> None:
+    """The fitted weights of the buckets that held samples are the expected ones."""
+    pairs = [(float(f), e) for f, e in zip(fitted.tolist(), expected, strict=True) if e is not None]
+    assert pairs and all(f == pytest.approx(e, abs=atol) for f, e in pairs), pairs
+
+
+class _Oracle:
+    """A prior network that knows the calibration draws: at the calibration sample x_t[i] it predicts
+    own[i] + (target[i] − own[i]) / lam, so that the mix (1 − w)·own + w·eps_ψ is `target` exactly at w = lam.
+    Against that target, the least-squares weight is lam clipped to [0, 1], with no loss left where lam lies
+    inside: a weight known before any fit."""
+
+    def __init__(self, x_t: torch.Tensor, own: torch.Tensor, target: torch.Tensor, lam: float):
+        self.x_t, self.answer = x_t.flatten(1), own + (target - own) / lam
+
+    def eps(self, x: torch.Tensor, abar_t: torch.Tensor) -> torch.Tensor:
+        return self.answer[torch.cdist(x.flatten(1), self.x_t).argmin(1)]  # each row's own calibration sample
+
+
 def test_fit_pipeline_weights_on_calibration_latents(folders):
     from priorlab.pipelines import fit_pipeline_weights
 
@@ -333,6 +379,23 @@ def test_fit_pipeline_weights_on_calibration_latents(folders):
     for b in range(4):
         assert losses["mix"][b] <= min(losses["self"][b], losses["base"][b]) + 1e-9
     assert ((mix.base_weight >= 0) & (mix.base_weight <= 1)).all()
+    # by hand, from the fit's draws: a = eps_θ(∅) − eps, d = eps_ψ − eps_θ(∅), w = −⟨a, d⟩/⟨d, d⟩ clipped per bucket
+    t, noise, x_t, abar = _draws(pipe, latents)
+    own = _unet_eps(pipe, x_t, t, abar, null["encoder_hidden_states"])
+    a, d = own - noise, prior.eps(x_t, abar[t]) - own
+    _assert_weights(mix.base_weight, _least_squares(a, d, t, mix.edges))
+    for b, (lo, hi) in enumerate(zip(mix.edges[:-1], mix.edges[1:], strict=True)):
+        rows = (t >= lo) & (t < hi)
+        assert losses["self"][b] == pytest.approx(float(a[rows].double().pow(2).mean()), rel=1e-4)
+        assert losses["base"][b] == pytest.approx(float((a + d)[rows].double().pow(2).mean()), rel=1e-4)
+    # priors whose mix with θ hits the noise exactly at w = lam: inside [0, 1] the fit finds lam, with no loss
+    # left; outside, the nearer end
+    for lam, expected in ((0.3, 0.3), (0.75, 0.75), (1.0, 1.0), (3.0, 1.0), (-1.0, 0.0)):
+        fit = fit_pipeline_weights(pipe, _Oracle(x_t, own, noise, lam), latents, null, prior="mix", buckets=4)
+        _assert_weights(fit.base_weight, [expected] * 4)
+        if 0 < lam < 1:
+            assert ((fit.base_weight > 0) & (fit.base_weight < 1)).all()
+            assert max(fit.losses["mix"]) < 1e-6 * min(fit.losses["self"])
 
 
 def test_mismatches_are_clear_errors(folders):
@@ -365,17 +428,19 @@ def test_sample_command_writes_images_settings_and_a_comparison(folders, tmp_pat
     args = ["sample", f"model={folders['sd']}", f"base={folders['sd_base']}", "prompt=a red cat", "guidance_scale=5",
             "num_steps=3", "height=16", "width=16", "num_images=2", "seed=7", "compare=true", f"out={out}",
             "progress=false"]  # fmt: skip
-    result = run_cli(*args, cwd=tmp_path)
+    result = run_cli(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     settings = json.loads((out / "sample.json").read_text())
     assert settings["family"] == "text-to-image" and settings["files"] == {
         "self": ["prior=self_0.png", "prior=self_1.png"], "base": ["prior=base_0.png", "prior=base_1.png"]}  # fmt: skip
     assert Image.open(out / "compare.png").size == (2 * 16, 2 * 16)  # a row per prior, a column per image
-    # prior=self is diffusers' own output for the same seeds
+    # prior=self is diffusers' own output for the same seeds: the same computation, bit for bit, on one thread as
+    # the command ran
     pipe = load_pipeline(str(folders["sd"]))
     generators = [torch.Generator().manual_seed(7 + i) for i in range(2)]
-    own = pipe(prompt="a red cat", guidance_scale=5.0, num_inference_steps=3, height=16, width=16,
-               num_images_per_prompt=2, generator=generators).images  # fmt: skip
+    with torch_threads(1):
+        own = pipe(prompt="a red cat", guidance_scale=5.0, num_inference_steps=3, height=16, width=16,
+                   num_images_per_prompt=2, generator=generators).images  # fmt: skip
     for i in range(2):
         np.testing.assert_array_equal(np.asarray(Image.open(out / f"prior=self_{i}.png")), np.asarray(own[i]))
     assert not np.array_equal(np.asarray(Image.open(out / "prior=base_0.png")), np.asarray(own[0]))
@@ -552,6 +617,25 @@ def test_guided_pipeline_fit_scores_each_latent_with_its_own_condition(folders):
         g = mix.losses["guided"][name]
         for b in range(4):
             assert g["mix"][b] <= min(g["self"][b], g["base"][b]) + 1e-9
+    # by hand, each latent with its own prompt: at scale w, a = w·eps_θ(c) + (1 − w)·eps_θ(∅) − eps and
+    # d = (1 − w)(eps_ψ − eps_θ(∅))
+    t, noise, x_t, abar = _draws(pipe, latents)
+    own = _unet_eps(pipe, x_t, t, abar, null["encoder_hidden_states"])
+    with_c = _unet_eps(pipe, x_t, t, abar, cond["encoder_hidden_states"])
+    base = prior.eps(x_t, abar[t])
+    for row, w in enumerate((2.0, 5.0)):
+        a, d = w * with_c + (1 - w) * own - noise, (1 - w) * (base - own)
+        _assert_weights(mix.base_weight[row], _least_squares(a, d, t, mix.edges))
+    # a prior whose mix with θ(∅) is, at w = 0.4, the ∅ prediction that makes the guided one at scale 5 the noise:
+    # the fit finds 0.4 at scale 5 (with no loss left), and at scale 2 the least-squares weight by hand
+    target = (noise - 5.0 * with_c) / (1 - 5.0)
+    oracle = _Oracle(x_t, own, target, 0.4)
+    fit = fit_pipeline_weights(pipe, oracle, latents, null, "mix", buckets=4, objective="guided", cond_kwargs=cond,
+                               scales=[2.0, 5.0])  # fmt: skip
+    _assert_weights(fit.base_weight[1], [0.4] * 4)
+    assert max(fit.losses["guided"]["w=5.0"]["mix"]) < 1e-6 * min(fit.losses["guided"]["w=5.0"]["self"])
+    a, d = 2.0 * with_c - own - noise, -(oracle.answer - own)
+    _assert_weights(fit.base_weight[0], _least_squares(a, d, t, fit.edges))
     other = fit_pipeline_weights(
         pipe,
         prior,
@@ -612,6 +696,7 @@ def test_guided_fit_of_instruct_pix2pix_scores_its_two_condition_combination(fol
     assert record["self"][0] == pytest.approx(float(((guided_self - noise) ** 2).mean()), rel=1e-4)
     assert record["base"][0] == pytest.approx(float(((guided_base - noise) ** 2).mean()), rel=1e-4)
     assert record["mix"][0] <= min(record["self"][0], record["base"][0]) + 1e-9
+    _assert_weights(w.base_weight[0], _least_squares(guided_self - noise, guided_base - guided_self, t, w.edges))
     with pytest.raises(UserError, match="image_guidance_scale to fit at"):
         fit_pipeline_weights(pipe, prior, latents, null, "mix", objective="guided", cond_kwargs=cond, scales=[s_t])
     with pytest.raises(UserError, match=r"image latents as 4 extra input channels"):
@@ -638,6 +723,17 @@ def test_guided_fit_of_image_variation_takes_each_image_as_its_own_condition(fol
                              cond_kwargs=cond, scales=[3.0])  # fmt: skip
     g = w.losses["guided"]["w=3.0"]
     assert w.objective == "guided" and all(g["mix"][b] <= min(g["self"][b], g["base"][b]) + 1e-9 for b in range(2))
+    # by hand, each latent with its own image's embedding (module doc of priorlab.priors.weights)
+    t, noise, x_t, abar = _draws(pipe, latents)
+    own = _unet_eps(pipe, x_t, t, abar, model_null_condition(pipe)["encoder_hidden_states"])
+    with_c = _unet_eps(pipe, x_t, t, abar, cond["encoder_hidden_states"])
+    a, d = 3.0 * with_c - 2.0 * own - noise, -2.0 * (prior.eps(x_t, abar[t]) - own)
+    _assert_weights(w.base_weight[0], _least_squares(a, d, t, w.edges))
+    # a prior that makes the guided prediction the noise at w = 0.6: the fit finds 0.6 in both buckets
+    oracle = _Oracle(x_t, own, (noise - 3.0 * with_c) / (1 - 3.0), 0.6)
+    fit = fit_pipeline_weights(pipe, oracle, latents, model_null_condition(pipe), "mix", buckets=2,
+                               objective="guided", cond_kwargs=cond, scales=[3.0])  # fmt: skip
+    _assert_weights(fit.base_weight[0], [0.6, 0.6])
     with pytest.raises(UserError, match="conditioned on an image"):
         model_conditions(pipe, None, texts=["a cat"])
 
@@ -691,11 +787,18 @@ def test_video_calibration_and_refusals(folders):
     pipe = load_pipeline(str(folders["t2v"]))
     prior = load_prior(str(folders["t2v_base"]))
     latents = torch.randn(12, 4, 3, 8, 8, generator=torch.Generator().manual_seed(10))
-    mix = fit_pipeline_weights(pipe, prior, latents, model_null_condition(pipe), "mix", buckets=3, batch_size=5)
+    null = model_null_condition(pipe)
+    mix = fit_pipeline_weights(pipe, prior, latents, null, "mix", buckets=3, batch_size=5)
     assert sum(mix.losses["count"]) == 12
     for b in range(3):
         if mix.losses["count"][b]:
             assert mix.losses["mix"][b] <= min(mix.losses["self"][b], mix.losses["base"][b]) + 1e-9
+    # by hand, over every frame of each video; then a prior whose mix with θ is the noise at w = 0.35
+    t, noise, x_t, abar = _draws(pipe, latents)
+    own = _unet_eps(pipe, x_t, t, abar, null["encoder_hidden_states"])
+    _assert_weights(mix.base_weight, _least_squares(own - noise, prior.eps(x_t, abar[t]) - own, t, mix.edges))
+    fit = fit_pipeline_weights(pipe, _Oracle(x_t, own, noise, 0.35), latents, null, "mix", buckets=3, batch_size=5)
+    _assert_weights(fit.base_weight, [0.35] * 3)  # a bucket without samples takes its neighbour's
     with pytest.raises(UserError, match=r"must be \(N, C, F, H, W\)"):
         fit_pipeline_weights(pipe, prior, torch.zeros(2, 4, 8, 8), {}, "auto")
     i2v = SimpleNamespace(unet=pm.i2vgen_unet(0), scheduler=pm.scheduler(), vae=pm.vae(0))

@@ -93,14 +93,27 @@ def test_interval_decided_per_step_on_the_host_equals_the_per_row_decision(model
     assert torch.equal(new, old)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
-@pytest.mark.parametrize("prior", ["self", "base", "interval"])
-def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, prior):
-    """A step replayed from its CUDA graph computes what the launched step computes (same kernels, same shapes:
-    equal up to bf16 rounding under autocast), and a second sample() of the same shapes replays the cached graphs."""
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
+
+
+def _bf16_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """A CUDA graph replays the launched kernels, but bf16 autocast on a GPU may pick others: equal up to bf16
+    rounding."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> None:
+    """A recorded graph (`recorded_graphs`) replays the very CPU operations that the launched step runs, on the same
+    shapes, in this process: the same computation, bit for bit."""
+    assert torch.equal(a, b), (a - b).abs().max()
+
+
+def _graphed_guided_steps(model, prior: str, device: str, close) -> int:
+    """`sample(graphs=True)` on `device` equals `sample()` (`close`), and a second call of the same shapes replays
+    the cached graphs; returns how many entries the graph cache held for the network (its graphs and the pool)."""
     from priorlab.sampling import _GRAPHS
 
-    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).cuda().eval()
+    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).to(device).eval()
     net.load_state_dict(model.state_dict())
     sched = DDPMScheduler()
     base = Prior(net, sched, sched.alphas_cumprod)
@@ -118,10 +131,53 @@ def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, p
     )
     launched = sample(net, labels, seeds, graphs=False, **kw)
     graphed = sample(net, labels, seeds, graphs=True, **kw)
-    torch.testing.assert_close(graphed, launched, rtol=0, atol=0.05)
+    close(graphed, launched)
     captured = len(_GRAPHS[net])
     again = sample(net, labels, seeds, graphs=True, **kw)
     assert len(_GRAPHS[net]) == captured and torch.equal(again, graphed)
+    return captured
+
+
+@CUDA
+@pytest.mark.parametrize("prior", ["self", "base", "interval"])
+def test_graphed_guided_steps_equal_launched_ones_and_are_captured_once(model, prior):
+    """A step replayed from its CUDA graph computes what the launched step computes (same kernels, same shapes:
+    equal up to bf16 rounding under autocast), and a second sample() of the same shapes replays the cached graphs."""
+    _graphed_guided_steps(model, prior, "cuda", _bf16_close)
+
+
+@pytest.mark.parametrize("prior", ["self", "base", "interval"])
+def test_graphed_guided_steps_recorded_on_the_cpu_equal_launched_ones_and_are_captured_once(model, prior,
+                                                                                               cpu_graphs):  # fmt: skip
+    """The CUDA test above with graphs recorded on the CPU: every step is replayed (6 per call), from one graph
+    per kind of step (guided; unguided too outside the interval), each captured once."""
+    kinds = 2 if prior == "interval" else 1
+    assert _graphed_guided_steps(model, prior, "cpu", _equal) == 1 + kinds  # and the pool
+    assert cpu_graphs.captures == kinds
+    assert cpu_graphs.replays == 2 * 6
+
+
+def test_a_replay_reads_its_inputs_anew_and_its_output_outlives_the_next_replay(cpu_graphs):
+    """Each call copies its inputs into the graph's buffers, and returns the caller's own copy of the output buffer,
+    which the next replay rewrites."""
+    from priorlab.sampling import GraphedStep
+
+    weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return (x @ weight).relu() * 2
+
+    step = GraphedStep(fn, (torch.zeros(2, 3),))
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    out_a = step(a)
+    kept = out_a.clone()
+    out_b = step(b)
+    _equal(out_a, kept)
+    _equal(out_a, fn(a))
+    _equal(out_b, fn(b))
+    assert cpu_graphs.captures == 1 and cpu_graphs.replays == 2
+    with pytest.raises(RuntimeError, match="a CUDA graph cannot capture it"):  # nor can the stand-in
+        GraphedStep(lambda x: x[x > 0], (a,))
 
 
 def test_graph_keys_name_where_every_weight_and_buffer_of_each_network_lives(model):
@@ -233,19 +289,15 @@ def test_only_a_priorlab_denoiser_on_the_models_gpu_is_read_from_a_graph(model):
     assert can_graph(torch.device("cuda"))  # no prior network read: θ alone decides, on its GPU
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/guided_sampling.py)")
-def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memory(model, monkeypatch):
-    """A graph reads by address. Weights are keyed by where they live, read once per sampling call (each read walks
-    every weight), so θ's or ψ's weight swapped for a tensor elsewhere is captured anew; the ᾱ table, which each
-    call copies to the device anew, is an input copied into the graph's own buffer, so a later call whose old table's
-    memory now holds something else, or whose schedule differs, still replays what the launched step computes."""
+def _weights_and_tables_are_never_stale(model, monkeypatch, device: str, close) -> None:
+    """The body of the test below, on `device`, graphed and launched samples compared with `close`."""
     import priorlab.sampling as sampling_module
     from priorlab.sample_many import sample_many
 
-    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).cuda().eval()
+    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).to(device).eval()
     net.load_state_dict(model.state_dict())
     sched = DDPMScheduler()
-    settings = _many_settings(net, sched, "cuda")
+    settings = _many_settings(net, sched, device)
     small = settings[3].prior_net  # ψ with weights of its own
     reads = []
     pointers = sampling_module._pointers
@@ -264,14 +316,14 @@ def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memor
     def graphed_equals_launched(train_scheduler) -> torch.Tensor:
         one = dict(train_scheduler=train_scheduler, scale=3.0, prior="base", prior_net=small, num_steps=6, **kw)
         graphed = sample(net, graphs=True, **one)
-        torch.testing.assert_close(graphed, sample(net, **one), rtol=0, atol=0.05)
+        close(graphed, sample(net, **one))
         many = dict(train_scheduler=train_scheduler, settings=settings, num_steps=6, **kw)
         for a, b in zip(sample_many(net, graphs=True, **many), sample_many(net, **many), strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+            close(a, b)
         return graphed
 
     first = graphed_equals_launched(sched)
-    hog = [torch.full((1000,), 0.5, device="cuda") for _ in range(256)]  # takes the blocks the last ᾱ copies freed
+    hog = [torch.full((1000,), 0.5, device=device) for _ in range(256)]  # takes the blocks the last ᾱ copies freed
     assert torch.equal(graphed_equals_launched(sched), first)
     for module in (net.net.conv_in, small.module.net.conv_in):  # θ's weight alone, then ψ's alone
         with torch.no_grad():
@@ -292,6 +344,23 @@ def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memor
     del passing
     gc.collect()
     assert len(graphs) == count  # its graphs went with it
+
+
+@CUDA
+def test_graphs_read_weight_addresses_once_per_call_and_never_replay_stale_memory(model, monkeypatch):
+    """A graph reads by address. Weights are keyed by where they live, read once per sampling call (each read walks
+    every weight), so θ's or ψ's weight swapped for a tensor elsewhere is captured anew; the ᾱ table, which each
+    call copies to the device anew, is an input copied into the graph's own buffer, so a later call whose old table's
+    memory now holds something else, or whose schedule differs, still replays what the launched step computes."""
+    _weights_and_tables_are_never_stale(model, monkeypatch, "cuda", _bf16_close)
+
+
+def test_graphs_recorded_on_the_cpu_never_replay_stale_weights_or_tables(model, monkeypatch, cpu_graphs):
+    """The CUDA test above with graphs recorded on the CPU, which read the weights they captured and their input
+    buffers as a CUDA graph does: a swapped weight left out of the key, or an ᾱ table not copied into the graph's
+    buffer, would replay stale values."""
+    _weights_and_tables_are_never_stale(model, monkeypatch, "cpu", _equal)
+    assert cpu_graphs.captures > 0 and cpu_graphs.replays > cpu_graphs.captures
 
 
 def test_graphs_on_the_cpu_are_the_launched_computation(model):
@@ -324,29 +393,42 @@ def test_one_pass_with_graphs_on_the_cpu_is_the_launched_computation(model):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/eval_cost.py)")
-def test_one_pass_replayed_from_graphs_equals_the_launched_pass_and_is_captured_once(model):
-    """Each step of a one_pass pass (θ over every row, each prior network over its settings' rows, the
-    combinations) replayed from one CUDA graph computes what the launched pass computes, chunk sizes and the
-    guidance interval included; a second call of the same shapes replays the cached graphs."""
+def _one_pass_graphed(model, device: str, close) -> None:
+    """`sample_many(graphs=True)` on `device` equals the launched pass (`close`), captured once per chunk size and
+    kind of step."""
     from priorlab.sample_many import sample_many
     from priorlab.sampling import _GRAPHS
 
-    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).cuda().eval()
+    net = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).to(device).eval()
     net.load_state_dict(model.state_dict())
     sched = DDPMScheduler()
     kw = dict(labels=torch.tensor([0, 1, 2, 0, 1]), seeds=torch.arange(5), train_scheduler=sched,
-              sample_shape=(1, 8, 8), settings=_many_settings(net, sched, "cuda"), num_steps=6, batch_size=3,
+              sample_shape=(1, 8, 8), settings=_many_settings(net, sched, device), num_steps=6, batch_size=3,
               interval=(0.5, 5.0), autocast=True)  # fmt: skip
     launched = sample_many(net, graphs=False, **kw)
     graphed = sample_many(net, graphs=True, **kw)
     for a, b in zip(graphed, launched, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0.05)
+        close(a, b)
     captured = len(_GRAPHS[net])
     assert captured >= 1 + 4  # the pool, and chunks of 3 and 2 samples, each with guided and unguided steps
     again = sample_many(net, graphs=True, **kw)
     assert len(_GRAPHS[net]) == captured
     assert all(torch.equal(a, b) for a, b in zip(again, graphed, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/eval_cost.py)")
+def test_one_pass_replayed_from_graphs_equals_the_launched_pass_and_is_captured_once(model):
+    """Each step of a one_pass pass (θ over every row, each prior network over its settings' rows, the
+    combinations) replayed from one CUDA graph computes what the launched pass computes, chunk sizes and the
+    guidance interval included; a second call of the same shapes replays the cached graphs."""
+    _one_pass_graphed(model, "cuda", _bf16_close)
+
+
+def test_one_pass_recorded_on_the_cpu_equals_the_launched_pass_and_is_captured_once(model, cpu_graphs):
+    """The CUDA test above with graphs recorded on the CPU: 4 graphs (2 chunks × guided or not), each captured
+    once, replayed at each of the 6 steps of both chunks in both graphed calls."""
+    _one_pass_graphed(model, "cpu", _equal)
+    assert cpu_graphs.captures == 4 and cpu_graphs.replays == 2 * 2 * 6
 
 
 @pytest.mark.parametrize(("sampler", "interval"), [("ddim", None), ("ddpm", None), ("ddim", (0.5, 5.0))])

@@ -160,20 +160,53 @@ def test_dashboard_offline_says_what_to_run(tmp_path):
     assert "no HTML dashboard" in out.stdout  # no results.csv yet
 
 
-def test_killed_study_resumes_to_the_same_results(toy_study, tmp_path):
-    _, unbroken = toy_study
-    exe = str(Path(sys.executable).parent / "priorlab")
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([exe, "study", "dropout_vs_prior", "preset=tiny"], cwd=tmp_path, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while not list(tmp_path.glob("runs/dropout_vs_prior/finetune/*/*/done.json")) and time.time() < deadline:
-        time.sleep(0.05)
+def _stop_midway(proc: subprocess.Popen, finetunes: Path, timeout: float = 300) -> Path:
+    """Stop the study `proc` (its process group) while a fine-tune is midway: it wrote a checkpoint, not yet its
+    done.json. The group is frozen (SIGSTOP) before the folder is looked at, so that what was seen still holds when
+    it is killed (SIGKILL); it runs on (SIGCONT) where the fine-tune finished in between. Returns that fine-tune."""
+
+    def midway() -> list[Path]:
+        ckpts = finetunes.glob("*/*/checkpoints/last.ckpt")
+        return [c.parents[1] for c in ckpts if not (c.parents[1] / "done.json").exists()]
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if midway():
+            os.killpg(proc.pid, signal.SIGSTOP)
+            found = midway()
+            if found:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return found[0]
+            os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.01)  # polling the folder; no timing is asserted
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    raise AssertionError(f"no fine-tune was seen between its first checkpoint and its end (exit {proc.returncode})")
+
+
+def test_killed_study_resumes_to_the_same_results(toy_study, tmp_path):
+    """Killed midway through a fine-tune, the study started again resumes that fine-tune from its checkpoint and
+    ends with the unbroken study's results, bit for bit. Every process compared runs one thread: the unbroken
+    study's runs fork from the CLI server (OMP_NUM_THREADS=1), and so do the resumed study's; the killed one is
+    given the same."""
+    import torch
+
+    _, unbroken = toy_study
+    exe = str(Path(sys.executable).parent / "priorlab")
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([exe, "study", "dropout_vs_prior", "preset=tiny"], cwd=tmp_path, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    run = _stop_midway(proc, tmp_path / "runs/dropout_vs_prior/finetune")
+    ckpt = run / "checkpoints/last.ckpt"
+    step = torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"]
+    assert 0 < step < 6 and not (run / "done.json").exists()  # 6 steps a fine-tune: killed between checkpoints
     assert len(list(tmp_path.glob("runs/dropout_vs_prior/finetune/*/*/done.json"))) < 4
-    out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=tmp_path, timeout=600)
+    out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=tmp_path, timeout=600, env={"OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
+    # Lightning names the checkpoint that a fit restores: the fine-tune went on from its step, not from 0
+    assert f"Restoring states from the checkpoint path at {ckpt}" in out.stdout + out.stderr
+    assert (run / "done.json").exists()
     resumed, whole = pd.read_csv(tmp_path / "runs/dropout_vs_prior/results.csv"), pd.read_csv(unbroken / "results.csv")
     timing = resumed["metric"] == "sample_seconds"  # wall times: the only values that differ from run to run
     assert timing.sum() == (whole["metric"] == "sample_seconds").sum() > 0
@@ -646,14 +679,13 @@ def test_online_dashboard_builds_the_w_and_b_workspace_spec():
 def test_study_progress_lines_start_a_line_of_their_own_after_a_bar(tmp_path, capsys):
     """A fine-tune's bar leaves its line unended on the shared output; the study's line still reads on its own."""
     import sys
-    import time
 
     from priorlab.study.progress import StudyProgress
 
-    progress = StudyProgress("s", tmp_path, total=2, started=time.time())
+    progress = StudyProgress("s", tmp_path, total=2, started=100.0, clock=lambda: 142.0)
     sys.stdout.write("step 6/6 |████| 00:00, train/loss=1.2")  # a bar's last state, no newline
     (tmp_path / "p=0.1" / "seed=0").mkdir(parents=True)
     (tmp_path / "p=0.1" / "seed=0" / "done.json").write_text("{}")
     progress.poll(busy=10.0)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == "[study s] fine-tune 1 of 2 done (p=0.1, seed=0) · 0s elapsed · about 10s left"
+    assert lines[-1] == "[study s] fine-tune 1 of 2 done (p=0.1, seed=0) · 42s elapsed · about 10s left"

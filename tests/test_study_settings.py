@@ -1,7 +1,6 @@
 """`priorlab study NAME key=value ...`: the command line's settings over the preset's, refused where unknown."""
 
 import threading
-import time
 
 import pytest
 
@@ -81,27 +80,35 @@ def test_an_unknown_setting_ends_in_one_line_naming_the_study_keys(tmp_path):
     assert "sweep, base_steps, finetune_steps" in out.stderr and not (tmp_path / "runs").exists()
 
 
-def test_study_progress_says_k_of_n_with_the_time_left(tmp_path, capsys):
+def test_study_progress_says_k_of_n_with_the_time_left(tmp_path, capsys, monkeypatch):
+    """On a clock that the test sets: 70 s after the study's start a session begins, one fine-tune finishes 30 s into
+    it (seen by the watcher's own thread while the body runs), the last 50 s into a second stretch of fine-tunes."""
+    import priorlab.study_progress as study_progress
+
     root = tmp_path / "finetune"
     (root / "p=0.0/seed=0").mkdir(parents=True)
     (root / "p=0.0/seed=0/done.json").write_text("{}")  # finished in an earlier session
-    progress = StudyProgress("s", root, total=3, started=time.time() - 70, every_s=0.05)
+    now, shown, show = [1000.0], threading.Event(), study_progress._show
+    monkeypatch.setattr(study_progress, "_show", lambda line: show(line) or shown.set())
+    progress = StudyProgress("s", root, total=3, started=now[0] - 70, every_s=0.01, clock=lambda: now[0])
 
     def finish(run: str) -> None:
         (root / run).mkdir(parents=True)
         (root / run / "done.json").write_text("{}")
 
     with progress.watching():
-        threading.Timer(0.2, finish, ["p=0.1/seed=0"]).start()
-        time.sleep(0.5)
+        now[0] += 30
+        finish("p=0.1/seed=0")
+        assert shown.wait(timeout=60)  # printed by the polling thread, before the body ends
+    now[0] += 40  # between the stretches (the evaluation, say): no fine-tune runs, none is timed
     with progress.watching():
-        finish("p=0.1/seed=1")  # seen by the poll at the end
+        now[0] += 50
+        finish("p=0.1/seed=1")  # seen by the thread or by the poll at the end
     lines = [line for line in capsys.readouterr().out.splitlines() if line]  # each line starts with a \r
-    assert lines[0] == "[study s] 1 of 3 fine-tunes done already"
-    assert lines[1].startswith("[study s] fine-tune 2 of 3 done (p=0.1, seed=0) · 1m1")
-    assert " elapsed · about " in lines[1] and lines[1].endswith("s left")
-    assert lines[2].startswith("[study s] fine-tune 3 of 3 done (p=0.1, seed=1) · 1m1") and "left" not in lines[2]
-    assert len(lines) == 3
+    assert lines == ["[study s] 1 of 3 fine-tunes done already",
+                     "[study s] fine-tune 2 of 3 done (p=0.1, seed=0) · 1m40s elapsed · about 30s left",
+                     "[study s] fine-tune 3 of 3 done (p=0.1, seed=1) · 3m10s elapsed"]  # fmt: skip
+    assert progress.busy == 30 + 50
 
 
 def test_durations_read_as_people_say_them():

@@ -97,35 +97,41 @@ def test_training_reduces_loss_and_drops_labels_at_rate_p(compose_tmp, predictio
 
 
 def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_path):
+    """On a clock that the test advances itself: each training step takes 1 s, each validation 100 s and each
+    checkpoint written after it 1,000 s. The meter times the 10 steps after its 2 of warm-up, and nothing else."""
     import json
-    import time
 
     from priorlab.training.callbacks import Throughput
 
     cfg, dm, module = _module(compose_tmp, TINY_MLP)
+    now = [0.0]
+
+    def advance(seconds: float) -> None:
+        now[0] += seconds
+
+    class Step(L.Callback):  # listed before the meter: its step's end is read after the step's second
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            advance(1.0)
 
     class SlowValidation(L.Callback):  # like the evaluation callbacks, which run at validation epoch start
         def on_validation_epoch_start(self, trainer, pl_module):
-            if not trainer.sanity_checking:
-                time.sleep(1.0)
+            advance(100.0)
 
     class SlowCheckpoint(L.Callback):  # like ModelCheckpoint, which Lightning runs after every other callback
         def on_validation_end(self, trainer, pl_module):
-            if not trainer.sanity_checking:
-                time.sleep(1.0)
+            advance(1000.0)
 
-    meter = Throughput(tmp_path / "throughput.json", warmup=2)
+    meter = Throughput(tmp_path / "throughput.json", warmup=2, clock=lambda: now[0])
+    callbacks = [Step(), SlowValidation(), meter, SlowCheckpoint()]
     trainer = L.Trainer(max_steps=12, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                         accelerator="cpu", val_check_interval=5, check_val_every_n_epoch=None, limit_val_batches=1,
-                        num_sanity_val_steps=0, callbacks=[SlowValidation(), meter, SlowCheckpoint()])  # fmt: skip
-    start = time.perf_counter()
+                        num_sanity_val_steps=0, callbacks=callbacks)  # fmt: skip
     trainer.fit(module, dm)
-    wall = time.perf_counter() - start
     result = json.loads((tmp_path / "throughput.json").read_text())
+    assert now[0] == 12 + 2 * 1100  # the clock ran through both validations (steps 5 and 10) and checkpoints
     assert result["steps"] == 10 and result["world_size"] == 1
-    # both validations (steps 5 and 10) and the checkpoint writes after them (1 s each) are left out
-    assert result["seconds"] < wall - 3.9
-    assert result["images_per_s"] == pytest.approx(10 * 32 / result["seconds"], rel=0.15)
+    assert result["seconds"] == 10.0  # steps 3 to 12, one second each: the 2,200 s of validation left out
+    assert result["images_per_s"] == 10 * 32 / 10.0 == result["images_per_s_per_device"]
 
 
 def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch):

@@ -3,7 +3,9 @@ half-started run folder or output behind (issue 19, item 6)."""
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
 import os
 import shutil
@@ -289,16 +291,78 @@ def test_a_gpu_asked_for_without_one_is_one_line(tmp_path, args, message, cli):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_output_folder_is_one_line(tmp_path, cli):
+def read_only(monkeypatch, folder: Path) -> None:
+    """Refuse, with EACCES, whatever would create, write or rename anything inside `folder`: a folder without write
+    permission as any user but root sees it (root writes into one all the same, and the machines here run as root,
+    so a chmod cannot make one). The calls refused are those that every write of Python's reaches: os.mkdir (under
+    Path.mkdir and tempfile's folders), os.open (tempfile's files), open and io.open (Path.write_*), os.replace and
+    os.rename."""
+    folder = folder.resolve()
+
+    def refuse(path) -> None:
+        if folder in Path(os.path.abspath(os.fsdecode(path))).parents:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+
+    def writes(mode: str = "r", flags: int = 0) -> bool:
+        return bool(set(mode) & set("wax+")) or bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    def guard(real, check):
+        def guarded(*args, **kwargs):
+            check(*args, **kwargs)
+            return real(*args, **kwargs)
+
+        return guarded
+
+    def opening(file, mode="r", *args, **kwargs):
+        if isinstance(file, str | bytes | os.PathLike) and writes(mode):
+            refuse(file)
+
+    monkeypatch.setattr(os, "mkdir", guard(os.mkdir, lambda path, *a, **k: refuse(path)))
+    monkeypatch.setattr(os, "open", guard(os.open, lambda path, flags, *a, **k: writes(flags=flags) and refuse(path)))
+    for name in ("replace", "rename"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), lambda src, dst, *a, **k: refuse(dst)))
+    monkeypatch.setattr(io, "open", guard(io.open, opening))
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, opening))
+
+
+def test_read_only_stands_in_for_a_folder_without_write_permission(tmp_path, monkeypatch):
+    """The stand-in refuses every way of writing inside the folder, and nothing beside it."""
+    import tempfile
+
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "old").write_text("kept")
+    read_only(monkeypatch, tmp_path / "ro")
+    attempts = [lambda: (tmp_path / "ro" / "a").mkdir(), lambda: (tmp_path / "ro" / "b").write_text("x"),
+                lambda: open(tmp_path / "ro" / "c", "a+"), lambda: tempfile.mkdtemp(dir=tmp_path / "ro"),
+                lambda: tempfile.mkstemp(dir=tmp_path / "ro"),
+                lambda: os.replace(tmp_path / "ro" / "old", tmp_path / "ro" / "new")]  # fmt: skip
+    for attempt in attempts:
+        with pytest.raises(PermissionError, match="Permission denied"):
+            attempt()
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == ["old"]
+    assert (tmp_path / "ro" / "old").read_text() == "kept"  # reading is allowed
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "rw" / "f").write_text("x")  # beside it, writing is allowed
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    """The runs folder is not writable: in-process (`read_only`), since root would write into a chmod-ed one."""
+    from priorlab import cli
+
     (tmp_path / "runs").mkdir()
-    (tmp_path / "runs").chmod(0o555)
-    try:
-        out = cli("train", "study=ro", *TINY, cwd=tmp_path)
-    finally:
-        (tmp_path / "runs").chmod(0o755)
-    one_line_error(out, "cannot write")
-    assert "Permission denied" in out.stderr and not list((tmp_path / "runs").iterdir())
+    read_only(monkeypatch, tmp_path / "runs")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # train keeps this process's thread count
+    monkeypatch.delenv("PRIORLAB_COMMAND", raising=False)  # main sets it; put back after the test
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["priorlab", "train", "study=ro", *TINY])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("priorlab: error:")]
+    assert lines == ["priorlab: error: cannot write runs/ro: Permission denied; make it writable, or write elsewhere "
+                     "(paths.runs=, out=)"]  # fmt: skip
+    assert not list((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import weakref
+from collections.abc import Callable
 
 import diffusers
 import torch
@@ -64,22 +65,43 @@ class GraphedStep:
 
     def __init__(self, fn, inputs: tuple[Tensor, ...], pool=None):
         self.inputs = tuple(a.clone() for a in inputs)
+        self.out, self.replay = GRAPHS.capture(fn, self.inputs, pool)
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        for static, a in zip(self.inputs, inputs, strict=True):
+            static.copy_(a)
+        self.replay()
+        return self.out.clone()
+
+
+class CudaGraphs:
+    """How `GraphedStep` captures a step and replays it: as a CUDA graph. `GRAPHS` is the one in use; the tests put
+    a stand-in there that captures on the CPU (`device_type`, `pool` and `capture` are all it needs), so that the
+    caching, keying and static buffers around it run where no GPU is."""
+
+    device_type = "cuda"
+
+    def pool(self):
+        """A memory pool for the graphs of one model."""
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, fn, inputs: tuple[Tensor, ...], pool) -> tuple[Tensor, Callable[[], None]]:
+        """Capture `fn(*inputs)` once warmed up: its output buffer, and the replay that rewrites it from the
+        values `inputs` hold then."""
         device = inputs[0].device
         warm = torch.cuda.Stream(device)  # warm-up off the capture stream, as torch.cuda.graphs asks
         warm.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(warm):
             for _ in range(2):
-                fn(*self.inputs)
+                fn(*inputs)
         torch.cuda.current_stream(device).wait_stream(warm)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = fn(*self.inputs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn(*inputs)
+        return out, graph.replay
 
-    def __call__(self, *inputs: Tensor) -> Tensor:
-        for static, a in zip(self.inputs, inputs, strict=True):
-            static.copy_(a)
-        self.graph.replay()
-        return self.out.clone()
+
+GRAPHS = CudaGraphs()
 
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -110,7 +132,7 @@ def can_graph(device: torch.device, *prior_nets: PriorNet | None) -> bool:
     denoiser with its weights on that device. A diffusers pipeline's prior also reads null-condition tensors that
     no key names (and PixArt's copies host data at every call), and a prior elsewhere runs outside the graph;
     those steps run launched."""
-    return device.type == "cuda" and all(
+    return device.type == GRAPHS.device_type and all(
         isinstance(p, DenoiserPrior) and all(w.device == device for w in p.module.parameters())
         for p in prior_nets
         if p is not None
@@ -127,7 +149,7 @@ def graphed_step(model: Denoiser, weights: tuple, key: tuple, fn, inputs: tuple[
     graphs = _GRAPHS.setdefault(model, {})
     key = (weights, *key, *[(tuple(a.shape), a.dtype) for a in inputs])
     if key not in graphs:
-        pool = graphs.setdefault("pool", torch.cuda.graph_pool_handle())
+        pool = graphs.setdefault("pool", GRAPHS.pool())
         graphs[key] = GraphedStep(fn, inputs, pool)
         for net in dict.fromkeys(n for n in keep if n is not None):
             weakref.finalize(net, graphs.pop, key, None)
@@ -142,7 +164,7 @@ def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale
     def fn(x: Tensor, t: Tensor, y: Tensor, abar: Tensor) -> Tensor:
         # no cast cache: under a caller's own autocast, the bf16 copies of the weights would be made outside the
         # graph, kept until that caller's context ends, and then read freed from the graph
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
             return guide(model, x, t, y, abar[t], scale, prior, prior_net, overlap=False).guided
 
     return graphed_step(model, weights, ("guide", prior, float(scale), autocast), fn, inputs, keep=(prior_net,))

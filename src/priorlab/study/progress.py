@@ -6,7 +6,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -37,8 +37,11 @@ class StudyProgress:
     fine-tunes left; fine-tunes finished before the session count as done and not in the estimate.
     """
 
-    def __init__(self, tag: str, root: Path, total: int, started: float, every_s: float = 1.0):
+    def __init__(self, tag: str, root: Path, total: int, started: float, every_s: float = 1.0,
+                 clock: Callable[[], float] = time.time):  # fmt: skip
+        """`started`: when the study started, by `clock` (the wall clock, which the study records it by)."""
         self.tag, self.root, self.total, self.started, self.every_s = tag, root, total, started, every_s
+        self.clock = clock
         self.seen = self._done()
         self.new = 0
         self.busy = 0.0  # seconds spent in `watching` (running fine-tunes), this session
@@ -56,7 +59,7 @@ class StudyProgress:
             left = max(0, self.total - len(self.seen))
             label = ", ".join(run.relative_to(self.root).parts)
             line = (f"[study {self.tag}] fine-tune {len(self.seen)} of {self.total} done ({label}) · "
-                    f"{duration(time.time() - self.started)} elapsed")  # fmt: skip
+                    f"{duration(self.clock() - self.started)} elapsed")  # fmt: skip
             if left:
                 line += f" · about {duration(busy / self.new * left)} left"
             _show(line)
@@ -64,11 +67,11 @@ class StudyProgress:
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
         """Poll for finished fine-tunes while the body runs them, and once more at its end."""
-        start, stop = time.time(), threading.Event()
+        start, stop = self.clock(), threading.Event()
 
         def loop() -> None:
             while not stop.wait(self.every_s):
-                self.poll(self.busy + time.time() - start)
+                self.poll(self.busy + self.clock() - start)
 
         thread = threading.Thread(target=loop, daemon=True, name="study-progress")
         thread.start()
@@ -77,5 +80,5 @@ class StudyProgress:
         finally:
             stop.set()
             thread.join()
-            self.busy += time.time() - start
+            self.busy += self.clock() - start
             self.poll(self.busy)

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -217,11 +218,13 @@ class Throughput(L.Callback):
     Args:
         path: where to write {images_per_s, images_per_s_per_device, world_size, steps, seconds}.
         warmup: steps excluded from the timing (compilation, allocator warm-up).
+        clock: seconds from a fixed start; the tests give one that they advance themselves.
     """
 
-    def __init__(self, path: str | Path, warmup: int = 20):
+    def __init__(self, path: str | Path, warmup: int = 20, clock: Callable[[], float] = time.perf_counter):
         self.path = Path(path)
         self.warmup = whole(warmup, "callbacks.throughput.warmup", 0)
+        self.clock = clock
         self.start: float | None = None
         self.start_step = 0
         self.images = 0
@@ -231,22 +234,22 @@ class Throughput(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         if self.pause_start is not None:  # validation, evaluation and the checkpoint written after them are over
-            self.paused += time.perf_counter() - self.pause_start
+            self.paused += self.clock() - self.pause_start
             self.pause_start = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self.start is None:  # the only per-step synchronisation is this one, when timing starts
             if trainer.global_step >= self.warmup:
                 _sync(pl_module)
-                self.start, self.start_step = time.perf_counter(), trainer.global_step
+                self.start, self.start_step = self.clock(), trainer.global_step
             return
         self.images += len(batch[0]) * trainer.world_size
-        self.end = time.perf_counter()
+        self.end = self.clock()
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.start is not None and self.pause_start is None:
             _sync(pl_module)
-            self.pause_start = time.perf_counter()
+            self.pause_start = self.clock()
 
     def measured(self) -> dict | None:
         """The figures so far, or None before two timed steps."""
@@ -260,7 +263,7 @@ class Throughput(L.Callback):
             self.end, self.pause_start = self.pause_start, None
         elif self.end is not None:
             _sync(pl_module)  # the queued steps finish
-            self.end = time.perf_counter()
+            self.end = self.clock()
         result = self.measured()
         if result is None:
             return
