@@ -83,7 +83,7 @@ def test_an_unknown_setting_ends_in_one_line_naming_the_study_keys(tmp_path):
 def test_study_progress_says_k_of_n_with_the_time_left(tmp_path, capsys, monkeypatch):
     """On a clock that the test sets: 70 s after the study's start a session begins, one fine-tune finishes 30 s into
     it (seen by the watcher's own thread while the body runs), the last 50 s into a second stretch of fine-tunes."""
-    import priorlab.study_progress as study_progress
+    import priorlab.study.progress as study_progress
 
     root = tmp_path / "finetune"
     (root / "p=0.0/seed=0").mkdir(parents=True)

@@ -4,7 +4,7 @@ Lightning 2.6 has no public hook for these; `tests/test_lightning_private.py` pi
 upgrade that renames or removes one fails there, naming it, rather than deep inside a training run:
 
 - WeightAveraging keeps its AveragedModel in `_average_model` and the step of its last update in
-  `_latest_update_step` (saved in its state_dict); `training_callbacks.EMA` replaces the per-step update with a fused
+  `_latest_update_step` (saved in its state_dict); `training.callbacks.EMA` replaces the per-step update with a fused
   one and must keep both as Lightning does.
 - CSVLogger's ExperimentWriter deletes metrics.csv in `_check_log_dir_exists()`; `loggers.CSVLogger` builds its own
   writer (`_experiment`, `_fs`), which keeps it and continues it from its `metrics`, `metrics_keys`,
