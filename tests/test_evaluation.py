@@ -426,7 +426,7 @@ def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monk
     passes = []
 
     def counted(model, labels, seeds, scheduler, shape, batch, *args, **kwargs):
-        passes.append([(s.prior, s.scale) for s in batch])
+        passes.append([(s.prior.name, s.scale) for s in batch])
         return real(model, labels, seeds, scheduler, shape, batch, *args, **kwargs)
 
     real = core.sample_many

@@ -36,15 +36,22 @@ from priorlab.models.denoiser import Denoiser
 from priorlab.priors import (
     FITTABLE,
     FITTED,
+    KINDS,
     MODES,
     OBJECTIVES,
+    SELF,
+    BasePrior,
     DenoiserPrior,
+    MixPrior,
+    Prior,
+    PriorNet,
     PriorWeights,
     bucket_edges,
     bucket_index,
     combine,
+    make_prior,
 )
-from priorlab.sample_many import ONE_PASS, Setting, sample_many
+from priorlab.sample_many import Setting, sample_many
 from priorlab.sampling import sample
 from priorlab.seeds import sample_seeds, stream_seed
 
@@ -226,14 +233,14 @@ def _se(d: Tensor) -> float:
 
 def generate(
     model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
-    settings: EvalSettings, scale: float = 1.0, prior: str = "self", prior_net: DenoiserPrior | None = None,
-    weights: PriorWeights | None = None,
+    settings: EvalSettings, scale: float = 1.0, prior: Prior = SELF,
 ) -> Tensor:  # fmt: skip
-    """All samples for (labels, seeds), this rank generating its shard; gathered on every rank."""
+    """All samples for (labels, seeds) guided with `prior` at `scale`, this rank generating its shard; gathered on
+    every rank."""
     idx = shard(len(labels))
     interval = tuple(settings.interval) if settings.interval else None
-    x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, prior_net, interval, settings.sampler,
-               settings.num_steps, settings.batch_size, autocast=settings.autocast, weights=weights,
+    x = sample(model, labels[idx], seeds[idx], scheduler, shape, scale, prior, interval, settings.sampler,
+               settings.num_steps, settings.batch_size, autocast=settings.autocast,
                graphs=settings.cuda_graphs)  # fmt: skip
     return gather(x, len(labels))
 
@@ -253,18 +260,18 @@ def generate_many(
 
 def one_pass_samples(
     model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
-    settings: EvalSettings, runs: list[tuple[str, str, DenoiserPrior | None]],
-) -> dict[tuple[str, float], tuple[Tensor, float]]:  # fmt: skip
-    """With eval.one_pass, the samples of each guided (prior label, w) that can share a pass, and each one's share of
+    settings: EvalSettings, priors: list[Prior],
+) -> dict[tuple[str, float], tuple[Tensor, float | None]]:  # fmt: skip
+    """With eval.one_pass, the samples of each guided (prior name, w) that can share a pass, and each one's share of
     its pass's wall time (None for a pass over several priors). Empty with one_pass=off."""
     guided = [w for w in settings.guidance_scales if w != 1]  # w = 1 (no prior) is sampled once, on its own
     if settings.one_pass == "off" or not guided:
         return {}
     groups: list[list[tuple[tuple[str, float], Setting]]] = []
-    for label, mode, net in runs:
-        if mode not in ONE_PASS:
+    for prior in priors:
+        if prior.per_row:  # the fitted priors pick rows per step: sampled on their own
             continue
-        group = [((label, w), Setting(mode, w, net)) for w in guided]
+        group = [((prior.name, w), Setting(prior, w)) for w in guided]
         if settings.one_pass == "scales" or not groups:
             groups.append(group)
         else:
@@ -305,9 +312,22 @@ def proportional_labels(counts: Tensor, n: int) -> Tensor:
     return out
 
 
-def usable_priors(settings: EvalSettings, prior_net: DenoiserPrior | None) -> list[str]:
-    """The priors of `settings` that can run: those that need a base are left out without one."""
-    return [p for p in settings.priors if prior_net is not None or p in ("self", "none")]
+def usable_priors(settings: EvalSettings, prior_net: PriorNet | None) -> list[str]:
+    """The modes of `settings` that can run: those that need a base are left out without one."""
+    return [p for p in settings.priors if prior_net is not None or not KINDS[p].needs_net]
+
+
+def evaluation_priors(settings: EvalSettings, prior_net: PriorNet | None, weights: dict[str, PriorWeights],
+                      extra: dict[str, PriorNet]) -> list[Prior]:  # fmt: skip
+    """The priors an evaluation samples with, in order: those of eval.priors that can run (`usable_priors`), the fitted
+    ones with their `weights` (`fit_priors`), then each extra prior network as a `BasePrior` reported under its name."""
+    check_extra_priors(extra)
+    modes = usable_priors(settings, prior_net)
+    missing = [p for p in modes if p in FITTED and p not in weights]
+    if missing:
+        raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
+    priors = [make_prior(p, prior_net, weights.get(p)) for p in modes]
+    return priors + [BasePrior(net, name) for name, net in extra.items()]
 
 
 def calibration_split(heldout: tuple[Tensor, Tensor], settings: EvalSettings) -> tuple[Tensor, Tensor]:
@@ -389,14 +409,14 @@ def check_by_sampling(
     scales = list(settings.guidance_scales)
     k = len(mix.edges) - 1
     rows, scores = [], {}
+    candidates = {"self": SELF, "base": BasePrior(prior_net), "mix": MixPrior(prior_net, mix, "mix")}
     for w in scales:
         if w == 1:  # unguided: the prior is never used
             rows.append(torch.zeros(k))
             continue
         score = {}
-        for cand in CHECK_CANDIDATES:
-            x = generate(model, scheduler, check_labels, seeds, shape, settings, w, cand, prior_net,
-                         mix if cand == "mix" else None)  # fmt: skip
+        for cand, prior in candidates.items():
+            x = generate(model, scheduler, check_labels, seeds, shape, settings, w, prior)
             if mixture is not None:
                 score[cand] = float(-mixture.log_prob(x.cpu(), 1.0, check_labels.cpu()).mean())
             else:
@@ -441,65 +461,72 @@ def _timed_generate(*args, **kwargs) -> tuple[Tensor, float]:
 
 
 def conditional_quality(
-    model: Denoiser, scheduler: DDPMScheduler, prior_net: DenoiserPrior | None, evaluator: Evaluator,
+    model: Denoiser, scheduler: DDPMScheduler, prior_net: PriorNet | None, evaluator: Evaluator,
     shape: tuple[int, ...], settings: EvalSettings, mixture: GaussianMixture | None = None,
-    weights: dict[str, PriorWeights] | None = None, extra: dict[str, DenoiserPrior] | None = None,
+    weights: dict[str, PriorWeights] | None = None, extra: dict[str, PriorNet] | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:  # fmt: skip
     """Metrics under keys eval/cond/<metric>/prior=<p>/w=<w>, and a grid of samples per prior.
 
-    Fitted priors (auto, mix) take their weights from `weights` (see `fit_priors`); their calibration losses and
-    weights are reported under eval/calib/... . `extra` maps more prior networks by name (e.g. a smaller base,
+    Fitted priors (auto, mix, checked) take their weights from `weights` (see `fit_priors`); their calibration losses
+    and weights are reported under eval/calib/... . `extra` maps more prior networks by name (e.g. a smaller base,
     issue 17's cheap prior): each is used as prior=base is and reported as prior=<name>, paired with self. The
-    wall time of each (prior, w)'s sampling is eval/cond/sample_seconds/prior=<p>/w=<w>.
+    wall time of each (prior, w)'s sampling is eval/cond/sample_seconds/prior=<p>/w=<w>. `mixture`: the data's exact
+    distribution where known (toy2d), for the exact NLL and exact guidance's samples.
     """
-    weights = weights or {}
-    extra = extra or {}
-    check_extra_priors(extra)
-    priors = usable_priors(settings, prior_net)
-    missing = [p for p in priors if p in FITTED and p not in weights]
-    if missing:
-        raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
-    # every prior as (the label it is reported under, its mode, its network)
-    runs = [(p, p, prior_net) for p in priors] + [(name, "base", net) for name, net in extra.items()]
+    priors = evaluation_priors(settings, prior_net, weights or {}, extra or {})
     reference = evaluator.reference_labels if settings.labels == "data" else None
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed, reference)
-    results: dict[str, float] = calibration_metrics({p: weights[p] for p in priors if p in FITTED})
+    results: dict[str, float] = calibration_metrics({p.name: p.weights for p in priors if p.weights is not None})
     results[key("cond", "num_classes")] = float(model.num_classes)  # chance accuracy is 1 / num_classes
     if mixture is not None:
         results[key("cond", "entropy")] = mixture.conditional_entropy()
+    ideal = _exact_samples(model, scheduler, labels, seeds, shape, settings, mixture, evaluator, results)
+    batched = one_pass_samples(model, scheduler, labels, seeds, shape, settings, priors)
     unguided = None  # w = 1 never evaluates the prior: the same for every prior
     scored: dict[tuple[str, float], Scored] = {}
-    ideal: dict[float, Tensor] = {}  # toy2d: per scale, the samples of exact guidance from the same seeds
-    batched = one_pass_samples(model, scheduler, labels, seeds, shape, settings, runs)
-    for prior, mode, net in runs:
+    for prior in priors:
         for w in settings.guidance_scales:
             if w == 1 and unguided is not None:
                 scores, per_sample = unguided
             else:
-                if mixture is not None and w not in ideal:
-                    exact = mixture.denoiser(model.num_classes, model.null_class, scheduler.alphas_cumprod)
-                    exact.to(next(model.parameters()).device)
-                    ideal[w] = generate(exact, scheduler, labels, seeds, shape, settings, w)
-                    for name, value in sample_scores(ideal[w], labels, evaluator, settings, mixture)[0].items():
-                        results[key("cond", name, prior="exact", scale=w)] = value  # the reference of each w
-                x, seconds = batched.get((prior, w)) or _timed_generate(
-                    model, scheduler, labels, seeds, shape, settings, w, mode, net, weights.get(prior)
+                x, seconds = batched.get((prior.name, w)) or _timed_generate(
+                    model, scheduler, labels, seeds, shape, settings, w, prior
                 )
                 scores, per_sample = sample_scores(x, labels, evaluator, settings, mixture, ideal.get(w))
                 scores = {**scores, "sample_seconds": seconds} if seconds is not None else scores
                 unguided = (scores, per_sample) if w == 1 else unguided
-            scored[(prior, w)] = per_sample
+            scored[(prior.name, w)] = per_sample
             for name, value in scores.items():
-                results[key("cond", name, prior=prior, scale=w)] = value
+                results[key("cond", name, prior=prior.name, scale=w)] = value
     results.update(paired_scores(scored, evaluator.reference, settings))
-    grids = {}
+    return results, _grids(model, scheduler, shape, settings, priors)
+
+
+def _exact_samples(
+    model: Denoiser, scheduler: DDPMScheduler, labels: Tensor, seeds: Tensor, shape: tuple[int, ...],
+    settings: EvalSettings, mixture: GaussianMixture | None, evaluator: Evaluator, results: dict[str, float],
+) -> dict[float, Tensor]:  # fmt: skip
+    """Per guided scale, the samples of exact guidance from the same labels and seeds (toy2d; empty without a
+    `mixture`), their scores recorded in `results` as prior=exact: the reference of each w."""
+    if mixture is None:
+        return {}
+    exact = mixture.denoiser(model.num_classes, model.null_class, scheduler.alphas_cumprod)
+    exact.to(next(model.parameters()).device)
+    ideal = {}
+    for w in settings.guidance_scales:
+        ideal[w] = generate(exact, scheduler, labels, seeds, shape, settings, w)
+        for name, value in sample_scores(ideal[w], labels, evaluator, settings, mixture)[0].items():
+            results[key("cond", name, prior="exact", scale=w)] = value
+    return ideal
+
+
+def _grids(model: Denoiser, scheduler: DDPMScheduler, shape: tuple[int, ...], settings: EvalSettings,
+           priors: list) -> dict[str, Tensor]:  # fmt: skip
+    """A grid of samples per prior: `grid_per_class` per class at eval.grid_scale (the largest scale when unset)."""
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
     g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)
     g_seeds = sample_seeds("samples", settings.seed, len(g_labels))
-    for prior, mode, net in runs:
-        grids[prior] = generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, mode, net,
-                                weights.get(prior))  # fmt: skip
-    return results, grids
+    return {p.name: generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, p) for p in priors}
 
 
 @torch.no_grad()

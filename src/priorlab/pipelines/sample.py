@@ -21,16 +21,11 @@ from PIL import Image
 
 from priorlab import atomic, checks
 from priorlab.errors import UserError
+from priorlab.pipelines.calibrate import encode_images, fit_pipeline_weights, model_conditions, model_null_condition
 from priorlab.pipelines.export import base_note, check_class_labels, load_base, load_model
 from priorlab.pipelines.families import Family, family_of
-from priorlab.pipelines.swap import (
-    encode_images,
-    fit_pipeline_weights,
-    model_conditions,
-    model_null_condition,
-    swap_prior,
-)
-from priorlab.priors import IN_PIPELINES, PriorWeights
+from priorlab.pipelines.swap import swap_prior
+from priorlab.priors import FITTABLE, IN_PIPELINES, PriorNet, PriorWeights, make_prior
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NEEDS_IMAGE = ("instruct-pix2pix", "image-variation", "image-text-to-video", "image-to-image")
@@ -151,8 +146,9 @@ def _sampling_size(cfg: DictConfig, pipe, family: Family) -> tuple[int, int]:
     return int(cfg.height or default), int(cfg.width or default)
 
 
-def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | None:
-    if cfg.prior not in ("auto", "mix"):
+def _weights(cfg: DictConfig, pipe, prior_net: PriorNet | None, family: Family) -> PriorWeights | None:
+    """The fitted prior's weights: prior_weights=PATH, or fitted on calibration=FOLDER (None for the other priors)."""
+    if cfg.prior not in FITTABLE:
         return None
     if cfg.prior_weights is not None:
         weights = PriorWeights.load(cfg.prior_weights)
@@ -191,7 +187,7 @@ def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | Non
     # a pixel-space pipeline (priorlab's ClassConditionalPipeline) takes the images themselves, at its size
     latents = encode_images(pipe, images, height, width) if getattr(pipe, "vae", None) else pipe.preprocess(images)
     null = model_null_condition(pipe, family, cfg.negative_prompt or "")
-    return fit_pipeline_weights(pipe, prior, latents, null, cfg.prior,
+    return fit_pipeline_weights(pipe, prior_net, latents, null, cfg.prior,
                                 int(cfg.calibration_buckets), int(cfg.seed), family, **extra)  # fmt: skip
 
 
@@ -298,22 +294,23 @@ def sample_command(cfg: DictConfig) -> Path:
     family = family_of(pipe)
     kw, n = call_arguments(cfg, family, pipe.__call__)
     check_class_labels(pipe, kw.get("class_labels"))
-    prior = None
+    prior_net = None
     if cfg.prior != "self" or cfg.compare:
         if cfg.base is None:
             if cfg.prior != "self":
                 raise UserError(f"prior={cfg.prior} needs base=PATH (the unconditional prior)")
         else:
-            prior = load_base(str(cfg.base), cfg.negative_prompt or "", device, dtype)
+            prior_net = load_base(str(cfg.base), cfg.negative_prompt or "", device, dtype)
             note = base_note(str(cfg.model_dir), str(cfg.base)) if cfg.get("base_check", True) else None
             if note:
                 print(note)
-    weights = _weights(cfg, pipe, prior, family)
+    weights = _weights(cfg, pipe, prior_net, family)
     modes = (
         [cfg.prior] if not cfg.compare else list(dict.fromkeys(["self", cfg.prior if cfg.prior != "self" else "base"]))
     )
-    if "base" in modes and prior is None:
+    if "base" in modes and prior_net is None:
         raise UserError("compare=true needs base=PATH")
+    priors = {mode: make_prior(mode, prior_net, weights, IN_PIPELINES) for mode in modes}  # validated once, here
     with atomic.folder(out) as tmp:
         results, files, seconds, calls = {}, {}, {}, {}
         for mode in modes:
@@ -322,9 +319,7 @@ def sample_command(cfg: DictConfig) -> Path:
             args = {**kw, "generator": [torch.Generator().manual_seed(int(cfg.seed) + i) for i in range(n)]}
             with swap_prior(
                 pipe,
-                prior,
-                mode,
-                weights if mode in ("auto", "mix") else None,
+                priors[mode],
                 family,
                 guidance_scale(cfg, pipe) if weights is not None and weights.scales is not None else None,
                 image_guidance_scale(cfg, pipe) if weights is not None and weights.image_scale is not None else None,
