@@ -380,8 +380,9 @@ def count_syncs(fn, *args, **kwargs) -> int:
 def eval_bench(build, shape, num_classes, device, n: int, steps: int) -> dict:
     """Images/s through sampling (prior=base, w=2, bf16), evaluator features and FD, for n samples."""
     from priorlab.evaluation import metrics
-    from priorlab.evaluation.core import EvalSettings, generate
     from priorlab.evaluation.features import Classifier
+    from priorlab.evaluation.generation import generate
+    from priorlab.evaluation.settings import EvalSettings
 
     torch.manual_seed(0)
     model, base = build().to(device).eval(), build().to(device).eval()

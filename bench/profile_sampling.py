@@ -46,7 +46,7 @@ def profile_evaluation(model, sched, prior, evaluator, shape, settings) -> None:
     import pstats
     from dataclasses import replace
 
-    from priorlab.evaluation.core import conditional_quality
+    from priorlab.evaluation.conditional_quality import conditional_quality
 
     settings = replace(settings, guidance_scales=[1.0, 2.0])
     with torch.no_grad():

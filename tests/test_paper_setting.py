@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli
 from emoji_fixture import build_tarballs
 from priorlab.cli import override
-from priorlab.evaluation.core import eval_labels_seeds, proportional_labels
+from priorlab.evaluation.generation import eval_labels_seeds, proportional_labels
 from priorlab.studies import load_experiment, preset_overrides, study_bases
 
 

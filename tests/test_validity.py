@@ -22,8 +22,9 @@ from priorlab.analysis.validity import (
     check_study,
     power_estimate,
 )
-from priorlab.evaluation.core import EvalSettings, Scored, paired_scores
+from priorlab.evaluation.conditional_quality import Scored, paired_scores
 from priorlab.evaluation.metrics import frechet_distance
+from priorlab.evaluation.settings import EvalSettings
 
 
 def _rows(run, p, seed, values, metric, priors=("self", "base")):

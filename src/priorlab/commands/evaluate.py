@@ -11,15 +11,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic, checks, keys
 from priorlab.errors import UserError
-from priorlab.evaluation.core import (
-    EvalSettings,
-    conditional_quality,
-    extra_prior_paths,
-    fit_priors,
-    prior_quality,
-)
+from priorlab.evaluation.conditional_quality import conditional_quality
 from priorlab.evaluation.features import describe_evaluator
+from priorlab.evaluation.fitted import fit_priors
+from priorlab.evaluation.generation import extra_prior_paths
 from priorlab.evaluation.images import save_grid
+from priorlab.evaluation.prior_quality import prior_quality
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.evaluation.setup import (
     COMMAND,
     ensure_evaluator,

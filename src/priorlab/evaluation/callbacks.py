@@ -8,7 +8,7 @@ checkpoint of its last step), `on_fit_end` evaluates instead, moving the module 
 Each first checks that the weights are finite (Lightning calls callback hooks before the module's own check),
 then shards its sampling over DDP ranks (`evaluation.distributed`), logs on rank 0 to every logger, and writes
 `<run>/eval/step=<n>_<kind>.json`. Where the settings ask for prior=auto|mix, each evaluation first
-fits their weights on the calibration split of the validation data (`evaluation.core.fit_priors`).
+fits their weights on the calibration split of the validation data (`evaluation.fitted.fit_priors`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from priorlab import atomic, keys
-from priorlab.evaluation.core import (
-    EvalSettings,
-    calibration_split,
-    conditional_quality,
-    extra_prior_paths,
-    fit_priors,
-    prior_quality,
-)
+from priorlab.evaluation.conditional_quality import conditional_quality
+from priorlab.evaluation.fitted import calibration_split, fit_priors
+from priorlab.evaluation.generation import extra_prior_paths
 from priorlab.evaluation.images import log_image, save_grid
+from priorlab.evaluation.prior_quality import prior_quality
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
 from priorlab.lightning_module import check_finite_weights
 from priorlab.models.io import WEIGHTS, SavedModel, load_denoiser, resolve_model_dir
