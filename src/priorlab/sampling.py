@@ -179,21 +179,10 @@ def trajectory(
 
 @torch.no_grad()
 def sample(
-    model: Denoiser,
-    labels: Tensor,
-    seeds: Tensor,
-    train_scheduler: DDPMScheduler,
-    sample_shape: tuple[int, ...],
-    scale: float = 1.0,
-    prior: Prior = SELF,
-    interval: tuple[float, float] | None = None,
-    sampler: str = "ddim",
-    num_steps: int = 25,
-    batch_size: int = 256,
-    progress: bool = False,
-    autocast: bool = False,
-    graphs: bool = False,
-) -> Tensor:
+    model: Denoiser, labels: Tensor, seeds: Tensor, train_scheduler: DDPMScheduler, sample_shape: tuple[int, ...],
+    scale: float = 1.0, prior: Prior = SELF, interval: tuple[float, float] | None = None, sampler: str = "ddim",
+    num_steps: int = 25, batch_size: int = 256, progress: bool = False, autocast: bool = False, graphs: bool = False,
+) -> Tensor:  # fmt: skip
     """Generate one sample per (label, seed) pair with guidance; returns (N, *sample_shape) on the model's device.
 
     Args:

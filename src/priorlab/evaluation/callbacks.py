@@ -140,18 +140,24 @@ class _Evaluation(L.Callback):
             for saved in self.extra.values():
                 saved.denoiser.to(home)
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
-            record = {"step": step, "metrics": metrics, "seconds": round(seconds, 3)}  # wall time (issue 17)
-            atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json", record)
-            if self.kind == "cond":
-                for prior, w in weights.items():
-                    w.save(self.out_dir / f"prior_weights_{prior}_step={step}.json")
-            for prior, x in grids.items():
-                grid = self.out_dir / f"grid_step={step}_prior={prior}.png"
-                path = save_grid(x, pl_module.denoiser.num_classes, grid)
-                log_image(trainer.loggers, keys.key("grid", prior=prior), path, step)
+            self.write_record(trainer, pl_module.denoiser.num_classes, metrics, round(seconds, 3), weights, grids)
         trainer.strategy.barrier()
+
+    def write_record(self, trainer: L.Trainer, num_classes: int, metrics: dict, seconds: float, weights: dict,
+               grids: dict) -> None:  # fmt: skip
+        """Log the metrics to every logger, write <out>/step=<n>_<kind>.json (with the wall time, issue 17), the
+        fitted priors' weights (cond) and the sample grids."""
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json",
+                          {"step": step, "metrics": metrics, "seconds": seconds})  # fmt: skip
+        if self.kind == "cond":
+            for prior, w in weights.items():
+                w.save(self.out_dir / f"prior_weights_{prior}_step={step}.json")
+        for prior, x in grids.items():
+            path = save_grid(x, num_classes, self.out_dir / f"grid_step={step}_prior={prior}.png")
+            log_image(trainer.loggers, keys.key("grid", prior=prior), path, step)
 
     def extra_nets(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """The extra priors as prior networks of the module, on the evaluation's device."""

@@ -50,41 +50,54 @@ def prior_quality(
     extra = extra or {}
     check_extra_priors(extra)
     eps_extra = {name: _prior_eps(net, scheduler, x0, t, noise, settings.batch_size) for name, net in extra.items()}
-    # (metric, model, guidance scale) → per-sample values
-    per_sample: dict[tuple[str, str | None, float | None], Tensor] = {("loss", "self", None): _sq(eps_self - noise)}
-    truth = None
+    truth = None  # toy2d: the exact marginal eps
     if mixture is not None:
         abar = scheduler.alphas_cumprod.to(device)[t]
-        x_t = diffusion.add_noise(x0, noise, abar)
-        truth = mixture.eps(x_t.cpu(), abar.cpu()).float().to(device)
-        per_sample[("score_error", "self", None)] = _sq(eps_self - truth)
-    for name, eps in eps_extra.items():
-        per_sample[("loss", name, None)] = _sq(eps - noise)
-        if truth is not None:
-            per_sample[("score_error", name, None)] = _sq(eps - truth)
-    if eps_base is not None:
-        per_sample[("loss", "base", None)] = _sq(eps_base - noise)
-        per_sample[("disagreement", None, None)] = _sq(eps_self - eps_base)
-        if truth is not None:
-            per_sample[("score_error", "base", None)] = _sq(eps_base - truth)
-        for prior, pw in (weights or {}).items():  # weights per guidance scale: the ∅ loss at each guided scale
-            for scale in [None] if pw.scales is None else [w for w in pw.scales if w != 1]:
-                per_sample[("loss", prior, scale)] = _sq(combine(eps_self, eps_base, pw.at(t, scale)) - noise)
-    edges = bucket_edges(num_t, settings.buckets)
-    bucket = bucket_index(t_all, edges)
-    results = {}
-    for (metric, who, scale), values in per_sample.items():
-        values = gather(values, n)
-        results[key("prior", metric, model=who, scale=scale, bucket="all")] = float(values.mean())
-        for b in range(settings.buckets):
-            sel = bucket == b
-            if sel.any():
-                results[key("prior", metric, model=who, scale=scale, bucket=bucket_name(edges, b))] = float(
-                    values[sel].mean()
-                )
+        truth = mixture.eps(diffusion.add_noise(x0, noise, abar).cpu(), abar.cpu()).float().to(device)
+    per_sample = _per_sample(eps_self, eps_base, eps_extra, noise, truth, t, weights or {})
+    results = _by_bucket({k: gather(v, n) for k, v in per_sample.items()}, bucket_edges(num_t, settings.buckets),
+                         t_all)  # fmt: skip
     if evaluator is not None:
         results.update(unconditional_quality(model, scheduler, prior_net, evaluator, tuple(x0_all.shape[1:]),
                                              settings, extra))  # fmt: skip
+    return results
+
+
+def _per_sample(eps_self: Tensor, eps_base: Tensor | None, eps_extra: dict[str, Tensor], noise: Tensor,
+                truth: Tensor | None, t: Tensor, weights: dict[str, PriorWeights]) -> dict[tuple, Tensor]:  # fmt: skip
+    """(metric, model, guidance scale) → per-sample values: each network's ∅ loss ‖eps − noise‖² and score error
+    ‖eps − eps_true‖² (per element), the disagreement ‖eps_self − eps_base‖², and each fitted prior's ∅ loss of
+    (1 − λ)·eps_self + λ·eps_base (at each guided scale where fitted per scale)."""
+    out: dict[tuple[str, str | None, float | None], Tensor] = {("loss", "self", None): _sq(eps_self - noise)}
+    if truth is not None:
+        out[("score_error", "self", None)] = _sq(eps_self - truth)
+    for name, eps in eps_extra.items():
+        out[("loss", name, None)] = _sq(eps - noise)
+        if truth is not None:
+            out[("score_error", name, None)] = _sq(eps - truth)
+    if eps_base is None:
+        return out
+    out[("loss", "base", None)] = _sq(eps_base - noise)
+    out[("disagreement", None, None)] = _sq(eps_self - eps_base)
+    if truth is not None:
+        out[("score_error", "base", None)] = _sq(eps_base - truth)
+    for prior, pw in weights.items():  # weights per guidance scale: the ∅ loss at each guided scale
+        for scale in [None] if pw.scales is None else [w for w in pw.scales if w != 1]:
+            out[("loss", prior, scale)] = _sq(combine(eps_self, eps_base, pw.at(t, scale)) - noise)
+    return out
+
+
+def _by_bucket(per_sample: dict[tuple, Tensor], edges: Tensor, t: Tensor) -> dict[str, float]:
+    """The mean of each (metric, model, scale)'s per-sample values over all samples and per timestep bucket."""
+    bucket = bucket_index(t, edges)
+    results = {}
+    for (metric, who, scale), values in per_sample.items():
+        results[key("prior", metric, model=who, scale=scale, bucket="all")] = float(values.mean())
+        for b in range(len(edges) - 1):
+            sel = bucket == b
+            if sel.any():
+                name = bucket_name(edges, b)
+                results[key("prior", metric, model=who, scale=scale, bucket=name)] = float(values[sel].mean())
     return results
 
 

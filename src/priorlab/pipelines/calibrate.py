@@ -30,7 +30,7 @@ def fit_pipeline_weights(pipe, prior_net: PriorNet, latents: Tensor, null_kwargs
     """Fit prior=auto|mix weights for a pipeline's θ against ψ on the user's calibration latents.
 
     With objective="guided" the weights minimise the loss of the guided prediction at each of `scales`
-    (`priorlab.priors.weights`), which needs each latent's own condition: `cond_kwargs`, the keyword arguments of θ
+    (`priorlab.priors.fitting`), which needs each latent's own condition: `cond_kwargs`, the keyword arguments of θ
     with a leading dimension of N (`model_conditions` builds them from texts, class labels or images). For models
     that take the condition's image latents as extra input channels (InstructPix2Pix, Zero-1-to-3), cond_kwargs
     holds them under "image_latents" (N, extra, H, W); InstructPix2Pix's two-condition guidance also needs the
@@ -46,42 +46,67 @@ def fit_pipeline_weights(pipe, prior_net: PriorNet, latents: Tensor, null_kwargs
         batch_size: latents per forward pass.
     """
     family = family or family_of(pipe)
+    _check_calibration(pipe, family, latents, objective, cond_kwargs, scales, image_scale)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, len(pipe.scheduler.alphas_cumprod), (len(latents),), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    guided = objective == "guided"
+    eps = _calibration_eps(pipe, family, prior_net, latents, t, noise, null_kwargs, cond_kwargs if guided else None,
+                           batch_size)  # fmt: skip
+    extra_args = {"eps_cond": eps["cond"], "scales": list(scales)} if guided else {}
+    if "image" in eps:
+        extra_args.update(eps_image=eps["image"], image_scale=float(image_scale))
+    return fit_weights(eps["self"], eps["base"], noise, t, len(pipe.scheduler.alphas_cumprod), buckets, prior,
+                       objective, **extra_args)  # fmt: skip
+
+
+def _check_calibration(pipe, family: Family, latents: Tensor, objective: str, cond_kwargs: dict | None,
+                       scales: list[float] | None, image_scale: float | None) -> None:  # fmt: skip
+    """What `fit_pipeline_weights` needs: a family it supports, latents of its rank, and for the guided objective
+    each latent's condition (with its image latents where θ takes them as input channels) and the scales."""
     if family.name not in CALIBRATED_FAMILIES or family.component != "unet" and not family.class_labels:
         raise UserError(f"fitting prior=auto|mix weights is not supported for {family.name} pipelines "
                         f"({type(pipe).__name__}) yet; use prior=base or prior=self")  # fmt: skip
     if latents.ndim != (5 if family.video else 4):
         shape = "(N, C, F, H, W)" if family.video else "(N, C, H, W)"
         raise UserError(f"calibration latents of a {family.name} model must be {shape}; got {tuple(latents.shape)}")
-    net = getattr(pipe, family.component)
-    param = next(net.parameters())
-    sched = pipe.scheduler
-    abar = sched.alphas_cumprod.float().to(param.device)
-    g = torch.Generator().manual_seed(seed)
-    t = torch.randint(0, len(abar), (len(latents),), generator=g)
-    noise = torch.randn(latents.shape, generator=g)
-    guided = objective == "guided"
-    if guided and (not cond_kwargs or not scales):
+    if objective != "guided":
+        return
+    if not cond_kwargs or not scales:
         raise UserError("the guided objective needs each calibration latent's condition (cond_kwargs) and the "
                         "guidance scales to fit at")  # fmt: skip
-    if guided and any(len(v) != len(latents) for v in cond_kwargs.values()):
+    if any(len(v) != len(latents) for v in cond_kwargs.values()):
         raise UserError(f"cond_kwargs must hold one condition per calibration latent ({len(latents)})")
-    extra = int(net.config.in_channels) - latents.shape[1]
-    cond_kwargs = dict(cond_kwargs or {})
-    image_latents = cond_kwargs.pop("image_latents", None)
-    two = family.name == "instruct-pix2pix"
+    extra = int(getattr(pipe, family.component).config.in_channels) - latents.shape[1]
+    image_latents = cond_kwargs.get("image_latents")
     want = (extra, *latents.shape[2:])
-    if guided and extra > 0 and (image_latents is None or tuple(image_latents.shape[1:]) != want):
+    if extra > 0 and (image_latents is None or tuple(image_latents.shape[1:]) != want):
         raise UserError(f"{type(pipe).__name__} takes its condition's image latents as {extra} extra input channels: "
                         f"give cond_kwargs['image_latents'] of shape (N, {', '.join(map(str, want))}) "
                         "(model_conditions builds them from each latent's condition image)")  # fmt: skip
-    if guided and two and image_scale is None:
+    if family.name == "instruct-pix2pix" and image_scale is None:
         raise UserError("InstructPix2Pix guides with two scales: give the image_guidance_scale to fit at")
-    eps_self, eps_base, eps_cond, eps_image = [], [], [], []
+
+
+def _calibration_eps(pipe, family: Family, prior_net: PriorNet, latents: Tensor, t: Tensor, noise: Tensor,
+                     null_kwargs: dict, cond_kwargs: dict | None, batch_size: int) -> dict[str, Tensor]:  # fmt: skip
+    """On x_t = sqrt(ᾱ_t)·x0 + sqrt(1 − ᾱ_t)·noise, as eps on the CPU: θ's ∅ prediction ("self"), ψ's ("base"),
+    and with `cond_kwargs` θ's conditional one ("cond") and, for InstructPix2Pix, θ's with the image condition and
+    the null text ("image")."""
+    net = getattr(pipe, family.component)
+    param = next(net.parameters())
+    abar = pipe.scheduler.alphas_cumprod.float().to(param.device)
+    extra = int(net.config.in_channels) - latents.shape[1]
+    cond_kwargs = None if cond_kwargs is None else dict(cond_kwargs)
+    image_latents = None if cond_kwargs is None else cond_kwargs.pop("image_latents", None)
+    two = cond_kwargs is not None and family.name == "instruct-pix2pix"
+    out: dict[str, list[Tensor]] = {"self": [], "base": [], **({"cond": []} if cond_kwargs is not None else {}),
+                                    **({"image": []} if two else {})}  # fmt: skip
 
     def own_eps(x_t, channels, tb, kwargs):
         inp = x_t if extra <= 0 else torch.cat([x_t, channels], dim=1)
-        out = net(inp.to(param.dtype), tb, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
-        return diffusion.to_eps(out, sched.config.prediction_type, x_t, abar[tb]).cpu()
+        pred = net(inp.to(param.dtype), tb, **kwargs, return_dict=False)[0][:, : latents.shape[1]].float()
+        return diffusion.to_eps(pred, pipe.scheduler.config.prediction_type, x_t, abar[tb]).cpu()
 
     for start in range(0, len(latents), batch_size):
         rows = slice(start, start + batch_size)
@@ -89,18 +114,15 @@ def fit_pipeline_weights(pipe, prior_net: PriorNet, latents: Tensor, null_kwargs
         x_t = diffusion.add_noise(latents[rows].to(param.device).float(), noise[rows].to(param.device), abar[tb])
         none = x_t.new_zeros((len(x_t), max(extra, 0), *x_t.shape[2:]))  # the ∅ of image latents
         null = {k: v.expand(len(x_t), *v.shape[1:]) for k, v in null_kwargs.items()}
-        eps_self.append(own_eps(x_t, none, tb, null))
-        if guided:
+        out["self"].append(own_eps(x_t, none, tb, null))
+        if cond_kwargs is not None:
             channels = none if image_latents is None else image_latents[rows].to(param.device, x_t.dtype)
-            eps_cond.append(own_eps(x_t, channels, tb, {k: v[rows].to(param.device) for k, v in cond_kwargs.items()}))
+            cond = {k: v[rows].to(param.device) for k, v in cond_kwargs.items()}
+            out["cond"].append(own_eps(x_t, channels, tb, cond))
             if two:  # eps_θ(x_t, c_I, ∅): the image condition with the null text
-                eps_image.append(own_eps(x_t, channels, tb, null))
-        eps_base.append(prior_net.eps(x_t, abar[tb]).cpu())
-    extra_args = {"eps_cond": torch.cat(eps_cond), "scales": list(scales)} if guided else {}
-    if guided and two:
-        extra_args.update(eps_image=torch.cat(eps_image), image_scale=float(image_scale))
-    return fit_weights(torch.cat(eps_self), torch.cat(eps_base), noise, t, len(abar), buckets, prior, objective,
-                       **extra_args)  # fmt: skip
+                out["image"].append(own_eps(x_t, channels, tb, null))
+        out["base"].append(prior_net.eps(x_t, abar[tb]).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 @torch.no_grad()

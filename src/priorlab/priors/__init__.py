@@ -8,12 +8,13 @@
 - `nets`: the prior network's eps at the guided model's (x_t, ᾱ_t): one interface (`PriorNet`), adapters for
   priorlab denoisers (`DenoiserPrior`) and diffusers networks (`DiffusersPrior`), one timestep matching (closest
   ᾱ) and one conversion between prediction types, with their edges (zero terminal SNR, fractional timesteps).
-- `weights`: the fitted priors' per-noise-level weights (`PriorWeights`), `combine` and `fit_weights`.
+- `weights`: the fitted priors' per-noise-level weights (`PriorWeights`) and `combine`; `fitting`: `fit_weights`.
 
 Guidance (`priorlab.guidance.guide`) takes a prior object; fitting weights on a model's predictions is evaluation's
 (`priorlab.evaluation.calibrate`), as the swap inside diffusers pipelines is `priorlab.pipelines`'.
 """
 
+from priorlab.priors.fitting import fit_weights
 from priorlab.priors.kinds import (
     KINDS,
     NONE,
@@ -40,7 +41,7 @@ from priorlab.priors.nets import (
     match_timesteps,
     sigmas,
 )
-from priorlab.priors.weights import FORMAT, OBJECTIVES, PriorWeights, bucket_edges, bucket_index, combine, fit_weights
+from priorlab.priors.weights import FORMAT, OBJECTIVES, PriorWeights, bucket_edges, bucket_index, combine
 
 __all__ = [
     "FITTABLE",
