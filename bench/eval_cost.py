@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from priorlab.evaluation.core import EvalSettings, conditional_quality
+from priorlab.evaluation.conditional_quality import conditional_quality
 from priorlab.evaluation.features import Classifier, Evaluator
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
 from priorlab.study.schedule import job_threads

@@ -24,8 +24,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from priorlab.cli import CONFIG_DIR
-from priorlab.evaluation.core import EvalSettings, conditional_quality
+from priorlab.evaluation.conditional_quality import conditional_quality
 from priorlab.evaluation.features import Evaluator, fit_classifier
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.priors import DenoiserPrior as Prior
 
 

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from priorlab import diffusion
 from priorlab.models import dit, unet
+from priorlab.priors import NONE, SELF, BasePrior
 from priorlab.priors import DenoiserPrior as Prior
 from priorlab.sampling import sample
 
@@ -333,9 +334,9 @@ def sampling_bench(build, shape, num_classes, batch, device, steps: int, compile
     ddim.set_timesteps(steps)
     sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
     interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
-    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", prior_net=prior),
-               "prior_base_interval": dict(prior="base", prior_net=prior, interval=interval),
-               "cond_only": dict(prior="none")}  # fmt: skip  # one network at B: the bound of the two above
+    configs = {"batched_cfg": dict(prior=SELF), "prior_base": dict(prior=BasePrior(prior)),
+               "prior_base_interval": dict(prior=BasePrior(prior), interval=interval),
+               "cond_only": dict(prior=NONE)}  # fmt: skip  # one network at B: the bound of the two above
     out = {}
     for name, kw in configs.items():
         if device.type == "cuda":
@@ -379,8 +380,9 @@ def count_syncs(fn, *args, **kwargs) -> int:
 def eval_bench(build, shape, num_classes, device, n: int, steps: int) -> dict:
     """Images/s through sampling (prior=base, w=2, bf16), evaluator features and FD, for n samples."""
     from priorlab.evaluation import metrics
-    from priorlab.evaluation.core import EvalSettings, generate
     from priorlab.evaluation.features import Classifier
+    from priorlab.evaluation.generation import generate
+    from priorlab.evaluation.settings import EvalSettings
 
     torch.manual_seed(0)
     model, base = build().to(device).eval(), build().to(device).eval()
@@ -394,7 +396,9 @@ def eval_bench(build, shape, num_classes, device, n: int, steps: int) -> dict:
     sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        x = generate(model, sched, torch.arange(n) % num_classes, torch.arange(n), shape, settings, 2.0, "base", prior)
+        x = generate(
+            model, sched, torch.arange(n) % num_classes, torch.arange(n), shape, settings, 2.0, BasePrior(prior)
+        )
         t_sample = time.perf_counter() - t0
         feats = torch.cat([net.features(c.to(device)) for c in x.split(1000)]).cpu()
         fd = metrics.frechet_distance(feats, reference)

@@ -37,6 +37,7 @@ from gpu import models, sync  # noqa: E402
 from priorlab import sampling  # noqa: E402
 from priorlab.guidance import sigma  # noqa: E402
 from priorlab.models import dit, unet  # noqa: E402
+from priorlab.priors import NONE, SELF, BasePrior  # noqa: E402
 from priorlab.priors import DenoiserPrior as Prior  # noqa: E402
 from priorlab.sampling import make_scheduler, sample  # noqa: E402
 
@@ -135,9 +136,9 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
     sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
     interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
     labels, seeds = torch.arange(batch) % k, torch.arange(batch)
-    configs = {"batched_cfg": dict(prior="self"), "prior_base": dict(prior="base", prior_net=prior),
-               "prior_base_interval": dict(prior="base", prior_net=prior, interval=interval),
-               "cond_only": dict(prior="none"), "cheap_prior": dict(prior="base", prior_net=cheap_prior)}  # fmt: skip
+    configs = {"batched_cfg": dict(prior=SELF), "prior_base": dict(prior=BasePrior(prior)),
+               "prior_base_interval": dict(prior=BasePrior(prior), interval=interval),
+               "cond_only": dict(prior=NONE), "cheap_prior": dict(prior=BasePrior(cheap_prior))}  # fmt: skip
     out = {"params_m": {"model": sum(p.numel() for p in model.parameters()) / 1e6,
                         "cheap_prior": sum(p.numel() for p in cheap.parameters()) / 1e6}}  # fmt: skip
     for mode in ("launched", "graphs", "graphs_key_per_step"):
@@ -162,7 +163,7 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
         }
         out[mode] = table
     kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
-                  autocast=device.type == "cuda", prior="base", prior_net=prior)  # fmt: skip
+                  autocast=device.type == "cuda", prior=BasePrior(prior))  # fmt: skip
     with torch.inference_mode():
         eager = sample(model, labels, seeds, **kwargs, graphs=False)
         graphed = sample(model, labels, seeds, **kwargs, graphs=True)

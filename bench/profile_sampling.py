@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from eval_cost import setup  # noqa: E402
 
+from priorlab.priors import SELF, BasePrior  # noqa: E402
 from priorlab.sampling import sample  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -45,7 +46,7 @@ def profile_evaluation(model, sched, prior, evaluator, shape, settings) -> None:
     import pstats
     from dataclasses import replace
 
-    from priorlab.evaluation.core import conditional_quality
+    from priorlab.evaluation.conditional_quality import conditional_quality
 
     settings = replace(settings, guidance_scales=[1.0, 2.0])
     with torch.no_grad():
@@ -77,10 +78,10 @@ def main() -> None:
     labels, seeds = torch.arange(n) % 10, torch.arange(n)
     base_kw = dict(train_scheduler=sched, sample_shape=shape, scale=2.0, num_steps=settings.num_steps, batch_size=n)
     cases = {
-        "self_autocast": dict(prior="self", autocast=device.type == "cuda"),
-        "self_fp32": dict(prior="self", autocast=False),
-        "base_autocast": dict(prior="base", prior_net=prior, autocast=device.type == "cuda"),
-        "self_autocast_graphs": dict(prior="self", autocast=device.type == "cuda", graphs=True),
+        "self_autocast": dict(prior=SELF, autocast=device.type == "cuda"),
+        "self_fp32": dict(prior=SELF, autocast=False),
+        "base_autocast": dict(prior=BasePrior(prior), autocast=device.type == "cuda"),
+        "self_autocast_graphs": dict(prior=SELF, autocast=device.type == "cuda", graphs=True),
     }
     out = {"card": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(),
            "samples": n, "steps": settings.num_steps, "seconds": {}}  # fmt: skip
@@ -100,7 +101,7 @@ def main() -> None:
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
-            sample(model, labels, seeds, **base_kw, prior="self", autocast=device.type == "cuda")
+            sample(model, labels, seeds, **base_kw, prior=SELF, autocast=device.type == "cuda")
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     tables = {"by_self_cpu": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25),
               "by_device": prof.key_averages().table(sort_by=sort, row_limit=25)}  # fmt: skip

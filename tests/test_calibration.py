@@ -14,7 +14,7 @@ from priorlab.evaluation.calibrate import calibrate, calibration_metrics
 from priorlab.guidance import guide
 from priorlab.keys import scale_name
 from priorlab.priors import DenoiserPrior as Prior
-from priorlab.priors import PriorWeights, bucket_edges, combine, fit_weights
+from priorlab.priors import MixPrior, PriorWeights, bucket_edges, combine, fit_weights, make_prior
 from priorlab.sampling import sample
 
 T = 1000
@@ -198,7 +198,7 @@ def test_auto_evaluates_each_row_only_on_its_chosen_network(batch):
     model, base_net = Counting(_model(0)), Counting(_model(1))
     auto = PriorWeights(torch.tensor([0, 500, 1000]), torch.tensor([0.0, 1.0]), "auto")
     with torch.no_grad():
-        out = guide(model, x, t, y, abar, 3.0, "auto", Prior(base_net, sched, sched.alphas_cumprod), weights=auto)
+        out = guide(model, x, t, y, abar, 3.0, MixPrior(Prior(base_net, sched, sched.alphas_cumprod), auto))
         assert model.rows == 6 + 3 and base_net.rows == 3  # cond for all; ∅ of self for t < 500; base for t ≥ 500
         null = torch.full_like(y, 4)
         own, other = model.inner(x, t, null), base_net.inner(x, t, null)
@@ -216,7 +216,7 @@ def test_mix_guides_with_the_convex_combination_and_respects_the_interval(batch)
     mix = PriorWeights(torch.tensor([0, 200, 600, 1000]), torch.tensor([0.0, 0.5, 1.0]), "mix")
     prior = Prior(base_net, sched, sched.alphas_cumprod)
     with torch.no_grad():
-        out = guide(model, x, t, y, abar, 2.0, "mix", prior, weights=mix)
+        out = guide(model, x, t, y, abar, 2.0, MixPrior(prior, mix))
         null = torch.full_like(y, 4)
         w = torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0])[:, None]
         own, other = model(x, t, null), base_net.inner(x, t, null)
@@ -227,7 +227,7 @@ def test_mix_guides_with_the_convex_combination_and_respects_the_interval(batch)
         assert base_net.rows == 4
         s = (1 - abar) / abar
         base_net.rows = 0
-        inside = guide(model, x, t, y, abar, 2.0, "mix", prior, (float(s[1].sqrt()), float(s[3].sqrt())), weights=mix)
+        inside = guide(model, x, t, y, abar, 2.0, MixPrior(prior, mix), (float(s[1].sqrt()), float(s[3].sqrt())))
     assert inside.guided_rows.tolist() == [False, True, True, True, False, False]
     assert base_net.rows == 2  # t = 300 and 500: inside the interval with a base weight above 0
     # θ ran on 9 rows and ψ on 2 here, on 10 and 4 rows there
@@ -239,20 +239,20 @@ def test_sampling_with_all_self_or_all_base_weights_equals_the_fixed_priors():
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
     model, base = _model(0), Prior(_model(1), sched, sched.alphas_cumprod)
     labels, seeds = torch.tensor([0, 1, 2, 3]), torch.arange(4)
-    kw = dict(train_scheduler=sched, sample_shape=(2,), scale=3.0, prior_net=base, num_steps=6)
+    kw = dict(train_scheduler=sched, sample_shape=(2,), scale=3.0, num_steps=6)
     edges = bucket_edges(T, 5)
     runs = {}
     for name, prior, w in [("self", "self", None), ("base", "base", None), ("auto0", "auto", torch.zeros(5)),
                            ("auto1", "auto", torch.ones(5)), ("mix", "mix", torch.full((5,), 0.5))]:  # fmt: skip
         weights = None if w is None else PriorWeights(edges, w, prior)
-        runs[name] = sample(model, labels, seeds, prior=prior, weights=weights, **kw)
+        runs[name] = sample(model, labels, seeds, prior=make_prior(prior, base, weights), **kw)
     # weights of all 0 (all 1) run θ on the same 8 rows (θ on 4 rows and ψ on the same 4) as prior=self (base) at
     # every step, and combine() picks θ's (ψ's) ∅ exactly: the same computations, so these are bit for bit
     assert torch.equal(runs["auto0"], runs["self"])
     assert torch.equal(runs["auto1"], runs["base"])
     assert (runs["mix"] - runs["self"]).abs().mean() > 1e-3 and (runs["mix"] - runs["base"]).abs().mean() > 1e-3
     with pytest.raises(UserError, match="fitted over 500 training timesteps but the model has 1000"):
-        sample(model, labels, seeds, prior="auto", weights=PriorWeights(bucket_edges(500, 5), torch.zeros(5), "auto"),
+        sample(model, labels, seeds, prior=MixPrior(base, PriorWeights(bucket_edges(500, 5), torch.zeros(5), "auto")),
                **kw)  # fmt: skip
 
 

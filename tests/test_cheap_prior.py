@@ -13,8 +13,11 @@ from diffusers import DDPMScheduler
 from conftest import run_cli
 from priorlab.analysis.other_priors import advantage, extra_prior_names, null_losses, time_ratios
 from priorlab.errors import UserError
-from priorlab.evaluation.core import EvalSettings, check_extra_priors, conditional_quality, prior_quality
+from priorlab.evaluation.conditional_quality import conditional_quality
 from priorlab.evaluation.features import Classifier, Evaluator
+from priorlab.evaluation.generation import check_extra_priors
+from priorlab.evaluation.prior_quality import prior_quality
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
 from priorlab.study.bases import check_finished_have_priors, prior_jobs, study_bases, with_priors

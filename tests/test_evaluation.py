@@ -17,8 +17,11 @@ from omegaconf import OmegaConf
 from conftest import run_cli
 from priorlab.commands.train import build_module
 from priorlab.errors import UserError
-from priorlab.evaluation.core import EvalSettings, conditional_quality, fit_priors, prior_quality
+from priorlab.evaluation.conditional_quality import conditional_quality
 from priorlab.evaluation.features import Classifier, Evaluator
+from priorlab.evaluation.fitted import fit_priors
+from priorlab.evaluation.prior_quality import prior_quality
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior as Prior
 from priorlab.priors import PriorWeights
@@ -421,16 +424,16 @@ def test_a_model_folders_data_config_cannot_choose_what_is_called(tmp_path, data
 def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monkeypatch):
     """eval.one_pass batches (prior, w) settings into shared sampling passes; the fitted priors still sample on
     their own. The metrics equal those of one pass per setting up to the rounding of other batch shapes."""
-    from priorlab.evaluation import core
+    from priorlab.evaluation import generation
 
     passes = []
 
     def counted(model, labels, seeds, scheduler, shape, batch, *args, **kwargs):
-        passes.append([(s.prior, s.scale) for s in batch])
+        passes.append([(s.prior.name, s.scale) for s in batch])
         return real(model, labels, seeds, scheduler, shape, batch, *args, **kwargs)
 
-    real = core.sample_many
-    monkeypatch.setattr(core, "sample_many", counted)
+    real = generation.sample_many
+    monkeypatch.setattr(generation, "sample_many", counted)
     model, sched, prior, evaluator, settings, heldout = _tiny_setup()
     settings = replace(settings, guidance_scales=[1.0, 2.0, 4.0])
     with torch.no_grad():
@@ -460,7 +463,7 @@ def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monk
 def test_cuda_graphs_reach_the_one_pass_passes(monkeypatch, cpu_graphs):
     """eval.cuda_graphs applies to one_pass's passes too (each step of a pass replayed from one graph on a GPU),
     here replayed from graphs recorded on the CPU (`recorded_graphs`): the numbers do not change."""
-    from priorlab.evaluation import core
+    from priorlab.evaluation import generation
 
     flags = []
 
@@ -468,8 +471,8 @@ def test_cuda_graphs_reach_the_one_pass_passes(monkeypatch, cpu_graphs):
         flags.append(kwargs.get("graphs"))
         return real(*args, **kwargs)
 
-    real = core.sample_many
-    monkeypatch.setattr(core, "sample_many", recorded)
+    real = generation.sample_many
+    monkeypatch.setattr(generation, "sample_many", recorded)
     model, sched, prior, evaluator, settings, heldout = _tiny_setup()
     settings = replace(settings, guidance_scales=[1.0, 2.0], priors=["self", "base"], one_pass="scales")
     with torch.no_grad():

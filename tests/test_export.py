@@ -15,7 +15,7 @@ from priorlab.models import content_hash, dit, load_denoiser, save_denoiser, une
 from priorlab.pipelines import load_prior, swap_prior
 from priorlab.pipelines.class_pipeline import ClassConditionalPipeline
 from priorlab.pipelines.export import export_pipeline, from_priorlab, load_base, load_exported, load_model
-from priorlab.priors import DenoiserPrior, PriorWeights
+from priorlab.priors import DenoiserPrior, PriorWeights, make_prior
 from priorlab.sampling import sample
 
 SHAPE = (1, 8, 8)
@@ -83,7 +83,7 @@ def _priorlab(run, scale: float, prior: str = "self", base=None, weights=None) -
         b = load_denoiser(base)
         prior_net = DenoiserPrior(b.denoiser, b.scheduler, saved.scheduler.alphas_cumprod)
     return sample(saved.denoiser, torch.tensor(LABELS), torch.arange(len(LABELS)), saved.scheduler, SHAPE, scale,
-                  prior, prior_net, sampler="ddim", num_steps=STEPS, weights=weights)  # fmt: skip
+                  make_prior(prior, prior_net, weights), sampler="ddim", num_steps=STEPS)  # fmt: skip
 
 
 def _pipe(pipe, scale: float) -> torch.Tensor:
@@ -125,19 +125,19 @@ def test_swap_on_an_exported_pipeline_equals_priorlab_guidance(runs, tmp_path, k
     ft, base = runs[kind, "ft"], runs[kind, "base"]
     pipe = load_model(str(ft))
     reference = _pipe(pipe, 3.0)
-    with swap_prior(pipe, load_prior(str(base)), "self"):
+    with swap_prior(pipe, make_prior("self", load_prior(str(base)))):
         assert torch.equal(_pipe(pipe, 3.0), reference)
     expected = _priorlab(ft, 3.0, "base", base)
     assert (expected - reference).abs().max() > 1e-2  # the base's prior changes the samples
     exported_base = str(export_pipeline(base, tmp_path / "base"))
     for prior in (load_prior(str(base)), load_base(exported_base)):
-        with swap_prior(pipe, prior, "base") as swapped:
+        with swap_prior(pipe, make_prior("base", prior)) as swapped:
             assert_close_across_shapes(_pipe(pipe, 3.0), expected, passes=STEPS)
         assert swapped.calls["guided"] == STEPS and swapped.calls["unguided"] == 0
     weights = PriorWeights(edges=[0, 50, 100], base_weight=[0.0, 1.0], mode="auto")  # base at high noise only
     mix = PriorWeights(edges=[0, 50, 100], base_weight=[0.25, 0.75], mode="mix")
     for w in (weights, mix):
-        with swap_prior(pipe, load_prior(str(base)), w.mode, w):
+        with swap_prior(pipe, make_prior(w.mode, load_prior(str(base)), w)):
             assert_close_across_shapes(_pipe(pipe, 3.0), _priorlab(ft, 3.0, w.mode, base, w), passes=STEPS)
 
 
@@ -163,7 +163,7 @@ def test_sample_and_export_commands_on_priorlab_run_folders(runs, tmp_path):
     assert settings["files"]["base"] == [f"prior=base_{i}.png" for i in range(4)]
     # the images are the swapped pipeline's, seeds seed + i, labels repeated num_images times
     pipe = from_priorlab(ft)
-    with swap_prior(pipe, load_prior(str(base)), "base"):
+    with swap_prior(pipe, make_prior("base", load_prior(str(base)))):
         own = pipe(class_labels=[0, 2, 0, 2], guidance_scale=3.0, num_inference_steps=STEPS,
                    generator=_generators(4)).images  # fmt: skip
     for i in range(4):

@@ -6,6 +6,7 @@ from diffusers import DDPMScheduler
 from conftest import assert_close_across_shapes
 from priorlab.guidance import guide
 from priorlab.models import unet
+from priorlab.priors import SELF, BasePrior
 from priorlab.priors import DenoiserPrior as Prior
 from priorlab.sampling import sample
 from priorlab.training.module import DiffusionModule
@@ -84,8 +85,8 @@ def test_bf16_sampling_within_tolerance_of_fp32():
     model, base = _model(0).eval(), _model(1).eval()
     sched = DDPMScheduler(clip_sample=False)
     labels, seeds = torch.arange(6) % 4, torch.arange(6)
-    kw = dict(train_scheduler=sched, sample_shape=(3, 16, 16), scale=2.0, prior="base",
-              prior_net=Prior(base, sched, sched.alphas_cumprod), num_steps=8, batch_size=6)  # fmt: skip
+    kw = dict(train_scheduler=sched, sample_shape=(3, 16, 16), scale=2.0,
+              prior=BasePrior(Prior(base, sched, sched.alphas_cumprod)), num_steps=8, batch_size=6)  # fmt: skip
     fp32 = sample(model, labels, seeds, **kw)
     bf16 = sample(model, labels, seeds, autocast=True, **kw)
     other_seeds = sample(model, labels, seeds + 100, **kw)
@@ -103,9 +104,9 @@ def test_guidance_under_bf16_autocast_combines_the_branches_in_fp32():
     t = torch.tensor([50, 200, 400, 600, 800, 950])
     abar = sched.alphas_cumprod[t]
     prior = Prior(base, sched, sched.alphas_cumprod)
-    for name, kw in (("self", {}), ("base", {"prior_net": prior})):
+    for kind in (SELF, BasePrior(prior)):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            b = guide(model, x_t, t, labels, abar, 6.0, name, **kw)
+            b = guide(model, x_t, t, labels, abar, 6.0, kind)
         assert b.guided.dtype == b.cond.dtype == b.uncond.dtype == torch.float32
         # given the networks' outputs, the combination is exact to fp32 rounding (a bf16 one is off by ~1e-2)
         exact = b.uncond.double() + 6.0 * (b.cond.double() - b.uncond.double())

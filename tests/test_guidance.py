@@ -7,8 +7,8 @@ from priorlab import priors
 from priorlab.errors import UserError
 from priorlab.guidance import cfg, cfg_two_conditions, check_scale, guide, sigma
 from priorlab.models import unet
+from priorlab.priors import SELF, BasePrior, PriorWeights, make_prior
 from priorlab.priors import DenoiserPrior as Prior
-from priorlab.priors import PriorWeights
 
 _model = perturbed_mlp
 
@@ -47,7 +47,7 @@ def test_scale_one_gives_the_conditional_prediction(setup):
         cond = model(x, t, y)
         for prior in ("self", "base", "none"):
             base = Prior(_model(1), sched, sched.alphas_cumprod)
-            out = guide(model, x, t, y, abar, 1.0, prior, base)
+            out = guide(model, x, t, y, abar, 1.0, make_prior(prior, base))
             assert torch.equal(out.guided, cond) and torch.equal(out.cond, cond)  # θ alone on the same 6 rows
 
 
@@ -55,10 +55,10 @@ def test_prior_base_with_the_model_itself_is_standard_cfg(setup):
     sched, x, t, y, abar = setup
     model = _model()
     with torch.no_grad():
-        standard = guide(model, x, t, y, abar, 3.0, "self")
-        swapped = guide(model, x, t, y, abar, 3.0, "base", Prior(model, sched, sched.alphas_cumprod))
+        standard = guide(model, x, t, y, abar, 3.0, SELF)
+        swapped = guide(model, x, t, y, abar, 3.0, BasePrior(Prior(model, sched, sched.alphas_cumprod)))
         hand = model(x, t, torch.full_like(y, 4)) + 3.0 * (model(x, t, y) - model(x, t, torch.full_like(y, 4)))
-        other = guide(model, x, t, y, abar, 3.0, "base", Prior(_model(1), sched, sched.alphas_cumprod))
+        other = guide(model, x, t, y, abar, 3.0, BasePrior(Prior(_model(1), sched, sched.alphas_cumprod)))
     # self evaluates c and ∅ as one batch of 12 rows, base and the hand computation as batches of 6
     assert_close_across_shapes(swapped.guided, standard.guided)
     assert_close_across_shapes(standard.guided, hand)
@@ -70,7 +70,7 @@ def test_swap_uses_the_base_unconditional_prediction(setup):
     sched, x, t, y, abar = setup
     model, other = _model(0), _model(1)
     with torch.no_grad():
-        out = guide(model, x, t, y, abar, 2.5, "base", Prior(other, sched, sched.alphas_cumprod))
+        out = guide(model, x, t, y, abar, 2.5, BasePrior(Prior(other, sched, sched.alphas_cumprod)))
         eps_base = other(x, t, torch.full_like(y, 4))
         torch.testing.assert_close(out.uncond, eps_base)
         torch.testing.assert_close(out.guided, eps_base + 2.5 * (model(x, t, y) - eps_base))
@@ -80,7 +80,7 @@ def test_v_prediction_prior_guides_an_eps_model(setup):
     sched, x, t, y, abar = setup
     model, vbase = _model(0), _model(1, prediction_type="v_prediction")
     with torch.no_grad():
-        out = guide(model, x, t, y, abar, 2.0, "base", Prior(vbase, sched, sched.alphas_cumprod))
+        out = guide(model, x, t, y, abar, 2.0, BasePrior(Prior(vbase, sched, sched.alphas_cumprod)))
         v = vbase(x, t, torch.full_like(y, 4))
         expected = abar.sqrt()[:, None] * v + (1 - abar).sqrt()[:, None] * x
     torch.testing.assert_close(out.uncond, expected)
@@ -113,8 +113,8 @@ def test_guidance_interval_skips_the_prior_outside(setup):
     s = sigma(abar)
     lo, hi = float(s[2]), float(s[4])
     with torch.no_grad():
-        out = guide(model, x, t, y, abar, 4.0, "base", Prior(base, sched, sched.alphas_cumprod), (lo, hi))
-        full = guide(model, x, t, y, abar, 4.0, "base", Prior(_model(1), sched, sched.alphas_cumprod))
+        out = guide(model, x, t, y, abar, 4.0, BasePrior(Prior(base, sched, sched.alphas_cumprod)), (lo, hi))
+        full = guide(model, x, t, y, abar, 4.0, BasePrior(Prior(_model(1), sched, sched.alphas_cumprod)))
     inside = out.guided_rows
     assert inside.tolist() == [False, False, True, True, True, False]
     assert base.rows == 3
@@ -145,17 +145,17 @@ def test_bad_guidance_scales_are_refused(bad):
 def test_unknown_prior_and_missing_base(setup):
     sched, x, t, y, abar = setup
     with pytest.raises(UserError, match="prior=nope is unknown; use one of self, base, none, auto, mix"):
-        guide(_model(), x, t, y, abar, 2.0, "nope")
+        guide(_model(), x, t, y, abar, 2.0, make_prior("nope"))
     with pytest.raises(UserError, match="prior=base needs a base"):
-        guide(_model(), x, t, y, abar, 2.0, "base")
+        guide(_model(), x, t, y, abar, 2.0, make_prior("base"))
     base = Prior(_model(1), sched, sched.alphas_cumprod)
     with pytest.raises(UserError, match="prior=auto needs a base"):
-        guide(_model(), x, t, y, abar, 2.0, "auto")
+        guide(_model(), x, t, y, abar, 2.0, make_prior("auto"))
     with pytest.raises(UserError, match="prior=mix needs per-noise-level weights"):
-        guide(_model(), x, t, y, abar, 2.0, "mix", base)
+        guide(_model(), x, t, y, abar, 2.0, make_prior("mix", base))
     auto = PriorWeights(torch.tensor([0, 500, 1000]), torch.tensor([0.0, 1.0]), "auto")
     with pytest.raises(UserError, match="prior=mix was given weights fitted for prior=auto"):
-        guide(_model(), x, t, y, abar, 2.0, "mix", base, weights=auto)
+        guide(_model(), x, t, y, abar, 2.0, make_prior("mix", base, auto))
 
 
 def test_cfg_is_linear_in_the_scale():
@@ -188,11 +188,11 @@ def test_unmasked_guidance_reads_nothing_on_the_host_and_equals_the_row_selectin
     base = Prior(_model(1), sched, sched.alphas_cumprod)
     with torch.no_grad():
         with SyncOps() as ops:
-            fast = guide(model, x, t, y, abar, 3.0, prior, base)
+            fast = guide(model, x, t, y, abar, 3.0, make_prior(prior, base))
         # an interval holding every row takes the general path, which selects rows with boolean masks
-        general = guide(model, x, t, y, abar, 3.0, prior, base, (0.0, float("inf")))
+        general = guide(model, x, t, y, abar, 3.0, make_prior(prior, base), (0.0, float("inf")))
         with SyncOps() as masked:
-            guide(model, x, t, y, abar, 3.0, prior, base, (0.0, float("inf")))
+            guide(model, x, t, y, abar, 3.0, make_prior(prior, base), (0.0, float("inf")))
     assert ops.seen == [] and masked.seen  # the general path does read on the host: the mode sees such reads
     assert general.guided_rows.all()
     # bit for bit: with every row selected both paths run θ on the same 12 (self) or 6 rows, ψ on the same 6 rows,

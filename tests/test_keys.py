@@ -57,3 +57,12 @@ def test_scale_and_bucket_names_round_trip():
     assert keys.bucket_bounds("loss/all") is None
     with pytest.raises(ValueError):
         keys.Key("prior", "loss", prior="auto", model="self")
+
+
+def test_a_paired_difference_against_self_keeps_the_key_without_vs():
+    assert keys.diff_metric("fd", "self") == "fd_se"
+    assert keys.diff_metric("nll", "base") == "nll_se_vs_base"
+    assert (
+        keys.key("diff", keys.diff_metric("fd", "small"), prior="base", scale=2)
+        == "eval/diff/fd_se_vs_small/prior=base/w=2.0"
+    )

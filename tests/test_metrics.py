@@ -48,7 +48,7 @@ def test_accuracy():
 )  # fmt: skip
 def test_feature_networks_other_than_domain_are_refused_even_with_weights_on_disk(name, message, tmp_path, monkeypatch):
     from priorlab.errors import UserError
-    from priorlab.evaluation.core import EvalSettings
+    from priorlab.evaluation.settings import EvalSettings
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # weights and code where torch.hub looks
     (tmp_path / "checkpoints").mkdir()
@@ -92,7 +92,8 @@ def _evaluator(reference: torch.Tensor):
 def test_sample_scores_compare_with_as_many_reference_features_in_bounded_memory(monkeypatch):
     """A reference of 5,000 features against 100 samples: no pairwise-distance block exceeds 100 × 100 (the
     whole 5,000² matrix is what made toy2d's 200k reference run out of memory)."""
-    from priorlab.evaluation.core import EvalSettings, sample_scores
+    from priorlab.evaluation.conditional_quality import sample_scores
+    from priorlab.evaluation.settings import EvalSettings
 
     g = torch.Generator().manual_seed(0)
     ev = _evaluator(torch.randn(5000, 2, generator=g))
@@ -118,7 +119,8 @@ def test_sample_scores_compare_with_as_many_reference_features_in_bounded_memory
 
 def test_non_finite_features_are_a_one_line_user_error(feats):
     from priorlab.errors import UserError
-    from priorlab.evaluation.core import EvalSettings, sample_scores
+    from priorlab.evaluation.conditional_quality import sample_scores
+    from priorlab.evaluation.settings import EvalSettings
 
     a, b = feats
     bad = b.clone()

@@ -12,7 +12,7 @@ import torch
 
 from conftest import run_cli
 from emoji_fixture import build_tarballs
-from priorlab.evaluation.core import eval_labels_seeds, proportional_labels
+from priorlab.evaluation.generation import eval_labels_seeds, proportional_labels
 from priorlab.overrides import override
 from priorlab.study.bases import study_bases
 from priorlab.study.spec import load_experiment, preset_overrides

@@ -13,7 +13,7 @@ from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.guidance import cfg, cfg_two_conditions
 from priorlab.pipelines import IMAGE_CONDITIONED, load_pipeline, load_prior, null_condition, swap_prior
-from priorlab.priors import PriorWeights
+from priorlab.priors import PriorWeights, make_prior
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +90,12 @@ def test_text_to_image_self_reproduces_diffusers_and_base_swaps_only_the_uncondi
     base_pipe = load_pipeline(str(folders["sd_base"]))
     prior = load_prior(str(folders["sd_base"]))
     reference = pipe(**_seeded(**SD_CALL)).images
-    with swap_prior(pipe, prior, "self") as swapped:
+    with swap_prior(pipe, make_prior("self", prior)) as swapped:
         same = pipe(**_seeded(**SD_CALL)).images
     assert swapped.calls == {"guided": 3, "unguided": 0}
     np.testing.assert_array_equal(same, reference)  # self passes every call through: the same computation
 
-    with swap_prior(pipe, prior, "base") as swapped:
+    with swap_prior(pipe, make_prior("base", prior)) as swapped:
         inputs = _capture_inputs(swapped)
         guided = _capture_steps(pipe)
         swapped_images = pipe(**_seeded(**SD_CALL)).images
@@ -118,7 +118,7 @@ def test_unguided_calls_and_prior_self_pass_through(folders):
     pipe = load_pipeline(str(folders["sd"]))
     prior = load_prior(str(folders["sd_base"]))
     reference = pipe(**_seeded(**{**SD_CALL, "guidance_scale": 1.0})).images
-    with swap_prior(pipe, prior, "base") as swapped:
+    with swap_prior(pipe, make_prior("base", prior)) as swapped:
         images = pipe(**_seeded(**{**SD_CALL, "guidance_scale": 1.0})).images
     assert swapped.calls == {"guided": 0, "unguided": 3}
     np.testing.assert_array_equal(images, reference)
@@ -129,7 +129,7 @@ def test_mixed_parameterization_and_schedule_are_converted(folders):
     pipe = load_pipeline(str(folders["sd"]))
     base_pipe = load_pipeline(str(folders["sd_base_v"]))
     prior = load_prior(str(folders["sd_base_v"]))
-    with swap_prior(pipe, prior, "base") as swapped:
+    with swap_prior(pipe, make_prior("base", prior)) as swapped:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, 4, 8, 8, generator=g)
         t = torch.tensor(501)
@@ -153,7 +153,7 @@ def test_a_transformer_prior_guides_a_unet(folders):
     assert prior.null["class_labels"].tolist() == [1000]
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     emb = torch.randn(1, 16, 32)
-    with swap_prior(pipe, prior, "base") as swapped:
+    with swap_prior(pipe, make_prior("base", prior)) as swapped:
         out = swapped(torch.cat([x, x]), torch.tensor(300), encoder_hidden_states=torch.cat([emb, emb])).sample
     expected = dit_pipe.transformer(x, timestep=torch.tensor([300]), class_labels=torch.tensor([1000])).sample[:, :4]
     assert torch.equal(out[:1], expected)
@@ -166,9 +166,9 @@ def test_instruct_pix2pix_replaces_only_the_fully_unconditional_third(folders):
     call = dict(prompt="make it red", image=pm.image(), num_inference_steps=3, guidance_scale=7.5,
                 image_guidance_scale=1.5, output_type="np")  # fmt: skip
     reference = pipe(**_seeded(**call)).images
-    with swap_prior(pipe, prior, "self"):  # every call passed through: the same computation
+    with swap_prior(pipe, make_prior("self", prior)):  # every call passed through: the same computation
         np.testing.assert_array_equal(pipe(**_seeded(**call)).images, reference)
-    with swap_prior(pipe, prior, "base") as swapped:
+    with swap_prior(pipe, make_prior("base", prior)) as swapped:
         inputs = _capture_inputs(swapped)
         guided = _capture_steps(pipe)
         pipe(**_seeded(**call))
@@ -199,7 +199,7 @@ def test_image_conditioned_8_channel_unet_with_a_two_way_layout(folders):
         torch.randn(1, 16, 32),
     )
     sample = torch.cat([torch.cat([x, torch.zeros_like(cond_latent)], 1), torch.cat([x, cond_latent], 1)])
-    with swap_prior(pipe, prior, "base", family=IMAGE_CONDITIONED) as swapped:
+    with swap_prior(pipe, make_prior("base", prior), family=IMAGE_CONDITIONED) as swapped:
         out = swapped(sample, torch.tensor(700), encoder_hidden_states=torch.cat([emb, emb])).sample
     expected = base_pipe.unet(x, torch.tensor(700), encoder_hidden_states=_empty_prompt(base_pipe)).sample
     assert torch.equal(out[:1], expected)
@@ -215,9 +215,9 @@ def test_dit_self_reproduces_diffusers_and_base_uses_its_null_class(folders):
     base_pipe = load_pipeline(str(folders["dit_base"]))
     prior = load_prior(str(folders["dit_base"]))
     reference = pipe(**_seeded(**DIT_CALL)).images
-    with swap_prior(pipe, prior, "self"):  # every call passed through: the same computation
+    with swap_prior(pipe, make_prior("self", prior)):  # every call passed through: the same computation
         np.testing.assert_array_equal(pipe(**_seeded(**DIT_CALL)).images, reference)
-    with swap_prior(pipe, prior, "base") as swapped:
+    with swap_prior(pipe, make_prior("base", prior)) as swapped:
         inputs = _capture_inputs(swapped)
         images = pipe(**_seeded(**DIT_CALL)).images
     assert np.abs(images - reference).max() > 1e-3
@@ -232,7 +232,7 @@ def test_dit_fine_tuned_on_n_classes_gets_its_own_null_class(folders):
     pipe = load_pipeline(str(folders["dit10"]))
     with pytest.raises(IndexError):  # diffusers alone cannot guide it
         pipe(**_seeded(**DIT_CALL))
-    with swap_prior(pipe, None, "self") as swapped:
+    with swap_prior(pipe, make_prior("self", None)) as swapped:
         inputs = _capture_inputs(swapped)
         pipe(**_seeded(**DIT_CALL))
     sample, t, _, kwargs = inputs[0]
@@ -250,9 +250,9 @@ def test_image_variation_with_a_text_to_image_base(folders):
     prior = load_prior(str(folders["sd_base"]))
     call = dict(image=pm.image(1), num_inference_steps=3, guidance_scale=3.0, height=16, width=16, output_type="np")
     reference = pipe(**_seeded(**call)).images
-    with swap_prior(pipe, prior, "self"):  # every call passed through: the same computation
+    with swap_prior(pipe, make_prior("self", prior)):  # every call passed through: the same computation
         np.testing.assert_array_equal(pipe(**_seeded(**call)).images, reference)
-    with swap_prior(pipe, prior, "base") as swapped:
+    with swap_prior(pipe, make_prior("base", prior)) as swapped:
         inputs = _capture_inputs(swapped)
         pipe(**_seeded(**call))
     sample, t, _, kwargs = inputs[0]
@@ -275,9 +275,11 @@ def test_video_self_reproduces_diffusers_and_base_is_a_video_or_an_image_model(f
     pipe = load_pipeline(str(folders["t2v"]))
     reference = pipe(**_seeded(**VIDEO_CALL)).frames
     video_base = load_pipeline(str(folders["t2v_base"]))
-    with swap_prior(pipe, load_prior(str(folders["t2v_base"])), "self"):  # passed through: the same computation
+    with swap_prior(
+        pipe, make_prior("self", load_prior(str(folders["t2v_base"])))
+    ):  # passed through: the same computation
         assert torch.equal(pipe(**_seeded(**VIDEO_CALL)).frames, reference)
-    with swap_prior(pipe, load_prior(str(folders["t2v_base"])), "base") as swapped:
+    with swap_prior(pipe, make_prior("base", load_prior(str(folders["t2v_base"])))) as swapped:
         inputs = _capture_inputs(swapped)
         frames = pipe(**_seeded(**VIDEO_CALL)).frames
     assert frames.shape == reference.shape and (frames - reference).abs().max() > 1e-4
@@ -287,7 +289,7 @@ def test_video_self_reproduces_diffusers_and_base_is_a_video_or_an_image_model(f
     assert torch.equal(out[:1], video_base.unet(sample[:1], t, encoder_hidden_states=_empty_prompt(video_base)).sample)
     # An image model as the prior of a video model: every frame denoised as an image
     image_base = load_pipeline(str(folders["sd_base"]))
-    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base") as swapped:
+    with swap_prior(pipe, make_prior("base", load_prior(str(folders["sd_base"])))) as swapped:
         out = swapped(sample, t, **kwargs).sample
     frames_as_images = sample[:1].permute(0, 2, 1, 3, 4).flatten(0, 1)
     per_frame = image_base.unet(frames_as_images, t, encoder_hidden_states=_empty_prompt(image_base).expand(3, -1, -1))
@@ -303,7 +305,7 @@ def test_auto_and_mix_weights_choose_per_noise_level(folders):
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     neg, emb = _empty_prompt(pipe), torch.randn(1, 16, 32)
     batch = dict(encoder_hidden_states=torch.cat([neg, emb]))
-    with swap_prior(pipe, prior, "auto", weights=weights) as swapped:
+    with swap_prior(pipe, make_prior("auto", prior, weights)) as swapped:
         low = swapped(torch.cat([x, x]), torch.tensor(100), **batch).sample
         high = swapped(torch.cat([x, x]), torch.tensor(900), **batch).sample
     # θ ran on the whole 2-row batch here, against a single row
@@ -314,7 +316,7 @@ def test_auto_and_mix_weights_choose_per_noise_level(folders):
     base_high = base_pipe.unet(x, torch.tensor(900), encoder_hidden_states=_empty_prompt(base_pipe)).sample
     assert torch.equal(high[:1], base_high)  # ψ alone on the one ∅ row, as here: the same computation
     half = PriorWeights(edges, torch.tensor([0.5, 0.5]), "mix")
-    with swap_prior(pipe, prior, "mix", weights=half) as swapped:
+    with swap_prior(pipe, make_prior("mix", prior, half)) as swapped:
         mixed = swapped(torch.cat([x, x]), torch.tensor(900), **batch).sample
     own_high = pipe.unet(x, torch.tensor(900), encoder_hidden_states=neg).sample
     assert_close_across_shapes(mixed[:1], 0.5 * (own_high + base_high))  # θ's ∅ from the 2-row batch
@@ -401,18 +403,21 @@ def test_fit_pipeline_weights_on_calibration_latents(folders):
 def test_mismatches_are_clear_errors(folders):
     pipe = load_pipeline(str(folders["sd"]))
     with pytest.raises(UserError, match="scaling_factor"):
-        with swap_prior(pipe, load_prior(str(folders["sd_other_vae"])), "base"):
+        with swap_prior(pipe, make_prior("base", load_prior(str(folders["sd_other_vae"])))):
             pass
-    with swap_prior(pipe, load_prior(str(folders["unet_rgb"])), "base"), pytest.raises(UserError, match="3 input"):
+    with (
+        swap_prior(pipe, make_prior("base", load_prior(str(folders["unet_rgb"])))),
+        pytest.raises(UserError, match="3 input"),
+    ):
         pipe(**_seeded(**SD_CALL))
     with pytest.raises(UserError, match="needs a base"):
-        with swap_prior(pipe, None, "base"):
+        with swap_prior(pipe, make_prior("base", None)):
             pass
     with pytest.raises(UserError, match="fitted weights"):
-        with swap_prior(pipe, load_prior(str(folders["sd_base"])), "auto"):
+        with swap_prior(pipe, make_prior("auto", load_prior(str(folders["sd_base"])))):
             pass
     with pytest.raises(UserError, match="unknown"):
-        with swap_prior(pipe, None, "nope"):
+        with swap_prior(pipe, make_prior("nope", None)):
             pass
     with pytest.raises(UserError, match="not a diffusers pipeline"):
         load_pipeline(str(folders["sd"] / "unet"))
@@ -501,14 +506,16 @@ def test_image_text_to_video_unet_with_two_conditions(folders):
         image_embeddings=torch.cat([torch.zeros(1, 1, 32), torch.randn(1, 1, 32, generator=g)]),
     )
     t = torch.tensor(400)
-    with swap_prior(pipe, load_prior(str(folders["t2v_base"])), "base", family=IMAGE_TEXT_TO_VIDEO) as swapped:
+    with swap_prior(
+        pipe, make_prior("base", load_prior(str(folders["t2v_base"]))), family=IMAGE_TEXT_TO_VIDEO
+    ) as swapped:
         out = swapped(torch.cat([x, x]), t, **kwargs).sample
     assert swapped.calls == {"guided": 1, "unguided": 0}
     expected = video_base.unet(x, t, encoder_hidden_states=_empty_prompt(video_base)).sample
     assert torch.equal(out[:1], expected)
     cond = net(x, t, **{k: v[1:] for k, v in kwargs.items()}).sample
     torch.testing.assert_close(out[1:], cond, rtol=0, atol=1e-5)
-    with swap_prior(pipe, None, "self", family=IMAGE_TEXT_TO_VIDEO) as swapped:
+    with swap_prior(pipe, make_prior("self", None), family=IMAGE_TEXT_TO_VIDEO) as swapped:
         same = swapped(torch.cat([x, x]), t, **kwargs).sample
     assert torch.equal(same, net(torch.cat([x, x]), t, **kwargs).sample)
 
@@ -705,7 +712,7 @@ def test_guided_fit_of_instruct_pix2pix_scores_its_two_condition_combination(fol
     with pytest.raises(UserError, match="an input image and an edit text"):
         model_conditions(pipe, None, texts=texts)
     with pytest.raises(UserError, match=r"fitted at image_guidance_scale=1.5, not at 2"):
-        with swap_prior(pipe, prior, "mix", w, guidance_scale=s_t, image_guidance_scale=2.0):
+        with swap_prior(pipe, make_prior("mix", prior, w), guidance_scale=s_t, image_guidance_scale=2.0):
             pass
 
 
@@ -745,7 +752,7 @@ def test_unguided_batch_of_identical_latents_is_not_taken_for_a_guidance_batch(f
     call = dict(prompt=["a cat", "a dog"], latents=latents, num_inference_steps=2, guidance_scale=1.0, height=16,
                 width=16, output_type="np")  # fmt: skip
     reference = pipe(**call).images
-    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base") as swapped:
+    with swap_prior(pipe, make_prior("base", load_prior(str(folders["sd_base"])))) as swapped:
         images = pipe(**call).images
     assert swapped.calls == {"guided": 0, "unguided": 2}
     np.testing.assert_array_equal(images, reference)
@@ -759,7 +766,7 @@ def test_zero_terminal_snr_v_prediction_stays_finite(folders):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, rescale_betas_zero_snr=True,
                                                prediction_type="v_prediction", timestep_spacing="trailing")  # fmt: skip
     assert float(pipe.scheduler.alphas_cumprod[-1]) == 0.0
-    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base"):
+    with swap_prior(pipe, make_prior("base", load_prior(str(folders["sd_base"])))):
         images = pipe(**_seeded(**SD_CALL)).images
     assert np.isfinite(images).all()
 
@@ -815,7 +822,7 @@ def test_pixart_and_bare_model_priors(folders):
     batch = dict(encoder_hidden_states=torch.cat([emb, emb]))
     px = load_pipeline(str(folders["pixart"]))
     embeds, mask = px.encode_prompt("", do_classifier_free_guidance=False, device="cpu")[:2]
-    with swap_prior(pipe, load_prior(str(folders["pixart"])), "base") as swapped:
+    with swap_prior(pipe, make_prior("base", load_prior(str(folders["pixart"])))) as swapped:
         out = swapped(torch.cat([x, x]), torch.tensor(250), **batch).sample
     cond = {"resolution": None, "aspect_ratio": None}
     expected = px.transformer(
@@ -829,11 +836,11 @@ def test_pixart_and_bare_model_priors(folders):
     from diffusers import UNet2DModel
 
     bare = UNet2DModel.from_pretrained(folders["unet_latent"]).eval()
-    with swap_prior(pipe, load_prior(str(folders["unet_latent"])), "base") as swapped:
+    with swap_prior(pipe, make_prior("base", load_prior(str(folders["unet_latent"])))) as swapped:
         out = swapped(torch.cat([x, x]), torch.tensor(250), **batch).sample
     assert torch.equal(out[:1], bare(x, torch.tensor([250])).sample)
     dit_pipe = load_pipeline(str(folders["dit"]))
-    with swap_prior(dit_pipe, load_prior(str(folders["dit_big"])), "base"):
+    with swap_prior(dit_pipe, make_prior("base", load_prior(str(folders["dit_big"])))):
         images = dit_pipe(**_seeded(**DIT_CALL)).images
     assert np.isfinite(images).all()
 
@@ -850,7 +857,7 @@ def test_versatile_diffusion_image_unet_layout(folders):
     base_pipe = load_pipeline(str(folders["sd_base"]))
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))
     emb = torch.randn(2, 1, 32)
-    with swap_prior(pipe, load_prior(str(folders["sd_base"])), "base", family=family) as swapped:
+    with swap_prior(pipe, make_prior("base", load_prior(str(folders["sd_base"]))), family=family) as swapped:
         out = swapped(torch.cat([x, x]), torch.tensor(600), encoder_hidden_states=emb).sample
     assert pipe.image_unet is net  # put back
     expected = base_pipe.unet(x, torch.tensor(600), encoder_hidden_states=_empty_prompt(base_pipe)).sample

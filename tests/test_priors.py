@@ -10,7 +10,7 @@ from priorlab import diffusion, priors
 from priorlab.data.toy2d import GaussianMixture
 from priorlab.pipelines.families import DIT, TEXT_TO_IMAGE
 from priorlab.pipelines.swap import SwappedDenoiser
-from priorlab.priors import DenoiserPrior
+from priorlab.priors import SELF, BasePrior, DenoiserPrior
 
 
 class Ideal(nn.Module):
@@ -86,7 +86,7 @@ def test_zero_terminal_snr_an_eps_prior_is_undefined_for_v_and_the_swap_keeps_th
 
     # The swap (θ predicts v) falls back to θ's own ∅ prediction at ᾱ_t = 0, and uses ψ's elsewhere.
     theta = _RecordingNet(0.9)
-    swapped = SwappedDenoiser(theta, TEXT_TO_IMAGE, abar, "v_prediction", 4, eps_prior, "base")
+    swapped = SwappedDenoiser(theta, TEXT_TO_IMAGE, abar, "v_prediction", 4, BasePrior(eps_prior))
     sample = torch.cat([x, x])  # [∅ chunk, conditional chunk], the same latents
     out = swapped(sample, torch.tensor(999), encoder_hidden_states=torch.zeros(4, 1, 1), return_dict=False)[0]
     torch.testing.assert_close(out, 0.9 * sample)  # θ's own prediction in every row: no ψ, no clamp
@@ -120,7 +120,7 @@ class _RecordingNet(nn.Module):
 
 def test_dit_with_more_than_1000_classes_maps_1000_to_its_null_class_only_in_the_unconditional_chunk():
     theta = _RecordingNet(1.0, num_classes=1001)  # classes 0..1000, null class 1001
-    swapped = SwappedDenoiser(theta, DIT, _zero_snr().alphas_cumprod, "epsilon", 4, None, "self")
+    swapped = SwappedDenoiser(theta, DIT, _zero_snr().alphas_cumprod, "epsilon", 4, SELF)
     x = torch.randn(2, 4, 2, 2)
     # DiTPipeline's guidance batch: [class labels, 1000 for ∅]; here the first sample asks for class 1000
     swapped(torch.cat([x, x]), torch.tensor(10), class_labels=torch.tensor([1000, 3, 1000, 1000]))

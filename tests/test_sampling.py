@@ -5,6 +5,7 @@ from diffusers import DDPMScheduler
 from conftest import across_shapes_atol, assert_close_across_shapes
 from priorlab.errors import UserError
 from priorlab.models import mlp, unet
+from priorlab.priors import NONE, SELF, BasePrior, MixPrior, PriorWeights, make_prior
 from priorlab.priors import DenoiserPrior as Prior
 from priorlab.sampling import sample
 
@@ -40,12 +41,12 @@ def test_prior_self_and_base_share_noise(model):
     sched = DDPMScheduler()
     labels, seeds = torch.tensor([0, 1, 2]), torch.tensor([5, 6, 7])
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=5, batch_size=3)
-    a = sample(model, labels, seeds, prior="self", **kw)
+    a = sample(model, labels, seeds, prior=SELF, **kw)
     base = Prior(model, sched, sched.alphas_cumprod)
-    b = sample(model, labels, seeds, prior="base", prior_net=base, **kw)
+    b = sample(model, labels, seeds, prior=BasePrior(base), **kw)
     # self evaluates cond and ∅ as one batch of 6 rows, base as two batches of 3: other shapes, 5 network passes
     assert_close_across_shapes(a, b, passes=5)
-    other = sample(model, labels, seeds + 1, prior="base", prior_net=base, **kw)
+    other = sample(model, labels, seeds + 1, prior=BasePrior(base), **kw)
     assert (other - a).abs().mean() > max(0.1, 10 * across_shapes_atol(b, passes=5))  # other noise would be seen
 
 
@@ -76,15 +77,15 @@ def test_interval_decided_per_step_on_the_host_equals_the_per_row_decision(model
     ddim.set_timesteps(6)
     sig = sigma(sched.alphas_cumprod[ddim.timesteps]).sort().values
     interval = (float(sig[1]), float(sig[3]))  # three of the six steps
-    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=6, batch_size=3, prior="base",
-              prior_net=base, interval=interval)  # fmt: skip
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=6, batch_size=3,
+              prior=BasePrior(base), interval=interval)  # fmt: skip
     new = sample(model, labels, seeds, **kw)
     assert calls == [3, 3, 3]
     everywhere = sample(model, labels, seeds, **{**kw, "interval": None})
     assert (new - everywhere).abs().max() > 100 * across_shapes_atol(new, passes=6)  # the interval matters
 
-    def per_row(model, x, t, labels, abar_t, scale, prior, base, interval=None, weights=None):
-        return guide(model, x, t, labels, abar_t, kw["scale"], prior, base, kw["interval"], weights=weights)
+    def per_row(model, x, t, labels, abar_t, scale, prior, interval=None, overlap=True):
+        return guide(model, x, t, labels, abar_t, kw["scale"], prior, kw["interval"], overlap)
 
     monkeypatch.setattr(sampling, "guide", per_row)
     old = sample(model, labels, seeds, **kw)
@@ -125,8 +126,7 @@ def _graphed_guided_steps(model, prior: str, device: str, close) -> int:
         num_steps=6,
         batch_size=4,
         autocast=True,
-        prior="self" if prior == "self" else "base",
-        prior_net=base,
+        prior=SELF if prior == "self" else BasePrior(base),
         interval=(0.5, 5.0) if prior == "interval" else None,
     )
     launched = sample(net, labels, seeds, graphs=False, **kw)
@@ -230,13 +230,14 @@ def test_graph_cache_shares_graphs_that_read_no_prior_and_drops_a_priors_graphs_
     sched = DDPMScheduler()
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=3, batch_size=3)
     labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
-    launched = sample(model, labels, seeds, prior="self", **kw)
-    graphed = sample(model, labels, seeds, prior="self", prior_net=Prior(model, sched, sched.alphas_cumprod),
+    launched = sample(model, labels, seeds, prior=SELF, **kw)
+    graphed = sample(model, labels, seeds, prior=make_prior("self", Prior(model, sched, sched.alphas_cumprod)),
                      graphs=True, **kw)  # fmt: skip
     torch.testing.assert_close(graphed, launched)
     graphs = sampling_module._GRAPHS[model]
     count = len(graphs)
-    sample(model, labels, seeds, prior="self", prior_net=Prior(model, sched, sched.alphas_cumprod), graphs=True, **kw)
+    sample(model, labels, seeds, prior=make_prior("self", Prior(model, sched, sched.alphas_cumprod)), graphs=True,
+           **kw)  # fmt: skip
     assert len(graphs) == count  # another evaluation's prior network: the same graphs
 
     prior = Prior(model, sched, sched.alphas_cumprod)
@@ -258,14 +259,14 @@ def test_graphed_steps_cast_without_autocasts_cache(model, monkeypatch):
     monkeypatch.setattr(many_module, "can_graph", lambda device, *nets: True)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     cached = []
-    for module, name in ((sampling_module, "guide"), (many_module, "_guided_step")):
+    for module, name in ((sampling_module, "guide"), (many_module, "guide_blocks")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, **k: cached.append(torch.is_autocast_cache_enabled())
                             or _f(*a, **k))  # fmt: skip
     sched = DDPMScheduler()
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), num_steps=2, batch_size=3)
     labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
-    sample(model, labels, seeds, prior="self", scale=3.0, graphs=True, **kw)
+    sample(model, labels, seeds, prior=SELF, scale=3.0, graphs=True, **kw)
     from priorlab.sample_many import sample_many
 
     sample_many(model, labels, seeds, settings=_many_settings(model, sched), graphs=True, **kw)
@@ -298,7 +299,7 @@ def _weights_and_tables_are_never_stale(model, monkeypatch, device: str, close) 
     net.load_state_dict(model.state_dict())
     sched = DDPMScheduler()
     settings = _many_settings(net, sched, device)
-    small = settings[3].prior_net  # ψ with weights of its own
+    small = settings[3].prior.net  # ψ with weights of its own
     reads = []
     pointers = sampling_module._pointers
     monkeypatch.setattr(sampling_module, "_pointers", lambda m: reads.append(m) or pointers(m))
@@ -306,7 +307,7 @@ def _weights_and_tables_are_never_stale(model, monkeypatch, device: str, close) 
               autocast=True)  # fmt: skip
     for steps in (3, 6):
         reads.clear()
-        sample(net, train_scheduler=sched, scale=3.0, prior="base", prior_net=small, num_steps=steps, graphs=True,
+        sample(net, train_scheduler=sched, scale=3.0, prior=BasePrior(small), num_steps=steps, graphs=True,
                **kw)  # fmt: skip
         assert len(reads) == 2  # θ and ψ, once each, whatever the number of steps
         reads.clear()
@@ -314,7 +315,7 @@ def _weights_and_tables_are_never_stale(model, monkeypatch, device: str, close) 
         assert len(reads) == 1 + len(settings)
 
     def graphed_equals_launched(train_scheduler) -> torch.Tensor:
-        one = dict(train_scheduler=train_scheduler, scale=3.0, prior="base", prior_net=small, num_steps=6, **kw)
+        one = dict(train_scheduler=train_scheduler, scale=3.0, prior=BasePrior(small), num_steps=6, **kw)
         graphed = sample(net, graphs=True, **one)
         close(graphed, sample(net, **one))
         many = dict(train_scheduler=train_scheduler, settings=settings, num_steps=6, **kw)
@@ -339,7 +340,7 @@ def _weights_and_tables_are_never_stale(model, monkeypatch, device: str, close) 
     graphs = sampling_module._GRAPHS[net]
     count = len(graphs)
     passing = Prior(small.module, sched, sched.alphas_cumprod)  # an evaluation's prior network, built for it
-    sample(net, train_scheduler=sched, scale=3.0, prior="base", prior_net=passing, num_steps=6, graphs=True, **kw)
+    sample(net, train_scheduler=sched, scale=3.0, prior=BasePrior(passing), num_steps=6, graphs=True, **kw)
     assert len(graphs) > count
     del passing
     gc.collect()
@@ -366,8 +367,8 @@ def test_graphs_recorded_on_the_cpu_never_replay_stale_weights_or_tables(model, 
 def test_graphs_on_the_cpu_are_the_launched_computation(model):
     """graphs=True needs a GPU; elsewhere it runs the same launched steps (the evaluation may set it everywhere)."""
     sched = DDPMScheduler()
-    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=3, batch_size=3, prior="base",
-              prior_net=Prior(model, sched, sched.alphas_cumprod))  # fmt: skip
+    kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), scale=3.0, num_steps=3, batch_size=3,
+              prior=BasePrior(Prior(model, sched, sched.alphas_cumprod)))  # fmt: skip
     labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
     assert torch.equal(sample(model, labels, seeds, graphs=True, **kw), sample(model, labels, seeds, **kw))
 
@@ -378,8 +379,8 @@ def _many_settings(model, sched, device="cpu"):
     torch.manual_seed(1)
     other = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).to(device).eval()
     base, small = Prior(model, sched, sched.alphas_cumprod), Prior(other, sched, sched.alphas_cumprod)
-    return [Setting("self", 1.0), Setting("self", 3.0), Setting("base", 3.0, base), Setting("base", 2.0, small),
-            Setting("none", 4.0)]  # fmt: skip
+    return [Setting(SELF, 1.0), Setting(SELF, 3.0), Setting(BasePrior(base), 3.0), Setting(BasePrior(small), 2.0),
+            Setting(NONE, 4.0)]  # fmt: skip
 
 
 def test_one_pass_with_graphs_on_the_cpu_is_the_launched_computation(model):
@@ -442,13 +443,13 @@ def test_one_pass_of_several_settings_equals_each_sampled_alone(model, sampler, 
     other = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4).eval()
     base, small = Prior(model, sched, sched.alphas_cumprod), Prior(other, sched, sched.alphas_cumprod)
     labels, seeds = torch.tensor([0, 1, 2, 0, 1]), torch.arange(40, 45)
-    settings = [Setting("self", 1.0), Setting("self", 3.0), Setting("base", 3.0, base), Setting("base", 2.0, small),
-                Setting("none", 4.0), Setting("self", 2.0)]  # fmt: skip
+    settings = [Setting(SELF, 1.0), Setting(SELF, 3.0), Setting(BasePrior(base), 3.0), Setting(BasePrior(small), 2.0),
+                Setting(NONE, 4.0), Setting(SELF, 2.0)]  # fmt: skip
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), sampler=sampler, num_steps=5, interval=interval)
     many = sample_many(model, labels, seeds, settings=settings, batch_size=3, **kw)
     assert len(many) == len(settings) and all(x.shape == (5, 1, 8, 8) for x in many)
     for s, x in zip(settings, many, strict=True):
-        alone = sample(model, labels, seeds, scale=s.scale, prior=s.prior, prior_net=s.prior_net, batch_size=5, **kw)
+        alone = sample(model, labels, seeds, scale=s.scale, prior=s.prior, batch_size=5, **kw)
         assert_close_across_shapes(x, alone, passes=5)
     if interval is None:  # the settings differ from each other by more than the tolerance: each is its own
         assert (many[1] - many[5]).abs().mean() > 10 * across_shapes_atol(many[1], passes=5)
@@ -460,10 +461,12 @@ def test_one_pass_refuses_a_fitted_prior_and_a_base_without_its_network(model):
 
     kw = dict(labels=torch.tensor([0]), seeds=torch.tensor([0]), train_scheduler=DDPMScheduler(),
               sample_shape=(1, 8, 8))  # fmt: skip
+    sched = DDPMScheduler()
+    auto = MixPrior(Prior(model, sched, sched.alphas_cumprod), PriorWeights([0, 1000], [0.0], "auto"))
     with pytest.raises(UserError, match="prior=auto cannot share a sampling pass"):
-        sample_many(model, settings=[Setting("auto", 2.0)], **kw)
+        sample_many(model, settings=[Setting(auto, 2.0)], **kw)
     with pytest.raises(UserError, match="prior=base needs a base model"):
-        sample_many(model, settings=[Setting("base", 2.0)], **kw)
+        sample_many(model, settings=[Setting(make_prior("base"), 2.0)], **kw)
 
 
 def test_one_pass_under_bf16_autocast_agrees_with_each_setting_alone(model):
@@ -474,9 +477,9 @@ def test_one_pass_under_bf16_autocast_agrees_with_each_setting_alone(model):
     base = Prior(model, sched, sched.alphas_cumprod)
     labels, seeds = torch.tensor([0, 1, 2]), torch.arange(3)
     kw = dict(train_scheduler=sched, sample_shape=(1, 8, 8), num_steps=4, autocast=True)
-    settings = [Setting("self", 3.0), Setting("base", 2.0, base)]
+    settings = [Setting(SELF, 3.0), Setting(BasePrior(base), 2.0)]
     many = sample_many(model, labels, seeds, settings=settings, batch_size=3, **kw)
     assert all(x.dtype == torch.float32 for x in many)
     for s, x in zip(settings, many, strict=True):
-        alone = sample(model, labels, seeds, scale=s.scale, prior=s.prior, prior_net=s.prior_net, batch_size=3, **kw)
+        alone = sample(model, labels, seeds, scale=s.scale, prior=s.prior, batch_size=3, **kw)
         torch.testing.assert_close(x, alone, rtol=0, atol=0.05)  # bf16 rounding of other batch shapes

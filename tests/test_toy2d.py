@@ -83,8 +83,9 @@ def test_the_exact_denoiser_predicts_the_true_eps_and_samples_the_components():
 
 
 def test_ideal_mse_is_the_distance_to_the_exact_samples_from_the_same_seeds():
-    from priorlab.evaluation.core import EvalSettings, sample_scores
+    from priorlab.evaluation.conditional_quality import sample_scores
     from priorlab.evaluation.features import Classifier, Evaluator
+    from priorlab.evaluation.settings import EvalSettings
 
     mixture = GaussianMixture.ring(num_classes=3, radius=2.0, std=0.3)
     net = Classifier((2,), 3, width=4, feature_dim=8).eval()

@@ -15,8 +15,9 @@ from priorlab.analysis.figures import _band, metric_range
 from priorlab.analysis.report import benefits, findings
 from priorlab.analysis.stats import paired_difference, pooled_over_samples
 from priorlab.analysis.validity import THRESHOLDS, check_conditions, check_study, power_estimate
-from priorlab.evaluation.core import EvalSettings, Scored, paired_scores
+from priorlab.evaluation.conditional_quality import Scored, paired_scores
 from priorlab.evaluation.metrics import frechet_distance
+from priorlab.evaluation.settings import EvalSettings
 
 
 def _rows(run, p, seed, values, metric, priors=("self", "base")):

@@ -169,7 +169,7 @@ EVAL_COUNTS = {"num_samples": 4, "num_steps": 1, "batch_size": 1, "buckets": 1, 
 
 
 def check_eval_settings(settings) -> None:
-    """The kinds and ranges of the eval.* settings (priorlab.evaluation.core.EvalSettings)."""
+    """The kinds and ranges of the eval.* settings (priorlab.evaluation.settings.EvalSettings)."""
     for key, low in EVAL_COUNTS.items():
         whole(getattr(settings, key), f"eval.{key}", low)
     whole(settings.seed, "eval.seed", 0, MAX_SEED)

@@ -9,9 +9,11 @@ Two conditions (their Eq. 8/9, InstructPix2Pix's three-way guidance); the swap r
 A guidance interval (Kynkäänniemi et al. 2024) applies guidance only where the noise level
 σ = sqrt((1 − ᾱ)/ᾱ) lies in [lo, hi]; elsewhere the conditional prediction is used and the prior's
 network is not evaluated.
-Fitted priors (`priorlab.priors`): `auto` and `mix` take the unconditional term per timestep bucket as
-(1 − w_b)·eps_θ(x_t, ∅) + w_b·eps_ψ(x_t, ∅), with w_b fitted on held-out denoising loss; `auto`'s w_b is 0 or 1,
-so each row evaluates only its chosen network.
+The prior is an object (`priorlab.priors.kinds`): its unconditional term is (1 − λ)·eps_θ(x_t, ∅) + λ·eps_ψ(x_t, ∅)
+with λ = 0 (self), 1 (base) or fitted per timestep bucket (auto, mix, checked; auto's λ is 0 or 1, so each row
+evaluates only its chosen network). There is one guided step: `guide` for one (prior, w), and `guide_blocks` for
+several settings side by side in one batch (`priorlab.sample_many`), both on `_shared_pass`: θ's conditional rows
+and the ∅ rows of the λ = 0 priors in one pass, each prior network once over the rows of its priors.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
-from priorlab.priors import FITTED, PriorNet, PriorWeights, check_prior, combine
+from priorlab.priors import SELF, Prior, combine
 
 
 @dataclass
@@ -37,8 +39,8 @@ class Branches:
         uncond: the unconditional prediction that was combined (None where it was not evaluated); zero in rows
             outside `guided_rows`.
         guided_rows: boolean mask (N,) of rows where guidance was applied.
-        base_weight: the base's weight in `uncond` per row (N,): 0 for prior=self, 1 for prior=base, fitted
-            for auto and mix (read only where `guided_rows`); None when no prior was evaluated.
+        base_weight: the base's weight λ in `uncond` per row (N,): 0 for prior=self, 1 for prior=base, fitted
+            for auto, mix and checked (read only where `guided_rows`); None when no prior was evaluated.
     """
 
     guided: Tensor
@@ -86,60 +88,93 @@ def guide(
     labels: Tensor,
     abar_t: Tensor,
     scale: float,
-    prior: str = "self",
-    prior_net: PriorNet | None = None,
+    prior: Prior = SELF,
     interval: tuple[float, float] | None = None,
     overlap: bool = True,
-    weights: PriorWeights | None = None,
 ) -> Branches:
-    """One guided eps prediction with its branches.
+    """One guided eps prediction with its branches: eps_prior + w·(eps_θ(x_t, c) − eps_prior).
 
     Args:
         model: the conditional model θ.
         x_t: noisy samples (N, ...); t: timesteps (N,); labels: classes (N,).
         abar_t: the model's ᾱ at t, (N,).
-        scale: guidance scale w.
-        prior: "self" (θ with the null class), "base" (the prior network ψ, `prior_net`), "none" (conditional
-            only), or the fitted "auto" / "mix" / "checked" (per timestep bucket, the `weights` convex combination
-            of self and base).
-        prior_net: ψ, queried at θ's ᾱ_t (`priorlab.priors.PriorNet.eps`).
+        scale: guidance scale w; w = 1 returns the conditional prediction without evaluating the prior.
+        prior: the unconditional prior (`priorlab.priors.kinds`), built and validated at the edges (`make_prior`).
         interval: apply guidance only where σ(ᾱ_t) ∈ [lo, hi].
-        overlap: on a GPU, run the base prior on a side CUDA stream concurrently with the model.
-        weights: the fitted base weights of prior=auto|mix|checked (`priorlab.priors.PriorWeights`).
+        overlap: on a GPU, run the prior network on a side CUDA stream concurrently with the model.
     Each network is evaluated only on the rows that need it: θ's ∅ branch where the base weight is below 1 (in
     one batched pass with the conditional branch), ψ where it is above 0. Every branch is converted to the dtype of
     x_t before it is combined, so under autocast the combination is not computed in bf16.
     """
-    check_prior(prior, prior_net, weights)
     rows = torch.ones(len(x_t), dtype=torch.bool, device=x_t.device)
     if interval is not None:
         rows = in_interval(abar_t.to(x_t.device), interval)
-    if prior == "none" or scale == 1 or (interval is not None and not rows.any()):
+    if not prior.guides or scale == 1 or (interval is not None and not rows.any()):
         cond = _cond(model, x_t, t, labels, abar_t)
         return Branches(cond, cond, None, rows & False)
-    w = _base_weight(prior, weights, t, x_t.device, scale)
-    if interval is None and prior in ("self", "base"):
+    w = prior.base_weight(t.to(x_t.device), scale)
+    if interval is None and not prior.per_row:
         # Every row is guided and one network gives ∅ for all of them: no row selection, so nothing here
         # waits for the GPU and the host can queue the next steps while it computes (the general path's
         # boolean masks read GPU values). The result equals the general path's bit for bit.
-        if prior == "self":
-            cond, uncond = _model_pass(model, x_t, t, labels, abar_t, None)
-        elif overlap and x_t.is_cuda:
-            cond, uncond = _overlapped(lambda: _cond(model, x_t, t, labels, abar_t), prior_net, x_t, abar_t)
-        else:
-            cond, uncond = _cond(model, x_t, t, labels, abar_t), prior_net.eps(x_t, abar_t)
-        uncond = uncond.to(cond.dtype)
+        cond, (uncond,) = _shared_pass(model, x_t, t, labels, abar_t, [(slice(None), prior)], overlap)
         return Branches(cfg(cond, uncond, scale), cond, uncond, rows, w)
     use_self, use_base = rows & (w < 1), rows & (w > 0)
-    if use_base.any() and overlap and x_t.is_cuda:
-        (cond, eps_self), eps_base = _overlapped(lambda: _model_pass(model, x_t, t, labels, abar_t, use_self),
-                                                 prior_net, x_t[use_base], abar_t[use_base])  # fmt: skip
-    else:
-        cond, eps_self = _model_pass(model, x_t, t, labels, abar_t, use_self)
-        eps_base = prior_net.eps(x_t[use_base], abar_t[use_base]) if use_base.any() else None
+    own = [use_self] if use_self.any() else []
+    nets = [(use_base, prior)] if use_base.any() else []
+    cond, eps_self, eps_base = _passes(model, x_t, t, labels, abar_t, own, nets, overlap)
+    eps_self, eps_base = (eps_self or [None])[0], (eps_base or [None])[0]  # None where no row needed it
     uncond = combine(_rows(use_self, eps_self, cond), _rows(use_base, eps_base, cond), w)
     guided = torch.where(rows.reshape(-1, *[1] * (cond.ndim - 1)), cfg(cond, uncond, scale), cond)
     return Branches(guided, cond, uncond, rows, w)
+
+
+def guide_blocks(model: Denoiser, x_t: Tensor, t: Tensor, labels: Tensor, abar_t: Tensor,
+                 blocks: list[tuple[Prior, float]], guided: bool = True) -> Tensor:  # fmt: skip
+    """The guided eps of several (prior, w) settings side by side in one batch: block j holds rows [j·b, (j+1)·b)
+    of x_t (N = k·b rows) and is guided with blocks[j] (`guide` of each block alone, up to the rounding of other
+    batch shapes). θ makes one pass over every row (conditional) and the rows of the blocks whose prior is θ's own
+    ∅ branch; each prior network one pass over the rows of its blocks. Only priors of one base weight for every row
+    can share a batch (`Prior.per_row` false): no step reads a GPU value, so it can be captured in a CUDA graph.
+
+    Args:
+        t: the step's timestep, one for every row (a 0-d or (1,) tensor) or (N,); abar_t: θ's ᾱ per row (N,).
+        guided: whether the step lies in the guidance interval (else every block takes the conditional prediction).
+    """
+    b = len(x_t) // len(blocks)
+    parts = [(slice(j * b, (j + 1) * b), prior, w) for j, (prior, w) in enumerate(blocks)]
+    active = [(sl, prior, w) for sl, prior, w in parts if guided and w != 1 and prior.guides]
+    cond, unconds = _shared_pass(model, x_t, t.expand(len(x_t)), labels, abar_t,
+                                 [(sl, prior) for sl, prior, _ in active], overlap=False)  # fmt: skip
+    eps = cond.clone()
+    for (sl, _, w), uncond in zip(active, unconds, strict=True):
+        eps[sl] = cfg(cond[sl], uncond, w)
+    return eps
+
+
+def _shared_pass(model, x_t, t, labels, abar_t, blocks: list[tuple[slice, Prior]],
+                 overlap: bool) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    """eps_θ(x_t, c) of every row and the unconditional eps of each block (rows, prior) of a prior with one base
+    weight for every row: θ's ∅ (λ = 0) from θ's one pass, ψ's (λ = 1) from one pass of each network over the rows
+    of its blocks."""
+    own = [sl for sl, prior in blocks if not prior.needs_net]
+    nets = [(sl, prior) for sl, prior in blocks if prior.needs_net]
+    cond, eps_self, eps_base = _passes(model, x_t, t, labels, abar_t, own, nets, overlap)
+    mine, theirs = iter(eps_self), iter(eps_base)
+    return cond, [next(theirs if prior.needs_net else mine).to(cond.dtype) for _, prior in blocks]
+
+
+def _passes(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap: bool):
+    """θ's pass (`_model_pass`) over every row and the ∅ rows `own` (indices of x_t), and the prior networks' passes
+    (`_net_passes`) over the rows of `nets`, on a side CUDA stream concurrently where `overlap` asks and there is one.
+    Returns (eps_θ(x_t, c), [eps_θ(x_t[i], ∅) for i in own], [eps_ψ(x_t[i], ∅) for (i, ψ) in nets])."""
+    if nets and overlap and x_t.is_cuda:
+        (cond, eps_self), eps_base = _overlapped(lambda: _model_pass(model, x_t, t, labels, abar_t, own),
+                                                 lambda: _net_passes(x_t, abar_t, nets), x_t.device)  # fmt: skip
+    else:
+        cond, eps_self = _model_pass(model, x_t, t, labels, abar_t, own)
+        eps_base = _net_passes(x_t, abar_t, nets)
+    return cond, eps_self, eps_base
 
 
 def _eps(pred: Tensor, prediction_type: str, x_t: Tensor, abar_t: Tensor) -> Tensor:
@@ -149,31 +184,40 @@ def _eps(pred: Tensor, prediction_type: str, x_t: Tensor, abar_t: Tensor) -> Ten
     return diffusion.to_eps(pred.to(x_t.dtype), prediction_type, x_t, abar_t)
 
 
-def _base_weight(prior: str, weights: PriorWeights | None, t: Tensor, device: torch.device,
-                 scale: float | None = None) -> Tensor:  # fmt: skip
-    """The base's weight per row: 0 for self, 1 for base, the fitted bucket weight (at guidance scale `scale`
-    where the weights hold one row per scale) for auto and mix."""
-    if prior in FITTED:
-        return weights.at(t.to(device), scale).float()
-    return torch.full((len(t),), float(prior == "base"), device=device)
-
-
 def _cond(model, x_t, t, labels, abar_t) -> Tensor:
     """eps_θ(x_t, c) for every row."""
     return _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
 
 
-def _model_pass(model, x_t, t, labels, abar_t, sel) -> tuple[Tensor, Tensor | None]:
-    """eps_θ(x_t, c) for every row and eps_θ(x_t, ∅) for rows `sel` (every row when None), in one batched pass
-    over [x_t; x_t[sel]]."""
-    if sel is not None and not sel.any():
-        return _cond(model, x_t, t, labels, abar_t), None
-    pick = (lambda v: v) if sel is None else (lambda v: v[sel])
-    x = torch.cat([x_t, pick(x_t)])
-    abar = torch.cat([abar_t, pick(abar_t)])
-    y = torch.cat([labels, torch.full_like(pick(labels), model.null_class)])
-    both = _eps(model(x, torch.cat([t, pick(t)]), y), model.prediction_type, x, abar)
-    return both[: len(x_t)], both[len(x_t) :]
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _model_pass(model, x_t, t, labels, abar_t, own: list) -> tuple[Tensor, list[Tensor]]:
+    """eps_θ(x_t, c) for every row and eps_θ(x_t[i], ∅) for each index i of `own` (a slice or a boolean mask), in
+    one batched pass over [x_t; x_t[i_1]; ...]."""
+    if not own:
+        return _cond(model, x_t, t, labels, abar_t), []
+    rows = [x_t[i] for i in own]
+    x = torch.cat([x_t, *rows])
+    null = torch.cat([torch.full_like(labels[i], model.null_class) for i in own])
+    both = _eps(model(x, torch.cat([t, *[t[i] for i in own]]), torch.cat([labels, null])), model.prediction_type, x,
+                torch.cat([abar_t, *[abar_t[i] for i in own]]))  # fmt: skip
+    return both[: len(x_t)], list(both[len(x_t) :].split([len(r) for r in rows]))
+
+
+def _net_passes(x_t: Tensor, abar_t: Tensor, nets: list[tuple]) -> list[Tensor]:
+    """eps_ψ(x_t[i], ∅) for each (i, prior) of `nets`, one pass per network over the rows of all its priors."""
+    groups: dict[int, list[int]] = {}
+    for j, (_, prior) in enumerate(nets):
+        groups.setdefault(id(prior.net), []).append(j)
+    out: list = [None] * len(nets)
+    for members in groups.values():
+        xs = [x_t[nets[j][0]] for j in members]
+        eps = nets[members[0]][1].base_eps(_cat(xs), _cat([abar_t[nets[j][0]] for j in members]))
+        for j, part in zip(members, eps.split([len(x) for x in xs]), strict=True):
+            out[j] = part
+    return out
 
 
 def _rows(sel: Tensor, values: Tensor | None, like: Tensor) -> Tensor:
@@ -190,19 +234,20 @@ def _rows(sel: Tensor, values: Tensor | None, like: Tensor) -> Tensor:
 _SIDE_STREAMS: dict = {}
 
 
-def _overlapped(model_pass, prior_net: PriorNet, x_base: Tensor, abar_base: Tensor):
-    """The model's pass on the current CUDA stream and the prior network's on a side stream, concurrently. The side
-    stream is one per device, made once, so that a CUDA graph capturing this (`priorlab.sampling`) forks and joins the
-    same stream at every replay."""
-    main = torch.cuda.current_stream(x_base.device)
-    side = _SIDE_STREAMS.get(x_base.device)
+def _overlapped(model_pass, net_pass, device: torch.device):
+    """The model's pass on the current CUDA stream and the prior networks' (a list of eps) on a side stream,
+    concurrently. The side stream is one per device, made once, so that a CUDA graph capturing this
+    (`priorlab.sampling`) forks and joins the same stream at every replay."""
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
     if side is None:
-        side = _SIDE_STREAMS[x_base.device] = torch.cuda.Stream(x_base.device)
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        prior_eps = prior_net.eps(x_base, abar_base)
+        prior_eps = net_pass()
     out = model_pass()
     main.wait_stream(side)
     if not torch.cuda.is_current_stream_capturing():  # a graph's memory is its own pool, ordered by the join
-        prior_eps.record_stream(main)
+        for eps in prior_eps:
+            eps.record_stream(main)
     return out, prior_eps

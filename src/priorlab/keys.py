@@ -37,6 +37,12 @@ def scale_of(part: str) -> float:
     return float(part[2:])
 
 
+def diff_metric(metric: str, a: str) -> str:
+    """The metric of the standard error of metric(a) − metric(b), reported at prior=b: `<metric>_se` where a is self
+    (every prior is compared with the model's own ∅ branch), else `<metric>_se_vs_<a>`."""
+    return f"{metric}_se" if a == "self" else f"{metric}_se_vs_{a}"
+
+
 def bucket_name(edges: Any, b: int) -> str:
     """The key part of timestep bucket b of `edges` (K + 1 integer boundaries): t=100-199."""
     return f"t={int(edges[b])}-{int(edges[b + 1]) - 1}"

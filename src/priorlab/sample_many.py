@@ -3,8 +3,9 @@
 An evaluation samples the same labels and seeds once per prior and scale. `sample_many` runs every setting's
 trajectory side by side in one batch: at each step the model θ makes one pass over every row (the conditional
 branch of each setting, and the ∅ branch of the prior=self settings), and each prior network one pass over the
-rows of its settings. Each setting's samples are those `sampling.sample` gives it alone, up to the rounding of
-other batch shapes: every row keeps its own generator, so stochastic samplers draw the same per-step noise.
+rows of its settings (`guidance.guide_blocks`, the guided step of `guidance.guide` over several settings). Each
+setting's samples are those `sampling.sample` gives it alone, up to the rounding of other batch shapes: every row
+keeps its own generator, so stochastic samplers draw the same per-step noise.
 The cost is memory: a chunk of `batch_size` samples makes up to 2 × settings × `batch_size` rows per pass.
 """
 
@@ -17,21 +18,18 @@ from diffusers import DDPMScheduler
 from torch import Tensor
 
 from priorlab.errors import UserError
-from priorlab.guidance import _eps, cfg
+from priorlab.guidance import guide_blocks
 from priorlab.models.denoiser import Denoiser
-from priorlab.priors import PriorNet
+from priorlab.priors import Prior
 from priorlab.sampling import can_graph, graphed_step, trajectory, weights_key
-
-ONE_PASS = ("self", "base", "none")  # the modes one pass can batch (the fitted ones choose rows per step)
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One trajectory per sample: the prior's mode (self, base or none), its network (mode base), the scale."""
+    """One trajectory per sample: the prior (self, base, none: one base weight for every row) and the scale."""
 
-    prior: str
+    prior: Prior
     scale: float
-    prior_net: PriorNet | None = None
 
 
 @torch.no_grad()
@@ -46,19 +44,19 @@ def sample_many(
     one graph per chunk size and guided/unguided step) where every base prior is a priorlab denoiser on the model's
     GPU (`sampling.can_graph`); elsewhere the same computation runs launched."""
     for s in settings:
-        if s.prior not in ONE_PASS:
-            raise UserError(f"prior={s.prior} cannot share a sampling pass; one pass takes {', '.join(ONE_PASS)}")
-        if s.prior == "base" and s.prior_net is None:
-            raise UserError("prior=base needs a base model (base=PATH)")
+        if s.prior.per_row:
+            raise UserError(f"prior={s.prior.name} cannot share a sampling pass; one pass takes the priors of one "
+                            "weight for every row (self, base, none)")  # fmt: skip
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     k = len(settings)
-    reads = [s.prior_net if s.prior == "base" else None for s in settings]  # the prior networks a step reads
+    reads = [s.prior.reads for s in settings]  # the prior networks a step reads
     graphed = graphs and can_graph(device, *reads)
     # what a pass's graphs depend on besides the chunk size and the step's guidance, named once per pass rather than
     # at every step (weights_key reads the address of every weight of each network)
     weights = weights_key(model, *reads) if graphed else ()
-    pass_key = ("many", autocast, *[(s.prior, float(s.scale)) for s in settings])
+    pass_key = ("many", autocast, *[(s.prior.mode, float(s.scale)) for s in settings])
+    blocks = [(s.prior, s.scale) for s in settings]
     out: list[list[Tensor]] = [[] for _ in settings]
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size].to(device)
@@ -69,7 +67,8 @@ def sample_many(
             def step(x_rows: Tensor, t_step: Tensor, y_rows: Tensor, abar_all: Tensor) -> Tensor:
                 # no cast cache (sampling.graphed_guide says why)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
-                    return _guided_step(model, x_rows, t_step, y_rows, abar_all, settings, b, guided)
+                    abar_rows = abar_all[t_step.expand(len(x_rows))]
+                    return guide_blocks(model, x_rows, t_step, y_rows, abar_rows, blocks, guided)
 
             inputs = (x_in, t, y_all, abar)
             if not graphed:
@@ -82,35 +81,3 @@ def sample_many(
         for j in range(k):
             out[j].append(x[j * b : (j + 1) * b])
     return [torch.cat(parts) for parts in out]
-
-
-def _guided_step(model: Denoiser, x: Tensor, t: Tensor, y: Tensor, abar: Tensor, settings: list[Setting], b: int,
-                 guided: bool) -> Tensor:  # fmt: skip
-    """The guided eps of every row: θ's one pass over all rows (conditional) and the self settings' rows (∅), and
-    one pass of each prior network over its settings' rows."""
-    n = len(x)
-    t_rows = t.expand(n)
-    abar_rows = abar[t_rows]
-    blocks = [slice(j * b, (j + 1) * b) for j in range(len(settings))]
-    active = [j for j, s in enumerate(settings) if guided and s.scale != 1 and s.prior != "none"]
-    own = [j for j in active if settings[j].prior == "self"]
-    null = torch.full((b * len(own),), model.null_class, device=x.device, dtype=y.dtype)
-    x_theta = torch.cat([x, *[x[blocks[j]] for j in own]])
-    t_theta = t.expand(len(x_theta))
-    pred = model(x_theta, t_theta, torch.cat([y, null]))
-    both = _eps(pred, model.prediction_type, x_theta, abar[t_theta])
-    cond, uncond_self = both[:n], both[n:]
-    eps = cond.clone()
-    for i, j in enumerate(own):
-        eps[blocks[j]] = cfg(cond[blocks[j]], uncond_self[i * b : (i + 1) * b], settings[j].scale)
-    nets: dict[int, list[int]] = {}
-    for j in active:
-        if settings[j].prior == "base":
-            nets.setdefault(id(settings[j].prior_net), []).append(j)
-    for js in nets.values():
-        net = settings[js[0]].prior_net
-        rows = torch.cat([x[blocks[j]] for j in js])
-        prior_eps = net.eps(rows, torch.cat([abar_rows[blocks[j]] for j in js])).to(cond.dtype)
-        for i, j in enumerate(js):
-            eps[blocks[j]] = cfg(cond[blocks[j]], prior_eps[i * b : (i + 1) * b], settings[j].scale)
-    return eps

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from priorlab.errors import UserError
 from priorlab.guidance import guide, in_interval
 from priorlab.models.denoiser import Denoiser
-from priorlab.priors import DenoiserPrior, PriorNet, PriorWeights, check_prior
+from priorlab.priors import NONE, SELF, DenoiserPrior, Prior, PriorNet
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -156,18 +156,19 @@ def graphed_step(model: Denoiser, weights: tuple, key: tuple, fn, inputs: tuple[
     return graphs[key]
 
 
-def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: str, scale: float, autocast: bool,
+def graphed_guide(model: Denoiser, prior_net: PriorNet | None, prior: Prior, scale: float, autocast: bool,
                   weights: tuple, inputs: tuple[Tensor, ...]) -> GraphedStep:  # fmt: skip
     """The cached graph of one setting's guided prediction (`guide`) of inputs (x, t, labels, ᾱ) for their shapes
-    and this precision; `weights` is `weights_key(model, prior_net)`, named once per sampling call."""
+    and this precision; `prior_net` is the network the sampling call's prior reads (its graphs go with it), and
+    `weights` is `weights_key(model, prior_net)`, named once per sampling call."""
 
     def fn(x: Tensor, t: Tensor, y: Tensor, abar: Tensor) -> Tensor:
         # no cast cache: under a caller's own autocast, the bf16 copies of the weights would be made outside the
         # graph, kept until that caller's context ends, and then read freed from the graph
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
-            return guide(model, x, t, y, abar[t], scale, prior, prior_net, overlap=False).guided
+            return guide(model, x, t, y, abar[t], scale, prior, overlap=False).guided
 
-    return graphed_step(model, weights, ("guide", prior, float(scale), autocast), fn, inputs, keep=(prior_net,))
+    return graphed_step(model, weights, ("guide", prior.mode, float(scale), autocast), fn, inputs, keep=(prior_net,))
 
 
 def trajectory(
@@ -200,23 +201,10 @@ def trajectory(
 
 @torch.no_grad()
 def sample(
-    model: Denoiser,
-    labels: Tensor,
-    seeds: Tensor,
-    train_scheduler: DDPMScheduler,
-    sample_shape: tuple[int, ...],
-    scale: float = 1.0,
-    prior: str = "self",
-    prior_net: PriorNet | None = None,
-    interval: tuple[float, float] | None = None,
-    sampler: str = "ddim",
-    num_steps: int = 25,
-    batch_size: int = 256,
-    progress: bool = False,
-    autocast: bool = False,
-    weights: PriorWeights | None = None,
-    graphs: bool = False,
-) -> Tensor:
+    model: Denoiser, labels: Tensor, seeds: Tensor, train_scheduler: DDPMScheduler, sample_shape: tuple[int, ...],
+    scale: float = 1.0, prior: Prior = SELF, interval: tuple[float, float] | None = None, sampler: str = "ddim",
+    num_steps: int = 25, batch_size: int = 256, progress: bool = False, autocast: bool = False, graphs: bool = False,
+) -> Tensor:  # fmt: skip
     """Generate one sample per (label, seed) pair with guidance; returns (N, *sample_shape) on the model's device.
 
     Args:
@@ -224,8 +212,8 @@ def sample(
         labels: class of each sample (N,); the null class gives unconditional samples.
         seeds: seed of each sample (N,).
         train_scheduler: θ's training schedule (its ᾱ and timestep count).
-        scale, prior, prior_net, interval, weights: guidance, see `priorlab.guidance.guide`; `weights` (prior=auto
-            or mix) must be fitted over θ's training timesteps.
+        scale, prior, interval: guidance, see `priorlab.guidance.guide`; a fitted prior's weights must be fitted
+            over θ's training timesteps.
         sampler: scheduler name; num_steps: denoising steps.
         autocast: run the networks under bf16 autocast (the guidance combination and the scheduler's update
             stay in fp32).
@@ -233,29 +221,25 @@ def sample(
             self, base (a priorlab denoiser on the model's GPU: `can_graph`) or none; elsewhere, and for the fitted
             priors, the same computation runs eagerly.
     """
-    check_prior(prior, prior_net, weights)
-    num_t = train_scheduler.config.num_train_timesteps
-    if weights is not None and weights.num_train_timesteps != num_t:
-        raise UserError(f"the prior weights were fitted over {weights.num_train_timesteps} training timesteps but "
-                        f"the model has {num_t}; fit them for this model")  # fmt: skip
+    prior.check_model(train_scheduler.config.num_train_timesteps)
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
-    reads = prior_net if prior == "base" else None  # the prior network a graphed step reads
-    graphed = graphs and prior in ("self", "base", "none") and can_graph(device, reads)
+    reads = prior.reads  # the prior network a graphed step reads
+    graphed = graphs and not prior.per_row and can_graph(device, reads)
     weights_at = weights_key(model, reads) if graphed else ()  # once per call, not at every step
     out = []
     chunks = range(0, len(labels), batch_size)
-    for start in tqdm(chunks, desc=f"sampling prior={prior} w={scale}", disable=not progress, leave=False):
+    for start in tqdm(chunks, desc=f"sampling prior={prior.name} w={scale}", disable=not progress, leave=False):
         y = labels[start : start + batch_size].to(device)
 
         def predict(x_in: Tensor, t_step: Tensor, guided: bool, y=y) -> Tensor:
             t, w = t_step.expand(len(y)), scale if guided else 1.0
             if graphed:
-                p = prior if w != 1 else "none"
+                p = prior if w != 1 else NONE
                 inputs = (x_in, t, y, abar)
                 return graphed_guide(model, reads, p, w, autocast, weights_at, inputs)(*inputs)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                return guide(model, x_in, t, y, abar[t], w, prior, prior_net, weights=weights).guided
+                return guide(model, x_in, t, y, abar[t], w, prior).guided
 
         out.append(trajectory(seeds[start : start + batch_size], sample_shape, train_scheduler, sampler, num_steps,
                               device, interval, predict))  # fmt: skip

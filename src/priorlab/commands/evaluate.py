@@ -11,14 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic, checks, keys
 from priorlab.errors import UserError
-from priorlab.evaluation.core import (
-    EvalSettings,
-    conditional_quality,
-    extra_prior_paths,
-    fit_priors,
-    prior_quality,
-)
+from priorlab.evaluation.conditional_quality import conditional_quality
+from priorlab.evaluation.fitted import fit_priors
+from priorlab.evaluation.generation import extra_prior_paths
 from priorlab.evaluation.images import save_grid
+from priorlab.evaluation.prior_quality import prior_quality
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.evaluation.setup import (
     ensure_evaluator,
     evaluator_dir,
@@ -98,11 +96,7 @@ def evaluate(cfg: DictConfig) -> Path:
     calibration split of the validation data; the weights used are written to prior_weights_<p>.json.
     """
     device = checks.device(cfg.device)
-    paths = cfg.get("prior_weights") or []
-    paths = [paths] if isinstance(paths, str) else paths
-    if not checks.is_list(paths) or not all(isinstance(path, str) for path in paths):
-        raise UserError(f"prior_weights={paths!r} must be a weights file or a list of them")
-    given = [PriorWeights.load(path) for path in paths]
+    given = _given_weights(cfg.get("prior_weights"))
     settings = eval_settings(cfg.eval)
     channels = prior_channels(cfg.prior_channels)
     model = load_denoiser(cfg.model_dir, role="model")
@@ -110,57 +104,88 @@ def evaluate(cfg: DictConfig) -> Path:
     note = check_recorded_base(model, base) if base is not None and cfg.get("base_check", True) else None
     if note:
         print(note)
-    datamodule = instantiate(_data_config(cfg, model.path))
-    datamodule.setup()
-    if tuple(datamodule.sample_shape) != model.denoiser.sample_shape:
-        raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
-                        f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
+    datamodule = _datamodule(cfg, model)
     evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule,
                                  steps=settings.evaluator_steps, progress=True)  # fmt: skip
     prior_net = make_prior_net(model, base, channels)
-    extra_paths = extra_prior_paths(cfg.get("extra_priors"))
-    extra_saved = {name: load_denoiser(path, role=f"prior {name}") for name, path in extra_paths.items()}
+    extra_saved = {name: load_denoiser(path, role=f"prior {name}")
+                   for name, path in extra_prior_paths(cfg.get("extra_priors")).items()}  # fmt: skip
     extra = {name: make_prior_net(model, saved, channels) for name, saved in extra_saved.items()}
     for part in (model.denoiser, evaluator.net, base.denoiser if base else None,
                  *(saved.denoiser for saved in extra_saved.values())):  # fmt: skip
         if part is not None:
             part.to(device).eval()
-    mixture = getattr(datamodule, "mixture", None)
-    say = _status(cfg.get("progress", True))
     started = time.perf_counter()
-    with torch.no_grad():
-        say("fitting the auto/mix priors' weights on the calibration split" if {"auto", "mix"} & set(settings.priors)
-            else "starting")  # fmt: skip
-        weights = fit_priors(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors, settings,
-                             {w.mode: w for w in given}, evaluator=evaluator, mixture=mixture,
-                             shape=tuple(datamodule.sample_shape))  # fmt: skip
-        say(f"conditional quality: {settings.num_samples} samples × prior {', '.join([*settings.priors, *extra])} "
-            f"× w {', '.join(map(str, settings.guidance_scales))}, {settings.num_steps} steps each")  # fmt: skip
-        cond, grids = conditional_quality(model.denoiser, model.scheduler, prior_net, evaluator,
-                                          datamodule.sample_shape, settings, mixture, weights, extra)  # fmt: skip
-        say("prior quality on the held-out data")
-        prior_metrics = prior_quality(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors,
-                                      evaluator, settings, mixture, weights, extra)  # fmt: skip
+    weights, cond, grids, prior_metrics = _measure(model, prior_net, extra, datamodule, evaluator, settings, given,
+                                                   _status(cfg.get("progress", True)))  # fmt: skip
     seconds = time.perf_counter() - started
     out = Path(cfg.out) if cfg.out else model.path.parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    step = int(model.meta.get("step", 0))
-    for prior, w in weights.items():
-        w.save(out / f"prior_weights_{prior}.json")
     info = {"model": str(model.path), "base": str(base.path) if base else None,
             "extra_priors": {name: str(saved.path) for name, saved in extra_saved.items()}, "settings": vars(settings),
             "evaluator_accuracy": evaluator.accuracy, "made_by": "priorlab evaluate"}  # fmt: skip
-    written = []
-    for kind, values in (("cond", cond), ("prior", prior_metrics)):
-        path = out / f"step={step}_{kind}.json"
-        _keep_replaced(path)
-        atomic.write_json(path, {"step": step, "metrics": values, "seconds": round(seconds, 3), **info})
-        written.append(path)
+    step = int(model.meta.get("step", 0))
+    written = _write(out, step, {"cond": cond, "prior": prior_metrics}, round(seconds, 3), info, weights)
     for prior, x in grids.items():
         save_grid(x, model.denoiser.num_classes, out / f"grid_step={step}_prior={prior}.png")
     _print_table(cond)
     print(f"wrote {written[0]} and {written[1]}")
     return out
+
+
+@torch.no_grad()
+def _measure(model, prior_net, extra: dict, datamodule, evaluator, settings: EvalSettings, given: list[PriorWeights],
+             say) -> tuple[dict, dict, dict, dict]:  # fmt: skip
+    """The fitted priors' weights (the `given` ones, the others fitted), the conditional quality and its grids, and
+    the prior quality, saying what it is doing (`say`)."""
+    mixture = getattr(datamodule, "mixture", None)  # the exact reference of toy2d, None elsewhere
+    say("fitting the auto/mix priors' weights on the calibration split" if {"auto", "mix"} & set(settings.priors)
+        else "starting")  # fmt: skip
+    weights = fit_priors(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors, settings,
+                         {w.mode: w for w in given}, evaluator=evaluator, mixture=mixture,
+                         shape=tuple(datamodule.sample_shape))  # fmt: skip
+    say(f"conditional quality: {settings.num_samples} samples × prior {', '.join([*settings.priors, *extra])} "
+        f"× w {', '.join(map(str, settings.guidance_scales))}, {settings.num_steps} steps each")  # fmt: skip
+    cond, grids = conditional_quality(model.denoiser, model.scheduler, prior_net, evaluator, datamodule.sample_shape,
+                                      settings, mixture, weights, extra)  # fmt: skip
+    say("prior quality on the held-out data")
+    prior_metrics = prior_quality(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors, evaluator,
+                                  settings, mixture, weights, extra)  # fmt: skip
+    return weights, cond, grids, prior_metrics
+
+
+def _given_weights(paths) -> list[PriorWeights]:
+    """prior_weights=PATH or [PATH, ...]: the fitted priors' weights files, read."""
+    paths = paths or []
+    paths = [paths] if isinstance(paths, str) else paths
+    if not checks.is_list(paths) or not all(isinstance(path, str) for path in paths):
+        raise UserError(f"prior_weights={paths!r} must be a weights file or a list of them")
+    return [PriorWeights.load(path) for path in paths]
+
+
+def _datamodule(cfg: DictConfig, model):
+    """The data to evaluate on, set up; samples of another shape than the model's are a UserError."""
+    datamodule = instantiate(_data_config(cfg, model.path))
+    datamodule.setup()
+    if tuple(datamodule.sample_shape) != model.denoiser.sample_shape:
+        raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
+                        f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
+    return datamodule
+
+
+def _write(out: Path, step: int, records: dict[str, dict], seconds: float, info: dict,
+           weights: dict[str, PriorWeights]) -> list[Path]:  # fmt: skip
+    """The fitted priors' weights (prior_weights_<p>.json) and eval/step=<step>_<kind>.json for each kind of
+    `records`, a record already there moved aside; returns the records' paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    for prior, w in weights.items():
+        w.save(out / f"prior_weights_{prior}.json")
+    written = []
+    for kind, values in records.items():
+        path = out / f"step={step}_{kind}.json"
+        _keep_replaced(path)
+        atomic.write_json(path, {"step": step, "metrics": values, "seconds": seconds, **info})
+        written.append(path)
+    return written
 
 
 def _keep_replaced(path: Path) -> None:

@@ -8,7 +8,7 @@ checkpoint of its last step), `on_fit_end` evaluates instead, moving the module 
 Each first checks that the weights are finite (Lightning calls callback hooks before the module's own check),
 then shards its sampling over DDP ranks (`evaluation.distributed`), logs on rank 0 to every logger, and writes
 `<run>/eval/step=<n>_<kind>.json`. Where the settings ask for prior=auto|mix, each evaluation first
-fits their weights on the calibration split of the validation data (`evaluation.core.fit_priors`).
+fits their weights on the calibration split of the validation data (`evaluation.fitted.fit_priors`).
 """
 
 from __future__ import annotations
@@ -22,15 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from priorlab import atomic, keys
-from priorlab.evaluation.core import (
-    EvalSettings,
-    calibration_split,
-    conditional_quality,
-    extra_prior_paths,
-    fit_priors,
-    prior_quality,
-)
+from priorlab.evaluation.conditional_quality import conditional_quality
+from priorlab.evaluation.fitted import calibration_split, fit_priors
+from priorlab.evaluation.generation import extra_prior_paths
 from priorlab.evaluation.images import log_image, save_grid
+from priorlab.evaluation.prior_quality import prior_quality
+from priorlab.evaluation.settings import EvalSettings
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
 from priorlab.models.io import WEIGHTS, SavedModel, load_denoiser, resolve_model_dir
 from priorlab.priors import FITTED
@@ -143,18 +140,24 @@ class _Evaluation(L.Callback):
             for saved in self.extra.values():
                 saved.denoiser.to(home)
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
-            record = {"step": step, "metrics": metrics, "seconds": round(seconds, 3)}  # wall time (issue 17)
-            atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json", record)
-            if self.kind == "cond":
-                for prior, w in weights.items():
-                    w.save(self.out_dir / f"prior_weights_{prior}_step={step}.json")
-            for prior, x in grids.items():
-                grid = self.out_dir / f"grid_step={step}_prior={prior}.png"
-                path = save_grid(x, pl_module.denoiser.num_classes, grid)
-                log_image(trainer.loggers, keys.key("grid", prior=prior), path, step)
+            self.write_record(trainer, pl_module.denoiser.num_classes, metrics, round(seconds, 3), weights, grids)
         trainer.strategy.barrier()
+
+    def write_record(self, trainer: L.Trainer, num_classes: int, metrics: dict, seconds: float, weights: dict,
+               grids: dict) -> None:  # fmt: skip
+        """Log the metrics to every logger, write <out>/step=<n>_<kind>.json (with the wall time, issue 17), the
+        fitted priors' weights (cond) and the sample grids."""
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        atomic.write_json(self.out_dir / f"step={step}_{self.kind}.json",
+                          {"step": step, "metrics": metrics, "seconds": seconds})  # fmt: skip
+        if self.kind == "cond":
+            for prior, w in weights.items():
+                w.save(self.out_dir / f"prior_weights_{prior}_step={step}.json")
+        for prior, x in grids.items():
+            path = save_grid(x, num_classes, self.out_dir / f"grid_step={step}_prior={prior}.png")
+            log_image(trainer.loggers, keys.key("grid", prior=prior), path, step)
 
     def extra_nets(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """The extra priors as prior networks of the module, on the evaluation's device."""

@@ -23,14 +23,9 @@ from priorlab import atomic, checks
 from priorlab.errors import UserError
 from priorlab.pipelines.export import base_note, check_class_labels, load_base, load_model
 from priorlab.pipelines.families import Family, family_of
-from priorlab.pipelines.swap import (
-    encode_images,
-    fit_pipeline_weights,
-    model_conditions,
-    model_null_condition,
-    swap_prior,
-)
-from priorlab.priors import IN_PIPELINES, PriorWeights
+from priorlab.pipelines.sample_calibration import guidance_scale, image_guidance_scale, open_image, prior_weights
+from priorlab.pipelines.swap import swap_prior
+from priorlab.priors import IN_PIPELINES, Prior, PriorNet, PriorWeights, make_prior
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NEEDS_IMAGE = ("instruct-pix2pix", "image-variation", "image-text-to-video", "image-to-image")
@@ -38,15 +33,6 @@ NEEDS_PROMPT = ("text-to-image", "image-to-image", "instruct-pix2pix", "text-to-
 SETTING = {"num_inference_steps": "num_steps", "guidance_scale": "guidance_scale", "height": "height",
            "width": "width", "num_frames": "num_frames", "image_guidance_scale": "image_guidance_scale",
            "negative_prompt": "negative_prompt"}  # fmt: skip
-
-
-def _open_image(path: str | None, role: str = "image") -> Image.Image:
-    if path is None:
-        raise UserError(f"this pipeline needs {role}=PATH (an input image)")
-    try:
-        return Image.open(path).convert("RGB")
-    except (OSError, ValueError) as err:
-        raise UserError(f"{role}={path} is not a readable image ({type(err).__name__})") from err
 
 
 def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
@@ -66,7 +52,7 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
         if cfg.negative_prompt is not None:
             kw["negative_prompt"] = str(cfg.negative_prompt)
     if family.name in NEEDS_IMAGE:
-        kw["image"] = _open_image(cfg.image)
+        kw["image"] = open_image(cfg.image)
     if cfg.image_guidance_scale is not None:
         kw["image_guidance_scale"] = float(cfg.image_guidance_scale)
     if family.class_labels:
@@ -140,128 +126,6 @@ def compare_grid(rows: dict[str, list], video: bool) -> Image.Image:
     return grid
 
 
-def _sampling_size(cfg: DictConfig, pipe, family: Family) -> tuple[int, int]:
-    """The pixel size that will be sampled: calibration_size, else height × width, else the model's default."""
-    if cfg.calibration_size is not None:
-        return int(cfg.calibration_size), int(cfg.calibration_size)
-    vae = getattr(pipe, "vae", None)
-    if vae is None:  # a pixel-space model samples at its own size
-        return tuple(pipe.sample_shape[1:])
-    default = int(getattr(pipe, family.component).config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
-    return int(cfg.height or default), int(cfg.width or default)
-
-
-def _weights(cfg: DictConfig, pipe, prior, family: Family) -> PriorWeights | None:
-    if cfg.prior not in ("auto", "mix"):
-        return None
-    if cfg.prior_weights is not None:
-        weights = PriorWeights.load(cfg.prior_weights)
-        if weights.mode != cfg.prior:
-            raise UserError(f"prior_weights={cfg.prior_weights} were fitted for prior={weights.mode}, not {cfg.prior}")
-        return weights
-    if cfg.calibration is None:
-        raise UserError(f"prior={cfg.prior} needs prior_weights=PATH or calibration=FOLDER (images of the "
-                        "fine-tuning domain) to fit them on")  # fmt: skip
-    if family.video:
-        raise UserError(
-            "calibration=FOLDER takes images; for a video model fit the weights in Python "
-            "(priorlab.pipelines.fit_pipeline_weights on video latents) and pass prior_weights=PATH"
-        )
-    folder = Path(cfg.calibration)
-    objective = cfg.get("calibration_objective", "guided")
-    if objective not in ("guided", "null_loss"):
-        raise UserError(f"calibration_objective={objective} is unknown; use guided or null_loss")
-    meta = _read_metadata(folder) if objective == "guided" and family.name != "image-variation" else None
-    inputs = {str(row.get("input_image")) for row in (meta or {}).values() if row.get("input_image") is not None}
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
-                   and p.name not in inputs)  # fmt: skip
-    if not files:
-        raise UserError(f"calibration={folder} holds no .png/.jpg/.webp images")
-    images = [_open_image(str(p), "calibration image") for p in files]
-    height, width = _sampling_size(cfg, pipe, family)
-    extra = {}
-    if objective == "guided":
-        texts, labels, inputs = _calibration_conditions(folder, meta, files, family)
-        extra = {"objective": "guided", "scales": [guidance_scale(cfg, pipe)],
-                 "cond_kwargs": model_conditions(pipe, family, texts, labels,
-                                                 inputs if family.name == "instruct-pix2pix" else images,
-                                                 (height, width))}  # fmt: skip
-        if family.name == "instruct-pix2pix":
-            extra["image_scale"] = image_guidance_scale(cfg, pipe)
-    # a pixel-space pipeline (priorlab's ClassConditionalPipeline) takes the images themselves, at its size
-    latents = encode_images(pipe, images, height, width) if getattr(pipe, "vae", None) else pipe.preprocess(images)
-    null = model_null_condition(pipe, family, cfg.negative_prompt or "")
-    return fit_pipeline_weights(pipe, prior, latents, null, cfg.prior,
-                                int(cfg.calibration_buckets), int(cfg.seed), family, **extra)  # fmt: skip
-
-
-def _read_metadata(folder: Path) -> dict[str, dict]:
-    """folder/metadata.jsonl (the imagefolder convention: one JSON object per line with its image's file_name) as
-    {file_name: row}; a missing or malformed file is a one-line UserError."""
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise UserError(f"the guided calibration objective needs each image's condition: write {meta} with one "
-                        'line per image, {"file_name": "0.png", "text": ...} (or "label": ... for class-conditioned '
-                        'models; InstructPix2Pix: "text" and "input_image": the unedited image\'s path in the '
-                        "folder), or pass calibration_objective=null_loss")  # fmt: skip
-    found = {}
-    for i, line in enumerate(meta.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            found[str(row["file_name"])] = row
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise UserError(f"{meta} line {i} is not a JSON object with a file_name") from err
-    return found
-
-
-def _calibration_conditions(folder: Path, meta: dict[str, dict] | None, files: list[Path],
-                            family: Family) -> tuple[list | None, list | None, list | None]:  # fmt: skip
-    """Each calibration image's condition from its metadata row: texts for text-conditioned pipelines, labels for
-    class-conditioned ones, texts and input images for InstructPix2Pix; nothing for image variation (each image is
-    its own condition). Returns (texts, labels, input images)."""
-    if family.name == "image-variation":
-        return None, None, None
-    path = folder / "metadata.jsonl"
-    keys = (
-        ("input_image", "text")
-        if family.name == "instruct-pix2pix"
-        else ("label",)
-        if family.class_labels
-        else ("text",)
-    )
-    for key in keys:
-        missing = [p.name for p in files if key not in meta.get(p.name, {})]
-        if missing:
-            raise UserError(f"{path} gives no {key} for {len(missing)} image(s), e.g. {missing[0]}")
-    values = {key: [meta[p.name][key] for p in files] for key in keys}
-    if "label" in values and not all(isinstance(v, int) and not isinstance(v, bool) for v in values["label"]):
-        raise UserError(f"{path}: every label must be a whole number (a class index)")
-    if "text" in values and not all(isinstance(v, str) for v in values["text"]):
-        raise UserError(f"{path}: every text must be a string")
-    inputs = None
-    if "input_image" in values:
-        inputs = [_open_image(str(folder / str(v)), f"input_image of {p.name}")
-                  for v, p in zip(values["input_image"], files, strict=True)]  # fmt: skip
-    return values.get("text"), values.get("label"), inputs
-
-
-def guidance_scale(cfg: DictConfig, pipe) -> float:
-    """The guidance scale the pipeline will run at: guidance_scale=, else its own default."""
-    return _scale(cfg, pipe, "guidance_scale")
-
-
-def _scale(cfg: DictConfig, pipe, key: str) -> float:
-    """The setting `key` (guidance_scale, image_guidance_scale) as given, else the pipeline's own default."""
-    if cfg[key] is not None:
-        return float(cfg[key])
-    default = inspect.signature(pipe.__call__).parameters.get(key)
-    if default is None or not isinstance(default.default, int | float):
-        raise UserError(f"{type(pipe).__name__} has no default {key.replace('_', ' ')}; pass {key}=")
-    return float(default.default)
-
-
 def _used_settings(pipe, kw: dict) -> dict:
     """The values the pipeline ran with, by their sample.yaml names: what was passed, else the pipeline's own
     default (guidance_scale: null in the command records the scale the pipeline used)."""
@@ -275,11 +139,6 @@ def _used_settings(pipe, kw: dict) -> dict:
         ):
             out[name] = params[arg].default
     return out
-
-
-def image_guidance_scale(cfg: DictConfig, pipe) -> float:
-    """InstructPix2Pix's image guidance scale: image_guidance_scale=, else the pipeline's own default."""
-    return _scale(cfg, pipe, "image_guidance_scale")
 
 
 def sample_command(cfg: DictConfig) -> Path:
@@ -298,33 +157,18 @@ def sample_command(cfg: DictConfig) -> Path:
     family = family_of(pipe)
     kw, n = call_arguments(cfg, family, pipe.__call__)
     check_class_labels(pipe, kw.get("class_labels"))
-    prior = None
-    if cfg.prior != "self" or cfg.compare:
-        if cfg.base is None:
-            if cfg.prior != "self":
-                raise UserError(f"prior={cfg.prior} needs base=PATH (the unconditional prior)")
-        else:
-            prior = load_base(str(cfg.base), cfg.negative_prompt or "", device, dtype)
-            note = base_note(str(cfg.model_dir), str(cfg.base)) if cfg.get("base_check", True) else None
-            if note:
-                print(note)
-    weights = _weights(cfg, pipe, prior, family)
-    modes = (
-        [cfg.prior] if not cfg.compare else list(dict.fromkeys(["self", cfg.prior if cfg.prior != "self" else "base"]))
-    )
-    if "base" in modes and prior is None:
-        raise UserError("compare=true needs base=PATH")
+    prior_net = _prior_net(cfg, device, dtype)
+    weights = prior_weights(cfg, pipe, prior_net, family)
+    priors = _priors(cfg, prior_net, weights)
     with atomic.folder(out) as tmp:
         results, files, seconds, calls = {}, {}, {}, {}
-        for mode in modes:
+        for mode, prior in priors.items():
             start = time.perf_counter()
             # one generator per output, seeded seed + i: the same noise for every prior
             args = {**kw, "generator": [torch.Generator().manual_seed(int(cfg.seed) + i) for i in range(n)]}
             with swap_prior(
                 pipe,
                 prior,
-                mode,
-                weights if mode in ("auto", "mix") else None,
                 family,
                 guidance_scale(cfg, pipe) if weights is not None and weights.scales is not None else None,
                 image_guidance_scale(cfg, pipe) if weights is not None and weights.image_scale is not None else None,
@@ -344,3 +188,29 @@ def sample_command(cfg: DictConfig) -> Path:
         (tmp / "sample.json").write_text(json.dumps(settings, indent=1, default=str))
     print(f"wrote {sum(len(f) for f in files.values())} outputs to {out}")
     return out
+
+
+def _prior_net(cfg: DictConfig, device, dtype) -> PriorNet | None:
+    """The base (base=PATH) where the prior or compare=true needs it, loaded on the device."""
+    if cfg.prior == "self" and not cfg.compare:
+        return None
+    if cfg.base is None:
+        if cfg.prior != "self":
+            raise UserError(f"prior={cfg.prior} needs base=PATH (the unconditional prior)")
+        return None
+    prior_net = load_base(str(cfg.base), cfg.negative_prompt or "", device, dtype)
+    note = base_note(str(cfg.model_dir), str(cfg.base)) if cfg.get("base_check", True) else None
+    if note:
+        print(note)
+    return prior_net
+
+
+def _priors(cfg: DictConfig, prior_net: PriorNet | None, weights: PriorWeights | None) -> dict[str, Prior]:
+    """The priors to sample with by mode, built (and validated) once here: prior=, and with compare=true prior=self
+    before it (prior=base where prior=self was asked for)."""
+    modes = [cfg.prior]
+    if cfg.compare:
+        modes = list(dict.fromkeys(["self", cfg.prior if cfg.prior != "self" else "base"]))
+    if "base" in modes and prior_net is None:
+        raise UserError("compare=true needs base=PATH")
+    return {mode: make_prior(mode, prior_net, weights, IN_PIPELINES) for mode in modes}

@@ -1,17 +1,34 @@
 """The one home of the unconditional prior of classifier-free guidance.
 
-- `modes`: the list of modes (`self`, `base`, `none`, `auto`, `mix`, `checked`) and the check that a mode has
-  what it needs. Naming rule: `prior` is the mode, `prior_net` the network object.
+- `modes`: the list of modes (`self`, `base`, `none`, `auto`, `mix`, `checked`), the strings of the config, the CLI
+  and the result keys.
+- `kinds`: the priors as objects (`SelfPrior`, `BasePrior`, `MixPrior`, `CheckedPrior`, `NoPrior`), each validated
+  once when built; `make_prior` builds one from a mode string at the edges. Naming rule: `prior` is such an
+  object, `prior_net` the network object.
 - `nets`: the prior network's eps at the guided model's (x_t, ᾱ_t): one interface (`PriorNet`), adapters for
   priorlab denoisers (`DenoiserPrior`) and diffusers networks (`DiffusersPrior`), one timestep matching (closest
   ᾱ) and one conversion between prediction types, with their edges (zero terminal SNR, fractional timesteps).
-- `weights`: the fitted priors' per-noise-level weights (`PriorWeights`), `combine` and `fit_weights`.
+- `weights`: the fitted priors' per-noise-level weights (`PriorWeights`) and `combine`; `fitting`: `fit_weights`.
 
-Guidance (`priorlab.guidance`) uses a prior; fitting weights on a model's predictions is evaluation's
+Guidance (`priorlab.guidance.guide`) takes a prior object; fitting weights on a model's predictions is evaluation's
 (`priorlab.evaluation.calibrate`), as the swap inside diffusers pipelines is `priorlab.pipelines`'.
 """
 
-from priorlab.priors.modes import FITTABLE, FITTED, FIXED, IN_PIPELINES, MODES, check_prior
+from priorlab.priors.fitting import fit_weights
+from priorlab.priors.kinds import (
+    KINDS,
+    NONE,
+    SELF,
+    BasePrior,
+    CheckedPrior,
+    FittedPrior,
+    MixPrior,
+    NoPrior,
+    Prior,
+    SelfPrior,
+    make_prior,
+)
+from priorlab.priors.modes import FITTABLE, FITTED, FIXED, IN_PIPELINES, MODES
 from priorlab.priors.nets import (
     DenoiserPrior,
     DiffusersPrior,
@@ -24,7 +41,7 @@ from priorlab.priors.nets import (
     match_timesteps,
     sigmas,
 )
-from priorlab.priors.weights import FORMAT, OBJECTIVES, PriorWeights, bucket_edges, bucket_index, combine, fit_weights
+from priorlab.priors.weights import FORMAT, OBJECTIVES, PriorWeights, bucket_edges, bucket_index, combine
 
 __all__ = [
     "FITTABLE",
@@ -32,22 +49,32 @@ __all__ = [
     "FIXED",
     "FORMAT",
     "IN_PIPELINES",
+    "KINDS",
     "MODES",
+    "NONE",
     "OBJECTIVES",
+    "SELF",
+    "BasePrior",
+    "CheckedPrior",
     "DenoiserPrior",
     "DiffusersPrior",
+    "FittedPrior",
+    "MixPrior",
+    "NoPrior",
+    "Prior",
     "PriorNet",
     "PriorWeights",
+    "SelfPrior",
     "abar_at",
     "bucket_edges",
     "bucket_index",
-    "check_prior",
     "check_prior_fits",
     "closest_timesteps",
     "combine",
     "conversion_defined",
     "convert",
     "fit_weights",
+    "make_prior",
     "match_timesteps",
     "sigmas",
 ]

@@ -13,7 +13,7 @@ upgrade that renames or removes one fails there, naming it, rather than deep ins
   `ddp.DDPStrategy` builds it on the current CUDA stream instead of a side stream.
 
 What has a public hook uses it: checkpoints are written atomically through a `CheckpointIO` plugin set on the
-strategy (`training_callbacks.AtomicCheckpoint`), the EMA average is copied into the module through WeightAveraging's
+strategy (`training.callbacks.AtomicCheckpoint`), the EMA average is copied into the module through WeightAveraging's
 public `on_train_end`, and DDP's communication hook is checked in the public `configure_ddp`.
 """
 
