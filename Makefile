@@ -8,11 +8,9 @@ STAMP := $(VENV)/.priorlab-installed
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: Python compiles each module when it is first imported (a fraction of them), instead of pip
-	# compiling all of torch and the rest up front (40 s of a fresh install on 2 cores)
-	$(PY) -m pip install -q --no-compile torch==2.13.0         # the local CPU wheel, before anything can ask for CUDA
-	$(PY) -m pip install -q --no-compile -r requirements.lock  # the exact, tested environment
-	$(PY) -m pip install -q --no-compile --no-deps -e '.[dev]' # priorlab itself; its declared ranges admit the lock
+	$(PY) -m pip install -q torch==2.13.0          # the local CPU wheel, before anything can ask for a CUDA build
+	$(PY) -m pip install -q -r requirements.lock   # the exact, tested environment
+	$(PY) -m pip install -q --no-deps -e '.[dev]'  # priorlab itself; its declared ranges admit the lock
 	$(PY) -m pip check
 	touch $(STAMP)
 

@@ -213,9 +213,17 @@ E2E_TESTS = {
     "test_cli.py::test_two_process_ddp_fit": "two DDP processes",
     "test_resume.py::test_sigkill_then_resume_gives_identical_weights": "a run killed with SIGKILL",
     "test_configs.py::test_installing_priorlab_keeps_the_installed_torch_and_everything_else": "pip in a venv",
+    "test_tiers.py::test_the_unit_tier_leaves_out_every_end_to_end_test": "pytest's collection in a process",
+    "test_training.py::test_the_same_run_started_twice_fails_in_one_line": "a run while another process holds it",
+    "test_data.py::test_mnist_split_is_deterministic_and_class_subset_works": "loads and resizes all of MNIST",
+    "test_data.py::test_train_per_class_keeps_the_first_n_of_each_class_and_evaluation_keeps_all": "all of MNIST",
     # training to a quality bar, or a base then its fine-tune through the CLI
     "test_evaluation.py::test_toy2d_ground_truth_base_prior_beats_an_untrained_unconditional_branch": "trains",
     "test_evaluation.py::test_callbacks_and_evaluate_command": "trains, then evaluates through the CLI",
+    "test_evaluation.py::test_final_evaluation_runs_on_ema_weights_before_lightning_moves_the_module_to_the_cpu": (
+        "trains"
+    ),
+    "test_evaluation.py::test_non_finite_weights_stop_training_before_the_evaluation_callbacks_sample": "trains",
     "test_cli.py::test_base_then_finetune_write_their_run_folders": "a base and a fine-tune through the CLI",
     "test_cli.py::test_base_of_another_size_and_unknown_column_are_refused": "uses that base",
 }
