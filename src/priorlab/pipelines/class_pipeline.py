@@ -23,6 +23,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
 
+SOURCE = __file__  # this file, copied beside an exported pipeline as its code
+
 
 class ClassConditionalPipeline(DiffusionPipeline):
     """Class-conditional image generation with classifier-free guidance.

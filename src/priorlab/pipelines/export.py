@@ -24,12 +24,11 @@ from diffusers import DDIMScheduler
 from priorlab import atomic
 from priorlab.errors import UserError
 from priorlab.models.io import META, SavedModel, check_recorded_base, load_denoiser
-from priorlab.pipelines import class_pipeline
-from priorlab.pipelines.class_pipeline import ClassConditionalPipeline
+from priorlab.pipelines.class_pipeline import SOURCE, ClassConditionalPipeline
 from priorlab.pipelines.prior import load_pipeline, load_prior
 from priorlab.priors import DiffusersPrior, PriorNet
 
-CODE_FILE = Path(class_pipeline.__file__).name  # class_pipeline.py
+CODE_FILE = Path(SOURCE).name  # class_pipeline.py
 CLASS_NAME = [Path(CODE_FILE).stem, ClassConditionalPipeline.__name__]  # model_index.json's _class_name
 
 
@@ -83,7 +82,7 @@ def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,
         raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
     with atomic.folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.copyfile(class_pipeline.__file__, tmp / CODE_FILE)
+        shutil.copyfile(SOURCE, tmp / CODE_FILE)
         index = json.loads((tmp / "model_index.json").read_text())
         index["_class_name"] = CLASS_NAME  # the code shipped in the folder (diffusers' custom-pipeline convention)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
