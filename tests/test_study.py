@@ -397,12 +397,21 @@ def test_mean_ci_matches_the_t_interval():
     assert mean_ci([1.0, 1.1]).excludes_zero and not mean_ci([-1.0, 1.0]).excludes_zero
 
 
-def test_analysis_scripts_run_on_a_study(toy_study):
+def test_analysis_scripts_run_on_a_study(toy_study, monkeypatch, capsys):
+    """Each script of analysis/ runs as `python analysis/X.py STUDY` would (as __main__, with that argv), in this
+    process: it ends without an error and prints something."""
+    import runpy
+
     root, study = toy_study
-    for script in sorted((Path(__file__).parents[1] / "analysis").glob("*.py")):
-        out = subprocess.run([sys.executable, str(script), str(study)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, (script.name, out.stderr[-2000:])
-        assert out.stdout.strip(), script.name
+    scripts = sorted((Path(__file__).parents[1] / "analysis").glob("*.py"))
+    assert len(scripts) >= 3
+    for script in scripts:
+        monkeypatch.setattr(sys, "argv", [str(script), str(study)])
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as end:
+            assert end.code in (None, 0), (script.name, end.code)
+        assert capsys.readouterr().out.strip(), script.name
 
 
 def test_bases_and_their_run_folders():
