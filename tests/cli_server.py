@@ -19,10 +19,9 @@ import signal
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-from priorlab.forkserver import _threads_from_environment
+from priorlab.forkserver import exit_child, run_command
 
 
 def _child(case: dict, out_path: str, err_path: str) -> None:
@@ -35,28 +34,9 @@ def _child(case: dict, out_path: str, err_path: str) -> None:
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
         os.chdir(case["cwd"])
         os.environ.update(case.get("env") or {})
-        _threads_from_environment()  # a case's OMP_NUM_THREADS, as a fresh process would apply it
-        sys.argv = [str(Path(sys.executable).parent / "priorlab"), *case["args"]]
-        try:
-            from priorlab.cli import main
-
-            main()
-            code = 0
-        except SystemExit as exit_:
-            if exit_.code is None or isinstance(exit_.code, int):
-                code = exit_.code or 0
-            else:
-                print(exit_.code, file=sys.stderr)
-        except BaseException:  # noqa: BLE001 - printed as the interpreter would print it
-            traceback.print_exc()
-            code = 1
+        code = run_command(case["args"])  # with the case's OMP_NUM_THREADS, as a fresh process would apply it
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001, S110 - nothing more to report from a dying child
-                pass
-        os._exit(code & 0xFF)
+        exit_child(code)
 
 
 def _wait(pid: int, timeout: float) -> int:

@@ -182,6 +182,27 @@ def compose_tmp(tmp_path):
     return lambda overrides, config_name="train": compose_cfg(tmp_path, overrides, config_name)
 
 
+def tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path, Path]:
+    """Run `priorlab study NAME preset=PRESET` in a fresh folder whose path holds a space and a non-ASCII letter;
+    (that folder, the study's run folder)."""
+    root = tmp_path_factory.mktemp(f"{name} wü")
+    out = run_cli("study", name, f"preset={preset}", cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (root / "study_output.txt").write_text(out.stdout + out.stderr)
+    return root, root / "runs" / name
+
+
+@pytest.fixture
+def batch():
+    """A toy2d batch over the whole schedule (cosine ᾱ): (scheduler, x_t, t, labels, ᾱ_t)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([5, 100, 300, 500, 700, 990])
+    return sched, x, t, torch.tensor([0, 1, 2, 3, 0, 1]), sched.alphas_cumprod[t]
+
+
 # The end-to-end tier (`pytest -m e2e`; `make test-fast` leaves it out): whole studies, tests that start processes
 # of their own (fresh interpreters, DDP, the fork server's lifecycle), and trainings to a quality bar. Listed here,
 # each with why, rather than on each test, so that the tier reads in one place.

@@ -185,14 +185,6 @@ class Counting(torch.nn.Module):
 _model = perturbed_mlp
 
 
-@pytest.fixture
-def batch():
-    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
-    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([5, 100, 300, 500, 700, 990])
-    return sched, x, t, torch.tensor([0, 1, 2, 3, 0, 1]), sched.alphas_cumprod[t]
-
-
 def test_auto_evaluates_each_row_only_on_its_chosen_network(batch):
     sched, x, t, y, abar = batch
     model, base_net = Counting(_model(0)), Counting(_model(1))

@@ -25,14 +25,6 @@ from priorlab.priors import (
 NULL = 4  # perturbed_mlp's null class (4 classes)
 
 
-@pytest.fixture
-def batch():
-    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
-    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([5, 100, 300, 500, 700, 990])
-    return sched, x, t, torch.tensor([0, 1, 2, 3, 0, 1]), sched.alphas_cumprod[t]
-
-
 def _weights(value: float) -> PriorWeights:
     return PriorWeights(torch.tensor([0, 500, 1000]), torch.full((2,), value), "mix")
 

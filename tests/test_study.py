@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import run_cli, tiny_study
 from priorlab.analysis.results import parse_key, run_axes
 from priorlab.analysis.sign_rule import Proportion, fitted_vs_fixed, sign_rule, swap_points
 from priorlab.analysis.stats import mean_ci
@@ -28,20 +28,10 @@ FIGURES = ["a_fd_vs_scale.png", "b_best_fd_vs_dropout.png", "c_drift.png", "d_lo
            "e_sample_grids.png", "h_benefit_per_scale.png", "v_base_loss.png"]  # fmt: skip
 
 
-def _tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path, Path]:
-    """Run `priorlab study NAME preset=PRESET` in a fresh folder whose path holds a space and a non-ASCII letter;
-    (that folder, the study's run folder)."""
-    root = tmp_path_factory.mktemp(f"{name} wü")
-    out = run_cli("study", name, f"preset={preset}", cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    (root / "study_output.txt").write_text(out.stdout + out.stderr)
-    return root, root / "runs" / name
-
-
 @pytest.fixture(scope="module")
 def toy_study(tmp_path_factory):
     """dropout_vs_prior on toy2d with fine-tunes of 6 steps: a study built to fail its validity checks."""
-    return _tiny_study(tmp_path_factory, "dropout_vs_prior")
+    return tiny_study(tmp_path_factory, "dropout_vs_prior")
 
 
 def test_toy2d_study_writes_results_report_and_every_figure(toy_study):

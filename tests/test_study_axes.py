@@ -2,28 +2,17 @@
 of their own, so that the test workers share the study tests out."""
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import run_cli
-
-
-def _tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path, Path]:
-    """Run `priorlab study NAME preset=PRESET` in a fresh folder whose path holds a space and a non-ASCII letter;
-    (that folder, the study's run folder)."""
-    root = tmp_path_factory.mktemp(f"{name} wü")
-    out = run_cli("study", name, f"preset={preset}", cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    (root / "study_output.txt").write_text(out.stdout + out.stderr)
-    return root, root / "runs" / name
+from conftest import run_cli, tiny_study
 
 
 @pytest.fixture(scope="module")
 def swap_study(tmp_path_factory):
-    return _tiny_study(tmp_path_factory, "when_swap_pays")
+    return tiny_study(tmp_path_factory, "when_swap_pays")
 
 
 def test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis(swap_study):

@@ -345,21 +345,27 @@ def test_read_only_stands_in_for_a_folder_without_write_permission(tmp_path, mon
     (tmp_path / "rw" / "f").write_text("x")  # beside it, writing is allowed
 
 
-def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
-    """The runs folder is not writable: in-process (`read_only`), since root would write into a chmod-ed one."""
+def _train_error_lines(monkeypatch, capsys, tmp_path: Path, study: str) -> list[str]:
+    """`priorlab train study=STUDY` (tiny) in this process, in tmp_path: it must end with exit status 2 and no
+    traceback; its `priorlab: error:` lines."""
     from priorlab import cli
 
-    (tmp_path / "runs").mkdir()
-    read_only(monkeypatch, tmp_path / "runs")
-    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # train keeps this process's thread count
     monkeypatch.delenv("PRIORLAB_COMMAND", raising=False)  # main sets it; put back after the test
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["priorlab", "train", "study=ro", *TINY])
+    monkeypatch.setattr(sys, "argv", ["priorlab", "train", f"study={study}", *TINY])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("priorlab: error:")]
+    return [ln for ln in err.splitlines() if ln.startswith("priorlab: error:")]
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    """The runs folder is not writable: in-process (`read_only`), since root would write into a chmod-ed one."""
+    (tmp_path / "runs").mkdir()
+    read_only(monkeypatch, tmp_path / "runs")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # train keeps this process's thread count
+    lines = _train_error_lines(monkeypatch, capsys, tmp_path, "ro")
     assert lines == ["priorlab: error: cannot write runs/ro: Permission denied; make it writable, or write elsewhere "
                      "(paths.runs=, out=)"]  # fmt: skip
     assert not list((tmp_path / "runs").iterdir())
@@ -368,7 +374,6 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, capsys, code):
     """The disk fills up (or turns read-only) as the run writes its config: in-process, with that write failing."""
-    from priorlab import cli
 
     write_text = Path.write_text
 
@@ -378,14 +383,7 @@ def test_a_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, capsys, cod
         return write_text(self, data, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", failing)
-    monkeypatch.delenv("PRIORLAB_COMMAND", raising=False)  # main sets it; put back after the test
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["priorlab", "train", "study=full", *TINY])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("priorlab: error:")]
+    lines = _train_error_lines(monkeypatch, capsys, tmp_path, "full")
     assert lines == [f"priorlab: error: cannot write runs/full/base/config.yaml: {os.strerror(code)}; "
                      + ("free some space" if code == errno.ENOSPC else "make it writable")
                      + ", or write elsewhere (paths.runs=, out=)"]  # fmt: skip

@@ -30,6 +30,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 STDOUT, STDERR = "<stdout>", "<stderr>"  # a run's output to the study's own stdout or stderr
 OWN: dict[str, int] = {}  # in the server: STDOUT and STDERR → the descriptors the study passed
@@ -57,27 +58,40 @@ def _child(request: dict) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        _threads_from_environment()
-        sys.argv = [str(Path(sys.executable).parent / "priorlab"), *request["args"]]
-        try:
-            from priorlab.cli import main
-
-            main()
-            code = 0
-        except SystemExit as exit_:
-            if exit_.code is None or isinstance(exit_.code, int):
-                code = exit_.code or 0
-            else:
-                print(exit_.code, file=sys.stderr)
-        except BaseException:  # noqa: BLE001 - printed as the interpreter would print it
-            traceback.print_exc()
+        code = run_command(request["args"])
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:  # noqa: BLE001, S110 - nothing more to report from a dying child
-                pass
-        os._exit(code & 0xFF)
+        exit_child(code)
+
+
+def run_command(args: list[str]) -> int:
+    """`priorlab ARGS` in this (forked) process, as the `priorlab` executable runs it, OMP_NUM_THREADS applied as a
+    fresh process would: its exit status; an exception that escapes `main` is printed as the interpreter prints one,
+    and gives 1 (as does a `sys.exit` with a message)."""
+    _threads_from_environment()
+    sys.argv = [str(Path(sys.executable).parent / "priorlab"), *args]
+    try:
+        from priorlab.cli import main
+
+        main()
+        return 0
+    except SystemExit as exit_:
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        print(exit_.code, file=sys.stderr)
+        return 1
+    except BaseException:  # noqa: BLE001 - printed as the interpreter would print it
+        traceback.print_exc()
+        return 1
+
+
+def exit_child(code: int) -> NoReturn:
+    """End a forked child: flush its streams, then leave without the parent's atexit handlers."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001, S110 - nothing more to report from a dying child
+            pass
+    os._exit(code & 0xFF)
 
 
 def _threads_from_environment() -> None:
