@@ -22,6 +22,8 @@ from typing import Any
 ROOT = "eval"
 BUCKET = re.compile(r"t=(\d+)-(\d+)")
 GROUPS_IN_METRIC = ("uncond", "calib", "diff")  # groups whose name prefixes the metric in the results table
+SELF = "self"  # the prior of the fine-tune's own ∅ branch, in keys and in the results table's `prior` column
+BASE = "base"  # the prior of the base the fine-tune started from
 
 
 def scale_name(w: float) -> str:
@@ -40,7 +42,7 @@ def scale_of(part: str) -> float:
 def diff_metric(metric: str, a: str) -> str:
     """The metric of the standard error of metric(a) − metric(b), reported at prior=b: `<metric>_se` where a is self
     (every prior is compared with the model's own ∅ branch), else `<metric>_se_vs_<a>`."""
-    return f"{metric}_se" if a == "self" else f"{metric}_se_vs_{a}"
+    return f"{metric}_se" if a == SELF else f"{metric}_se_vs_{a}"
 
 
 def bucket_name(edges: Any, b: int) -> str:

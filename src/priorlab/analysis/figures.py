@@ -18,6 +18,7 @@ from PIL import Image  # noqa: E402
 
 from priorlab.analysis.results import axis_columns, bucket_start, extra_priors, final_rows  # noqa: E402
 from priorlab.analysis.stats import mean_ci  # noqa: E402
+from priorlab.keys import BASE, SELF
 from priorlab.study.layout import axis_label  # noqa: E402
 
 COLORS = {"self": "tab:red", "base": "tab:blue"}
@@ -191,7 +192,7 @@ def drift(frame: pd.DataFrame, path: Path) -> Path:
             _band(ax, steps, [s[s["step"] == t]["value"] for t in steps], label, cmap(i / max(1, len(groups) - 1)),
                   metric_range(metric))  # fmt: skip
         if metric == "loss/all":
-            base = frame[(frame["metric"] == "loss/all") & (frame["prior"] == "base")]
+            base = frame[(frame["metric"] == "loss/all") & (frame["prior"] == BASE)]
             if len(base):
                 ax.axhline(base["value"].mean(), color="k", ls="--", label="base")
         ax.set_title(title, fontsize=9)
@@ -211,13 +212,13 @@ def loss_per_timestep(frame: pd.DataFrame, path: Path) -> Path:
     groups = [(title, p, part[part["cond_dropout"] == p]) for title, part in panels(sub)
               for p in sorted(part["cond_dropout"].unique())]  # fmt: skip
     for i, (axis_title, p, part) in enumerate(groups):
-        s = part[part["prior"] == "self"]
+        s = part[part["prior"] == SELF]
         ts = sorted(s["t"].unique())
         label = f"self, {axis_label('cond_dropout')}={p:g}{', ' + axis_title if axis_title else ''}"
         _band(
             ax, ts, [s[s["t"] == t]["value"] for t in ts], label, cmap(i / max(1, len(groups) - 1)), (1e-12, np.inf)
         )  # log scale: the band stays above 0
-    s = sub[sub["prior"] == "base"]
+    s = sub[sub["prior"] == BASE]
     ts = sorted(s["t"].unique())
     if ts:
         ax.plot(ts, [s[s["t"] == t]["value"].mean() for t in ts], "k--", label="base")

@@ -30,6 +30,7 @@ import pandas as pd
 from priorlab.analysis.results import axis_columns, final_rows
 from priorlab.analysis.sign_rule import Proportion, log_ratios, swap_points
 from priorlab.analysis.validity import study_metric
+from priorlab.keys import BASE
 from priorlab.priors.modes import FIXED
 
 PREDICTORS = {"loss_ratio": "∅-loss ratio", "guided_loss": "guided loss", "checked": "checked prior's choice"}
@@ -54,7 +55,7 @@ def outcomes(frame: pd.DataFrame) -> pd.DataFrame:
     out["benefit"] = out["benefit"].astype(float)
     out["sign"] = np.sign(out["benefit"])
     final = final_rows(frame)
-    se = final[(final["metric"] == f"diff_{metric}_se") & (final["prior"] == "base")]
+    se = final[(final["metric"] == f"diff_{metric}_se") & (final["prior"] == BASE)]
     out["se"] = _at(out, se.groupby(["run", "guidance_scale"])["value"].mean())
     out["clear"] = pd.array(out["benefit"].abs() > CLEAR_Z * out["se"], dtype="boolean")
     out.loc[out["se"].isna(), "clear"] = pd.NA

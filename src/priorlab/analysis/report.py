@@ -43,6 +43,7 @@ from priorlab.analysis.validity import (
     condition_keys,
     study_metric,
 )
+from priorlab.keys import BASE, SELF
 from priorlab.study.layout import study_record
 
 
@@ -60,7 +61,7 @@ def headline(
     keys = keys or condition_keys(frame)
     final = final_rows(frame)
     sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base"])]
-    se_rows = final[(final["metric"] == f"diff_{metric}_se") & (final["prior"] == "base")]
+    se_rows = final[(final["metric"] == f"diff_{metric}_se") & (final["prior"] == BASE)]
     se = se_rows.set_index([*keys, "seed", "guidance_scale"])["value"]
     better_low = metric in LOWER_IS_BETTER
     rows = []
@@ -133,8 +134,8 @@ def drift_statement(frame: pd.DataFrame) -> list[str]:
     for cond, g in final.groupby(keys, sort=True):
         cond = cond if isinstance(cond, tuple) else (cond,)
         dis = mean_ci(g[g["metric"] == "disagreement/all"]["value"])
-        ls = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == "self")]["value"])
-        lb = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == "base")]["value"])
+        ls = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == SELF)]["value"])
+        lb = mean_ci(g[(g["metric"] == "loss/all") & (g["prior"] == BASE)]["value"])
         out.append(f"{cond_label(keys, cond)}: disagreement with the base {dis}; held-out ∅ loss self {ls} vs "
                    f"base {lb}.")  # fmt: skip
     return out

@@ -19,6 +19,7 @@ from scipy import stats
 from priorlab.analysis.results import axis_columns, bucket_start, final_rows
 from priorlab.analysis.stats import Estimate, mean_ci
 from priorlab.analysis.text import fmt_axis, markdown_table
+from priorlab.keys import BASE, SELF
 from priorlab.priors.modes import FITTED, FIXED
 
 
@@ -142,8 +143,8 @@ def fitted_cells(points: pd.DataFrame, prior: str) -> pd.DataFrame:
     rows = []
     for cell, g in points.dropna(subset=[prior, *FIXED]).groupby(keys, sort=True, dropna=False):
         cell = cell if isinstance(cell, tuple) else (cell,)
-        better = "self" if g["self"].mean() <= g["base"].mean() else "base"
-        worse = "base" if better == "self" else "self"
+        better = SELF if g[SELF].mean() <= g[BASE].mean() else BASE
+        worse = BASE if better == SELF else SELF
         vs_better, vs_worse = mean_ci(g[prior] - g[better]), mean_ci(g[prior] - g[worse])
         if vs_better.n < 2:
             verdict = "one seed"

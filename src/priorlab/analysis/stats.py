@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from priorlab.keys import SELF
+
 
 @dataclass
 class Estimate:
@@ -109,7 +111,7 @@ def pair_se(frame: pd.DataFrame, metric: str, a: str, b: str, index: list[str]) 
     """Each run's SE over samples of metric(a) − metric(b), indexed by `index`: `diff_<metric>_se` at prior=b where
     a is self, else `diff_<metric>_se_vs_<a>` at prior=b or `..._vs_<b>` at prior=a (the SE of a difference is that
     of its negation); empty where the runs did not record it."""
-    candidates = [(f"diff_{metric}_se", other) for me, other in ((a, b), (b, a)) if me == "self"]
+    candidates = [(f"diff_{metric}_se", other) for me, other in ((a, b), (b, a)) if me == SELF]
     candidates += [(f"diff_{metric}_se_vs_{a}", b), (f"diff_{metric}_se_vs_{b}", a)]
     for name, who in candidates:
         rows = frame[(frame["metric"] == name) & (frame["prior"] == who)]

@@ -25,6 +25,7 @@ from priorlab.analysis.convergence import BASE_CHECK, PRIOR_CHECK, Check, check_
 from priorlab.analysis.results import axis_columns, final_rows
 from priorlab.analysis.stats import Estimate, mean_ci
 from priorlab.errors import UserError
+from priorlab.keys import SELF
 
 # The defaults of an experiment preset's `validity:` thresholds.
 THRESHOLDS = {
@@ -141,9 +142,9 @@ def check_conditions(frame: pd.DataFrame, thresholds: dict, main: dict | None = 
     best["accuracy"] = best["run"].map(_accuracy_at(final, best))
     classes = final[final["metric"] == "num_classes"].groupby("run")["value"].first()
     entropy = final[final["metric"] == "entropy"].groupby("run")["value"].first()
-    unguided = final[(final["metric"] == "nll") & (final["prior"] == "self") & (final["guidance_scale"] == 1)]
+    unguided = final[(final["metric"] == "nll") & (final["prior"] == SELF) & (final["guidance_scale"] == 1)]
     excess = unguided.groupby("run")["value"].first() - entropy
-    acc_w1 = final[(final["metric"] == "accuracy") & (final["prior"] == "self") & (final["guidance_scale"] == 1)]
+    acc_w1 = final[(final["metric"] == "accuracy") & (final["prior"] == SELF) & (final["guidance_scale"] == 1)]
     acc_w1 = acc_w1.groupby("run")["value"].first()
     grid = sorted(final["guidance_scale"].dropna().unique())
     rows, notes = [], []
@@ -201,7 +202,7 @@ def is_main(condition: dict, main: dict | None) -> bool:
 def check_guidance(final: pd.DataFrame, runs: pd.Series, best_w: float | None) -> tuple[Estimate, bool]:
     """Does guidance pay? The per-seed gain FD(w=1) − FD(w*) of prior=self at w*, its best scale by the mean over
     seeds, with its 95% t-interval; it pays when w* > 1 and the interval lies above 0 with ≥ 2 seeds."""
-    sub = final[(final["metric"] == "fd") & (final["prior"] == "self") & final["run"].isin(runs)]
+    sub = final[(final["metric"] == "fd") & (final["prior"] == SELF) & final["run"].isin(runs)]
     by_scale = sub.pivot_table(index="run", columns="guidance_scale", values="value")
     if best_w is None or 1.0 not in by_scale or best_w not in by_scale:
         return Estimate(math.nan, math.nan, math.nan, 0), False
