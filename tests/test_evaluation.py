@@ -1,5 +1,6 @@
 """Evaluation: DDP invariance, the toy2d ground truth, the callbacks and `priorlab evaluate`."""
 
+import functools
 import json
 import re
 from dataclasses import replace
@@ -420,6 +421,18 @@ def test_a_model_folders_data_config_cannot_choose_what_is_called(tmp_path, data
     assert OmegaConf.to_container(_data_config(OmegaConf.create({"data": None}), tmp_path / "model")) == good
 
 
+@functools.cache
+def _separate_passes():
+    """The tiny setup at w ∈ {1, 2, 4}, its fitted weights, and its evaluation with one pass per (prior, w): the
+    reference of both one_pass modes, computed once."""
+    model, sched, prior, evaluator, settings, heldout = _tiny_setup()
+    settings = replace(settings, guidance_scales=[1.0, 2.0, 4.0])
+    with torch.no_grad():
+        weights = fit_priors(model, sched, prior, heldout, settings)
+        alone, grids = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
+    return model, sched, prior, evaluator, settings, weights, alone, grids
+
+
 @pytest.mark.parametrize("one_pass", ["scales", "all"])
 def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monkeypatch):
     """eval.one_pass batches (prior, w) settings into shared sampling passes; the fitted priors still sample on
@@ -433,12 +446,9 @@ def test_one_pass_evaluation_gives_the_numbers_of_separate_passes(one_pass, monk
         return real(model, labels, seeds, scheduler, shape, batch, *args, **kwargs)
 
     real = generation.sample_many
+    model, sched, prior, evaluator, settings, weights, alone, grids = _separate_passes()
     monkeypatch.setattr(generation, "sample_many", counted)
-    model, sched, prior, evaluator, settings, heldout = _tiny_setup()
-    settings = replace(settings, guidance_scales=[1.0, 2.0, 4.0])
     with torch.no_grad():
-        weights = fit_priors(model, sched, prior, heldout, settings)
-        alone, grids = conditional_quality(model, sched, prior, evaluator, (1, 8, 8), settings, weights=weights)
         batched, grids_b = conditional_quality(model, sched, prior, evaluator, (1, 8, 8),
                                                replace(settings, one_pass=one_pass), weights=weights)  # fmt: skip
     expected = [[("self", 2.0), ("self", 4.0)], [("base", 2.0), ("base", 4.0)]]  # w = 1, auto, mix: alone
