@@ -167,6 +167,10 @@ def test_callbacks_and_evaluate_command(tmp_path):
     assert "made_by" not in json.loads((run / "eval/replaced/step=4_cond.json").read_text())  # the training's
     out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "eval.guidance_scales=[-1]", cwd=tmp_path)
     assert out.returncode == 2 and "guidance_scale=-1 must be" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "a_file").write_text("kept")  # out= naming a file: refused before any sampling, the file untouched
+    out = run_cli("evaluate", "model=runs/e/finetune/p=0.1/seed=0", "out=a_file", cwd=tmp_path)
+    assert out.returncode == 2 and "out=a_file is a file, not a folder" in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and (tmp_path / "a_file").read_text() == "kept"
     fitted = ("model=runs/e/finetune/p=0.1/seed=0", "base=runs/e/base", "eval=tiny", "eval.priors=[self,auto,mix]")
     out = run_cli("evaluate", *fitted, "out=runs/fitted", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -96,6 +96,8 @@ def evaluate(cfg: DictConfig) -> Path:
     calibration split of the validation data; the weights used are written to prior_weights_<p>.json.
     """
     device = checks.device(cfg.device)
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UserError(f"out={cfg.out} is a file, not a folder: name a folder for the evaluation's records")
     given = _given_weights(cfg.get("prior_weights"))
     settings = eval_settings(cfg.eval)
     channels = prior_channels(cfg.prior_channels)
