@@ -9,7 +9,9 @@ import io
 import json
 import os
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -135,12 +137,18 @@ def _hf_source(tmp_path: Path, kind: str) -> Path:
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(4)]
-    if kind == "corrupt image":
+    if kind in ("corrupt image", "huge image"):
         for c in ("a", "b"):
             (tmp_path / "imgs" / c).mkdir(parents=True)
             for i, image in enumerate(images):
                 image.save(tmp_path / "imgs" / c / f"{i}.png")
-        (tmp_path / "imgs" / "a" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+        bad = b"\x89PNG\r\n\x1a\nnot an image"
+        if kind == "huge image":  # a PNG header of 20,000 × 20,000 px (PIL refuses it on opening: a decompression bomb)
+            ihdr = b"IHDR" + struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+            chunks = [ihdr, b"IDAT" + zlib.compress(b"\0"), b"IEND"]
+            bad = b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c))
+                                                 for c in chunks)  # fmt: skip
+        (tmp_path / "imgs" / "a" / "bad.png").write_bytes(bad)
         return tmp_path / "imgs"
     labels = {"string labels": ["a", "b", "a", "b"], "null labels": [0, None, 1, 0], "a single row": [0],
               "float labels": [0.0, 0.5, 1.0, 1.0]}[kind]  # fmt: skip
@@ -153,6 +161,7 @@ def _hf_source(tmp_path: Path, kind: str) -> Path:
     ("kind", "message"),
     [
         ("corrupt image", "bad.png cannot be read ("),
+        ("huge image", "bad.png is too large to decode safely (Image size (400000000 pixels) exceeds limit"),
         ("string labels", "data.label_column='label' of {source}: row 0 holds 'a', not a class index"),
         ("null labels", "row 1 holds an empty cell, not a class index"),
         ("a single row", "split 'train' holds 1 row(s); training needs at least 2"),

@@ -138,6 +138,9 @@ class HFDataModule(TensorDataModule):
             try:
                 img = Image.open(io.BytesIO(img["bytes"])) if img.get("bytes") else Image.open(img["path"])
                 img.load()
+            except Image.DecompressionBombError as err:  # PIL's guard against huge images (its message gives sizes)
+                raise UserError(f"data.source={self.source}: the image {where} is too large to decode safely ({err}); "
+                                "shrink it or remove it") from err  # fmt: skip
             except (OSError, ValueError, SyntaxError) as err:
                 raise UserError(f"data.source={self.source}: the image {where} cannot be read ({type(err).__name__}: "
                                 f"{err}); remove or replace it") from err  # fmt: skip
