@@ -93,6 +93,44 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_run_folder(tmp_p
     no_run_folder(tmp_path, "nan")
 
 
+def test_a_training_that_diverges_without_a_nan_says_so_in_its_log_and_done_json(tmp_path, cli):
+    """optimizer.lr=10000 drives the loss of toy2d from about 1 to about 1e14 within 60 steps, never to NaN: the
+    run finishes (its weights are written), and warns on stderr and in done.json. A healthy run records nothing."""
+    args = [a for a in TINY if not a.startswith(("trainer.max_steps", "trainer.val_check"))]
+    out = cli("train", "study=dv", *args, "trainer.max_steps=60", "trainer.val_check_interval=30",
+              "optimizer.lr=10000", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    warning = [line for line in out.stderr.splitlines() if "priorlab: warning:" in line]
+    assert len(warning) == 1 and "runs/dv/base diverged: its training loss rose from" in warning[0]
+    assert "lower optimizer.lr" in warning[0] and "Traceback" not in out.stderr
+    done = json.loads((tmp_path / "runs/dv/base/done.json").read_text())
+    assert done["step"] == 60 and done["diverged"]["last_loss"] > 1e6 * done["diverged"]["first_loss"] > 0
+    out = cli("train", "study=ok", *args, "trainer.max_steps=60", "trainer.val_check_interval=30", cwd=tmp_path)
+    assert out.returncode == 0 and "diverged" not in out.stderr
+    assert "diverged" not in json.loads((tmp_path / "runs/ok/base/done.json").read_text())
+
+
+def test_the_divergence_watch_compares_the_last_steps_with_the_lowest_first_ones():
+    from priorlab.training.callbacks import DivergenceWatch
+
+    def fed(losses, window=4):
+        watch = DivergenceWatch(window=window, factor=10.0)
+        for v in losses:
+            watch.on_train_batch_end(None, None, {"loss": torch.tensor(v)}, None, 0)
+        return watch
+
+    assert fed([1.0, 0.9, 0.8, 0.7, 0.5, 0.4, 0.4, 0.3]).verdict() is None  # learning
+    assert fed([1.0, 3.0, 2.0, 1.5, 9.0, 9.5, 9.9, 9.0]).verdict() is None  # below 10 x the first lowest (1.0)
+    blown = fed([1.0, 1e9, 1e9, 1e9, 1e8, 1e8, 1e8, 1e8]).verdict()  # diverged at step 2, inside the first window
+    assert blown == {"first_loss": 1.0, "last_loss": 1e8, "factor": 10.0, "window": 4}
+    assert fed([1.0, 1e9]).verdict() is None  # fewer steps than a window: no verdict
+    resumed = DivergenceWatch(window=4)  # a resumed run keeps the first window's lowest loss from its checkpoint
+    resumed.load_state_dict(fed([0.5, 0.6, 0.7, 0.8]).state_dict())
+    for v in (50.0, 60.0, 70.0, 80.0):
+        resumed.on_train_batch_end(None, None, torch.tensor(v), None, 0)
+    assert resumed.verdict() == {"first_loss": 0.5, "last_loss": 65.0, "factor": 10.0, "window": 4}
+
+
 def _model_folder(path: Path) -> Path:
     from diffusers import DDPMScheduler
 

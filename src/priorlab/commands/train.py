@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from priorlab import atomic
 from priorlab.checks import check_train_values
 from priorlab.errors import UserError
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
-from priorlab.training.callbacks import SaveDenoiser
+from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
 from priorlab.training.module import DiffusionModule
 from priorlab.training.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
 from priorlab.training.threads import set_cpu_threads
@@ -193,6 +194,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
         meta["base"] = {**record, "resumed_with": meta["base"]}  # the weights started from the recorded one
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     callbacks.append(SaveDenoiser(run_dir / "model", meta))
+    watch = DivergenceWatch()
+    callbacks.append(watch)
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else False
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
     check_launch(trainer)
@@ -210,8 +213,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
             record_forced(run_dir, forced, step)
     trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None, weights_only=True)
     _finish_wandb()
+    diverged = watch.verdict()
     if trainer.is_global_zero:
-        atomic.write_json(run_dir / DONE, {"step": trainer.global_step, "stage": cfg.stage.name}, indent=None)
+        done = {"step": trainer.global_step, "stage": cfg.stage.name}
+        if diverged:
+            done["diverged"] = diverged
+            print(f"priorlab: warning: {run_dir} diverged: its training loss rose from {diverged['first_loss']:.4g} "
+                  f"(the lowest of its first {diverged['window']} steps) to {diverged['last_loss']:.4g} (the mean of "
+                  f"its last {diverged['window']}); the model is unlikely to be of use: lower optimizer.lr and train "
+                  f"it again (recorded in {DONE})", file=sys.stderr, flush=True)  # fmt: skip
+        atomic.write_json(run_dir / DONE, done, indent=None)
     return run_dir / "model"
 
 

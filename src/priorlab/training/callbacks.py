@@ -280,3 +280,52 @@ class Throughput(L.Callback):
 def _sync(pl_module: L.LightningModule) -> None:
     if pl_module.device.type == "cuda":
         torch.cuda.synchronize(pl_module.device)
+
+
+class DivergenceWatch(L.Callback):
+    """Notices a training that diverged without a NaN (optimizer.lr=10000 ended at a loss of 7.7e15, marked done).
+
+    It keeps the training loss of the first `window` steps and of the last `window` steps on the device (no sync
+    per step); `verdict()` at the end compares the last window's mean with the first window's lowest loss (a run
+    may diverge within its first steps): above `factor` times that, the run diverged, returned as a record for
+    done.json. The first window's lowest loss travels with the checkpoint, so a resumed run compares with the
+    run's own start.
+    """
+
+    def __init__(self, window: int = 20, factor: float = 10.0):
+        from collections import deque
+
+        self.window, self.factor = window, factor
+        self.first: list[torch.Tensor] = []
+        self.first_low: float | None = None
+        self.last: deque = deque(maxlen=window)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        loss = loss.detach().float()
+        if self.first_low is None and len(self.first) < self.window:
+            self.first.append(loss)
+        self.last.append(loss)
+
+    def _first(self) -> float | None:
+        if self.first_low is None and self.first:
+            self.first_low = float(torch.stack(self.first).min())
+        return self.first_low
+
+    def state_dict(self) -> dict:
+        return {"first_low": self._first()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first_low = state.get("first_low")
+
+    def verdict(self) -> dict | None:
+        """{"first_loss", "last_loss", "factor"} when the loss ended `factor` times above its start, else None."""
+        first = self._first()
+        if first is None or len(self.last) < self.window:
+            return None
+        last = float(torch.stack(list(self.last)).mean())
+        if not last > self.factor * first:
+            return None
+        return {"first_loss": first, "last_loss": last, "factor": self.factor, "window": self.window}
