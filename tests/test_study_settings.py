@@ -113,3 +113,19 @@ def test_study_progress_says_k_of_n_with_the_time_left(tmp_path, capsys, monkeyp
 
 def test_durations_read_as_people_say_them():
     assert [duration(s) for s in (0.4, 45, 130, 3599, 3900)] == ["0s", "45s", "2m10s", "59m59s", "1h05m"]
+
+
+def test_a_study_without_a_preset_runs_the_experiments_default():
+    """`priorlab study NAME` with no preset=: the experiment's `default_preset`, else `quick`, else a one-line error
+    naming the presets (when_swap_pays has no `quick`: it failed before it declared its default)."""
+    from priorlab.study.spec import chosen_preset, load_experiment
+
+    assert chosen_preset(load_experiment("when_swap_pays"), None) == "quick_toy2d"
+    assert chosen_preset(load_experiment("paper_setting"), None) == "cpu"
+    assert chosen_preset(load_experiment("dropout_vs_prior"), None) == "quick"
+    assert chosen_preset(load_experiment("when_swap_pays"), "tiny") == "tiny"
+    for name in ("cheap_prior", "dropout_vs_prior", "paper_setting", "when_swap_pays"):
+        spec = load_experiment(name)
+        assert chosen_preset(spec, None) in spec["presets"]
+    with pytest.raises(UserError, match="experiment x has no default preset; choose one with preset=NAME: a, b"):
+        chosen_preset({"name": "x", "presets": {"a": {}, "b": {}}}, None)

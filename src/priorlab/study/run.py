@@ -25,7 +25,15 @@ from priorlab.study.layout import claim_study_dir, commit, machine, run_label
 from priorlab.study.progress import StudyProgress, duration
 from priorlab.study.schedule import exit_on_sigterm, run_parallel, run_priorlab, shell_line
 from priorlab.study.settings import describe, given_sweep, run_overrides, step_overrides
-from priorlab.study.spec import LAUNCHERS, load_experiment, preset_overrides, sweep_points, sweep_values, sweep_yaml
+from priorlab.study.spec import (
+    LAUNCHERS,
+    chosen_preset,
+    load_experiment,
+    preset_overrides,
+    sweep_points,
+    sweep_values,
+    sweep_yaml,
+)
 
 
 @dataclass
@@ -86,7 +94,8 @@ def make_plan(cfg: DictConfig) -> Plan:
     spec = load_experiment(cfg.name, cfg.get("experiments"))
     base_seeds = cfg.get("base_seeds")
     base_seeds = OmegaConf.to_container(base_seeds) if OmegaConf.is_list(base_seeds) else base_seeds
-    parts = preset_overrides(spec, cfg.preset, given_sweep(cfg), base_seeds)
+    preset = chosen_preset(spec, cfg.preset)
+    parts = preset_overrides(spec, preset, given_sweep(cfg), base_seeds)
     jobs = check_jobs(cfg, parts)
     runs = Path(cfg.paths.runs).resolve()
     study_dir = runs / spec["name"]
@@ -95,7 +104,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     bases, left_out = with_command_line(bases, run_overrides(cfg), step_overrides(cfg))
     check_runs(bases[0], sweep_points(bases[0].grid(parts["sweep"]))[0])
     commands = {b.label: finetune_commands(b, parts["sweep"], cfg.launcher, jobs) for b in bases}
-    return Plan(spec["name"], cfg.preset, study_dir, parts, bases, commands, jobs, left_out)
+    return Plan(spec["name"], preset, study_dir, parts, bases, commands, jobs, left_out)
 
 
 def finetune_commands(b: BaseRuns, sweep: dict, launcher: str, jobs: int) -> list[tuple[str, list[str]]]:

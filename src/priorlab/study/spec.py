@@ -34,6 +34,17 @@ def load_experiment(name: str, experiments_dir: str | Path | None = None) -> dic
     return spec
 
 
+def chosen_preset(spec: dict, preset: str | None) -> str:
+    """The preset to run: the one given, else the experiment's `default_preset`, else `quick`."""
+    presets = spec.get("presets") or {}
+    if preset is None:
+        preset = spec.get("default_preset") or ("quick" if "quick" in presets else None)
+    if preset is None:
+        raise UserError(f"experiment {spec['name']} has no default preset; choose one with preset=NAME: "
+                        f"{', '.join(presets)}")  # fmt: skip
+    return str(preset)
+
+
 def preset_overrides(spec: dict, preset: str, sweep: dict | None = None, base_seeds: list | None = None) -> dict:
     """The preset's override lists (common, base, finetune) and its sweep, with the command line's sweep axes
     (`study.settings.merge_sweep`) and base seeds where given."""
