@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip check
 	touch $(STAMP)
 
-# The main job on the embedded default: the dropout-vs-prior study, quick preset (toy2d, CPU, ~8 min).
+# The main job on the embedded default: the dropout-vs-prior study, quick preset (toy2d, CPU, 11-14 min on 2 cores).
 run: $(STAMP)
 	$(VENV)/bin/priorlab study dropout_vs_prior preset=quick
 

@@ -65,10 +65,12 @@ class _ContinuingWriter(ExperimentWriter):
                 reader = csv.DictReader(file)
                 header, rows = list(reader.fieldnames or []), list(reader)
             kept = [row for row in rows if row.get("step") not in (None, "") and float(row["step"]) < first]
-            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            tmp = f"{self.metrics_file_path}.tmp"  # rewritten beside it, then renamed: a kill keeps one whole file
+            with self._fs.open(tmp, "w", newline="") as file:
                 writer = csv.DictWriter(file, fieldnames=header)
                 writer.writeheader()
                 writer.writerows(kept)
+            self._fs.mv(tmp, self.metrics_file_path)
             self.metrics_keys.extend(sorted(set(header) - {""}))
         super().save()
 
