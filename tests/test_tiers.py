@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import E2E_MODULES, E2E_TESTS
+from conftest import E2E_MODULES, E2E_TESTS, LONGEST_FIRST
 
 TESTS = Path(__file__).parent
 
@@ -15,7 +15,7 @@ def _test_names(path: Path) -> set[str]:
 
 
 def test_every_listed_end_to_end_test_exists():
-    for module in E2E_MODULES:
+    for module in [*E2E_MODULES, *LONGEST_FIRST]:
         assert (TESTS / module).exists(), module
     for name in E2E_TESTS:
         module, test = name.split("::")
