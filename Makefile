@@ -20,11 +20,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
-	$(PY) -m pytest -n auto --dist loadscope   # one worker per core; a module's tests (and its fixtures) stay on one
+	$(PY) -m pytest -n auto --dist loadscope --no-loadscope-reorder   # a worker per core; modules whole, longest first (tests/conftest.py)
 
 # The unit tier, for the inner loop: everything but the end-to-end tests (studies, processes; tests/conftest.py).
 test-fast: $(STAMP)
-	$(PY) -m pytest -n auto --dist loadscope -m "not e2e and not slow"
+	$(PY) -m pytest -n auto --dist loadscope --no-loadscope-reorder -m "not e2e and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

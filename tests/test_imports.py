@@ -3,6 +3,8 @@
 One fresh interpreter imports the third-party libraries once (torch, diffusers, Lightning: seconds each), checks
 that no priorlab module is loaded, then forks one child per priorlab module, which imports only that module: each
 child starts with no priorlab module at all, as `python -c "import priorlab.X"` would, at a fraction of the time.
+The third-party modules are every one that priorlab's modules load (diffusers and transformers import theirs
+lazily, on first use): a first child imports all of priorlab and lists them, and the driver imports that list.
 """
 
 import os
@@ -16,9 +18,28 @@ SRC = Path(__file__).parents[1] / "src"
 THIRD_PARTY = ("torch", "diffusers", "lightning", "hydra", "omegaconf", "pandas", "scipy", "PIL", "yaml", "tqdm")
 
 DRIVER = """
-import importlib, os, sys, traceback
+import importlib, json, os, sys, tempfile, traceback
 for dep in {deps!r}:
     importlib.import_module(dep)
+listing = tempfile.mktemp()
+pid = os.fork()
+if pid == 0:  # import all of priorlab, and list the other modules that this loaded
+    before = set(sys.modules)
+    for name in {modules!r}:
+        importlib.import_module(name)
+    loaded = [m for m in sys.modules if m not in before and m.split(".")[0] != "priorlab"]
+    with open(listing, "w") as f:
+        json.dump(loaded, f)
+    os._exit(0)
+os.waitpid(pid, 0)
+with open(listing) as f:
+    third_party = json.load(f)
+os.unlink(listing)
+for dep in third_party:
+    try:
+        importlib.import_module(dep)
+    except Exception:  # one that only imports in priorlab's order: the child imports it then
+        pass
 assert not [m for m in sys.modules if m.split(".")[0] == "priorlab"], "the driver imported priorlab"
 failed = []
 for name in {modules!r}:

@@ -82,18 +82,6 @@ def test_a_study_too_short_to_learn_says_it_cannot_conclude(toy_study):
     assert "helps (" not in body and "hurts (" not in body
 
 
-def test_running_the_study_again_trains_nothing(toy_study):
-    root, study = toy_study
-    before = {p: p.stat().st_mtime_ns for p in study.glob("**/model/diffusion_pytorch_model.safetensors")}
-    results = (study / "results.csv").read_text()
-    out = run_cli("study", "dropout_vs_prior", "preset=tiny", cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("is finished") == 5
-    assert "[study dropout_vs_prior] 4 of 4 fine-tunes done already" in out.stdout and " done (p=" not in out.stdout
-    assert {p: p.stat().st_mtime_ns for p in before} == before and len(before) == 5
-    assert (study / "results.csv").read_text() == results
-
-
 def test_a_study_whose_base_changed_refuses_its_finished_fine_tunes(toy_study, tmp_path):
     """The study run again after its base's weights were overwritten: the first fine-tune names both hashes."""
     from safetensors.torch import load_file, save_file

@@ -56,11 +56,16 @@ def test_when_swap_pays_trains_each_base_once_and_sweeps_every_axis(swap_study):
 
 
 def test_when_swap_pays_again_trains_nothing(swap_study):
+    """Run again, a finished study of two bases skips every run: no model file is written again, the results
+    are the same (the toy2d study's own check of this, one base, was folded in here)."""
     root, study = swap_study
+    before = {p: p.stat().st_mtime_ns for p in study.glob("**/model/diffusion_pytorch_model.safetensors")}
     results = (study / "results.csv").read_text()
     out = run_cli("study", "when_swap_pays", "preset=tiny", cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("is finished") == 2 + 8
+    assert "[study when_swap_pays] 8 of 8 fine-tunes done already" in out.stdout and " done (p=" not in out.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before and len(before) == 2 + 8
     assert (study / "results.csv").read_text() == results
 
 
