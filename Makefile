@@ -8,8 +8,7 @@ STAMP := $(VENV)/.priorlab-installed
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0          # the local CPU wheel, before anything can ask for a CUDA build
-	$(PY) -m pip install -q -r requirements.lock   # the exact, tested environment
+	$(PY) -m pip install -q -r requirements.lock   # the exact, tested environment (torch==2.13.0: the CPU wheel)
 	$(PY) -m pip install -q --no-deps -e '.[dev]'  # priorlab itself; its declared ranges admit the lock
 	$(PY) -m pip check
 	touch $(STAMP)
