@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run a study in pieces of at most LIMIT seconds, as on a lent GPU machine whose commands are cut at 10 minutes:
-# each piece resumes the study (finished runs are skipped, unfinished ones resume from their last checkpoint) and
+# each piece resumes the study (finished runs are skipped, unfinished ones resume from their last checkpoint), packs
+# what it has so far every PACK_EVERY (120) seconds while it runs (a piece cut off from outside still returns that) and
 # ends by packing what the study has written so far into OUT/study.tgz (results.csv, report.md, study.json,
 # figures, the runs' logs (jobs > 1), the bases' and extra priors' loss logs, every fine-tune's metrics, configs and evaluation
 # records, and the first seed's sample grids, from which `priorlab report` rebuilds the
@@ -30,17 +31,24 @@ if ! python3 -c "import diffusers, hydra, priorlab" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
-left=$((limit - ($(date +%s) - start) - 30))   # 30 s kept for the study to record its piece and for packing
-timeout --signal=TERM --kill-after=15 "$left" priorlab study "$study" "preset=$preset" paths.runs=runs "${extra[@]}"
-rc=$?
 dir=runs/$study
-if [ -f "$dir/study.json" ]; then
+pack() {   # what the study has written so far, into OUT/study.tgz (a temporary name, then renamed)
+  [ -f "$dir/study.json" ] || return 0
   files=$(cd "$dir" && ls -d results.csv report.md study.json figures logs 2>/dev/null; \
     find base prior -name metrics.csv -o -name config.yaml -o -name done.json 2>/dev/null; \
     find finetune -name '*.json' -o -name metrics.csv -o -name config.yaml -o -path '*/seed=0/eval/grid_*.png' \
     2>/dev/null)
-  (cd "$dir" && tar czf "$out/study.tgz" $files) || true
-fi
+  (cd "$dir" && tar czf "$out/study.tgz.tmp" $files 2>/dev/null; mv -f "$out/study.tgz.tmp" "$out/study.tgz") || true
+}
+# Packed every PACK_EVERY seconds too: a piece cut off from outside (a machine's time running out) still leaves
+# the finished runs' records in OUT, since the lent machines return OUT's files whenever a command ends.
+(while sleep "${PACK_EVERY:-120}"; do pack; done) &
+packer=$!
+left=$((limit - ($(date +%s) - start) - 30))   # 30 s kept for the study to record its piece and for packing
+timeout --signal=TERM --kill-after=15 "$left" priorlab study "$study" "preset=$preset" paths.runs=runs "${extra[@]}"
+rc=$?
+kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+pack
 echo "piece: exit $rc after $(($(date +%s) - start)) s"
 [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && exit 3
 exit "$rc"
