@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip check
 	touch $(STAMP)
 
-# The main job on the embedded default: the dropout-vs-prior study, quick preset (toy2d, CPU, 11-14 min on 2 cores).
+# The main job on the embedded default: the dropout-vs-prior study, quick preset (toy2d, CPU, 2 cores: about 12 min, 14 with the install).
 run: $(STAMP)
 	$(VENV)/bin/priorlab study dropout_vs_prior preset=quick
 
