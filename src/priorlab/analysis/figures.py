@@ -58,6 +58,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _legend(ax, fontsize: int) -> None:
+    """A legend where the axes hold labelled lines (a figure without any, e.g. one prior's, gets none: matplotlib
+    warned)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+
+
 def _band(ax, x, groups, label, color, bounds: tuple[float, float] = (-np.inf, np.inf)):
     """Mean over seeds with its 95% t-interval as a band, clipped to the metric's range `bounds`."""
     est = [mean_ci(g) for g in groups]
@@ -93,7 +100,7 @@ def fd_vs_scale(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
             ax.set_title(f"{title + chr(10) if title else ''}cond_dropout={p:g}", fontsize=8)  # two lines
             ax.set_xlabel("guidance scale w")
         row_axes[0].set_ylabel(metric.upper())
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0][0], 7)
     return _save(fig, path)
 
 
@@ -119,7 +126,7 @@ def best_fd_vs_dropout(frame: pd.DataFrame, path: Path, metric: str = "fd") -> P
     ax.set_xticks(x, [f"{p:g}" for p in rates])
     ax.set_xlabel("cond_dropout")
     ax.set_ylabel(f"best {metric.upper()} over w")
-    ax.legend(fontsize=6)
+    _legend(ax, 6)
     return _save(fig, path)
 
 
@@ -152,7 +159,7 @@ def benefit_per_scale(benefits: pd.DataFrame, keys: list[str], valid, metric: st
     ax.set_xlabel("guidance scale w")
     ax.set_ylabel(f"{metric.upper()}: self − base" if not higher else f"{metric}: base − self")
     ax.set_title("the swap's benefit; > 0: the base prior is better (95% band over seeds)", fontsize=8)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return _save(fig, path)
 
 
@@ -172,7 +179,7 @@ def base_curves(study_dir: Path, path: Path) -> Path | None:
     ax.axvspan(0.8 * last, last, color="0.9", label="last 20% (the check)")
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out ∅ loss (eps MSE)")
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return _save(fig, path)
 
 
@@ -198,7 +205,7 @@ def drift(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel(ylabel)
-    axes[0].legend(fontsize=6)
+    _legend(axes[0], 6)
     return _save(fig, path)
 
 
@@ -225,7 +232,7 @@ def loss_per_timestep(frame: pd.DataFrame, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("timestep bucket start")
     ax.set_ylabel("eps MSE of ∅ prediction")
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return _save(fig, path)
 
 
@@ -307,7 +314,7 @@ def swap_vs_loss_ratio(points: pd.DataFrame, path: Path, metric: str = "fd") -> 
     ax.set_xlabel("mean over t buckets of log(L_self / L_base)  (> 0: base's ∅ loss lower)")
     ax.set_ylabel(f"{metric.upper()}(self) − {metric.upper()}(base)  (> 0: swap helps)")
     ax.set_title("sign rule: points in the upper-right and lower-left quadrants", fontsize=8)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     return _save(fig, path)
 
 
@@ -338,5 +345,5 @@ def log_ratio_per_bucket(per_bucket: pd.DataFrame, axes: list[str], path: Path) 
         axs[1][col].set_ylim(-0.05, 1.05)
     axs[0][0].set_ylabel("log(L_self / L_base)")
     axs[1][0].set_ylabel("mix: base weight")
-    axs[0][0].legend(fontsize=6)
+    _legend(axs[0][0], 6)
     return _save(fig, path)

@@ -32,6 +32,7 @@ def bucket_edges(num_train_timesteps: int, buckets: int) -> Tensor:
 def bucket_index(t: Tensor, edges: Tensor) -> Tensor:
     """The bucket b of each timestep, edges[b] ≤ t < edges[b + 1]; timesteps outside [0, T) go to the end buckets."""
     inner = edges[1:-1].to(t.device)
+    t = t.contiguous()  # an expanded t (one timestep per batch) made bucketize copy it, with a warning
     return torch.bucketize(t, inner.to(t.dtype) if t.is_floating_point() else inner, right=True)
 
 
