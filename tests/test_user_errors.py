@@ -129,6 +129,11 @@ def test_the_divergence_watch_compares_the_last_steps_with_the_lowest_first_ones
     for v in (50.0, 60.0, 70.0, 80.0):
         resumed.on_train_batch_end(None, None, torch.tensor(v), None, 0)
     assert resumed.verdict() == {"first_loss": 0.5, "last_loss": 65.0, "factor": 10.0, "window": 4}
+    early = DivergenceWatch(window=4)  # checkpointed after 2 of the first 4 steps: the other 2 still count
+    early.load_state_dict(fed([0.9, 0.8]).state_dict())
+    for v in (0.2, 0.7, 9.0, 9.0, 9.0, 9.0):
+        early.on_train_batch_end(None, None, torch.tensor(v), None, 0)
+    assert early.verdict() == {"first_loss": pytest.approx(0.2), "last_loss": 9.0, "factor": 10.0, "window": 4}
 
 
 def _model_folder(path: Path) -> Path:

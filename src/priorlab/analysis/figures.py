@@ -21,7 +21,7 @@ from priorlab.analysis.stats import mean_ci  # noqa: E402
 from priorlab.keys import BASE, SELF
 from priorlab.study.layout import axis_label  # noqa: E402
 
-COLORS = {"self": "tab:red", "base": "tab:blue"}
+COLORS = {SELF: "tab:red", BASE: "tab:blue"}
 EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown")  # the study's extra priors, in name order
 # The values each metric can take: a band (a confidence interval) is drawn inside them, never beyond.
 RANGES = {"accuracy": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "fd": (0.0, np.inf),

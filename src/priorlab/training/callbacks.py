@@ -285,19 +285,19 @@ def _sync(pl_module: L.LightningModule) -> None:
 class DivergenceWatch(L.Callback):
     """Notices a training that diverged without a NaN (optimizer.lr=10000 ended at a loss of 7.7e15, marked done).
 
-    It keeps the training loss of the first `window` steps and of the last `window` steps on the device (no sync
-    per step); `verdict()` at the end compares the last window's mean with the first window's lowest loss (a run
-    may diverge within its first steps): above `factor` times that, the run diverged, returned as a record for
-    done.json. The first window's lowest loss travels with the checkpoint, so a resumed run compares with the
-    run's own start.
+    It keeps the lowest training loss of the first `window` steps and the losses of the last `window` steps on the
+    device (no sync per step); `verdict()` at the end compares the last window's mean with that lowest loss (a run
+    may diverge within its first steps): above `factor` times it, the run diverged, returned as a record for
+    done.json. The lowest loss and the count of first steps seen travel with the checkpoint, so a resumed run
+    compares with the run's own start, whenever its checkpoints were written.
     """
 
     def __init__(self, window: int = 20, factor: float = 10.0):
         from collections import deque
 
         self.window, self.factor = window, factor
-        self.first: list[torch.Tensor] = []
-        self.first_low: float | None = None
+        self.seen = 0  # steps of the first window seen so far
+        self.low: torch.Tensor | float | None = None  # their lowest loss (a float when restored from a checkpoint)
         self.last: deque = deque(maxlen=window)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -305,27 +305,24 @@ class DivergenceWatch(L.Callback):
         if loss is None:
             return
         loss = loss.detach().float()
-        if self.first_low is None and len(self.first) < self.window:
-            self.first.append(loss)
+        if self.seen < self.window:
+            low = loss.new_tensor(self.low) if isinstance(self.low, float) else self.low
+            self.low = loss if low is None else torch.minimum(low, loss)
+            self.seen += 1
         self.last.append(loss)
 
-    def _first(self) -> float | None:
-        if self.first_low is None and self.first:
-            self.first_low = float(torch.stack(self.first).min())
-        return self.first_low
-
     def state_dict(self) -> dict:
-        return {"first_low": self._first()}
+        return {"first_low": None if self.low is None else float(self.low), "first_seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
-        self.first_low = state.get("first_low")
+        self.low, self.seen = state.get("first_low"), state.get("first_seen", self.window)
 
     def verdict(self) -> dict | None:
-        """{"first_loss", "last_loss", "factor"} when the loss ended `factor` times above its start, else None."""
-        first = self._first()
-        if first is None or len(self.last) < self.window:
+        """{"first_loss", "last_loss", "factor", "window"} when the loss ended `factor` times above its start, else
+        None."""
+        if self.low is None or len(self.last) < self.window:
             return None
-        last = float(torch.stack(list(self.last)).mean())
+        first, last = float(self.low), float(torch.stack(list(self.last)).mean())
         if not last > self.factor * first:
             return None
         return {"first_loss": first, "last_loss": last, "factor": self.factor, "window": self.window}
