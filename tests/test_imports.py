@@ -18,23 +18,24 @@ SRC = Path(__file__).parents[1] / "src"
 THIRD_PARTY = ("torch", "diffusers", "lightning", "hydra", "omegaconf", "pandas", "scipy", "PIL", "yaml", "tqdm")
 
 DRIVER = """
-import importlib, json, os, sys, tempfile, traceback
+import importlib, json, os, sys, traceback
 for dep in {deps!r}:
     importlib.import_module(dep)
-listing = tempfile.mktemp()
+read_end, write_end = os.pipe()
 pid = os.fork()
 if pid == 0:  # import all of priorlab, and list the other modules that this loaded
+    os.close(read_end)
     before = set(sys.modules)
     for name in {modules!r}:
         importlib.import_module(name)
     loaded = [m for m in sys.modules if m not in before and m.split(".")[0] != "priorlab"]
-    with open(listing, "w") as f:
+    with os.fdopen(write_end, "w") as f:
         json.dump(loaded, f)
     os._exit(0)
-os.waitpid(pid, 0)
-with open(listing) as f:
+os.close(write_end)
+with os.fdopen(read_end) as f:  # read before waiting: the list may not fit the pipe's buffer
     third_party = json.load(f)
-os.unlink(listing)
+os.waitpid(pid, 0)
 for dep in third_party:
     try:
         importlib.import_module(dep)
