@@ -7,9 +7,10 @@ STAMP := $(VENV)/.priorlab-installed
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock   # the exact, tested environment (torch==2.13.0: the CPU wheel)
-	$(PY) -m pip install -q --no-deps -e '.[dev]'  # priorlab itself; its declared ranges admit the lock
+	$(PY) -m pip install -q --upgrade pip uv==0.13.9
+	$(PY) -m pip install -q $$(grep '^torch==' requirements.lock)   # through pip, whose config may name a local wheel (the CPU one here)
+	$(VENV)/bin/uv pip install -q --python $(PY) -r requirements.lock   # the exact, tested environment; uv: about 3x faster than pip
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e '.[dev]'  # priorlab itself; its declared ranges admit the lock
 	$(PY) -m pip check
 	touch $(STAMP)
 
