@@ -334,7 +334,8 @@ def test_html_dashboard_embeds_the_data_the_validity_and_the_figures(tmp_path):
     parsed.feed(page)
     assert json.loads(parsed.scripts["data"]) == json.loads(json.dumps(data))
     assert len(parsed.images) == 1 and parsed.images[0].startswith("data:image/png;base64,")
-    assert "## Validity" in page and 'src="http' not in page and "src='http" not in page  # self-contained
+    assert "<h2>Validity: can this study answer its question?</h2>" in page and "<h2>Findings</h2>" in page
+    assert "## " not in page and 'src="http' not in page and "src='http" not in page  # self-contained
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="no JavaScript engine to run the dashboard's script")

@@ -25,7 +25,8 @@ COLORS = {SELF: "tab:red", BASE: "tab:blue"}
 EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown")  # the study's extra priors, in name order
 # The values each metric can take: a band (a confidence interval) is drawn inside them, never beyond.
 RANGES = {"accuracy": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "fd": (0.0, np.inf),
-          "kid": (0.0, np.inf), "loss": (0.0, np.inf), "disagreement": (0.0, np.inf)}  # fmt: skip
+          "kid": (0.0, np.inf), "loss": (0.0, np.inf), "disagreement": (0.0, np.inf),
+          "ideal_mse": (0.0, np.inf)}  # fmt: skip
 
 
 def metric_range(metric: str) -> tuple[float, float]:
