@@ -17,5 +17,6 @@ process logging to logs/<run>.log: the bases, then the fine-tunes (small models 
 
 Modules: `spec` (the experiment file and its presets), `bases` (the bases and extra priors of a preset),
 `compose` (their runs' configs), `layout` (the run folders, written and read), `schedule` (running the commands),
-`settings` (the command line of `priorlab study`), `slurm` (launcher=slurm), `progress` (k of n fine-tunes, time left), `run` (the study).
+`slurm` (launcher=slurm), `settings` (the command line of `priorlab study`), `progress` (k of n fine-tunes, time
+left), `run` (the study).
 """
