@@ -10,8 +10,8 @@
 #   experiments/run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT] [OVERRIDE...]
 #   e.g. experiments/run_in_pieces.sh dropout_vs_prior gpu 540 "$OUT" jobs=12      (overrides go to `priorlab study`)
 #
-# On a machine without priorlab's dependencies it installs them from .gpu-wheels/ first (../shared/gpu/wheels.sh
-# fills it; the time counts against the piece). Exit status: 0 when the study finished, 3 when the piece ran out
+# On a machine without priorlab's dependencies it installs them from .gpu-wheels/ first (experiments/gpu_wheels.sh
+# fills it, on a machine with network; the time counts against the piece). Exit status: 0 when the study finished, 3 when the piece ran out
 # of time (run it again), else the study's own.
 set -uo pipefail
 study=${1:?usage: run_in_pieces.sh STUDY PRESET [LIMIT_S] [OUT]}

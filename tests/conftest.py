@@ -228,6 +228,7 @@ E2E_TESTS = {
     "test_paper_setting.py::test_every_preset_of_every_experiment_composes": "dry-runs every preset (22)",
     "test_cheap_prior.py::test_cheap_prior_study_and_evaluate_with_an_extra_prior": "a study",
     "test_predictors.py::test_the_script_prints_each_study_and_writes_the_same_markdown": "an analysis script",
+    "test_study_slurm.py::test_a_study_on_slurm_runs_every_job_and_writes_its_results": "a study (SLURM stand-in)",
     # processes of their own
     "test_evaluation.py::test_metrics_from_two_gloo_processes_equal_those_from_one": "two gloo processes",
     "test_cli.py::test_two_process_ddp_fit": "two DDP processes",

@@ -13,8 +13,10 @@ resumes unfinished ones from their last checkpoint. With a DDP trainer and the b
 one `priorlab train` per sweep point instead of one multirun (Lightning starts DDP processes by re-running the
 command line, which must not hold -m). `jobs=N` (or a preset's `jobs:`) trains N runs at once, each its own
 process logging to logs/<run>.log: the bases, then the fine-tunes (small models leave a large GPU mostly idle).
+`launcher=slurm` submits every run as a SLURM job instead, each base's fine-tunes depending on it (`slurm`).
 
 Modules: `spec` (the experiment file and its presets), `bases` (the bases and extra priors of a preset),
 `compose` (their runs' configs), `layout` (the run folders, written and read), `schedule` (running the commands),
-`settings` (the command line of `priorlab study`), `progress` (k of n fine-tunes, time left), `run` (the study).
+`slurm` (launcher=slurm), `settings` (the command line of `priorlab study`), `progress` (k of n fine-tunes, time
+left), `run` (the study).
 """

@@ -102,8 +102,10 @@ def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRun
             folder = b.base_dir / f"seed={seed}"
             label = f"{b.label}_seed={seed}" if b.label else f"seed={seed}"
             own = [o for o in b.base if not o.startswith("stage.run_subdir=")]
-            others = [override(f"+extra_priors.{p}", other / f"seed={seed}") for p, other in b.others.items()]
+            others = {p: other / f"seed={seed}" for p, other in b.others.items()}
+            extra = [override(f"+extra_priors.{p}", other) for p, other in others.items()]
             out.append(BaseRuns(label, folder,
                                 [*own, f"seed={seed}", f"stage.run_subdir={folder.relative_to(study_dir)}"],
-                                [*b.finetune, *others], seeds[i :: len(base_seeds)], sweep=b.sweep))  # fmt: skip
+                                [*b.finetune, *extra], seeds[i :: len(base_seeds)], others=others,
+                                sweep=b.sweep))  # fmt: skip
     return out

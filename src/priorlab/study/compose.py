@@ -82,7 +82,7 @@ def check_runs(b: BaseRuns, point: list[str]) -> None:
             compose_train(overrides)
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors: one line naming the key
             message = composition_error("train", CONFIG_DIR, overrides, err)
-            own = ", ".join(k for k in STUDY_KEYS if k not in ("hydra", "overrides"))
+            own = ", ".join(k for k in STUDY_KEYS if k not in ("hydra", "overrides", "launcher_overrides"))
             sep = " " if message.endswith("?") else ". "
             raise UserError(f"{message}{sep}A study takes its own settings ({own}) and those of `priorlab train` "
                             "for every run") from err  # fmt: skip

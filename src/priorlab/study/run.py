@@ -25,6 +25,7 @@ from priorlab.study.layout import claim_study_dir, commit, machine, run_label
 from priorlab.study.progress import StudyProgress, duration
 from priorlab.study.schedule import exit_on_sigterm, run_parallel, run_priorlab, shell_line
 from priorlab.study.settings import describe, given_sweep, run_overrides, step_overrides
+from priorlab.study.slurm import launcher_settings, require_submitit, run_on_slurm
 from priorlab.study.spec import (
     LAUNCHERS,
     chosen_preset,
@@ -49,6 +50,7 @@ class Plan:
     commands: dict
     jobs: int
     left_out: list[str]
+    slurm: dict | None = None  # launcher=slurm: the jobs' settings (`study.slurm.launcher_settings`)
 
     def points(self, b: BaseRuns) -> list[list[str]]:
         return sweep_points(b.grid(self.parts["sweep"]))
@@ -81,12 +83,29 @@ def check_jobs(cfg: DictConfig, parts: dict) -> int:
     """The runs trained at once: jobs= on the command line, else the preset's."""
     if cfg.launcher not in LAUNCHERS:
         raise UserError(f"launcher={cfg.launcher} is unknown; use one of {', '.join(LAUNCHERS)}")
+    if cfg.launcher != "basic":  # a preset's `jobs` is for the basic launcher; SLURM runs the jobs at once itself
+        if cfg.get("jobs") not in (None, 1):
+            raise UserError(f"jobs={cfg.jobs} is for the basic launcher; launcher={cfg.launcher} runs its jobs "
+                            "at once itself (hydra.launcher.array_parallelism=N caps them)")  # fmt: skip
+        return 1
     jobs = parts["jobs"] if cfg.get("jobs") is None else cfg.jobs
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise UserError(f"jobs={jobs!r} must be a whole number of at least 1 (the runs trained at once)")
-    if jobs > 1 and cfg.launcher != "basic":
-        raise UserError(f"jobs={jobs} is for the basic launcher; launcher={cfg.launcher} runs its jobs at once itself")
     return jobs
+
+
+def check_launcher_settings(cfg: DictConfig, study_dir: Path) -> dict | None:
+    """launcher=slurm: the jobs' settings (configs/hydra/launcher/slurm.yaml, then the command line's
+    hydra.launcher.*), and submitit installed (a dry run does without); other launchers take no such settings."""
+    given = list(cfg.get("launcher_overrides") or [])
+    if cfg.launcher != "slurm":
+        if given:
+            raise UserError(f"{given[0]} is a SLURM setting; add launcher=slurm, or leave it out")
+        return None
+    settings = launcher_settings(given, study_dir)
+    if not cfg.dry_run:
+        require_submitit()
+    return settings
 
 
 def make_plan(cfg: DictConfig) -> Plan:
@@ -103,21 +122,22 @@ def make_plan(cfg: DictConfig) -> Plan:
     bases = with_priors(study_bases(study_dir, common, parts), study_dir, common, parts)
     bases, left_out = with_command_line(bases, run_overrides(cfg), step_overrides(cfg))
     check_runs(bases[0], sweep_points(bases[0].grid(parts["sweep"]))[0])
+    slurm = check_launcher_settings(cfg, study_dir)
     commands = {b.label: finetune_commands(b, parts["sweep"], cfg.launcher, jobs) for b in bases}
-    return Plan(spec["name"], preset, study_dir, parts, bases, commands, jobs, left_out)
+    return Plan(spec["name"], preset, study_dir, parts, bases, commands, jobs, left_out, slurm)
 
 
 def finetune_commands(b: BaseRuns, sweep: dict, launcher: str, jobs: int) -> list[tuple[str, list[str]]]:
-    """A base's fine-tunes: one `priorlab train` per sweep point (jobs at once, or a DDP trainer, which re-runs its
-    command line and so cannot be a multirun), else one multirun of the sweep."""
+    """A base's fine-tunes: one `priorlab train` per sweep point (a SLURM job each, jobs at once, or a DDP trainer,
+    which re-runs its command line and so cannot be a multirun), else one multirun of the sweep."""
     fixed = ["stage=finetune", override("base", b.base_dir), *b.finetune]
     own_sweep = b.grid(sweep)
     points = sweep_points(own_sweep)
-    if launcher == "basic" and (jobs > 1 or launches_ddp_processes([*fixed, *points[0]])):
+    if launcher == "slurm" or jobs > 1 or launches_ddp_processes([*fixed, *points[0]]):
         tag = [f"base_{b.label}"] if b.label else []
         return [("_".join(["finetune", *tag, *map(run_label, point)]), ["train", *fixed, *point]) for point in points]
     values = [f"{key}={sweep_values(values)}" for key, values in own_sweep.items()]
-    return [("finetunes", ["train", "-m", *fixed, *values, *LAUNCHERS[launcher]])]
+    return [("finetunes", ["train", "-m", *fixed, *values])]
 
 
 def print_plan(plan: Plan) -> None:
@@ -125,6 +145,9 @@ def print_plan(plan: Plan) -> None:
     counts = (len(plan.bases), plan.total)
     first = first_configs(plan.bases[0], plan.parts)
     print(describe(plan.name, plan.preset, first, plan.parts["sweep"], counts, plan.left_out))
+    if plan.slurm is not None:
+        shown = ", ".join(f"{k}={v}" for k, v in plan.slurm.items() if v not in (None, {}, []))
+        print(f"  slurm:      a job per run, the fine-tunes of a base after it (afterok): {shown}")
     for label, args in prior_jobs(plan.bases):
         print(f"{label}: {shell_line(['priorlab', *args])}")
     for b in plan.bases:
@@ -160,9 +183,12 @@ def run_plan(plan: Plan, started: float) -> None:
     progress = StudyProgress(plan.name, plan.study_dir / "finetune", plan.total, started)
     finished = False
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
-    server = forkserver.ForkServer() if forkserver.enabled() else None  # imports while the study starts up
+    # imports while the study starts up (SLURM's jobs start processes of their own)
+    server = forkserver.ForkServer() if forkserver.enabled() and plan.slurm is None else None
     try:
-        if plan.jobs > 1:
+        if plan.slurm is not None:
+            run_on_slurm(plan, progress)
+        elif plan.jobs > 1:
             _run_at_once(plan, progress, server)
         else:
             _run_in_turn(plan, progress, server)

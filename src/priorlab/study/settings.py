@@ -21,7 +21,7 @@ from priorlab.overrides import override
 
 # The study's own settings (configs/study.yaml); any other key=value is a setting of every run.
 STUDY_KEYS = ("name", "preset", "sweep", "base_steps", "finetune_steps", "base_seeds", "jobs", "launcher",
-              "experiments", "extra", "overrides", "dry_run", "paths", "hydra")  # fmt: skip
+              "experiments", "extra", "overrides", "launcher_overrides", "dry_run", "paths", "hydra")  # fmt: skip
 # Settings the study itself gives each run: the command line cannot set them for every run.
 SET_BY_STUDY = {"seed": "sweep.seed=[...]", "cond_dropout": "sweep.cond_dropout=[...]", "stage": None,
                 "base": None, "study": None, "paths.run_dir": None, "stage.run_subdir": None}  # fmt: skip
@@ -30,16 +30,20 @@ STEPS = {"base_steps": "trainer.max_steps", "finetune_steps": "trainer.max_steps
 
 def route_study_args(args: list[str]) -> list[str]:
     """The `priorlab study` command line for Hydra: the study's own overrides as they are (a `sweep.KEY=...`
-    added where the preset has no such axis), every other key=value collected into `overrides=[...]`."""
+    added where the preset has no such axis), `hydra.launcher.KEY=...` (the SLURM jobs' settings, not the study's
+    own launcher's) collected into `launcher_overrides=[...]`, every other key=value into `overrides=[...]`."""
 
-    own, runs = [], []
+    own, runs, launcher = [], [], []
     for arg in args:
         key, sep, _ = arg.partition("=")
         name = key.lstrip("+~")
-        if arg.startswith("-") or not sep or name.split(".")[0] in STUDY_KEYS:
+        if sep and name.startswith("hydra.launcher."):
+            launcher.append(arg)
+        elif arg.startswith("-") or not sep or name.split(".")[0] in STUDY_KEYS:
             own.append(f"++{arg}" if name.startswith("sweep.") and key == name else arg)
         else:
             runs.append(arg)
+    own += [override("launcher_overrides", launcher)] if launcher else []
     return [*own, override("overrides", runs)] if runs else own
 
 

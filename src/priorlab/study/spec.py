@@ -15,7 +15,7 @@ from priorlab.study.settings import merge_sweep
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "experiments"
 
-LAUNCHERS = {"basic": [], "slurm": ["hydra/launcher=slurm"]}
+LAUNCHERS = ("basic", "slurm")  # here, one run or `jobs` at a time | every run a SLURM job (`study.slurm`)
 
 
 def load_experiment(name: str, experiments_dir: str | Path | None = None) -> dict:
