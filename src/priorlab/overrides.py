@@ -4,11 +4,11 @@ commands of their runs (no module here imports either)."""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
-CONFIG_DIR = Path(os.environ.get("PRIORLAB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+from priorlab.resources import shipped_dir
+
+CONFIG_DIR = shipped_dir("configs")
 
 # A first argument without '=' is the value of this key: `priorlab study NAME`, `priorlab report runs/NAME`.
 POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name", "data": "dataset"}

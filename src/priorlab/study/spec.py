@@ -11,9 +11,10 @@ import yaml
 
 from priorlab.errors import UserError
 from priorlab.overrides import override, override_value
+from priorlab.resources import shipped_dir
 from priorlab.study.settings import merge_sweep
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "experiments"
+EXPERIMENTS_DIR = shipped_dir("experiments")
 
 LAUNCHERS = {"basic": [], "slurm": ["hydra/launcher=slurm"]}
 
