@@ -233,6 +233,7 @@ E2E_TESTS = {
     "test_cli.py::test_two_process_ddp_fit": "two DDP processes",
     "test_resume.py::test_sigkill_then_resume_gives_identical_weights": "a run killed with SIGKILL",
     "test_configs.py::test_installing_priorlab_keeps_the_installed_torch_and_everything_else": "pip in a venv",
+    "test_install.py::test_the_wheel_ships_the_folders_and_runs_a_study_from_elsewhere": "builds, installs, runs",
     "test_training.py::test_the_same_run_started_twice_fails_in_one_line": "a run while another process holds it",
     "test_data.py::test_mnist_split_is_deterministic_and_class_subset_works": "loads and resizes all of MNIST",
     "test_data.py::test_train_per_class_keeps_the_first_n_of_each_class_and_evaluation_keeps_all": "all of MNIST",
