@@ -20,7 +20,7 @@ PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"
 # Settings that hold paths or names of folders: a value that Hydra would read as a number or a boolean is quoted.
 PATH_VALUES = {"base", "paths.runs", "paths.run_dir", "data.source", "data.name", "model_dir", "evaluator", "out",
                "study_dir", "image", "calibration", "prior_weights", "name", "study", "stage.run_subdir", "data.root",
-               "tarballs"}  # fmt: skip
+               "tarballs", "experiments"}  # fmt: skip
 
 REQUIRED = {"model_dir": "model=PATH", "study_dir": "priorlab report runs/NAME", "name": "priorlab study NAME"}
 
