@@ -26,9 +26,11 @@ def load_experiment(name: str, experiments_dir: str | Path | None = None) -> dic
         known = sorted(p.stem for p in Path(experiments_dir or EXPERIMENTS_DIR).glob("*.yaml"))
         raise UserError(f"no experiment {name!r} (looked for {path}); known: {', '.join(known) or 'none'}")
     try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
+    except OSError as err:  # a folder named NAME.yaml, a file it may not read
+        raise UserError(f"{path} cannot be read ({err.strerror or type(err).__name__})") from err
     if not isinstance(spec, dict):
         raise UserError(f"{path} must hold a mapping with a `presets` key")
     spec.setdefault("name", path.stem)
