@@ -234,6 +234,7 @@ E2E_TESTS = {
     "test_cli.py::test_two_process_ddp_fit": "two DDP processes",
     "test_resume.py::test_sigkill_then_resume_gives_identical_weights": "a run killed with SIGKILL",
     "test_configs.py::test_installing_priorlab_keeps_the_installed_torch_and_everything_else": "pip in a venv",
+    "test_install.py::test_the_wheel_ships_the_folders_and_runs_a_study_from_elsewhere": "builds, installs, runs",
     "test_training.py::test_the_same_run_started_twice_fails_in_one_line": "a run while another process holds it",
     "test_dashboard.py::test_dashboard_in_headless_chromium": "starts headless Chromium on a study's dashboard",
     "test_data.py::test_mnist_split_is_deterministic_and_class_subset_works": "loads and resizes all of MNIST",
@@ -256,7 +257,8 @@ E2E_TESTS = {
 # alone with them for minutes.
 LONGEST_FIRST = ["test_study.py", "test_study_axes.py", "test_evaluation.py", "test_paper_setting.py", "test_cli.py",
                  "test_imports.py", "test_forkserver.py", "test_user_errors.py", "test_resume.py", "test_own_data.py",
-                 "test_pipelines.py", "test_data.py", "test_cheap_prior.py", "test_fuzz.py"]  # fmt: skip
+                 "test_pipelines.py", "test_data.py", "test_cheap_prior.py", "test_fuzz.py",
+                 "test_install.py"]  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

@@ -222,6 +222,20 @@ def test_export_and_sample_user_mistakes_are_one_line_errors(runs, tmp_path, cli
     assert not (tmp_path / "o").exists() and (tmp_path / "full" / "x").read_text() == "x"
 
 
+def test_out_never_names_a_folder_that_holds_the_working_folder_or_an_input(runs, tmp_path, cli):
+    """out= is replaced whole: out=. or a folder above the model would delete them, overwrite=true or not."""
+    ft = runs["unet", "ft"]
+    (tmp_path / "keep").write_text("x")
+    sample = ["sample", f"model={ft}", "prior=self", "class_labels=[0]", "num_steps=1", "progress=false"]
+    for args in (["export", f"model={ft}", "out=.", "overwrite=true"],
+                 ["export", f"model={ft}", f"out={ft.parent}", "overwrite=true"],
+                 [*sample, f"out={ft.parents[2]}", "overwrite=true"],
+                 [*sample, "out=''", "overwrite=true"]):  # fmt: skip
+        result = cli(*args, cwd=tmp_path)
+        assert result.returncode == 2 and "which writing out= would delete" in result.stderr, result.stderr[-1500:]
+    assert (tmp_path / "keep").read_text() == "x" and (ft / "model" / "priorlab.json").is_file()
+
+
 def test_a_changed_recorded_base_is_refused(runs, tmp_path):
     import shutil
 

@@ -1,5 +1,7 @@
 """The CLI fuzzed: random overrides and corrupted files end with rc 0, or with rc 2 and one `priorlab: error:` line;
 never with a traceback, and never with changed bytes in a run folder that the command was not meant to write.
+The commands: train (dry runs and tiny real runs), evaluate, report, sample and export (on a tiny image model), and
+study (dry runs, on the shipped experiments and on a corrupted copy of one).
 
 Case i is drawn from random.Random(f"priorlab-fuzz-{i}") alone, so a failure names the case and its command line
 and repeats on its own: `FUZZ_CASES=i-i pytest -m slow tests/test_fuzz.py -k many`. The default suite runs the
@@ -21,15 +23,20 @@ from pathlib import Path
 import pytest
 
 from conftest import Server, compose_cfg
+from priorlab.study.spec import EXPERIMENTS_DIR
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent / "results" / "dropout_vs_prior_gpu_first_preset"
-FEW, MANY = 8, 240
+FEW, MANY = 11, 240
 TINY = ["data=toy2d", "data.num_samples=600", "model=mlp", "model.hidden=8", "model.depth=1", "logger=csv",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.batch_size=16",
         "callbacks.progress.metrics_every_n_steps=1"]  # fmt: skip
 FINETUNE = "runs/t/finetune/p=0.1/seed=0"
-KINDS = ["dry", "real", "dry", "evaluate", "report", "dry", "corrupt", "real", "report", "evaluate"]
+IMAGES = "runs/img"  # a tiny class-conditional UNet base and fine-tune: `sample` and `export` refuse toy2d models
+IMAGE_FT = f"{IMAGES}/finetune/p=0.1/seed=0"
+# Case i is of kind KINDS[i % 15]; the first FEW (the default suite) hold every kind.
+KINDS = ["dry", "real", "sample", "evaluate", "study", "report", "export", "dry", "corrupt", "sample", "real",
+         "study", "report", "evaluate", "dry"]  # fmt: skip
 
 # Values: the edges of numbers, wrong types, empty, quoting, unicode, interpolations, lists and mappings.
 VALUES = ["-1", "-0.5", "0", "1", "2", "0.5", "1e308", "-1e308", "1e-300", str(10**30), "nan", "inf", "-inf",
@@ -40,7 +47,8 @@ VALUES = ["-1", "-0.5", "0", "1", "2", "0.5", "1e308", "-1e308", "1e-300", str(1
 SMALL = [v for v in VALUES if v not in ("1e308", str(10**30), "inf", "1.5e3", "1_000", "0x10")] + ["3"]
 SIZE_KEYS = ("max_steps", "num_samples", "hidden", "depth", "batch_size", "num_train_timesteps", "num_classes",
              "num_steps", "heldout", "calibration", "check_samples", "kid_subset", "grid_per_class", "bootstrap",
-             "buckets", "warmup", "metrics_every_n_steps")  # fmt: skip
+             "buckets", "warmup", "metrics_every_n_steps", "num_images", "num_frames", "height", "width", "fps",
+             "calibration_size", "calibration_buckets")  # fmt: skip
 REAL_KEYS = ["seed", "cond_dropout", "optimizer.lr", "optimizer.weight_decay", "trainer.max_steps",
              "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.log_every_n_steps",
              "trainer.precision", "trainer.accelerator", "lr_schedule", "label_lr_scale",
@@ -81,6 +89,31 @@ PLAUSIBLE = {"seed": ["1", "4294967295"], "cond_dropout": ["0", "1", "0.999"], "
              "device": ["cpu", "auto", "cuda:0", "mps"], "prior_channels": ["[0,1]", "[0,2]", "[1,0]", "[0,5]"],
              "prior_weights": ["runs/st/study.json", "runs/t/base/model/config.json"],
              "base": ["runs/t", "runs/t/base/model", "runs/t/finetune/p=0.1/seed=0"]}  # fmt: skip
+SAMPLE_KEYS = ["prior", "prior_weights", "calibration", "calibration_size", "calibration_buckets",
+               "calibration_objective", "prompt", "negative_prompt", "image", "class_labels", "guidance_scale",
+               "image_guidance_scale", "num_steps", "num_images", "num_frames", "height", "width", "seed", "compare",
+               "out", "overwrite", "device", "dtype", "base_check", "base", "model"]  # fmt: skip
+SAMPLE_PLAUSIBLE = {"prior": ["base", "self", "auto", "mix", "none"], "class_labels": ["[0]", "[3]", "[-1]", "[]"],
+                    "guidance_scale": ["0", "1", "3", "-2"], "num_steps": ["1", "2"], "num_images": ["1", "2"],
+                    "height": ["8", "16", "4"], "width": ["8", "12"], "seed": ["1", "4294967295"],
+                    "compare": ["true"], "overwrite": ["true"], "device": ["cpu", "auto", "cuda", "mps"],
+                    "dtype": ["float16", "bfloat16", "float64", "int8"], "base_check": ["false"],
+                    "prior_weights": ["runs/st/study.json", f"{IMAGES}/base/model/config.json"],
+                    "calibration": ["runs", f"{IMAGES}/base/model"], "calibration_buckets": ["1", "2"],
+                    "calibration_objective": ["null_loss", "guided"], "image": [f"{IMAGES}/base/model/config.json"],
+                    "base": [IMAGES, f"{IMAGES}/base/model", IMAGE_FT, "runs/t/base"],
+                    "model": [f"{IMAGE_FT}/model", f"{IMAGES}/base", FINETUNE, "exported"],
+                    "class_names": ["[a,b,c]", "[a]", "[a,a,a]", "[1,2,3]", "[]"]}  # fmt: skip
+# Where `sample` and `export` may write: never a value that names a folder outside the case (${oc.env:HOME}).
+OUTS = ["out", "'out/a b'", "'out/日本'", "''", "x=y", "runs_out", "."]
+STUDY_KEYS = ["preset", "sweep.cond_dropout", "sweep.seed", "sweep.data.train_per_class", "sweep.nope", "base_steps",
+              "finetune_steps", "base_seeds", "launcher", "jobs", "experiments", "extra", "name"]  # fmt: skip
+STUDY_PLAUSIBLE = {"preset": ["tiny", "quick", "gpu", "full_dit", "nope"], "sweep.cond_dropout": ["[0,0.1]", "[2]"],
+                   "sweep.seed": ["[0,1]", "[0,0]"], "sweep.data.train_per_class": ["[5,all]"],
+                   "base_steps": ["1", "0"], "finetune_steps": ["1"], "base_seeds": ["[0,1]", "[0]", "[5]"],
+                   "launcher": ["basic", "slurm"], "jobs": ["1", "2", "0"], "experiments": ["exp", "runs"],
+                   "extra": ["[trainer=gpu]", "[data=mnist]", "[nope=1]"],
+                   "name": ["cheap_prior", "exp/mine.yaml"]}  # fmt: skip
 GROUPS = {"data": ["toy2d", "digits", "mnist", "hf"], "model": ["mlp", "unet_tiny", "dit_s", "unet_b"],
           "trainer": ["cpu", "ddp_cpu", "gpu", "ddp"], "callbacks": ["default", "eval"],
           "stage": ["base", "finetune"], "eval": ["default", "tiny"], "logger": ["csv", "default"]}  # fmt: skip
@@ -88,8 +121,9 @@ GROUPS = {"data": ["toy2d", "digits", "mnist", "hf"], "model": ["mlp", "unet_tin
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A finished toy2d base and fine-tune with an evaluator (runs/t, runs/evaluators), and a study folder with
-    results.csv and study.json (runs/st), made once; each case works on its own copy."""
+    """A finished toy2d base and fine-tune with an evaluator (runs/t, runs/evaluators), a study folder with
+    results.csv and study.json (runs/st), a tiny image base and fine-tune (runs/img) and a copy of an experiment
+    (exp/mine.yaml), made once; each case works on its own copy."""
     root = tmp_path_factory.mktemp("fuzz_world")
     server = Server()
     for args in (["train", "study=t", *TINY], ["train", "study=t", "stage=finetune", "base=runs/t/base", *TINY],
@@ -99,8 +133,31 @@ def world(tmp_path_factory):
     (root / "runs" / "st").mkdir()
     for name in ("results.csv", "study.json"):
         shutil.copy(RESULTS / name, root / "runs" / "st" / name)
+    _image_runs(root)
+    (root / "exp").mkdir()
+    shutil.copy(EXPERIMENTS_DIR / "dropout_vs_prior.yaml", root / "exp" / "mine.yaml")
     yield root, server
     server.close()
+
+
+def _image_runs(root: Path) -> None:
+    """A base and a fine-tune of a tiny class-conditional UNet (1×8×8 images, 3 classes, untrained), saved as a
+    study saves them. The fine-tune records its base by a relative path, so that in each case's copy the recorded
+    base is the copy's (a damaged one is refused, not taken for another prior)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from priorlab.models import content_hash, save_denoiser, unet
+
+    schedule = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return unet((1, 8, 8), 3, block_out_channels=(8, 16), attention=(False, False), norm_num_groups=4).eval()
+
+    base = save_denoiser(build(1), schedule, root / IMAGES / "base" / "model", stage="base", step=4)
+    record = {"path": f"{IMAGES}/base/model", "sha256": content_hash(base)}
+    save_denoiser(build(2), schedule, root / IMAGE_FT / "model", stage="finetune", step=4, base=record)
 
 
 @dataclass
@@ -111,6 +168,7 @@ class Case:
     allowed: list[str] = field(default_factory=list)  # path prefixes (relative to the case folder) it may write
     study: str | None = None  # train: runs/<study> must hold no run file after an error
     note: str = ""  # the corruption made
+    watch: str = ""  # the folder (relative to the case folder) whose files are compared: all of it by default
 
     def describe(self) -> str:
         note = f" after {self.note}" if self.note else ""
@@ -138,11 +196,21 @@ def _override(rng: random.Random, key: str, values: list[str]) -> str:
     return f"{prefix}{key}={rng.choice(values)}"
 
 
-def _values(key: str, rng: random.Random) -> list[str]:
+def _values(key: str, rng: random.Random, plausible: dict = PLAUSIBLE) -> list[str]:
     """The values to draw for `key` in a run that trains or evaluates: half of the time its plausible ones."""
-    if key in PLAUSIBLE and rng.random() < 0.5:
-        return PLAUSIBLE[key]
+    if key in plausible and rng.random() < 0.5:
+        return plausible[key]
     return SMALL if key.rsplit(".", 1)[-1] in SIZE_KEYS else VALUES
+
+
+def _command_overrides(rng: random.Random, keys: list[str], plausible: dict, most: int) -> list[str]:
+    """Up to `most` overrides of `sample`, `export` or `study` keys; `out` only ever names a folder in the case,
+    and no value reads the environment (a path from ${oc.env:HOME} would be the user's home)."""
+    out = []
+    for key in rng.sample(keys, rng.randint(0, most)):
+        values = OUTS if key == "out" else [v for v in _values(key, rng, plausible) if "oc.env" not in v]
+        out.append(_override(rng, key, values))
+    return out
 
 
 _KEYS: dict[tuple, list[str]] = {}
@@ -223,6 +291,43 @@ def report_case(i: int, rng: random.Random, case_dir: Path) -> Case:
     if rng.random() < 0.2:
         args.append(_override(rng, rng.choice(["study_dir", "dry_run", "name"]), VALUES))
     return Case(i, "report", args, ["runs/st/figures", "runs/st/report.md", "runs/st/.report.md.tmp"], note=note)
+
+
+def _maybe_corrupt(rng: random.Random, case_dir: Path, p: float) -> str:
+    """With probability p, one of the image runs' files damaged (`corrupt`); what was done, or ""."""
+    if rng.random() >= p:
+        return ""
+    model, base = f"{IMAGE_FT}/model", f"{IMAGES}/base/model"
+    files = [f"{model}/priorlab.json", f"{model}/config.json", f"{model}/scheduler_config.json",
+             f"{model}/diffusion_pytorch_model.safetensors", f"{base}/priorlab.json",
+             f"{base}/diffusion_pytorch_model.safetensors"]  # fmt: skip
+    return corrupt(rng, case_dir / rng.choice(files), case_dir)
+
+
+def sample_case(i: int, rng: random.Random, case_dir: Path) -> Case:
+    note = _maybe_corrupt(rng, case_dir, 0.3)
+    base = [f"base={IMAGES}/base"] if rng.random() < 0.7 else []
+    args = ["sample", f"model={IMAGE_FT}", *base, "class_labels=[0,2]", "num_steps=2", "progress=false", "out=out",
+            *_command_overrides(rng, SAMPLE_KEYS, SAMPLE_PLAUSIBLE, 3)]  # fmt: skip
+    return Case(i, "sample", args, note=note, watch="runs")  # it may write anywhere in the case, but not in runs/
+
+
+def export_case(i: int, rng: random.Random, case_dir: Path) -> Case:
+    note = _maybe_corrupt(rng, case_dir, 0.3)
+    model = rng.choice([IMAGE_FT, f"{IMAGES}/base/model", FINETUNE, IMAGES])
+    overrides = _command_overrides(rng, ["out", "class_names", "overwrite", "model"], SAMPLE_PLAUSIBLE, 2)
+    return Case(i, "export", ["export", f"model={model}", "out=exported", *overrides], note=note, watch="runs")
+
+
+def study_case(i: int, rng: random.Random, case_dir: Path) -> Case:
+    """A dry run (`dry_run` is never drawn): of a shipped experiment, or of a copy that may be damaged; sometimes
+    with a setting of its runs. It writes nothing."""
+    name = rng.choice(["dropout_vs_prior", "when_swap_pays", "paper_setting", "exp/mine.yaml", "exp/mine.yaml"])
+    note = corrupt(rng, case_dir / name, case_dir) if name.endswith(".yaml") and rng.random() < 0.6 else ""
+    overrides = _command_overrides(rng, STUDY_KEYS, STUDY_PLAUSIBLE, 3)
+    if rng.random() < 0.3:
+        overrides.append(_override(rng, rng.choice(_train_keys((), case_dir.parent)), SMALL))
+    return Case(i, "study", ["study", name, "dry_run=true", *overrides], note=note)
 
 
 def corrupt_case(i: int, rng: random.Random, case_dir: Path) -> Case:
@@ -314,7 +419,9 @@ def make_case(i: int, case_dir: Path) -> Case:
         return dry_case(i, rng, case_dir.parent)
     if kind == "real":
         return real_case(i, rng, case_dir.parent)
-    return {"evaluate": evaluate_case, "report": report_case, "corrupt": corrupt_case}[kind](i, rng, case_dir)
+    builders = {"evaluate": evaluate_case, "report": report_case, "corrupt": corrupt_case, "sample": sample_case,
+                "export": export_case, "study": study_case}  # fmt: skip
+    return builders[kind](i, rng, case_dir)
 
 
 def check_case(i: int, world: tuple[Path, Server], scratch: Path) -> tuple[str, int, float]:
@@ -323,14 +430,14 @@ def check_case(i: int, world: tuple[Path, Server], scratch: Path) -> tuple[str, 
     case_dir = scratch / f"case{i}"
     shutil.copytree(root, case_dir)
     case = make_case(i, case_dir)
-    before = snapshot(case_dir, case.allowed)
+    before = snapshot(case_dir / case.watch, case.allowed)
     out = server.run(case.args, case_dir, timeout=240)
     what = f"{case.describe()}\nrc={out['rc']}\nstderr: {out['stderr'][-2500:]}"
     assert out["rc"] in (0, 2), what
     assert "Traceback" not in out["stderr"] and "Traceback" not in out["stdout"], what
     errors = [line for line in out["stderr"].splitlines() if line.startswith("priorlab: error:")]
     assert len(errors) == (1 if out["rc"] == 2 else 0), what
-    after = snapshot(case_dir, case.allowed)
+    after = snapshot(case_dir / case.watch, case.allowed)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"{what}\nchanged outside {case.allowed}: {changed}"
     if out["rc"] == 2 and case.study:

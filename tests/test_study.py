@@ -348,6 +348,15 @@ def test_experiment_errors_name_what_exists():
         preset_overrides(load_experiment("dropout_vs_prior"), "huge")
 
 
+def test_an_experiment_file_that_is_not_text_or_not_a_file_is_refused(tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"presets:\n  quick: \x8b\xff\n")
+    with pytest.raises(UserError, match="binary.yaml is not valid YAML: 'utf-8' codec can't decode byte 0x8b"):
+        load_experiment(str(tmp_path / "binary.yaml"))
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(UserError, match="folder.yaml cannot be read"):
+        load_experiment(str(tmp_path / "folder.yaml"))
+
+
 @pytest.mark.parametrize(
     ("key", "parsed"),
     [

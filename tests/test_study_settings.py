@@ -30,6 +30,12 @@ def test_the_study_keeps_its_own_settings_and_collects_those_of_every_run():
                                       "paths.runs=out", "--cfg", *routed]  # fmt: skip
 
 
+def test_a_folder_of_experiments_named_by_a_number_is_a_folder(compose_tmp, capsys):
+    """experiments=2024 is the folder 2024, not the number (the fuzz found a TypeError)."""
+    with pytest.raises(UserError, match="looked for 2024/dropout_vs_prior.yaml"):
+        _dry_run(compose_tmp, capsys, "experiments=2024")
+
+
 def test_command_line_settings_win_over_the_preset(compose_tmp, capsys):
     """tiny: toy2d, an MLP, 10 base and 6 fine-tune steps, cond_dropout [0, 0.2] × seed [0, 1]."""
     out = _dry_run(compose_tmp, capsys, "data=digits", "model=unet_tiny", "sweep.cond_dropout=[0.1]",

@@ -121,6 +121,20 @@ def check_paths(cfg: DictConfig, keys: set[str], required: dict[str, str]) -> No
             raise UserError(f"{key}={shown!r} must be a path or a name")
 
 
+def output_folder(out: str | Path, overwrite: bool, *inputs: str | Path | None) -> Path:
+    """`out` as a folder that a command writes whole (`atomic.folder` replaces it), checked before any work:
+    refused where it holds files and overwrite is false, and always where it holds the working folder or one of
+    the command's inputs (a model folder), which replacing it would delete."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
+    kept = [Path.cwd(), *(Path(p) for p in inputs if isinstance(p, str | Path) and Path(p).exists())]
+    held = [p for p in kept if p.resolve().is_relative_to(out.resolve())]
+    if held:
+        raise UserError(f"out={out} holds {held[0]}, which writing out= would delete; choose a new folder for out=")
+    return out
+
+
 def check_accelerator(accelerator: str) -> None:
     """A GPU trainer needs a visible CUDA GPU."""
     import torch

@@ -4,11 +4,11 @@ commands of their runs (no module here imports either)."""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
-CONFIG_DIR = Path(os.environ.get("PRIORLAB_CONFIGS", Path(__file__).resolve().parents[2] / "configs"))
+from priorlab.resources import shipped_dir
+
+CONFIG_DIR = shipped_dir("configs")
 
 # A first argument without '=' is the value of this key: `priorlab study NAME`, `priorlab report runs/NAME`.
 POSITIONAL = {"study": "name", "report": "study_dir", "dashboard": "name", "data": "dataset"}
@@ -20,7 +20,7 @@ PATH_KEYS = {"evaluate": {"model": "model_dir"}, "sample": {"model": "model_dir"
 # Settings that hold paths or names of folders: a value that Hydra would read as a number or a boolean is quoted.
 PATH_VALUES = {"base", "paths.runs", "paths.run_dir", "data.source", "data.name", "model_dir", "evaluator", "out",
                "study_dir", "image", "calibration", "prior_weights", "name", "study", "stage.run_subdir", "data.root",
-               "tarballs"}  # fmt: skip
+               "tarballs", "experiments"}  # fmt: skip
 
 REQUIRED = {"model_dir": "model=PATH", "study_dir": "priorlab report runs/NAME", "name": "priorlab study NAME"}
 

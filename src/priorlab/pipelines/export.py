@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
-from priorlab import atomic
+from priorlab import atomic, checks
 from priorlab.errors import UserError
 from priorlab.models.io import META, SavedModel, check_recorded_base, load_denoiser
 from priorlab.pipelines.class_pipeline import SOURCE, ClassConditionalPipeline
@@ -77,9 +77,7 @@ def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,
     """Write the pipeline folder of a priorlab model (see the module doc); returns `out`."""
     saved = load_denoiser(model)
     pipe = from_saved(saved, class_names)
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
+    out = checks.output_folder(out, overwrite, model)
     with atomic.folder(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         shutil.copyfile(SOURCE, tmp / CODE_FILE)

@@ -147,9 +147,7 @@ def sample_command(cfg: DictConfig) -> Path:
         raise UserError(f"prior={cfg.prior} is unknown; use one of {', '.join(IN_PIPELINES)}")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype} is unknown; use one of {', '.join(DTYPES)}")
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"out={out} exists and is not empty; choose another out= or pass overwrite=true")
+    out = checks.output_folder(cfg.out, cfg.overwrite, cfg.model_dir, cfg.base, cfg.calibration, cfg.image)
     device, dtype = checks.device(cfg.device), DTYPES[cfg.dtype]
     pipe = load_model(str(cfg.model_dir), dtype)
     pipe.to(device)

@@ -20,6 +20,7 @@ from pathlib import Path
 from priorlab import atomic
 from priorlab.checks import read_json_object
 from priorlab.errors import UserError
+from priorlab.resources import source_root
 
 AXIS_LABELS = {"cond_dropout": "p"}  # a sweep axis written otherwise than its key's last part, in folders and text
 FIXED_LEVELS = ("cond_dropout", "seed")  # the levels every fine-tune folder ends with
@@ -95,10 +96,13 @@ def machine() -> dict:
 
 
 def commit() -> str | None:
-    """The git commit of the priorlab checkout ($PRIORLAB_COMMIT where set), with -dirty for uncommitted changes."""
+    """The git commit of the priorlab checkout ($PRIORLAB_COMMIT where set), with -dirty for uncommitted changes;
+    None where priorlab was installed from a wheel (its files are no checkout's, whatever folder holds them)."""
     if os.environ.get("PRIORLAB_COMMIT"):
         return os.environ["PRIORLAB_COMMIT"]
-    root = Path(__file__).resolve().parents[3]
+    root = source_root()
+    if root is None:
+        return None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

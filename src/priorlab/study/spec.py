@@ -11,9 +11,10 @@ import yaml
 
 from priorlab.errors import UserError
 from priorlab.overrides import override, override_value
+from priorlab.resources import shipped_dir
 from priorlab.study.settings import merge_sweep
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[3] / "experiments"
+EXPERIMENTS_DIR = shipped_dir("experiments")
 
 LAUNCHERS = ("basic", "slurm")  # here, one run or `jobs` at a time | every run a SLURM job (`study.slurm`)
 
@@ -25,9 +26,11 @@ def load_experiment(name: str, experiments_dir: str | Path | None = None) -> dic
         known = sorted(p.stem for p in Path(experiments_dir or EXPERIMENTS_DIR).glob("*.yaml"))
         raise UserError(f"no experiment {name!r} (looked for {path}); known: {', '.join(known) or 'none'}")
     try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
+    except OSError as err:  # a folder named NAME.yaml, a file it may not read
+        raise UserError(f"{path} cannot be read ({err.strerror or type(err).__name__})") from err
     if not isinstance(spec, dict):
         raise UserError(f"{path} must hold a mapping with a `presets` key")
     spec.setdefault("name", path.stem)
