@@ -137,10 +137,10 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
 def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch):
     """Reading train/loss for display waits for the GPU (.item()). Lightning does it after every batch for metrics
     logged with prog_bar=True, and its bar reads the metrics after every batch: neither may happen every step."""
-    from priorlab.training.callbacks import StepProgressBar as ProgressBar
+    from priorlab.training.progress_bar import StepProgressBar as ProgressBar
 
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    assert cfg.callbacks.progress._target_ == "priorlab.training.callbacks.StepProgressBar"
+    assert cfg.callbacks.progress._target_ == "priorlab.training.progress_bar.StepProgressBar"
     assert instantiate(cfg.callbacks.progress).metrics_every_n_steps == cfg.trainer.log_every_n_steps
     dm = instantiate(cfg.data)
     dm.setup()
