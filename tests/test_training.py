@@ -190,9 +190,9 @@ def test_a_run_in_a_log_file_prints_ten_step_lines_and_none_of_the_known_warning
 
     # Lightning's num_workers warning needs more than 2 cores; this machine may have 2
     monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 15)
-    steps = ["trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=1"]
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "logger=default", "trainer.log_every_n_steps=1",
-                       *steps])  # fmt: skip
+    cfg_args = ["data=toy2d", "model=mlp", "model.hidden=16", "logger=default", "trainer.log_every_n_steps=1",
+                "trainer.val_check_interval=10", "trainer.limit_val_batches=1"]  # fmt: skip
+    cfg = compose_tmp([*cfg_args, "trainer.max_steps=20"])
     train(cfg)
     first = capfd.readouterr()
     lines = [line for line in first.out.splitlines() if line.startswith("step")]
@@ -201,11 +201,13 @@ def test_a_run_in_a_log_file_prints_ten_step_lines_and_none_of_the_known_warning
     assert "\r" not in first.out + first.err and "\x1b[" not in first.out + first.err
     rows = list(csv.DictReader(open(Path(cfg.paths.run_dir) / "metrics.csv")))
     assert [r["step"] for r in rows if r.get("train/loss")] == [str(s) for s in range(20)]
-    run_dir = Path(cfg.paths.run_dir)  # killed after its last checkpoint: resumed from it
+    run_dir = Path(cfg.paths.run_dir)  # killed after its last checkpoint: resumed from it, to 30 steps now
     (run_dir / "done.json").unlink()
     shutil.rmtree(run_dir / "model")
-    train(cfg)
+    train(compose_tmp([*cfg_args, "trainer.max_steps=30", "resume=force"]))
     again = capfd.readouterr()
+    lines = [line.split(" (")[0] for line in again.out.splitlines() if line.startswith("step")]
+    assert lines == ["step: 21/30", "step: 24/30", "step: 27/30", "step: 30/30"], again.out  # it read `step 21/None`
     assert "Restored all states from the checkpoint" in caplog.text  # it did resume (Lightning logs at INFO)
     shown = first.out + first.err + again.out + again.err + caplog.text + "\n".join(str(w.message) for w in recwarn)
     assert [text for text in KNOWN_NOISE if text in shown] == []

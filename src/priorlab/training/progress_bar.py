@@ -40,8 +40,12 @@ class StepProgressBar(TQDMProgressBar):
 
     def init_train_tqdm(self) -> Tqdm:
         # the train bar only in STEP_FORMAT: validation bars keep Lightning's format
+        # the total and count here as well as at the epoch's start: a run resumed within its epoch does not start
+        # the epoch again (resumed runs read `step 1001/None`)
+        max_steps = self.trainer.max_steps
         return self._bar(10, desc="step", position=2 * self.process_position, leave=True, smoothing=0,
-                         bar_format=self.STEP_FORMAT)  # fmt: skip
+                         bar_format=self.STEP_FORMAT, total=max_steps if max_steps > 0 else None,
+                         initial=self.trainer.global_step)  # fmt: skip
 
     def init_validation_tqdm(self) -> Tqdm:
         has_main_bar = self.trainer.state.fn != "validate"
@@ -53,7 +57,7 @@ class StepProgressBar(TQDMProgressBar):
                          bar_format=self.BAR_FORMAT)  # fmt: skip
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
-        super().on_train_epoch_start(trainer)
+        super().on_train_epoch_start(trainer)  # Lightning's count: the epoch's batches (of an endless epoch: None)
         bar = self.train_progress_bar
         bar.set_description("step", refresh=False)  # Lightning's `Epoch 0`: a file's lines show it
         bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
