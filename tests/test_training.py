@@ -1,6 +1,8 @@
 import csv
 import math
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -134,13 +136,14 @@ def test_throughput_excludes_validation_and_checkpoint_time(compose_tmp, tmp_pat
     assert result["images_per_s"] == 10 * 32 / 10.0 == result["images_per_s_per_device"]
 
 
-def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch):
+def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypatch, capsys):
     """Reading train/loss for display waits for the GPU (.item()). Lightning does it after every batch for metrics
-    logged with prog_bar=True, and its bar reads the metrics after every batch: neither may happen every step."""
-    from priorlab.training.callbacks import StepProgressBar as ProgressBar
+    logged with prog_bar=True, and its bar reads the metrics after every batch: neither may happen every step.
+    On a terminal the bar is Lightning's live bar, redrawn in place at every step."""
+    from priorlab.training.progress_bar import StepProgressBar as ProgressBar
 
     cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "data.batch_size=32"])
-    assert cfg.callbacks.progress._target_ == "priorlab.training.callbacks.StepProgressBar"
+    assert cfg.callbacks.progress._target_ == "priorlab.training.progress_bar.StepProgressBar"
     assert instantiate(cfg.callbacks.progress).metrics_every_n_steps == cfg.trainer.log_every_n_steps
     dm = instantiate(cfg.data)
     dm.setup()
@@ -161,7 +164,10 @@ def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypa
             pbar_metrics.append(dict(trainer._logger_connector._progress_bar_metrics))
 
     trainer.callbacks.append(Watch())
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # Lightning's bars write to stdout
     trainer.fit(module, dm)
+    shown = capsys.readouterr().out
+    assert re.search(r"\rstep 11/12 \|█+.*\rstep 12/12 \|█+\|", shown) and "step: " not in shown, shown[-500:]
     assert {1, 5, 10} <= set(read_at) and set(read_at) <= {1, 5, 10, 12}  # never at steps 2-4, 6-9, 11
     assert len(pbar_metrics) == 12 and not any(pbar_metrics)  # no metric is logged with prog_bar=True
     shown = bar.get_metrics(trainer, module)
@@ -169,22 +175,42 @@ def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypa
     assert float(shown["train/loss"]) == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-3)
 
 
-def test_progress_bar_counts_steps_and_a_fresh_run_does_not_warn(compose_tmp, capsys, recwarn):
-    """The bar reads `step 4/4` (not Lightning's `Epoch 0/-2` of max_epochs=-1), and a fresh run's loggers find
-    its folder empty (Lightning warns of an "Experiment logs directory ... not empty" and drops metrics.csv)."""
+KNOWN_NOISE = ("Tip:", "LeafSpec", "does not have many workers", "exists and is not empty", "matmul_precision")
+
+
+def test_a_run_in_a_log_file_prints_ten_step_lines_and_none_of_the_known_warnings(compose_tmp, capfd, caplog,
+                                                                                  recwarn, monkeypatch):  # fmt: skip
+    """Not on a terminal (a study's per-run log) the bar prints one line per tenth of max_steps, with the total,
+    and no carriage return or cursor move (it read `step N/None`, redrawn at every step: 165 KB per fine-tune). A
+    fresh run's loggers find its folder empty (Lightning warns of an "Experiment logs directory ... not empty" and
+    drops metrics.csv); neither it nor its resumption prints the notices `training.quiet` silences."""
+    import lightning.pytorch.trainer.connectors.data_connector as data_connector
+
     from priorlab.commands.train import train
 
-    steps = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
-    cfg = compose_tmp(["data=toy2d", "model=mlp", "model.hidden=16", "logger=default", "trainer.log_every_n_steps=1",
-                       *steps])  # fmt: skip
+    # Lightning's num_workers warning needs more than 2 cores; this machine may have 2
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 15)
+    cfg_args = ["data=toy2d", "model=mlp", "model.hidden=16", "logger=default", "trainer.log_every_n_steps=1",
+                "trainer.val_check_interval=10", "trainer.limit_val_batches=1"]  # fmt: skip
+    cfg = compose_tmp([*cfg_args, "trainer.max_steps=20"])
     train(cfg)
-    out = capsys.readouterr()
-    shown = (out.out + out.err).replace("\r", "\n")
-    assert re.search(r"^step 4/4 \|█+\| .*train/loss=[0-9.]+$", shown, re.M), shown[-2000:]
-    assert "step 2/4" in shown and "Epoch" not in shown
-    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
+    first = capfd.readouterr()
+    lines = [line for line in first.out.splitlines() if line.startswith("step")]
+    assert [line.split(" (")[0] for line in lines] == [f"step: {n}/20" for n in range(2, 21, 2)], first.out
+    assert re.fullmatch(r"step: 20/20 \(100%\) \[.*, .*it/s, train/loss=[0-9.]+\]", lines[-1])
+    assert "\r" not in first.out + first.err and "\x1b[" not in first.out + first.err
     rows = list(csv.DictReader(open(Path(cfg.paths.run_dir) / "metrics.csv")))
-    assert [r["step"] for r in rows if r.get("train/loss")] == ["0", "1", "2", "3"]
+    assert [r["step"] for r in rows if r.get("train/loss")] == [str(s) for s in range(20)]
+    run_dir = Path(cfg.paths.run_dir)  # killed after its last checkpoint: resumed from it, to 30 steps now
+    (run_dir / "done.json").unlink()
+    shutil.rmtree(run_dir / "model")
+    train(compose_tmp([*cfg_args, "trainer.max_steps=30", "resume=force"]))
+    again = capfd.readouterr()
+    lines = [line.split(" (")[0] for line in again.out.splitlines() if line.startswith("step")]
+    assert lines == ["step: 21/30", "step: 24/30", "step: 27/30", "step: 30/30"], again.out  # it read `step 21/None`
+    assert "Restored all states from the checkpoint" in caplog.text  # it did resume (Lightning logs at INFO)
+    shown = first.out + first.err + again.out + again.err + caplog.text + "\n".join(str(w.message) for w in recwarn)
+    assert [text for text in KNOWN_NOISE if text in shown] == []
 
 
 def test_base_with_another_schedule_or_prediction_type_is_refused():
@@ -495,3 +521,21 @@ def test_the_csv_logger_continues_metrics_csv_when_a_run_resumes(tmp_path):
     fresh.save()
     with open(tmp_path / "metrics.csv", newline="") as file:
         assert [(r["step"], r["train/loss"]) for r in csv.DictReader(file)] == [("0", "5.0")]
+
+
+def test_the_gpu_preset_sets_the_matmul_precision_that_lightnings_hint_asks_for(compose_tmp):
+    """Lightning prints a hint at every start on a tensor-core GPU while torch's float32 matmul precision is
+    `highest`; trainer=gpu sets `high` (trainer=cpu leaves torch's setting), and an unknown value is refused."""
+    from priorlab.commands.train import check_config
+    from priorlab.training.quiet import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        set_matmul_precision(compose_tmp(["trainer=gpu"]).matmul_precision)  # as `priorlab train` does
+        assert torch.get_float32_matmul_precision() == "high"
+        set_matmul_precision(compose_tmp([]).matmul_precision)
+        assert torch.get_float32_matmul_precision() == "high"  # null: left as it is
+    finally:
+        torch.set_float32_matmul_precision(before)
+    with pytest.raises(UserError, match="matmul_precision=low is unknown; use one of highest, high, medium, or null"):
+        check_config(compose_tmp(["matmul_precision=low"]))

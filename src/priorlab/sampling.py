@@ -17,12 +17,12 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from priorlab.errors import UserError
 from priorlab.guidance import guide, in_interval
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import NONE, SELF, DenoiserPrior, Prior, PriorNet
+from priorlab.progress import progress_bar
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -229,7 +229,7 @@ def sample(
     weights_at = weights_key(model, reads) if graphed else ()  # once per call, not at every step
     out = []
     chunks = range(0, len(labels), batch_size)
-    for start in tqdm(chunks, desc=f"sampling prior={prior.name} w={scale}", disable=not progress, leave=False):
+    for start in progress_bar(chunks, desc=f"sampling prior={prior.name} w={scale}", disable=not progress, leave=False):
         y = labels[start : start + batch_size].to(device)
 
         def predict(x_in: Tensor, t_step: Tensor, guided: bool, y=y) -> Tensor:

@@ -18,6 +18,7 @@ from priorlab.errors import UserError
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
 from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
 from priorlab.training.module import DiffusionModule
+from priorlab.training.quiet import MATMUL_PRECISIONS, quiet, set_matmul_precision
 from priorlab.training.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
 from priorlab.training.threads import set_cpu_threads
 
@@ -34,6 +35,9 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"cond_dropout={p} is outside [0, 1]; pass a rate such as cond_dropout=0.1")
     if cfg.stage.name == "finetune" and not cfg.base:
         raise UserError("stage=finetune needs base=PATH, the base's run folder or its model/ folder")
+    if cfg.get("matmul_precision") not in (None, *MATMUL_PRECISIONS):
+        choices = ", ".join(MATMUL_PRECISIONS)
+        raise UserError(f"matmul_precision={cfg.matmul_precision} is unknown; use one of {choices}, or null")
     if cfg.get("resume", "check") not in RESUME_MODES:
         raise UserError(f"resume={cfg.resume} is unknown; use resume=check (the default) or resume=force")
 
@@ -169,7 +173,8 @@ def train(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.paths.run_dir)
     if (run_dir / DONE).exists():
         return _finished(cfg, run_dir)
-    with run_lock(run_dir), atomic.removed_unless_started(run_dir, "checkpoints/last.ckpt", "model"):
+    set_matmul_precision(cfg.get("matmul_precision"))
+    with run_lock(run_dir), atomic.removed_unless_started(run_dir, "checkpoints/last.ckpt", "model"), quiet():
         return _train(cfg, run_dir)
 
 

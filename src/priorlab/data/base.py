@@ -138,10 +138,15 @@ class TensorDataModule(L.LightningDataModule):
         # A batch is one indexing of the tensors (not a stack of single samples); pinned host memory lets the
         # copy to the GPU run without stalling the queue of kernels.
         return DataLoader(_Indexable(*self.train_set.tensors), batch_sampler=sampler, collate_fn=_as_batch,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())  # fmt: skip
+                          pin_memory=torch.cuda.is_available(), **self._workers())  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, **self._workers())
+
+    def _workers(self) -> dict:
+        """Worker processes, when data.num_workers asks for them, kept between validations rather than started
+        again for each (Lightning warns of the restart where processes are spawned)."""
+        return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
 
 
 class _Indexable(TensorDataset):

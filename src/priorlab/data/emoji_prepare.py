@@ -155,12 +155,13 @@ def resolve_icon(icons: dict, name: str | None) -> dict | None:
 def write_style(name: str, tarball: Path, emoji: list[Emoji], folder: Path, size: int) -> dict:
     """Write the style's images into `folder` (<class>/<code>.png) and return its style.json record."""
     from PIL import Image
-    from tqdm.auto import tqdm
+
+    from priorlab.progress import progress_bar
 
     style = STYLES[name]
     found = (png_images if style.kind == "png" else svg_images)(style, tarball, emoji)
     counts, seen, duplicates = Counter(), set(), 0
-    for e in tqdm(emoji, desc=f"{name} images", unit="img", mininterval=2):
+    for e in progress_bar(emoji, desc=f"{name} images", unit="img", mininterval=2):
         if e.code not in found:
             continue
         img = Image.open(io.BytesIO(found[e.code])).convert("RGBA")

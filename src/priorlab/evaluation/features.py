@@ -86,7 +86,7 @@ def fit_classifier(
     accuracy from 0.978 to 0.988 at 1,500 steps: an evaluator that misreads fewer real digits misreads fewer
     generated ones, so the accuracy of generated samples measures the generator rather than the evaluator.
     """
-    from tqdm.auto import trange
+    from priorlab.progress import progress_bar
 
     torch.manual_seed(seed)
     x, y = train
@@ -94,7 +94,7 @@ def fit_classifier(
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
-    for _ in trange(steps, desc="training evaluator", disable=not progress):
+    for _ in progress_bar(range(steps), desc="training evaluator", disable=not progress):
         idx = torch.randint(0, len(x), (batch_size,), generator=g)
         xb = translate(x[idx], shift, g) if x.dim() == 4 and shift > 0 else x[idx]
         xb = xb + 0.05 * torch.randn(xb.shape, generator=g)

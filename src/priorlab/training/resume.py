@@ -41,7 +41,7 @@ RESUMABLE = {
     "trainer.num_sanity_val_steps": "validation",
     "trainer.accelerator": "the machine", "trainer.devices": "the machine", "trainer.num_nodes": "the machine",
     "trainer.strategy": "the machine", "compile": "the machine", "channels_last": "the machine",
-    "optimizer.fused": "the machine", "cpu_threads": "the machine",
+    "optimizer.fused": "the machine", "cpu_threads": "the machine", "matmul_precision": "the machine",
 }  # fmt: skip
 ABSENT = "(absent)"
 BASE_KEY = "base weights (sha256)"
