@@ -166,7 +166,7 @@ def test_each_command_has_its_own_help_describing_its_settings(tmp_path, command
     assert described.startswith(f"usage: priorlab {command}") and "powered by Hydra" not in out.stdout
     aliases = {v: k for k, v in PATH_KEYS.get(command, {}).items()}  # model_dir is given as model=PATH
     config = yaml.safe_load((CONFIG_DIR / f"{command}.yaml").read_text())
-    keys = [aliases.get(k, k) for k in config if k not in ("defaults", "hydra", "overrides")]
+    keys = [aliases.get(k, k) for k in config if k not in ("defaults", "hydra", "overrides", "launcher_overrides")]
     missing = [k for k in keys if not re.search(rf"(^|[\s(]){re.escape(k)}[=.]", described, re.M)]
     assert not missing, f"not described in `priorlab {command} --help`: {missing}"
     groups = "trainer: cpu, ddp, ddp_cpu, gpu" in out.stdout
