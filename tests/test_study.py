@@ -134,7 +134,8 @@ def test_dashboard_offline_says_what_to_run(tmp_path):
     study = tmp_path / "runs/s/finetune/p=0/seed=0/wandb/offline-run-1"
     study.mkdir(parents=True)
     out = run_cli("dashboard", "s", cwd=tmp_path, env={"WANDB_MODE": "offline"})
-    assert out.returncode == 0 and "wandb sync" in out.stdout and "offline-run-1" in out.stdout
+    assert out.returncode == 0 and "1 offline run(s) of s" in out.stdout
+    assert "  wandb sync runs/s/finetune/p=0/seed=0/wandb\n" in out.stdout  # the folder of runs
     assert "no HTML dashboard" in out.stdout  # no results.csv yet
 
 
