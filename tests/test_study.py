@@ -134,7 +134,8 @@ def test_dashboard_offline_says_what_to_run(tmp_path):
     study = tmp_path / "runs/s/finetune/p=0/seed=0/wandb/offline-run-1"
     study.mkdir(parents=True)
     out = run_cli("dashboard", "s", cwd=tmp_path, env={"WANDB_MODE": "offline"})
-    assert out.returncode == 0 and "wandb sync" in out.stdout and "offline-run-1" in out.stdout
+    assert out.returncode == 0 and "1 offline run(s) of s" in out.stdout
+    assert "  wandb sync runs/s/finetune/p=0/seed=0/wandb\n" in out.stdout  # the folder of runs
     assert "no HTML dashboard" in out.stdout  # no results.csv yet
 
 
@@ -580,8 +581,9 @@ def test_online_dashboard_builds_the_w_and_b_workspace_spec():
     assert workspace.name == "priorlab s" and workspace.entity == "me" and workspace.project == "priorlab"
     panels = {s.name: [p.y[0] for p in s.panels] for s in workspace.sections}
     fd = [f"eval/cond/fd/prior={p}/w={w}" for w in ("1.0", "1.5") for p in ("self", "base")]
-    assert panels["(a) FD per guidance scale"] == fd
-    assert "eval/prior/disagreement/all" in panels["(c) Drift of the unconditional branch"]
+    assert panels["fd per guidance scale"] == fd and "nll per guidance scale" in panels
+    assert "eval/prior/disagreement/all" in panels["Drift of the unconditional branch"]
+    assert {p.x for s in workspace.sections for p in s.panels} == {"trainer/global_step"}  # not W&B's row count
     spec = workspace._to_model()  # what save() sends: it serialises
     assert spec is not None
 

@@ -26,10 +26,13 @@ from priorlab.analysis.figures import COLORS, metric_range, prior_color
 from priorlab.analysis.markdown import sections, to_html
 from priorlab.analysis.results import axis_columns, extra_priors, final_rows, load_results
 from priorlab.analysis.stats import mean_ci
+from priorlab.keys import SELF, key, row_parts
 from priorlab.study.layout import axis_label
 
+# What the charts plot, shared with the W&B workspace (`commands.dashboard.panel_spec`), so that both show the same
+# keys: the guided samples' metrics (eval/cond/<metric>/prior=<p>/w=<w>) against the scale, and the drift measures.
 CHART_METRICS = ("fd", "accuracy", "kid", "precision", "recall", "nll", "ideal_mse")
-DRIFT_METRICS = ("disagreement/all", "loss/all")
+DRIFT_KEYS = (key("prior", "disagreement", bucket="all"), key("prior", "loss", model=SELF, bucket="all"))
 REPORT_SECTIONS = {"validity": ("Validity",), "findings": ("Headline", "Findings")}  # id: report.md's ## titles
 
 
@@ -79,8 +82,8 @@ def chart_data(frame: pd.DataFrame) -> dict:
             per_cond[_condition_label(keys, cond)] = lines
         out["scales"][metric] = per_cond
         out["ranges"][metric] = _range(metric)
-    for metric in DRIFT_METRICS:
-        prior = "" if metric.startswith("disagreement") else "self"
+    for drift_key in DRIFT_KEYS:
+        metric, prior, _ = row_parts(drift_key)
         sub = frame[(frame["metric"] == metric) & (frame["prior"] == prior)]
         if sub.empty:
             continue

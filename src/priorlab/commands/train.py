@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from priorlab import atomic
 from priorlab.checks import check_train_values
 from priorlab.errors import UserError
+from priorlab.loggers import finish_wandb, sync_hint
 from priorlab.models.io import content_hash, init_from_base, load_denoiser
 from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
 from priorlab.training.module import DiffusionModule
@@ -217,7 +218,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
         if forced:
             record_forced(run_dir, forced, step)
     trainer.fit(module, datamodule, ckpt_path=str(last) if last.exists() else None, weights_only=True)
-    _finish_wandb()
+    offline_wandb = finish_wandb()
     diverged = watch.verdict()
     if trainer.is_global_zero:
         done = {"step": trainer.global_step, "stage": cfg.stage.name}
@@ -228,16 +229,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> Path:
                   f"its last {diverged['window']}); the model is unlikely to be of use: lower optimizer.lr and train "
                   f"it again (recorded in {DONE})", file=sys.stderr, flush=True)  # fmt: skip
         atomic.write_json(run_dir / DONE, done, indent=None)
+        if offline_wandb and os.environ.get("WANDB_SILENT", "").lower() not in ("true", "1"):
+            print(sync_hint(offline_wandb, f"the runs of study {cfg.study}"), flush=True)
     return run_dir / "model"
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run, so that the next run of a multirun in this process starts its own."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
 
 
 main = train  # the command's entry point (`priorlab.cli`)

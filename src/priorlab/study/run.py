@@ -66,6 +66,7 @@ def run_study(cfg: DictConfig) -> Path:
     study.json records the preset's validity thresholds and base seeds, the machine, the commit and the wall time
     of each invocation (a study resumed in pieces adds one entry per piece)."""
     from priorlab.analysis.report import build_report
+    from priorlab.loggers import sync_hint, wandb_mode
 
     started = time.time()
     plan = make_plan(cfg)
@@ -76,6 +77,9 @@ def run_study(cfg: DictConfig) -> Path:
     print(f"[study {plan.name}] writing the report", flush=True)
     report = build_report(plan.study_dir)
     print(f"study {plan.name} done in {duration(time.time() - started)}: {plan.study_dir / 'results.csv'}, {report}")
+    offline = sorted((plan.study_dir / "wandb").glob("offline-run-*"))
+    if offline and wandb_mode() != "online":
+        print(sync_hint(plan.study_dir / "wandb", f"its {len(offline)} W&B runs (group {plan.name})"))
     return plan.study_dir
 
 

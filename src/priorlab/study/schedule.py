@@ -15,6 +15,10 @@ from pathlib import Path
 from priorlab import forkserver
 from priorlab.errors import UserError
 
+# W&B's banner and sync hint once per run would bury the study's own lines (the study says how to sync at its end);
+# a WANDB_SILENT of the user's own wins.
+QUIET_WANDB = {"WANDB_SILENT": "true"}
+
 
 def _priorlab_command() -> list[str]:
     """The installed `priorlab` beside this Python, else `python -m priorlab`."""
@@ -25,7 +29,7 @@ def _priorlab_command() -> list[str]:
 def run_priorlab(args: list[str], server=None) -> None:
     """`priorlab ARGS` with the study's own stdout and stderr: forked from `server` (`priorlab.forkserver`), or a
     process of its own without a server."""
-    env = {**os.environ, "PRIORLAB_COMMAND": ""}
+    env = {**QUIET_WANDB, **os.environ, "PRIORLAB_COMMAND": ""}
     if server is None:
         code = subprocess.run([*_priorlab_command(), *args], env=env).returncode
     else:
@@ -142,7 +146,7 @@ class JobPool:
             self.poll()
 
     def start(self, label: str, args: list[str], slot: int, again: bool) -> None:
-        env = {**os.environ, "PRIORLAB_COMMAND": "", **self.threads}
+        env = {**QUIET_WANDB, **os.environ, "PRIORLAB_COMMAND": "", **self.threads}
         if self.gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
         log = self.log_dir / f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}.log"
