@@ -175,7 +175,13 @@ def test_progress_bar_reads_the_metrics_only_every_n_steps(compose_tmp, monkeypa
     assert float(shown["train/loss"]) == pytest.approx(float(trainer.callback_metrics["train/loss"]), rel=1e-3)
 
 
-KNOWN_NOISE = ("Tip:", "LeafSpec", "does not have many workers", "exists and is not empty", "matmul_precision")
+KNOWN_NOISE = (
+    "Tip:",
+    "LeafSpec",
+    "does not have many workers",
+    "exists and is not empty",
+    "set_float32_matmul_precision",
+)
 
 
 def test_a_run_in_a_log_file_prints_ten_step_lines_and_none_of_the_known_warnings(compose_tmp, capfd, caplog,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pandas as pd
 import pytest
@@ -121,3 +122,21 @@ def test_train_alone_says_how_to_sync_in_one_line(tmp_path):
     metrics = pd.read_csv(tmp_path / "runs/w/base/metrics.csv")
     assert steps == metrics.dropna(subset=["train/loss"])["step"].tolist() == [0, 1]
     assert json.loads((tmp_path / "runs/w/base/done.json").read_text())["step"] == 2
+
+
+def test_a_study_starts_one_w_and_b_service_for_its_runs(monkeypatch):
+    """shared_wandb_service puts the service's address in os.environ, which the study's runs inherit, and takes it
+    away at the end; nothing where the runs log to CSV only or W&B is disabled."""
+    from priorlab.loggers import shared_wandb_service
+
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with shared_wandb_service(False):
+        assert "WANDB_SERVICE" not in os.environ
+    with shared_wandb_service(True):
+        address = os.environ["WANDB_SERVICE"]  # e.g. 3-<pid>-unix-<socket>: a service this process started
+        assert address.split("-")[1] == str(os.getpid())
+    assert "WANDB_SERVICE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with shared_wandb_service(True):
+        assert "WANDB_SERVICE" not in os.environ

@@ -179,6 +179,7 @@ def claim(plan: Plan) -> dict:
 def run_plan(plan: Plan, started: float) -> None:
     """Every run of the plan, then results.csv; study.json gets this invocation's session either way."""
     from priorlab.analysis.results import collect_results
+    from priorlab.loggers import shared_wandb_service
 
     held = claim(plan)
     # where and from what it ran, found now: at a SIGTERM (`timeout` ending a piece) the session is recorded first,
@@ -192,10 +193,9 @@ def run_plan(plan: Plan, started: float) -> None:
     try:
         if plan.slurm is not None:
             run_on_slurm(plan, progress)
-        elif plan.jobs > 1:
-            _run_at_once(plan, progress, server)
         else:
-            _run_in_turn(plan, progress, server)
+            with shared_wandb_service(logs_to_wandb(plan)):
+                (_run_at_once if plan.jobs > 1 else _run_in_turn)(plan, progress, server)
         collect_results(plan.study_dir)
         finished = True
     finally:
@@ -206,6 +206,12 @@ def run_plan(plan: Plan, started: float) -> None:
         signal.signal(signal.SIGTERM, previous)
         if server is not None:
             server.close()
+
+
+def logs_to_wandb(plan: Plan) -> bool:
+    """Whether any run of the plan logs to W&B (the default logger; `logger=csv` opts out)."""
+    runs = [b.base for b in plan.bases] + [args for jobs in plan.commands.values() for _, args in jobs]
+    return any("logger=csv" not in args for args in runs)
 
 
 def _run_in_turn(plan: Plan, progress: StudyProgress, server) -> None:
