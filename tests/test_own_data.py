@@ -28,7 +28,8 @@ def walkthrough() -> list[list[str]]:
     """The `priorlab ...` commands of the README's code block under "## Your own data"."""
     section = README.read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```\n(.*?)```", section, re.S)
-    commands = [shlex.split(line) for block in blocks for line in block.splitlines() if line.startswith("priorlab ")]
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line, comments=True) for line in lines if line.startswith("priorlab ")]
     assert [c[1] for c in commands] == ["train-evaluator", "study", "study", "report"], commands
     return commands
 

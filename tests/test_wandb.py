@@ -127,8 +127,11 @@ def test_train_alone_says_how_to_sync_in_one_line(tmp_path):
 def test_a_study_starts_one_w_and_b_service_for_its_runs(monkeypatch):
     """shared_wandb_service puts the service's address in os.environ, which the study's runs inherit, and takes it
     away at the end; nothing where the runs log to CSV only or W&B is disabled."""
+    import wandb
+
     from priorlab.loggers import shared_wandb_service
 
+    wandb.teardown()  # as in a study's own process, where no W&B service runs yet (a test before may have one)
     monkeypatch.delenv("WANDB_SERVICE", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     with shared_wandb_service(False):
