@@ -242,7 +242,16 @@ E2E_TESTS = {
     "test_training.py::test_the_same_run_started_twice_fails_in_one_line": "a run while another process holds it",
     "test_dashboard.py::test_dashboard_in_headless_chromium": "starts headless Chromium on a study's dashboard",
     "test_data.py::test_mnist_split_is_deterministic_and_class_subset_works": "loads and resizes all of MNIST",
+    "test_data.py::test_mnist_is_bundled_resized_and_scaled": "loads and resizes all of MNIST, at two sizes",
     "test_data.py::test_train_per_class_keeps_the_first_n_of_each_class_and_evaluation_keeps_all": "all of MNIST",
+    # whole evaluations: every prior and scale sampled and scored, compared with another route's numbers
+    "test_evaluation.py::test_one_pass_evaluation_gives_the_numbers_of_separate_passes": "two whole evaluations",
+    "test_evaluation.py::test_checked_prior_takes_the_best_scoring_candidate_per_scale": "a whole evaluation",
+    "test_evaluation.py::test_cuda_graphs_reach_the_one_pass_passes": "two whole evaluations",
+    # commands that load or train models through the CLI
+    "test_study.py::test_commands_of_a_study_in_a_folder_with_a_space_and_a_non_ascii_letter": "a study's dry run",
+    "test_resume.py::test_corrupt_checkpoint_is_a_one_line_error_and_nothing_is_overwritten": "trains, then resumes",
+    "test_pipelines.py::test_sample_command_user_mistakes_are_one_line_errors": "eight pipeline loads",
     # training to a quality bar, or a base then its fine-tune through the CLI
     "test_evaluation.py::test_toy2d_ground_truth_base_prior_beats_an_untrained_unconditional_branch": "trains",
     "test_evaluation.py::test_callbacks_and_evaluate_command": "trains, then evaluates through the CLI",

@@ -133,7 +133,7 @@ def test_an_interrupted_study_cancels_its_jobs_and_a_rerun_waits_for_those_still
     def interrupt(seconds):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(slurm.time, "sleep", interrupt)
+    monkeypatch.setattr(slurm, "pause", interrupt)  # not time.sleep: every thread of the process would raise
     plan = make_plan(study_cfg(compose_tmp, tmp_path, PRESET, "launcher=slurm"))
     plan.study_dir.mkdir(parents=True)
     with pytest.raises(KeyboardInterrupt):

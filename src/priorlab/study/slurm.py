@@ -130,6 +130,11 @@ def log_of(job) -> str:
     return str(job.paths.stderr).replace("%t", "0")
 
 
+def pause(seconds: float) -> None:
+    """The wait between two polls of the jobs' states (a test replaces this, never time.sleep itself)."""
+    time.sleep(seconds)
+
+
 def wait_for(jobs: dict, tag: str, poll_s: float = POLL_S) -> None:
     """Wait until every job (label → submitit job) has ended; then, if some did not end well, stop the study in one
     line naming them and their logs."""
@@ -145,7 +150,7 @@ def wait_for(jobs: dict, tag: str, poll_s: float = POLL_S) -> None:
                 failed.append(f"{label} (job {job.job_id}, {job.state}): {log_of(job)}")
                 print(f"[study {tag}] {label} did not finish (job {job.job_id}, {job.state})", flush=True)
         if pending:
-            time.sleep(poll_s)
+            pause(poll_s)
     if failed:
         shown = "; ".join(failed[:5]) + (f"; and {len(failed) - 5} more" if len(failed) > 5 else "")
         raise UserError(f"{len(failed)} SLURM job(s) did not finish: {shown}. Run the same study command again "
