@@ -119,9 +119,9 @@ def adopt_base_schedule(cfg: DictConfig) -> None:
     """A fine-tune of a diffusers base trains with the base's schedule and prediction type: its scheduler config
     replaces diffusion.*, so that the run's config.yaml records what it trains with. A missing base is left to the
     checks that name it."""
-    if cfg.stage.name != "finetune" or not cfg.base or not Path(cfg.base).expanduser().exists():
+    if cfg.stage.name != "finetune" or not cfg.base or not Path(str(cfg.base)).expanduser().exists():
         return
-    net_dir = resolve_model_dir(cfg.base, role="base")
+    net_dir = resolve_model_dir(str(cfg.base), role="base")
     if (net_dir / META).exists():
         return
     with open_dict(cfg):
