@@ -95,8 +95,8 @@ def test_the_base_as_prior_is_the_diffusers_networks_unconditional_prediction(tm
 
 def test_finetune_from_a_diffusers_pipeline_trains_records_evaluates_and_exports(compose_tmp, tmp_path):
     """`priorlab train stage=finetune base=<DDPMPipeline folder>` in-process: the base's architecture and schedule,
-    its path and weights' hash recorded; a finished run given changed base weights is refused; `evaluate` takes
-    the folder as base=; the fine-tune exports to a folder that plain diffusers loads."""
+    its path and weights' hash recorded; `evaluate` takes the folder as base=; the fine-tune exports to a folder
+    that plain diffusers loads; a finished or resumed run given changed base weights is refused."""
     from priorlab.commands.evaluate import evaluate
     from priorlab.commands.train import train
     from priorlab.pipelines.export import export_pipeline
@@ -123,8 +123,12 @@ def test_finetune_from_a_diffusers_pipeline_trains_records_evaluates_and_exports
     with torch.no_grad():
         torch.testing.assert_close(plain(x, t, class_labels=y).sample, saved.denoiser(x, t, y), rtol=0, atol=1e-6)
     _save(tmp_path / "my_model", seed=5)  # the base's weights change: the finished run refuses it
-    with pytest.raises(UserError, match=r"base weights \(sha256\)"):
+    with pytest.raises(UserError, match=r"is finished and was trained with other settings: base weights \(sha256\)"):
         train(compose_tmp(overrides))
+    (run / "done.json").unlink()  # as if killed after its last checkpoint: resuming refuses the changed base too
+    with pytest.raises(UserError, match=r"holds a run started with other settings: base weights \(sha256\)"):
+        train(compose_tmp(overrides))
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "model").exists()  # nothing was removed
 
 
 def test_folders_that_are_not_a_base_are_one_line_errors(tmp_path):
