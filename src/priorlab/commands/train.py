@@ -10,13 +10,14 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from priorlab import atomic
 from priorlab.checks import check_train_values
 from priorlab.errors import UserError
 from priorlab.loggers import finish_wandb, sync_hint
-from priorlab.models.io import content_hash, init_from_base, load_denoiser
+from priorlab.models.io import META, content_hash, init_from_base, load_denoiser, resolve_model_dir
+from priorlab.models.pretrained import base_schedule, conditional_copy, is_pretrained
 from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
 from priorlab.training.module import DiffusionModule
 from priorlab.training.quiet import MATMUL_PRECISIONS, quiet, set_matmul_precision
@@ -44,23 +45,31 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[DiffusionModule, dict]:
-    """The DiffusionModule for this stage and the metadata its saved model records."""
-    denoiser = instantiate(cfg.model)(
-        sample_shape=datamodule.sample_shape,
-        num_classes=datamodule.num_classes,
-        prediction_type=cfg.diffusion.prediction_type,
-    )
+    """The DiffusionModule for this stage and the metadata its saved model records. A fine-tune of a diffusers
+    base (`models.pretrained`) is the base's architecture, made class-conditional; model=... is not used."""
+    base = load_denoiser(cfg.base, role="base") if cfg.stage.name == "finetune" else None
+    if base is not None and is_pretrained(base.meta):
+        denoiser = conditional_copy(
+            base.denoiser, datamodule.num_classes, datamodule.sample_shape, role=f"base={base.path}"
+        )
+    else:
+        denoiser = instantiate(cfg.model)(
+            sample_shape=datamodule.sample_shape,
+            num_classes=datamodule.num_classes,
+            prediction_type=cfg.diffusion.prediction_type,
+        )
     scheduler = instantiate(cfg.diffusion)
     datamodule.run_seed = int(cfg.seed)  # the run's stream of batches (`seeds.batch_seed`)
     meta = {"stage": cfg.stage.name, "seed": cfg.seed, "data": cfg.data.get("_target_")}
-    if cfg.stage.name == "base":
+    if base is None:
         cond_dropout = 1.0
     else:
         cond_dropout = float(cfg.cond_dropout)
-        base = load_denoiser(cfg.base, role="base")
         check_same_schedule(base.scheduler.config, scheduler.config)
         init_from_base(denoiser, base.denoiser)
         meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
+        if is_pretrained(base.meta):
+            meta["base"]["format"] = base.meta["format"]
     meta["cond_dropout"] = cond_dropout
     module = DiffusionModule(
         denoiser,
@@ -104,6 +113,19 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def adopt_base_schedule(cfg: DictConfig) -> None:
+    """A fine-tune of a diffusers base trains with the base's schedule and prediction type: its scheduler config
+    replaces diffusion.*, so that the run's config.yaml records what it trains with. A missing base is left to the
+    checks that name it."""
+    if cfg.stage.name != "finetune" or not cfg.base or not Path(str(cfg.base)).expanduser().exists():
+        return
+    net_dir = resolve_model_dir(str(cfg.base), role="base")
+    if (net_dir / META).exists():
+        return
+    with open_dict(cfg):
+        cfg.diffusion = {"_target_": "diffusers.DDPMScheduler", **base_schedule(net_dir)}
 
 
 def check_same_schedule(base_cfg, cfg) -> None:
@@ -166,6 +188,7 @@ def train(cfg: DictConfig) -> Path:
     step), noise, timesteps and dropout from (seed, step, rank)). Either must be given the settings and base it
     recorded (`priorlab.training.resume`), checked before anything in the folder is written.
     """
+    adopt_base_schedule(cfg)
     check_config(cfg)
     set_cpu_threads(cfg.get("cpu_threads", "auto"))
     if cfg.dry_run:

@@ -1,9 +1,11 @@
 """The denoiser wrapper: a diffusers network plus an explicit null class.
 
-Every network here is class-conditional. Its label tables have `num_classes + 1` rows and the null class
-(the unconditional condition ∅) is the row `null_class`, recorded in the config and in the saved model
-rather than hard-coded. Conditioning dropout is a training choice (`drop_labels`, used by DiffusionModule);
-`force_drop` asks the network for its unconditional branch at evaluation.
+Every network priorlab trains is class-conditional. Its label tables have `num_classes + 1` rows and the null
+class (the unconditional condition ∅) is the row `null_class`, recorded in the config and in the saved model
+rather than hard-coded. A user's own unconditional diffusers UNet, loaded as a base (`models.pretrained`), has no
+label table: it is wrapped with `num_classes=0, null_class=0` and answers ∅ whatever the labels. Conditioning
+dropout is a training choice (`drop_labels`, used by DiffusionModule); `force_drop` asks the network for its
+unconditional branch at evaluation.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ def drop_labels(labels: Tensor, p: float, null_class: int, generator: torch.Gene
 
 
 def label_tables(net: nn.Module) -> list[nn.Embedding]:
-    """The class-embedding tables of a network (one for UNet and MLP, one per block for DiT)."""
+    """The class-embedding tables of a network (one for UNet and MLP, one per block for DiT; none for an
+    unconditional UNet)."""
     if isinstance(net, UNet2DModel | MLPDenoiser):
-        return [net.class_embedding]
+        return [net.class_embedding] if isinstance(net.class_embedding, nn.Embedding) else []
     return [m.embedding_table for m in net.modules() if isinstance(m, LabelEmbedding)]
 
 
@@ -47,7 +50,7 @@ class Denoiser(nn.Module):
 
     Args:
         net: a diffusers UNet2DModel, DiTTransformer2DModel or MLPDenoiser whose label tables have
-            num_classes + 1 rows.
+            num_classes + 1 rows, or an unconditional UNet2DModel (no label table, num_classes 0).
         num_classes: number of real classes.
         null_class: index of the null (unconditional) row.
         prediction_type: "epsilon", "v_prediction" or "sample".
@@ -62,7 +65,9 @@ class Denoiser(nn.Module):
         for module in net.modules():
             if isinstance(module, LabelEmbedding):
                 module.dropout_prob = 0.0  # diffusers' DiT drops labels itself in train(); dropout is ours
-        for table in label_tables(net):
+        tables = label_tables(net)
+        self.conditional = bool(tables)  # False: an unconditional network, every label is ∅
+        for table in tables:
             if table.num_embeddings != num_classes + 1:
                 raise ValueError(f"label table has {table.num_embeddings} rows, expected {num_classes + 1}")
 
@@ -75,6 +80,8 @@ class Denoiser(nn.Module):
             labels: class indices (N,), `null_class` allowed.
             force_drop: True for the unconditional branch of every row, or a boolean mask (N,).
         """
+        if not self.conditional:
+            return self.net(x, t, return_dict=False)[0]
         if force_drop is not None:
             drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
@@ -86,7 +93,8 @@ class Denoiser(nn.Module):
         c = self.net.config
         if isinstance(self.net, MLPDenoiser):
             return (c.dim,)
-        return (c.in_channels, c.sample_size, c.sample_size)
+        size = c.sample_size
+        return (c.in_channels, *size) if isinstance(size, list | tuple) else (c.in_channels, size, size)
 
     @property
     def class_name(self) -> str:

@@ -2,7 +2,8 @@
 
 A model folder holds the network (`config.json`, `diffusion_pytorch_model.safetensors`, written by
 `save_pretrained`), the noise schedule (`scheduler_config.json`) and `priorlab.json` with the null class,
-the prediction type and, for a fine-tune, its base's path and content hash. Weights load through
+the prediction type and, for a fine-tune, its base's path and content hash. A base or prior may also be a plain
+diffusers UNet2DModel folder (`models.pretrained`). Weights load through
 safetensors only, so no pickled code is ever run.
 """
 
@@ -63,20 +64,40 @@ def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path
 
 
 def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
-    """Accept a model folder or a run folder holding `model/`; raise a UserError naming what is missing."""
+    """The folder holding a model's weights: a priorlab model folder, a run folder holding `model/`, or a diffusers
+    UNet2DModel folder or pipeline folder (`models.pretrained`: its unet/); a UserError naming what it looked for."""
+    from priorlab.models.pretrained import LOOKED_FOR, diffusers_net_dir
+
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"{role}={path}: no such folder; pass a run folder or its model/ sub-folder")
     if not (path / META).exists() and (path / "model" / META).exists():
         path = path / "model"
-    if not (path / META).exists() or not (path / WEIGHTS).exists():
-        raise UserError(f"{role}={path} is not a priorlab model folder (needs {META} and {WEIGHTS})")
-    return path
+    if (path / META).exists() and (path / WEIGHTS).exists():
+        return path
+    net_dir = None if (path / META).exists() else diffusers_net_dir(path, role)
+    if net_dir is None:
+        raise UserError(f"{role}={path} is not a priorlab model folder (needs {META} and {WEIGHTS}) nor {LOOKED_FOR}")
+    return net_dir
 
 
-def load_denoiser(path: str | Path, role: str = "model") -> SavedModel:
-    """Load a model folder written by `save_denoiser`; errors name the folder and the problem."""
+def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None = None) -> SavedModel:
+    """Load a model folder written by `save_denoiser`, or a diffusers UNet2DModel folder as a base or prior
+    (`models.pretrained.load_pretrained`); errors name the folder and the problem.
+
+    Args:
+        diffusers: whether a diffusers folder is taken; by default for every role but "model" (the class-conditional
+            model under evaluation or export is a priorlab model, a fine-tune of such a base).
+    """
     path = resolve_model_dir(path, role)
+    if not (path / META).exists():
+        if not (role != "model" if diffusers is None else diffusers):
+            raise UserError(f"{role}={path} is a diffusers model, not a priorlab model folder; fine-tune it "
+                            f"first (priorlab train stage=finetune base={path}) and pass the fine-tune's run "
+                            "folder")  # fmt: skip
+        from priorlab.models.pretrained import load_pretrained
+
+        return load_pretrained(path, role)
     meta = read_json_object(path / META, "a priorlab model record", "restore the model folder or train it again")
     check_meta(meta, path / META)
     try:
@@ -155,7 +176,9 @@ def init_from_base(model: Denoiser, base: Denoiser) -> None:
 
     Every weight but the label tables is copied. Each label table's rows, the null row and every class row,
     are set to the base's null row, so at step 0 the fine-tune's unconditional and conditional predictions
-    both equal the base's unconditional prediction exactly; fine-tuning then separates the classes.
+    both equal the base's unconditional prediction exactly; fine-tuning then separates the classes. A base
+    without label tables (an unconditional diffusers UNet, `models.pretrained`) gives zero rows instead: the
+    UNet adds the class row to the time embedding before any block, so a zero row changes nothing.
     """
     mismatch = architecture_mismatch(model, base)
     if mismatch:
@@ -164,11 +187,17 @@ def init_from_base(model: Denoiser, base: Denoiser) -> None:
             + "; ".join(mismatch)
             + ". Choose the model preset the base was trained with, or another base"
         )
-    tables = {id(t) for t in label_tables(base.net)}
-    skip = {name + ".weight" for name, m in base.net.named_modules() if id(m) in tables}
-    state = {k: v for k, v in base.net.state_dict().items() if k not in skip}
+    state = {k: v for k, v in base.net.state_dict().items() if k not in _table_keys(base.net)}
     missing, unexpected = model.net.load_state_dict(state, strict=False)
-    if unexpected or set(missing) != skip:
+    if unexpected or set(missing) != _table_keys(model.net):
         raise UserError(f"base weights do not fit the model (missing {missing}, unexpected {unexpected})")
-    for mine, theirs in zip(label_tables(model.net), label_tables(base.net), strict=True):
-        mine.weight.copy_(theirs.weight[base.null_class].expand_as(mine.weight))
+    theirs = label_tables(base.net)
+    for i, mine in enumerate(label_tables(model.net)):
+        null_row = theirs[i].weight[base.null_class] if theirs else torch.zeros_like(mine.weight[0])
+        mine.weight.copy_(null_row.expand_as(mine.weight))
+
+
+def _table_keys(net: torch.nn.Module) -> set[str]:
+    """The state-dict keys of a network's label tables."""
+    tables = {id(t) for t in label_tables(net)}
+    return {name + ".weight" for name, m in net.named_modules() if id(m) in tables}

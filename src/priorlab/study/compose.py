@@ -99,7 +99,7 @@ def unfinished(jobs: list[tuple[str, list[str]]], name: str) -> list[tuple[str, 
     """The `priorlab train` jobs whose run folder holds no done.json. A finished run is checked here as the command
     would check it (its recorded settings and base: `priorlab.training.resume.check_resume`) and skipped, which
     saves the start of a process per finished run when a study resumes (about 12 s each on a GPU host)."""
-    from priorlab.commands.train import DONE
+    from priorlab.commands.train import DONE, adopt_base_schedule
     from priorlab.training.resume import check_resume
 
     out = []
@@ -109,6 +109,7 @@ def unfinished(jobs: list[tuple[str, list[str]]], name: str) -> list[tuple[str, 
         if not (run_dir / DONE).exists():
             out.append((label, args))
             continue
+        adopt_base_schedule(cfg)  # a diffusers base's schedule, as the command adopts it
         check_resume(cfg, run_dir, finished=True)
         print(f"[study {name}] {label} is finished; skipping", flush=True)
     return out

@@ -1,0 +1,143 @@
+"""A user's own pretrained diffusers UNet as a base: found, loaded, and made class-conditional for a fine-tune.
+
+A base need not be a folder priorlab wrote. A diffusers `UNet2DModel` (a pixel-space UNet) is taken from
+
+- a model folder: `config.json` and `diffusion_pytorch_model.safetensors` (`save_pretrained`), with the
+  `scheduler_config.json` of its noise schedule beside them, or
+- a pipeline folder (e.g. a `DDPMPipeline` saved with `save_pretrained`): its `unet/` and `scheduler/`.
+
+Its schedule (any scheduler's config: the betas, the number of training timesteps, the prediction type) is read
+into a `DDPMScheduler`, which priorlab's training and evaluation use. An unconditional UNet is wrapped with
+`num_classes=0` (every label is ∅); a class-conditional one (`num_class_embeds` = K rows) is taken to hold its
+null class in its last row, K − 1, as priorlab's and DiT's tables do. A fine-tune of either is the same
+architecture with a table of num_classes + 1 rows (`conditional_copy`), whose rows `io.init_from_base` sets: to
+zero for an unconditional base (UNet2DModel adds the class row to the time embedding before the first block, so
+a zero row is a no-op), to the base's null row for a class-conditional one (the DiT fine-tuning protocol of
+Phunyaphibarn et al. 2025). Either way, at step 0 the fine-tune's ∅ and conditional predictions equal the base's
+∅ prediction. Weights load through safetensors only; latent pipelines (with a VAE) are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from priorlab.checks import read_json_object
+from priorlab.diffusion import PREDICTION_TYPES
+from priorlab.errors import UserError
+from priorlab.models.denoiser import Denoiser
+from priorlab.models.io import WEIGHTS, SavedModel
+
+CONFIG = "config.json"
+SCHEDULER = "scheduler_config.json"
+FORMAT = "diffusers"  # priorlab.json's "format" of a base loaded from a diffusers folder
+LOOKED_FOR = (f"a diffusers UNet2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} beside them) or a "
+              "diffusers pipeline folder (unet/ and scheduler/)")  # fmt: skip
+
+
+def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:
+    """The folder of a diffusers network in `path` (itself, or its unet/), or None where there is none."""
+    for net_dir in (path, path / "unet"):
+        if (net_dir / CONFIG).is_file():
+            break
+    else:
+        return None
+    if not (net_dir / WEIGHTS).is_file():
+        pickled = (net_dir / "diffusion_pytorch_model.bin").is_file()
+        hint = (": it holds .bin weights, and priorlab loads safetensors only (no pickled code is run); save it "
+                "again with save_pretrained(folder, safe_serialization=True)") if pickled else ""  # fmt: skip
+        raise UserError(f"{role}={net_dir} has {CONFIG} but no {WEIGHTS}{hint}")
+    return net_dir
+
+
+def scheduler_dir(net_dir: Path, role: str = "base") -> Path:
+    """The folder of a diffusers network's scheduler config: beside it, or the pipeline's scheduler/."""
+    for folder in (net_dir, net_dir.parent / "scheduler"):
+        if (folder / SCHEDULER).is_file():
+            return folder
+    raise UserError(f"{role}={net_dir} has no noise schedule: priorlab looked for {net_dir / SCHEDULER} and "
+                    f"{net_dir.parent / 'scheduler' / SCHEDULER}; save the model's scheduler beside it "
+                    "(scheduler.save_pretrained(folder))")  # fmt: skip
+
+
+def load_schedule(net_dir: Path, role: str = "base") -> DDPMScheduler:
+    """The network's training schedule as a DDPMScheduler (the keys of another scheduler's config that
+    DDPMScheduler does not take, such as DDIM's set_alpha_to_one, are left out)."""
+    path = scheduler_dir(net_dir, role) / SCHEDULER
+    config = read_json_object(path, "a diffusers scheduler config", "save the scheduler again")
+    taken = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    try:
+        scheduler = DDPMScheduler.from_config({k: v for k, v in config.items() if k in taken})
+    except Exception as err:  # an unknown beta_schedule, wrong types: one message for the user
+        raise UserError(f"{path} could not be read as a noise schedule ({type(err).__name__}: {err})") from err
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"{path}: prediction_type={scheduler.config.prediction_type!r} is not one of "
+                        f"{', '.join(PREDICTION_TYPES)}")  # fmt: skip
+    return scheduler
+
+
+def base_schedule(net_dir: Path, role: str = "base") -> dict:
+    """The DDPMScheduler config of a diffusers network's schedule, without diffusers' private keys: what a
+    fine-tune of it trains with (`diffusion.*`)."""
+    config = {k: v for k, v in load_schedule(net_dir, role).config.items() if not k.startswith("_")}
+    if config.get("trained_betas") is not None:
+        raise UserError(f"{role}={net_dir}: its schedule lists its betas (trained_betas), which a fine-tune's "
+                        "diffusion.* cannot hold; priorlab takes schedules given by beta_schedule")  # fmt: skip
+    return config
+
+
+def _check_network(config: dict, net_dir: Path, role: str) -> None:
+    """Refuse the networks priorlab cannot use as a pixel-space base, naming why."""
+    name = config.get("_class_name")
+    if name != "UNet2DModel":
+        raise UserError(f"{role}={net_dir} holds a {name}; priorlab takes a diffusers UNet2DModel (a pixel-space "
+                        f"UNet) as a base, or a priorlab model folder")  # fmt: skip
+    index = net_dir.parent / "model_index.json"
+    if index.is_file() and {"vae", "vqvae"} & set(read_json_object(index, "a pipeline index", "save it again")):
+        raise UserError(f"{role}={net_dir.parent} is a latent pipeline (it has a VAE); priorlab fine-tunes pixel-"
+                        "space UNets only")  # fmt: skip
+    if config.get("class_embed_type") is not None:
+        raise UserError(f"{role}={net_dir}: class_embed_type={config['class_embed_type']!r} is not a label table; "
+                        "priorlab takes UNets without class embedding or with num_class_embeds")  # fmt: skip
+    if config.get("out_channels", 3) != config.get("in_channels", 3):
+        raise UserError(f"{role}={net_dir}: out_channels={config.get('out_channels')} differs from in_channels="
+                        f"{config.get('in_channels')} (a learned variance?); priorlab takes a UNet that predicts "
+                        "one value per input channel")  # fmt: skip
+
+
+def load_pretrained(net_dir: Path, role: str = "base") -> SavedModel:
+    """A diffusers UNet2DModel folder (`diffusers_net_dir`) as a SavedModel: the network wrapped as a Denoiser
+    (module doc: its null class), its schedule, and a record whose "format" is "diffusers"."""
+    config = read_json_object(net_dir / CONFIG, "a diffusers model config", "save the model again")
+    _check_network(config, net_dir, role)
+    scheduler = load_schedule(net_dir, role)
+    try:
+        net = UNet2DModel.from_pretrained(net_dir, use_safetensors=True, low_cpu_mem_usage=False)
+    except Exception as err:  # truncated safetensors, keys that do not fit the config
+        raise UserError(f"{role}={net_dir} could not be loaded ({type(err).__name__}: {err})") from err
+    rows = net.config.num_class_embeds
+    num_classes = 0 if rows is None else rows - 1
+    prediction_type = scheduler.config.prediction_type
+    meta = {"class_name": "UNet2DModel", "num_classes": num_classes, "null_class": num_classes,
+            "prediction_type": prediction_type, "format": FORMAT}  # fmt: skip
+    denoiser = Denoiser(net.eval(), num_classes, num_classes, prediction_type)
+    return SavedModel(denoiser, scheduler, meta, net_dir)
+
+
+def conditional_copy(base: Denoiser, num_classes: int, sample_shape: tuple[int, ...], role: str = "base") -> Denoiser:
+    """A fine-tune of a diffusers base: the base's architecture with a label table of num_classes + 1 rows (the
+    null class last), its weights still to be set by `io.init_from_base`."""
+    if tuple(sample_shape) != tuple(base.sample_shape):
+        raise UserError(f"{role} takes samples of shape {tuple(base.sample_shape)} but the data gives "
+                        f"{tuple(sample_shape)}; choose data of the base's size and channels "
+                        "(data.image_size=...)")  # fmt: skip
+    config = {k: v for k, v in base.net.config.items() if not k.startswith("_")}
+    net = UNet2DModel.from_config({**config, "class_embed_type": None, "num_class_embeds": num_classes + 1})
+    return Denoiser(net, num_classes, num_classes, base.prediction_type)
+
+
+def is_pretrained(meta: dict) -> bool:
+    """Whether a loaded model's record says it came from a diffusers folder rather than from priorlab."""
+    return meta.get("format") == FORMAT
