@@ -7,7 +7,7 @@ STAMP := $(VENV)/.priorlab-installed
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q uv==0.13.9
+	$(PY) -m pip install -q --upgrade pip uv==0.13.9
 	$(PY) -m pip install -q $$(grep '^torch==' requirements.lock)   # through pip, whose config may name a local wheel (the CPU one here)
 	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -r requirements.lock   # the exact, tested environment (uv: faster than pip; bytecode compiled as pip does)
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps -e '.[dev]'  # priorlab itself; its declared ranges admit the lock

@@ -269,9 +269,9 @@ E2E_TESTS = {
 # default order (most tests first) left the study modules, of few but long tests, for the end, and one worker
 # alone with them for minutes.
 LONGEST_FIRST = ["test_study.py", "test_study_axes.py", "test_evaluation.py", "test_paper_setting.py", "test_cli.py",
-                 "test_wandb.py", "test_imports.py", "test_forkserver.py", "test_user_errors.py", "test_resume.py",
-                 "test_own_data.py", "test_pipelines.py", "test_pretrained.py", "test_data.py", "test_cheap_prior.py",
-                 "test_fuzz.py", "test_install.py"]  # fmt: skip
+                 "test_imports.py", "test_forkserver.py", "test_user_errors.py", "test_resume.py", "test_own_data.py",
+                 "test_pipelines.py", "test_data.py", "test_cheap_prior.py", "test_fuzz.py",
+                 "test_install.py"]  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
