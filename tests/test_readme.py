@@ -22,8 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = [README, ROOT / "docs" / "GUIDE.md", ROOT / "docs" / "FINDINGS.md"]
 # Names the README uses for the user's own files and folders (placeholders), never the repository's.
-PLACEHOLDERS = {"my_images", "my-ip2p", "my-sd15", "in.png", "samples", "my-pipeline", "path/to/mine.yaml",
-                "path/to/my_pipeline"}
+PLACEHOLDERS = {
+    "my_images",
+    "my-ip2p",
+    "my-sd15",
+    "in.png",
+    "samples",
+    "my-pipeline",
+    "path/to/mine.yaml",
+    "path/to/my_pipeline",
+}
 # Top-level folders whose paths in the docs name files of the repository (runs/ and data/ are made by commands).
 REPO_DIRS = ("results/", "docs/", "experiments/", "configs/", "bench/", "tests/", "src/", "analysis/")
 

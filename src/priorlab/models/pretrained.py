@@ -53,12 +53,14 @@ def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:
 
 
 def scheduler_dir(net_dir: Path, role: str = "base") -> Path:
-    """The folder of a diffusers network's scheduler config: beside it, or the pipeline's scheduler/."""
-    for folder in (net_dir, net_dir.parent / "scheduler"):
+    """The folder of a diffusers network's scheduler config: beside it, in its scheduler/, or the pipeline's
+    scheduler/."""
+    folders = (net_dir, net_dir / "scheduler", net_dir.parent / "scheduler")
+    for folder in folders:
         if (folder / SCHEDULER).is_file():
             return folder
-    raise UserError(f"{role}={net_dir} has no noise schedule: priorlab looked for {net_dir / SCHEDULER} and "
-                    f"{net_dir.parent / 'scheduler' / SCHEDULER}; save the model's scheduler beside it "
+    raise UserError(f"{role}={net_dir} has no noise schedule: priorlab looked for "
+                    f"{', '.join(str(f / SCHEDULER) for f in folders)}; save the model's scheduler beside it "
                     "(scheduler.save_pretrained(folder))")  # fmt: skip
 
 

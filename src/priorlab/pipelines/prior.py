@@ -13,28 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from priorlab.errors import UserError
 from priorlab.priors import DenoiserPrior, DiffusersPrior, PriorNet
 
 DENOISER_COMPONENTS = ("unet", "transformer", "image_unet")
 IMAGE_EMBEDDING_PIPELINES = ("StableDiffusionImageVariationPipeline",)
-
-
-def _scheduler_config(path: Path) -> dict:
-    for candidate in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
-        if candidate.exists():
-            return json.loads(candidate.read_text())
-    raise UserError(f"{path} has no scheduler_config.json (nor scheduler/scheduler_config.json); the prior's "
-                    "noise schedule is needed to match timesteps")  # fmt: skip
-
-
-def _alphas_cumprod(config: dict) -> Tensor:
-    from diffusers import DDPMScheduler
-
-    keep = {k: v for k, v in config.items() if not k.startswith("_")}
-    return DDPMScheduler.from_config(keep).alphas_cumprod
 
 
 def null_condition(net: nn.Module, pipe=None, negative_prompt: str = "", device: str | torch.device = "cpu") -> dict:
@@ -130,9 +115,11 @@ def load_prior(path: str, negative_prompt: str = "", device: str | torch.device 
     cls = getattr(diffusers, str(class_name), None)
     if cls is None:
         raise UserError(f"base={path}: config.json names {class_name!r}, which is not a diffusers model class")
+    from priorlab.models.pretrained import load_schedule
+
     net = cls.from_pretrained(p, local_files_only=True).eval()
-    sched = _scheduler_config(p)
-    return DiffusersPrior(net, _alphas_cumprod(sched), sched.get("prediction_type", "epsilon"),
+    sched = load_schedule(p)  # the schedule beside the model (or in its scheduler/), as a fine-tune's base reads it
+    return DiffusersPrior(net, sched.alphas_cumprod, sched.config.prediction_type,
                           null_condition(net, None, negative_prompt, device), None,
                           source=f"base={path}").to(device, dtype)  # fmt: skip
 
