@@ -53,9 +53,9 @@ def check_fused(value) -> str:
 def fusion_mismatch(model: Denoiser, prior_net: PriorNet) -> list[str]:
     """Why θ and ψ cannot run in one pass (empty where they can): ψ must be a priorlab denoiser of θ's architecture
     that sees all of x_t, with its weights on θ's device in θ's dtype."""
-    if not isinstance(prior_net, DenoiserPrior) or not isinstance(model, Denoiser):
-        return [f"the prior network is a {type(prior_net).__name__}, not a priorlab denoiser"]
-    base = prior_net.denoiser
+    base = getattr(prior_net, "denoiser", None)
+    if not isinstance(prior_net, DenoiserPrior) or not isinstance(base, Denoiser) or not isinstance(model, Denoiser):
+        return [f"the prior network is a {type(prior_net).__name__} of a {type(base).__name__}, not of a denoiser"]
     reasons = list(architecture_mismatch(model, base))
     if prior_net.channels is not None:
         reasons.append("the prior sees only some input channels")
