@@ -17,8 +17,10 @@ convolution and each linear layer into a batched matrix product (the "vmap" rout
   embedding, as a zero row does.
 - **Schedules.** ψ is queried at its own timestep of closest ᾱ and its output converted to eps at its own ᾱ, exactly
   as `PriorNet.predict` does; only the network call is shared.
-- **GroupNorm.** PyTorch's CPU group norm asks for the memory format of its input, which vmap refuses; the stacked
-  network's GroupNorm layers compute the same normalization from `var_mean` in float32 (as autocast runs it).
+- **GroupNorm.** PyTorch's CPU group norm asks for the memory format of its input, which vmap refuses; there the
+  stacked network's GroupNorm layers compute the same normalization from `var_mean` in float32 (as autocast runs
+  it). On a GPU they try PyTorch's own kernel first (one kernel rather than several) and keep the `var_mean` form
+  if the first pass refuses it (not yet run on a GPU here: `bench/guided_sampling.py` measures it).
 - **Choice.** `fused`: "off" (two calls), "on" (one pass; an architecture mismatch is a UserError), "auto" (one pass
   where the architectures match and, on a GPU, the pass was measured faster for that input shape and precision on
   its first call; on the CPU two calls: there is no kernel launch to save, and grouped convolutions are the slower
@@ -68,9 +70,14 @@ def fusion_mismatch(model: Denoiser, prior_net: PriorNet) -> list[str]:
 
 
 class _GroupNorm(nn.GroupNorm):
-    """GroupNorm from `var_mean` in float32, which vmap can batch on the CPU too (module doc)."""
+    """GroupNorm from `var_mean` in float32, which vmap can batch on the CPU too, or PyTorch's kernel on a GPU where
+    `native` (module doc)."""
+
+    native = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.native and x.device.type != "cpu":
+            return super().forward(x)
         n, c = x.shape[:2]
         h = x.float().reshape(n, self.num_groups, -1)  # (N, G, C/G · H · W)
         var, mean = torch.var_mean(h, dim=-1, keepdim=True, correction=0)
@@ -111,6 +118,7 @@ class FusedPair:
         self._stacked: dict[str, Tensor] = {}
         self._key: list = []
         self._listed: tuple = ((), [], [])
+        self._norm: bool | None = None  # PyTorch's group norm under vmap on a GPU; None: not tried yet
         run = vmap(self._one, in_dims=(0, None, 0, 0))  # (2, N, ...): the model dimension first
         self._run = torch.compile(run) if compiled else run
 
@@ -156,7 +164,24 @@ class FusedPair:
         if not _capturing(x_t.device):
             self.refresh()
         null = torch.full_like(labels, self.prior_net.denoiser.null_class)
-        return self._run(self._stacked, x_t, torch.stack([t, t_prior.to(t.dtype)]), torch.stack([labels, null]))
+        args = (self._stacked, x_t, torch.stack([t, t_prior.to(t.dtype)]), torch.stack([labels, null]))
+        if (
+            x_t.device.type != "cpu" and self._norm is None
+        ):  # first pass on a GPU: PyTorch's group norm if vmap takes it
+            self._set_norm(True)
+            try:
+                out = self._run(*args)
+            except RuntimeError:
+                self._set_norm(False)
+                return self._run(*args)
+            return out
+        return self._run(*args)
+
+    def _set_norm(self, native: bool) -> None:
+        self._norm = native
+        for module in self.skeleton.modules():
+            if isinstance(module, _GroupNorm):
+                module.native = native
 
     def __call__(self, x_t: Tensor, t: Tensor, labels: Tensor, abar_t: Tensor) -> tuple[Tensor, Tensor]:
         """eps_θ(x_t, c) in x_t's dtype, and eps_ψ(x_t, ∅) at ψ's timestep of closest ᾱ converted to eps at ψ's ᾱ
