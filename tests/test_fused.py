@@ -195,3 +195,29 @@ def test_the_eval_config_carries_fused(compose_tmp):
     for value in ("on", "off", "auto"):
         cfg = compose_tmp([f"eval.fused={value}"], "evaluate")
         assert EvalSettings(**cfg.eval).fused == value
+
+
+def test_auto_keeps_the_route_measured_faster_per_key_and_never_retries_a_failed_one(monkeypatch):
+    """fused=auto's choice on a GPU (`FusedPair.faster`, here with the timer and the capture check stubbed): the
+    faster route is kept per key, measured once; a fused pass that raises means two passes for that key."""
+    import priorlab.priors.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_capturing", lambda device: False)
+    timed: list = []
+    monkeypatch.setattr(fused_module, "_time", lambda fn: timed.append(fn) or fn())
+    model, prior_net = _pair(unet, "epsilon")
+    pair = FusedPair(model, prior_net)
+    assert pair.faster(("cuda", 1), lambda: 1.0, lambda: 2.0) is True
+    assert pair.faster(("cuda", 1), lambda: 9.0, lambda: 2.0) is True and len(timed) == 2  # kept, not re-measured
+    assert pair.faster(("cuda", 2), lambda: 3.0, lambda: 2.0) is False
+    assert pair.faster(("cuda", 3), lambda: 1 / 0, lambda: 2.0) is False and pair.choice[("cuda", 3)] is False
+    assert pair.faster(("cpu", 4), lambda: 1.0, lambda: 2.0) is False and ("cpu", 4) not in pair.choice
+
+
+def test_an_evaluation_hands_eval_fused_to_every_base_prior():
+    """eval.fused reaches prior=base and each extra prior of an evaluation."""
+    from priorlab.evaluation.generation import evaluation_priors
+
+    _, prior_net = _pair(unet, "epsilon")
+    priors = evaluation_priors(EvalSettings(fused="on"), prior_net, {}, {"small": prior_net})
+    assert [(p.name, p.fused) for p in priors if p.needs_net] == [("base", "on"), ("small", "on")]  # self reads none

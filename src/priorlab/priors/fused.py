@@ -21,6 +21,11 @@ convolution and each linear layer into a batched matrix product (the "vmap" rout
   stacked network's GroupNorm layers compute the same normalization from `var_mean` in float32 (as autocast runs
   it). On a GPU they try PyTorch's own kernel first (one kernel rather than several) and keep the `var_mean` form
   if the first pass refuses it (not yet run on a GPU here: `bench/guided_sampling.py` measures it).
+- **Where.** The one guided step (`priorlab.guidance._passes`), so `sampling.sample` (launched or graphed),
+  `sample_many` and the evaluation, wherever ψ runs over every row θ runs over: prior=base, or blocks of base priors
+  of one network. Steps that also need θ's own ∅ rows (prior=self beside base), pick rows by a boolean mask (the
+  fitted priors; `guide`'s per-row interval) or read a diffusers prior run the two calls, as does the prior swap
+  inside diffusers pipelines (`pipelines.swap`, which does not go through `guide`).
 - **Choice.** `fused`: "off" (two calls), "on" (one pass; an architecture mismatch is a UserError), "auto" (one pass
   where the architectures match and, on a GPU, the pass was measured faster for that input shape and precision on
   its first call; on the CPU two calls: there is no kernel launch to save, and grouped convolutions are the slower
