@@ -176,6 +176,7 @@ def test_auto_falls_back_to_two_passes_where_architectures_differ(monkeypatch):
 
 
 def test_weights_in_another_dtype_are_not_fused():
+    """One stacked tensor holds both networks' weights: a base in float64 beside a float32 model stays apart."""
     model, prior_net = _pair(dit, "epsilon")
     prior_net.to("cpu", torch.float64)
     assert any("dtype" in r or "float64" in r for r in fusion_mismatch(model, prior_net))
