@@ -1,19 +1,25 @@
-"""Guided sampling speed with and without CUDA graphs, and a cheap prior (issue 17, items 1 and 2).
+"""Guided sampling speed with and without CUDA graphs, a cheap prior (issue 17), prior=base in one pass (issue 33).
 
     python bench/guided_sampling.py                 # UNet-36M, DiT-B/2 and UNet-7M-16px, eager and compiled (GPU)
     python bench/guided_sampling.py --smoke         # tiny models on the CPU: checks that the script runs
     python bench/guided_sampling.py --only UNet-7M-16px --batch 750   # the cheap_prior study's pair, as evaluated
+    python bench/guided_sampling.py --only DiT-B/2 --batch 256,64 --compile true --modes launched,graphs --steps 10 \
+        --runs 2 --rows batched_cfg,prior_base,prior_base_fused,prior_base_fused_auto --no-agreement  # issue 33
 
-For each model and each of eager / torch.compile, the median ms per denoising step (B = --batch, bf16, DDIM,
-w = 4) of: batched CFG (prior=self: one network at 2B), prior=base (two networks at B), prior=base guided over the
-middle half of the steps only, the conditional network alone (one at B, no guidance), and prior=base with a small
-base (the cheap prior: a 64-128-128-128 UNet for UNet-36M, DiT-S/2 for DiT-B/2, and for UNet-7M-16px the 32-64-64
-UNet whose quality the cheap_prior study measured; that pair runs without channels-last, as the study trained and
-evaluated it), each launched eagerly, replayed from CUDA graphs (`priorlab.sampling.GraphedStep`), and replayed
-from the same graphs with the weights' addresses read at every step as before baf14f8 (graphs_key_per_step). Ratios
-divide by batched CFG of the same launch mode and compilation, in the same run. It also samples prior=base graphed
-and ungraphed from the same seeds and records the largest difference (bf16 networks: differences of a few 1e-2 are
-rounding).
+For each model, batch size (--batch, a list) and each of eager / torch.compile, the median ms per denoising step
+(bf16, DDIM, w = 4) and the peak memory allocated above what was held before the row (its graphs, the fused pass's
+stacked weights and activations) of the rows (--rows): batched CFG (prior=self: one network at 2B), prior=base (two
+networks at B), prior=base_fused (θ and the base in one pass over stacked weights, the vmap route of
+`priorlab.priors.fused`, fused=on), prior=base_fused_auto (fused=auto: the route it measured faster on the first
+step), prior=base guided over the middle half of the steps only, the conditional network alone (one at B, no
+guidance), and prior=base with a small base (the cheap prior: a 64-128-128-128 UNet for UNet-36M, DiT-S/2 for
+DiT-B/2, and for UNet-7M-16px the 32-64-64 UNet whose quality the cheap_prior study measured; that pair runs without
+channels-last, as the study trained and evaluated it), each launched eagerly, replayed from CUDA graphs
+(`priorlab.sampling.GraphedStep`), and replayed with the weights' addresses read at every step as before baf14f8
+(graphs_key_per_step) (--modes); each row captures its own graphs, within its own memory peak. Ratios divide by
+batched CFG of the same launch mode and compilation; `targets` holds issue 17's and 33's (one pass ≤ 1.02× the faster
+of launched and graphed batched CFG). A row whose route fails is recorded as {"error": ...}. It also samples
+prior=base graphed and launched, in one pass and two, from the same seeds: their largest differences (bf16).
 Writes bench/results/<card>-<date>-guided_sampling.json.
 """
 
@@ -89,7 +95,7 @@ def study_model() -> dict:
 @contextlib.contextmanager
 def key_per_step(on: bool):
     """The graphed path as it was before baf14f8: the weights' addresses of θ and of the prior network read at
-    every step (now once per sample() call). The same graphs replay; only that host work differs."""
+    every step (now once per sample() call). The same kind of graphs replay; only that host work differs."""
     if not on:
         yield
         return
@@ -106,9 +112,14 @@ def key_per_step(on: bool):
         sampling.graphed_step = original
 
 
+ROWS = ("batched_cfg", "prior_base", "prior_base_fused", "prior_base_fused_auto", "prior_base_interval", "cond_only",
+        "cheap_prior")  # fmt: skip
+MODES = ("launched", "graphs", "graphs_key_per_step")
+
+
 def time_config(model, labels, seeds, kwargs, runs: int) -> float:
     with torch.inference_mode():
-        sample(model, labels, seeds, **kwargs)  # warm-up: compilation and graph capture
+        sample(model, labels, seeds, **kwargs)  # warm-up: compilation, graph capture, fused=auto's measurement
         times = []
         for _ in range(runs):
             sync()
@@ -119,10 +130,73 @@ def time_config(model, labels, seeds, kwargs, runs: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name, build, small, shape, k, batch, steps, runs, device, compile_: bool) -> dict:
+def measure_row(model, labels, seeds, kwargs, runs: int, device) -> dict:
+    """ms per step and the peak memory above what was allocated before the row (its graphs, the fused pass's stacked
+    weights and activations: the graph cache is emptied first); an error (a route the device refuses) is recorded,
+    not raised."""
+    sampling._GRAPHS.pop(model, None)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    held = torch.cuda.memory_allocated(device) if cuda else 0
+    try:
+        row = {"ms_per_step": time_config(model, labels, seeds, kwargs, runs)}
+    except Exception as err:  # noqa: BLE001 - one failed route must not end the run
+        return {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+    if cuda:
+        row |= {"peak_mib_above_start": (torch.cuda.max_memory_allocated(device) - held) / 2**20,
+                "allocated_mib_at_start": held / 2**20}  # fmt: skip
+    return row
+
+
+def targets(out: dict) -> dict:
+    """The issues' targets, where their rows were measured: issue 17's (prior=base ≤ 1.05×, the interval bound, the
+    cheap prior ≤ 0.7×, per launch mode) and issue 33's (prior=base in one pass ≤ 1.02× the faster of launched and
+    graphed batched CFG)."""
+    ms = lambda mode, row: out.get(mode, {}).get(row, {}).get("ms_per_step")  # noqa: E731
+    res = {}
+    cfgs = [v for v in (ms("launched", "batched_cfg"), ms("graphs", "batched_cfg")) if v]
+    for mode in MODES:
+        t = {r: ms(mode, r) for r in ROWS}
+        if t["batched_cfg"] and t["prior_base"]:
+            res[f"{mode}/prior_base_le_1.05"] = t["prior_base"] / t["batched_cfg"] <= 1.05
+        if t["batched_cfg"] and t["cond_only"] and t["prior_base_interval"]:
+            bound = 0.5 + 0.5 * t["cond_only"] / t["batched_cfg"] + 0.05
+            res[f"{mode}/interval_le_bound"] = t["prior_base_interval"] / t["batched_cfg"] <= bound
+        if t["batched_cfg"] and t["cheap_prior"]:
+            res[f"{mode}/cheap_prior_le_0.7"] = t["cheap_prior"] / t["batched_cfg"] <= 0.7
+        if cfgs and t["prior_base_fused"]:
+            res[f"{mode}/fused_over_best_cfg"] = t["prior_base_fused"] / min(cfgs)
+            res[f"{mode}/fused_le_1.02_best_cfg"] = t["prior_base_fused"] / min(cfgs) <= 1.02
+    return res
+
+
+def row_configs(rows, base, cheap, sched, steps: int) -> dict:
+    """name → sampling keywords of each asked row; every prior network is built anew per row (`Prior` of the
+    network), so a row's fused pass builds its own stacked weights inside the row's memory peak."""
+    ddim = make_scheduler("ddim", sched)
+    ddim.set_timesteps(steps)
+    sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
+    interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
+    net = lambda m: Prior(m, sched, sched.alphas_cumprod)  # noqa: E731
+    make = {
+        "batched_cfg": lambda: dict(prior=SELF),
+        "prior_base": lambda: dict(prior=BasePrior(net(base), fused="off")),
+        "prior_base_fused": lambda: dict(prior=BasePrior(net(base), fused="on")),  # the vmap route
+        "prior_base_fused_auto": lambda: dict(prior=BasePrior(net(base), fused="auto")),  # auto's choice
+        "prior_base_interval": lambda: dict(prior=BasePrior(net(base), fused="off"), interval=interval),
+        "cond_only": lambda: dict(prior=NONE),
+        "cheap_prior": lambda: dict(prior=BasePrior(net(cheap), fused="off")),
+    }
+    return {name: make[name] for name in rows}
+
+
+def bench_model(name, build, small, shape, k, batch, args, device, compile_: bool) -> dict:
     torch.manual_seed(0)
-    model, base, cheap = build().to(device).eval(), build().to(device).eval(), small().to(device).eval()
-    nets = (model, base, cheap)
+    model, base = build().to(device).eval(), build().to(device).eval()
+    cheap = small().to(device).eval() if "cheap_prior" in args.rows else None
+    nets = [m for m in (model, base, cheap) if m is not None]
     if len(shape) == 3 and "UNet" in model.class_name and device.type == "cuda" and name != STUDY:
         for m in nets:
             m.net.to(memory_format=torch.channels_last)
@@ -130,82 +204,95 @@ def bench_model(name, build, small, shape, k, batch, steps, runs, device, compil
         for m in nets:
             m.net.compile()
     sched = DDPMScheduler()
-    prior, cheap_prior = Prior(base, sched, sched.alphas_cumprod), Prior(cheap, sched, sched.alphas_cumprod)
-    ddim = make_scheduler("ddim", sched)
-    ddim.set_timesteps(steps)
-    sig = sigma(sched.alphas_cumprod[ddim.timesteps.long()]).sort().values
-    interval = (float(sig[steps // 4]), float(sig[steps // 4 + steps // 2 - 1]))
+    configs = row_configs(args.rows, base, cheap, sched, args.steps)
     labels, seeds = torch.arange(batch) % k, torch.arange(batch)
-    configs = {"batched_cfg": dict(prior=SELF), "prior_base": dict(prior=BasePrior(prior)),
-               "prior_base_interval": dict(prior=BasePrior(prior), interval=interval),
-               "cond_only": dict(prior=NONE), "cheap_prior": dict(prior=BasePrior(cheap_prior))}  # fmt: skip
-    out = {"params_m": {"model": sum(p.numel() for p in model.parameters()) / 1e6,
-                        "cheap_prior": sum(p.numel() for p in cheap.parameters()) / 1e6}}  # fmt: skip
-    for mode in ("launched", "graphs", "graphs_key_per_step"):
-        graphs = mode != "launched"
+    sized = (("model", model), ("cheap_prior", cheap))
+    out = {"params_m": {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, m in sized if m is not None}}
+    common = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=args.steps, batch_size=batch,
+                  autocast=device.type == "cuda")  # fmt: skip
+    for mode in args.modes:
         table = {}
-        for cname, kw in configs.items():
-            kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
-                          autocast=device.type == "cuda", graphs=graphs, **kw)  # fmt: skip
+        for cname, make in configs.items():
+            kwargs = dict(**common, graphs=mode != "launched", **make())
             with key_per_step(mode == "graphs_key_per_step"):
-                table[cname] = {"ms_per_step": time_config(model, labels, seeds, kwargs, runs)}
-            print(f"  {name} compile={compile_} {mode:19s} {cname:20s} {table[cname]['ms_per_step']:8.2f} ms/step",
-                  flush=True)  # fmt: skip
-        ref = table["batched_cfg"]["ms_per_step"]
-        for row in table.values():
-            row["ratio_to_batched_cfg"] = row["ms_per_step"] / ref
-        cond = table["cond_only"]["ratio_to_batched_cfg"]
-        table["targets"] = {
-            "prior_base_le_1.05": table["prior_base"]["ratio_to_batched_cfg"] <= 1.05,
-            "interval_bound": 0.5 + 0.5 * cond + 0.05,
-            "interval_le_bound": table["prior_base_interval"]["ratio_to_batched_cfg"] <= 0.5 + 0.5 * cond + 0.05,
-            "cheap_prior_le_0.7": table["cheap_prior"]["ratio_to_batched_cfg"] <= 0.7,
-        }
+                table[cname] = row = measure_row(model, labels, seeds, kwargs, args.runs, device)
+            shown = f"{row['ms_per_step']:8.2f} ms/step" if "ms_per_step" in row else row["error"][:200]
+            memory = f"  peak +{row['peak_mib_above_start']:.0f} MiB" if "peak_mib_above_start" in row else ""
+            print(f"  {name} B={batch} compile={compile_} {mode:19s} {cname:22s} {shown}{memory}", flush=True)
+        ref = table.get("batched_cfg", {}).get("ms_per_step")
+        for row in table.values():  # over batched CFG of the same launch mode and compilation
+            row |= {"ratio_to_batched_cfg": row["ms_per_step"] / ref} if ref and "ms_per_step" in row else {}
         out[mode] = table
-    kwargs = dict(train_scheduler=sched, sample_shape=shape, scale=4.0, num_steps=steps, batch_size=batch,
-                  autocast=device.type == "cuda", prior=BasePrior(prior))  # fmt: skip
-    with torch.inference_mode():
-        eager = sample(model, labels, seeds, **kwargs, graphs=False)
-        graphed = sample(model, labels, seeds, **kwargs, graphs=True)
-    diff = (eager - graphed).abs()
-    out["agreement_prior_base"] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                                   "sample_std": float(eager.std())}  # fmt: skip
-    print(f"  {name} compile={compile_} graphed vs launched: {out['agreement_prior_base']}", flush=True)
+    out["targets"] = targets(out)
+    if args.agreement:
+        out["agreement"] = agreement(model, base, sched, labels, seeds, common)
+        print(f"  {name} B={batch} compile={compile_} agreement: {out['agreement']}", flush=True)
     return out
+
+
+def agreement(model, base, sched, labels, seeds, common) -> dict:
+    """Largest differences between samples of the same seeds: prior=base graphed vs launched, and in one pass vs
+    two (bf16 networks: differences of a few 1e-2 are rounding)."""
+    prior = lambda fused: BasePrior(Prior(base, sched, sched.alphas_cumprod), fused=fused)  # noqa: E731
+    res = {}
+    with torch.inference_mode():
+        apart = sample(model, labels, seeds, **common, prior=prior("off"), graphs=False)
+        for key, kw in (("graphed_vs_launched", dict(prior=prior("off"), graphs=True)),
+                        ("fused_vs_two_passes", dict(prior=prior("on"), graphs=False))):  # fmt: skip
+            try:
+                diff = (sample(model, labels, seeds, **common, **kw) - apart).abs()
+                res[key] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+            except Exception as err:  # noqa: BLE001
+                res[key] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+    res["sample_std"] = float(apart.std())
+    return res
+
+
+def names(value: str, allowed, what: str) -> list[str]:
+    bad = [v for v in value.split(",") if v not in allowed]
+    if bad:
+        raise SystemExit(f"--{what}: {', '.join(bad)} unknown; use some of {', '.join(allowed)}")
+    return value.split(",")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", default="256", help="batch sizes, e.g. 256,64")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default=None, help="one model name, e.g. DiT-B/2 or UNet-36M")
+    parser.add_argument("--only", default=None, help="model names, e.g. DiT-B/2 or DiT-B/2,UNet-36M (default all)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"rows, some of {','.join(ROWS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"launch modes, some of {','.join(MODES)}")
     parser.add_argument("--compile", default="false,true", help="eager and/or compiled networks")
+    parser.add_argument("--no-agreement", dest="agreement", action="store_false", help="skip the sample agreement")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
-        args.batch, args.steps, args.runs = 4, 4, 1
+        args.batch, args.steps, args.runs = "4", 4, 1
+    args.rows, args.modes = names(args.rows, ROWS, "rows"), names(args.modes, MODES, "modes")
+    batches = [int(b) for b in args.batch.split(",")]
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    result = {"card": card, "date": str(datetime.date.today()), "torch": torch.__version__, "batch": args.batch,
-              "steps": args.steps, "runs": args.runs, "models": {}}  # fmt: skip
+    result = {"card": card, "date": str(datetime.date.today()), "torch": torch.__version__, "batch": batches,
+              "steps": args.steps, "runs": args.runs, "argv": sys.argv[1:], "models": {}}  # fmt: skip
     if device.type == "cuda":
         result["gpu_uuid"] = str(torch.cuda.get_device_properties(device).uuid)
     small = small_builders(args.smoke)
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"{card.replace(' ', '_')}-{result['date']}-guided_sampling.json"
+    wanted = args.only.split(",") if args.only else None
     for name, (build, shape, k) in all_models(args.smoke).items():
-        if args.only and name != args.only:
+        if wanted and name not in wanted:
             continue
-        result["models"][name] = {}
-        for comp in [c == "true" for c in args.compile.split(",")]:
-            if comp and device.type != "cuda":
-                continue
-            key = "compiled" if comp else "eager"
-            result["models"][name][key] = bench_model(name, build, small[name], shape, k, args.batch, args.steps,
-                                                      args.runs, device, comp)  # fmt: skip
-            out.write_text(json.dumps(result, indent=1))  # after each part: a cut-off run keeps what it measured
+        for batch in batches:
+            part = result["models"].setdefault(name if len(batches) == 1 else f"{name}/B={batch}", {})
+            for comp in [c == "true" for c in args.compile.split(",")]:
+                if comp and device.type != "cuda":
+                    continue
+                part["compiled" if comp else "eager"] = bench_model(name, build, small[name], shape, k, batch, args,
+                                                                    device, comp)  # fmt: skip
+                out.write_text(json.dumps(result, indent=1))  # after each part: a cut-off run keeps what it measured
     print(f"wrote {out}")
 
 

@@ -13,7 +13,9 @@ The prior is an object (`priorlab.priors.kinds`): its unconditional term is (1 �
 with λ = 0 (self), 1 (base) or fitted per timestep bucket (auto, mix, checked; auto's λ is 0 or 1, so each row
 evaluates only its chosen network). There is one guided step: `guide` for one (prior, w), and `guide_blocks` for
 several settings side by side in one batch (`priorlab.sample_many`), both on `_shared_pass`: θ's conditional rows
-and the ∅ rows of the λ = 0 priors in one pass, each prior network once over the rows of its priors.
+and the ∅ rows of the λ = 0 priors in one pass, each prior network once over the rows of its priors. Where the prior
+network runs over every row θ runs over (prior=base, or blocks of base priors only) and shares θ's architecture, both
+can run as one network over a stacked model dimension (`priorlab.priors.fused`, the prior's `fused` setting).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import SELF, Prior, combine
+from priorlab.priors.fused import fused_pair
 
 
 @dataclass
@@ -164,10 +167,13 @@ def _shared_pass(model, x_t, t, labels, abar_t, blocks: list[tuple[slice, Prior]
     return cond, [next(theirs if prior.needs_net else mine).to(cond.dtype) for _, prior in blocks]
 
 
-def _passes(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap: bool):
+def _passes(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap: bool, fuse: bool = True):
     """θ's pass (`_model_pass`) over every row and the ∅ rows `own` (indices of x_t), and the prior networks' passes
     (`_net_passes`) over the rows of `nets`, on a side CUDA stream concurrently where `overlap` asks and there is one.
     Returns (eps_θ(x_t, c), [eps_θ(x_t[i], ∅) for i in own], [eps_ψ(x_t[i], ∅) for (i, ψ) in nets])."""
+    fused = _fused(model, x_t, t, labels, abar_t, own, nets, overlap) if fuse else None
+    if fused is not None:
+        return fused
     if nets and overlap and x_t.is_cuda:
         (cond, eps_self), eps_base = _overlapped(lambda: _model_pass(model, x_t, t, labels, abar_t, own),
                                                  lambda: _net_passes(x_t, abar_t, nets), x_t.device)  # fmt: skip
@@ -175,6 +181,31 @@ def _passes(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap
         cond, eps_self = _model_pass(model, x_t, t, labels, abar_t, own)
         eps_base = _net_passes(x_t, abar_t, nets)
     return cond, eps_self, eps_base
+
+
+def _fused(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap: bool):
+    """`_passes`' result from one pass of θ and ψ stacked (`priorlab.priors.fused.FusedPair`), or None where the
+    two run apart: θ has ∅ rows of its own, several networks or none are read, ψ's rows are not θ's (only slices
+    that cover every row in order qualify: a boolean mask would be read on the host), the prior's `fused` is off,
+    the architectures differ, or fused=auto found two passes faster for this shape and precision."""
+    if own or not nets or len({id(prior.net) for _, prior in nets}) != 1:
+        return None
+    starts = [range(len(x_t))[sl] if isinstance(sl, slice) else None for sl, _ in nets]
+    if any(r is None or r.step != 1 for r in starts) or [i for r in starts for i in r] != list(range(len(x_t))):
+        return None
+    prior = nets[0][1]
+    pair = fused_pair(model, prior.net, prior.fused)
+    if pair is None:
+        return None
+    one = lambda: pair(x_t, t, labels, abar_t)  # noqa: E731
+    if prior.fused == "auto":
+        device = x_t.device.type
+        precision = (x_t.dtype, torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device))
+        separate = lambda: _passes(model, x_t, t, labels, abar_t, [], nets, overlap, fuse=False)  # noqa: E731
+        if not pair.faster((device, tuple(x_t.shape), precision, overlap), one, separate):
+            return None
+    cond, base = one()
+    return cond, [], list(base.split([len(r) for r in starts]))
 
 
 def _eps(pred: Tensor, prediction_type: str, x_t: Tensor, abar_t: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from priorlab.errors import UserError
 from priorlab.guidance import guide_blocks
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import Prior
+from priorlab.priors.fused import refresh_pairs
 from priorlab.sampling import can_graph, graphed_step, trajectory, weights_key
 
 
@@ -55,6 +56,8 @@ def sample_many(
     # what a pass's graphs depend on besides the chunk size and the step's guidance, named once per pass rather than
     # at every step (weights_key reads the address of every weight of each network)
     weights = weights_key(model, *reads) if graphed else ()
+    if graphed:
+        refresh_pairs(model, *reads)  # a replay reads θ and ψ's stacked weights (fused=on|auto) as they are now
     pass_key = ("many", autocast, *[(s.prior.mode, float(s.scale)) for s in settings])
     blocks = [(s.prior, s.scale) for s in settings]
     out: list[list[Tensor]] = [[] for _ in settings]

@@ -22,6 +22,7 @@ from priorlab.errors import UserError
 from priorlab.guidance import guide, in_interval
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import NONE, SELF, DenoiserPrior, Prior, PriorNet
+from priorlab.priors.fused import refresh_pairs
 from priorlab.progress import progress_bar
 
 SCHEDULERS = {
@@ -227,6 +228,8 @@ def sample(
     reads = prior.reads  # the prior network a graphed step reads
     graphed = graphs and not prior.per_row and can_graph(device, reads)
     weights_at = weights_key(model, reads) if graphed else ()  # once per call, not at every step
+    if graphed:
+        refresh_pairs(model, reads)  # a replay reads θ and ψ's stacked weights (fused=on|auto) as they are now
     out = []
     chunks = range(0, len(labels), batch_size)
     for start in progress_bar(chunks, desc=f"sampling prior={prior.name} w={scale}", disable=not progress, leave=False):

@@ -40,8 +40,8 @@ def evaluation_priors(settings: EvalSettings, prior_net: PriorNet | None, weight
     missing = [p for p in modes if p in FITTED and p not in weights]
     if missing:
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
-    priors = [make_prior(p, prior_net, weights.get(p)) for p in modes]
-    return priors + [BasePrior(net, name) for name, net in extra.items()]
+    priors = [make_prior(p, prior_net, weights.get(p), fused=settings.fused) for p in modes]
+    return priors + [BasePrior(net, name, settings.fused) for name, net in extra.items()]
 
 
 def check_extra_priors(names) -> None:

@@ -13,7 +13,7 @@ from priorlab.checks import check_eval_settings
 from priorlab.errors import UserError
 from priorlab.evaluation.features import external_features
 from priorlab.guidance import check_scale
-from priorlab.priors import MODES, OBJECTIVES
+from priorlab.priors import FUSED, MODES, OBJECTIVES
 
 
 class ExactReference(Protocol):
@@ -72,6 +72,9 @@ class EvalSettings:
             pass; its wall time is shared out equally among its settings' sample_seconds (none are recorded for a
             pass over several priors, whose time is not any one prior's). w = 1 is sampled on its own. With
             cuda_graphs, each step of a pass is replayed from one graph too.
+        fused: prior=base (and extra priors) with θ and ψ in one pass where they share an architecture
+            (`priorlab.priors.fused`): "auto" (on a GPU where measured faster on the first step of each batch
+            shape; never on the CPU), "on" (an architecture mismatch is an error), "off" (two passes).
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
         evaluator_steps: training steps of that classifier where an evaluation trains it on first use (a cached one
@@ -101,6 +104,7 @@ class EvalSettings:
     autocast: bool = False
     cuda_graphs: bool = False
     one_pass: str = "off"
+    fused: str = "auto"
     features: str = "domain"
     bootstrap: int = 200
     evaluator_steps: int = 1500
@@ -117,6 +121,8 @@ class EvalSettings:
             raise UserError(f"eval.labels={self.labels} is unknown; use one of {', '.join(LABELS)}")
         if self.one_pass not in ONE_PASS_MODES:
             raise UserError(f"eval.one_pass={self.one_pass} is unknown; use one of {', '.join(ONE_PASS_MODES)}")
+        if self.fused not in FUSED:
+            raise UserError(f"eval.fused={self.fused} is unknown; use one of {', '.join(FUSED)}")
         if self.calibration_objective not in OBJECTIVES:
             raise UserError(f"eval.calibration_objective={self.calibration_objective} is unknown; use one of "
                             f"{', '.join(OBJECTIVES)}")  # fmt: skip

@@ -8,6 +8,8 @@
 - `nets`: the prior network's eps at the guided model's (x_t, ᾱ_t): one interface (`PriorNet`), adapters for
   priorlab denoisers (`DenoiserPrior`) and diffusers networks (`DiffusersPrior`), one timestep matching (closest
   ᾱ) and one conversion between prediction types, with their edges (zero terminal SNR, fractional timesteps).
+- `fused`: θ and a base of its architecture in one pass over stacked weights (`FusedPair`), as a prior's `fused`
+  setting (auto, on, off) asks.
 - `weights`: the fitted priors' per-noise-level weights (`PriorWeights`) and `combine`; `fitting`: `fit_weights`.
 
 Guidance (`priorlab.guidance.guide`) takes a prior object; fitting weights on a model's predictions is evaluation's
@@ -15,6 +17,7 @@ Guidance (`priorlab.guidance.guide`) takes a prior object; fitting weights on a 
 """
 
 from priorlab.priors.fitting import fit_weights
+from priorlab.priors.fused import FUSED, FusedPair, fused_pair, fusion_mismatch
 from priorlab.priors.kinds import (
     KINDS,
     NONE,
@@ -48,6 +51,7 @@ __all__ = [
     "FITTED",
     "FIXED",
     "FORMAT",
+    "FUSED",
     "IN_PIPELINES",
     "KINDS",
     "MODES",
@@ -59,6 +63,7 @@ __all__ = [
     "DenoiserPrior",
     "DiffusersPrior",
     "FittedPrior",
+    "FusedPair",
     "MixPrior",
     "NoPrior",
     "Prior",
@@ -74,6 +79,8 @@ __all__ = [
     "conversion_defined",
     "convert",
     "fit_weights",
+    "fused_pair",
+    "fusion_mismatch",
     "make_prior",
     "match_timesteps",
     "sigmas",

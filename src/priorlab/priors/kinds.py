@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from priorlab.errors import UserError
+from priorlab.priors.fused import check_fused
 from priorlab.priors.modes import FITTABLE, MODES
 from priorlab.priors.nets import PriorNet
 from priorlab.priors.weights import PriorWeights
@@ -38,6 +39,8 @@ class Prior:
         net: ψ, the network whose ∅ prediction enters (None where none does).
         weights: the fitted per-bucket weights λ (None for the fixed kinds).
         guides: False for `NoPrior` (conditional prediction only).
+        fused: "auto", "on" or "off": whether a step runs θ and ψ in one pass where they share an architecture
+            (`priorlab.priors.fused`); read where ψ's rows are all of θ's (prior=base, or blocks of base priors).
         needs_model_uncond: whether θ's ∅ branch may enter (λ < 1 somewhere); needs_net: whether ψ's may (λ > 0).
         per_row: λ differs by row, so a step picks rows by reading GPU values: it can neither be captured in a CUDA
             graph nor share a one-pass batch of settings (`priorlab.sample_many`).
@@ -49,10 +52,12 @@ class Prior:
     needs_net = False
     per_row = False
 
-    def __init__(self, name: str | None = None, net: PriorNet | None = None, weights: PriorWeights | None = None):
+    def __init__(self, name: str | None = None, net: PriorNet | None = None, weights: PriorWeights | None = None,
+                 fused: str = "auto"):  # fmt: skip
         self.name = name or self.mode
         self.net = net
         self.weights = weights
+        self.fused = check_fused(fused)
 
     @property
     def reads(self) -> PriorNet | None:
@@ -97,15 +102,16 @@ class BasePrior(Prior):
     Args:
         net: ψ, any `PriorNet` (a priorlab denoiser or a diffusers network, of any schedule or parameterization).
         name: its key in results ("base"; an extra prior's own name, e.g. a smaller base).
+        fused: θ and ψ in one pass: "auto", "on" or "off" (`Prior`, `priorlab.priors.fused`).
     """
 
     mode = "base"
     needs_net = True
 
-    def __init__(self, net: PriorNet | None, name: str | None = None):
+    def __init__(self, net: PriorNet | None, name: str | None = None, fused: str = "auto"):
         if net is None:
             raise UserError(f"prior={name or self.mode} needs a base model (base=PATH)")
-        super().__init__(name, net)
+        super().__init__(name, net, fused=fused)
 
 
 class FittedPrior(Prior):
@@ -168,14 +174,16 @@ NONE = NoPrior()
 
 
 def make_prior(mode: str, prior_net: PriorNet | None = None, weights: PriorWeights | None = None,
-               modes: tuple[str, ...] = MODES) -> Prior:  # fmt: skip
+               modes: tuple[str, ...] = MODES, fused: str = "auto") -> Prior:  # fmt: skip
     """The prior of a mode string (the config's, the CLI's), validated here once: a mode of `modes`, with the network
-    and the fitted weights it needs. Each kind takes only what it uses: prior=self ignores a given network."""
+    and the fitted weights it needs. Each kind takes only what it uses: prior=self ignores a given network, and
+    only prior=base reads `fused` (θ and ψ in one pass: `priorlab.priors.fused`)."""
+    check_fused(fused)
     if mode not in modes:
         raise UserError(f"prior={mode} is unknown; use one of {', '.join(modes)}")
     kind = KINDS[mode]
     if issubclass(kind, FittedPrior):
         return kind(prior_net, weights, mode)
     if kind is BasePrior:
-        return BasePrior(prior_net)
+        return BasePrior(prior_net, fused=fused)
     return kind()
