@@ -74,7 +74,8 @@ class EvalSettings:
             cuda_graphs, each step of a pass is replayed from one graph too.
         fused: prior=base (and extra priors) with θ and ψ in one pass where they share an architecture
             (`priorlab.priors.fused`): "auto" (on a GPU where measured faster on the first step of each batch
-            shape; never on the CPU), "on" (an architecture mismatch is an error), "off" (two passes).
+            shape; never on the CPU), "on" (an architecture mismatch is an error), "off" (two passes; the default:
+            on an H100 the one pass took 1.7–2× the two, bench/results/guided_sampling_fused.md).
         features: "domain", the classifier of `train-evaluator` (the only one implemented; "inception" and
             "dinov2" are refused with an error saying they are not implemented yet).
         evaluator_steps: training steps of that classifier where an evaluation trains it on first use (a cached one
@@ -104,7 +105,7 @@ class EvalSettings:
     autocast: bool = False
     cuda_graphs: bool = False
     one_pass: str = "off"
-    fused: str = "auto"
+    fused: str = "off"
     features: str = "domain"
     bootstrap: int = 200
     evaluator_steps: int = 1500

@@ -53,7 +53,7 @@ class Prior:
     per_row = False
 
     def __init__(self, name: str | None = None, net: PriorNet | None = None, weights: PriorWeights | None = None,
-                 fused: str = "auto"):  # fmt: skip
+                 fused: str = "off"):  # fmt: skip
         self.name = name or self.mode
         self.net = net
         self.weights = weights
@@ -108,7 +108,7 @@ class BasePrior(Prior):
     mode = "base"
     needs_net = True
 
-    def __init__(self, net: PriorNet | None, name: str | None = None, fused: str = "auto"):
+    def __init__(self, net: PriorNet | None, name: str | None = None, fused: str = "off"):
         if net is None:
             raise UserError(f"prior={name or self.mode} needs a base model (base=PATH)")
         super().__init__(name, net, fused=fused)
@@ -174,7 +174,7 @@ NONE = NoPrior()
 
 
 def make_prior(mode: str, prior_net: PriorNet | None = None, weights: PriorWeights | None = None,
-               modes: tuple[str, ...] = MODES, fused: str = "auto") -> Prior:  # fmt: skip
+               modes: tuple[str, ...] = MODES, fused: str = "off") -> Prior:  # fmt: skip
     """The prior of a mode string (the config's, the CLI's), validated here once: a mode of `modes`, with the network
     and the fitted weights it needs. Each kind takes only what it uses: prior=self ignores a given network, and
     only prior=base reads `fused` (θ and ψ in one pass: `priorlab.priors.fused`)."""
