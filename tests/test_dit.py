@@ -6,11 +6,16 @@ Tiny random-weight networks (a few thousand parameters) are saved here with save
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
+from conftest import TINY
+from priorlab.errors import UserError
 from priorlab.models import init_from_base, label_tables, load_denoiser
+from priorlab.models.latent import Latent
 from priorlab.models.pretrained import conditional_copy
+from priorlab.overrides import override
 
 CLASSES = 10  # sklearn's digits, 1 × 8 × 8: data=digits
 BASE_CLASSES = 3
@@ -106,3 +111,86 @@ def test_learned_sigma_keeps_the_eps_half_only(tmp_path):
     weight = base.denoiser.net.proj_out_2.weight.grad  # (patch² · 8, D): the rows of each patch's 8 channels
     per_channel = weight.view(2, 2, 8, -1).abs().sum((0, 1, 3))
     assert (per_channel[:4] > 0).all() and (per_channel[4:] == 0).all()
+
+
+@pytest.fixture
+def encodes(monkeypatch) -> list[int]:
+    """The number of images each Latent.encode call was given."""
+    calls: list[int] = []
+    encode = Latent.encode
+
+    def counted(self, x):
+        calls.append(len(x))
+        return encode(self, x)
+
+    monkeypatch.setattr(Latent, "encode", counted)
+    return calls
+
+
+def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipeline(compose_tmp, tmp_path, encodes):
+    """`priorlab train stage=finetune base=<DiTPipeline folder>` in-process on digits (1 × 8 × 8 images, encoded to
+    4 × 4 × 4 latents once, then read from the cache); the run records the VAE and the new classes; `evaluate` with
+    prior=base from the pipeline folder measures decoded samples; a finished run is skipped and a killed one resumes;
+    the export (of the resumed run) loads with plain DiTPipeline.from_pretrained, with the new classes in id2label."""
+    from priorlab.commands.evaluate import evaluate
+    from priorlab.commands.train import train
+    from priorlab.pipelines.export import export_pipeline
+
+    folder = _save_pipeline(tmp_path / "dit")
+    overrides = ["data=digits", "stage=finetune", f"base={folder}", *TINY]
+    model_dir = train(compose_tmp(overrides))
+    assert len(encodes) == 2  # the train and validation splits, once each
+    saved = load_denoiser(model_dir)
+    assert saved.denoiser.sample_shape == LATENT and saved.denoiser.num_classes == CLASSES
+    assert saved.meta["vae"]["path"] == str((folder / "vae").resolve()) and saved.meta["cond_dropout"] == 0.1
+    assert saved.meta["id2label"] == {str(k): str(k) for k in range(CLASSES)}
+    train(compose_tmp([*overrides, "seed=1"]))  # another run on the same data and VAE: the cache is read
+    assert len(encodes) == 2
+    evaluation = [override("model_dir", model_dir.parent), f"base={folder}", "eval=tiny", "eval.num_steps=2",
+                  "eval.evaluator_steps=5", f"out={tmp_path / 'eval'}"]  # fmt: skip
+    out = evaluate(compose_tmp(evaluation, config_name="evaluate"))
+    cond = json.loads((out / "step=4_cond.json").read_text())
+    assert "eval/cond/fd/prior=base/w=3.0" in cond["metrics"] and len(encodes) == 2
+    assert (out / "grid_step=4_prior=base.png").exists()
+    (model_dir.parent / "done.json").unlink()  # as if killed after its last checkpoint: resumed, not restarted
+    resumed = load_denoiser(train(compose_tmp([*overrides, "trainer.max_steps=6", "resume=force"])))
+    assert resumed.meta["step"] == 6 and len(encodes) == 2  # continued from step 4, on the cached latents
+    exported = export_pipeline(model_dir, tmp_path / "exported")
+    pipe = DiTPipeline.from_pretrained(exported)
+    assert pipe.get_label_ids(["3", "9"]) == [3, 9] and "p = 0.1" in (exported / "README.md").read_text()
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ours = resumed.denoiser.net(x, t, class_labels=y).sample
+        torch.testing.assert_close(pipe.transformer(x, t, class_labels=y).sample, ours, rtol=0, atol=1e-6)
+        null = resumed.denoiser.net(x, t, class_labels=torch.full_like(y, CLASSES)).sample
+        theirs = pipe.transformer(x, t, class_labels=torch.full_like(y, 1000)).sample
+        torch.testing.assert_close(theirs, null, rtol=0, atol=1e-6)
+        images = pipe(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+
+def test_another_vae_invalidates_the_latent_cache(compose_tmp, tmp_path, encodes):
+    from priorlab.commands.train import train
+
+    for name, vae_seed in (("a", 0), ("b", 1)):
+        folder = _save_pipeline(tmp_path / name, vae_seed=vae_seed)
+        train(compose_tmp(["data=digits", "stage=finetune", f"base={folder}", *TINY, "trainer.max_steps=1",
+                           "trainer.val_check_interval=1", f"study={name}"]))  # fmt: skip
+    assert len(encodes) == 4 and len(list((tmp_path / "runs" / "latents" / "digits8").glob("*.pt"))) == 2
+
+
+def test_user_mistakes_with_dit_bases_are_one_line_errors(tmp_path):
+    vaeless = load_denoiser(_save_model(tmp_path / "vaeless"), role="base")  # a 4-channel DiT, 1-channel data
+    with pytest.raises(UserError, match=r"shape \(4, 4, 4\) but the data gives \(1, 8, 8\).*a DiT of latents needs"):
+        conditional_copy(vaeless.denoiser, CLASSES, (1, 8, 8))
+    base = load_denoiser(_save_pipeline(tmp_path / "dit"), role="base")
+    with pytest.raises(UserError, match=r"shape \(4, 4, 4\) but the data's latents are \(4, 8, 8\)"):
+        conditional_copy(base.denoiser, CLASSES, (4, 8, 8), latent=True)
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "model_index.json").write_text("{}")
+    with pytest.raises(UserError, match="not a priorlab model folder .* nor a diffusers UNet2DModel or DiT"):
+        load_denoiser(tmp_path / "neither", role="base")
+    config = json.loads((tmp_path / "dit" / "vae" / "config.json").read_text())
+    (tmp_path / "dit" / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
+    with pytest.raises(UserError, match="holds a VQModel; priorlab's latent bases take a diffusers AutoencoderKL"):
+        load_denoiser(tmp_path / "dit", role="base")
