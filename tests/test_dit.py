@@ -137,7 +137,7 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
     from priorlab.pipelines.export import export_pipeline
 
     folder = _save_pipeline(tmp_path / "dit")
-    overrides = ["data=digits", "stage=finetune", f"base={folder}", *TINY]
+    overrides = ["data=digits", "stage=finetune_dit", f"base={folder}", *TINY]  # the paper's preset, made tiny
     model_dir = train(compose_tmp(overrides))
     assert len(encodes) == 2  # the train and validation splits, once each
     saved = load_denoiser(model_dir)
