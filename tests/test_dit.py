@@ -128,10 +128,11 @@ def encodes(monkeypatch) -> list[int]:
 
 
 def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipeline(compose_tmp, tmp_path, encodes):
-    """`priorlab train stage=finetune base=<DiTPipeline folder>` in-process on digits (1 × 8 × 8 images, encoded to
-    4 × 4 × 4 latents once, then read from the cache); the run records the VAE and the new classes; `evaluate` with
-    prior=base from the pipeline folder measures decoded samples; a finished run is skipped and a killed one resumes;
-    the export (of the resumed run) loads with plain DiTPipeline.from_pretrained, with the new classes in id2label."""
+    """`priorlab train stage=finetune_dit base=<DiTPipeline folder>` in-process on digits (1 × 8 × 8 images,
+    encoded to 4 × 4 × 4 latents once, then read from the cache); the run records the VAE and the new classes;
+    `evaluate` with prior=base and extra_priors.NAME from the pipeline folder measures decoded samples; a killed run
+    resumes; the export (of the resumed run) loads with plain DiTPipeline.from_pretrained, with the new classes in
+    id2label."""
     from priorlab.commands.evaluate import evaluate
     from priorlab.commands.train import train
     from priorlab.pipelines.export import export_pipeline
@@ -147,10 +148,13 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
     train(compose_tmp([*overrides, "seed=1"]))  # another run on the same data and VAE: the cache is read
     assert len(encodes) == 2
     evaluation = [override("model_dir", model_dir.parent), f"base={folder}", "eval=tiny", "eval.num_steps=2",
-                  "eval.evaluator_steps=5", f"out={tmp_path / 'eval'}"]  # fmt: skip
+                  "eval.evaluator_steps=5", f"out={tmp_path / 'eval'}",
+                  override("+extra_priors.again", folder)]  # fmt: skip
     out = evaluate(compose_tmp(evaluation, config_name="evaluate"))
     cond = json.loads((out / "step=4_cond.json").read_text())
-    assert "eval/cond/fd/prior=base/w=3.0" in cond["metrics"] and len(encodes) == 2
+    assert {"eval/cond/fd/prior=base/w=3.0", "eval/cond/fd/prior=again/w=3.0"} <= set(cond["metrics"])
+    assert cond["metrics"]["eval/cond/fd/prior=base/w=3.0"] == cond["metrics"]["eval/cond/fd/prior=again/w=3.0"]
+    assert len(encodes) == 2
     assert (out / "grid_step=4_prior=base.png").exists()
     (model_dir.parent / "done.json").unlink()  # as if killed after its last checkpoint: resumed, not restarted
     resumed = load_denoiser(train(compose_tmp([*overrides, "trainer.max_steps=6", "resume=force"])))
