@@ -198,3 +198,53 @@ def test_user_mistakes_with_dit_bases_are_one_line_errors(tmp_path):
     (tmp_path / "dit" / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
     with pytest.raises(UserError, match="holds a VQModel; priorlab's latent bases take a diffusers AutoencoderKL"):
         load_denoiser(tmp_path / "dit", role="base")
+
+
+def _study(tmp_path: Path, bases: dict, base_seeds: list | None = None) -> Path:
+    """An experiments/ folder holding `mine.yaml`, a tiny digits preset with these `bases`."""
+    preset = {"common": ["data=digits", "trainer=cpu", "logger=csv", "eval=tiny", "data.batch_size=16"],
+              "base": [], "finetune": ["trainer.max_steps=2", "trainer.val_check_interval=1",
+                                       "trainer.limit_val_batches=1"],
+              "bases": bases, "sweep": {"cond_dropout": [0.1], "seed": [0]}}  # fmt: skip
+    if base_seeds:
+        preset["base_seeds"], preset["sweep"]["seed"] = base_seeds, base_seeds
+    folder = tmp_path / "experiments"
+    folder.mkdir(exist_ok=True)
+    (folder / "mine.yaml").write_text(json.dumps({"name": "mine", "presets": {"tiny": preset}}))
+    return folder
+
+
+def _dry_run(compose_tmp, capsys, experiments: Path) -> str:
+    from priorlab.overrides import rewrite_overrides
+    from priorlab.study.run import run_study
+    from priorlab.study.settings import route_study_args
+
+    args = ["mine", "preset=tiny", "dry_run=true", override("experiments", experiments)]
+    run_study(compose_tmp(route_study_args(rewrite_overrides("study", args)), "study"))
+    return capsys.readouterr().out
+
+
+def test_a_study_fine_tunes_diffusers_bases_given_by_path_without_training_them(compose_tmp, capsys, tmp_path):
+    """`bases: {NAME: {path: FOLDER}}`: a DiTPipeline folder and a DDPMPipeline (UNet) folder are fine-tuned as
+    given, beside a base the study trains; a base given by path is another base's extra prior by its folder."""
+    from test_pretrained import _save
+
+    dit, unet = _save_pipeline(tmp_path / "dit"), _save(tmp_path / "unet")
+    bases = {"dit": {"path": str(dit)}, "unet": {"path": str(unet)}, "own": {"priors": {"other": "dit"}}}
+    out = _dry_run(compose_tmp, capsys, _study(tmp_path, bases))
+    assert f"base (dit):      trained elsewhere: {dit.resolve()}" in out
+    assert f"base (unet):      trained elsewhere: {unet.resolve()}" in out
+    assert "base (own):      priorlab train stage=base" in out
+    lines = [line for line in out.splitlines() if line.startswith("finetunes")]
+    assert len(lines) == 3 and f"base={dit.resolve()}" in lines[0] and f"base={unet.resolve()}" in lines[1]
+    assert f"+extra_priors.other={dit.resolve()}" in lines[2]
+
+
+def test_a_base_given_by_path_is_checked_before_the_study_runs(compose_tmp, capsys, tmp_path):
+    dit = _save_pipeline(tmp_path / "dit")
+    with pytest.raises(UserError, match=r"bases.gone.path=.*gone: no such folder"):
+        _dry_run(compose_tmp, capsys, _study(tmp_path, {"gone": {"path": str(tmp_path / "gone")}}))
+    with pytest.raises(UserError, match="base dit has a `path` .* and `base` overrides; drop one"):
+        _dry_run(compose_tmp, capsys, _study(tmp_path, {"dit": {"path": str(dit), "base": ["seed=1"]}}))
+    with pytest.raises(UserError, match="a base given by `path` is trained elsewhere, once: it takes no base_seeds"):
+        _dry_run(compose_tmp, capsys, _study(tmp_path, {"dit": {"path": str(dit)}}, base_seeds=[0, 1]))
