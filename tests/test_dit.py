@@ -173,6 +173,21 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
     assert images.shape == (2, 8, 8, 1)
 
 
+def test_latent_finetune_is_evaluated_during_training_on_decoded_samples(compose_tmp, tmp_path):
+    """callbacks=eval on a latent run: the evaluator is trained on the images, the samples decoded before it."""
+    from priorlab.commands.train import train
+
+    folder = _save_pipeline(tmp_path / "dit")
+    run = train(compose_tmp(["data=digits", "stage=finetune", f"base={folder}", *TINY, "callbacks=eval", "eval=tiny",
+                             "eval.evaluator_steps=5", "eval.num_steps=2", "callbacks.prior_quality.every_n_steps=4",
+                             "callbacks.conditional_quality.every_n_steps=4"])).parent  # fmt: skip
+    cond = json.loads((run / "eval" / "step=4_cond.json").read_text())["metrics"]
+    assert "eval/cond/fd/prior=base/w=3.0" in cond and "eval/cond/accuracy/prior=self/w=1.0" in cond
+    evaluator = json.loads((tmp_path / "runs" / "evaluators" / "digits8" / "evaluator.json").read_text())
+    assert evaluator["identity"]["sample_shape"] == [1, 8, 8]  # images, not latents
+    assert (run / "eval" / "grid_step=4_prior=base.png").exists()
+
+
 def test_another_vae_invalidates_the_latent_cache(compose_tmp, tmp_path, encodes):
     from priorlab.commands.train import train
 
