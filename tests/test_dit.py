@@ -263,3 +263,24 @@ def test_a_base_given_by_path_is_checked_before_the_study_runs(compose_tmp, caps
         _dry_run(compose_tmp, capsys, _study(tmp_path, {"dit": {"path": str(dit), "base": ["seed=1"]}}))
     with pytest.raises(UserError, match="a base given by `path` is trained elsewhere, once: it takes no base_seeds"):
         _dry_run(compose_tmp, capsys, _study(tmp_path, {"dit": {"path": str(dit)}}, base_seeds=[0, 1]))
+
+
+def test_a_study_of_a_latent_dit_base_given_by_path_runs_to_its_results(tmp_path):
+    """`priorlab study` (a process) whose only base is a DiTPipeline folder: its fine-tune trains on the cached
+    latents and is evaluated with prior=self and prior=base on decoded samples; results.csv and the report follow."""
+    import pandas as pd
+
+    from conftest import run_cli
+
+    dit = _save_pipeline(tmp_path / "dit")
+    experiments = _study(tmp_path, {"dit": {"path": str(dit)}})
+    spec = json.loads((experiments / "mine.yaml").read_text())
+    spec["presets"]["tiny"]["finetune"] += ["callbacks=eval", "eval.evaluator_steps=5", "eval.num_steps=2",
+                                            "callbacks.prior_quality.every_n_steps=2",
+                                            "callbacks.conditional_quality.every_n_steps=2"]  # fmt: skip
+    (experiments / "mine.yaml").write_text(json.dumps(spec))
+    out = run_cli("study", "mine", "preset=tiny", override("experiments", experiments), cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "runs" / "mine" / "base").exists()  # the base was not trained
+    frame = pd.read_csv(tmp_path / "runs" / "mine" / "results.csv")
+    assert {"self", "base"} <= set(frame["prior"]) and (tmp_path / "runs" / "mine" / "report.md").exists()
