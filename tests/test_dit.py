@@ -171,6 +171,10 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
         torch.testing.assert_close(theirs, null, rtol=0, atol=1e-6)
         images = pipe(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 8, 8, 1)
+    from priorlab.pipelines.export import load_model  # `priorlab sample model=RUN`: the same pipeline, in memory
+
+    in_memory = load_model(str(model_dir.parent))
+    assert type(in_memory).__name__ == "DiTPipeline" and in_memory.get_label_ids(["3"]) == [3]
 
 
 def test_latent_finetune_is_evaluated_during_training_on_decoded_samples(compose_tmp, tmp_path):
