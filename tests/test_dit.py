@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from conftest import TINY
+from priorlab.data.base import TensorDataModule
 from priorlab.errors import UserError
 from priorlab.models import init_from_base, label_tables, load_denoiser
 from priorlab.models.latent import Latent
@@ -213,6 +214,10 @@ def test_user_mistakes_with_dit_bases_are_one_line_errors(tmp_path):
     (tmp_path / "neither" / "model_index.json").write_text("{}")
     with pytest.raises(UserError, match="not a priorlab model folder .* nor a diffusers UNet2DModel or DiT"):
         load_denoiser(tmp_path / "neither", role="base")
+    colour = TensorDataModule()
+    colour.load = lambda: (torch.rand(20, 3, 8, 8) * 2 - 1, torch.arange(20) % 2, 2)
+    with pytest.raises(UserError, match=r"shape \(3, 8, 8\) but the VAE takes images of 1 channel"):
+        Latent.load(base.meta["vae"]).encode_data(colour, tmp_path / "latents")
     config = json.loads((tmp_path / "dit" / "vae" / "config.json").read_text())
     (tmp_path / "dit" / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
     with pytest.raises(UserError, match="holds a VQModel; priorlab's latent bases take a diffusers AutoencoderKL"):
