@@ -194,6 +194,8 @@ def test_latent_finetune_is_evaluated_during_training_on_decoded_samples(compose
 
 
 def test_another_vae_invalidates_the_latent_cache(compose_tmp, tmp_path, encodes):
+    """Two pipelines of the same DiT and other VAEs encode the data twice; a run whose base's VAE changed since is
+    refused (the VAE's hash is part of base.json)."""
     from priorlab.commands.train import train
 
     for name, vae_seed in (("a", 0), ("b", 1)):
@@ -201,6 +203,10 @@ def test_another_vae_invalidates_the_latent_cache(compose_tmp, tmp_path, encodes
         train(compose_tmp(["data=digits", "stage=finetune", f"base={folder}", *TINY, "trainer.max_steps=1",
                            "trainer.val_check_interval=1", f"study={name}"]))  # fmt: skip
     assert len(encodes) == 4 and len(list((tmp_path / "runs" / "latents" / "digits8").glob("*.pt"))) == 2
+    _save_pipeline(tmp_path / "b", vae_seed=2)  # b's VAE changes: its finished run refuses the new one
+    with pytest.raises(UserError, match=r"trained with other settings: base VAE weights \(sha256\)"):
+        train(compose_tmp(["data=digits", "stage=finetune", f"base={tmp_path / 'b'}", *TINY, "trainer.max_steps=1",
+                           "trainer.val_check_interval=1", "study=b"]))  # fmt: skip
 
 
 def test_user_mistakes_with_dit_bases_are_one_line_errors(tmp_path):

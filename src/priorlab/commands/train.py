@@ -70,6 +70,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
         if is_pretrained(base.meta):
             meta["base"]["format"] = base.meta["format"]
+        if "vae" in meta:  # base.json: a resumed run is checked against its VAE too (`resume.vae_difference`)
+            meta["base"]["vae"] = meta["vae"]
     meta["cond_dropout"] = cond_dropout
     module = DiffusionModule(
         denoiser,
