@@ -119,12 +119,7 @@ def encodes(monkeypatch) -> list[int]:
     """The number of images each Latent.encode call was given."""
     calls: list[int] = []
     encode = Latent.encode
-
-    def counted(self, x):
-        calls.append(len(x))
-        return encode(self, x)
-
-    monkeypatch.setattr(Latent, "encode", counted)
+    monkeypatch.setattr(Latent, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
     return calls
 
 
