@@ -9,7 +9,8 @@ pipeline's code (`class_pipeline.py`, which needs only diffusers) and a model ca
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)   # anywhere diffusers is installed
     priorlab.pipelines.export.load_exported(folder)                      # priorlab's class; the folder's code not run
 
-and can be pushed to a hub as it is. `priorlab sample` exports a priorlab model on the fly, in memory.
+and can be pushed to a hub as it is. A fine-tune of a latent diffusers DiT base is written as a plain `DiTPipeline`
+folder instead (`pipelines.dit_export`). `priorlab sample` exports a priorlab model on the fly, in memory.
 """
 
 from __future__ import annotations
@@ -67,15 +68,26 @@ def from_saved(saved: SavedModel, class_names: list[str] | None = None) -> Class
                                     null_class=denoiser.null_class, class_names=names)  # fmt: skip
 
 
-def from_priorlab(path: str | Path, role: str = "model") -> ClassConditionalPipeline:
-    """The pipeline of a priorlab model folder or run folder, built in memory."""
-    return from_saved(load_denoiser(path, role))
+def from_priorlab(path: str | Path, role: str = "model"):
+    """The pipeline of a priorlab model folder or run folder, built in memory: a ClassConditionalPipeline, or the
+    DiTPipeline of a latent DiT base's fine-tune (`pipelines.dit_export`)."""
+    from priorlab.pipelines.dit_export import dit_pipeline, is_dit_finetune
+
+    saved = load_denoiser(path, role)
+    return dit_pipeline(saved) if is_dit_finetune(saved) else from_saved(saved)
 
 
 def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,
                     class_names: list[str] | None = None) -> Path:  # fmt: skip
-    """Write the pipeline folder of a priorlab model (see the module doc); returns `out`."""
+    """Write the pipeline folder of a priorlab model (see the module doc); returns `out`. A fine-tune of a latent
+    diffusers DiT base becomes a plain DiTPipeline folder instead (`pipelines.dit_export`)."""
+    from priorlab.pipelines.dit_export import export_dit, is_dit_finetune
+
     saved = load_denoiser(model)
+    if is_dit_finetune(saved):
+        if class_names is not None:
+            saved.meta["id2label"] = {str(k): str(v) for k, v in enumerate(class_names)}
+        return export_dit(saved, out, overwrite)
     pipe = from_saved(saved, class_names)
     out = checks.output_folder(out, overwrite, model)
     with atomic.folder(out) as tmp:
