@@ -18,6 +18,7 @@ from priorlab.errors import UserError
 from priorlab.loggers import finish_wandb, sync_hint
 from priorlab.models.io import META, content_hash, init_from_base, load_denoiser, resolve_model_dir
 from priorlab.models.pretrained import base_schedule, conditional_copy, is_pretrained
+from priorlab.models.text import TextDenoiser, text_copy
 from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
 from priorlab.training.module import DiffusionModule
 from priorlab.training.quiet import MATMUL_PRECISIONS, quiet, set_matmul_precision
@@ -46,9 +47,12 @@ def check_config(cfg: DictConfig) -> None:
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[DiffusionModule, dict]:
     """The DiffusionModule for this stage and the metadata its saved model records. A fine-tune of a diffusers
-    base (`models.pretrained`) is the base's architecture, made class-conditional; model=... is not used."""
+    base (`models.pretrained`) is the base's architecture, made class-conditional, or conditioned on the data's
+    captions for a text base (`models.text`); model=... is not used."""
     base = load_denoiser(cfg.base, role="base") if cfg.stage.name == "finetune" else None
-    if base is not None and is_pretrained(base.meta):
+    if base is not None and isinstance(base.denoiser, TextDenoiser):
+        denoiser = text_finetune(cfg, base, datamodule)
+    elif base is not None and is_pretrained(base.meta):
         denoiser = conditional_copy(
             base.denoiser, datamodule.num_classes, datamodule.sample_shape, role=f"base={base.path}"
         )
@@ -70,6 +74,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
         if is_pretrained(base.meta):
             meta["base"]["format"] = base.meta["format"]
+        if "text_encoder" in base.meta:
+            meta["base"]["text_encoder"] = base.meta["text_encoder"]
     meta["cond_dropout"] = cond_dropout
     module = DiffusionModule(
         denoiser,
@@ -83,6 +89,16 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         lr_schedule=cfg.get("lr_schedule", "constant"),
     )
     return module, meta
+
+
+def text_finetune(cfg: DictConfig, base, datamodule: L.LightningDataModule) -> TextDenoiser:
+    """The fine-tune of a text base (`models.text`) on image–caption data, its prompt table from the prompt cache."""
+    captions = getattr(datamodule, "captions", None)
+    if not captions:
+        raise UserError(f"base={base.path.parent} is text-conditioned (a Stable-Diffusion-layout pipeline): give it "
+                        "image–caption data, e.g. data=hf data.source=FOLDER data.caption_column=text")  # fmt: skip
+    return text_copy(base.denoiser, captions, datamodule.sample_shape, cfg.get("prompt_cache"),
+                     role=f"base={base.path.parent}")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -5,25 +5,27 @@ class (the unconditional condition ∅) is the row `null_class`, recorded in the
 rather than hard-coded. A user's own unconditional diffusers UNet, loaded as a base (`models.pretrained`), has no
 label table: it is wrapped with `num_classes=0, null_class=0` and answers ∅ whatever the labels. Conditioning
 dropout is a training choice (`drop_labels`, used by DiffusionModule); `force_drop` asks the network for its
-unconditional branch at evaluation.
+unconditional branch at evaluation. A text-conditioned UNet (`models.text.TextDenoiser`) is this wrapper with
+caption indices for labels: its null class is the row of the empty prompt in its table of prompt embeddings.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import Tensor, nn
 
 from priorlab.models.mlp import MLPDenoiser
 
-NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel, MLPDenoiser)}
+NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel, MLPDenoiser, UNet2DConditionModel)}
 # The config key of each network class that holds its number of classes; it may differ between a base
 # and its fine-tune, every other key must match.
 CLASS_COUNT_KEYS = {
     "UNet2DModel": "num_class_embeds",
     "DiTTransformer2DModel": "num_embeds_ada_norm",
     "MLPDenoiser": "num_class_embeds",
+    "UNet2DConditionModel": "num_class_embeds",  # text models: conditioned on prompts (`models.text`), not classes
 }
 
 
@@ -86,6 +88,10 @@ class Denoiser(nn.Module):
             drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         return self.net(x, t, class_labels=labels, return_dict=False)[0]
+
+    def save_extra(self, folder) -> dict:
+        """Write what the model needs beside its network into `folder`; returns entries for priorlab.json."""
+        return {}
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

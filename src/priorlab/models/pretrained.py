@@ -15,6 +15,9 @@ zero for an unconditional base (UNet2DModel adds the class row to the time embed
 a zero row is a no-op), to the base's null row for a class-conditional one (the DiT fine-tuning protocol of
 Phunyaphibarn et al. 2025). Either way, at step 0 the fine-tune's ∅ and conditional predictions equal the base's
 ∅ prediction. Weights load through safetensors only; latent pipelines (with a VAE) are refused.
+
+A Stable-Diffusion-layout pipeline (unet/ a UNet2DConditionModel, text_encoder/, tokenizer/, scheduler/) is a
+text-conditioned base instead (`models.text`): its ∅ is the embedding of the empty prompt.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from priorlab.diffusion import PREDICTION_TYPES
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
 from priorlab.models.io import WEIGHTS, SavedModel
+from priorlab.models.text import load_text_base, text_pipeline
 
 CONFIG = "config.json"
 SCHEDULER = "scheduler_config.json"
 FORMAT = "diffusers"  # priorlab.json's "format" of a base loaded from a diffusers folder
 LOOKED_FOR = (f"a diffusers UNet2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} beside them) or a "
-              "diffusers pipeline folder (unet/ and scheduler/)")  # fmt: skip
+              "diffusers pipeline folder (unet/ and scheduler/, and text_encoder/ and tokenizer/ for a text UNet)")  # fmt: skip
 
 
 def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:
@@ -95,7 +99,8 @@ def _check_network(config: dict, net_dir: Path, role: str) -> None:
     name = config.get("_class_name")
     if name != "UNet2DModel":
         raise UserError(f"{role}={net_dir} holds a {name}; priorlab takes a diffusers UNet2DModel (a pixel-space "
-                        f"UNet) as a base, or a priorlab model folder")  # fmt: skip
+                        f"UNet) as a base, a Stable-Diffusion-layout pipeline folder for a UNet2DConditionModel, or a "
+                        "priorlab model folder")  # fmt: skip
     index = net_dir.parent / "model_index.json"
     if index.is_file() and {"vae", "vqvae"} & set(read_json_object(index, "a pipeline index", "save it again")):
         raise UserError(f"{role}={net_dir.parent} is a latent pipeline (it has a VAE); priorlab fine-tunes pixel-"
@@ -113,6 +118,8 @@ def load_pretrained(net_dir: Path, role: str = "base") -> SavedModel:
     """A diffusers UNet2DModel folder (`diffusers_net_dir`) as a SavedModel: the network wrapped as a Denoiser
     (module doc: its null class), its schedule, and a record whose "format" is "diffusers"."""
     config = read_json_object(net_dir / CONFIG, "a diffusers model config", "save the model again")
+    if text_pipeline(net_dir, config) is not None:
+        return load_text_base(net_dir, load_schedule(net_dir, role), role)
     _check_network(config, net_dir, role)
     scheduler = load_schedule(net_dir, role)
     try:

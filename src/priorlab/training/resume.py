@@ -33,6 +33,7 @@ RESUMABLE = {
     "logger": "where metrics go", "callbacks.progress": "display", "callbacks.throughput": "timing",
     "trainer.log_every_n_steps": "logging", "trainer.enable_progress_bar": "display",
     "trainer.enable_model_summary": "display",
+    "prompt_cache": "where prompt embeddings are kept; they are keyed by the text encoder's content",
     "eval": "what is measured, not what is trained", "extra_priors": "evaluation",
     "callbacks.prior_quality": "evaluation", "callbacks.conditional_quality": "evaluation",
     "data.name": "names the evaluator cache",

@@ -1,0 +1,119 @@
+"""Text-conditioned fine-tunes (`models.text`): a tiny pixel-space Stable-Diffusion-layout pipeline (UNet2DConditionModel,
+CLIP text encoder and tokenizer from a small vocabulary, no VAE) saved here as the base, fine-tuned on the generated
+captioned shapes (`data.captions`), with prompts dropped to "", the prompt cache, the step-0 identity of the ∅
+branch, evaluation with prior=base, resume, and export to a StableDiffusionPipeline."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+import pipeline_models
+from conftest import TINY
+from priorlab.data.captions import write_captioned_shapes
+from priorlab.errors import UserError
+from priorlab.models import drop_labels, init_from_base, load_denoiser
+from priorlab.models.text import PromptCache, TextDenoiser, encoder_hash, load_text_encoder, text_copy
+from priorlab.overrides import override
+
+SHAPE = (3, 8, 8)
+
+
+def _unet(seed: int) -> UNet2DConditionModel:
+    """A pixel-space UNet attending to 32-wide prompts, its weights moved off initialisation."""
+    torch.manual_seed(seed)
+    net = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                               block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2,
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32)  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def _pipeline(folder: Path, seed: int = 0, encoder_seed: int = 1, text_encoder: bool = True) -> Path:
+    """A StableDiffusionPipeline folder without a VAE (pixel space): unet/, text_encoder/, tokenizer/, scheduler/."""
+    pipe = StableDiffusionPipeline(
+        vae=None, text_encoder=pipeline_models.text_encoder(encoder_seed) if text_encoder else None,
+        tokenizer=pipeline_models.tokenizer(folder / "_tok"), unet=_unet(seed),
+        scheduler=DDPMScheduler(num_train_timesteps=100, beta_schedule="linear"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return write_captioned_shapes(tmp_path_factory.mktemp("data") / "shapes")
+
+
+def _data(shapes: Path) -> list[str]:
+    return ["data=hf", f"data.source={shapes}", "data.caption_column=text", "data.image_size=8", "data.channels=3"]
+
+
+def test_the_finetunes_null_branch_is_the_bases_empty_prompt_prediction_at_step_0(tmp_path):
+    """Both start from the base's weights; ∅ is the embedding of "" for either, so their ∅ predictions agree, while
+    a caption's prediction differs (the table's rows are used)."""
+    base = load_denoiser(_pipeline(tmp_path / "sd"), role="base")
+    assert isinstance(base.denoiser, TextDenoiser) and base.meta["format"] == "diffusers"
+    captions = ["a red square", "a blue disc"]
+    model = text_copy(base.denoiser, captions, SHAPE, tmp_path / "cache").eval()
+    init_from_base(model, base.denoiser)
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, *SHAPE, generator=g), torch.tensor([3, 30, 60, 99]), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        expected = base.denoiser(x, t, torch.zeros_like(y))  # the base's null class 0: its only row, ""
+        torch.testing.assert_close(model(x, t, y, force_drop=True), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x, t, torch.full_like(y, model.null_class)), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(x, t, y), expected, atol=1e-4)
+    assert model.null_class == 2 and model.prompts.shape == (3, 16, 32)
+
+
+def test_prompts_are_dropped_to_the_empty_prompt_at_rate_p():
+    """drop_labels on caption indices: the fraction of rows that become the "" row is p (seeded), and those rows
+    are fed the "" embedding."""
+    ids = torch.arange(20000) % 5
+    g = torch.Generator().manual_seed(0)
+    dropped = drop_labels(ids, 0.3, 5, generator=g)
+    rate = float((dropped == 5).float().mean())
+    assert abs(rate - 0.3) < 0.015  # binomial sd ≈ 0.0032
+    assert torch.equal(dropped[dropped != 5], ids[dropped != 5])
+
+
+def test_the_prompt_cache_encodes_each_caption_once_per_text_encoder(tmp_path):
+    """The encoder sees each distinct caption and "" once; a second fine-tune reuses the file; another text encoder
+    (other weights, another hash) gets its own embeddings."""
+    first, other = _pipeline(tmp_path / "a"), _pipeline(tmp_path / "b", encoder_seed=7)
+    key, other_key = encoder_hash(first), encoder_hash(other)
+    assert key != other_key and key == encoder_hash(first)
+    encoder, tokenizer = load_text_encoder(first)
+    rows = []
+    encoder.register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    captions = ["a red square", "a blue disc", "a red square", ""]
+    embedded = PromptCache(tmp_path / "cache", key).embed(captions, encoder, tokenizer)
+    assert sum(rows) == 3 and embedded.shape == (4, 16, 32) and torch.equal(embedded[0], embedded[2])
+    again = PromptCache(tmp_path / "cache", key).embed(["", "a blue disc"], encoder, tokenizer)
+    assert sum(rows) == 3 and torch.equal(again, embedded[[3, 1]])  # read from the file
+    encoder2, tokenizer2 = load_text_encoder(other)
+    theirs = PromptCache(tmp_path / "cache", other_key).embed(["a blue disc"], encoder2, tokenizer2)
+    assert not torch.allclose(theirs[0], embedded[1])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([f"{key}.safetensors",
+                                                                             f"{other_key}.safetensors"])  # fmt: skip
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, shapes, compose_tmp):
+    from priorlab.commands.train import train
+    from priorlab.data import HFDataModule
+
+    with pytest.raises(UserError, match=r"data.caption_column='caption' is not a column of .*; its columns are"):
+        HFDataModule(source=str(shapes), caption_column="caption", image_size=8).setup()
+    bare = _pipeline(tmp_path / "bare", text_encoder=False)
+    with pytest.raises(UserError, match="has no text_encoder: a UNet2DConditionModel base is a Stable-Diffusion-layout"):
+        load_denoiser(bare, role="base")
+    sd = _pipeline(tmp_path / "sd")
+    with pytest.raises(UserError, match="is text-conditioned .*: give it image–caption data"):
+        train(compose_tmp(["data=digits", "stage=finetune", f"base={sd}", *TINY]))
