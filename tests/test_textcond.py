@@ -1,7 +1,7 @@
-"""Text-conditioned fine-tunes (`models.text`): a tiny pixel-space Stable-Diffusion-layout pipeline (UNet2DConditionModel,
-CLIP text encoder and tokenizer from a small vocabulary, no VAE) saved here as the base, fine-tuned on the generated
-captioned shapes (`data.captions`), with prompts dropped to "", the prompt cache, the step-0 identity of the ∅
-branch, evaluation with prior=base, resume, and export to a StableDiffusionPipeline."""
+"""Text-conditioned fine-tunes (`models.text`): a tiny pixel-space Stable-Diffusion-layout pipeline
+(UNet2DConditionModel, CLIP text encoder and tokenizer from a small vocabulary, no VAE) saved here as the base,
+fine-tuned on the generated captioned shapes (`data.captions`), with prompts dropped to "", the prompt cache, the
+step-0 identity of the ∅ branch, evaluation with prior=base, resume, and export to a StableDiffusionPipeline."""
 
 import json
 from pathlib import Path
@@ -112,8 +112,58 @@ def test_user_mistakes_are_one_line_errors(tmp_path, shapes, compose_tmp):
     with pytest.raises(UserError, match=r"data.caption_column='caption' is not a column of .*; its columns are"):
         HFDataModule(source=str(shapes), caption_column="caption", image_size=8).setup()
     bare = _pipeline(tmp_path / "bare", text_encoder=False)
-    with pytest.raises(UserError, match="has no text_encoder: a UNet2DConditionModel base is a Stable-Diffusion-layout"):
+    with pytest.raises(UserError, match="has no text_encoder: a UNet2DConditionModel base is a Stable-Diffusion-"):
         load_denoiser(bare, role="base")
     sd = _pipeline(tmp_path / "sd")
     with pytest.raises(UserError, match="is text-conditioned .*: give it image–caption data"):
         train(compose_tmp(["data=digits", "stage=finetune", f"base={sd}", *TINY]))
+
+
+def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compose_tmp, tmp_path, shapes):
+    """`priorlab train stage=finetune base=<SD folder>` on the captioned shapes: the base's UNet and schedule, its
+    text encoder recorded, the captions' table kept; `evaluate` with base= the folder gives prior=self and prior=base
+    on held-out captions; a run resumed from its checkpoint ends with the unbroken run's weights; the export loads
+    with plain diffusers, predicts what the fine-tune predicts, and its model card gives the dropout."""
+    from safetensors.torch import load_file
+
+    from priorlab.commands.evaluate import evaluate
+    from priorlab.commands.train import train
+    from priorlab.pipelines.export import export_pipeline
+
+    folder = _pipeline(tmp_path / "sd")
+    overrides = [*_data(shapes), "stage=finetune", f"base={folder}", "cond_dropout=0.2",
+                 f"prompt_cache={tmp_path / 'cache'}", *TINY]  # fmt: skip
+    model_dir = train(compose_tmp([*overrides, "study=unbroken"]))
+    saved = load_denoiser(model_dir)
+    assert isinstance(saved.denoiser, TextDenoiser) and saved.denoiser.captions[0] == "a blue disc"
+    assert saved.denoiser.num_classes == 6 and saved.meta["cond_dropout"] == 0.2
+    assert saved.meta["base"]["text_encoder"]["sha256"] == encoder_hash(folder)
+    assert saved.scheduler.config.num_train_timesteps == 100 and len(list((tmp_path / "cache").iterdir())) == 1
+    out = evaluate(compose_tmp([override("model_dir", model_dir.parent), f"base={folder}", "eval=tiny",
+                                "eval.evaluator_steps=5", "eval.num_steps=2", f"out={tmp_path / 'eval'}"],
+                               config_name="evaluate"))  # fmt: skip
+    cond = json.loads((out / "step=4_cond.json").read_text())["metrics"]
+    prior = json.loads((out / "step=4_prior.json").read_text())["metrics"]
+    for p in ("self", "base"):
+        assert all(f"eval/cond/{m}/prior={p}/w=3.0" in cond for m in ("fd", "kid", "accuracy")), sorted(cond)
+    assert "eval/prior/disagreement/all" in prior and "eval/uncond/fd/model=base" in prior, sorted(prior)
+
+    killed = train(compose_tmp([*overrides, "study=killed", "trainer.max_steps=2"])).parent
+    (killed / "done.json").unlink()  # as if stopped after its step-2 checkpoint
+    resumed = train(compose_tmp([*overrides, "study=killed", "resume=force"]))
+    a, b = (load_file(d / "diffusion_pytorch_model.safetensors") for d in (model_dir, resumed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    exported = export_pipeline(model_dir, tmp_path / "exported")
+    plain = StableDiffusionPipeline.from_pretrained(exported, vae=None)  # pixel space: no VAE to load
+    assert plain.vae is None and "with probability 0.2" in (exported / "README.md").read_text()
+    states = plain.encode_prompt(["a red disc", ""], "cpu", 1, False)[0]  # (2, L, D)
+    x, t = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 70])
+    ids = torch.tensor([saved.denoiser.captions.index("a red disc"), saved.denoiser.null_class])
+    with torch.no_grad():
+        torch.testing.assert_close(plain.unet(x, t, encoder_hidden_states=states).sample, saved.denoiser(x, t, ids),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+    # 8 × 8 images: without a VAE diffusers still divides height and width by 8
+    images = plain("a red disc", num_inference_steps=2, guidance_scale=2.0, output_type="latent", height=64,
+                   width=64, generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert images.shape == (1, *SHAPE) and torch.isfinite(images).all()

@@ -143,8 +143,8 @@ class HFDataModule(TensorDataModule):
         for row, v in enumerate(values):
             if not isinstance(v, str):
                 what = "an empty cell" if v is None else repr(v)
-                raise UserError(f"data.caption_column={self.caption_column!r} of {self.source}: row {row} holds {what}, "
-                                "not a caption; fix the captions or use another column")  # fmt: skip
+                raise UserError(f"data.caption_column={self.caption_column!r} of {self.source}: row {row} holds "
+                                f"{what}, not a caption; fix the captions or use another column")  # fmt: skip
         self.captions = sorted(set(values))
         index = {c: i for i, c in enumerate(self.captions)}
         return torch.as_tensor([index[v] for v in values], dtype=torch.long)

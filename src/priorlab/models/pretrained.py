@@ -38,7 +38,7 @@ CONFIG = "config.json"
 SCHEDULER = "scheduler_config.json"
 FORMAT = "diffusers"  # priorlab.json's "format" of a base loaded from a diffusers folder
 LOOKED_FOR = (f"a diffusers UNet2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} beside them) or a "
-              "diffusers pipeline folder (unet/ and scheduler/, and text_encoder/ and tokenizer/ for a text UNet)")  # fmt: skip
+              "diffusers pipeline folder (unet/, scheduler/; text_encoder/, tokenizer/ for a text UNet)")  # fmt: skip
 
 
 def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:

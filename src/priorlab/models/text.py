@@ -78,7 +78,8 @@ class TextDenoiser(Denoiser):
 def load_text_denoiser(net: UNet2DConditionModel, folder: Path, meta: dict) -> TextDenoiser:
     """A text fine-tune's denoiser from its model folder (network loaded, table and captions read)."""
     captions = meta.get("captions")
-    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions) or not (folder / PROMPTS).exists():
+    listed = isinstance(captions, list) and all(isinstance(c, str) for c in captions)
+    if not listed or not (folder / PROMPTS).exists():
         raise UserError(f"{folder} is a text model without its captions or {PROMPTS}; train it again")
     prompts = load_file(folder / PROMPTS)["prompts"]
     return TextDenoiser(net, prompts, captions, meta["prediction_type"], meta.get("text_encoder"))
@@ -102,8 +103,8 @@ def load_text_encoder(pipeline: Path, role: str = "base"):
     index = read_json_object(pipeline / "model_index.json", "a pipeline index", "save the pipeline again")
     for part in ("text_encoder", "tokenizer"):
         if not isinstance(index.get(part), list) or index[part][0] is None or not (pipeline / part).is_dir():
-            raise UserError(f"{role}={pipeline} has no {part}: a UNet2DConditionModel base is a Stable-Diffusion-layout "
-                            "pipeline folder (unet/, text_encoder/, tokenizer/, scheduler/)")  # fmt: skip
+            raise UserError(f"{role}={pipeline} has no {part}: a UNet2DConditionModel base is a Stable-Diffusion-"
+                            "layout pipeline folder (unet/, text_encoder/, tokenizer/, scheduler/)")  # fmt: skip
     if index["text_encoder"][1] != "CLIPTextModel":
         raise UserError(f"{role}={pipeline}: its text encoder is a {index['text_encoder'][1]}; priorlab takes a "
                         "CLIPTextModel")  # fmt: skip
@@ -111,7 +112,8 @@ def load_text_encoder(pipeline: Path, role: str = "base"):
         encoder = CLIPTextModel.from_pretrained(pipeline / "text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(pipeline / "tokenizer")
     except Exception as err:  # missing or truncated files: one message for the user
-        raise UserError(f"{role}={pipeline}: its text encoder could not be loaded ({type(err).__name__}: {err})") from err
+        problem = f"{type(err).__name__}: {err}"
+        raise UserError(f"{role}={pipeline}: its text encoder could not be loaded ({problem})") from err
     return encoder.eval().requires_grad_(False), tokenizer
 
 

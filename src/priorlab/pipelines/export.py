@@ -74,8 +74,13 @@ def from_priorlab(path: str | Path, role: str = "model") -> ClassConditionalPipe
 
 def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,
                     class_names: list[str] | None = None) -> Path:  # fmt: skip
-    """Write the pipeline folder of a priorlab model (see the module doc); returns `out`."""
+    """Write the pipeline folder of a priorlab model (see the module doc; a text fine-tune becomes a
+    StableDiffusionPipeline, `pipelines.text_export`); returns `out`."""
     saved = load_denoiser(model)
+    if saved.meta.get("class_name") == "UNet2DConditionModel":
+        from priorlab.pipelines.text_export import export_text_pipeline
+
+        return export_text_pipeline(saved, out, overwrite)
     pipe = from_saved(saved, class_names)
     out = checks.output_folder(out, overwrite, model)
     with atomic.folder(out) as tmp:

@@ -1,0 +1,84 @@
+"""A text fine-tune (`models.text`) exported as a StableDiffusionPipeline folder that plain diffusers loads.
+
+The folder holds the fine-tune's UNet, its training schedule as a DDIM scheduler, and the text encoder and tokenizer
+of the base it was fine-tuned from (recorded in its priorlab.json, checked by content hash), with no VAE: the UNet
+denoises pixels, so the pipeline is run with `output_type="latent"` (its output is the image in [-1, 1]) and with
+height and width 8 times the image's (diffusers divides them by a VAE's factor of 8 even without one). Its
+classifier-free guidance with `negative_prompt=""` is the model's own ∅ branch, the embedding of "" that priorlab
+trained with, so
+
+    StableDiffusionPipeline.from_pretrained(folder, vae=None)   # diffusers asks for vae=None to be said
+
+samples it as priorlab's prior=self does. The model card gives the conditioning dropout it was trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from priorlab import atomic, checks
+from priorlab.errors import UserError
+from priorlab.models.io import SavedModel
+from priorlab.models.text import TextDenoiser, encoder_hash, load_text_encoder
+
+
+def export_text_pipeline(saved: SavedModel, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the StableDiffusionPipeline folder of a text fine-tune (module doc); returns `out`."""
+    denoiser: TextDenoiser = saved.denoiser
+    pipeline = Path(str(denoiser.text_encoder.get("path"))).parent
+    if not (pipeline / "model_index.json").is_file():
+        raise UserError(f"model={saved.path} was trained with the text encoder of {pipeline}, which is gone; export "
+                        "needs it (restore the base pipeline folder)")  # fmt: skip
+    if encoder_hash(pipeline) != denoiser.text_encoder.get("sha256"):
+        raise UserError(f"the text encoder in {pipeline} has changed since model={saved.path} was trained with it; "
+                        "restore the base pipeline folder it was fine-tuned from")  # fmt: skip
+    encoder, tokenizer = load_text_encoder(pipeline, role="base")
+    keep = {k: v for k, v in saved.scheduler.config.items() if not k.startswith("_")}
+    scheduler = DDIMScheduler.from_config({**keep, "prediction_type": denoiser.prediction_type})
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=denoiser.net.eval(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)  # fmt: skip
+    out = checks.output_folder(out, overwrite, saved.path)
+    with atomic.folder(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").write_text(model_card(saved, out.name))
+    return out
+
+
+def model_card(saved: SavedModel, name: str) -> str:
+    """A hub model card: the fine-tune, its base, its conditioning dropout, and how to load and sample it."""
+    meta, d = saved.meta, saved.denoiser
+    size = d.sample_shape[-1] * 8  # without a VAE diffusers still divides height and width by 8
+    base = meta.get("base") if isinstance(meta.get("base"), dict) else {}
+    step = f", step {meta['step']}" if "step" in meta else ""
+    return f"""---
+library_name: diffusers
+tags:
+- priorlab
+- text-to-image
+- classifier-free-guidance
+---
+
+# {name}
+
+A text-conditioned pixel-space diffusion model fine-tuned with priorlab, as a `StableDiffusionPipeline` (no VAE).
+
+- network: {d.class_name}, predicts {d.prediction_type}, trained on {d.num_classes} distinct captions{step}
+- conditioning dropout: prompts replaced by "" with probability {meta.get("cond_dropout")}
+- fine-tuned from `{base.get("path")}` (weights sha256 {str(base.get("sha256"))[:12]}); text encoder from it
+- exported from the priorlab model folder `{saved.path}`
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{name}", vae=None)  # pixel space: no VAE
+out = pipe("{(d.captions or ["a photo"])[0]}", negative_prompt="", guidance_scale=3.0, output_type="latent",
+           height={size}, width={size}, generator=torch.Generator().manual_seed(0)).images  # (1, C, H, W) in [-1, 1]
+```
+
+With priorlab installed, `priorlab evaluate model=RUN base=BASE` compares guidance with this model's own ∅ branch
+against the base's (Phunyaphibarn et al. 2025, "Unconditional Priors Matter!").
+"""
