@@ -167,3 +167,6 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
     images = plain("a red disc", num_inference_steps=2, guidance_scale=2.0, output_type="latent", height=64,
                    width=64, generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert images.shape == (1, *SHAPE) and torch.isfinite(images).all()
+    _pipeline(folder, encoder_seed=7)  # the same UNet, another text encoder: the finished run refuses it
+    with pytest.raises(UserError, match=r"other settings: base text encoder \(sha256\)"):
+        train(compose_tmp([*overrides, "study=unbroken"]))
