@@ -86,8 +86,18 @@ def test_logger_and_callback_configs(compose_tmp, logger):
 @pytest.mark.parametrize("stage", _options("stage"))
 def test_stage_run_folders(compose_tmp, stage):
     cfg = compose_tmp([f"stage={stage}", "cond_dropout=0.05", "seed=3", "study=s"])
-    expected = {"base": "s/base", "finetune": "s/finetune/p=0.05/seed=3"}[stage]
-    assert cfg.paths.run_dir.endswith(expected)
+    expected = {"base": "s/base", "finetune": "s/finetune/p=0.05/seed=3", "finetune_dit": "s/finetune/p=0.05/seed=3"}
+    assert cfg.paths.run_dir.endswith(expected[stage])
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu"])
+def test_the_dit_finetune_preset_holds_the_papers_settings_over_the_hardware_preset(compose_tmp, trainer):
+    """stage=finetune_dit: 20k steps at batch 64, lr 1e-4, 10% dropout (Phunyaphibarn et al. 2025, Sec. 5), whatever
+    trainer=; the command line still overrides each."""
+    cfg = compose_tmp(["stage=finetune_dit", f"trainer={trainer}", "base=somewhere"])
+    assert cfg.stage.name == "finetune" and cfg.cond_dropout == 0.1 and cfg.trainer.max_steps == 20000
+    assert cfg.data.batch_size == 64 and cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 0.0
+    assert compose_tmp(["stage=finetune_dit", "trainer.max_steps=7", "cond_dropout=0.2"]).trainer.max_steps == 7
 
 
 def _conv_with_grad(in_channels: int, grad_strides: tuple | None):

@@ -23,6 +23,7 @@ from priorlab.evaluation.setup import (
     make_prior_net,
 )
 from priorlab.models.io import check_recorded_base, load_denoiser
+from priorlab.models.latent import DecodingEvaluator, Latent
 from priorlab.models.text import TextDenoiser
 from priorlab.priors import PriorWeights
 
@@ -111,14 +112,12 @@ def evaluate(cfg: DictConfig) -> Path:
     note = check_recorded_base(model, base) if base is not None and cfg.get("base_check", True) else None
     if note:
         print(note)
-    datamodule = _datamodule(cfg, model)
-    evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule,
-                                 steps=settings.evaluator_steps, progress=True)  # fmt: skip
+    datamodule, evaluator, latent = _data_and_evaluator(cfg, model, settings.evaluator_steps)
     prior_net = make_prior_net(model, base, channels)
     extra_saved = {name: load_denoiser(path, role=f"prior {name}")
                    for name, path in extra_prior_paths(cfg.get("extra_priors")).items()}  # fmt: skip
     extra = {name: make_prior_net(model, saved, channels) for name, saved in extra_saved.items()}
-    for part in (model.denoiser, evaluator.net, base.denoiser if base else None,
+    for part in (model.denoiser, evaluator.net, base.denoiser if base else None, latent.vae if latent else None,
                  *(saved.denoiser for saved in extra_saved.values())):  # fmt: skip
         if part is not None:
             part.to(device).eval()
@@ -133,6 +132,7 @@ def evaluate(cfg: DictConfig) -> Path:
     step = int(model.meta.get("step", 0))
     written = _write(out, step, {"cond": cond, "prior": prior_metrics}, round(seconds, 3), info, weights)
     for prior, x in grids.items():
+        x = latent.decode(x) if latent is not None else x
         save_grid(x, len(x) // settings.grid_per_class, out / f"grid_step={step}_prior={prior}.png")
     _print_table(cond)
     print(f"wrote {written[0]} and {written[1]}")
@@ -170,10 +170,27 @@ def _given_weights(paths) -> list[PriorWeights]:
     return [PriorWeights.load(path) for path in paths]
 
 
-def _datamodule(cfg: DictConfig, model):
-    """The data to evaluate on, set up; samples of another shape than the model's are a UserError."""
+def _data_and_evaluator(cfg: DictConfig, model, steps: int) -> tuple:
+    """The data to evaluate on, set up, the evaluator of its images, and a latent model's VAE codec (else None).
+    A latent model's data is replaced by its latents (`models.latent`, cached under paths.runs/latents) and its
+    evaluator decodes the samples before measuring them. Samples of another shape than the model's are a UserError."""
     datamodule = instantiate(_data_config(cfg, model.path))
     datamodule.setup()
+    vae = model.meta.get("vae")
+    if vae is None:
+        _check_shape(datamodule, model)
+    evaluator = ensure_evaluator(cfg.evaluator or evaluator_dir(cfg.paths.runs, datamodule), datamodule,
+                                 steps=steps, progress=True)  # fmt: skip
+    latent = None
+    if vae is not None:
+        latent = Latent.load(vae, role=f"model={model.path}")
+        latent.encode_data(datamodule, Path(cfg.paths.runs) / "latents")
+        _check_shape(datamodule, model)
+        evaluator = DecodingEvaluator(evaluator, latent)
+    return datamodule, evaluator, latent
+
+
+def _check_shape(datamodule, model) -> None:
     if tuple(datamodule.sample_shape) != model.denoiser.sample_shape:
         raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
                         f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
@@ -181,7 +198,6 @@ def _datamodule(cfg: DictConfig, model):
     if captions is not None and getattr(datamodule, "captions", None) != captions:
         raise UserError(f"model={model.path} is text-conditioned on {len(captions)} captions, and the data's captions "
                         "differ; pass the image–caption data it was trained on (data.caption_column=...)")  # fmt: skip
-    return datamodule
 
 
 def _write(out: Path, step: int, records: dict[str, dict], seconds: float, info: dict,

@@ -17,6 +17,7 @@ from priorlab.checks import check_train_values
 from priorlab.errors import UserError
 from priorlab.loggers import finish_wandb, sync_hint
 from priorlab.models.io import META, content_hash, init_from_base, load_denoiser, resolve_model_dir
+from priorlab.models.latent import Latent
 from priorlab.models.pretrained import base_schedule, conditional_copy, is_pretrained
 from priorlab.models.text import TextDenoiser, text_copy
 from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
@@ -48,14 +49,12 @@ def check_config(cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[DiffusionModule, dict]:
     """The DiffusionModule for this stage and the metadata its saved model records. A fine-tune of a diffusers
     base (`models.pretrained`) is the base's architecture, made class-conditional, or conditioned on the data's
-    captions for a text base (`models.text`); model=... is not used."""
+    captions for a text base (`models.text`); model=... is not used. A latent base's fine-tune trains on the data's
+    latents (`models.latent`), encoded here (in place) or read from the cache."""
     base = load_denoiser(cfg.base, role="base") if cfg.stage.name == "finetune" else None
-    if base is not None and isinstance(base.denoiser, TextDenoiser):
-        denoiser = text_finetune(cfg, base, datamodule)
-    elif base is not None and is_pretrained(base.meta):
-        denoiser = conditional_copy(
-            base.denoiser, datamodule.num_classes, datamodule.sample_shape, role=f"base={base.path}"
-        )
+    meta = {"stage": cfg.stage.name, "seed": cfg.seed, "data": cfg.data.get("_target_")}
+    if base is not None and is_pretrained(base.meta):
+        denoiser = pretrained_finetune(cfg, base, datamodule, meta)
     else:
         denoiser = instantiate(cfg.model)(
             sample_shape=datamodule.sample_shape,
@@ -64,7 +63,6 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         )
     scheduler = instantiate(cfg.diffusion)
     datamodule.run_seed = int(cfg.seed)  # the run's stream of batches (`seeds.batch_seed`)
-    meta = {"stage": cfg.stage.name, "seed": cfg.seed, "data": cfg.data.get("_target_")}
     if base is None:
         cond_dropout = 1.0
     else:
@@ -89,6 +87,30 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         lr_schedule=cfg.get("lr_schedule", "constant"),
     )
     return module, meta
+
+
+EVAL_CALLBACKS = ("priorlab.evaluation.callbacks.PriorQuality", "priorlab.evaluation.callbacks.ConditionalQuality")
+
+
+def pretrained_finetune(cfg: DictConfig, base, datamodule, meta: dict):
+    """The fine-tune of a diffusers base (`pretrained.conditional_copy`, or `text_finetune` for a text base), its
+    data encoded first for a latent base; `meta` gains the VAE and the new classes' names (id2label)."""
+    role = f"base={base.path}"
+    vae = base.meta.get("vae")
+    if vae is not None:
+        if any(c.get("_target_") in EVAL_CALLBACKS for c in (cfg.get("callbacks") or {}).values()):
+            raise UserError(f"{role} is a latent pipeline, whose fine-tune the evaluation callbacks (callbacks=eval) "
+                            "cannot measure yet; train with the default callbacks and measure it with `priorlab "
+                            "evaluate model=RUN base=BASE`")  # fmt: skip
+        Latent.load(vae, role).encode_data(datamodule, Path(cfg.paths.runs) / "latents")
+        meta["vae"] = vae
+    if isinstance(base.denoiser, TextDenoiser):
+        return text_finetune(cfg, base, datamodule)
+    names = getattr(datamodule, "class_names", None)
+    names = names() if callable(names) else [str(k) for k in range(datamodule.num_classes)]
+    meta["id2label"] = {str(k): str(name) for k, name in enumerate(names)}
+    return conditional_copy(base.denoiser, datamodule.num_classes, datamodule.sample_shape, role=role,
+                            latent=vae is not None)  # fmt: skip
 
 
 def text_finetune(cfg: DictConfig, base, datamodule: L.LightningDataModule) -> TextDenoiser:

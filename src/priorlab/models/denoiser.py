@@ -5,7 +5,11 @@ class (the unconditional condition ∅) is the row `null_class`, recorded in the
 rather than hard-coded. A user's own unconditional diffusers UNet, loaded as a base (`models.pretrained`), has no
 label table: it is wrapped with `num_classes=0, null_class=0` and answers ∅ whatever the labels. Conditioning
 dropout is a training choice (`drop_labels`, used by DiffusionModule); `force_drop` asks the network for its
-unconditional branch at evaluation. A text-conditioned UNet (`models.text.TextDenoiser`) is this wrapper with
+unconditional branch at evaluation. A network with a learned variance (`out_channels = 2 × in_channels`, DiT's
+learn_sigma) is used through its first half, the eps (or v, x0) prediction, as diffusers' DiTPipeline samples it:
+guidance combines that half only, the variance half is dropped, and the training loss sees that half only (the
+variance outputs get no gradient and keep the base's values).
+A text-conditioned UNet (`models.text.TextDenoiser`) is this wrapper with
 caption indices for labels: its null class is the row of the empty prompt in its table of prompt embeddings.
 """
 
@@ -69,6 +73,8 @@ class Denoiser(nn.Module):
                 module.dropout_prob = 0.0  # diffusers' DiT drops labels itself in train(); dropout is ours
         tables = label_tables(net)
         self.conditional = bool(tables)  # False: an unconditional network, every label is ∅
+        inputs, outputs = getattr(net.config, "in_channels", None), getattr(net.config, "out_channels", None)
+        self.learned_sigma = inputs is not None and outputs == 2 * inputs  # (N, 2C, H, W): eps, then variance
         for table in tables:
             if table.num_embeddings != num_classes + 1:
                 raise ValueError(f"label table has {table.num_embeddings} rows, expected {num_classes + 1}")
@@ -83,11 +89,13 @@ class Denoiser(nn.Module):
             force_drop: True for the unconditional branch of every row, or a boolean mask (N,).
         """
         if not self.conditional:
-            return self.net(x, t, return_dict=False)[0]
-        if force_drop is not None:
-            drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
-            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-        return self.net(x, t, class_labels=labels, return_dict=False)[0]
+            out = self.net(x, t, return_dict=False)[0]
+        else:
+            if force_drop is not None:
+                drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
+                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+            out = self.net(x, t, class_labels=labels, return_dict=False)[0]
+        return out[:, : x.shape[1]] if self.learned_sigma else out  # the variance half dropped
 
     def save_extra(self, folder) -> dict:
         """Write what the model needs beside its network into `folder`; returns entries for priorlab.json."""

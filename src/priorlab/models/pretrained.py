@@ -1,23 +1,31 @@
-"""A user's own pretrained diffusers UNet as a base: found, loaded, and made class-conditional for a fine-tune.
+"""A user's own pretrained diffusers network as a base: found, loaded, and made class-conditional for a fine-tune.
 
-A base need not be a folder priorlab wrote. A diffusers `UNet2DModel` (a pixel-space UNet) is taken from
+A base need not be a folder priorlab wrote. A diffusers `UNet2DModel` (a pixel-space UNet) or a
+`DiTTransformer2DModel` (a class-conditional DiT) is taken from
 
 - a model folder: `config.json` and `diffusion_pytorch_model.safetensors` (`save_pretrained`), with the
   `scheduler_config.json` of its noise schedule beside them, or
-- a pipeline folder (e.g. a `DDPMPipeline` saved with `save_pretrained`): its `unet/` and `scheduler/`.
+- a pipeline folder (a `DDPMPipeline` or `DiTPipeline` saved with `save_pretrained`): its `unet/` or
+  `transformer/`, its `scheduler/`, and for a latent pipeline its `vae/` (an `AutoencoderKL`, `models.latent`:
+  the fine-tune then trains on the data's cached latents and evaluation decodes its samples). A DiTPipeline's class
+  names are the `id2label` of its model_index.json, as on the hub.
 
-Its schedule (any scheduler's config: the betas, the number of training timesteps, the prediction type) is read
-into a `DDPMScheduler`, which priorlab's training and evaluation use. An unconditional UNet is wrapped with
-`num_classes=0` (every label is ∅); a class-conditional one (`num_class_embeds` = K rows) is taken to hold its
-null class in its last row, K − 1, as priorlab's and DiT's tables do. A fine-tune of either is the same
-architecture with a table of num_classes + 1 rows (`conditional_copy`), whose rows `io.init_from_base` sets: to
-zero for an unconditional base (UNet2DModel adds the class row to the time embedding before the first block, so
-a zero row is a no-op), to the base's null row for a class-conditional one (the DiT fine-tuning protocol of
-Phunyaphibarn et al. 2025). Either way, at step 0 the fine-tune's ∅ and conditional predictions equal the base's
-∅ prediction. Weights load through safetensors only; latent pipelines (with a VAE) are refused.
+`NETWORKS` maps each network class to its pipeline sub-folder and its builder of a fine-tune; a
+Stable-Diffusion-layout pipeline (unet/ a UNet2DConditionModel, text_encoder/, tokenizer/, scheduler/, and vae/ or
+none) is a text-conditioned base instead (`models.text`), whose ∅ is the embedding of the empty prompt. Its schedule
+(any scheduler's config: the betas, the number of training timesteps, the prediction type) is read into a
+`DDPMScheduler`, which priorlab's training and evaluation use. An unconditional UNet is wrapped with
+`num_classes=0` (every label is ∅); a class-conditional one (`num_class_embeds` = K rows) and a DiT
+(`num_embeds_ada_norm` = K classes, K + 1 rows in each block's LabelEmbedding) hold their null class in the last
+row, K, as priorlab's and DiT's tables do.
 
-A Stable-Diffusion-layout pipeline (unet/ a UNet2DConditionModel, text_encoder/, tokenizer/, scheduler/) is a
-text-conditioned base instead (`models.text`): its ∅ is the embedding of the empty prompt.
+A fine-tune of either is the same architecture with a table of num_classes + 1 rows for the new label set
+(`conditional_copy`), whose rows `io.init_from_base` sets: to zero for an unconditional base (UNet2DModel adds the
+class row to the time embedding before the first block, so a zero row is a no-op), and, for a class-conditional
+base, every new class row and the null row to the base's null row (the DiT fine-tuning protocol of Phunyaphibarn et
+al. 2025: the base's class rows are dropped, its null row kept). Either way, at step 0 the fine-tune's ∅ and
+conditional predictions equal the base's ∅ prediction. A learned-sigma network (`out_channels = 2 × in_channels`,
+DiT's learn_sigma) is used through its eps half only (`denoiser.Denoiser`). Weights load through safetensors only.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 
 from priorlab.checks import read_json_object
 from priorlab.diffusion import PREDICTION_TYPES
@@ -37,13 +45,18 @@ from priorlab.models.text import load_text_base, text_pipeline
 CONFIG = "config.json"
 SCHEDULER = "scheduler_config.json"
 FORMAT = "diffusers"  # priorlab.json's "format" of a base loaded from a diffusers folder
-LOOKED_FOR = (f"a diffusers UNet2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} beside them) or a "
-              "diffusers pipeline folder (unet/, scheduler/; text_encoder/, tokenizer/ for a text UNet)")  # fmt: skip
+# network class → the sub-folder a pipeline keeps it in; a UNet2DConditionModel in unet/ is a text base (`models.text`)
+NETWORKS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
+NET_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+LOOKED_FOR = (f"a diffusers UNet2DModel or DiTTransformer2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} "
+              "beside them) or a diffusers pipeline folder (unet/ or transformer/, and scheduler/; text_encoder/ and "
+              "tokenizer/ for a UNet2DConditionModel)")  # fmt: skip
 
 
 def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:
-    """The folder of a diffusers network in `path` (itself, or its unet/), or None where there is none."""
-    for net_dir in (path, path / "unet"):
+    """The folder of a diffusers network in `path` (itself, or its unet/ or transformer/), or None where there is
+    none."""
+    for net_dir in (path, *(path / sub for sub in dict.fromkeys(NETWORKS.values()))):
         if (net_dir / CONFIG).is_file():
             break
     else:
@@ -95,55 +108,92 @@ def base_schedule(net_dir: Path, role: str = "base") -> dict:
 
 
 def _check_network(config: dict, net_dir: Path, role: str) -> None:
-    """Refuse the networks priorlab cannot use as a pixel-space base, naming why."""
+    """Refuse the networks priorlab cannot use as a base, naming why."""
     name = config.get("_class_name")
-    if name != "UNet2DModel":
+    if name not in NETWORKS:
         raise UserError(f"{role}={net_dir} holds a {name}; priorlab takes a diffusers UNet2DModel (a pixel-space "
-                        f"UNet) as a base, a Stable-Diffusion-layout pipeline folder for a UNet2DConditionModel, or a "
-                        "priorlab model folder")  # fmt: skip
+                        f"UNet) or DiTTransformer2DModel as a base, a Stable-Diffusion-layout pipeline folder for a "
+                        "UNet2DConditionModel, or a priorlab model folder")  # fmt: skip
     index = net_dir.parent / "model_index.json"
-    if index.is_file() and {"vae", "vqvae"} & set(read_json_object(index, "a pipeline index", "save it again")):
-        raise UserError(f"{role}={net_dir.parent} is a latent pipeline (it has a VAE); priorlab fine-tunes pixel-"
-                        "space UNets only")  # fmt: skip
-    if config.get("class_embed_type") is not None:
+    if index.is_file() and "vqvae" in read_json_object(index, "a pipeline index", "save it again"):
+        raise UserError(f"{role}={net_dir.parent} is a VQ-VAE latent pipeline; priorlab's latent bases take an "
+                        "AutoencoderKL (vae/)")  # fmt: skip
+    inputs, outputs = config.get("in_channels", 3), config.get("out_channels") or config.get("in_channels", 3)
+    if outputs not in (inputs, 2 * inputs):
+        raise UserError(f"{role}={net_dir}: out_channels={outputs} is neither in_channels={inputs} nor twice it (a "
+                        "learned variance); priorlab takes a network that predicts one value per input channel, "
+                        "or that and a variance")  # fmt: skip
+    if name == "UNet2DModel" and config.get("class_embed_type") is not None:
         raise UserError(f"{role}={net_dir}: class_embed_type={config['class_embed_type']!r} is not a label table; "
                         "priorlab takes UNets without class embedding or with num_class_embeds")  # fmt: skip
-    if config.get("out_channels", 3) != config.get("in_channels", 3):
-        raise UserError(f"{role}={net_dir}: out_channels={config.get('out_channels')} differs from in_channels="
-                        f"{config.get('in_channels')} (a learned variance?); priorlab takes a UNet that predicts "
-                        "one value per input channel")  # fmt: skip
+    if name == "DiTTransformer2DModel" and config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+        raise UserError(f"{role}={net_dir}: norm_type={config['norm_type']!r}; priorlab takes DiTs with "
+                        "ada_norm_zero, whose blocks hold the label tables")  # fmt: skip
+
+
+def table_rows(net) -> int | None:
+    """The rows of a diffusers network's label table (num_classes + 1), or None for an unconditional UNet."""
+    if isinstance(net, DiTTransformer2DModel):
+        return net.config.num_embeds_ada_norm + 1
+    return net.config.num_class_embeds
+
+
+def class_names(net_dir: Path) -> dict[str, str] | None:
+    """The class names of a pipeline's network: model_index.json's id2label (a DiTPipeline's), or None."""
+    index = net_dir.parent / "model_index.json"
+    names = read_json_object(index, "a pipeline index", "save it again").get("id2label") if index.is_file() else None
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else None
 
 
 def load_pretrained(net_dir: Path, role: str = "base") -> SavedModel:
-    """A diffusers UNet2DModel folder (`diffusers_net_dir`) as a SavedModel: the network wrapped as a Denoiser
-    (module doc: its null class), its schedule, and a record whose "format" is "diffusers"."""
+    """A diffusers network folder (`diffusers_net_dir`) as a SavedModel: the network wrapped as a Denoiser
+    (module doc: its null class), its schedule, and a record whose "format" is "diffusers", with its class names
+    (id2label) and, for a latent pipeline, its VAE (`models.latent.vae_record`)."""
+    from priorlab.models.latent import vae_record
+
     config = read_json_object(net_dir / CONFIG, "a diffusers model config", "save the model again")
     if text_pipeline(net_dir, config) is not None:
         return load_text_base(net_dir, load_schedule(net_dir, role), role)
     _check_network(config, net_dir, role)
     scheduler = load_schedule(net_dir, role)
+    cls = NET_CLASSES[config["_class_name"]]
     try:
-        net = UNet2DModel.from_pretrained(net_dir, use_safetensors=True, low_cpu_mem_usage=False)
+        net = cls.from_pretrained(net_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as err:  # truncated safetensors, keys that do not fit the config
         raise UserError(f"{role}={net_dir} could not be loaded ({type(err).__name__}: {err})") from err
-    rows = net.config.num_class_embeds
+    rows = table_rows(net)
     num_classes = 0 if rows is None else rows - 1
     prediction_type = scheduler.config.prediction_type
-    meta = {"class_name": "UNet2DModel", "num_classes": num_classes, "null_class": num_classes,
+    meta = {"class_name": cls.__name__, "num_classes": num_classes, "null_class": num_classes,
             "prediction_type": prediction_type, "format": FORMAT}  # fmt: skip
+    names = class_names(net_dir)
+    if names is not None:
+        meta["id2label"] = names
+    vae = vae_record(net_dir, role)
+    if vae is not None:
+        meta["vae"] = vae
     denoiser = Denoiser(net.eval(), num_classes, num_classes, prediction_type)
     return SavedModel(denoiser, scheduler, meta, net_dir)
 
 
-def conditional_copy(base: Denoiser, num_classes: int, sample_shape: tuple[int, ...], role: str = "base") -> Denoiser:
+def conditional_copy(base: Denoiser, num_classes: int, sample_shape: tuple[int, ...], role: str = "base",
+                     latent: bool = False) -> Denoiser:  # fmt: skip
     """A fine-tune of a diffusers base: the base's architecture with a label table of num_classes + 1 rows (the
-    null class last), its weights still to be set by `io.init_from_base`."""
+    null class last), its weights still to be set by `io.init_from_base`. `latent`: the samples are the VAE's
+    latents of the data."""
     if tuple(sample_shape) != tuple(base.sample_shape):
-        raise UserError(f"{role} takes samples of shape {tuple(base.sample_shape)} but the data gives "
-                        f"{tuple(sample_shape)}; choose data of the base's size and channels "
-                        "(data.image_size=...)")  # fmt: skip
+        what = "the data's latents are" if latent else "the data gives"
+        hint = ("data of the size the VAE maps to the base's latent size (data.image_size=...)" if latent else
+                "data of the base's size and channels (data.image_size=...)")  # fmt: skip
+        if not latent and base.class_name == "DiTTransformer2DModel" and sample_shape[0] != base.sample_shape[0]:
+            hint += "; a DiT of latents needs its VAE: pass the DiTPipeline folder (transformer/, vae/, scheduler/)"
+        raise UserError(f"{role} takes samples of shape {tuple(base.sample_shape)} but {what} "
+                        f"{tuple(sample_shape)}; choose {hint}")  # fmt: skip
     config = {k: v for k, v in base.net.config.items() if not k.startswith("_")}
-    net = UNet2DModel.from_config({**config, "class_embed_type": None, "num_class_embeds": num_classes + 1})
+    if base.class_name == "DiTTransformer2DModel":
+        net = DiTTransformer2DModel.from_config({**config, "num_embeds_ada_norm": num_classes})
+    else:
+        net = UNet2DModel.from_config({**config, "class_embed_type": None, "num_class_embeds": num_classes + 1})
     return Denoiser(net, num_classes, num_classes, base.prediction_type)
 
 

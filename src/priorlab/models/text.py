@@ -13,8 +13,9 @@ fine-tune keeps its table in its model folder (`prompts.safetensors`, the captio
 and evaluates without the text encoder; export takes the encoder from the base it records.
 
 The base is a pipeline folder with unet/ (a `UNet2DConditionModel`), text_encoder/ (a `CLIPTextModel`), tokenizer/
-(a `CLIPTokenizer`) and scheduler/. Its UNet denoises the data itself (pixel space): a pipeline with a VAE is refused
-until a latent codec encodes the data.
+(a `CLIPTokenizer`), scheduler/ and vae/ (an `AutoencoderKL`), as Stable Diffusion's: its fine-tune trains on the
+data's latents, encoded once and cached, and evaluation decodes its samples (`models.latent`, the codec DiT bases
+use). A pipeline saved with vae=None is taken in pixel space: its UNet denoises the images themselves.
 """
 
 from __future__ import annotations
@@ -165,13 +166,8 @@ def text_pipeline(net_dir: Path, config: dict) -> Path | None:
     return net_dir.parent if is_text and (net_dir.parent / "model_index.json").is_file() else None
 
 
-def check_pixel_space(pipeline: Path, net: UNet2DConditionModel, role: str) -> None:
-    """A pipeline whose VAE is absent (or null in model_index.json) is taken in pixel space; one with a VAE is not."""
-    index = read_json_object(pipeline / "model_index.json", "a pipeline index", "save the pipeline again")
-    vae = index.get("vae")
-    if isinstance(vae, list) and vae[0] is not None and (pipeline / "vae").is_dir():
-        raise UserError(f"{role}={pipeline} is a latent pipeline (it has a VAE); priorlab fine-tunes text-conditioned "
-                        "UNets in pixel space only for now (a pipeline saved with vae=None)")  # fmt: skip
+def check_channels(pipeline: Path, net: UNet2DConditionModel, role: str) -> None:
+    """The UNet must predict one value per input channel (no learned variance, no extra conditioning channels)."""
     if net.config.in_channels != net.config.out_channels:
         raise UserError(f"{role}={pipeline}: its UNet takes {net.config.in_channels} channels and predicts "
                         f"{net.config.out_channels}; priorlab takes one prediction per input channel")  # fmt: skip
@@ -185,6 +181,7 @@ def text_record(pipeline: Path) -> dict:
 def load_text_base(net_dir: Path, scheduler, role: str = "base"):
     """A Stable-Diffusion-layout pipeline's UNet as a base or prior: a TextDenoiser whose table is "" alone."""
     from priorlab.models.io import SavedModel
+    from priorlab.models.latent import vae_record
     from priorlab.models.pretrained import FORMAT
 
     pipeline = net_dir.parent
@@ -193,12 +190,15 @@ def load_text_base(net_dir: Path, scheduler, role: str = "base"):
         net = UNet2DConditionModel.from_pretrained(net_dir, use_safetensors=True, low_cpu_mem_usage=False)
     except Exception as err:  # truncated safetensors, keys that do not fit the config
         raise UserError(f"{role}={net_dir} could not be loaded ({type(err).__name__}: {err})") from err
-    check_pixel_space(pipeline, net, role)
+    check_channels(pipeline, net, role)
     record = text_record(pipeline)
     prediction_type = scheduler.config.prediction_type
     denoiser = TextDenoiser(net.eval(), encode(encoder, tokenizer, [""]), [], prediction_type, record)
     meta = {"class_name": TEXT_NET, "num_classes": 0, "null_class": 0, "prediction_type": prediction_type,
             "format": FORMAT, "text_encoder": record}  # fmt: skip
+    vae = vae_record(net_dir, role)
+    if vae is not None:
+        meta["vae"] = vae  # a latent pipeline: the fine-tune trains on the data's latents (`models.latent`)
     return SavedModel(denoiser, scheduler, meta, net_dir)
 
 

@@ -9,7 +9,8 @@ pipeline's code (`class_pipeline.py`, which needs only diffusers) and a model ca
     DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)   # anywhere diffusers is installed
     priorlab.pipelines.export.load_exported(folder)                      # priorlab's class; the folder's code not run
 
-and can be pushed to a hub as it is. `priorlab sample` exports a priorlab model on the fly, in memory.
+and can be pushed to a hub as it is. A fine-tune of a latent diffusers DiT base is written as a plain `DiTPipeline`
+folder instead (`pipelines.dit_export`). `priorlab sample` exports a priorlab model on the fly, in memory.
 """
 
 from __future__ import annotations
@@ -74,13 +75,20 @@ def from_priorlab(path: str | Path, role: str = "model") -> ClassConditionalPipe
 
 def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,
                     class_names: list[str] | None = None) -> Path:  # fmt: skip
-    """Write the pipeline folder of a priorlab model (see the module doc; a text fine-tune becomes a
-    StableDiffusionPipeline, `pipelines.text_export`); returns `out`."""
+    """Write the pipeline folder of a priorlab model (see the module doc); returns `out`. A fine-tune of a latent
+    diffusers DiT base becomes a plain DiTPipeline folder instead (`pipelines.dit_export`), a text fine-tune a
+    StableDiffusionPipeline folder (`pipelines.text_export`)."""
+    from priorlab.pipelines.dit_export import export_dit, is_dit_finetune
+
     saved = load_denoiser(model)
     if saved.meta.get("class_name") == "UNet2DConditionModel":
         from priorlab.pipelines.text_export import export_text_pipeline
 
         return export_text_pipeline(saved, out, overwrite)
+    if is_dit_finetune(saved):
+        if class_names is not None:
+            saved.meta["id2label"] = {str(k): str(v) for k, v in enumerate(class_names)}
+        return export_dit(saved, out, overwrite)
     pipe = from_saved(saved, class_names)
     out = checks.output_folder(out, overwrite, model)
     with atomic.folder(out) as tmp:
