@@ -21,10 +21,10 @@ from priorlab.overrides import override
 SHAPE = (3, 8, 8)
 
 
-def _unet(seed: int) -> UNet2DConditionModel:
-    """A pixel-space UNet attending to 32-wide prompts, its weights moved off initialisation."""
+def _unet(seed: int, channels: int = 3, size: int = 8) -> UNet2DConditionModel:
+    """A UNet attending to 32-wide prompts, its weights moved off initialisation."""
     torch.manual_seed(seed)
-    net = UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+    net = UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
                                block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2,
                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32)  # fmt: skip
@@ -34,11 +34,14 @@ def _unet(seed: int) -> UNet2DConditionModel:
     return net.eval()
 
 
-def _pipeline(folder: Path, seed: int = 0, encoder_seed: int = 1, text_encoder: bool = True) -> Path:
-    """A StableDiffusionPipeline folder without a VAE (pixel space): unet/, text_encoder/, tokenizer/, scheduler/."""
+def _pipeline(folder: Path, seed: int = 0, encoder_seed: int = 1, text_encoder: bool = True,
+              latent: bool = False) -> Path:  # fmt: skip
+    """A StableDiffusionPipeline folder: unet/, text_encoder/, tokenizer/, scheduler/, and with `latent` vae/ (the
+    tiny AutoencoderKL halves the side: 8 × 8 images, 4 × 4 × 4 latents); without, pixel space."""
     pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=pipeline_models.text_encoder(encoder_seed) if text_encoder else None,
-        tokenizer=pipeline_models.tokenizer(folder / "_tok"), unet=_unet(seed),
+        vae=pipeline_models.vae(0) if latent else None,
+        text_encoder=pipeline_models.text_encoder(encoder_seed) if text_encoder else None,
+        tokenizer=pipeline_models.tokenizer(folder / "_tok"), unet=_unet(seed, 4, 4) if latent else _unet(seed),
         scheduler=DDPMScheduler(num_train_timesteps=100, beta_schedule="linear"), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
@@ -170,3 +173,31 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
     _pipeline(folder, encoder_seed=7)  # the same UNet, another text encoder: the finished run refuses it
     with pytest.raises(UserError, match=r"other settings: base text encoder \(sha256\)"):
         train(compose_tmp([*overrides, "study=unbroken"]))
+
+
+def test_a_latent_stable_diffusion_base_finetunes_on_cached_latents_and_exports_with_its_vae(compose_tmp, tmp_path,
+                                                                                            shapes):  # fmt: skip
+    """A pipeline with a VAE: the fine-tune trains on the data's latents (`models.latent`, cached), records the VAE,
+    is evaluated with prior=base on decoded samples, and exports to a StableDiffusionPipeline that plain diffusers
+    loads whole and samples 8 × 8 images from."""
+    from priorlab.commands.evaluate import evaluate
+    from priorlab.commands.train import train
+    from priorlab.pipelines.export import export_pipeline
+
+    folder = _pipeline(tmp_path / "sd", latent=True)
+    base = load_denoiser(folder, role="base")
+    assert base.meta["vae"]["path"] == str((folder / "vae").resolve()) and base.denoiser.sample_shape == (4, 4, 4)
+    model_dir = train(compose_tmp([*_data(shapes), "stage=finetune", f"base={folder}", *TINY]))
+    saved = load_denoiser(model_dir)
+    assert saved.meta["vae"] == base.meta["vae"] and saved.denoiser.sample_shape == (4, 4, 4)
+    assert any((tmp_path / "runs" / "latents").rglob("*.pt"))  # runs/latents/<data>/<key>.pt
+    out = evaluate(compose_tmp([override("model_dir", model_dir.parent), f"base={folder}", "eval=tiny",
+                                "eval.evaluator_steps=5", "eval.num_steps=2", f"out={tmp_path / 'eval'}"],
+                               config_name="evaluate"))  # fmt: skip
+    cond = json.loads((out / "step=4_cond.json").read_text())["metrics"]
+    assert "eval/cond/fd/prior=base/w=3.0" in cond and "eval/cond/fd/prior=self/w=3.0" in cond
+    exported = export_pipeline(model_dir, tmp_path / "exported")
+    plain = StableDiffusionPipeline.from_pretrained(exported)
+    image = plain("a red disc", num_inference_steps=2, guidance_scale=2.0, height=8, width=8,
+                  generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert image.size == (8, 8) and "latent diffusion model" in (exported / "README.md").read_text()
