@@ -76,6 +76,38 @@ def test_the_finetunes_null_branch_is_the_bases_empty_prompt_prediction_at_step_
     assert model.null_class == 2 and model.prompts.shape == (3, 16, 32)
 
 
+def test_one_guided_step_takes_the_empty_prompt_of_the_model_or_of_the_base(tmp_path):
+    """guidance.guide on caption indices: prior=self is θ's prediction with the "" embedding, prior=base the base
+    UNet's with its own "" embedding, each combined as eps_∅ + w·(eps_θ(c) − eps_∅) (hand-computed here)."""
+    from priorlab.evaluation.setup import make_prior_net
+    from priorlab.guidance import guide
+    from priorlab.priors import SELF, make_prior
+
+    base = load_denoiser(_pipeline(tmp_path / "sd"), role="base")
+    model = text_copy(base.denoiser, ["a red square", "a blue disc"], SHAPE, None).eval()
+    init_from_base(model, base.denoiser)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # θ's ∅ now differs from the base's
+    x, t, y = (
+        torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1)),
+        torch.tensor([5, 40, 90]),
+        torch.tensor([0, 1, 0]),
+    )
+    abar = base.scheduler.alphas_cumprod[t]
+    empty = base.denoiser.prompts[0].expand(3, -1, -1)  # (3, L, D) the base's "" embedding
+    with torch.no_grad():
+        cond = model.net(x, t, encoder_hidden_states=model.prompts[y]).sample
+        own = model.net(x, t, encoder_hidden_states=model.prompts[[2, 2, 2]]).sample
+        theirs = base.denoiser.net(x, t, encoder_hidden_states=empty).sample
+        torch.testing.assert_close(model.prompts[2], base.denoiser.prompts[0])  # both ∅ are the embedding of ""
+        selfish = guide(model, x, t, y, abar, 3.0, SELF)
+        based = guide(model, x, t, y, abar, 3.0, make_prior("base", make_prior_net((model, base.scheduler), base)))
+    torch.testing.assert_close(selfish.guided, own + 3.0 * (cond - own), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(based.guided, theirs + 3.0 * (cond - theirs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(own, theirs, atol=1e-4)
+
+
 def test_prompts_are_dropped_to_the_empty_prompt_at_rate_p():
     """drop_labels on caption indices: the fraction of rows that become the "" row is p (seeded), and those rows
     are fed the "" embedding."""
