@@ -215,6 +215,7 @@ E2E_MODULES = {
 }
 E2E_TESTS = {
     # whole studies
+    "test_dit.py::test_a_study_of_a_latent_dit_base_given_by_path_runs_to_its_results": "a study",
     "test_study.py::test_toy2d_study_writes_results_report_and_every_figure": "a study",
     "test_study.py::test_a_study_too_short_to_learn_says_it_cannot_conclude": "a study",
     "test_study.py::test_a_study_whose_base_changed_refuses_its_finished_fine_tunes": "a study",

@@ -128,10 +128,11 @@ def encodes(monkeypatch) -> list[int]:
 
 
 def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipeline(compose_tmp, tmp_path, encodes):
-    """`priorlab train stage=finetune base=<DiTPipeline folder>` in-process on digits (1 × 8 × 8 images, encoded to
-    4 × 4 × 4 latents once, then read from the cache); the run records the VAE and the new classes; `evaluate` with
-    prior=base from the pipeline folder measures decoded samples; a finished run is skipped and a killed one resumes;
-    the export (of the resumed run) loads with plain DiTPipeline.from_pretrained, with the new classes in id2label."""
+    """`priorlab train stage=finetune_dit base=<DiTPipeline folder>` in-process on digits (1 × 8 × 8 images,
+    encoded to 4 × 4 × 4 latents once, then read from the cache); the run records the VAE and the new classes;
+    `evaluate` with prior=base and extra_priors.NAME from the pipeline folder measures decoded samples; a killed run
+    resumes; the export (of the resumed run) loads with plain DiTPipeline.from_pretrained, with the new classes in
+    id2label."""
     from priorlab.commands.evaluate import evaluate
     from priorlab.commands.train import train
     from priorlab.pipelines.export import export_pipeline
@@ -147,10 +148,13 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
     train(compose_tmp([*overrides, "seed=1"]))  # another run on the same data and VAE: the cache is read
     assert len(encodes) == 2
     evaluation = [override("model_dir", model_dir.parent), f"base={folder}", "eval=tiny", "eval.num_steps=2",
-                  "eval.evaluator_steps=5", f"out={tmp_path / 'eval'}"]  # fmt: skip
+                  "eval.evaluator_steps=5", f"out={tmp_path / 'eval'}",
+                  override("+extra_priors.again", folder)]  # fmt: skip
     out = evaluate(compose_tmp(evaluation, config_name="evaluate"))
     cond = json.loads((out / "step=4_cond.json").read_text())
-    assert "eval/cond/fd/prior=base/w=3.0" in cond["metrics"] and len(encodes) == 2
+    assert {"eval/cond/fd/prior=base/w=3.0", "eval/cond/fd/prior=again/w=3.0"} <= set(cond["metrics"])
+    assert cond["metrics"]["eval/cond/fd/prior=base/w=3.0"] == cond["metrics"]["eval/cond/fd/prior=again/w=3.0"]
+    assert len(encodes) == 2
     assert (out / "grid_step=4_prior=base.png").exists()
     (model_dir.parent / "done.json").unlink()  # as if killed after its last checkpoint: resumed, not restarted
     resumed = load_denoiser(train(compose_tmp([*overrides, "trainer.max_steps=6", "resume=force"])))
@@ -167,6 +171,21 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
         torch.testing.assert_close(theirs, null, rtol=0, atol=1e-6)
         images = pipe(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 8, 8, 1)
+
+
+def test_latent_finetune_is_evaluated_during_training_on_decoded_samples(compose_tmp, tmp_path):
+    """callbacks=eval on a latent run: the evaluator is trained on the images, the samples decoded before it."""
+    from priorlab.commands.train import train
+
+    folder = _save_pipeline(tmp_path / "dit")
+    run = train(compose_tmp(["data=digits", "stage=finetune", f"base={folder}", *TINY, "callbacks=eval", "eval=tiny",
+                             "eval.evaluator_steps=5", "eval.num_steps=2", "callbacks.prior_quality.every_n_steps=4",
+                             "callbacks.conditional_quality.every_n_steps=4"])).parent  # fmt: skip
+    cond = json.loads((run / "eval" / "step=4_cond.json").read_text())["metrics"]
+    assert "eval/cond/fd/prior=base/w=3.0" in cond and "eval/cond/accuracy/prior=self/w=1.0" in cond
+    evaluator = json.loads((tmp_path / "runs" / "evaluators" / "digits8" / "evaluator.json").read_text())
+    assert evaluator["identity"]["sample_shape"] == [1, 8, 8]  # images, not latents
+    assert (run / "eval" / "grid_step=4_prior=base.png").exists()
 
 
 def test_another_vae_invalidates_the_latent_cache(compose_tmp, tmp_path, encodes):
@@ -194,3 +213,74 @@ def test_user_mistakes_with_dit_bases_are_one_line_errors(tmp_path):
     (tmp_path / "dit" / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
     with pytest.raises(UserError, match="holds a VQModel; priorlab's latent bases take a diffusers AutoencoderKL"):
         load_denoiser(tmp_path / "dit", role="base")
+
+
+def _study(tmp_path: Path, bases: dict, base_seeds: list | None = None) -> Path:
+    """An experiments/ folder holding `mine.yaml`, a tiny digits preset with these `bases`."""
+    preset = {"common": ["data=digits", "trainer=cpu", "logger=csv", "eval=tiny", "data.batch_size=16"],
+              "base": [], "finetune": ["trainer.max_steps=2", "trainer.val_check_interval=1",
+                                       "trainer.limit_val_batches=1"],
+              "bases": bases, "sweep": {"cond_dropout": [0.1], "seed": [0]}}  # fmt: skip
+    if base_seeds:
+        preset["base_seeds"], preset["sweep"]["seed"] = base_seeds, base_seeds
+    folder = tmp_path / "experiments"
+    folder.mkdir(exist_ok=True)
+    (folder / "mine.yaml").write_text(json.dumps({"name": "mine", "presets": {"tiny": preset}}))
+    return folder
+
+
+def _dry_run(compose_tmp, capsys, experiments: Path) -> str:
+    from priorlab.overrides import rewrite_overrides
+    from priorlab.study.run import run_study
+    from priorlab.study.settings import route_study_args
+
+    args = ["mine", "preset=tiny", "dry_run=true", override("experiments", experiments)]
+    run_study(compose_tmp(route_study_args(rewrite_overrides("study", args)), "study"))
+    return capsys.readouterr().out
+
+
+def test_a_study_fine_tunes_diffusers_bases_given_by_path_without_training_them(compose_tmp, capsys, tmp_path):
+    """`bases: {NAME: {path: FOLDER}}`: a DiTPipeline folder and a DDPMPipeline (UNet) folder are fine-tuned as
+    given, beside a base the study trains; a base given by path is another base's extra prior by its folder."""
+    from test_pretrained import _save
+
+    dit, unet = _save_pipeline(tmp_path / "dit"), _save(tmp_path / "unet")
+    bases = {"dit": {"path": str(dit)}, "unet": {"path": str(unet)}, "own": {"priors": {"other": "dit"}}}
+    out = _dry_run(compose_tmp, capsys, _study(tmp_path, bases))
+    assert f"base (dit):      trained elsewhere: {dit.resolve()}" in out
+    assert f"base (unet):      trained elsewhere: {unet.resolve()}" in out
+    assert "base (own):      priorlab train stage=base" in out
+    lines = [line for line in out.splitlines() if line.startswith("finetunes")]
+    assert len(lines) == 3 and f"base={dit.resolve()}" in lines[0] and f"base={unet.resolve()}" in lines[1]
+    assert f"+extra_priors.other={dit.resolve()}" in lines[2]
+
+
+def test_a_base_given_by_path_is_checked_before_the_study_runs(compose_tmp, capsys, tmp_path):
+    dit = _save_pipeline(tmp_path / "dit")
+    with pytest.raises(UserError, match=r"bases.gone.path=.*gone: no such folder"):
+        _dry_run(compose_tmp, capsys, _study(tmp_path, {"gone": {"path": str(tmp_path / "gone")}}))
+    with pytest.raises(UserError, match="base dit has a `path` .* and `base` overrides; drop one"):
+        _dry_run(compose_tmp, capsys, _study(tmp_path, {"dit": {"path": str(dit), "base": ["seed=1"]}}))
+    with pytest.raises(UserError, match="a base given by `path` is trained elsewhere, once: it takes no base_seeds"):
+        _dry_run(compose_tmp, capsys, _study(tmp_path, {"dit": {"path": str(dit)}}, base_seeds=[0, 1]))
+
+
+def test_a_study_of_a_latent_dit_base_given_by_path_runs_to_its_results(tmp_path):
+    """`priorlab study` (a process) whose only base is a DiTPipeline folder: its fine-tune trains on the cached
+    latents and is evaluated with prior=self and prior=base on decoded samples; results.csv and the report follow."""
+    import pandas as pd
+
+    from conftest import run_cli
+
+    dit = _save_pipeline(tmp_path / "dit")
+    experiments = _study(tmp_path, {"dit": {"path": str(dit)}})
+    spec = json.loads((experiments / "mine.yaml").read_text())
+    spec["presets"]["tiny"]["finetune"] += ["callbacks=eval", "eval.evaluator_steps=5", "eval.num_steps=2",
+                                            "callbacks.prior_quality.every_n_steps=2",
+                                            "callbacks.conditional_quality.every_n_steps=2"]  # fmt: skip
+    (experiments / "mine.yaml").write_text(json.dumps(spec))
+    out = run_cli("study", "mine", "preset=tiny", override("experiments", experiments), cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "runs" / "mine" / "base").exists()  # the base was not trained
+    frame = pd.read_csv(tmp_path / "runs" / "mine" / "results.csv")
+    assert {"self", "base"} <= set(frame["prior"]) and (tmp_path / "runs" / "mine" / "report.md").exists()

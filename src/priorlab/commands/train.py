@@ -89,19 +89,12 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
     return module, meta
 
 
-EVAL_CALLBACKS = ("priorlab.evaluation.callbacks.PriorQuality", "priorlab.evaluation.callbacks.ConditionalQuality")
-
-
 def pretrained_finetune(cfg: DictConfig, base, datamodule, meta: dict):
     """The fine-tune of a diffusers base (`pretrained.conditional_copy`, or `text_finetune` for a text base), its
     data encoded first for a latent base; `meta` gains the VAE and the new classes' names (id2label)."""
     role = f"base={base.path}"
     vae = base.meta.get("vae")
     if vae is not None:
-        if any(c.get("_target_") in EVAL_CALLBACKS for c in (cfg.get("callbacks") or {}).values()):
-            raise UserError(f"{role} is a latent pipeline, whose fine-tune the evaluation callbacks (callbacks=eval) "
-                            "cannot measure yet; train with the default callbacks and measure it with `priorlab "
-                            "evaluate model=RUN base=BASE`")  # fmt: skip
         Latent.load(vae, role).encode_data(datamodule, Path(cfg.paths.runs) / "latents")
         meta["vae"] = vae
     if isinstance(base.denoiser, TextDenoiser):

@@ -30,6 +30,7 @@ from priorlab.evaluation.prior_quality import prior_quality
 from priorlab.evaluation.settings import EvalSettings
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
 from priorlab.models.io import WEIGHTS, SavedModel, load_denoiser, resolve_model_dir
+from priorlab.models.latent import DecodingEvaluator, Latent, images_view
 from priorlab.priors import FITTED
 from priorlab.training.module import check_finite_weights
 
@@ -74,15 +75,20 @@ class _Evaluation(L.Callback):
         self.settings = EvalSettings(**(settings or {}))
         self.evaluator_path = evaluator
         self.last_key: tuple[int, bool] | None = None
+        self.latent: Latent | None = None  # a latent run's VAE codec (`models.latent`), set up in `setup`
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
-        path = self.evaluator_path or evaluator_dir(self.runs, dm)
+        images = images_view(dm)  # a latent run's data (`models.latent`): the evaluator is trained on the images
+        path = self.evaluator_path or evaluator_dir(self.runs, images)
         steps = self.settings.evaluator_steps
         if trainer.is_global_zero:
-            ensure_evaluator(path, dm, steps=steps)
+            ensure_evaluator(path, images, steps=steps)
         trainer.strategy.barrier()
-        self.evaluator = ensure_evaluator(path, dm, steps=steps)
+        self.evaluator = ensure_evaluator(path, images, steps=steps)
+        self.latent = getattr(dm, "latent", None)
+        if self.latent is not None:  # it measures the decoded samples
+            self.evaluator = DecodingEvaluator(self.evaluator, self.latent)
         self.base = None if not self.base_path else shared_model(self.base_path, role="base")
         self.extra = {name: shared_model(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
         for saved in self.extra.values():  # a prior of another sample shape fails now, not after training
@@ -115,6 +121,8 @@ class _Evaluation(L.Callback):
         if home != device:  # after teardown (on_fit_end), the module is on the CPU
             pl_module.to(device)
         self.evaluator.net.to(device)
+        if self.latent is not None:
+            self.latent.to(device)
         started = time.perf_counter()
         what = {"cond": "conditional quality", "prior": "prior quality"}.get(self.kind, self.kind)
         if trainer.is_global_zero:  # sampling takes minutes, with nothing else on screen
@@ -135,6 +143,8 @@ class _Evaluation(L.Callback):
         if home != device:
             pl_module.to(home)
             self.evaluator.net.to(home)
+            if self.latent is not None:
+                self.latent.to(home)
             if self.base is not None:
                 self.base.denoiser.to(home)
             for saved in self.extra.values():
@@ -156,6 +166,7 @@ class _Evaluation(L.Callback):
             for prior, w in weights.items():
                 w.save(self.out_dir / f"prior_weights_{prior}_step={step}.json")
         for prior, x in grids.items():
+            x = self.latent.decode(x) if self.latent is not None else x
             path = save_grid(x, num_classes, self.out_dir / f"grid_step={step}_prior={prior}.png")
             log_image(trainer.loggers, keys.key("grid", prior=prior), path, step)
 

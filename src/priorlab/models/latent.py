@@ -16,6 +16,7 @@ The fine-tune records the VAE (`vae_record`: folder and sha256) and evaluation a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -95,7 +96,8 @@ class Latent:
     def encode_data(self, datamodule, cache_dir: str | Path) -> Path:
         """Replace the datamodule's splits (train, full train, validation) by their latents, in place, read from the
         cache in `cache_dir` or encoded and written there; returns the cache file. The image splits stay in
-        `datamodule.image_sets` (the evaluator is trained on images)."""
+        `datamodule.image_sets` (the evaluator is trained on images: `images_view`) and the codec in
+        `datamodule.latent`."""
         identity = {**datamodule.identity(), "split_seed": datamodule.split_seed,
                     "val_fraction": datamodule.val_fraction, "train_per_class": datamodule.train_per_class,
                     "vae_sha256": self.sha256}  # fmt: skip
@@ -108,7 +110,7 @@ class Latent:
             full = datamodule.train_per_class is None
             latents["train"] = latents["full_train"] if full else self.encode(sets["train"].tensors[0])
             _write_cache(path, latents, identity)
-        datamodule.image_sets = sets
+        datamodule.image_sets, datamodule.latent = sets, self
         datamodule.train_set, datamodule.full_train_set, datamodule.val_set = (
             TensorDataset(latents[name], s.tensors[1]) for name, s in sets.items())  # fmt: skip
         return path
@@ -133,6 +135,17 @@ def _write_cache(path: Path, latents: dict[str, Tensor], identity: dict) -> None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"latents": latents, "identity": json.dumps(identity, default=str)}, tmp)
     tmp.replace(path)
+
+
+def images_view(datamodule):
+    """The datamodule as it was before `Latent.encode_data` (its image splits), for the evaluator; the datamodule
+    itself where it holds images."""
+    if getattr(datamodule, "latent", None) is None:
+        return datamodule
+    view = copy.copy(datamodule)
+    view.train_set, view.full_train_set, view.val_set = datamodule.image_sets.values()
+    view.latent = None
+    return view
 
 
 class DecodingEvaluator:

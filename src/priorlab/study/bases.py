@@ -25,6 +25,7 @@ class BaseRuns:
     priors: dict = field(default_factory=dict)  # extra prior's folder → (settings shared with the base, its own)
     others: dict = field(default_factory=dict)  # prior name → another base's folder (`priors` of a base)
     sweep: dict = field(default_factory=dict)  # the base's own values of some sweep keys (`sweep` of a base)
+    pretrained: bool = False  # a base trained elsewhere (`path` of a base): fine-tuned, never trained by the study
 
     def grid(self, sweep: dict) -> dict:
         """The sweep of this base's fine-tunes: the preset's, with the base's own values and its seeds."""
@@ -72,6 +73,23 @@ def prior_jobs(bases: list[BaseRuns]) -> list[tuple[str, list[str]]]:
              ["train", "stage=base", *overrides]) for folder, overrides in runs.items()]  # fmt: skip
 
 
+def base_folder(study_dir: Path, name: str, entry: dict) -> Path:
+    """A named base's model: base/<name>/ of the study, or its `path` (a diffusers or priorlab model trained
+    elsewhere, checked to be one here, before anything runs)."""
+    if entry.get("path") is None:
+        return study_dir / "base" / name
+    from priorlab.models.io import resolve_model_dir
+
+    folder = Path(entry["path"]).expanduser().resolve()
+    resolve_model_dir(folder, role=f"bases.{name}.path")
+    return folder
+
+
+def trained_bases(bases: list[BaseRuns]) -> list[BaseRuns]:
+    """The bases the study trains (not those given by `path`)."""
+    return [b for b in bases if not b.pretrained]
+
+
 def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRuns]:
     """The bases of a preset: one under base/ without `bases`, else one under base/<name>/ each; with
     `base_seeds`, each of those once per base seed (…/seed=<b>/), the fine-tune seeds dealt out in turn."""
@@ -83,15 +101,20 @@ def study_bases(study_dir: Path, common: list[str], parts: dict) -> list[BaseRun
                           seeds)]  # fmt: skip
     else:
         named = []
+        folders = {name: base_folder(study_dir, name, entry) for name, entry in parts["bases"].items()}
         for name, entry in parts["bases"].items():
             own = [*common, *entry["common"]]
-            others = {p: study_dir / "base" / other for p, other in entry["priors"].items()}
-            named.append(BaseRuns(name, study_dir / "base" / name,
+            others = {p: folders[other] for p, other in entry["priors"].items()}
+            named.append(BaseRuns(name, folders[name],
                                   [*own, *parts["base"], *entry["base"], f"stage.run_subdir=base/{name}"],
                                   [*own, *parts["finetune"], *entry["finetune"],
                                    f"stage.run_subdir={finetune_subdir(name, parts['sweep'])}"],
-                                  seeds, others=others, sweep=entry["sweep"]))  # fmt: skip
+                                  seeds, others=others, sweep=entry["sweep"],
+                                  pretrained=entry.get("path") is not None))  # fmt: skip
     base_seeds = parts.get("base_seeds")
+    if base_seeds and any(b.pretrained for b in named):
+        raise UserError("a base given by `path` is trained elsewhere, once: it takes no base_seeds; leave base_seeds "
+                        "out or train the base in the study")  # fmt: skip
     if not base_seeds:
         for b in named:
             b.finetune += [override(f"+extra_priors.{p}", folder) for p, folder in b.others.items()]

@@ -12,7 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 from priorlab import forkserver
 from priorlab.errors import UserError
 from priorlab.overrides import override
-from priorlab.study.bases import BaseRuns, check_finished_have_priors, prior_jobs, study_bases, with_priors
+from priorlab.study.bases import (
+    BaseRuns,
+    check_finished_have_priors,
+    prior_jobs,
+    study_bases,
+    trained_bases,
+    with_priors,
+)
 from priorlab.study.compose import (
     check_runs,
     first_configs,
@@ -156,7 +163,8 @@ def print_plan(plan: Plan) -> None:
         print(f"{label}: {shell_line(['priorlab', *args])}")
     for b in plan.bases:
         tag = f" ({b.label})" if b.label else ""
-        print(f"base{tag}:      {shell_line(['priorlab', 'train', 'stage=base', *b.base])}")
+        trained = shell_line(["priorlab", "train", "stage=base", *b.base])
+        print(f"base{tag}:      {f'trained elsewhere: {b.base_dir}' if b.pretrained else trained}")
         for _, args in plan.commands[b.label]:
             print(f"finetunes{tag}: {shell_line(['priorlab', *args])}")
 
@@ -210,7 +218,7 @@ def run_plan(plan: Plan, started: float) -> None:
 
 def logs_to_wandb(plan: Plan) -> bool:
     """Whether any run of the plan logs to W&B (the default logger; `logger=csv` opts out)."""
-    runs = [b.base for b in plan.bases] + [args for jobs in plan.commands.values() for _, args in jobs]
+    runs = [b.base for b in trained_bases(plan.bases)] + [args for jobs in plan.commands.values() for _, args in jobs]
     return any("logger=csv" not in args for args in runs)
 
 
@@ -219,9 +227,10 @@ def _run_in_turn(plan: Plan, progress: StudyProgress, server) -> None:
     for label, args in prior_jobs(plan.bases):
         print(f"[study {plan.name}] extra prior {label}", flush=True)
         run_priorlab(args, server)
-    for i, b in enumerate(plan.bases):  # every base first: a base may be another's prior
+    trained = trained_bases(plan.bases)
+    for i, b in enumerate(trained):  # every base first: a base may be another's prior
         tag = f" {b.label}" if b.label else ""
-        print(f"[study {plan.name}] base{tag} ({i + 1} of {len(plan.bases)})", flush=True)
+        print(f"[study {plan.name}] base{tag} ({i + 1} of {len(trained)})", flush=True)
         run_priorlab(["train", "stage=base", *b.base], server)
     done = 0
     for b in plan.bases:
@@ -239,7 +248,8 @@ def _run_at_once(plan: Plan, progress: StudyProgress, server=None) -> None:
     finished runs are skipped without starting a process (`unfinished`)."""
     name, jobs = plan.name, plan.jobs
     logs = plan.study_dir / "logs"
-    base_jobs = [(f"base_{b.label}" if b.label else "base", ["train", "stage=base", *b.base]) for b in plan.bases]
+    base_jobs = [(f"base_{b.label}" if b.label else "base", ["train", "stage=base", *b.base])
+                 for b in trained_bases(plan.bases)]  # fmt: skip
     priors = prior_jobs(plan.bases)
     what = f" and {len(priors)} extra prior(s)" if priors else ""
     print(f"[study {name}] {len(base_jobs)} base(s){what}, {jobs} at a time", flush=True)

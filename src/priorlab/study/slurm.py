@@ -200,7 +200,7 @@ def submit_study(plan, jobs: dict) -> None:
     prior_folders = list(dict.fromkeys(folder for b in plan.bases for folder in b.priors))
     trained = list(zip(prior_folders, prior_jobs(plan.bases), strict=True))
     trained += [(b.base_dir, (f"base_{b.label}" if b.label else "base", ["train", "stage=base", *b.base]))
-                for b in plan.bases]  # fmt: skip
+                for b in plan.bases if not b.pretrained]  # fmt: skip
     todo = {label for label, _ in unfinished([job for _, job in trained], plan.name)}
     for folder, (label, args) in trained:
         if label in todo:

@@ -130,13 +130,27 @@ def check_bases(bases: dict | None, where: str, sweep: dict | None = None) -> di
         entry = entry or {}
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)):
             raise UserError(f"{where}: base name {name!r} may hold only letters, digits, '_', '.' and '-'")
-        if not isinstance(entry, dict) or set(entry) - {"common", "base", "finetune", "priors", "sweep"}:
+        if not isinstance(entry, dict) or set(entry) - {"common", "base", "finetune", "priors", "sweep", "path"}:
             raise UserError(f"{where}: base {name} takes only `common`, `base` and `finetune` override lists, "
-                            "`priors` and `sweep`")  # fmt: skip
+                            "`priors`, `sweep` and `path`")  # fmt: skip
         out[str(name)] = {key: list(entry.get(key) or []) for key in ("common", "base", "finetune")}
+        if entry.get("path") is not None:  # a base trained elsewhere
+            out[str(name)]["path"] = check_base_path(entry["path"], entry, str(name), where)
         out[str(name)]["priors"] = check_base_priors(entry.get("priors"), str(name), bases, where)
         out[str(name)]["sweep"] = check_base_sweep(entry.get("sweep"), str(name), sweep, where)
     return out
+
+
+def check_base_path(path, entry: dict, name: str, where: str) -> str:
+    """A base's `path`: a model trained elsewhere (a diffusers UNet2DModel or DiT folder or pipeline folder, or a
+    priorlab model folder), which the study fine-tunes without training a base; it takes no `base` overrides."""
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{where}: base {name}'s `path` must name a folder: a diffusers model or pipeline folder, or "
+                        "a priorlab model folder")  # fmt: skip
+    if entry.get("base"):
+        raise UserError(f"{where}: base {name} has a `path` (a base trained elsewhere, not trained by the study) and "
+                        "`base` overrides; drop one")  # fmt: skip
+    return path
 
 
 def check_base_sweep(own, name: str, sweep: dict, where: str) -> dict[str, list]:
