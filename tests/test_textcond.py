@@ -210,8 +210,8 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
 def test_a_latent_stable_diffusion_base_finetunes_on_cached_latents_and_exports_with_its_vae(compose_tmp, tmp_path,
                                                                                             shapes):  # fmt: skip
     """A pipeline with a VAE: the fine-tune trains on the data's latents (`models.latent`, cached), records the VAE,
-    is evaluated with prior=base on decoded samples, and exports to a StableDiffusionPipeline that plain diffusers
-    loads whole and samples 8 × 8 images from."""
+    is evaluated with prior=base on decoded samples (during training, callbacks=eval, and by `evaluate`), and
+    exports to a StableDiffusionPipeline that plain diffusers loads whole and samples 8 × 8 images from."""
     from priorlab.commands.evaluate import evaluate
     from priorlab.commands.train import train
     from priorlab.pipelines.export import export_pipeline
@@ -219,9 +219,14 @@ def test_a_latent_stable_diffusion_base_finetunes_on_cached_latents_and_exports_
     folder = _pipeline(tmp_path / "sd", latent=True)
     base = load_denoiser(folder, role="base")
     assert base.meta["vae"]["path"] == str((folder / "vae").resolve()) and base.denoiser.sample_shape == (4, 4, 4)
-    model_dir = train(compose_tmp([*_data(shapes), "stage=finetune", f"base={folder}", *TINY]))
+    evaluated = ["callbacks=eval", "eval=tiny", "eval.evaluator_steps=5", "eval.num_steps=2",
+                 "callbacks.prior_quality.every_n_steps=4",
+                 "callbacks.conditional_quality.every_n_steps=4"]  # fmt: skip
+    model_dir = train(compose_tmp([*_data(shapes), "stage=finetune", f"base={folder}", *TINY, *evaluated]))
     saved = load_denoiser(model_dir)
     assert saved.meta["vae"] == base.meta["vae"] and saved.denoiser.sample_shape == (4, 4, 4)
+    during = json.loads((model_dir.parent / "eval" / "step=4_cond.json").read_text())["metrics"]
+    assert "eval/cond/fd/prior=base/w=3.0" in during  # callbacks=eval measured it while training
     assert any((tmp_path / "runs" / "latents").rglob("*.pt"))  # runs/latents/<data>/<key>.pt
     out = evaluate(compose_tmp([override("model_dir", model_dir.parent), f"base={folder}", "eval=tiny",
                                 "eval.evaluator_steps=5", "eval.num_steps=2", f"out={tmp_path / 'eval'}"],
