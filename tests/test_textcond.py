@@ -146,6 +146,14 @@ def test_user_mistakes_are_one_line_errors(tmp_path, shapes, compose_tmp):
 
     with pytest.raises(UserError, match=r"data.caption_column='caption' is not a column of .*; its columns are"):
         HFDataModule(source=str(shapes), caption_column="caption", image_size=8).setup()
+    import datasets
+
+    (tmp_path / "holes").mkdir()
+    images = [pipeline_models.image(i, 8) for i in range(3)]
+    datasets.Dataset.from_dict({"image": images, "text": ["a red disc", None, "a blue disc"]}).to_parquet(
+        str(tmp_path / "holes" / "train.parquet"))  # fmt: skip
+    with pytest.raises(UserError, match=r"caption_column='text' of .*: row 1 holds an empty cell, not a caption"):
+        HFDataModule(source=str(tmp_path / "holes"), caption_column="text", image_size=8).setup()
     bare = _pipeline(tmp_path / "bare", text_encoder=False)
     with pytest.raises(UserError, match="has no text_encoder: a UNet2DConditionModel base is a Stable-Diffusion-"):
         load_denoiser(bare, role="base")
@@ -182,6 +190,9 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
     for p in ("self", "base"):
         assert all(f"eval/cond/{m}/prior={p}/w=3.0" in cond for m in ("fd", "kid", "accuracy")), sorted(cond)
     assert "eval/prior/disagreement/all" in prior and "eval/uncond/fd/model=base" in prior, sorted(prior)
+    other = write_captioned_shapes(tmp_path / "other", n=4)  # four of the six captions
+    with pytest.raises(UserError, match="is text-conditioned on 6 captions, and the data's captions differ"):
+        evaluate(compose_tmp([override("model_dir", model_dir.parent), *_data(other), "eval=tiny"], "evaluate"))
 
     killed = train(compose_tmp([*overrides, "study=killed", "trainer.max_steps=2"])).parent
     (killed / "done.json").unlink()  # as if stopped after its step-2 checkpoint
