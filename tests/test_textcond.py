@@ -171,7 +171,7 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
 
     from priorlab.commands.evaluate import evaluate
     from priorlab.commands.train import train
-    from priorlab.pipelines.export import export_pipeline
+    from priorlab.pipelines.export import export_pipeline, from_priorlab
 
     folder = _pipeline(tmp_path / "sd")
     overrides = [*_data(shapes), "stage=finetune", f"base={folder}", "cond_dropout=0.2",
@@ -201,6 +201,8 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
     exported = export_pipeline(model_dir, tmp_path / "exported")
+    with pytest.raises(UserError, match="is a text fine-tune, not a class-conditional model: export it"):
+        from_priorlab(model_dir)  # `priorlab sample`'s class pipeline
     plain = StableDiffusionPipeline.from_pretrained(exported, vae=None)  # pixel space: no VAE to load
     assert plain.vae is None and "with probability 0.2" in (exported / "README.md").read_text()
     states = plain.encode_prompt(["a red disc", ""], "cpu", 1, False)[0]  # (2, L, D)

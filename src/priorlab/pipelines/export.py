@@ -54,6 +54,9 @@ def is_exported(path: str | Path) -> bool:
 def from_saved(saved: SavedModel, class_names: list[str] | None = None) -> ClassConditionalPipeline:
     """The pipeline of a loaded priorlab model (the same network object, not a copy), with optional class names."""
     denoiser = saved.denoiser
+    if saved.meta.get("class_name") == "UNet2DConditionModel":
+        raise UserError(f"model={saved.path} is a text fine-tune, not a class-conditional model: export it "
+                        "(priorlab export model=RUN out=FOLDER) and load its StableDiffusionPipeline")  # fmt: skip
     if class_names is not None and len(class_names) != denoiser.num_classes:
         raise UserError(f"class_names has {len(class_names)} names but model={saved.path} has {denoiser.num_classes} "
                         "classes; give one name per class, in class order")  # fmt: skip
