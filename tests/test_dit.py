@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from conftest import TINY
+from priorlab.data.base import TensorDataModule
 from priorlab.errors import UserError
 from priorlab.models import init_from_base, label_tables, load_denoiser
 from priorlab.models.latent import Latent
@@ -171,6 +172,10 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
         torch.testing.assert_close(theirs, null, rtol=0, atol=1e-6)
         images = pipe(class_labels=[0, 1], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 8, 8, 1)
+    from priorlab.pipelines.export import load_model  # `priorlab sample model=RUN`: the same pipeline, in memory
+
+    in_memory = load_model(str(model_dir.parent))
+    assert type(in_memory).__name__ == "DiTPipeline" and in_memory.get_label_ids(["3"]) == [3]
 
 
 def test_latent_finetune_is_evaluated_during_training_on_decoded_samples(compose_tmp, tmp_path):
@@ -189,6 +194,8 @@ def test_latent_finetune_is_evaluated_during_training_on_decoded_samples(compose
 
 
 def test_another_vae_invalidates_the_latent_cache(compose_tmp, tmp_path, encodes):
+    """Two pipelines of the same DiT and other VAEs encode the data twice; a run whose base's VAE changed since is
+    refused (the VAE's hash is part of base.json)."""
     from priorlab.commands.train import train
 
     for name, vae_seed in (("a", 0), ("b", 1)):
@@ -196,6 +203,10 @@ def test_another_vae_invalidates_the_latent_cache(compose_tmp, tmp_path, encodes
         train(compose_tmp(["data=digits", "stage=finetune", f"base={folder}", *TINY, "trainer.max_steps=1",
                            "trainer.val_check_interval=1", f"study={name}"]))  # fmt: skip
     assert len(encodes) == 4 and len(list((tmp_path / "runs" / "latents" / "digits8").glob("*.pt"))) == 2
+    _save_pipeline(tmp_path / "b", vae_seed=2)  # b's VAE changes: its finished run refuses the new one
+    with pytest.raises(UserError, match=r"trained with other settings: base VAE weights \(sha256\)"):
+        train(compose_tmp(["data=digits", "stage=finetune", f"base={tmp_path / 'b'}", *TINY, "trainer.max_steps=1",
+                           "trainer.val_check_interval=1", "study=b"]))  # fmt: skip
 
 
 def test_user_mistakes_with_dit_bases_are_one_line_errors(tmp_path):
@@ -209,6 +220,10 @@ def test_user_mistakes_with_dit_bases_are_one_line_errors(tmp_path):
     (tmp_path / "neither" / "model_index.json").write_text("{}")
     with pytest.raises(UserError, match="not a priorlab model folder .* nor a diffusers UNet2DModel or DiT"):
         load_denoiser(tmp_path / "neither", role="base")
+    colour = TensorDataModule()
+    colour.load = lambda: (torch.rand(20, 3, 8, 8) * 2 - 1, torch.arange(20) % 2, 2)
+    with pytest.raises(UserError, match=r"shape \(3, 8, 8\) but the VAE takes images of 1 channel"):
+        Latent.load(base.meta["vae"]).encode_data(colour, tmp_path / "latents")
     config = json.loads((tmp_path / "dit" / "vae" / "config.json").read_text())
     (tmp_path / "dit" / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "VQModel"}))
     with pytest.raises(UserError, match="holds a VQModel; priorlab's latent bases take a diffusers AutoencoderKL"):

@@ -133,7 +133,7 @@ def test_finetune_from_a_diffusers_pipeline_trains_records_evaluates_and_exports
 
 def test_folders_that_are_not_a_base_are_one_line_errors(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="not a priorlab model folder .* nor a diffusers UNet2DModel or DiTTransformer2DModel folder"):
+    with pytest.raises(UserError, match="not a priorlab model folder .* nor a diffusers UNet2DModel or DiT"):
         load_denoiser(tmp_path / "empty", role="base")
     net = _save(tmp_path / "no schedule", layout="model")
     (net / "scheduler_config.json").unlink()

@@ -74,6 +74,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
             meta["base"]["format"] = base.meta["format"]
         if "text_encoder" in base.meta:
             meta["base"]["text_encoder"] = base.meta["text_encoder"]
+        if "vae" in meta:  # base.json: a resumed run is checked against its VAE too (`resume.vae_difference`)
+            meta["base"]["vae"] = meta["vae"]
     meta["cond_dropout"] = cond_dropout
     module = DiffusionModule(
         denoiser,

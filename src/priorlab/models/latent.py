@@ -98,6 +98,10 @@ class Latent:
         cache in `cache_dir` or encoded and written there; returns the cache file. The image splits stay in
         `datamodule.image_sets` (the evaluator is trained on images: `images_view`) and the codec in
         `datamodule.latent`."""
+        shape, channels = tuple(datamodule.sample_shape), self.vae.config.in_channels
+        if len(shape) != 3 or shape[0] != channels:
+            raise UserError(f"the data gives samples of shape {shape} but the VAE takes images of {channels} "
+                            f"channel(s), (C, H, W); choose image data of {channels} channel(s)")  # fmt: skip
         identity = {**datamodule.identity(), "split_seed": datamodule.split_seed,
                     "val_fraction": datamodule.val_fraction, "train_per_class": datamodule.train_per_class,
                     "vae_sha256": self.sha256}  # fmt: skip

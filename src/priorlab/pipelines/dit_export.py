@@ -51,16 +51,26 @@ def padded_transformer(saved: SavedModel) -> DiTTransformer2DModel:
     return net.eval()
 
 
-def export_dit(saved: SavedModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the DiTPipeline folder of a DiT fine-tune (module doc); returns `out`."""
-    transformer = padded_transformer(saved)
+def class_names(saved: SavedModel) -> dict[str, str]:
+    """The fine-tune's id2label (its data's class names; the indices where its data has none)."""
+    return saved.meta.get("id2label") or {str(k): str(k) for k in range(saved.denoiser.num_classes)}
+
+
+def dit_pipeline(saved: SavedModel) -> DiTPipeline:
+    """The DiTPipeline of a DiT fine-tune, in memory (`priorlab sample model=RUN`), as `export_dit` writes it."""
     vae = Latent.load(saved.meta["vae"], role=f"model={saved.path}").vae
     keep = {k: v for k, v in saved.scheduler.config.items() if not k.startswith("_")}
     scheduler = DDIMScheduler.from_config({**keep, "prediction_type": saved.denoiser.prediction_type})
-    names = saved.meta.get("id2label") or {str(k): str(k) for k in range(saved.denoiser.num_classes)}
+    names = {int(k): v for k, v in class_names(saved).items()}
+    return DiTPipeline(padded_transformer(saved), vae, scheduler, id2label=names)
+
+
+def export_dit(saved: SavedModel, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the DiTPipeline folder of a DiT fine-tune (module doc); returns `out`."""
+    pipe, names = dit_pipeline(saved), class_names(saved)
     out = checks.output_folder(out, overwrite, saved.path)
     with atomic.folder(out) as tmp:
-        DiTPipeline(transformer, vae, scheduler).save_pretrained(tmp, safe_serialization=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
         index = json.loads((tmp / "model_index.json").read_text())
         index["id2label"] = {str(k): str(v) for k, v in names.items()}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

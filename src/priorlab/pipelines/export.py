@@ -71,9 +71,13 @@ def from_saved(saved: SavedModel, class_names: list[str] | None = None) -> Class
                                     null_class=denoiser.null_class, class_names=names)  # fmt: skip
 
 
-def from_priorlab(path: str | Path, role: str = "model") -> ClassConditionalPipeline:
-    """The pipeline of a priorlab model folder or run folder, built in memory."""
-    return from_saved(load_denoiser(path, role))
+def from_priorlab(path: str | Path, role: str = "model"):
+    """The pipeline of a priorlab model folder or run folder, built in memory: a ClassConditionalPipeline, or the
+    DiTPipeline of a latent DiT base's fine-tune (`pipelines.dit_export`)."""
+    from priorlab.pipelines.dit_export import dit_pipeline, is_dit_finetune
+
+    saved = load_denoiser(path, role)
+    return dit_pipeline(saved) if is_dit_finetune(saved) else from_saved(saved)
 
 
 def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,

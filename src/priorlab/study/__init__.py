@@ -4,7 +4,8 @@ An experiment file (experiments/NAME.yaml) lists, per preset, the overrides shar
 the base and of the fine-tunes, and the sweep (cond_dropout × seed × any other key, e.g. trainer.max_steps).
 A preset may list several `bases`, each with its own overrides (`common` for the base and its fine-tunes,
 `base`, `finetune`): each base is trained once under base/<name>/ and its sweep runs under
-finetune/base=<name>/<key>=<value>/.../p=<p>/seed=<s>/. Without `bases` there is one base, under base/.
+finetune/base=<name>/<key>=<value>/.../p=<p>/seed=<s>/. Without `bases` there is one base, under base/. A base
+given by `path` (a diffusers or priorlab model trained elsewhere) is fine-tuned as given and never trained.
 `base_seeds: [b0, b1, ...]` trains each base once per seed (base/seed=<b>/, base/<name>/seed=<b>/) and starts the
 fine-tune of seed s (the i-th of the sweep's seeds) from base seed b_(i mod B), so the seeds over which the report
 draws its intervals replicate the base's training too. `validity:` sets the thresholds of the report's validity

@@ -47,6 +47,7 @@ RESUMABLE = {
 ABSENT = "(absent)"
 BASE_KEY = "base weights (sha256)"
 TEXT_KEY = "base text encoder (sha256)"
+VAE_KEY = "base VAE weights (sha256)"  # a latent base's VAE (`models.latent`): its latents are the training data
 
 
 def resumable(key: str) -> bool:
@@ -85,8 +86,19 @@ def recorded_base(run_dir: Path, finished: bool) -> dict | None:
     return None
 
 
+def vae_difference(record: dict, base_dir: Path) -> dict[str, tuple]:
+    """{VAE_KEY: (recorded, given)} where the base's VAE is not the one the run recorded, else {}."""
+    from priorlab.models.latent import vae_record
+
+    recorded = (record.get("vae") or {}).get("sha256") if isinstance(record.get("vae"), dict) else None
+    if recorded is None:
+        return {}
+    now = vae_record(base_dir) or {"path": str(base_dir.parent / "vae"), "sha256": ABSENT}
+    return {} if now["sha256"] == recorded else {VAE_KEY: (recorded, now)}
+
+
 def _show(key: str, recorded, given) -> str:
-    if key == BASE_KEY:
+    if key in (BASE_KEY, VAE_KEY):
         return f"{key}: {recorded[:12]} (recorded) vs {given['sha256'][:12]} (given, {given['path']})"
     shown = [value if value == ABSENT else repr(value) for value in (recorded, given)]
     return f"{key}: {shown[0]} (recorded) vs {shown[1]} (given)"
@@ -127,6 +139,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, finished: bool) -> dict[str, tu
         if sha != record["sha256"]:
             diffs[BASE_KEY] = (record["sha256"], {"path": str(base_dir), "sha256": sha})
         diffs.update(_text_encoder_difference(record, base_dir))
+        diffs.update(vae_difference(record, base_dir))
     if not diffs or cfg.get("resume", "check") == "force":
         return diffs
     shown = "; ".join(_show(key, *values) for key, values in list(diffs.items())[:8])
