@@ -119,12 +119,7 @@ def encodes(monkeypatch) -> list[int]:
     """The number of images each Latent.encode call was given."""
     calls: list[int] = []
     encode = Latent.encode
-
-    def counted(self, x):
-        calls.append(len(x))
-        return encode(self, x)
-
-    monkeypatch.setattr(Latent, "encode", counted)
+    monkeypatch.setattr(Latent, "encode", lambda self, x: calls.append(len(x)) or encode(self, x))
     return calls
 
 
@@ -157,6 +152,9 @@ def test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipe
     assert cond["metrics"]["eval/cond/fd/prior=base/w=3.0"] == cond["metrics"]["eval/cond/fd/prior=again/w=3.0"]
     assert len(encodes) == 2
     assert (out / "grid_step=4_prior=base.png").exists()
+    other = _save_pipeline(tmp_path / "other", vae_seed=3)  # the same DiT over another VAE's latents
+    with pytest.raises(UserError, match=r"extra_priors.again=.* denoises the latents of another VAE"):
+        evaluate(compose_tmp([*evaluation[:-1], override("+extra_priors.again", other)], config_name="evaluate"))
     (model_dir.parent / "done.json").unlink()  # as if killed after its last checkpoint: resumed, not restarted
     resumed = load_denoiser(train(compose_tmp([*overrides, "trainer.max_steps=6", "resume=force"])))
     assert resumed.meta["step"] == 6 and len(encodes) == 2  # continued from step 4, on the cached latents

@@ -23,7 +23,7 @@ from priorlab.evaluation.setup import (
     make_prior_net,
 )
 from priorlab.models.io import check_recorded_base, load_denoiser
-from priorlab.models.latent import DecodingEvaluator, Latent
+from priorlab.models.latent import DecodingEvaluator, Latent, check_same_latents
 from priorlab.models.text import TextDenoiser
 from priorlab.priors import PriorWeights
 
@@ -116,6 +116,10 @@ def evaluate(cfg: DictConfig) -> Path:
     prior_net = make_prior_net(model, base, channels)
     extra_saved = {name: load_denoiser(path, role=f"prior {name}")
                    for name, path in extra_prior_paths(cfg.get("extra_priors")).items()}  # fmt: skip
+    vae_sha = (model.meta.get("vae") or {}).get("sha256")
+    for role, saved in [("base", base), *((f"extra_priors.{n}", s) for n, s in extra_saved.items())]:
+        if saved is not None:
+            check_same_latents(vae_sha, saved, role)
     extra = {name: make_prior_net(model, saved, channels) for name, saved in extra_saved.items()}
     for part in (model.denoiser, evaluator.net, base.denoiser if base else None, latent.vae if latent else None,
                  *(saved.denoiser for saved in extra_saved.values())):  # fmt: skip

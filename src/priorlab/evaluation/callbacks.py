@@ -30,7 +30,7 @@ from priorlab.evaluation.prior_quality import prior_quality
 from priorlab.evaluation.settings import EvalSettings
 from priorlab.evaluation.setup import ensure_evaluator, evaluator_dir, make_prior_net
 from priorlab.models.io import WEIGHTS, SavedModel, load_denoiser, resolve_model_dir
-from priorlab.models.latent import DecodingEvaluator, Latent, images_view
+from priorlab.models.latent import DecodingEvaluator, Latent, check_same_latents, images_view
 from priorlab.priors import FITTED
 from priorlab.training.module import check_finite_weights
 
@@ -91,7 +91,11 @@ class _Evaluation(L.Callback):
             self.evaluator = DecodingEvaluator(self.evaluator, self.latent)
         self.base = None if not self.base_path else shared_model(self.base_path, role="base")
         self.extra = {name: shared_model(path, role=f"prior {name}") for name, path in self.extra_paths.items()}
-        for saved in self.extra.values():  # a prior of another sample shape fails now, not after training
+        sha = self.latent.sha256 if self.latent is not None else None
+        for role, saved in [("base", self.base), *((f"extra_priors.{n}", s) for n, s in self.extra.items())]:
+            if saved is not None:  # a prior of other latents or another sample shape fails now, not after training
+                check_same_latents(sha, saved, role)
+        for saved in self.extra.values():
             make_prior_net((pl_module.denoiser, pl_module.scheduler), saved)
         if self.base is not None and any(p in FITTED for p in self.settings.priors):
             calibration_split(dm.val_set.tensors, self.settings)  # too small a split fails now, not after training

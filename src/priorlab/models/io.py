@@ -3,8 +3,8 @@
 A model folder holds the network (`config.json`, `diffusion_pytorch_model.safetensors`, written by
 `save_pretrained`), the noise schedule (`scheduler_config.json`) and `priorlab.json` with the null class,
 the prediction type and, for a fine-tune, its base's path and content hash (a text model adds its table of prompt
-embeddings and its captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel folder or a
-Stable-Diffusion-layout pipeline (`models.pretrained`). Weights load through
+embeddings and its captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel or DiT folder,
+or a Stable-Diffusion-layout pipeline (`models.pretrained`). Weights load through
 safetensors only, so no pickled code is ever run.
 """
 
@@ -68,7 +68,8 @@ def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path
 
 def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
     """The folder holding a model's weights: a priorlab model folder, a run folder holding `model/`, or a diffusers
-    UNet2DModel folder or pipeline folder (`models.pretrained`: its unet/); a UserError naming what it looked for."""
+    UNet2DModel or DiT folder or pipeline folder (`models.pretrained`: its unet/ or transformer/); a UserError
+    naming what it looked for."""
     from priorlab.models.pretrained import LOOKED_FOR, diffusers_net_dir
 
     path = Path(path).expanduser()
@@ -85,7 +86,7 @@ def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
 
 
 def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None = None) -> SavedModel:
-    """Load a model folder written by `save_denoiser`, or a diffusers UNet2DModel folder as a base or prior
+    """Load a model folder written by `save_denoiser`, or a diffusers UNet2DModel or DiT folder as a base or prior
     (`models.pretrained.load_pretrained`); errors name the folder and the problem.
 
     Args:

@@ -141,6 +141,17 @@ def _write_cache(path: Path, latents: dict[str, Tensor], identity: dict) -> None
     tmp.replace(path)
 
 
+def check_same_latents(sha256: str | None, prior, role: str) -> None:
+    """A prior of a latent model must denoise the latents of the same VAE (`sha256`: the model's VAE's hash, None
+    for a pixel-space model); a prior that records another VAE is a UserError. One that records none (a priorlab or
+    a VAE-less model of the latent shape) is taken as given."""
+    theirs = (prior.meta.get("vae") or {}).get("sha256") if isinstance(prior.meta.get("vae"), dict) else None
+    if sha256 is not None and theirs is not None and theirs != sha256:
+        raise UserError(f"{role}={prior.path} denoises the latents of another VAE (sha256 {theirs[:12]}) than the "
+                        f"model's ({sha256[:12]}); its predictions mean nothing in the model's latent space: pass a "
+                        "prior of the same VAE")  # fmt: skip
+
+
 def images_view(datamodule):
     """The datamodule as it was before `Latent.encode_data` (its image splits), for the evaluator; the datamodule
     itself where it holds images."""
