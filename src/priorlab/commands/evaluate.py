@@ -24,6 +24,7 @@ from priorlab.evaluation.setup import (
 )
 from priorlab.models.io import check_recorded_base, load_denoiser
 from priorlab.models.latent import DecodingEvaluator, Latent, check_same_latents
+from priorlab.models.text import TextDenoiser
 from priorlab.priors import PriorWeights
 
 # what a model folder's config.yaml may name as its data
@@ -95,6 +96,10 @@ def evaluate(cfg: DictConfig) -> Path:
 
     prior=auto|mix use the weights files of `prior_weights` where given, and are otherwise fitted on the
     calibration split of the validation data; the weights used are written to prior_weights_<p>.json.
+
+    A text fine-tune (`models.text`) is sampled on its held-out (validation) captions, in their proportions: FD,
+    KID, precision and recall in the evaluator's features, and as accuracy the evaluator's caption match (its
+    classifier over the data's distinct captions names the caption sampled).
     """
     device = checks.device(cfg.device)
     if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -132,7 +137,7 @@ def evaluate(cfg: DictConfig) -> Path:
     written = _write(out, step, {"cond": cond, "prior": prior_metrics}, round(seconds, 3), info, weights)
     for prior, x in grids.items():
         x = latent.decode(x) if latent is not None else x
-        save_grid(x, model.denoiser.num_classes, out / f"grid_step={step}_prior={prior}.png")
+        save_grid(x, len(x) // settings.grid_per_class, out / f"grid_step={step}_prior={prior}.png")
     _print_table(cond)
     print(f"wrote {written[0]} and {written[1]}")
     return out
@@ -151,8 +156,9 @@ def _measure(model, prior_net, extra: dict, datamodule, evaluator, settings: Eva
                          shape=tuple(datamodule.sample_shape))  # fmt: skip
     say(f"conditional quality: {settings.num_samples} samples × prior {', '.join([*settings.priors, *extra])} "
         f"× w {', '.join(map(str, settings.guidance_scales))}, {settings.num_steps} steps each")  # fmt: skip
+    heldout = datamodule.val_set.tensors[1] if isinstance(model.denoiser, TextDenoiser) else None  # captions
     cond, grids = conditional_quality(model.denoiser, model.scheduler, prior_net, evaluator, datamodule.sample_shape,
-                                      settings, mixture, weights, extra)  # fmt: skip
+                                      settings, mixture, weights, extra, heldout)  # fmt: skip
     say("prior quality on the held-out data")
     prior_metrics = prior_quality(model.denoiser, model.scheduler, prior_net, datamodule.val_set.tensors, evaluator,
                                   settings, mixture, weights, extra)  # fmt: skip
@@ -192,6 +198,10 @@ def _check_shape(datamodule, model) -> None:
     if tuple(datamodule.sample_shape) != model.denoiser.sample_shape:
         raise UserError(f"the data gives samples of shape {datamodule.sample_shape} but the model takes "
                         f"{model.denoiser.sample_shape}; pass the data the model was trained on")  # fmt: skip
+    captions = getattr(model.denoiser, "captions", None)
+    if captions is not None and getattr(datamodule, "captions", None) != captions:
+        raise UserError(f"model={model.path} is text-conditioned on {len(captions)} captions, and the data's captions "
+                        "differ; pass the image–caption data it was trained on (data.caption_column=...)")  # fmt: skip
 
 
 def _write(out: Path, step: int, records: dict[str, dict], seconds: float, info: dict,

@@ -19,6 +19,7 @@ from priorlab.loggers import finish_wandb, sync_hint
 from priorlab.models.io import META, content_hash, init_from_base, load_denoiser, resolve_model_dir
 from priorlab.models.latent import Latent
 from priorlab.models.pretrained import base_schedule, conditional_copy, is_pretrained
+from priorlab.models.text import TextDenoiser, text_copy
 from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
 from priorlab.training.module import DiffusionModule
 from priorlab.training.quiet import MATMUL_PRECISIONS, quiet, set_matmul_precision
@@ -47,8 +48,9 @@ def check_config(cfg: DictConfig) -> None:
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[DiffusionModule, dict]:
     """The DiffusionModule for this stage and the metadata its saved model records. A fine-tune of a diffusers
-    base (`models.pretrained`) is the base's architecture, made class-conditional; model=... is not used. A latent
-    base's fine-tune trains on the data's latents (`models.latent`), encoded here (in place) or read from the cache."""
+    base (`models.pretrained`) is the base's architecture, made class-conditional, or conditioned on the data's
+    captions for a text base (`models.text`); model=... is not used. A latent base's fine-tune trains on the data's
+    latents (`models.latent`), encoded here (in place) or read from the cache."""
     base = load_denoiser(cfg.base, role="base") if cfg.stage.name == "finetune" else None
     meta = {"stage": cfg.stage.name, "seed": cfg.seed, "data": cfg.data.get("_target_")}
     if base is not None and is_pretrained(base.meta):
@@ -70,6 +72,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
         if is_pretrained(base.meta):
             meta["base"]["format"] = base.meta["format"]
+        if "text_encoder" in base.meta:
+            meta["base"]["text_encoder"] = base.meta["text_encoder"]
         if "vae" in meta:  # base.json: a resumed run is checked against its VAE too (`resume.vae_difference`)
             meta["base"]["vae"] = meta["vae"]
     meta["cond_dropout"] = cond_dropout
@@ -88,18 +92,30 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
 
 
 def pretrained_finetune(cfg: DictConfig, base, datamodule, meta: dict):
-    """The fine-tune of a diffusers base (`pretrained.conditional_copy`), its data encoded first for a latent base;
-    `meta` gains the VAE and the new classes' names (id2label)."""
+    """The fine-tune of a diffusers base (`pretrained.conditional_copy`, or `text_finetune` for a text base), its
+    data encoded first for a latent base; `meta` gains the VAE and the new classes' names (id2label)."""
     role = f"base={base.path}"
     vae = base.meta.get("vae")
     if vae is not None:
         Latent.load(vae, role).encode_data(datamodule, Path(cfg.paths.runs) / "latents")
         meta["vae"] = vae
+    if isinstance(base.denoiser, TextDenoiser):
+        return text_finetune(cfg, base, datamodule)
     names = getattr(datamodule, "class_names", None)
     names = names() if callable(names) else [str(k) for k in range(datamodule.num_classes)]
     meta["id2label"] = {str(k): str(name) for k, name in enumerate(names)}
     return conditional_copy(base.denoiser, datamodule.num_classes, datamodule.sample_shape, role=role,
                             latent=vae is not None)  # fmt: skip
+
+
+def text_finetune(cfg: DictConfig, base, datamodule: L.LightningDataModule) -> TextDenoiser:
+    """The fine-tune of a text base (`models.text`) on image–caption data, its prompt table from the prompt cache."""
+    captions = getattr(datamodule, "captions", None)
+    if not captions:
+        raise UserError(f"base={base.path.parent} is text-conditioned (a Stable-Diffusion-layout pipeline): give it "
+                        "image–caption data, e.g. data=hf data.source=FOLDER data.caption_column=text")  # fmt: skip
+    return text_copy(base.denoiser, captions, datamodule.sample_shape, cfg.get("prompt_cache"),
+                     role=f"base={base.path.parent}")  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -1,4 +1,8 @@
-"""Any Hugging Face `datasets` source: a hub name (online), or a local imagefolder or parquet (offline)."""
+"""Any Hugging Face `datasets` source: a hub name (online), or a local imagefolder or parquet (offline).
+
+With `caption_column`, the data are image–caption pairs for a text-conditioned fine-tune (`models.text`): each
+distinct caption is a class, numbered in sorted order (`captions`), so labels are caption indices.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ class HFDataModule(TensorDataModule):
         image_size: side length after resizing.
         channels: 1 (grayscale) or 3 (RGB).
         num_classes: number of classes; taken from a ClassLabel column or the largest label when None.
+        caption_column: column holding each image's caption (text data): labels are then the index of each
+            image's caption among the distinct captions (`captions`), and label_column and num_classes are unused.
     """
 
     def __init__(
@@ -37,6 +43,7 @@ class HFDataModule(TensorDataModule):
         image_size: int = 32,
         channels: int = 3,
         num_classes: int | None = None,
+        caption_column: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -56,13 +63,17 @@ class HFDataModule(TensorDataModule):
         self.image_size = image_size
         self.channels = channels
         self.configured_classes = num_classes
+        if caption_column is not None and (not isinstance(caption_column, str) or not caption_column):
+            raise UserError(f"data.caption_column={caption_column!r} must be a column name (or null: class labels)")
+        self.caption_column = caption_column
+        self.captions: list[str] | None = None  # the distinct captions, in label order (text data)
 
     def data_settings(self) -> dict:
         path = Path(self.source).expanduser()
         source = str(path.resolve()) if path.exists() else self.source
         return {"source": source, "split": self.split, "image_column": self.image_column,
                 "label_column": self.label_column, "image_size": self.image_size, "channels": self.channels,
-                "num_classes": self.configured_classes}  # fmt: skip
+                "num_classes": self.configured_classes, "caption_column": self.caption_column}  # fmt: skip
 
     def default_name(self) -> str:
         """hf-<source folder, file or hub name>-<split>-<channels>x<image_size>, e.g. hf-my_images-train-3x32."""
@@ -91,7 +102,8 @@ class HFDataModule(TensorDataModule):
             raise
         except Exception as err:  # datasets raises many types; the user needs the source and the reason
             raise UserError(f"data.source={self.source}: could not load split {self.split!r}: {err}") from err
-        for role, column in (("image_column", self.image_column), ("label_column", self.label_column)):
+        labels = ("caption_column", self.caption_column) if self.caption_column else ("label_column", self.label_column)
+        for role, column in (("image_column", self.image_column), labels):
             if column not in ds.column_names:
                 raise UserError(
                     f"data.{role}={column!r} is not a column of {self.source}; its columns are {ds.column_names}"
@@ -103,9 +115,14 @@ class HFDataModule(TensorDataModule):
         if len(ds) < 2:
             raise UserError(f"data.source={self.source}: split {self.split!r} holds {len(ds)} row(s); training needs "
                             "at least 2 (one is held out for validation)")  # fmt: skip
-        y = self._labels(ds[self.label_column])
+        if self.caption_column:
+            y = self._captions(ds[self.caption_column])
+        else:
+            y = self._labels(ds[self.label_column])
         x = torch.from_numpy(np.stack(self._images(ds))).float() / 127.5 - 1  # (N, H, W[, C])
         x = x[:, None] if self.channels == 1 else x.permute(0, 3, 1, 2)
+        if self.caption_column:
+            return x, y, len(self.captions)
         feature = ds.features[self.label_column]
         num_classes = self.configured_classes or getattr(feature, "num_classes", None) or int(y.max()) + 1
         return x, y, num_classes
@@ -119,6 +136,18 @@ class HFDataModule(TensorDataModule):
                 raise UserError(f"data.label_column={self.label_column!r} of {self.source}: row {row} holds {what}, "
                                 "not a class index (a whole number); fix the labels or use another column")  # fmt: skip
         return torch.as_tensor([int(v) for v in values], dtype=torch.long)
+
+    def _captions(self, values: list) -> Tensor:
+        """The caption column as indices into the sorted distinct captions (kept in `captions`); a UserError naming
+        the first row that holds no text."""
+        for row, v in enumerate(values):
+            if not isinstance(v, str):
+                what = "an empty cell" if v is None else repr(v)
+                raise UserError(f"data.caption_column={self.caption_column!r} of {self.source}: row {row} holds "
+                                f"{what}, not a caption; fix the captions or use another column")  # fmt: skip
+        self.captions = sorted(set(values))
+        index = {c: i for i, c in enumerate(self.captions)}
+        return torch.as_tensor([index[v] for v in values], dtype=torch.long)
 
     def _images(self, ds) -> list[np.ndarray]:
         """Each image decoded, converted and resized; a UserError naming the first that cannot be read."""

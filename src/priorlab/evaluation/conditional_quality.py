@@ -123,6 +123,7 @@ def conditional_quality(
     model: Denoiser, scheduler: DDPMScheduler, prior_net: PriorNet | None, evaluator: Evaluator,
     shape: tuple[int, ...], settings: EvalSettings, mixture: ExactReference | None = None,
     weights: dict[str, PriorWeights] | None = None, extra: dict[str, PriorNet] | None = None,
+    heldout_labels: Tensor | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:  # fmt: skip
     """Metrics under keys eval/cond/<metric>/prior=<p>/w=<w>, and a grid of samples per prior.
 
@@ -130,10 +131,13 @@ def conditional_quality(
     and weights are reported under eval/calib/... . `extra` maps more prior networks by name (e.g. a smaller base,
     issue 17's cheap prior): each is used as prior=base is and reported as prior=<name>, paired with self. The
     wall time of each (prior, w)'s sampling is eval/cond/sample_seconds/prior=<p>/w=<w>. `mixture`: the data's exact
-    distribution where known (toy2d), for the exact NLL and exact guidance's samples.
+    distribution where known (toy2d), for the exact NLL and exact guidance's samples. `heldout_labels`: the
+    conditions to sample in their proportions instead of every class, and the grid's first 8 (a text model's
+    held-out captions, `models.text`).
     """
     priors = evaluation_priors(settings, prior_net, weights or {}, extra or {})
     reference = evaluator.reference_labels if settings.labels == "data" else None
+    reference = heldout_labels if heldout_labels is not None else reference
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed, reference)
     results: dict[str, float] = calibration_metrics({p.name: p.weights for p in priors if p.weights is not None})
     results[key("cond", "num_classes")] = float(model.num_classes)  # chance accuracy is 1 / num_classes
@@ -158,7 +162,7 @@ def conditional_quality(
             for name, value in scores.items():
                 results[key("cond", name, prior=prior.name, scale=w)] = value
     results.update(paired_scores(scored, evaluator.reference, settings))
-    return results, _grids(model, scheduler, shape, settings, priors)
+    return results, _grids(model, scheduler, shape, settings, priors, heldout_labels)
 
 
 def _exact_samples(
@@ -180,9 +184,11 @@ def _exact_samples(
 
 
 def _grids(model: Denoiser, scheduler: DDPMScheduler, shape: tuple[int, ...], settings: EvalSettings,
-           priors: list) -> dict[str, Tensor]:  # fmt: skip
-    """A grid of samples per prior: `grid_per_class` per class at eval.grid_scale (the largest scale when unset)."""
+           priors: list, heldout_labels: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """A grid of samples per prior: `grid_per_class` per class (or per held-out condition, the first 8) at
+    eval.grid_scale (the largest scale when unset)."""
     grid_w = settings.grid_scale if settings.grid_scale is not None else max(settings.guidance_scales)
-    g_labels = torch.arange(model.num_classes).repeat_interleave(settings.grid_per_class)
+    rows = torch.arange(model.num_classes) if heldout_labels is None else heldout_labels.unique()[:8]
+    g_labels = rows.repeat_interleave(settings.grid_per_class)
     g_seeds = sample_seeds("samples", settings.seed, len(g_labels))
     return {p.name: generate(model, scheduler, g_labels, g_seeds, shape, settings, grid_w, p) for p in priors}

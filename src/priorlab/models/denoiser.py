@@ -9,24 +9,27 @@ unconditional branch at evaluation. A network with a learned variance (`out_chan
 learn_sigma) is used through its first half, the eps (or v, x0) prediction, as diffusers' DiTPipeline samples it:
 guidance combines that half only, the variance half is dropped, and the training loss sees that half only (the
 variance outputs get no gradient and keep the base's values).
+A text-conditioned UNet (`models.text.TextDenoiser`) is this wrapper with
+caption indices for labels: its null class is the row of the empty prompt in its table of prompt embeddings.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import Tensor, nn
 
 from priorlab.models.mlp import MLPDenoiser
 
-NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel, MLPDenoiser)}
+NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel, MLPDenoiser, UNet2DConditionModel)}
 # The config key of each network class that holds its number of classes; it may differ between a base
 # and its fine-tune, every other key must match.
 CLASS_COUNT_KEYS = {
     "UNet2DModel": "num_class_embeds",
     "DiTTransformer2DModel": "num_embeds_ada_norm",
     "MLPDenoiser": "num_class_embeds",
+    "UNet2DConditionModel": "num_class_embeds",  # text models: conditioned on prompts (`models.text`), not classes
 }
 
 
@@ -93,6 +96,10 @@ class Denoiser(nn.Module):
                 labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
             out = self.net(x, t, class_labels=labels, return_dict=False)[0]
         return out[:, : x.shape[1]] if self.learned_sigma else out  # the variance half dropped
+
+    def save_extra(self, folder) -> dict:
+        """Write what the model needs beside its network into `folder`; returns entries for priorlab.json."""
+        return {}
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -2,8 +2,9 @@
 
 A model folder holds the network (`config.json`, `diffusion_pytorch_model.safetensors`, written by
 `save_pretrained`), the noise schedule (`scheduler_config.json`) and `priorlab.json` with the null class,
-the prediction type and, for a fine-tune, its base's path and content hash. A base or prior may also be a plain
-diffusers UNet2DModel or DiT folder (`models.pretrained`). Weights load through
+the prediction type and, for a fine-tune, its base's path and content hash (a text model adds its table of prompt
+embeddings and its captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel or DiT folder,
+or a Stable-Diffusion-layout pipeline (`models.pretrained`). Weights load through
 safetensors only, so no pickled code is ever run.
 """
 
@@ -52,11 +53,13 @@ def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path
     with atomic.folder(path) as tmp:
         denoiser.net.save_pretrained(tmp, safe_serialization=True)
         scheduler.save_pretrained(tmp)
+        extra = denoiser.save_extra(tmp)  # a text model's table of prompt embeddings (`models.text`)
         info = {
             "class_name": denoiser.class_name,
             "num_classes": denoiser.num_classes,
             "null_class": denoiser.null_class,
             "prediction_type": denoiser.prediction_type,
+            **extra,
             **meta,
         }
         (tmp / META).write_text(json.dumps(info, indent=2, default=str))
@@ -106,7 +109,12 @@ def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None 
         net = cls.from_pretrained(path, use_safetensors=True, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(path)
         net.eval()
-        denoiser = Denoiser(net, meta["num_classes"], meta["null_class"], meta["prediction_type"])
+        if meta["class_name"] == "UNet2DConditionModel":
+            from priorlab.models.text import load_text_denoiser
+
+            denoiser = load_text_denoiser(net, path, meta)
+        else:
+            denoiser = Denoiser(net, meta["num_classes"], meta["null_class"], meta["prediction_type"])
     except UserError:
         raise
     except Exception as err:  # corrupt json, truncated safetensors, unknown class: one message for the user

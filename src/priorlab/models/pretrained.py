@@ -10,12 +10,14 @@ A base need not be a folder priorlab wrote. A diffusers `UNet2DModel` (a pixel-s
   the fine-tune then trains on the data's cached latents and evaluation decodes its samples). A DiTPipeline's class
   names are the `id2label` of its model_index.json, as on the hub.
 
-`NETWORKS` maps each network class to its pipeline sub-folder and its builder of a fine-tune; a text-conditioned
-UNet2DConditionModel would be one more entry. Its schedule (any scheduler's config: the betas, the number of
-training timesteps, the prediction type) is read into a `DDPMScheduler`, which priorlab's training and evaluation
-use. An unconditional UNet is wrapped with `num_classes=0` (every label is ∅); a class-conditional one
-(`num_class_embeds` = K rows) and a DiT (`num_embeds_ada_norm` = K classes, K + 1 rows in each block's
-LabelEmbedding) hold their null class in the last row, K, as priorlab's and DiT's tables do.
+`NETWORKS` maps each network class to its pipeline sub-folder and its builder of a fine-tune; a
+Stable-Diffusion-layout pipeline (unet/ a UNet2DConditionModel, text_encoder/, tokenizer/, scheduler/, and vae/ or
+none) is a text-conditioned base instead (`models.text`), whose ∅ is the embedding of the empty prompt. Its schedule
+(any scheduler's config: the betas, the number of training timesteps, the prediction type) is read into a
+`DDPMScheduler`, which priorlab's training and evaluation use. An unconditional UNet is wrapped with
+`num_classes=0` (every label is ∅); a class-conditional one (`num_class_embeds` = K rows) and a DiT
+(`num_embeds_ada_norm` = K classes, K + 1 rows in each block's LabelEmbedding) hold their null class in the last
+row, K, as priorlab's and DiT's tables do.
 
 A fine-tune of either is the same architecture with a table of num_classes + 1 rows for the new label set
 (`conditional_copy`), whose rows `io.init_from_base` sets: to zero for an unconditional base (UNet2DModel adds the
@@ -38,15 +40,17 @@ from priorlab.diffusion import PREDICTION_TYPES
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
 from priorlab.models.io import WEIGHTS, SavedModel
+from priorlab.models.text import load_text_base, text_pipeline
 
 CONFIG = "config.json"
 SCHEDULER = "scheduler_config.json"
 FORMAT = "diffusers"  # priorlab.json's "format" of a base loaded from a diffusers folder
-# network class → the sub-folder a pipeline keeps it in; a UNet2DConditionModel ("unet") would be one more entry
+# network class → the sub-folder a pipeline keeps it in; a UNet2DConditionModel in unet/ is a text base (`models.text`)
 NETWORKS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
 NET_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
 LOOKED_FOR = (f"a diffusers UNet2DModel or DiTTransformer2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} "
-              "beside them) or a diffusers pipeline folder (unet/ or transformer/, and scheduler/)")  # fmt: skip
+              "beside them) or a diffusers pipeline folder (unet/ or transformer/, and scheduler/; text_encoder/ and "
+              "tokenizer/ for a UNet2DConditionModel)")  # fmt: skip
 
 
 def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:
@@ -108,7 +112,8 @@ def _check_network(config: dict, net_dir: Path, role: str) -> None:
     name = config.get("_class_name")
     if name not in NETWORKS:
         raise UserError(f"{role}={net_dir} holds a {name}; priorlab takes a diffusers UNet2DModel (a pixel-space "
-                        f"UNet) or DiTTransformer2DModel as a base, or a priorlab model folder")  # fmt: skip
+                        f"UNet) or DiTTransformer2DModel as a base, a Stable-Diffusion-layout pipeline folder for a "
+                        "UNet2DConditionModel, or a priorlab model folder")  # fmt: skip
     index = net_dir.parent / "model_index.json"
     if index.is_file() and "vqvae" in read_json_object(index, "a pipeline index", "save it again"):
         raise UserError(f"{role}={net_dir.parent} is a VQ-VAE latent pipeline; priorlab's latent bases take an "
@@ -147,6 +152,8 @@ def load_pretrained(net_dir: Path, role: str = "base") -> SavedModel:
     from priorlab.models.latent import vae_record
 
     config = read_json_object(net_dir / CONFIG, "a diffusers model config", "save the model again")
+    if text_pipeline(net_dir, config) is not None:
+        return load_text_base(net_dir, load_schedule(net_dir, role), role)
     _check_network(config, net_dir, role)
     scheduler = load_schedule(net_dir, role)
     cls = NET_CLASSES[config["_class_name"]]

@@ -54,6 +54,9 @@ def is_exported(path: str | Path) -> bool:
 def from_saved(saved: SavedModel, class_names: list[str] | None = None) -> ClassConditionalPipeline:
     """The pipeline of a loaded priorlab model (the same network object, not a copy), with optional class names."""
     denoiser = saved.denoiser
+    if saved.meta.get("class_name") == "UNet2DConditionModel":
+        raise UserError(f"model={saved.path} is a text fine-tune, not a class-conditional model: export it "
+                        "(priorlab export model=RUN out=FOLDER) and load its StableDiffusionPipeline")  # fmt: skip
     if class_names is not None and len(class_names) != denoiser.num_classes:
         raise UserError(f"class_names has {len(class_names)} names but model={saved.path} has {denoiser.num_classes} "
                         "classes; give one name per class, in class order")  # fmt: skip
@@ -80,10 +83,15 @@ def from_priorlab(path: str | Path, role: str = "model"):
 def export_pipeline(model: str | Path, out: str | Path, overwrite: bool = False,
                     class_names: list[str] | None = None) -> Path:  # fmt: skip
     """Write the pipeline folder of a priorlab model (see the module doc); returns `out`. A fine-tune of a latent
-    diffusers DiT base becomes a plain DiTPipeline folder instead (`pipelines.dit_export`)."""
+    diffusers DiT base becomes a plain DiTPipeline folder instead (`pipelines.dit_export`), a text fine-tune a
+    StableDiffusionPipeline folder (`pipelines.text_export`)."""
     from priorlab.pipelines.dit_export import export_dit, is_dit_finetune
 
     saved = load_denoiser(model)
+    if saved.meta.get("class_name") == "UNet2DConditionModel":
+        from priorlab.pipelines.text_export import export_text_pipeline
+
+        return export_text_pipeline(saved, out, overwrite)
     if is_dit_finetune(saved):
         if class_names is not None:
             saved.meta["id2label"] = {str(k): str(v) for k, v in enumerate(class_names)}

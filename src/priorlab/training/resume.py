@@ -33,6 +33,7 @@ RESUMABLE = {
     "logger": "where metrics go", "callbacks.progress": "display", "callbacks.throughput": "timing",
     "trainer.log_every_n_steps": "logging", "trainer.enable_progress_bar": "display",
     "trainer.enable_model_summary": "display",
+    "prompt_cache": "where prompt embeddings are kept; they are keyed by the text encoder's content",
     "eval": "what is measured, not what is trained", "extra_priors": "evaluation",
     "callbacks.prior_quality": "evaluation", "callbacks.conditional_quality": "evaluation",
     "data.name": "names the evaluator cache",
@@ -45,6 +46,7 @@ RESUMABLE = {
 }  # fmt: skip
 ABSENT = "(absent)"
 BASE_KEY = "base weights (sha256)"
+TEXT_KEY = "base text encoder (sha256)"
 VAE_KEY = "base VAE weights (sha256)"  # a latent base's VAE (`models.latent`): its latents are the training data
 
 
@@ -102,6 +104,17 @@ def _show(key: str, recorded, given) -> str:
     return f"{key}: {shown[0]} (recorded) vs {shown[1]} (given)"
 
 
+def _text_encoder_difference(record: dict, base_dir: Path) -> dict[str, tuple]:
+    """A text base's encoder (`models.text`), compared by its recorded content hash: it made the prompt table."""
+    text = record.get("text_encoder")
+    if not isinstance(text, dict) or not isinstance(text.get("sha256"), str):
+        return {}
+    from priorlab.models.text import encoder_hash
+
+    sha = encoder_hash(base_dir.parent)
+    return {} if sha == text["sha256"] else {TEXT_KEY: (text["sha256"][:12], sha[:12])}
+
+
 def check_resume(cfg: DictConfig, run_dir: Path, finished: bool) -> dict[str, tuple]:
     """Compare the command with what a resumed (or finished) run recorded, before anything is written.
 
@@ -125,6 +138,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, finished: bool) -> dict[str, tu
         sha = content_hash(base_dir)
         if sha != record["sha256"]:
             diffs[BASE_KEY] = (record["sha256"], {"path": str(base_dir), "sha256": sha})
+        diffs.update(_text_encoder_difference(record, base_dir))
         diffs.update(vae_difference(record, base_dir))
     if not diffs or cfg.get("resume", "check") == "force":
         return diffs
