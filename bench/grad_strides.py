@@ -9,7 +9,7 @@ whether only the strides of size-1 dimensions differ (`priorlab.training.ddp.sam
 a plain one) or the element order does. Compiled without DDP is not the compiled DDP step (DDP splits the compiled
 graph at its buckets), so the compiled case does not predict a compiled DDP run; `trainer=ddp` runs the same check
 itself after its first backward pass. Prints one line per case and writes
-bench/results/<card>-<date>-grad_strides.json. """
+bench/results/<card>-<date>-grad_strides.json."""
 
 from __future__ import annotations
 
