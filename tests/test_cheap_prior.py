@@ -15,11 +15,11 @@ from priorlab.analysis.other_priors import advantage, extra_prior_names, null_lo
 from priorlab.errors import UserError
 from priorlab.evaluation.conditional_quality import conditional_quality
 from priorlab.evaluation.features import Classifier, Evaluator
-from priorlab.evaluation.generation import check_extra_priors
 from priorlab.evaluation.prior_quality import prior_quality
 from priorlab.evaluation.settings import EvalSettings
 from priorlab.models import unet
 from priorlab.priors import DenoiserPrior
+from priorlab.priors.modes import check_extra_priors
 from priorlab.study.bases import check_finished_have_priors, prior_jobs, study_bases, with_priors
 from priorlab.study.compose import with_command_line
 from priorlab.study.spec import check_priors

@@ -9,7 +9,6 @@ that can share a sampling pass (`priorlab.sample_many`).
 
 from __future__ import annotations
 
-import re
 import time
 
 import torch
@@ -20,7 +19,8 @@ from priorlab.errors import UserError
 from priorlab.evaluation.distributed import gather, shard
 from priorlab.evaluation.settings import EvalSettings
 from priorlab.models.denoiser import Denoiser
-from priorlab.priors import FITTED, KINDS, MODES, SELF, BasePrior, Prior, PriorNet, PriorWeights, make_prior
+from priorlab.priors import FITTED, KINDS, SELF, BasePrior, Prior, PriorNet, PriorWeights, make_prior
+from priorlab.priors.modes import check_extra_priors
 from priorlab.sample_many import Setting, sample_many
 from priorlab.sampling import sample
 from priorlab.seeds import sample_seeds
@@ -42,14 +42,6 @@ def evaluation_priors(settings: EvalSettings, prior_net: PriorNet | None, weight
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")
     priors = [make_prior(p, prior_net, weights.get(p), fused=settings.fused) for p in modes]
     return priors + [BasePrior(net, name, settings.fused) for name, net in extra.items()]
-
-
-def check_extra_priors(names) -> None:
-    """Names of extra priors (`extra_priors`): letters, digits and '_', and none of the built-in priors' names."""
-    for name in names:
-        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(name)) or name in MODES or name == "exact":
-            raise UserError(f"extra_priors.{name}: a prior's name must start with a letter, hold only letters, digits "
-                            f"and '_', and not be one of {', '.join(MODES)} or exact")  # fmt: skip
 
 
 def extra_prior_paths(value) -> dict[str, str]:

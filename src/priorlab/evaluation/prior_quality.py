@@ -17,11 +17,12 @@ from priorlab.evaluation import metrics
 from priorlab.evaluation.calibrate import heldout_noise, noised_batches, uncond_predictions
 from priorlab.evaluation.distributed import gather, shard
 from priorlab.evaluation.features import Evaluator
-from priorlab.evaluation.generation import check_extra_priors, generate
+from priorlab.evaluation.generation import generate
 from priorlab.evaluation.settings import EvalSettings, ExactReference
 from priorlab.keys import bucket_name, key
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import DenoiserPrior, PriorWeights, bucket_edges, bucket_index, combine
+from priorlab.priors.modes import check_extra_priors
 from priorlab.seeds import sample_seeds, stream_seed
 
 

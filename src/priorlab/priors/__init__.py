@@ -16,35 +16,62 @@ Guidance (`priorlab.guidance.guide`) takes a prior object; fitting weights on a 
 (`priorlab.evaluation.calibrate`), as the swap inside diffusers pipelines is `priorlab.pipelines`'.
 """
 
-from priorlab.priors.fitting import fit_weights
-from priorlab.priors.fused import FUSED, FusedPair, fused_pair, fusion_mismatch
-from priorlab.priors.kinds import (
-    KINDS,
-    NONE,
-    SELF,
-    BasePrior,
-    CheckedPrior,
-    FittedPrior,
-    MixPrior,
-    NoPrior,
-    Prior,
-    SelfPrior,
-    make_prior,
-)
-from priorlab.priors.modes import FITTABLE, FITTED, FIXED, IN_PIPELINES, MODES
-from priorlab.priors.nets import (
-    DenoiserPrior,
-    DiffusersPrior,
-    PriorNet,
-    abar_at,
-    check_prior_fits,
-    closest_timesteps,
-    conversion_defined,
-    convert,
-    match_timesteps,
-    sigmas,
-)
-from priorlab.priors.weights import FORMAT, OBJECTIVES, PriorWeights, bucket_edges, bucket_index, combine
+import importlib
+
+# Each name is imported from its module on first use (PEP 562), so that reading the modes (`priorlab.priors.modes`,
+# which the analysis and the CLI do) does not import torch and diffusers with the networks: 6 s of a study's report.
+_WHERE = {
+    "FITTABLE": "modes",
+    "FITTED": "modes",
+    "FIXED": "modes",
+    "FORMAT": "weights",
+    "FUSED": "fused",
+    "IN_PIPELINES": "modes",
+    "KINDS": "kinds",
+    "MODES": "modes",
+    "NONE": "kinds",
+    "OBJECTIVES": "weights",
+    "SELF": "kinds",
+    "BasePrior": "kinds",
+    "CheckedPrior": "kinds",
+    "DenoiserPrior": "nets",
+    "DiffusersPrior": "nets",
+    "FittedPrior": "kinds",
+    "FusedPair": "fused",
+    "MixPrior": "kinds",
+    "NoPrior": "kinds",
+    "Prior": "kinds",
+    "PriorNet": "nets",
+    "PriorWeights": "weights",
+    "SelfPrior": "kinds",
+    "abar_at": "nets",
+    "bucket_edges": "weights",
+    "bucket_index": "weights",
+    "check_prior_fits": "nets",
+    "closest_timesteps": "nets",
+    "combine": "weights",
+    "conversion_defined": "nets",
+    "convert": "nets",
+    "fit_weights": "fitting",
+    "fused_pair": "fused",
+    "fusion_mismatch": "fused",
+    "make_prior": "kinds",
+    "match_timesteps": "nets",
+    "sigmas": "nets",
+}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'priorlab.priors' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"priorlab.priors.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __all__ = [
     "FITTABLE",

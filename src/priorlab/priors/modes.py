@@ -5,6 +5,10 @@ Naming rule, used across priorlab: `prior` is a prior object (`priorlab.priors.k
 fitted `PriorWeights`; a mode string (one of `MODES`) travels only from the edges to `make_prior` and into the keys.
 """
 
+import re
+
+from priorlab.errors import UserError
+
 # self: the guided model's own ∅ branch; base: the prior network's; none: no guidance (conditional only);
 # auto, mix: per noise level, a convex combination of self and base fitted by least squares on a calibration
 # split; checked: per guidance scale, the one of self, base and mix whose samples scored best.
@@ -13,3 +17,11 @@ FIXED = MODES[:2]  # the two candidates: no fitting, no weights
 FITTABLE = MODES[3:5]  # fitted by least squares (`fit_weights`)
 FITTED = MODES[3:]  # every mode that guides with fitted weights
 IN_PIPELINES = (*FIXED, *FITTABLE)  # the modes of the swap inside diffusers pipelines
+
+
+def check_extra_priors(names) -> None:
+    """Names of extra priors (`extra_priors`): letters, digits and '_', and none of the built-in priors' names."""
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", str(name)) or name in MODES or name == "exact":
+            raise UserError(f"extra_priors.{name}: a prior's name must start with a letter, hold only letters, digits "
+                            f"and '_', and not be one of {', '.join(MODES)} or exact")  # fmt: skip

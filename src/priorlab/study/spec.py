@@ -169,7 +169,7 @@ def check_base_priors(priors, name: str, bases: dict, where: str) -> dict[str, s
     """A base's `priors`: extra prior name → another base of the preset, whose model (of the same base seed)
     evaluates this base's fine-tunes as prior=<name>: a diffusion model the fine-tune did not start from (the
     paper's second claim), at no extra training."""
-    from priorlab.evaluation.generation import check_extra_priors
+    from priorlab.priors.modes import check_extra_priors
 
     if priors is None:
         return {}
@@ -189,7 +189,7 @@ def check_priors(priors: dict | None, where: str, bases: dict | None = None) -> 
     """The `priors` of a preset: name → the overrides of a base trained as an extra prior (e.g. a smaller network,
     issue 17's cheap prior), which every fine-tune's evaluation uses beside the base, reported as prior=<name>.
     Not with several `bases` yet: each would need a prior trained with its own settings."""
-    from priorlab.evaluation.generation import check_extra_priors
+    from priorlab.priors.modes import check_extra_priors
 
     if priors is None:
         return {}
