@@ -106,11 +106,17 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
         exe = Path(sys.executable).parent / "priorlab"
         full_env = {**os.environ, **extra}
         return subprocess.run([str(exe), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    out = _server().run(list(args), cwd, timeout, env=extra)
+    return subprocess.CompletedProcess(["priorlab", *args], out["rc"], out["stdout"], out["stderr"])
+
+
+def _server() -> Server:
+    """This test process's one CLI server (`run_cli` and the `cli` fixture share it: each start imports priorlab, torch
+    and Lightning, seconds on 2 cores), started on first use."""
     if not _SERVER:
         _SERVER.append(Server())
         atexit.register(_SERVER[0].close)
-    out = _SERVER[0].run(list(args), cwd, timeout, env=extra)
-    return subprocess.CompletedProcess(["priorlab", *args], out["rc"], out["stdout"], out["stderr"])
+    return _SERVER[0]
 
 
 class Server:
@@ -142,12 +148,10 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def cli():
+def cli() -> Server:
     """`cli(*args, cwd=...)`: a `priorlab` command line run by the session's CLI server, for tests that run many
     short commands (user mistakes)."""
-    server = Server()
-    yield server
-    server.close()
+    return _server()
 
 
 class RaiseLearningRate(L.Callback):
@@ -262,6 +266,12 @@ E2E_TESTS = {
     "test_evaluation.py::test_non_finite_weights_stop_training_before_the_evaluation_callbacks_sample": "trains",
     "test_cli.py::test_base_then_finetune_write_their_run_folders": "a base and a fine-tune through the CLI",
     "test_cli.py::test_base_of_another_size_and_unknown_column_are_refused": "uses that base",
+    # a fine-tune of a user's diffusers base trained, evaluated, resumed and exported
+    "test_dit.py::test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipeline": "trains, resumes",
+    "test_textcond.py::test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports": "trains, resumes",
+    "test_textcond.py::test_a_latent_stable_diffusion_base_finetunes_on_cached_latents_and_exports_with_its_vae": (
+        "trains, evaluates, exports"
+    ),
 }
 
 
@@ -271,7 +281,7 @@ E2E_TESTS = {
 # alone with them for minutes.
 LONGEST_FIRST = ["test_study.py", "test_study_axes.py", "test_evaluation.py", "test_paper_setting.py", "test_cli.py",
                  "test_imports.py", "test_forkserver.py", "test_user_errors.py", "test_resume.py", "test_own_data.py",
-                 "test_pipelines.py", "test_data.py", "test_cheap_prior.py", "test_fuzz.py",
+                 "test_pipelines.py", "test_data.py", "test_cheap_prior.py", "test_dit.py", "test_fuzz.py",
                  "test_install.py"]  # fmt: skip
 
 

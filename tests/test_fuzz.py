@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Server, compose_cfg
+from conftest import Server, _server, compose_cfg
 from priorlab.study.spec import EXPERIMENTS_DIR
 
 HERE = Path(__file__).resolve().parent
@@ -125,7 +125,7 @@ def world(tmp_path_factory):
     results.csv and study.json (runs/st), a tiny image base and fine-tune (runs/img) and a copy of an experiment
     (exp/mine.yaml), made once; each case works on its own copy."""
     root = tmp_path_factory.mktemp("fuzz_world")
-    server = Server()
+    server = _server()  # the test process's shared CLI server
     for args in (["train", "study=t", *TINY], ["train", "study=t", "stage=finetune", "base=runs/t/base", *TINY],
                  ["evaluate", f"model={FINETUNE}", "base=runs/t/base", "eval=tiny", "progress=false"]):  # fmt: skip
         out = server.run(args, root)
@@ -137,7 +137,6 @@ def world(tmp_path_factory):
     (root / "exp").mkdir()
     shutil.copy(EXPERIMENTS_DIR / "dropout_vs_prior.yaml", root / "exp" / "mine.yaml")
     yield root, server
-    server.close()
 
 
 def _image_runs(root: Path) -> None:
