@@ -297,3 +297,32 @@ def test_a_study_of_a_latent_dit_base_given_by_path_runs_to_its_results(tmp_path
     assert not (tmp_path / "runs" / "mine" / "base").exists()  # the base was not trained
     frame = pd.read_csv(tmp_path / "runs" / "mine" / "results.csv")
     assert {"self", "base"} <= set(frame["prior"]) and (tmp_path / "runs" / "mine" / "report.md").exists()
+
+
+def test_a_pipeline_priorlab_exported_is_a_base_like_any_diffusers_folder(tmp_path):
+    """`priorlab export` of a priorlab DiT writes its network to denoiser/: the folder (no priorlab.json) loads as a
+    diffusers base, with its schedule from scheduler/, its null row the last, and its fine-tune at step 0 predicts
+    the exported network's ∅ prediction."""
+    from priorlab.models import dit, save_denoiser
+    from priorlab.pipelines.export import export_pipeline
+
+    torch.manual_seed(0)
+    own = dit((1, 8, 8), 3, num_layers=1, attention_head_dim=8).eval()
+    with torch.no_grad():
+        for p in own.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    schedule = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    exported = export_pipeline(save_denoiser(own, schedule, tmp_path / "model"), tmp_path / "exported")
+    assert (exported / "denoiser" / "config.json").is_file() and not (exported / "priorlab.json").exists()
+    base = load_denoiser(exported, role="base")
+    assert base.meta["format"] == "diffusers" and base.meta["class_name"] == "DiTTransformer2DModel"
+    assert base.denoiser.null_class == 3 and base.denoiser.prediction_type == "v_prediction"
+    assert base.scheduler.config.num_train_timesteps == 100
+    finetune = conditional_copy(base.denoiser, 5, (1, 8, 8)).eval()
+    init_from_base(finetune, base.denoiser)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 1, 8, 8, generator=g), torch.tensor([3, 30, 60, 90]), torch.tensor([0, 1, 4, 2])
+    with torch.no_grad():
+        expected = own(x, t, y, force_drop=True)
+        torch.testing.assert_close(finetune(x, t, y), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(own(x, t, y), expected, atol=1e-4)  # the base's class rows differ from its null

@@ -87,11 +87,27 @@ def _every_preset():
 
 
 @pytest.mark.parametrize("experiment, preset", _every_preset())
-def test_every_preset_of_every_experiment_composes(experiment, preset, compose_tmp, capsys):
+def test_every_preset_of_every_experiment_composes(experiment, preset, compose_tmp, capsys, tmp_path, monkeypatch):
     """A dry run composes each base's and first fine-tune's training config, so a setting that no config takes, a
-    base prior naming no base or a malformed sweep is caught here, not on a lent GPU."""
+    base prior naming no base or a malformed sweep is caught here, not on a lent GPU. A base given by `path` (a
+    model trained elsewhere, relative to the working folder) is a tiny exported DiT here."""
     from priorlab.study.run import run_study
 
+    monkeypatch.chdir(tmp_path)
+    for entry in (load_experiment(experiment)["presets"][preset].get("bases") or {}).values():
+        if isinstance(entry, dict) and entry.get("path"):
+            _exported_dit(tmp_path / entry["path"])
     run_study(compose_tmp([f"name={experiment}", f"preset={preset}", "dry_run=true"], config_name="study"))
     out = capsys.readouterr().out
     assert f"study {experiment}, preset {preset}" in out and "finetunes" in out
+
+
+def _exported_dit(out) -> None:
+    """A tiny priorlab DiT of the emoji categories' shape (3 × 16 × 16), exported as `priorlab export` writes it."""
+    from diffusers import DDPMScheduler
+
+    from priorlab.models import dit, save_denoiser
+    from priorlab.pipelines.export import export_pipeline
+
+    model = dit((3, 16, 16), 9, num_layers=1, attention_head_dim=8)
+    export_pipeline(save_denoiser(model, DDPMScheduler(), out.parent / "model"), out)

@@ -47,6 +47,9 @@ SCHEDULER = "scheduler_config.json"
 FORMAT = "diffusers"  # priorlab.json's "format" of a base loaded from a diffusers folder
 # network class → the sub-folder a pipeline keeps it in; a UNet2DConditionModel in unet/ is a text base (`models.text`)
 NETWORKS = {"UNet2DModel": "unet", "DiTTransformer2DModel": "transformer"}
+# where a pipeline keeps its network: diffusers' names, and denoiser/ of a pipeline `priorlab export` wrote (so that
+# an exported model, of priorlab or of another lab, serves as a base like any diffusers folder)
+SUBFOLDERS = (*dict.fromkeys(NETWORKS.values()), "denoiser")
 NET_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
 LOOKED_FOR = (f"a diffusers UNet2DModel or DiTTransformer2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} "
               "beside them) or a diffusers pipeline folder (unet/ or transformer/, and scheduler/; text_encoder/ and "
@@ -54,9 +57,9 @@ LOOKED_FOR = (f"a diffusers UNet2DModel or DiTTransformer2DModel folder ({CONFIG
 
 
 def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:
-    """The folder of a diffusers network in `path` (itself, or its unet/ or transformer/), or None where there is
-    none."""
-    for net_dir in (path, *(path / sub for sub in dict.fromkeys(NETWORKS.values()))):
+    """The folder of a diffusers network in `path` (itself, or its unet/, transformer/ or denoiser/), or None where
+    there is none."""
+    for net_dir in (path, *(path / sub for sub in SUBFOLDERS)):
         if (net_dir / CONFIG).is_file():
             break
     else:
