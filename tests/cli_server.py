@@ -56,6 +56,12 @@ def _wait(pid: int, timeout: float) -> int:
 
 
 def main() -> None:
+    import importlib
+
+    from priorlab.forkserver import PRELOAD
+
+    for name in PRELOAD:  # the stack a study's fork server holds: a study run here forks its server from this
+        importlib.import_module(name)
     import priorlab.analysis.report  # noqa: F401 - imported once here, not in every case
     import priorlab.cli  # noqa: F401
     import priorlab.commands.evaluate  # noqa: F401

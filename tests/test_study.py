@@ -343,7 +343,7 @@ def test_a_folder_of_another_study_is_refused(tmp_path):
 
 
 def test_experiment_errors_name_what_exists():
-    with pytest.raises(UserError, match="known: cheap_prior, dropout_vs_prior, paper_setting, when_swap_pays"):
+    with pytest.raises(UserError, match="known: cheap_prior, dropout_vs_prior, own_dit, paper_setting, when_swap_pays"):
         load_experiment("nope")
     with pytest.raises(UserError, match="presets: quick, gpu, mnist_cpu"):
         preset_overrides(load_experiment("dropout_vs_prior"), "huge")
