@@ -3,7 +3,10 @@ to the study's own stdout and stderr, its environment and threads, and stopping 
 
 from __future__ import annotations
 
+import importlib
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -78,3 +81,23 @@ def test_the_server_can_be_turned_off(monkeypatch):
     assert not forkserver.enabled()
     monkeypatch.delenv("PRIORLAB_FORKSERVER")
     assert forkserver.enabled() == hasattr(os, "fork")
+
+
+def test_a_server_is_forked_only_from_a_process_of_one_thread_that_holds_the_stack():
+    """`preloaded`: the stack imported (PRELOAD) and one OS thread; a second thread, even one Python's threading does
+    not count as alive for long, makes a study start a fresh server instead (a fork of it may deadlock)."""
+    import threading
+
+    for name in forkserver.PRELOAD:
+        importlib.import_module(name)
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        assert not forkserver._one_thread() and not forkserver.preloaded()
+    finally:
+        release.set()
+        worker.join()
+    code = "import os; from priorlab import forkserver; print(forkserver._one_thread(), forkserver.preloaded())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "False"]  # one thread, the stack not imported

@@ -147,11 +147,21 @@ def _signal(pid: int, sig: int) -> None:
 
 
 def preloaded() -> bool:
-    """Whether this process has imported the training stack (`PRELOAD`) and runs no other thread. Then the server is
+    """Whether this process has imported the training stack (`PRELOAD`) and runs one thread. Then the server is
     a fork of it rather than a fresh interpreter that imports the stack again (8 s on 2 cores): a study started in a
-    process that already holds it, as the test suite's CLI server does. `priorlab study` itself imports none of it
-    (its own process stays light), so a user's study starts a fresh server."""
-    return all(name in sys.modules for name in PRELOAD) and threading.active_count() == 1
+    process of one thread that already holds it: a fork of the test suite's CLI server. A user's `priorlab study`
+    imports the stack only to check finished runs or a base given by path, by then with threads of its own, and
+    starts a fresh server (a fork from there warned of deadlocks on an H100 host)."""
+    return all(name in sys.modules for name in PRELOAD) and _one_thread()
+
+
+def _one_thread() -> bool:
+    """Whether this process runs one thread, counted by the OS (/proc/self/task): importing the stack starts native
+    threads (4 here), and a fork of a process with threads may deadlock. False where it cannot be counted."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
 
 
 class _ForkedServer:

@@ -114,12 +114,7 @@ def evaluate(cfg: DictConfig) -> Path:
         print(note)
     datamodule, evaluator, latent = _data_and_evaluator(cfg, model, settings.evaluator_steps)
     prior_net = make_prior_net(model, base, channels)
-    extra_saved = {name: load_denoiser(path, role=f"prior {name}")
-                   for name, path in extra_prior_paths(cfg.get("extra_priors")).items()}  # fmt: skip
-    vae_sha = (model.meta.get("vae") or {}).get("sha256")
-    for role, saved in [("base", base), *((f"extra_priors.{n}", s) for n, s in extra_saved.items())]:
-        if saved is not None:
-            check_same_latents(vae_sha, saved, role)
+    extra_saved = _extra_priors(cfg, model, base)
     extra = {name: make_prior_net(model, saved, channels) for name, saved in extra_saved.items()}
     for part in (model.denoiser, evaluator.net, base.denoiser if base else None, latent.vae if latent else None,
                  *(saved.denoiser for saved in extra_saved.values())):  # fmt: skip
@@ -141,6 +136,17 @@ def evaluate(cfg: DictConfig) -> Path:
     _print_table(cond)
     print(f"wrote {written[0]} and {written[1]}")
     return out
+
+
+def _extra_priors(cfg: DictConfig, model, base) -> dict:
+    """The saved models of extra_priors, each (and the base) checked to work in the model's latent space."""
+    extra_saved = {name: load_denoiser(path, role=f"prior {name}")
+                   for name, path in extra_prior_paths(cfg.get("extra_priors")).items()}  # fmt: skip
+    vae_sha = (model.meta.get("vae") or {}).get("sha256")
+    for role, saved in [("base", base), *((f"extra_priors.{n}", s) for n, s in extra_saved.items())]:
+        if saved is not None:
+            check_same_latents(vae_sha, saved, role)
+    return extra_saved
 
 
 @torch.no_grad()
