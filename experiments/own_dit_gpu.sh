@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # experiments/own_dit.yaml on one GPU: a broad DiT-S/2 base trained and exported to a diffusers pipeline folder,
-# then the study that fine-tunes it from that folder. Needs data/emoji and its evaluator (experiments/run_in_pieces.sh
-# says how they travel to a GPU machine). OUT: where the study's results, report, figures and logs are copied.
+# then the study that fine-tunes it from that folder. Needs priorlab installed (on a lent GPU machine as
+# experiments/run_in_pieces.sh installs it: `python3 -m pip install --no-deps --no-build-isolation -e .` after the
+# wheels), data/emoji and its evaluator (`tar xzf .gpu/emoji.tgz`). OUT: where a tarball of the study's results,
+# report, figures and logs goes (checkpoints and weights left out).
 set -euo pipefail
 OUT=${1:?usage: experiments/own_dit_gpu.sh OUT_FOLDER [BASE_STEPS [STUDY SETTINGS...]]}
 STEPS=${2:-3000}
