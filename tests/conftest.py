@@ -266,6 +266,20 @@ E2E_TESTS = {
     "test_evaluation.py::test_non_finite_weights_stop_training_before_the_evaluation_callbacks_sample": "trains",
     "test_cli.py::test_base_then_finetune_write_their_run_folders": "a base and a fine-tune through the CLI",
     "test_cli.py::test_base_of_another_size_and_unknown_column_are_refused": "uses that base",
+    # the unit tier's longest (3.3-6.1 s each on 2 cores): whole samplings, evaluations and data loads
+    "test_sampling.py::test_graphs_recorded_on_the_cpu_never_replay_stale_weights_or_tables": "records whole samplings",
+    "test_evaluation.py::test_fitted_priors_use_a_calibration_split_disjoint_from_the_metric_heldout": (
+        "three fits and a whole evaluation"
+    ),
+    "test_evaluation.py::test_data_that_differ_only_in_classes_or_draw_do_not_share_an_evaluator": "trains evaluators",
+    "test_configs.py::test_data_configs": "loads all of MNIST among the data sets",
+    "test_pipelines.py::test_sample_command_fits_auto_weights_on_a_calibration_folder": "samples through the CLI",
+    "test_pipelines.py::test_sample_cli_fits_guided_weights_for_image_conditioned_pipelines": "fits through the CLI",
+    "test_pipelines.py::test_sample_command_writes_images_settings_and_a_comparison": "samples through the CLI",
+    "test_pipelines.py::test_sample_command_dit_and_video": "samples through the CLI",
+    "test_training.py::test_a_run_in_a_log_file_prints_ten_step_lines_and_none_of_the_known_warnings": "trains",
+    "test_resume.py::test_evaluate_refuses_the_recorded_base_changed_since_the_fine_tune": "trains, evaluates",
+    "test_pretrained.py::test_finetune_from_a_diffusers_pipeline_trains_records_evaluates_and_exports": "trains",
     # a fine-tune of a user's diffusers base trained, evaluated, resumed and exported
     "test_dit.py::test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipeline": "trains, resumes",
     "test_textcond.py::test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports": "trains, resumes",
