@@ -60,14 +60,10 @@ def main() -> None:
 
     from priorlab.forkserver import PRELOAD
 
-    for name in PRELOAD:  # the stack a study's fork server holds: a study run here forks its server from this
+    # imported once here, not in every case: the stack a study's fork server holds (the CLI, train, evaluate, the
+    # report; a study run here forks its server from this), and the pipelines of export and sample
+    for name in (*PRELOAD, "priorlab.pipelines.export", "priorlab.pipelines.sample"):
         importlib.import_module(name)
-    import priorlab.analysis.report  # noqa: F401 - imported once here, not in every case
-    import priorlab.cli  # noqa: F401
-    import priorlab.commands.evaluate  # noqa: F401
-    import priorlab.commands.train  # noqa: F401
-    import priorlab.pipelines.export  # noqa: F401
-    import priorlab.pipelines.sample  # noqa: F401
 
     replies = os.fdopen(os.dup(1), "w")
     for line in sys.stdin:
