@@ -10,14 +10,17 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import lightning as L
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from priorlab.overrides import CONFIG_DIR
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
+
+# Nothing here imports torch, Lightning or Hydra at module level: pytest's controller process loads this file before
+# it starts the workers, and those imports (seconds on 2 cores) would delay every worker's start. Each helper imports
+# what it uses.
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -62,11 +65,15 @@ ULPS_PER_PASS = 4096  # rounding allowed per network pass, in units of the dtype
 
 
 def _eps(value: torch.Tensor) -> float:
+    import torch
+
     return torch.finfo(value.dtype if value.is_floating_point() else torch.float32).eps
 
 
 def across_shapes_atol(expected, passes: int = 1, eps: float | None = None) -> float:
     """The tolerance of `assert_close_across_shapes`: passes · 4096 · eps · max(1, max|expected|)."""
+    import torch
+
     expected = torch.as_tensor(expected)
     scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
     return passes * ULPS_PER_PASS * (eps or _eps(expected)) * scale
@@ -81,6 +88,8 @@ def assert_close_across_shapes(actual, expected, passes: int = 1) -> None:
     is allowed n = 4096 ulps relative to max(1, max|expected|) (4.9e-4 in float32, 9.1e-13 in float64; the eps of
     the less precise side), times `passes`, the sequential passes the value went through (e.g. sampler steps).
     """
+    import torch
+
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     atol = across_shapes_atol(expected, passes, max(_eps(actual), _eps(expected)))
     note = f"allowed across shapes: {atol:.3g} ({passes} passes)"
@@ -89,6 +98,10 @@ def assert_close_across_shapes(actual, expected, passes: int = 1) -> None:
 
 def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
     """The real config with `overrides`, its run folders under tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    from priorlab.overrides import CONFIG_DIR
+
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=[f"paths.runs={tmp_path}/runs", *overrides])
 
@@ -154,22 +167,6 @@ def cli() -> Server:
     return _server()
 
 
-class RaiseLearningRate(L.Callback):
-    """Sets every learning rate to `lr` from step `after_step` on: a blow-up after the checkpoints written before.
-
-    Runs add it with `+callbacks.blowup._target_=conftest.RaiseLearningRate` and PYTHONPATH=tests.
-    """
-
-    def __init__(self, after_step: int, lr: float = 1e30):
-        self.after_step, self.lr = after_step, lr
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if trainer.global_step >= self.after_step:
-            for optimizer in trainer.optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = self.lr
-
-
 @pytest.fixture
 def cpu_graphs(monkeypatch):
     """CUDA graphs' stand-in on the CPU (`recorded_graphs.RecordedGraphs`) in place of `sampling.GRAPHS`: the
@@ -200,6 +197,7 @@ def tiny_study(tmp_path_factory, name: str, preset: str = "tiny") -> tuple[Path,
 @pytest.fixture
 def batch():
     """A toy2d batch over the whole schedule (cosine ᾱ): (scheduler, x_t, t, labels, ᾱ_t)."""
+    import torch
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2")

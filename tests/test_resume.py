@@ -82,7 +82,7 @@ def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
     from conftest import run_cli
 
     # a stable start, checkpointed at steps 5 and 10; then a learning rate of 1e30 from step 10 on
-    blowup = ["+callbacks.blowup._target_=conftest.RaiseLearningRate", "+callbacks.blowup.after_step=10"]
+    blowup = ["+callbacks.blowup._target_=blowup.RaiseLearningRate", "+callbacks.blowup.after_step=10"]
     out = run_cli("train", "data=toy2d", "model=mlp", "model.hidden=16", "logger=csv", "trainer.max_steps=200",
                   "trainer.val_check_interval=5", "study=n", *blowup, cwd=tmp_path,
                   env={"PYTHONPATH": str(Path(__file__).parent)})  # fmt: skip
