@@ -167,6 +167,27 @@ def cli() -> Server:
     return _server()
 
 
+def _worker_threads() -> int | None:
+    """torch's intra-op threads in a pytest-xdist worker: its share of the cores (1 for each of 2 workers on 2 cores),
+    so that the workers do not oversubscribe them (OpenMP threads spinning for a core another worker holds); None
+    outside xdist."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    return max(1, (os.cpu_count() or 1) // count) if count > 1 else None
+
+
+@pytest.fixture(autouse=True)
+def _threads_share():
+    """Each test starts with the worker's share of torch's threads (`_worker_threads`): an in-process training may
+    have set another count (`cpu_threads=auto`). The processes a test starts keep their own settings."""
+    n = _worker_threads()
+    if n is not None:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    yield
+
+
 @pytest.fixture
 def cpu_graphs(monkeypatch):
     """CUDA graphs' stand-in on the CPU (`recorded_graphs.RecordedGraphs`) in place of `sampling.GRAPHS`: the
