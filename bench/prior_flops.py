@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from guided_sampling import all_models, small_builders  # noqa: E402
+from guided_sampling import all_models, lean_builders, small_builders  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,13 +44,14 @@ def count(net: torch.nn.Module, shape: tuple[int, ...]) -> dict:
 
 
 def main(smoke: bool = False) -> dict:
-    small = small_builders(smoke)
+    small, lean = small_builders(smoke), lean_builders(smoke)
     out = {}
     for name, (build, shape, _) in all_models(smoke).items():
-        full, cheap = count(build(), shape), count(small[name](), shape)
+        full, cheap, slim = count(build(), shape), count(small[name](), shape), count(lean[name](), shape)
         out[name] = {"model": full, "cheap_prior": cheap, "gmac_ratio": cheap["gmac"] / full["gmac"],
                      "params_ratio": cheap["params_m"] / full["params_m"],
-                     "activations_ratio": cheap["activations_m"] / full["activations_m"]}  # fmt: skip
+                     "activations_ratio": cheap["activations_m"] / full["activations_m"],
+                     "cheap_prior_lean": slim | {f"{k}_ratio": slim[k] / full[k] for k in full}}  # fmt: skip
         print(f"{name}: cheap prior {cheap['params_m']:.2f}M / {full['params_m']:.2f}M parameters, "
               f"{cheap['gmac']:.3f} / {full['gmac']:.3f} GMAC ({out[name]['gmac_ratio']:.3f}), "
               f"{cheap['activations_m']:.2f}M / {full['activations_m']:.2f}M activation elements "
