@@ -19,6 +19,8 @@ prior=small with --small. Weights are random (speed does not depend on them). Va
                   1,500 at once had needed when they filled an H200)
     scales_graphs eval.one_pass=scales with eval.cuda_graphs: each step of each pass replayed from one graph
     all_graphs    eval.one_pass=all with eval.cuda_graphs
+    fused         eval.fused=on: prior=base with θ and the base in one pass over stacked weights (issue 33)
+    scales_fused  eval.one_pass=scales with eval.fused=on
 
 With --procs N, N processes run the same variant at once on the same GPU (the study ran 6 fine-tunes per GPU)
 after each has warmed up, each with the cores shared out as `priorlab study jobs=N` does, and each reports its
@@ -60,6 +62,8 @@ VARIANTS = {
     "all_150": {"one_pass": "all", "batch_size": 150},
     "scales_graphs": {"one_pass": "scales", "cuda_graphs": True},
     "all_graphs": {"one_pass": "all", "cuda_graphs": True},
+    "fused": {"fused": "on"},  # issue 33: prior=base with θ and the base in one pass (the vmap route)
+    "scales_fused": {"one_pass": "scales", "fused": "on"},
 }
 
 
