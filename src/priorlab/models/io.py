@@ -70,7 +70,7 @@ def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
     """The folder holding a model's weights: a priorlab model folder, a run folder holding `model/`, or a diffusers
     UNet2DModel or DiT folder or pipeline folder (`models.pretrained`: its unet/ or transformer/); a UserError
     naming what it looked for."""
-    from priorlab.models.pretrained import LOOKED_FOR, diffusers_net_dir
+    from priorlab.models.pretrained import check_layout, diffusers_net_dir
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -79,10 +79,10 @@ def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
         path = path / "model"
     if (path / META).exists() and (path / WEIGHTS).exists():
         return path
-    net_dir = None if (path / META).exists() else diffusers_net_dir(path, role)
-    if net_dir is None:
-        raise UserError(f"{role}={path} is not a priorlab model folder (needs {META} and {WEIGHTS}) nor {LOOKED_FOR}")
-    return net_dir
+    if (path / META).exists():
+        raise UserError(f"{role}={path} is not a priorlab model folder (needs {META} and {WEIGHTS})")
+    check_layout(path, role)
+    return diffusers_net_dir(path, role)
 
 
 def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None = None) -> SavedModel:
