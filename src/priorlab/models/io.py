@@ -68,13 +68,16 @@ def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path
 
 def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
     """The folder holding a model's weights: a priorlab model folder, a run folder holding `model/`, or a diffusers
-    UNet2DModel or DiT folder or pipeline folder (`models.pretrained`: its unet/ or transformer/); a UserError
-    naming what it looked for."""
+    UNet2DModel or DiT folder or pipeline folder (`models.pretrained`: its unet/ or transformer/), local or given by
+    its hub name (`models.hub`: org/name[@revision], a local path of that name first); a UserError naming what it
+    looked for."""
+    from priorlab.models.hub import locate
     from priorlab.models.pretrained import check_layout, diffusers_net_dir
 
-    path = Path(path).expanduser()
+    path = locate(path, role)
     if not path.exists():
-        raise UserError(f"{role}={path}: no such folder; pass a run folder or its model/ sub-folder")
+        raise UserError(f"{role}={path}: no such folder; pass a run folder or its model/ sub-folder, or a hub name "
+                        "(org/name)")  # fmt: skip
     if not (path / META).exists() and (path / "model" / META).exists():
         path = path / "model"
     if (path / META).exists() and (path / WEIGHTS).exists():
@@ -87,13 +90,23 @@ def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
 
 def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None = None) -> SavedModel:
     """Load a model folder written by `save_denoiser`, or a diffusers UNet2DModel or DiT folder as a base or prior
-    (`models.pretrained.load_pretrained`); errors name the folder and the problem.
+    (`models.pretrained.load_pretrained`), either of them local or given by its hub name (its record, `meta["hub"]`:
+    `models.hub`); errors name the folder and the problem.
 
     Args:
         diffusers: whether a diffusers folder is taken; by default for every role but "model" (the class-conditional
             model under evaluation or export is a priorlab model, a fine-tune of such a base).
     """
-    path = resolve_model_dir(path, role)
+    from priorlab.models.hub import hub_model
+
+    hub = hub_model(path, role)
+    saved = _load(resolve_model_dir(hub.folder if hub is not None else path, role), role, diffusers)
+    if hub is not None:
+        saved.meta["hub"] = hub.record()
+    return saved
+
+
+def _load(path: Path, role: str, diffusers: bool | None) -> SavedModel:
     if not (path / META).exists():
         if not (role != "model" if diffusers is None else diffusers):
             raise UserError(f"{role}={path} is a diffusers model, not a priorlab model folder; fine-tune it "
@@ -123,23 +136,32 @@ def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None 
 
 
 def check_recorded_base(model: SavedModel, base: SavedModel) -> str | None:
-    """Refuse the base a fine-tune recorded (the same folder) when its weights changed since the fine-tune started
-    from them. Another folder is another prior, which may be anything: a note is returned where its weights differ
-    from the recorded base's, else None."""
+    """Refuse the base a fine-tune recorded (the same folder, or the same hub model at any commit) when its weights
+    changed since the fine-tune started from them. Another folder is another prior, which may be anything: a note is
+    returned where its weights differ from the recorded base's, else None."""
     record = model.meta.get("base")
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         return None
     sha = content_hash(base.path)
     if sha == record["sha256"]:
         return None
-    if Path(str(record.get("path"))).resolve() == base.path.resolve():
+    if Path(str(record.get("path"))).resolve() == base.path.resolve() or _same_repo(record, base.meta):
+        hub = record.get("hub") if _same_repo(record, base.meta) else None
+        given = f"{base.meta['hub']['repo_id']}@{base.meta['hub']['commit']}" if hub else base.path
+        trained = f" ({hub['repo_id']}@{hub.get('commit')})" if hub else ""
         raise UserError(
-            f"base={base.path} has changed since {model.path} was fine-tuned from it: its weights hash to "
-            f"{sha[:12]}, the fine-tune recorded {record['sha256'][:12]}. Pass the base it was trained from, or "
-            "base_check=false to use this one anyway"
+            f"base={given} has changed since {model.path} was fine-tuned from it: its weights hash to "
+            f"{sha[:12]}, the fine-tune recorded {record['sha256'][:12]}. Pass the base it was trained from"
+            f"{trained}, or base_check=false to use this one anyway"
         )
     return (f"note: base={base.path} is not the base {model.path} was fine-tuned from ({record.get('path')}, "
             f"sha256 {record['sha256'][:12]}); it is used as the prior as given")  # fmt: skip
+
+
+def _same_repo(record: dict, meta: dict) -> bool:
+    """Whether a recorded base and a loaded one are the same hub model (at any commit: `models.hub`)."""
+    theirs, mine = record.get("hub"), meta.get("hub")
+    return isinstance(theirs, dict) and isinstance(mine, dict) and theirs.get("repo_id") == mine.get("repo_id")
 
 
 def check_meta(meta: dict, path: Path) -> None:

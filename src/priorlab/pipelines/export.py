@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler
 
 from priorlab import atomic, checks
 from priorlab.errors import UserError
+from priorlab.models.hub import locate
 from priorlab.models.io import META, SavedModel, check_recorded_base, load_denoiser
 from priorlab.pipelines.class_pipeline import SOURCE, ClassConditionalPipeline
 from priorlab.pipelines.prior import load_pipeline, load_prior
@@ -188,7 +189,9 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None, role: str 
 def load_base(path: str, negative_prompt: str = "", device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> PriorNet:  # fmt: skip
     """The prior ψ of `base=`: an exported class-conditional folder queried with its null class, else whatever
-    `priorlab.pipelines.load_prior` takes (a priorlab model, a diffusers pipeline or model)."""
+    `priorlab.pipelines.load_prior` takes (a priorlab model, a diffusers pipeline or model), each local or given by
+    its hub name (`models.hub`)."""
+    path = str(locate(path, "base", check=False))
     if not is_exported(path) or is_priorlab_model(path):
         return load_prior(path, negative_prompt, device, dtype)
     pipe = load_exported(path, dtype, role="base")
@@ -201,7 +204,7 @@ def load_base(path: str, negative_prompt: str = "", device: str | torch.device =
 def base_note(model: str, base: str | None) -> str | None:
     """For a priorlab fine-tune and a priorlab base: refuse the recorded base when its weights changed, and
     return a note when another base is given (`check_recorded_base`)."""
-    if base is None or not (is_priorlab_model(model) and is_priorlab_model(base)):
+    if base is None or not (is_priorlab_model(model) and is_priorlab_model(locate(base, "base", check=False))):
         return None
     return check_recorded_base(load_denoiser(model), load_denoiser(base, role="base"))
 
