@@ -289,6 +289,7 @@ E2E_TESTS = {
     "test_textcond.py::test_a_latent_stable_diffusion_base_finetunes_on_cached_latents_and_exports_with_its_vae": (
         "trains, evaluates, exports"
     ),
+    "test_textcond.py::test_sample_takes_a_text_finetune_with_prompts_and_its_base_as_the_prior": "trains, samples",
 }
 
 

@@ -73,11 +73,16 @@ def from_saved(saved: SavedModel, class_names: list[str] | None = None) -> Class
 
 
 def from_priorlab(path: str | Path, role: str = "model"):
-    """The pipeline of a priorlab model folder or run folder, built in memory: a ClassConditionalPipeline, or the
-    DiTPipeline of a latent DiT base's fine-tune (`pipelines.dit_export`)."""
+    """The pipeline of a priorlab model folder or run folder, built in memory: a ClassConditionalPipeline, the
+    DiTPipeline of a latent DiT base's fine-tune (`pipelines.dit_export`), or the StableDiffusionPipeline of a text
+    fine-tune (`pipelines.text_export`; a pixel-space one with a `PixelCodec` for its VAE)."""
     from priorlab.pipelines.dit_export import dit_pipeline, is_dit_finetune
 
     saved = load_denoiser(path, role)
+    if saved.meta.get("class_name") == "UNet2DConditionModel":
+        from priorlab.pipelines.text_export import text_pipeline
+
+        return text_pipeline(saved, pixel_codec=True)
     return dit_pipeline(saved) if is_dit_finetune(saved) else from_saved(saved)
 
 
