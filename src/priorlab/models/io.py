@@ -2,9 +2,10 @@
 
 A model folder holds the network (`config.json`, `diffusion_pytorch_model.safetensors`, written by
 `save_pretrained`), the noise schedule (`scheduler_config.json`) and `priorlab.json` with the null class,
-the prediction type and, for a fine-tune, its base's path and content hash (a text model adds its table of prompt
-embeddings and its captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel or DiT folder,
-or a Stable-Diffusion-layout pipeline (`models.pretrained`). Weights load through
+the prediction type and, for a fine-tune, its base's path and content hash, and for a base given by its hub name
+that name, the revision and the commit (`models.hub`; a text model adds its table of prompt embeddings and its
+captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel or DiT folder, or a
+Stable-Diffusion-layout pipeline (`models.pretrained`), each local or given by its hub name. Weights load through
 safetensors only, so no pickled code is ever run.
 """
 

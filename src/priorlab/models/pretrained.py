@@ -10,6 +10,12 @@ A base need not be a folder priorlab wrote. A diffusers `UNet2DModel` (a pixel-s
   the fine-tune then trains on the data's cached latents and evaluation decodes its samples). A DiTPipeline's class
   names are the `id2label` of its model_index.json, as on the hub.
 
+Either may be given by its hub name, org/name[@revision] (`models.hub`: fetched, or offline found in the Hugging Face
+cache; a local path of that name wins), and is then the snapshot folder of the cache. `check_layout` refuses, from
+the configs alone (before a hub model's weights are fetched), what priorlab cannot use: a Stable Diffusion XL
+pipeline (not supported yet: a second text encoder, text_encoder_2/ and tokenizer_2/, and size conditions), a
+pipeline or folder with no network where priorlab looks (LOOKED_FOR), a network of another class.
+
 `NETWORKS` maps each network class to its pipeline sub-folder and its builder of a fine-tune; a
 Stable-Diffusion-layout pipeline (unet/ a UNet2DConditionModel, text_encoder/, tokenizer/, scheduler/, and vae/ or
 none) is a text-conditioned base instead (`models.text`), whose ∅ is the embedding of the empty prompt. Its schedule

@@ -1,10 +1,11 @@
 """`priorlab sample model=PATH base=PATH prior=base|self|auto|mix prompt=... image=... guidance_scale=... seed=...`
 
 `model=` is a diffusers pipeline folder or hub name, an exported priorlab pipeline, or a priorlab run or model folder
-(made a `ClassConditionalPipeline` on the fly). Writes the images (for video: each video's frames and a GIF) and
-sample.json with every setting; with `compare=true` it samples prior=self and the chosen prior from identical seeds
-and writes compare.png, a grid with one row per prior. The output folder is assembled under a temporary name and
-renamed when complete.
+(made a `ClassConditionalPipeline` on the fly, or for a text fine-tune a StableDiffusionPipeline: `prompt=` gives one
+prompt or a list). `base=` is a folder or a hub name (`models.hub`). Writes the images (for video: each video's
+frames and a GIF) and sample.json with every setting; with `compare=true` it samples prior=self and the chosen prior
+from identical seeds and writes compare.png, a grid with one row per prior. The output folder is assembled under a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
