@@ -96,10 +96,12 @@ def test_the_cache_serves_when_the_hub_cannot_be_reached(hub, monkeypatch):
 
 def test_a_finetune_records_the_hub_name_and_its_checks_refuse_the_branch_moved_to_other_weights(hub, compose_tmp):
     """`train stage=finetune base=org/name`: the run records the name, the revision, the commit and the weights
-    hash; a finished or resumed run refuses the name once main points to other weights, and resumes with the
-    commit it started from; evaluate's base check refuses the same hub model with other weights."""
+    hash, and its export's model card names the hub model; a finished or resumed run refuses the name once main
+    points to other weights, and resumes with the commit it started from; evaluate's base check refuses the same
+    hub model with other weights."""
     from priorlab.commands.train import train
     from priorlab.models.io import check_recorded_base
+    from priorlab.pipelines.export import export_pipeline
 
     overrides = ["data=digits", "stage=finetune", f"base={REPO}", *TINY]
     model_dir = train(compose_tmp(overrides))
@@ -111,6 +113,8 @@ def test_a_finetune_records_the_hub_name_and_its_checks_refuse_the_branch_moved_
     saved = load_denoiser(model_dir)
     assert saved.meta["base"]["hub"] == record["hub"] and saved.meta["base"]["format"] == "diffusers"
     assert "beta_schedule: linear" in (run / "config.yaml").read_text()  # the hub base's schedule
+    card = (export_pipeline(model_dir, hub.parent / "exported") / "README.md").read_text()
+    assert f"fine-tuned from `org/name@{A}` (weights sha256 {record['sha256'][:12]})" in card
     assert check_recorded_base(saved, load_denoiser(f"org/name@{A}", role="base")) is None
     with pytest.raises(UserError, match=rf"base=org/name@{B} has changed since .* \(org/name@{A}\)"):
         check_recorded_base(saved, load_denoiser("org/name@v2", role="base"))

@@ -54,6 +54,13 @@ class HubModel:
         return {"repo_id": self.repo_id, "revision": self.revision or "main", "commit": self.commit}
 
 
+def source_name(record: dict) -> str:
+    """How a model card names a recorded base: org/name@commit for a hub model (`HubModel.record` under "hub"),
+    else its folder."""
+    hub = record.get("hub")
+    return f"{hub.get('repo_id')}@{hub.get('commit')}" if isinstance(hub, dict) else str(record.get("path"))
+
+
 def parse_hub_name(spec: str) -> tuple[str, str | None] | None:
     """(repo id, revision or None) of `org/name[@revision]`; None for anything else (a path such as ./x, /x, ~/x, a
     run folder a/b/c, or p=0.1/seed=0)."""

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler
 
 from priorlab import atomic, checks
 from priorlab.errors import UserError
-from priorlab.models.hub import locate
+from priorlab.models.hub import locate, source_name
 from priorlab.models.io import META, SavedModel, check_recorded_base, load_denoiser
 from priorlab.pipelines.class_pipeline import SOURCE, ClassConditionalPipeline
 from priorlab.pipelines.prior import load_pipeline, load_prior
@@ -123,7 +123,7 @@ def model_card(saved: SavedModel, name: str) -> str:
     source = [f"- network: {d.class_name}, {d.num_classes} classes, null class {d.null_class}, predicts "
               f"{d.prediction_type}", f"- exported from the priorlab model folder `{saved.path}`{stage}"]  # fmt: skip
     if base:
-        source.append(f"- fine-tuned from `{base.get('path')}` (weights sha256 {str(base.get('sha256'))[:12]})")
+        source.append(f"- fine-tuned from `{source_name(base)}` (weights sha256 {str(base.get('sha256'))[:12]})")
     lines = "\n".join(source)
     return f"""---
 library_name: diffusers

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from priorlab import atomic, checks
 from priorlab.errors import UserError
+from priorlab.models.hub import source_name
 from priorlab.models.io import SavedModel
 from priorlab.models.latent import Latent
 from priorlab.models.text import TextDenoiser, encoder_hash, load_text_encoder
@@ -117,7 +118,7 @@ A text-conditioned {kind} fine-tuned with priorlab, as a `StableDiffusionPipelin
 
 - network: {d.class_name}, predicts {d.prediction_type}, trained on {d.num_classes} distinct captions{step}
 - conditioning dropout: prompts replaced by "" with probability {meta.get("cond_dropout")}
-- fine-tuned from `{base.get("path")}` (weights sha256 {str(base.get("sha256"))[:12]}); text encoder from it
+- fine-tuned from `{source_name(base)}` (weights sha256 {str(base.get("sha256"))[:12]}); text encoder from it
 - exported from the priorlab model folder `{saved.path}`
 
 ```python
