@@ -299,12 +299,16 @@ E2E_TESTS = {
     "test_training.py::test_a_run_in_a_log_file_prints_ten_step_lines_and_none_of_the_known_warnings": "trains",
     "test_resume.py::test_evaluate_refuses_the_recorded_base_changed_since_the_fine_tune": "trains, evaluates",
     "test_pretrained.py::test_finetune_from_a_diffusers_pipeline_trains_records_evaluates_and_exports": "trains",
+    "test_hub.py::test_a_finetune_records_the_hub_name_and_its_checks_refuse_the_branch_moved_to_other_weights": (
+        "trains, then resumes"
+    ),
     # a fine-tune of a user's diffusers base trained, evaluated, resumed and exported
     "test_dit.py::test_latent_finetune_trains_evaluates_resumes_and_exports_to_a_plain_ditpipeline": "trains, resumes",
     "test_textcond.py::test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports": "trains, resumes",
     "test_textcond.py::test_a_latent_stable_diffusion_base_finetunes_on_cached_latents_and_exports_with_its_vae": (
         "trains, evaluates, exports"
     ),
+    "test_textcond.py::test_sample_takes_a_text_finetune_with_prompts_and_its_base_as_the_prior": "trains, samples",
 }
 
 

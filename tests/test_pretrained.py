@@ -172,3 +172,42 @@ def test_a_priorlab_folder_still_loads_as_priorlab_and_hashes_the_same(tmp_path)
     path = save_denoiser(unet(SHAPE, 3, block_out_channels=(8, 16), attention=(False, False), norm_num_groups=4),
                          _schedule(), tmp_path / "m")  # fmt: skip
     assert "format" not in load_denoiser(path).meta and len(content_hash(path)) == 64
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def test_sdxl_and_pipelines_it_cannot_use_are_refused_from_their_configs(tmp_path, compose_tmp):
+    """A Stable Diffusion base loads; with a second tokenizer beside it (SDXL's layout), or an index naming an XL
+    pipeline, it is refused saying what is supported, by `load_denoiser` and by `train` before any data or weights
+    are read. A pipeline with no network where priorlab looks, or with a network of another class, gets the
+    LOOKED_FOR message or names the class."""
+    import shutil
+
+    import pipeline_models
+    from priorlab.commands.train import train
+
+    sd = pipeline_models.stable_diffusion(tmp_path / "sd", seed=0)
+    assert type(load_denoiser(sd, role="base").denoiser).__name__ == "TextDenoiser"  # a base as it is
+    shutil.copytree(sd / "tokenizer", sd / "tokenizer_2")
+    sdxl = r"is a Stable Diffusion XL model.*: priorlab does not support SDXL yet .* one text encoder"
+    with pytest.raises(UserError, match=rf"base={sd} {sdxl}"):
+        load_denoiser(sd, role="base")
+    index = tmp_path / "xl" / "model_index.json"
+    _write_json(index, {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
+    _write_json(tmp_path / "xl" / "unet" / "config.json", {"_class_name": "UNet2DConditionModel",
+                                                           "addition_embed_type": "text_time"})  # fmt: skip
+    with pytest.raises(UserError, match=rf"{sdxl}.*such as Stable Diffusion 1.x or 2.x"):
+        train(compose_tmp(["data=digits", "stage=finetune", f"base={tmp_path / 'xl'}", *TINY]))
+    _write_json(tmp_path / "prior" / "model_index.json", {"_class_name": "MysteryPipeline",
+                                                          "prior": ["diffusers", "PriorTransformer"]})  # fmt: skip
+    _write_json(tmp_path / "prior" / "prior" / "config.json", {"_class_name": "PriorTransformer"})
+    looked_for = r"is not a priorlab model folder .* nor a diffusers UNet2DModel or DiT"
+    with pytest.raises(UserError, match=rf"{looked_for}.*; its model_index.json names a MysteryPipeline, with none"):
+        load_denoiser(tmp_path / "prior", role="base")
+    _write_json(tmp_path / "flux" / "model_index.json", {"_class_name": "FluxPipeline"})
+    _write_json(tmp_path / "flux" / "transformer" / "config.json", {"_class_name": "FluxTransformer2DModel"})
+    with pytest.raises(UserError, match=r"transformer holds a FluxTransformer2DModel; priorlab takes a diffusers"):
+        load_denoiser(tmp_path / "flux", role="base")  # its class, not its missing (sharded) weights

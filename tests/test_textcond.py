@@ -54,6 +54,16 @@ def shapes(tmp_path_factory) -> Path:
     return write_captioned_shapes(tmp_path_factory.mktemp("data") / "shapes")
 
 
+def _sample(overrides: list[str]):
+    """The config of `priorlab sample` with `overrides` (model_dir= for the command line's model=)."""
+    from hydra import compose, initialize_config_dir
+
+    from priorlab.overrides import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="sample", overrides=overrides)
+
+
 def _data(shapes: Path) -> list[str]:
     return ["data=hf", f"data.source={shapes}", "data.caption_column=text", "data.image_size=8", "data.channels=3"]
 
@@ -171,7 +181,7 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
 
     from priorlab.commands.evaluate import evaluate
     from priorlab.commands.train import train
-    from priorlab.pipelines.export import export_pipeline, from_priorlab
+    from priorlab.pipelines.export import export_pipeline
 
     folder = _pipeline(tmp_path / "sd")
     overrides = [*_data(shapes), "stage=finetune", f"base={folder}", "cond_dropout=0.2",
@@ -201,8 +211,6 @@ def test_text_finetune_trains_evaluates_with_the_base_resumes_and_exports(compos
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
     exported = export_pipeline(model_dir, tmp_path / "exported")
-    with pytest.raises(UserError, match="is a text fine-tune, not a class-conditional model: export it"):
-        from_priorlab(model_dir)  # `priorlab sample`'s class pipeline
     plain = StableDiffusionPipeline.from_pretrained(exported, vae=None)  # pixel space: no VAE to load
     assert plain.vae is None and "with probability 0.2" in (exported / "README.md").read_text()
     states = plain.encode_prompt(["a red disc", ""], "cpu", 1, False)[0]  # (2, L, D)
@@ -251,3 +259,52 @@ def test_a_latent_stable_diffusion_base_finetunes_on_cached_latents_and_exports_
     image = plain("a red disc", num_inference_steps=2, guidance_scale=2.0, height=8, width=8,
                   generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
     assert image.size == (8, 8) and "latent diffusion model" in (exported / "README.md").read_text()
+
+
+def test_sample_takes_a_text_finetune_with_prompts_and_its_base_as_the_prior(compose_tmp, tmp_path, shapes):
+    """`priorlab sample model=<text fine-tune run> base=<SD folder> prompt=[...]`: the fine-tune as a
+    StableDiffusionPipeline (pixel space: decoded by the identity, `PixelCodec`), sampled with prior=self and
+    prior=base from the same seeds; prior=self's images are the plain pipeline's (vae=None, output_type="latent",
+    as exported) within a level of rounding. Class labels for a text model, and a prompt for a class model, are
+    one-line errors."""
+    import numpy as np
+    from PIL import Image
+
+    from priorlab.commands.train import train
+    from priorlab.models import save_denoiser, unet
+    from priorlab.pipelines.sample import sample_command
+    from priorlab.pipelines.text_export import text_pipeline
+
+    folder = _pipeline(tmp_path / "sd")
+    model_dir = train(compose_tmp([*_data(shapes), "stage=finetune", f"base={folder}", *TINY,
+                                   f"prompt_cache={tmp_path / 'cache'}"]))  # fmt: skip
+    prompts = ["a red disc", "a blue disc"]
+    common = [override("model_dir", model_dir.parent), "num_steps=2", "guidance_scale=3", "seed=5", "progress=false",
+              "device=cpu"]  # fmt: skip
+    out = sample_command(_sample([*common, f"base={folder}", override("prompt", prompts), "num_images=2",
+                                  "compare=true", f"out={tmp_path / 'samples'}"]))  # fmt: skip
+    settings = json.loads((out / "sample.json").read_text())
+    assert settings["family"] == "text-to-image" and settings["pipeline"] == "StableDiffusionPipeline"
+    assert settings["files"] == {m: [f"prior={m}_{i}.png" for i in range(4)] for m in ("self", "base")}
+    assert settings["denoiser_calls"]["base"] == {"guided": 2, "unguided": 0} and (out / "compare.png").exists()
+    images = {m: [np.asarray(Image.open(out / f), dtype=int) for f in files] for m, files in settings["files"].items()}
+    assert images["self"][0].shape == (8, 8, 3)
+    assert any(np.abs(a - b).max() > 1 for a, b in zip(images["self"], images["base"], strict=True))
+    plain = text_pipeline(load_denoiser(model_dir))  # no VAE: the exported folder's pipeline
+    generators = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    x = plain(prompts[0], num_images_per_prompt=2, num_inference_steps=2, guidance_scale=3.0, output_type="latent",
+              height=64, width=64, generator=generators).images  # fmt: skip
+    expected = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).mul(255).round().numpy()  # (2, 8, 8, 3)
+    for i in range(2):  # the first prompt's two images; another batch shape: a level of rounding apart at most
+        assert np.abs(images["self"][i] - expected[i]).max() <= 1
+    no_base = [*common, "prior=self", f"out={tmp_path / 'none'}"]
+    with pytest.raises(UserError, match="text-to-image model is not conditioned on classes: leave class_labels= "
+                                        "out and give prompt="):  # fmt: skip
+        sample_command(_sample([*no_base, "class_labels=[0]"]))
+    with pytest.raises(UserError, match=r"text-to-image pipeline needs prompt='...' \(or a list"):
+        sample_command(_sample(no_base))
+    classes = save_denoiser(unet(SHAPE, 3, block_out_channels=(8, 16), attention=(False, False), norm_num_groups=4),
+                            DDPMScheduler(num_train_timesteps=100), tmp_path / "classes")  # fmt: skip
+    with pytest.raises(UserError, match="class-conditional model is conditioned on classes, not prompts: give "
+                                        "class_labels="):  # fmt: skip
+        sample_command(_sample([*no_base[1:], override("model_dir", classes), "prompt=a red disc"]))

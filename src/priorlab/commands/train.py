@@ -16,6 +16,7 @@ from priorlab import atomic
 from priorlab.checks import check_train_values
 from priorlab.errors import UserError
 from priorlab.loggers import finish_wandb, sync_hint
+from priorlab.models.hub import parse_hub_name
 from priorlab.models.io import META, content_hash, init_from_base, load_denoiser, resolve_model_dir
 from priorlab.models.latent import Latent
 from priorlab.models.pretrained import base_schedule, conditional_copy, is_pretrained
@@ -38,7 +39,8 @@ def check_config(cfg: DictConfig) -> None:
     if not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
         raise UserError(f"cond_dropout={p} is outside [0, 1]; pass a rate such as cond_dropout=0.1")
     if cfg.stage.name == "finetune" and not cfg.base:
-        raise UserError("stage=finetune needs base=PATH, the base's run folder or its model/ folder")
+        raise UserError("stage=finetune needs base=PATH, the base's run folder or its model/ folder, a diffusers "
+                        "folder, or a hub name (org/name)")  # fmt: skip
     if cfg.get("matmul_precision") not in (None, *MATMUL_PRECISIONS):
         choices = ", ".join(MATMUL_PRECISIONS)
         raise UserError(f"matmul_precision={cfg.matmul_precision} is unknown; use one of {choices}, or null")
@@ -72,6 +74,8 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         meta["base"] = {"path": str(base.path.resolve()), "sha256": content_hash(base.path)}
         if is_pretrained(base.meta):
             meta["base"]["format"] = base.meta["format"]
+        if "hub" in base.meta:  # a base given by its hub name (`models.hub`): its name, revision and commit
+            meta["base"]["hub"] = base.meta["hub"]
         if "text_encoder" in base.meta:
             meta["base"]["text_encoder"] = base.meta["text_encoder"]
         if "vae" in meta:  # base.json: a resumed run is checked against its VAE too (`resume.vae_difference`)
@@ -151,8 +155,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 def adopt_base_schedule(cfg: DictConfig) -> None:
     """A fine-tune of a diffusers base trains with the base's schedule and prediction type: its scheduler config
     replaces diffusion.*, so that the run's config.yaml records what it trains with. A missing base is left to the
-    checks that name it."""
-    if cfg.stage.name != "finetune" or not cfg.base or not Path(str(cfg.base)).expanduser().exists():
+    checks that name it; a hub name (`models.hub`) is fetched, or found in the cache, here."""
+    if cfg.stage.name != "finetune" or not cfg.base:
+        return
+    if not Path(str(cfg.base)).expanduser().exists() and parse_hub_name(str(cfg.base)) is None:
         return
     net_dir = resolve_model_dir(str(cfg.base), role="base")
     if (net_dir / META).exists():

@@ -2,9 +2,10 @@
 
 A model folder holds the network (`config.json`, `diffusion_pytorch_model.safetensors`, written by
 `save_pretrained`), the noise schedule (`scheduler_config.json`) and `priorlab.json` with the null class,
-the prediction type and, for a fine-tune, its base's path and content hash (a text model adds its table of prompt
-embeddings and its captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel or DiT folder,
-or a Stable-Diffusion-layout pipeline (`models.pretrained`). Weights load through
+the prediction type and, for a fine-tune, its base's path and content hash, and for a base given by its hub name
+that name, the revision and the commit (`models.hub`; a text model adds its table of prompt embeddings and its
+captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel or DiT folder, or a
+Stable-Diffusion-layout pipeline (`models.pretrained`), each local or given by its hub name. Weights load through
 safetensors only, so no pickled code is ever run.
 """
 
@@ -68,32 +69,45 @@ def save_denoiser(denoiser: Denoiser, scheduler: DDPMScheduler, path: str | Path
 
 def resolve_model_dir(path: str | Path, role: str = "model") -> Path:
     """The folder holding a model's weights: a priorlab model folder, a run folder holding `model/`, or a diffusers
-    UNet2DModel or DiT folder or pipeline folder (`models.pretrained`: its unet/ or transformer/); a UserError
-    naming what it looked for."""
-    from priorlab.models.pretrained import LOOKED_FOR, diffusers_net_dir
+    UNet2DModel or DiT folder or pipeline folder (`models.pretrained`: its unet/ or transformer/), local or given by
+    its hub name (`models.hub`: org/name[@revision], a local path of that name first); a UserError naming what it
+    looked for."""
+    from priorlab.models.hub import locate
+    from priorlab.models.pretrained import check_layout, diffusers_net_dir
 
-    path = Path(path).expanduser()
+    path = locate(path, role)
     if not path.exists():
-        raise UserError(f"{role}={path}: no such folder; pass a run folder or its model/ sub-folder")
+        raise UserError(f"{role}={path}: no such folder; pass a run folder or its model/ sub-folder, or a hub name "
+                        "(org/name)")  # fmt: skip
     if not (path / META).exists() and (path / "model" / META).exists():
         path = path / "model"
     if (path / META).exists() and (path / WEIGHTS).exists():
         return path
-    net_dir = None if (path / META).exists() else diffusers_net_dir(path, role)
-    if net_dir is None:
-        raise UserError(f"{role}={path} is not a priorlab model folder (needs {META} and {WEIGHTS}) nor {LOOKED_FOR}")
-    return net_dir
+    if (path / META).exists():
+        raise UserError(f"{role}={path} is not a priorlab model folder (needs {META} and {WEIGHTS})")
+    check_layout(path, role)
+    return diffusers_net_dir(path, role)
 
 
 def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None = None) -> SavedModel:
     """Load a model folder written by `save_denoiser`, or a diffusers UNet2DModel or DiT folder as a base or prior
-    (`models.pretrained.load_pretrained`); errors name the folder and the problem.
+    (`models.pretrained.load_pretrained`), either of them local or given by its hub name (its record, `meta["hub"]`:
+    `models.hub`); errors name the folder and the problem.
 
     Args:
         diffusers: whether a diffusers folder is taken; by default for every role but "model" (the class-conditional
             model under evaluation or export is a priorlab model, a fine-tune of such a base).
     """
-    path = resolve_model_dir(path, role)
+    from priorlab.models.hub import hub_model
+
+    hub = hub_model(path, role)
+    saved = _load(resolve_model_dir(hub.folder if hub is not None else path, role), role, diffusers)
+    if hub is not None:
+        saved.meta["hub"] = hub.record()
+    return saved
+
+
+def _load(path: Path, role: str, diffusers: bool | None) -> SavedModel:
     if not (path / META).exists():
         if not (role != "model" if diffusers is None else diffusers):
             raise UserError(f"{role}={path} is a diffusers model, not a priorlab model folder; fine-tune it "
@@ -123,23 +137,32 @@ def load_denoiser(path: str | Path, role: str = "model", diffusers: bool | None 
 
 
 def check_recorded_base(model: SavedModel, base: SavedModel) -> str | None:
-    """Refuse the base a fine-tune recorded (the same folder) when its weights changed since the fine-tune started
-    from them. Another folder is another prior, which may be anything: a note is returned where its weights differ
-    from the recorded base's, else None."""
+    """Refuse the base a fine-tune recorded (the same folder, or the same hub model at any commit) when its weights
+    changed since the fine-tune started from them. Another folder is another prior, which may be anything: a note is
+    returned where its weights differ from the recorded base's, else None."""
     record = model.meta.get("base")
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         return None
     sha = content_hash(base.path)
     if sha == record["sha256"]:
         return None
-    if Path(str(record.get("path"))).resolve() == base.path.resolve():
+    if Path(str(record.get("path"))).resolve() == base.path.resolve() or _same_repo(record, base.meta):
+        hub = record.get("hub") if _same_repo(record, base.meta) else None
+        given = f"{base.meta['hub']['repo_id']}@{base.meta['hub']['commit']}" if hub else base.path
+        trained = f" ({hub['repo_id']}@{hub.get('commit')})" if hub else ""
         raise UserError(
-            f"base={base.path} has changed since {model.path} was fine-tuned from it: its weights hash to "
-            f"{sha[:12]}, the fine-tune recorded {record['sha256'][:12]}. Pass the base it was trained from, or "
-            "base_check=false to use this one anyway"
+            f"base={given} has changed since {model.path} was fine-tuned from it: its weights hash to "
+            f"{sha[:12]}, the fine-tune recorded {record['sha256'][:12]}. Pass the base it was trained from"
+            f"{trained}, or base_check=false to use this one anyway"
         )
     return (f"note: base={base.path} is not the base {model.path} was fine-tuned from ({record.get('path')}, "
             f"sha256 {record['sha256'][:12]}); it is used as the prior as given")  # fmt: skip
+
+
+def _same_repo(record: dict, meta: dict) -> bool:
+    """Whether a recorded base and a loaded one are the same hub model (at any commit: `models.hub`)."""
+    theirs, mine = record.get("hub"), meta.get("hub")
+    return isinstance(theirs, dict) and isinstance(mine, dict) and theirs.get("repo_id") == mine.get("repo_id")
 
 
 def check_meta(meta: dict, path: Path) -> None:

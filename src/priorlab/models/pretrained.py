@@ -10,6 +10,12 @@ A base need not be a folder priorlab wrote. A diffusers `UNet2DModel` (a pixel-s
   the fine-tune then trains on the data's cached latents and evaluation decodes its samples). A DiTPipeline's class
   names are the `id2label` of its model_index.json, as on the hub.
 
+Either may be given by its hub name, org/name[@revision] (`models.hub`: fetched, or offline found in the Hugging Face
+cache; a local path of that name wins), and is then the snapshot folder of the cache. `check_layout` refuses, from
+the configs alone (before a hub model's weights are fetched), what priorlab cannot use: a Stable Diffusion XL
+pipeline (not supported yet: a second text encoder, text_encoder_2/ and tokenizer_2/, and size conditions), a
+pipeline or folder with no network where priorlab looks (LOOKED_FOR), a network of another class.
+
 `NETWORKS` maps each network class to its pipeline sub-folder and its builder of a fine-tune; a
 Stable-Diffusion-layout pipeline (unet/ a UNet2DConditionModel, text_encoder/, tokenizer/, scheduler/, and vae/ or
 none) is a text-conditioned base instead (`models.text`), whose ∅ is the embedding of the empty prompt. Its schedule
@@ -39,8 +45,8 @@ from priorlab.checks import read_json_object
 from priorlab.diffusion import PREDICTION_TYPES
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser
-from priorlab.models.io import WEIGHTS, SavedModel
-from priorlab.models.text import load_text_base, text_pipeline
+from priorlab.models.io import META, WEIGHTS, SavedModel
+from priorlab.models.text import TEXT_NET, load_text_base, text_pipeline
 
 CONFIG = "config.json"
 SCHEDULER = "scheduler_config.json"
@@ -54,15 +60,20 @@ NET_CLASSES = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransform
 LOOKED_FOR = (f"a diffusers UNet2DModel or DiTTransformer2DModel folder ({CONFIG} and {WEIGHTS}, with {SCHEDULER} "
               "beside them) or a diffusers pipeline folder (unet/ or transformer/, and scheduler/; text_encoder/ and "
               "tokenizer/ for a UNet2DConditionModel)")  # fmt: skip
+XL_PARTS = ("text_encoder_2", "tokenizer_2")  # the second text encoder of a Stable Diffusion XL pipeline
+
+
+def net_config_dir(path: Path) -> Path | None:
+    """The folder of a diffusers network's config in `path` (itself, or its unet/, transformer/ or denoiser/), or
+    None where there is none (its weights are not looked at)."""
+    return next((d for d in (path, *(path / sub for sub in SUBFOLDERS)) if (d / CONFIG).is_file()), None)
 
 
 def diffusers_net_dir(path: Path, role: str = "base") -> Path | None:
-    """The folder of a diffusers network in `path` (itself, or its unet/, transformer/ or denoiser/), or None where
-    there is none."""
-    for net_dir in (path, *(path / sub for sub in SUBFOLDERS)):
-        if (net_dir / CONFIG).is_file():
-            break
-    else:
+    """The folder of a diffusers network in `path` (`net_config_dir`), checked to hold its safetensors weights, or
+    None where there is none."""
+    net_dir = net_config_dir(path)
+    if net_dir is None:
         return None
     if not (net_dir / WEIGHTS).is_file():
         pickled = (net_dir / "diffusion_pytorch_model.bin").is_file()
@@ -110,13 +121,52 @@ def base_schedule(net_dir: Path, role: str = "base") -> dict:
     return config
 
 
+def check_layout(path: Path, role: str = "base", shown: str | None = None) -> None:
+    """Refuse a folder priorlab cannot use as a base or prior from its configs alone, before any weights are read
+    (or fetched from the hub, `models.hub`): a Stable Diffusion XL pipeline, a pipeline or folder without a network
+    where priorlab looks for one (LOOKED_FOR), a network of another class. `shown`: the name the user gave for it
+    (a hub name), else the folder is named."""
+    where = f"{role}={shown or path}"
+    if (path / META).is_file() or (path / "model" / META).is_file():
+        return
+    index = path / "model_index.json"
+    pipeline = None
+    if index.is_file():
+        pipeline = read_json_object(index, "a pipeline index", "save it again").get("_class_name")
+    net_dir = net_config_dir(path)
+    config = read_json_object(net_dir / CONFIG, "a diffusers model config", "save it again") if net_dir else {}
+    _refuse_sdxl(path, pipeline, config, where)
+    if net_dir is None:
+        named = f"; its model_index.json names a {pipeline}, with none of those sub-folders" if pipeline else ""
+        raise UserError(f"{where} is not a priorlab model folder (needs {META} and {WEIGHTS}) nor {LOOKED_FOR}{named}")
+    _check_class(config.get("_class_name"), f"{role}={shown or net_dir}", text=True)
+
+
+def _refuse_sdxl(path: Path, pipeline, config: dict, where: str) -> None:
+    """Stable Diffusion XL (a second text encoder, text_encoder_2/ and tokenizer_2/; an XL pipeline class; a UNet
+    conditioned on sizes and pooled text, addition_embed_type text_time) is not supported yet."""
+    xl = any((path / part).is_dir() for part in XL_PARTS) or "StableDiffusionXL" in str(pipeline)
+    if xl or config.get("addition_embed_type") == "text_time":
+        named = f" ({pipeline})" if pipeline else ""
+        raise UserError(f"{where} is a Stable Diffusion XL model{named}: priorlab does not support SDXL yet (its two "
+                        "text encoders and the size conditions of its UNet). It takes a Stable-Diffusion-layout "
+                        "pipeline with one text encoder (unet/ a UNet2DConditionModel, text_encoder/ a CLIPTextModel, "
+                        "tokenizer/, scheduler/, and vae/ or none), such as Stable Diffusion 1.x or 2.x, or a "
+                        "diffusers UNet2DModel or DiTTransformer2DModel (a folder or a pipeline)")  # fmt: skip
+
+
+def _check_class(name, where: str, text: bool = False) -> None:
+    """Refuse a network class priorlab cannot use as a base (`text`: a UNet2DConditionModel passes)."""
+    if name not in NETWORKS and not (text and name == TEXT_NET):
+        raise UserError(f"{where} holds a {name}; priorlab takes a diffusers UNet2DModel (a pixel-space "
+                        f"UNet) or DiTTransformer2DModel as a base, a Stable-Diffusion-layout pipeline folder for a "
+                        "UNet2DConditionModel, or a priorlab model folder")  # fmt: skip
+
+
 def _check_network(config: dict, net_dir: Path, role: str) -> None:
     """Refuse the networks priorlab cannot use as a base, naming why."""
     name = config.get("_class_name")
-    if name not in NETWORKS:
-        raise UserError(f"{role}={net_dir} holds a {name}; priorlab takes a diffusers UNet2DModel (a pixel-space "
-                        f"UNet) or DiTTransformer2DModel as a base, a Stable-Diffusion-layout pipeline folder for a "
-                        "UNet2DConditionModel, or a priorlab model folder")  # fmt: skip
+    _check_class(name, f"{role}={net_dir}")
     index = net_dir.parent / "model_index.json"
     if index.is_file() and "vqvae" in read_json_object(index, "a pipeline index", "save it again"):
         raise UserError(f"{role}={net_dir.parent} is a VQ-VAE latent pipeline; priorlab's latent bases take an "

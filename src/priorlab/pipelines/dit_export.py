@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 from priorlab import atomic, checks
 from priorlab.errors import UserError
 from priorlab.models.denoiser import label_tables
+from priorlab.models.hub import source_name
 from priorlab.models.io import SavedModel
 from priorlab.models.latent import Latent
 
@@ -96,7 +97,7 @@ tags:
 
 # {name}
 
-A DiT fine-tuned with priorlab from `{base.get("path")}` (weights sha256 {str(base.get("sha256"))[:12]}) to
+A DiT fine-tuned with priorlab from `{source_name(base)}` (weights sha256 {str(base.get("sha256"))[:12]}) to
 {d.num_classes} new classes ({", ".join(names.values())}){step}, with conditioning dropout p = {dropout}: each
 training label was replaced by the null class with probability {dropout}, so the model's own unconditional (∅)
 branch was trained on that share of the steps only. The class rows started at the base's null row, the null row is

@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler
 
 from priorlab import atomic, checks
 from priorlab.errors import UserError
+from priorlab.models.hub import locate, source_name
 from priorlab.models.io import META, SavedModel, check_recorded_base, load_denoiser
 from priorlab.pipelines.class_pipeline import SOURCE, ClassConditionalPipeline
 from priorlab.pipelines.prior import load_pipeline, load_prior
@@ -72,11 +73,16 @@ def from_saved(saved: SavedModel, class_names: list[str] | None = None) -> Class
 
 
 def from_priorlab(path: str | Path, role: str = "model"):
-    """The pipeline of a priorlab model folder or run folder, built in memory: a ClassConditionalPipeline, or the
-    DiTPipeline of a latent DiT base's fine-tune (`pipelines.dit_export`)."""
+    """The pipeline of a priorlab model folder or run folder, built in memory: a ClassConditionalPipeline, the
+    DiTPipeline of a latent DiT base's fine-tune (`pipelines.dit_export`), or the StableDiffusionPipeline of a text
+    fine-tune (`pipelines.text_export`; a pixel-space one with a `PixelCodec` for its VAE)."""
     from priorlab.pipelines.dit_export import dit_pipeline, is_dit_finetune
 
     saved = load_denoiser(path, role)
+    if saved.meta.get("class_name") == "UNet2DConditionModel":
+        from priorlab.pipelines.text_export import text_pipeline
+
+        return text_pipeline(saved, pixel_codec=True)
     return dit_pipeline(saved) if is_dit_finetune(saved) else from_saved(saved)
 
 
@@ -117,7 +123,7 @@ def model_card(saved: SavedModel, name: str) -> str:
     source = [f"- network: {d.class_name}, {d.num_classes} classes, null class {d.null_class}, predicts "
               f"{d.prediction_type}", f"- exported from the priorlab model folder `{saved.path}`{stage}"]  # fmt: skip
     if base:
-        source.append(f"- fine-tuned from `{base.get('path')}` (weights sha256 {str(base.get('sha256'))[:12]})")
+        source.append(f"- fine-tuned from `{source_name(base)}` (weights sha256 {str(base.get('sha256'))[:12]})")
     lines = "\n".join(source)
     return f"""---
 library_name: diffusers
@@ -188,7 +194,9 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None, role: str 
 def load_base(path: str, negative_prompt: str = "", device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> PriorNet:  # fmt: skip
     """The prior ψ of `base=`: an exported class-conditional folder queried with its null class, else whatever
-    `priorlab.pipelines.load_prior` takes (a priorlab model, a diffusers pipeline or model)."""
+    `priorlab.pipelines.load_prior` takes (a priorlab model, a diffusers pipeline or model), each local or given by
+    its hub name (`models.hub`)."""
+    path = str(locate(path, "base", check=False))
     if not is_exported(path) or is_priorlab_model(path):
         return load_prior(path, negative_prompt, device, dtype)
     pipe = load_exported(path, dtype, role="base")
@@ -201,7 +209,7 @@ def load_base(path: str, negative_prompt: str = "", device: str | torch.device =
 def base_note(model: str, base: str | None) -> str | None:
     """For a priorlab fine-tune and a priorlab base: refuse the recorded base when its weights changed, and
     return a note when another base is given (`check_recorded_base`)."""
-    if base is None or not (is_priorlab_model(model) and is_priorlab_model(base)):
+    if base is None or not (is_priorlab_model(model) and is_priorlab_model(locate(base, "base", check=False))):
         return None
     return check_recorded_base(load_denoiser(model), load_denoiser(base, role="base"))
 

@@ -9,6 +9,7 @@ or nothing for an unconditional network.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -78,11 +79,40 @@ def load_pipeline(path: str, dtype: torch.dtype | None = None, role: str = "mode
     if local and not (Path(path) / "model_index.json").exists():
         raise UserError(f"{role}={path} is not a diffusers pipeline folder (no model_index.json)")
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    if local:
+        kwargs.update(_absent_parts(Path(path)))
     try:
         return DiffusionPipeline.from_pretrained(path, local_files_only=local, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load {role}={path}: {first}") from err
+
+
+def _absent_parts(pipeline: Path) -> dict[str, None]:
+    """None for each component a local pipeline's class takes that its folder does not hold, so that
+    DiffusionPipeline loads the rest: one its model_index.json lists as null or leaves out (a pipeline saved with
+    vae=None, such as a pixel-space text base, `models.text`), or a safety checker listed without its weights (a
+    hub base's snapshot fetches none: `models.hub`)."""
+    import diffusers
+
+    try:
+        index = json.loads((pipeline / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    cls = getattr(diffusers, str(index.get("_class_name")), None) if isinstance(index, dict) else None
+    if cls is None:
+        return {}
+    params = inspect.signature(cls.__init__).parameters.values()
+    taken = [p.name for p in params if p.name != "self" and p.default is p.empty]
+    absent = {name: None for name in taken if not isinstance(index.get(name), list) or index[name][:1] == [None]}
+    checker, listed = pipeline / "safety_checker", index.get("safety_checker")
+    if (
+        isinstance(listed, list)
+        and listed[:1] != [None]
+        and not [*checker.glob("*.safetensors"), *checker.glob("*.bin")]
+    ):
+        absent["safety_checker"] = None
+    return absent
 
 
 def load_prior(path: str, negative_prompt: str = "", device: str | torch.device = "cpu",
@@ -91,8 +121,12 @@ def load_prior(path: str, negative_prompt: str = "", device: str | torch.device 
 
     A bare model folder holds config.json, its weights and scheduler_config.json; a text-conditioned network
     needs its pipeline (for its text encoder), a class-conditional one its null class (priorlab.json or
-    DiT's num_embeds_ada_norm).
+    DiT's num_embeds_ada_norm). A hub name (org/name[@revision]) that names no local path is fetched, or found in
+    the Hugging Face cache offline, by `models.hub`.
     """
+    from priorlab.models.hub import locate
+
+    path = str(locate(path, "base", check=False))
     p = Path(path)
     if p.exists() and (p / "priorlab.json").exists() or (p / "model" / "priorlab.json").exists():
         return _from_priorlab(p, device, dtype)

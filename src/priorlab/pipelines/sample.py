@@ -1,10 +1,11 @@
 """`priorlab sample model=PATH base=PATH prior=base|self|auto|mix prompt=... image=... guidance_scale=... seed=...`
 
 `model=` is a diffusers pipeline folder or hub name, an exported priorlab pipeline, or a priorlab run or model folder
-(made a `ClassConditionalPipeline` on the fly). Writes the images (for video: each video's frames and a GIF) and
-sample.json with every setting; with `compare=true` it samples prior=self and the chosen prior from identical seeds
-and writes compare.png, a grid with one row per prior. The output folder is assembled under a temporary name and
-renamed when complete.
+(made a `ClassConditionalPipeline` on the fly, or for a text fine-tune a StableDiffusionPipeline: `prompt=` gives one
+prompt or a list). `base=` is a folder or a hub name (`models.hub`). Writes the images (for video: each video's
+frames and a GIF) and sample.json with every setting; with `compare=true` it samples prior=self and the chosen prior
+from identical seeds and writes compare.png, a grid with one row per prior. The output folder is assembled under a
+temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
     if cfg.width is not None:
         kw["width"] = int(cfg.width)
     n = int(cfg.num_images)
+    check_conditions(cfg, family)
     if family.name in NEEDS_PROMPT:
-        if cfg.prompt is None:
-            raise UserError(f"the {family.name} pipeline needs prompt='...'")
-        kw["prompt"] = str(cfg.prompt)
+        prompts = _listed(cfg.prompt)
+        kw["prompt"] = prompts if len(prompts) > 1 else prompts[0]
         if cfg.negative_prompt is not None:
-            kw["negative_prompt"] = str(cfg.negative_prompt)
+            negative = str(cfg.negative_prompt)
+            kw["negative_prompt"] = [negative] * len(prompts) if len(prompts) > 1 else negative
+        n *= len(prompts)
     if family.name in NEEDS_IMAGE:
         kw["image"] = open_image(cfg.image)
     if cfg.image_guidance_scale is not None:
@@ -71,11 +74,11 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
         accepted = inspect.signature(call).parameters
         per_prompt = next((k for k in ("num_images_per_prompt", "num_videos_per_prompt") if k in accepted), None)
         if per_prompt:
-            kw[per_prompt] = n
-        elif n > 1:  # e.g. TextToVideoSDPipeline: a batch of prompts instead
-            kw["prompt"] = [kw["prompt"]] * n
-            if "negative_prompt" in kw:
-                kw["negative_prompt"] = [kw["negative_prompt"]] * n
+            kw[per_prompt] = int(cfg.num_images)
+        elif n > 1:  # e.g. TextToVideoSDPipeline: a batch of prompts instead, each num_images times
+            for key in ("prompt", "negative_prompt"):
+                if key in kw:
+                    kw[key] = [p for p in _listed(kw[key]) for _ in range(int(cfg.num_images))]
     if not family.video:
         kw["output_type"] = "pil"
     accepted = inspect.signature(call).parameters
@@ -83,6 +86,23 @@ def call_arguments(cfg: DictConfig, family: Family, call) -> tuple[dict, int]:
         if key not in accepted:  # a named parameter (a pipeline's **kwargs only take deprecated callbacks)
             raise UserError(f"this pipeline takes no {SETTING.get(key, key)}=; leave it out")
     return kw, n
+
+
+def check_conditions(cfg: DictConfig, family: Family) -> None:
+    """The conditions given must be the model's: prompts for a text model, class labels for a class model."""
+    if family.class_labels and cfg.prompt is not None:
+        raise UserError(f"the {family.name} model is conditioned on classes, not prompts: give class_labels=[...] "
+                        "(class indices) instead of prompt=")  # fmt: skip
+    if not family.class_labels and cfg.class_labels is not None:
+        hint = " and give prompt='...' (or prompt=['...','...'])" if family.name in NEEDS_PROMPT else ""
+        raise UserError(f"the {family.name} model is not conditioned on classes: leave class_labels= out{hint}")
+    if family.name in NEEDS_PROMPT and (cfg.prompt is None or not _listed(cfg.prompt)):
+        raise UserError(f"the {family.name} pipeline needs prompt='...' (or a list, prompt=['...','...'])")
+
+
+def _listed(value) -> list[str]:
+    """A prompt or a list of prompts (prompt=['a','b'] on the command line) as a list of strings."""
+    return [str(v) for v in value] if OmegaConf.is_list(value) or isinstance(value, list | tuple) else [str(value)]
 
 
 def _frames(output, family: Family) -> list:

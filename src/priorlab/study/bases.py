@@ -75,13 +75,18 @@ def prior_jobs(bases: list[BaseRuns]) -> list[tuple[str, list[str]]]:
 
 def base_folder(study_dir: Path, name: str, entry: dict) -> Path:
     """A named base's model: base/<name>/ of the study, or its `path` (a diffusers or priorlab model trained
-    elsewhere, checked to be one here, before anything runs)."""
+    elsewhere, checked to be one here, before anything runs). A hub name (`models.hub`) is fetched here and given
+    to the fine-tunes at the commit it resolved to (org/name@commit), so that every fine-tune of the study starts
+    from the same weights."""
     if entry.get("path") is None:
         return study_dir / "base" / name
+    from priorlab.models.hub import hub_model
     from priorlab.models.io import resolve_model_dir
 
-    folder = Path(entry["path"]).expanduser().resolve()
-    resolve_model_dir(folder, role=f"bases.{name}.path")
+    role = f"bases.{name}.path"
+    hub = hub_model(str(entry["path"]), role)
+    folder = Path(f"{hub.repo_id}@{hub.commit}") if hub else Path(entry["path"]).expanduser().resolve()
+    resolve_model_dir(folder, role=role)
     return folder
 
 

@@ -143,10 +143,11 @@ def check_bases(bases: dict | None, where: str, sweep: dict | None = None) -> di
 
 def check_base_path(path, entry: dict, name: str, where: str) -> str:
     """A base's `path`: a model trained elsewhere (a diffusers UNet2DModel or DiT folder or pipeline folder, or a
-    priorlab model folder), which the study fine-tunes without training a base; it takes no `base` overrides."""
+    priorlab model folder, or a hub name: `models.hub`), which the study fine-tunes without training a base; it
+    takes no `base` overrides."""
     if not isinstance(path, str) or not path:
         raise UserError(f"{where}: base {name}'s `path` must name a folder: a diffusers model or pipeline folder, or "
-                        "a priorlab model folder")  # fmt: skip
+                        "a priorlab model folder; or a hub name (org/name[@revision])")  # fmt: skip
     if entry.get("base"):
         raise UserError(f"{where}: base {name} has a `path` (a base trained elsewhere, not trained by the study) and "
                         "`base` overrides; drop one")  # fmt: skip

@@ -2,7 +2,8 @@
 
 A run folder records the resolved config it was started with (`config.yaml`) and, for a fine-tune, the base its
 weights started from (`base.json`: the base's path and the SHA-256 of its weights; a finished run's
-`model/priorlab.json` holds the same). Started again, a run that holds a checkpoint or `done.json` must be given
+`model/priorlab.json` holds the same, and for a base given by its hub name that name, the revision and the commit:
+`models.hub`). Started again, a run that holds a checkpoint or `done.json` must be given
 the training settings it recorded: every key of the resolved config is compared except those in RESUMABLE (a
 deny-list, so a key added later is checked by default), and the base given now must hash to the recorded one.
 `resume=force` continues anyway; what differed is appended to `resume_forced.json`.
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from priorlab import atomic
 from priorlab.errors import UserError
+from priorlab.models.hub import available
 from priorlab.models.io import META, content_hash, resolve_model_dir
 
 CONFIG = "config.yaml"
@@ -133,7 +135,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, finished: bool) -> dict[str, tu
     if cfg.stage.name == "base":
         diffs.pop("cond_dropout", None)  # a base replaces every label by the null class whatever it says
     record = recorded_base(run_dir, finished) if cfg.stage.name == "finetune" and cfg.base else None
-    if record is not None and (not finished or Path(cfg.base).expanduser().exists()):
+    if record is not None and (not finished or available(cfg.base)):
         base_dir = resolve_model_dir(cfg.base, role="base")  # a finished run whose base is gone loads nothing
         sha = content_hash(base_dir)
         if sha != record["sha256"]:
