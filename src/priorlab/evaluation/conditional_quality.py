@@ -136,6 +136,8 @@ def conditional_quality(
     held-out captions, `models.text`).
     """
     priors = evaluation_priors(settings, prior_net, weights or {}, extra or {})
+    for prior in priors:  # before any sampling: prior=distilled needs a model and scales it was trained for
+        prior.check_guided(model, settings.guidance_scales)
     reference = evaluator.reference_labels if settings.labels == "data" else None
     reference = heldout_labels if heldout_labels is not None else reference
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed, reference)

@@ -1,10 +1,10 @@
 """The one home of the unconditional prior of classifier-free guidance.
 
-- `modes`: the list of modes (`self`, `base`, `none`, `auto`, `mix`, `checked`), the strings of the config, the CLI
-  and the result keys.
-- `kinds`: the priors as objects (`SelfPrior`, `BasePrior`, `MixPrior`, `CheckedPrior`, `NoPrior`), each validated
-  once when built; `make_prior` builds one from a mode string at the edges. Naming rule: `prior` is such an
-  object, `prior_net` the network object.
+- `modes`: the list of modes (`self`, `base`, `none`, `auto`, `mix`, `checked`, `distilled`), the strings of the
+  config, the CLI and the result keys.
+- `kinds`: the priors as objects (`SelfPrior`, `BasePrior`, `MixPrior`, `CheckedPrior`, `NoPrior`,
+  `DistilledPrior`), each validated once when built; `make_prior` builds one from a mode string at the edges. Naming
+  rule: `prior` is such an object, `prior_net` the network object.
 - `nets`: the prior network's eps at the guided model's (x_t, ᾱ_t): one interface (`PriorNet`), adapters for
   priorlab denoisers (`DenoiserPrior`) and diffusers networks (`DiffusersPrior`), one timestep matching (closest
   ᾱ) and one conversion between prediction types, with their edges (zero terminal SNR, fractional timesteps).
@@ -36,6 +36,7 @@ _WHERE = {
     "CheckedPrior": "kinds",
     "DenoiserPrior": "nets",
     "DiffusersPrior": "nets",
+    "DistilledPrior": "kinds",
     "FittedPrior": "kinds",
     "FusedPair": "fused",
     "MixPrior": "kinds",
@@ -89,6 +90,7 @@ __all__ = [
     "CheckedPrior",
     "DenoiserPrior",
     "DiffusersPrior",
+    "DistilledPrior",
     "FittedPrior",
     "FusedPair",
     "MixPrior",
