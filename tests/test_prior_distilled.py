@@ -158,3 +158,16 @@ def test_an_evaluation_reports_prior_distilled_beside_base_alone_or_in_one_pass(
     assert alone["eval/cond/fd/prior=distilled/w=3.0"] != alone["eval/cond/fd/prior=base/w=3.0"]
     for k in (k for k in alone if k.startswith("eval/cond/fd/")):  # one pass: the same up to other batch shapes
         assert batched[k] == pytest.approx(alone[k], rel=1e-3, abs=1e-4), k
+
+
+def test_prior_distilled_samples_from_a_recorded_graph_as_it_does_launched(batch, cpu_graphs):
+    """Nothing in its step reads a GPU value (the scale is filled in on the device): the step is captured once and
+    replayed, here by the CPU stand-in of CUDA graphs, with the samples of the launched step."""
+    sched = batch[0]
+    model = _distilled(perturbed_mlp(0))
+    labels, seeds = torch.arange(8) % 4, torch.arange(8)
+    with torch.no_grad():
+        launched = sample(model, labels, seeds, sched, (2,), 2.5, DistilledPrior(), num_steps=4)
+        replayed = sample(model, labels, seeds, sched, (2,), 2.5, DistilledPrior(), num_steps=4, graphs=True)
+    assert cpu_graphs.captures == 1 and cpu_graphs.replays == 4
+    torch.testing.assert_close(replayed, launched)

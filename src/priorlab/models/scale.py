@@ -39,8 +39,11 @@ def scale_features(s: Tensor, frequencies: int) -> Tensor:
 
 
 def scale_rows(scale: Tensor | float, n: int, device: torch.device) -> Tensor:
-    """A guidance scale (a number, a 0-d tensor or one per row) as a float32 tensor of n rows on `device`."""
-    w = torch.as_tensor(scale, dtype=torch.float32, device=device)
+    """A guidance scale (a number, a 0-d tensor or one per row) as a float32 tensor of n rows on `device`. A number
+    is filled in on the device, not copied there: a copy from host memory would wait for the GPU at every step."""
+    if not isinstance(scale, Tensor):
+        return torch.full((n,), float(scale), device=device)
+    w = scale.to(device=device, dtype=torch.float32)
     return w.expand(n) if w.ndim == 0 else w.reshape(n)
 
 
