@@ -131,6 +131,8 @@ def test_the_scale_embedding_is_saved_and_loaded_with_the_model(tmp_path):
 
 
 def test_an_evaluation_reports_prior_distilled_beside_base_alone_or_in_one_pass():
+    """A guidance-distilled model is evaluated with the prior it was trained for, whether eval.priors names it or not
+    (a study's plain and distilled fine-tunes share their eval.priors)."""
     from dataclasses import replace
 
     from priorlab.evaluation.conditional_quality import conditional_quality
@@ -145,8 +147,8 @@ def test_an_evaluation_reports_prior_distilled_beside_base_alone_or_in_one_pass(
     with torch.no_grad():
         evaluator = Evaluator(net, net.features(torch.randn(30, 1, 8, 8)), torch.arange(30) % 3, 1.0)
     settings = EvalSettings(num_samples=6, num_steps=2, guidance_scales=[1.0, 2.0, 3.0], batch_size=6, kid_subset=3,
-                            grid_per_class=1, bootstrap=0, priors=["base", "distilled"])  # fmt: skip
-    with torch.no_grad():
+                            grid_per_class=1, bootstrap=0, priors=["base"])  # fmt: skip
+    with torch.no_grad():  # a model that takes the scale is evaluated with prior=distilled too
         alone, grids = conditional_quality(model, sched, base, evaluator, (1, 8, 8), settings)
         batched, _ = conditional_quality(model, sched, base, evaluator, (1, 8, 8), replace(settings, one_pass="all"))
         with pytest.raises(UserError, match="prior=distilled was trained for guidance scales in \\[1, 3\\], not w=4"):
@@ -171,3 +173,18 @@ def test_prior_distilled_samples_from_a_recorded_graph_as_it_does_launched(batch
         replayed = sample(model, labels, seeds, sched, (2,), 2.5, DistilledPrior(), num_steps=4, graphs=True)
     assert cpu_graphs.captures == 1 and cpu_graphs.replays == 4
     torch.testing.assert_close(replayed, launched)
+
+
+def test_an_evaluation_checks_prior_distilled_before_it_samples_or_trains():
+    from priorlab.evaluation.generation import check_guided, usable_priors
+    from priorlab.evaluation.settings import EvalSettings
+
+    distilled, plain = _distilled(perturbed_mlp(0), max_scale=3.0), perturbed_mlp(0)
+    settings = EvalSettings(guidance_scales=[1.0, 2.0, 4.0], priors=["self", "base"])
+    assert usable_priors(settings, None, plain) == ["self"]  # base is left out without a base, as before
+    assert usable_priors(settings, None, distilled) == ["self", "distilled"]
+    check_guided(settings, plain)
+    with pytest.raises(UserError, match=r"trained for guidance scales in \[1, 3\], not w=4"):
+        check_guided(settings, distilled)  # the evaluation callbacks' setup: before the run trains
+    with pytest.raises(UserError, match="needs a fine-tune trained with guidance_distill"):
+        check_guided(EvalSettings(priors=["distilled"]), plain)

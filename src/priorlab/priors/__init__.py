@@ -21,6 +21,7 @@ import importlib
 # Each name is imported from its module on first use (PEP 562), so that reading the modes (`priorlab.priors.modes`,
 # which the analysis and the CLI do) does not import torch and diffusers with the networks: 6 s of a study's report.
 _WHERE = {
+    "DISTILLED": "modes",
     "FITTABLE": "modes",
     "FITTED": "modes",
     "FIXED": "modes",
@@ -75,6 +76,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DISTILLED",
     "FITTABLE",
     "FITTED",
     "FIXED",

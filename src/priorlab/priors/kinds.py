@@ -83,8 +83,10 @@ class Prior:
     def check_model(self, num_train_timesteps: int) -> None:
         """Refuse a guided model this prior does not fit (fitted weights: other training timesteps)."""
 
-    def check_guided(self, model, scales) -> None:
-        """Refuse a guided model θ (a `Denoiser`) or guidance scales this prior cannot guide with, before sampling."""
+    @classmethod
+    def check_guided(cls, model, scales) -> None:
+        """Refuse a guided model θ (a `Denoiser`) or guidance scales this kind cannot guide with, before sampling
+        (a class method: an evaluation checks its modes before it trains or fits anything)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -187,7 +189,8 @@ class DistilledPrior(Prior):
     mode = "distilled"
     scale_input = True
 
-    def check_guided(self, model, scales) -> None:
+    @classmethod
+    def check_guided(cls, model, scales) -> None:
         embedding = getattr(model, "scale_embedding", None)
         if embedding is None:
             raise UserError("prior=distilled needs a fine-tune trained with guidance_distill.max_scale=W (it takes "

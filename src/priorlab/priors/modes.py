@@ -17,6 +17,7 @@ MODES = ("self", "base", "none", "auto", "mix", "checked", "distilled")
 FIXED = ("self", "base")  # the two candidates: no fitting, no weights
 FITTABLE = ("auto", "mix")  # fitted by least squares (`fit_weights`)
 FITTED = (*FITTABLE, "checked")  # every mode that guides with fitted weights
+DISTILLED = "distilled"  # the mode of a fine-tune that takes the guidance scale as an input
 IN_PIPELINES = (*FIXED, *FITTABLE)  # the modes of the swap inside diffusers pipelines
 
 
