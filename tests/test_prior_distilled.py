@@ -188,3 +188,21 @@ def test_an_evaluation_checks_prior_distilled_before_it_samples_or_trains():
         check_guided(settings, distilled)  # the evaluation callbacks' setup: before the run trains
     with pytest.raises(UserError, match="needs a fine-tune trained with guidance_distill"):
         check_guided(EvalSettings(priors=["distilled"]), plain)
+
+
+def test_a_results_table_holds_prior_distilled_for_the_distilled_runs_only():
+    import pandas as pd
+
+    from priorlab.analysis.results import check_complete
+
+    def rows(run: str, priors: list[str]) -> list[dict]:
+        return [{"run": run, "step": 2, "metric": m, "prior": p, "guidance_scale": w, "value": 0.5}
+                for m in ("fd", "accuracy") for p in priors for w in (1.0, 2.0)]  # fmt: skip
+
+    plain, both = ["self", "base"], ["self", "base", "distilled"]
+    check_complete(pd.DataFrame(rows("a", plain) + rows("b", both) + rows("c", both)), "results.csv")
+    short = rows("c", both)[:-1]  # run c lacks prior=distilled's last row
+    with pytest.raises(UserError, match="the last evaluation of c has no accuracy prior=distilled w=2"):
+        check_complete(pd.DataFrame(rows("a", plain) + rows("b", both) + short), "results.csv")
+    with pytest.raises(UserError, match="the last evaluation of a has no accuracy prior=base w=2"):
+        check_complete(pd.DataFrame(rows("a", plain)[:-1] + rows("b", both)), "results.csv")
