@@ -278,6 +278,7 @@ E2E_TESTS = {
     "test_pipelines.py::test_sample_command_user_mistakes_are_one_line_errors": "eight pipeline loads",
     # training to a quality bar, or a base then its fine-tune through the CLI
     "test_evaluation.py::test_toy2d_ground_truth_base_prior_beats_an_untrained_unconditional_branch": "trains",
+    "test_distill.py::test_after_training_one_pass_matches_the_two_network_guided_prediction": "trains (issue 33)",
     "test_evaluation.py::test_callbacks_and_evaluate_command": "trains, then evaluates through the CLI",
     "test_evaluation.py::test_final_evaluation_runs_on_ema_weights_before_lightning_moves_the_module_to_the_cpu": (
         "trains"

@@ -1,17 +1,18 @@
 """The paper's setting end to end on the CPU: emoji styles prepared from tarballs (no network), a base trained on
 other styles and a same-domain control, fine-tunes on the target style, each evaluated with self, base, the other
-base (a model it did not start from) and the checked prior, then the report."""
+base (a model it did not start from) and the checked prior (and the broad base's distilled arm with its one pass),
+then the report."""
 
 from __future__ import annotations
 
 import json
 
-import pandas as pd
 import pytest
 import torch
 
 from conftest import run_cli
 from emoji_fixture import build_tarballs
+from priorlab.analysis.results import load_results
 from priorlab.evaluation.generation import eval_labels_seeds, proportional_labels
 from priorlab.overrides import override
 from priorlab.study.bases import study_bases
@@ -67,15 +68,20 @@ def test_the_tiny_preset_runs_from_tarballs_to_report(tmp_path):
     study = tmp_path / "runs" / "paper_setting"
     record = json.loads((study / "study.json").read_text())
     assert record["primary_scale"] == 1.5 and record["main"] == {"base_name": ["broad"]}
-    frame = pd.read_csv(study / "results.csv")
+    frame = load_results(study)
     assert set(frame["base_name"]) == {"broad", "same"}
     fd = frame[(frame["metric"] == "fd") & (frame["guidance_scale"] == 1.5)]
-    assert set(fd["prior"]) == {"self", "base", "other", "checked"}
+    # the distilled arm (broad only) is evaluated with its one pass too; the plain fine-tunes are not
+    assert set(fd.loc[fd["distill"] == "None", "prior"]) == {"self", "base", "other", "checked"}
+    assert set(fd.loc[fd["distill"] == "3.0", "prior"]) == {"self", "base", "other", "checked", "distilled"}
+    assert set(fd.loc[fd["distill"] == "3.0", "base_name"]) == {"broad"}
     for name, other in (("broad", "same"), ("same", "broad")):  # each base's fine-tunes used the other base
-        config = (study / "finetune" / f"base={name}" / "p=0.1" / "seed=0" / "config.yaml").read_text()
+        config = (study / "finetune" / f"base={name}" / "distill=None" / "p=0.1" / "seed=0" / "config.yaml").read_text()
         assert f"other: {study}/base/{other}" in config
     report = (study / "report.md").read_text()
-    assert "## Validity" in report and "The extra prior `other`" in report
+    assert (
+        "## Validity" in report and "The extra prior `other`" in report and "The one-pass prior `distilled`" in report
+    )
 
 
 def _every_preset():

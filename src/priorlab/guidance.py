@@ -16,6 +16,8 @@ several settings side by side in one batch (`priorlab.sample_many`), both on `_s
 and the ∅ rows of the λ = 0 priors in one pass, each prior network once over the rows of its priors. Where the prior
 network runs over every row θ runs over (prior=base, or blocks of base priors only) and shares θ's architecture, both
 can run as one network over a stacked model dimension (`priorlab.priors.fused`, the prior's `fused` setting).
+A prior whose θ takes w as an input (prior=distilled, `Prior.scale_input`: a fine-tune trained with
+`guidance_distill`) is guided by θ's one pass at w, eps = eps_θ(x_t, c, w): no ∅ branch, no prior network.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ def guide(
         overlap: on a GPU, run the prior network on a side CUDA stream concurrently with the model.
     Each network is evaluated only on the rows that need it: θ's ∅ branch where the base weight is below 1 (in
     one batched pass with the conditional branch), ψ where it is above 0. Every branch is converted to the dtype of
-    x_t before it is combined, so under autocast the combination is not computed in bf16.
+    x_t before it is combined, so under autocast the combination is not computed in bf16. A prior of
+    `scale_input` (prior=distilled) is θ's one pass at w (w = 1 outside the interval); its `cond` is that pass.
     """
     rows = torch.ones(len(x_t), dtype=torch.bool, device=x_t.device)
     if interval is not None:
@@ -115,6 +118,9 @@ def guide(
     if not prior.guides or scale == 1 or (interval is not None and not rows.any()):
         cond = _cond(model, x_t, t, labels, abar_t)
         return Branches(cond, cond, None, rows & False)
+    if prior.scale_input:  # θ's own pass at w is the guided prediction
+        guided = _cond(model, x_t, t, labels, abar_t, scale if interval is None else torch.where(rows, scale, 1.0))
+        return Branches(guided, guided, None, rows)
     w = prior.base_weight(t.to(x_t.device), scale)
     if interval is None and not prior.per_row:
         # Every row is guided and one network gives ∅ for all of them: no row selection, so nothing here
@@ -139,6 +145,7 @@ def guide_blocks(model: Denoiser, x_t: Tensor, t: Tensor, labels: Tensor, abar_t
     batch shapes). θ makes one pass over every row (conditional) and the rows of the blocks whose prior is θ's own
     ∅ branch; each prior network one pass over the rows of its blocks. Only priors of one base weight for every row
     can share a batch (`Prior.per_row` false): no step reads a GPU value, so it can be captured in a CUDA graph.
+    The blocks of a prior of `scale_input` (prior=distilled) take their w in θ's pass, which is their guided eps.
 
     Args:
         t: the step's timestep, one for every row (a 0-d or (1,) tensor) or (N,); abar_t: θ's ᾱ per row (N,).
@@ -147,27 +154,32 @@ def guide_blocks(model: Denoiser, x_t: Tensor, t: Tensor, labels: Tensor, abar_t
     b = len(x_t) // len(blocks)
     parts = [(slice(j * b, (j + 1) * b), prior, w) for j, (prior, w) in enumerate(blocks)]
     active = [(sl, prior, w) for sl, prior, w in parts if guided and w != 1 and prior.guides]
+    scales = torch.ones(len(x_t), device=x_t.device) if any(p.scale_input for _, p, _ in active) else None
+    for sl, _, w in (part for part in active if part[1].scale_input):  # θ's scale input: w there, 1 elsewhere
+        scales[sl] = w
+    active = [part for part in active if not part[1].scale_input]
     cond, unconds = _shared_pass(model, x_t, t.expand(len(x_t)), labels, abar_t,
-                                 [(sl, prior) for sl, prior, _ in active], overlap=False)  # fmt: skip
+                                 [(sl, prior) for sl, prior, _ in active], overlap=False, scale=scales)  # fmt: skip
     eps = cond.clone()
     for (sl, _, w), uncond in zip(active, unconds, strict=True):
         eps[sl] = cfg(cond[sl], uncond, w)
     return eps
 
 
-def _shared_pass(model, x_t, t, labels, abar_t, blocks: list[tuple[slice, Prior]],
-                 overlap: bool) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
-    """eps_θ(x_t, c) of every row and the unconditional eps of each block (rows, prior) of a prior with one base
-    weight for every row: θ's ∅ (λ = 0) from θ's one pass, ψ's (λ = 1) from one pass of each network over the rows
-    of its blocks."""
+def _shared_pass(model, x_t, t, labels, abar_t, blocks: list[tuple[slice, Prior]], overlap: bool,
+                 scale: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:  # fmt: skip
+    """eps_θ(x_t, c) of every row (at θ's scale input `scale` (N,) where given) and the unconditional eps of each
+    block (rows, prior) of a prior with one base weight for every row: θ's ∅ (λ = 0) from θ's one pass, ψ's (λ = 1)
+    from one pass of each network over the rows of its blocks."""
     own = [sl for sl, prior in blocks if not prior.needs_net]
     nets = [(sl, prior) for sl, prior in blocks if prior.needs_net]
-    cond, eps_self, eps_base = _passes(model, x_t, t, labels, abar_t, own, nets, overlap)
+    cond, eps_self, eps_base = _passes(model, x_t, t, labels, abar_t, own, nets, overlap, scale is None, scale)
     mine, theirs = iter(eps_self), iter(eps_base)
     return cond, [next(theirs if prior.needs_net else mine).to(cond.dtype) for _, prior in blocks]
 
 
-def _passes(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap: bool, fuse: bool = True):
+def _passes(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap: bool, fuse: bool = True,
+            scale: Tensor | None = None):  # fmt: skip
     """θ's pass (`_model_pass`) over every row and the ∅ rows `own` (indices of x_t), and the prior networks' passes
     (`_net_passes`) over the rows of `nets`, on a side CUDA stream concurrently where `overlap` asks and there is one.
     Returns (eps_θ(x_t, c), [eps_θ(x_t[i], ∅) for i in own], [eps_ψ(x_t[i], ∅) for (i, ψ) in nets])."""
@@ -175,10 +187,10 @@ def _passes(model, x_t, t, labels, abar_t, own: list, nets: list[tuple], overlap
     if fused is not None:
         return fused
     if nets and overlap and x_t.is_cuda:
-        (cond, eps_self), eps_base = _overlapped(lambda: _model_pass(model, x_t, t, labels, abar_t, own),
+        (cond, eps_self), eps_base = _overlapped(lambda: _model_pass(model, x_t, t, labels, abar_t, own, scale),
                                                  lambda: _net_passes(x_t, abar_t, nets), x_t.device)  # fmt: skip
     else:
-        cond, eps_self = _model_pass(model, x_t, t, labels, abar_t, own)
+        cond, eps_self = _model_pass(model, x_t, t, labels, abar_t, own, scale)
         eps_base = _net_passes(x_t, abar_t, nets)
     return cond, eps_self, eps_base
 
@@ -215,25 +227,28 @@ def _eps(pred: Tensor, prediction_type: str, x_t: Tensor, abar_t: Tensor) -> Ten
     return diffusion.to_eps(pred.to(x_t.dtype), prediction_type, x_t, abar_t)
 
 
-def _cond(model, x_t, t, labels, abar_t) -> Tensor:
-    """eps_θ(x_t, c) for every row."""
-    return _eps(model(x_t, t, labels), model.prediction_type, x_t, abar_t)
+def _cond(model, x_t, t, labels, abar_t, scale: Tensor | float | None = None) -> Tensor:
+    """eps_θ(x_t, c) for every row, with θ's scale input where `scale` is given (a model that takes one)."""
+    out = model(x_t, t, labels) if scale is None else model(x_t, t, labels, scale=scale)
+    return _eps(out, model.prediction_type, x_t, abar_t)
 
 
 def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _model_pass(model, x_t, t, labels, abar_t, own: list) -> tuple[Tensor, list[Tensor]]:
+def _model_pass(model, x_t, t, labels, abar_t, own: list, scale: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """eps_θ(x_t, c) for every row and eps_θ(x_t[i], ∅) for each index i of `own` (a slice or a boolean mask), in
-    one batched pass over [x_t; x_t[i_1]; ...]."""
+    one batched pass over [x_t; x_t[i_1]; ...]; θ's scale input `scale` (N,) in the conditional rows where given,
+    1 in the ∅ rows."""
     if not own:
-        return _cond(model, x_t, t, labels, abar_t), []
+        return _cond(model, x_t, t, labels, abar_t, scale), []
     rows = [x_t[i] for i in own]
     x = torch.cat([x_t, *rows])
     null = torch.cat([torch.full_like(labels[i], model.null_class) for i in own])
-    both = _eps(model(x, torch.cat([t, *[t[i] for i in own]]), torch.cat([labels, null])), model.prediction_type, x,
-                torch.cat([abar_t, *[abar_t[i] for i in own]]))  # fmt: skip
+    scale = None if scale is None else torch.cat([scale, scale.new_ones(len(x) - len(x_t))])
+    both = _cond(model, x, torch.cat([t, *[t[i] for i in own]]), torch.cat([labels, null]),
+                 torch.cat([abar_t, *[abar_t[i] for i in own]]), scale)  # fmt: skip
     return both[: len(x_t)], list(both[len(x_t) :].split([len(r) for r in rows]))
 
 

@@ -27,7 +27,8 @@ from priorlab.sampling import can_graph, graphed_step, trajectory, weights_key
 
 @dataclass(frozen=True)
 class Setting:
-    """One trajectory per sample: the prior (self, base, none: one base weight for every row) and the scale."""
+    """One trajectory per sample: the prior (self, base, none, distilled: one base weight for every row) and the
+    scale."""
 
     prior: Prior
     scale: float
@@ -48,6 +49,7 @@ def sample_many(
         if s.prior.per_row:
             raise UserError(f"prior={s.prior.name} cannot share a sampling pass; one pass takes the priors of one "
                             "weight for every row (self, base, none)")  # fmt: skip
+        s.prior.check_guided(model, [s.scale])
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     k = len(settings)

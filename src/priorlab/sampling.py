@@ -223,6 +223,7 @@ def sample(
             priors, the same computation runs eagerly.
     """
     prior.check_model(train_scheduler.config.num_train_timesteps)
+    prior.check_guided(model, [scale])
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     reads = prior.reads  # the prior network a graphed step reads

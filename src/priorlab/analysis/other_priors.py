@@ -1,5 +1,6 @@
-"""The report's section on extra priors (`extra_priors`, e.g. a smaller base as a cheap prior; issue 17): each one
-against the fine-tune's own ∅ branch and against the full-size base, paired over seeds, with its sampling time.
+"""The report's section on extra priors (`extra_priors`, e.g. a smaller base as a cheap prior; issue 17) and on
+prior=distilled (a guidance-distilled fine-tune's one pass; issue 33): each one against the fine-tune's own ∅ branch
+and against the full-size base, paired over seeds, with its sampling time.
 What counts as a finding is the report's one rule (`stats.judge_scales`), each (condition, comparison, metric) a
 family. Studies run before the evaluation recorded the SE of every two priors' difference have no interval over
 samples against the base, so there no difference from the base is a finding."""
@@ -15,14 +16,26 @@ from priorlab.analysis.results import extra_priors, final_rows
 from priorlab.analysis.stats import guided_advantage, pair_se, with_verdicts
 from priorlab.analysis.text import cond_label, fmt_p, interval, markdown_table
 from priorlab.analysis.validity import CAVEAT, LOWER_IS_BETTER, Validity, condition_keys
+from priorlab.priors.modes import DISTILLED
 
 COMPARED = ("self", "base")  # what each extra prior is compared with
 
 
 def extra_prior_names(frame: pd.DataFrame) -> list[str]:
-    """The priors of the results that are none of the built-in modes: the study's extra priors."""
+    """The priors of the results compared with self and base, a section each: the study's extra priors (none of the
+    built-in modes), then prior=distilled (a guidance-distilled fine-tune's one pass at w, `guidance_distill`)."""
     final = final_rows(frame)
-    return extra_priors(final[final["metric"] == "fd"])
+    fd = final[final["metric"] == "fd"]
+    return [*extra_priors(fd), *([DISTILLED] if (fd["prior"] == DISTILLED).any() else [])]
+
+
+def _what(name: str) -> str:
+    """What prior `name` is, for its section's title and first sentence."""
+    if name == DISTILLED:
+        return (f"prior={name} is the fine-tune's own single pass at w, trained to give the base-guided "
+                "prediction (`guidance_distill`): against prior=base at the same w it says what one network per step "
+                "costs")  # fmt: skip
+    return f"prior={name} is another network in the base's place (`extra_priors`)"
 
 
 def advantage(frame: pd.DataFrame, metric: str, other: str, name: str) -> pd.DataFrame:
@@ -107,8 +120,8 @@ def _intro(frame: pd.DataFrame, metric: str, name: str) -> str:
     timing = ", ".join(f"{ratios[o]:.2f}× prior={o}'s" for o in COMPARED if not math.isnan(ratios.get(o, math.nan)))
     losses = null_losses(frame, name)
     loss_text = ", ".join(f"{who} {value:.4g}" for who, value in losses.items())
-    return (f"prior={name} is another network in the base's place (`extra_priors`). Advantage > 0: prior={name} "
-            f"did better (lower {metric.upper()}, higher accuracy); mean [95% CI over seeds], paired. A finding "
+    return (f"{_what(name)}. Advantage > 0: prior={name} did better (lower {metric.upper()}, higher accuracy); "
+            "mean [95% CI over seeds], paired. A finding "
             "follows the rule stated for the swap's findings (both intervals at the primary scale, Holm-adjusted p "
             "over seeds and over samples at the secondary ones) and needs its condition to pass the validity checks."
             + ("" if base_recorded(frame, metric, name) else " Against prior=base these runs recorded no "
@@ -132,8 +145,9 @@ def extra_prior_lines(
     unit = metric.upper()
     lines = []
     for name in names:
-        lines += [f"## The extra prior `{name}`: against the fine-tune's own ∅ branch and the base", "",
-                  _intro(frame, metric, name), ""]  # fmt: skip
+        title = "The one-pass prior `distilled`" if name == DISTILLED else f"The extra prior `{name}`"
+        lines += [f"## {title}: against the fine-tune's own ∅ branch and the base", "", _intro(frame, metric, name),
+                  ""]  # fmt: skip
         table = []
         per_other = {o: with_verdicts(advantage(frame, metric, o, name), keys, primary_scale) for o in COMPARED}
         accuracy = {o: advantage(frame, "accuracy", o, name) for o in COMPARED}

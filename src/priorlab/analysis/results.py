@@ -120,8 +120,9 @@ def load_results(study_dir: str | Path) -> pd.DataFrame:
 
 
 def check_complete(frame: pd.DataFrame, path: Path) -> None:
-    """Every run's last evaluation holds the same (metric, prior, guidance scale) rows, as every study writes them: a
-    truncated or partly deleted table is refused instead of reported on."""
+    """Every run's last evaluation holds the same (metric, prior, guidance scale) rows, as every study writes them
+    (prior=distilled's: every guidance-distilled run the same ones): a truncated or partly deleted table is refused
+    instead of reported on."""
     final = final_rows(frame)
     metric = "nll" if (frame["metric"] == "nll").any() else "fd"  # the study's metric (validity.study_metric)
     for needed, priors in ((metric, ("self", "base")), ("accuracy", ("self", "base"))):
@@ -130,13 +131,25 @@ def check_complete(frame: pd.DataFrame, path: Path) -> None:
                             f"the report compares; {REBUILD}")  # fmt: skip
     keys = {run: set(zip(g["metric"], g["prior"], g["guidance_scale"].fillna(-1.0), strict=True))
             for run, g in final.groupby("run", sort=False)}  # fmt: skip
-    union = set().union(*keys.values())
-    short = next((run for run, k in keys.items() if k != union), None)
-    if short is not None:
-        metric, prior, scale = sorted(union - keys[short], key=str)[0]
-        what = f"{metric}" + (f" prior={prior}" if prior else "") + (f" w={scale:g}" if scale >= 0 else "")
-        raise UserError(f"{path} is incomplete: the last evaluation of {short} has no {what}, which other runs have; "
-                        f"{REBUILD}")  # fmt: skip
+    # prior=distilled's rows (and its pairs' SEs) are those of the guidance-distilled fine-tunes only: compared
+    # among them, every other row among all runs
+    one_pass = {run: {k for k in held if _of_distilled(k)} for run, held in keys.items()}
+    for group in ({run: held - one_pass[run] for run, held in keys.items()}, {r: k for r, k in one_pass.items() if k}):
+        union = set().union(*group.values())
+        short = next((run for run, k in group.items() if k != union), None)
+        if short is not None:
+            metric, prior, scale = sorted(union - group[short], key=str)[0]
+            what = f"{metric}" + (f" prior={prior}" if prior else "") + (f" w={scale:g}" if scale >= 0 else "")
+            raise UserError(f"{path} is incomplete: the last evaluation of {short} has no {what}, which other runs "
+                            f"have; {REBUILD}")  # fmt: skip
+
+
+def _of_distilled(key: tuple) -> bool:
+    """Whether a (metric, prior, scale) row is prior=distilled's, or the SE of another prior's difference from it."""
+    from priorlab.priors.modes import DISTILLED
+
+    metric, prior, _ = key
+    return prior == DISTILLED or metric.endswith(f"_vs_{DISTILLED}")
 
 
 def final_rows(frame: pd.DataFrame) -> pd.DataFrame:

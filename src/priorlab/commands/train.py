@@ -22,6 +22,7 @@ from priorlab.models.latent import Latent
 from priorlab.models.pretrained import base_schedule, conditional_copy, is_pretrained
 from priorlab.models.text import TextDenoiser, text_copy
 from priorlab.training.callbacks import DivergenceWatch, SaveDenoiser
+from priorlab.training.distill import distill_settings, distilled_finetune
 from priorlab.training.module import DiffusionModule
 from priorlab.training.quiet import MATMUL_PRECISIONS, quiet, set_matmul_precision
 from priorlab.training.resume import BASE_RECORD, CONFIG, RESUME_MODES, check_resume, record_forced, recorded_base
@@ -46,13 +47,15 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"matmul_precision={cfg.matmul_precision} is unknown; use one of {choices}, or null")
     if cfg.get("resume", "check") not in RESUME_MODES:
         raise UserError(f"resume={cfg.resume} is unknown; use resume=check (the default) or resume=force")
+    distill_settings(cfg)
 
 
 def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[DiffusionModule, dict]:
     """The DiffusionModule for this stage and the metadata its saved model records. A fine-tune of a diffusers
     base (`models.pretrained`) is the base's architecture, made class-conditional, or conditioned on the data's
     captions for a text base (`models.text`); model=... is not used. A latent base's fine-tune trains on the data's
-    latents (`models.latent`), encoded here (in place) or read from the cache."""
+    latents (`models.latent`), encoded here (in place) or read from the cache. With guidance_distill, the fine-tune
+    takes the guidance scale as an input and the base is its teacher too (`training.distill`)."""
     base = load_denoiser(cfg.base, role="base") if cfg.stage.name == "finetune" else None
     meta = {"stage": cfg.stage.name, "seed": cfg.seed, "data": cfg.data.get("_target_")}
     if base is not None and is_pretrained(base.meta):
@@ -65,6 +68,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         )
     scheduler = instantiate(cfg.diffusion)
     datamodule.run_seed = int(cfg.seed)  # the run's stream of batches (`seeds.batch_seed`)
+    distill = None
     if base is None:
         cond_dropout = 1.0
     else:
@@ -80,6 +84,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
             meta["base"]["text_encoder"] = base.meta["text_encoder"]
         if "vae" in meta:  # base.json: a resumed run is checked against its VAE too (`resume.vae_difference`)
             meta["base"]["vae"] = meta["vae"]
+        distill = distilled_finetune(denoiser, base.denoiser, distill_settings(cfg), meta)
     meta["cond_dropout"] = cond_dropout
     module = DiffusionModule(
         denoiser,
@@ -91,6 +96,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> tuple[Di
         channels_last=cfg.get("channels_last", False),
         label_lr_scale=cfg.get("label_lr_scale", 1.0),
         lr_schedule=cfg.get("lr_schedule", "constant"),
+        distill=distill,
     )
     return module, meta
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from priorlab import atomic, keys
 from priorlab.evaluation.conditional_quality import conditional_quality
 from priorlab.evaluation.fitted import calibration_split, fit_priors
-from priorlab.evaluation.generation import extra_prior_paths
+from priorlab.evaluation.generation import check_guided, extra_prior_paths
 from priorlab.evaluation.images import log_image, save_grid
 from priorlab.evaluation.prior_quality import prior_quality
 from priorlab.evaluation.settings import EvalSettings
@@ -97,6 +97,7 @@ class _Evaluation(L.Callback):
                 check_same_latents(sha, saved, role)
         for saved in self.extra.values():
             make_prior_net((pl_module.denoiser, pl_module.scheduler), saved)
+        check_guided(self.settings, pl_module.denoiser)  # prior=distilled out of its range fails now, not at the end
         if self.base is not None and any(p in FITTED for p in self.settings.priors):
             calibration_split(dm.val_set.tensors, self.settings)  # too small a split fails now, not after training
 

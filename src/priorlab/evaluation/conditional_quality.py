@@ -129,13 +129,14 @@ def conditional_quality(
 
     Fitted priors (auto, mix, checked) take their weights from `weights` (see `fit_priors`); their calibration losses
     and weights are reported under eval/calib/... . `extra` maps more prior networks by name (e.g. a smaller base,
-    issue 17's cheap prior): each is used as prior=base is and reported as prior=<name>, paired with self. The
+    issue 17's cheap prior): each is used as prior=base is and reported as prior=<name>, paired with self. A model
+    that takes the guidance scale as an input is evaluated with prior=distilled too (`generation.usable_priors`). The
     wall time of each (prior, w)'s sampling is eval/cond/sample_seconds/prior=<p>/w=<w>. `mixture`: the data's exact
     distribution where known (toy2d), for the exact NLL and exact guidance's samples. `heldout_labels`: the
     conditions to sample in their proportions instead of every class, and the grid's first 8 (a text model's
     held-out captions, `models.text`).
     """
-    priors = evaluation_priors(settings, prior_net, weights or {}, extra or {})
+    priors = evaluation_priors(settings, prior_net, weights or {}, extra or {}, model)
     reference = evaluator.reference_labels if settings.labels == "data" else None
     reference = heldout_labels if heldout_labels is not None else reference
     labels, seeds = eval_labels_seeds(settings.num_samples, model.num_classes, settings.seed, reference)

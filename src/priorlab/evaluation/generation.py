@@ -20,23 +20,37 @@ from priorlab.evaluation.distributed import gather, shard
 from priorlab.evaluation.settings import EvalSettings
 from priorlab.models.denoiser import Denoiser
 from priorlab.priors import FITTED, KINDS, SELF, BasePrior, Prior, PriorNet, PriorWeights, make_prior
-from priorlab.priors.modes import check_extra_priors
+from priorlab.priors.modes import DISTILLED, check_extra_priors
 from priorlab.sample_many import Setting, sample_many
 from priorlab.sampling import sample
 from priorlab.seeds import sample_seeds
 
 
-def usable_priors(settings: EvalSettings, prior_net: PriorNet | None) -> list[str]:
-    """The modes of `settings` that can run: those that need a base are left out without one."""
-    return [p for p in settings.priors if prior_net is not None or not KINDS[p].needs_net]
+def usable_priors(settings: EvalSettings, prior_net: PriorNet | None, model: Denoiser | None = None) -> list[str]:
+    """The modes of `settings` that can run: those that need a base are left out without one. A model that takes the
+    guidance scale as an input (a fine-tune trained with guidance_distill) is evaluated with prior=distilled too,
+    the prior it was trained for, where eval.priors does not name it."""
+    modes = [p for p in settings.priors if prior_net is not None or not KINDS[p].needs_net]
+    takes_scale = getattr(model, "scale_embedding", None) is not None
+    return [*modes, DISTILLED] if takes_scale and DISTILLED not in modes else modes
+
+
+def check_guided(settings: EvalSettings, model: Denoiser, prior_net: PriorNet | None = None) -> None:
+    """Refuse, before anything is sampled (or trained), a mode of the evaluation that cannot guide `model` at
+    eval.guidance_scales (prior=distilled: a model without the scale input, or scales it was not trained for)."""
+    for mode in usable_priors(settings, prior_net, model):
+        KINDS[mode].check_guided(model, settings.guidance_scales)
 
 
 def evaluation_priors(settings: EvalSettings, prior_net: PriorNet | None, weights: dict[str, PriorWeights],
-                      extra: dict[str, PriorNet]) -> list[Prior]:  # fmt: skip
-    """The priors an evaluation samples with, in order: those of eval.priors that can run (`usable_priors`), the fitted
-    ones with their `weights` (`fit_priors`), then each extra prior network as a `BasePrior` reported under its name."""
+                      extra: dict[str, PriorNet], model: Denoiser | None = None) -> list[Prior]:  # fmt: skip
+    """The priors an evaluation samples with, in order: those of eval.priors that can run (`usable_priors`: with
+    `model`, checked to guide it, `check_guided`), the fitted ones with their `weights` (`fit_priors`), then each
+    extra prior network as a `BasePrior` reported under its name."""
     check_extra_priors(extra)
-    modes = usable_priors(settings, prior_net)
+    modes = usable_priors(settings, prior_net, model)
+    if model is not None:
+        check_guided(settings, model, prior_net)
     missing = [p for p in modes if p in FITTED and p not in weights]
     if missing:
         raise UserError(f"prior={missing[0]} needs weights fitted on a calibration split (evaluation.fit_priors)")

@@ -48,8 +48,9 @@ class EvalSettings:
             evaluator's reference data (`eval_labels`), so that FD against that data compares like with like where
             the classes are unbalanced (the emoji categories: 85 to 360 images).
         num_steps: sampler steps; sampler: scheduler name.
-        guidance_scales: the scales w to evaluate; priors: a subset of self, base, auto, mix (auto and mix are
-            fitted per timestep bucket on the calibration split, see `priorlab.priors`).
+        guidance_scales: the scales w to evaluate; priors: a subset of self, base, none, auto, mix, checked,
+            distilled (auto and mix are fitted per timestep bucket on the calibration split; distilled is one pass
+            of a fine-tune trained with guidance_distill; see `priorlab.priors`).
         interval: guidance interval [lo, hi] in σ, or None.
         batch_size: samples per forward pass on each process.
         seed: offset of the per-sample seeds (sample i uses seed·10⁶ + i).

@@ -9,6 +9,8 @@ unconditional branch at evaluation. A network with a learned variance (`out_chan
 learn_sigma) is used through its first half, the eps (or v, x0) prediction, as diffusers' DiTPipeline samples it:
 guidance combines that half only, the variance half is dropped, and the training loss sees that half only (the
 variance outputs get no gradient and keep the base's values).
+A guidance-distilled fine-tune also takes the guidance scale w (`scale`), through a scale embedding added to its
+label tables' outputs (`models.scale`); a model without one refuses a scale.
 A text-conditioned UNet (`models.text.TextDenoiser`) is this wrapper with
 caption indices for labels: its null class is the row of the empty prompt in its table of prompt embeddings.
 """
@@ -20,7 +22,9 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import Tensor, nn
 
+from priorlab.errors import UserError
 from priorlab.models.mlp import MLPDenoiser
+from priorlab.models.scale import ScaleEmbedding, save_scale_embedding, scale_rows
 
 NETWORK_CLASSES = {cls.__name__: cls for cls in (UNet2DModel, DiTTransformer2DModel, MLPDenoiser, UNet2DConditionModel)}
 # The config key of each network class that holds its number of classes; it may differ between a base
@@ -78,8 +82,24 @@ class Denoiser(nn.Module):
         for table in tables:
             if table.num_embeddings != num_classes + 1:
                 raise ValueError(f"label table has {table.num_embeddings} rows, expected {num_classes + 1}")
+        self.scale_embedding: ScaleEmbedding | None = None  # w as an input (`add_scale_embedding`)
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None) -> Tensor:
+    def add_scale_embedding(self, embedding: ScaleEmbedding) -> None:
+        """Take the guidance scale as an input: `embedding`'s e(w) is added to every label table's output
+        (`models.scale`); its width must be the tables' (`label_width`)."""
+        if self.label_width != embedding.dim:
+            raise ValueError(f"a scale embedding of width {embedding.dim} for label tables of width {self.label_width}")
+        self.scale_embedding = embedding
+        embedding.attach(label_tables(self.net))
+
+    @property
+    def label_width(self) -> int | None:
+        """The width of the label tables' rows (None: no tables, an unconditional or a text model)."""
+        widths = {table.embedding_dim for table in label_tables(self.net)}
+        return widths.pop() if len(widths) == 1 else None
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None,
+                scale: Tensor | float | None = None) -> Tensor:  # fmt: skip
         """The network's prediction at (x_t, t) for `labels`; rows where force_drop is True get ∅.
 
         Args:
@@ -87,19 +107,32 @@ class Denoiser(nn.Module):
             t: integer timesteps (N,).
             labels: class indices (N,), `null_class` allowed.
             force_drop: True for the unconditional branch of every row, or a boolean mask (N,).
+            scale: the guidance scale w as an input, one for every row or one per row (N,), for a model with a
+                scale embedding (a guidance-distilled fine-tune); None: the plain prediction, as w = 1 gives.
         """
-        if not self.conditional:
-            out = self.net(x, t, return_dict=False)[0]
-        else:
-            if force_drop is not None:
-                drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
-                labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
-            out = self.net(x, t, class_labels=labels, return_dict=False)[0]
+        if scale is not None:
+            if self.scale_embedding is None:
+                raise UserError("this model was not trained to take the guidance scale as an input (train it with "
+                                "guidance_distill.max_scale=W); guide it with prior=self or prior=base")  # fmt: skip
+            self.scale_embedding.rows = self.scale_embedding(scale_rows(scale, len(x), x.device))  # (N, D)
+        try:
+            out = self._net(x, t, labels, force_drop)
+        finally:
+            if self.scale_embedding is not None:
+                self.scale_embedding.rows = None
         return out[:, : x.shape[1]] if self.learned_sigma else out  # the variance half dropped
+
+    def _net(self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None) -> Tensor:
+        if not self.conditional:
+            return self.net(x, t, return_dict=False)[0]
+        if force_drop is not None:
+            drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        return self.net(x, t, class_labels=labels, return_dict=False)[0]
 
     def save_extra(self, folder) -> dict:
         """Write what the model needs beside its network into `folder`; returns entries for priorlab.json."""
-        return {}
+        return {} if self.scale_embedding is None else save_scale_embedding(self.scale_embedding, folder)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

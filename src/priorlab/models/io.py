@@ -4,9 +4,9 @@ A model folder holds the network (`config.json`, `diffusion_pytorch_model.safete
 `save_pretrained`), the noise schedule (`scheduler_config.json`) and `priorlab.json` with the null class,
 the prediction type and, for a fine-tune, its base's path and content hash, and for a base given by its hub name
 that name, the revision and the commit (`models.hub`; a text model adds its table of prompt embeddings and its
-captions, `models.text`). A base or prior may also be a plain diffusers UNet2DModel or DiT folder, or a
-Stable-Diffusion-layout pipeline (`models.pretrained`), each local or given by its hub name. Weights load through
-safetensors only, so no pickled code is ever run.
+captions, `models.text`; a guidance-distilled one its scale embedding, `models.scale`). A base or prior may also be
+a plain diffusers UNet2DModel or DiT folder, or a Stable-Diffusion-layout pipeline (`models.pretrained`), each local
+or given by its hub name. Weights load through safetensors only, so no pickled code is ever run.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from priorlab.checks import is_whole, read_json_object
 from priorlab.diffusion import PREDICTION_TYPES
 from priorlab.errors import UserError
 from priorlab.models.denoiser import CLASS_COUNT_KEYS, NETWORK_CLASSES, Denoiser, label_tables
+from priorlab.models.scale import load_scale_embedding
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 META = "priorlab.json"
@@ -129,6 +130,9 @@ def _load(path: Path, role: str, diffusers: bool | None) -> SavedModel:
             denoiser = load_text_denoiser(net, path, meta)
         else:
             denoiser = Denoiser(net, meta["num_classes"], meta["null_class"], meta["prediction_type"])
+        if "scale_embedding" in meta:  # a guidance-distilled fine-tune (`models.scale`)
+            denoiser.add_scale_embedding(load_scale_embedding(meta["scale_embedding"], path))
+            denoiser.scale_embedding.eval()
     except UserError:
         raise
     except Exception as err:  # corrupt json, truncated safetensors, unknown class: one message for the user

@@ -61,8 +61,13 @@ class TextDenoiser(Denoiser):
         self.text_encoder = dict(text_encoder or {})
         self.register_buffer("prompts", prompts.detach().float().clone(), persistent=False)  # data, not weights
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None) -> Tensor:
-        """The UNet's prediction at (x_t, t) with the embedding of caption `labels` (N,); the null class is ""."""
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor, force_drop: Tensor | bool | None = None,
+                scale: Tensor | float | None = None) -> Tensor:  # fmt: skip
+        """The UNet's prediction at (x_t, t) with the embedding of caption `labels` (N,); the null class is "". A
+        text model has no label table to take a guidance scale (`Denoiser.add_scale_embedding`)."""
+        if scale is not None:
+            raise UserError("a text model does not take the guidance scale as an input; guide it with prior=self "
+                            "or prior=base")  # fmt: skip
         labels = labels.to(self.prompts.device)
         if force_drop is not None:
             drop = torch.as_tensor(force_drop, device=labels.device).expand(labels.shape)

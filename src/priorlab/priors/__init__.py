@@ -1,10 +1,10 @@
 """The one home of the unconditional prior of classifier-free guidance.
 
-- `modes`: the list of modes (`self`, `base`, `none`, `auto`, `mix`, `checked`), the strings of the config, the CLI
-  and the result keys.
-- `kinds`: the priors as objects (`SelfPrior`, `BasePrior`, `MixPrior`, `CheckedPrior`, `NoPrior`), each validated
-  once when built; `make_prior` builds one from a mode string at the edges. Naming rule: `prior` is such an
-  object, `prior_net` the network object.
+- `modes`: the list of modes (`self`, `base`, `none`, `auto`, `mix`, `checked`, `distilled`), the strings of the
+  config, the CLI and the result keys.
+- `kinds`: the priors as objects (`SelfPrior`, `BasePrior`, `MixPrior`, `CheckedPrior`, `NoPrior`,
+  `DistilledPrior`), each validated once when built; `make_prior` builds one from a mode string at the edges. Naming
+  rule: `prior` is such an object, `prior_net` the network object.
 - `nets`: the prior network's eps at the guided model's (x_t, ᾱ_t): one interface (`PriorNet`), adapters for
   priorlab denoisers (`DenoiserPrior`) and diffusers networks (`DiffusersPrior`), one timestep matching (closest
   ᾱ) and one conversion between prediction types, with their edges (zero terminal SNR, fractional timesteps).
@@ -21,6 +21,7 @@ import importlib
 # Each name is imported from its module on first use (PEP 562), so that reading the modes (`priorlab.priors.modes`,
 # which the analysis and the CLI do) does not import torch and diffusers with the networks: 6 s of a study's report.
 _WHERE = {
+    "DISTILLED": "modes",
     "FITTABLE": "modes",
     "FITTED": "modes",
     "FIXED": "modes",
@@ -36,6 +37,7 @@ _WHERE = {
     "CheckedPrior": "kinds",
     "DenoiserPrior": "nets",
     "DiffusersPrior": "nets",
+    "DistilledPrior": "kinds",
     "FittedPrior": "kinds",
     "FusedPair": "fused",
     "MixPrior": "kinds",
@@ -74,6 +76,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DISTILLED",
     "FITTABLE",
     "FITTED",
     "FIXED",
@@ -89,6 +92,7 @@ __all__ = [
     "CheckedPrior",
     "DenoiserPrior",
     "DiffusersPrior",
+    "DistilledPrior",
     "FittedPrior",
     "FusedPair",
     "MixPrior",

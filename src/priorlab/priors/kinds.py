@@ -13,9 +13,12 @@ where λ, the prior's base weight, may differ per row (per noise level):
 - `MixPrior` (modes auto and mix) and `CheckedPrior`: λ per timestep bucket, and per guidance scale where fitted per
   scale, from `PriorWeights` (`priorlab.priors.weights`).
 - `NoPrior`: no guidance, the conditional prediction alone.
+- `DistilledPrior`: the base-guided prediction (λ = 1) learned by θ itself, w an input (`guidance_distill`, after
+  DogFit, Bahram et al. 2025): eps = eps_θ(x_t, c, w), one pass of θ and none of ψ.
 
-A prior says what a guided step needs of it (`needs_model_uncond`, `needs_net`, `per_row`), so that the step batches
-θ's conditional and ∅ rows in one pass, and runs ψ only where λ > 0, without asking which kind it is. Mode strings
+A prior says what a guided step needs of it (`needs_model_uncond`, `needs_net`, `per_row`, `scale_input`), so that
+the step batches θ's conditional and ∅ rows in one pass, runs ψ only where λ > 0, and gives θ the scale where it
+takes one, without asking which kind it is. Mode strings
 stay at the edges: `make_prior` builds a prior from the config's mode (`MODES`), and `name` is its key in results.
 """
 
@@ -44,6 +47,7 @@ class Prior:
         needs_model_uncond: whether θ's ∅ branch may enter (λ < 1 somewhere); needs_net: whether ψ's may (λ > 0).
         per_row: λ differs by row, so a step picks rows by reading GPU values: it can neither be captured in a CUDA
             graph nor share a one-pass batch of settings (`priorlab.sample_many`).
+        scale_input: θ takes w as an input and its one pass is the guided prediction (`DistilledPrior`).
     """
 
     mode = ""
@@ -51,6 +55,7 @@ class Prior:
     needs_model_uncond = False
     needs_net = False
     per_row = False
+    scale_input = False
 
     def __init__(self, name: str | None = None, net: PriorNet | None = None, weights: PriorWeights | None = None,
                  fused: str = "off"):  # fmt: skip
@@ -77,6 +82,11 @@ class Prior:
 
     def check_model(self, num_train_timesteps: int) -> None:
         """Refuse a guided model this prior does not fit (fitted weights: other training timesteps)."""
+
+    @classmethod
+    def check_guided(cls, model, scales) -> None:
+        """Refuse a guided model θ (a `Denoiser`) or guidance scales this kind cannot guide with, before sampling
+        (a class method: an evaluation checks its modes before it trains or fits anything)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -167,8 +177,34 @@ class CheckedPrior(FittedPrior):
     modes = ("checked",)
 
 
+class DistilledPrior(Prior):
+    """The base-guided prediction learned by θ itself, w an input: eps = eps_θ(x_t, c, w), one pass, no ψ.
+
+    A fine-tune trained with `guidance_distill` (`priorlab.training.distill`; DogFit, Bahram et al., arXiv
+    2508.05685) learned eps_θ(x_t, c, w) ≈ eps_ψ(x_t, ∅) + w·(eps_θ(x_t, c, 1) − eps_ψ(x_t, ∅)) (Eq. 7 of
+    Phunyaphibarn et al. 2025 with its base ψ) for w in [1, max_scale]; a model without a scale embedding, or a
+    scale outside that range (an extrapolation it was never trained for), is refused (`check_guided`).
+    """
+
+    mode = "distilled"
+    scale_input = True
+
+    @classmethod
+    def check_guided(cls, model, scales) -> None:
+        embedding = getattr(model, "scale_embedding", None)
+        if embedding is None:
+            raise UserError("prior=distilled needs a fine-tune trained with guidance_distill.max_scale=W (it takes "
+                            "the guidance scale as an input); this model was not: guide it with prior=self or "
+                            "prior=base")  # fmt: skip
+        outside = [w for w in scales if not 1 <= w <= embedding.max_scale]
+        if outside:
+            raise UserError(f"prior=distilled was trained for guidance scales in [1, {embedding.max_scale:g}], not "
+                            f"w={outside[0]:g}; evaluate it within that range, or train with "
+                            f"guidance_distill.max_scale={max(outside):g}")  # fmt: skip
+
+
 KINDS: dict[str, type[Prior]] = {"none": NoPrior, "self": SelfPrior, "base": BasePrior, "auto": MixPrior,
-                                 "mix": MixPrior, "checked": CheckedPrior}  # fmt: skip
+                                 "mix": MixPrior, "checked": CheckedPrior, "distilled": DistilledPrior}  # fmt: skip
 SELF = SelfPrior()
 NONE = NoPrior()
 
@@ -176,8 +212,8 @@ NONE = NoPrior()
 def make_prior(mode: str, prior_net: PriorNet | None = None, weights: PriorWeights | None = None,
                modes: tuple[str, ...] = MODES, fused: str = "off") -> Prior:  # fmt: skip
     """The prior of a mode string (the config's, the CLI's), validated here once: a mode of `modes`, with the network
-    and the fitted weights it needs. Each kind takes only what it uses: prior=self ignores a given network, and
-    only prior=base reads `fused` (θ and ψ in one pass: `priorlab.priors.fused`)."""
+    and the fitted weights it needs. Each kind takes only what it uses: prior=self and prior=distilled ignore a given
+    network, and only prior=base reads `fused` (θ and ψ in one pass: `priorlab.priors.fused`)."""
     check_fused(fused)
     if mode not in modes:
         raise UserError(f"prior={mode} is unknown; use one of {', '.join(modes)}")

@@ -11,11 +11,13 @@ from priorlab.errors import UserError
 
 # self: the guided model's own ∅ branch; base: the prior network's; none: no guidance (conditional only);
 # auto, mix: per noise level, a convex combination of self and base fitted by least squares on a calibration
-# split; checked: per guidance scale, the one of self, base and mix whose samples scored best.
-MODES = ("self", "base", "none", "auto", "mix", "checked")
-FIXED = MODES[:2]  # the two candidates: no fitting, no weights
-FITTABLE = MODES[3:5]  # fitted by least squares (`fit_weights`)
-FITTED = MODES[3:]  # every mode that guides with fitted weights
+# split; checked: per guidance scale, the one of self, base and mix whose samples scored best; distilled: the
+# base-guided prediction learned by the fine-tune itself, w an input (`guidance_distill`), one pass per step.
+MODES = ("self", "base", "none", "auto", "mix", "checked", "distilled")
+FIXED = ("self", "base")  # the two candidates: no fitting, no weights
+FITTABLE = ("auto", "mix")  # fitted by least squares (`fit_weights`)
+FITTED = (*FITTABLE, "checked")  # every mode that guides with fitted weights
+DISTILLED = "distilled"  # the mode of a fine-tune that takes the guidance scale as an input
 IN_PIPELINES = (*FIXED, *FITTABLE)  # the modes of the swap inside diffusers pipelines
 
 

@@ -7,7 +7,8 @@
       finetune/[base=<name>/][<key>=<value>/...]p=<p>/seed=<s>/   each fine-tune (`finetune_subdir`)
       logs/<run label>.log            with jobs > 1 (`run_label`)
 
-A folder level names a sweep axis by the last part of its key, cond_dropout as `p` (`axis_label`);
+A folder level names a sweep axis by the last part of its key, cond_dropout as `p` and guidance_distill.max_scale as
+`distill` (`axis_label`);
 `run_axes` reads the levels back for the results table.
 """
 
@@ -22,7 +23,9 @@ from priorlab.checks import read_json_object
 from priorlab.errors import UserError
 from priorlab.resources import source_root
 
-AXIS_LABELS = {"cond_dropout": "p"}  # a sweep axis written otherwise than its key's last part, in folders and text
+# A sweep axis written otherwise than its key's last part, in folders and text: guidance_distill.max_scale as
+# distill (distill=None: the plain fine-tune; distill=6.0: guidance distilled up to w = 6, `training.distill`)
+AXIS_LABELS = {"cond_dropout": "p", "max_scale": "distill"}
 FIXED_LEVELS = ("cond_dropout", "seed")  # the levels every fine-tune folder ends with
 
 

@@ -15,6 +15,7 @@ from priorlab import diffusion
 from priorlab.errors import UserError
 from priorlab.models.denoiser import Denoiser, drop_labels, label_tables
 from priorlab.seeds import noise_seed, validation_seed
+from priorlab.training.distill import DistillTeacher
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
@@ -44,6 +45,10 @@ class DiffusionModule(L.LightningModule):
         seed: seeds the noise, timesteps and dropout of each step, drawn from (seed, step, rank), and the batches,
             drawn from (seed, data.split_seed, step) (`data.base.StepBatchSampler`), so a run resumed from a
             checkpoint continues exactly as an unbroken one and each seed of a sweep sees its own data order.
+        distill: with `guidance_distill`, the frozen base, the teacher and the settings with which the denoiser
+            (which takes the guidance scale as an input) also learns the base-guided prediction
+            (`training.distill`); the scales are drawn from the step's generator after the dropout, the teacher
+            follows the weights after each step and travels with the checkpoint.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         label_lr_scale: float = 1.0,
         lr_schedule: str = "constant",
+        distill: DistillTeacher | None = None,
     ):
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
@@ -72,7 +78,10 @@ class DiffusionModule(L.LightningModule):
                 f"the schedule predicts {scheduler.config.prediction_type} but the denoiser "
                 f"{denoiser.prediction_type}; set diffusion.prediction_type to one of them"
             )
+        if distill is not None and denoiser.scale_embedding is None:
+            raise ValueError("guidance distillation needs a denoiser with a scale embedding (distilled_finetune)")
         self.denoiser = denoiser
+        self.distill = distill  # a plain object: base and teacher are no sub-modules (neither optimised nor averaged)
         self.scheduler = scheduler
         self.optimizer_factory = optimizer
         self.cond_dropout = cond_dropout
@@ -93,14 +102,21 @@ class DiffusionModule(L.LightningModule):
                                 f"({', '.join(COMPILE_MODES)})")  # fmt: skip
             denoiser.net.compile(mode=mode)  # in place: parameter names stay those of the plain network
 
-    def loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Mean squared error of the denoiser's prediction at a random timestep, per sample (N,)."""
+    def loss(self, x0: Tensor, labels: Tensor, generator: torch.Generator | None = None,
+             scale: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Mean squared error of the denoiser's prediction at a random timestep, per sample (N,); with the guidance
+        scales of guidance distillation (`scale`, (N,)), of its prediction at w against the guided target."""
         n = len(x0)
         t = torch.randint(0, len(self.alphas_cumprod), (n,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         abar = self.alphas_cumprod[t]
-        pred = self.denoiser(diffusion.add_noise(x0, noise, abar), t, labels)
+        x_t = diffusion.add_noise(x0, noise, abar)
         target = diffusion.target(self.denoiser.prediction_type, x0, noise, abar)
+        if scale is None:
+            pred = self.denoiser(x_t, t, labels)
+        else:
+            pred = self.denoiser(x_t, t, labels, scale=scale)
+            target = self.distill.target(self.denoiser, target, x_t, t, labels, scale)
         return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -109,7 +125,8 @@ class DiffusionModule(L.LightningModule):
             x0 = x0.contiguous(memory_format=torch.channels_last)
         gen = torch.Generator(device=x0.device).manual_seed(noise_seed(self.seed, self.global_step, self.global_rank))
         labels = drop_labels(labels, self.cond_dropout, self.denoiser.null_class, generator=gen)
-        loss = self.loss(x0, labels, generator=gen).mean()
+        scale = None if self.distill is None else self.distill.scales(labels, self.denoiser.null_class, gen)
+        loss = self.loss(x0, labels, generator=gen, scale=scale).mean()
         self.check_finite(loss)
         self._unlogged = None
         if self.logs_this_step():
@@ -134,11 +151,21 @@ class DiffusionModule(L.LightningModule):
         return step == 1 or (n > 0 and step % n == 0) or trainer.should_stop or bool(trainer.fast_dev_run)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.distill is not None:
+            self.distill.update(self.denoiser, self.global_step)
         # A callback may stop training in its on_train_batch_end (Lightning's Timer does), after training_step;
         # Lightning then writes this step's metrics, so they are logged here (after the callbacks' hooks).
         if self._unlogged is not None and self.trainer.should_stop:
             self.log_step(*self._unlogged)
         self._unlogged = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.distill is not None:  # the teacher of guidance distillation is no sub-module (`DistillTeacher`)
+            checkpoint["distill_teacher"] = self.distill.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.distill is not None and "distill_teacher" in checkpoint:
+            self.distill.load_state_dict(checkpoint["distill_teacher"])
 
     def check_finite(self, loss: Tensor) -> None:
         """Stop on a non-finite loss on any process, naming the step; no checkpoint is written after it.

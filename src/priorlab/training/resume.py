@@ -46,6 +46,10 @@ RESUMABLE = {
     "trainer.strategy": "the machine", "compile": "the machine", "channels_last": "the machine",
     "optimizer.fused": "the machine", "cpu_threads": "the machine", "matmul_precision": "the machine",
 }  # fmt: skip
+# Keys added after runs were recorded, with the value that reproduces what those runs did: a run that did not record
+# one was trained with it, so absent there and given at that value is no difference.
+ADDED = {"guidance_distill.max_scale": None, "guidance_distill.plain_fraction": 0.5,
+         "guidance_distill.teacher_decay": 0.99}  # fmt: skip
 ABSENT = "(absent)"
 BASE_KEY = "base weights (sha256)"
 TEXT_KEY = "base text encoder (sha256)"
@@ -65,8 +69,10 @@ def _flatten(node, prefix: str = "") -> dict:
 
 
 def config_differences(recorded: dict, given: dict) -> dict[str, tuple]:
-    """The training-relevant keys whose values differ: {key: (recorded, given)}, ABSENT where a side lacks it."""
+    """The training-relevant keys whose values differ: {key: (recorded, given)}, ABSENT where a side lacks it (a key
+    of ADDED that the recorded config lacks counts as recorded at its value)."""
     a, b = _flatten(recorded), _flatten(given)
+    a.update({key: value for key, value in ADDED.items() if key not in a and b.get(key, ABSENT) == value})
     return {
         key: (a.get(key, ABSENT), b.get(key, ABSENT))
         for key in sorted(set(a) | set(b))
