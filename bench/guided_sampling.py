@@ -12,13 +12,15 @@ stacked weights and activations) of the rows (--rows): batched CFG (prior=self: 
 networks at B), prior=base_fused (θ and the base in one pass over stacked weights, the vmap route of
 `priorlab.priors.fused`, fused=on), prior=base_fused_auto (fused=auto: the route it measured faster on the first
 step), prior=base guided over the middle half of the steps only, the conditional network alone (one at B, no
-guidance), and prior=base with a small base (the cheap prior: a 64-128-128-128 UNet for UNet-36M, DiT-S/2 for
+guidance), prior=distilled (θ with a scale embedding, w an input: one pass of θ at B, issue 33's distilled guidance),
+and prior=base with a small base (the cheap prior: a 64-128-128-128 UNet for UNet-36M, DiT-S/2 for
 DiT-B/2, and for UNet-7M-16px the 32-64-64 UNet whose quality the cheap_prior study measured; that pair runs without
 channels-last, as the study trained and evaluated it), each launched eagerly, replayed from CUDA graphs
 (`priorlab.sampling.GraphedStep`), and replayed with the weights' addresses read at every step as before baf14f8
 (graphs_key_per_step) (--modes); each row captures its own graphs, within its own memory peak. Ratios divide by
 batched CFG of the same launch mode and compilation; `targets` holds issue 17's and 33's (one pass ≤ 1.02× the faster
-of launched and graphed batched CFG). A row whose route fails is recorded as {"error": ...}. It also samples
+of launched and graphed batched CFG; distilled ≤ 0.55×; the cheap priors ≤ 0.7×; cheap_prior_lean is the cheap prior
+shaped for activation elements, `lean_builders`). A row whose route fails is recorded as {"error": ...}. It also samples
 prior=base graphed and launched, in one pass and two, from the same seeds: their largest differences (bf16).
 Writes bench/results/<card>-<date>-guided_sampling.json.
 """
@@ -43,11 +45,13 @@ from gpu import models, sync  # noqa: E402
 from priorlab import sampling  # noqa: E402
 from priorlab.guidance import sigma  # noqa: E402
 from priorlab.models import dit, unet  # noqa: E402
-from priorlab.priors import NONE, SELF, BasePrior  # noqa: E402
+from priorlab.models.scale import ScaleEmbedding  # noqa: E402
+from priorlab.priors import NONE, SELF, BasePrior, DistilledPrior  # noqa: E402
 from priorlab.priors import DenoiserPrior as Prior  # noqa: E402
 from priorlab.sampling import make_scheduler, sample  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+DISTILLED = DistilledPrior()
 
 
 def small_builders(smoke: bool) -> dict:
@@ -138,7 +142,7 @@ def key_per_step(on: bool):
 
 
 ROWS = ("batched_cfg", "prior_base", "prior_base_fused", "prior_base_fused_auto", "prior_base_interval", "cond_only",
-        "cheap_prior", "cheap_prior_lean")  # fmt: skip
+        "cheap_prior", "cheap_prior_lean", "distilled")  # fmt: skip
 MODES = ("launched", "graphs", "graphs_key_per_step")
 
 
@@ -192,6 +196,8 @@ def targets(out: dict) -> dict:
         for cheap in ("cheap_prior", "cheap_prior_lean"):
             if t["batched_cfg"] and t[cheap]:
                 res[f"{mode}/{cheap}_le_0.7"] = t[cheap] / t["batched_cfg"] <= 0.7
+        if t["batched_cfg"] and t["distilled"]:
+            res[f"{mode}/distilled_le_0.55"] = t["distilled"] / t["batched_cfg"] <= 0.55
         if cfgs and t["prior_base_fused"]:
             res[f"{mode}/fused_over_best_cfg"] = t["prior_base_fused"] / min(cfgs)
             res[f"{mode}/fused_le_1.02_best_cfg"] = t["prior_base_fused"] / min(cfgs) <= 1.02
@@ -215,6 +221,7 @@ def row_configs(rows, base, cheap, lean, sched, steps: int) -> dict:
         "cond_only": lambda: dict(prior=NONE),
         "cheap_prior": lambda: dict(prior=BasePrior(net(cheap), fused="off")),
         "cheap_prior_lean": lambda: dict(prior=BasePrior(net(lean), fused="off")),
+        "distilled": lambda: dict(prior=DISTILLED),  # θ with w as an input (`distilled_copy`): one pass per step
     }
     return {name: make[name] for name in rows}
 
@@ -224,7 +231,8 @@ def bench_model(name, build, smalls, shape, k, batch, args, device, compile_: bo
     model, base = build().to(device).eval(), build().to(device).eval()
     cheap = smalls[0]().to(device).eval() if "cheap_prior" in args.rows else None
     lean = smalls[1]().to(device).eval() if "cheap_prior_lean" in args.rows else None
-    nets = [m for m in (model, base, cheap, lean) if m is not None]
+    distilled = distilled_copy(build, device, w=4.0) if "distilled" in args.rows else None
+    nets = [m for m in (model, base, cheap, lean, distilled) if m is not None]
     if len(shape) == 3 and "UNet" in model.class_name and device.type == "cuda" and name != STUDY:
         for m in nets:
             m.net.to(memory_format=torch.channels_last)
@@ -242,8 +250,9 @@ def bench_model(name, build, smalls, shape, k, batch, args, device, compile_: bo
         table = {}
         for cname, make in configs.items():
             kwargs = dict(**common, graphs=mode != "launched", **make())
+            guided = distilled if cname == "distilled" else model
             with key_per_step(mode == "graphs_key_per_step"):
-                table[cname] = row = measure_row(model, labels, seeds, kwargs, args.runs, device)
+                table[cname] = row = measure_row(guided, labels, seeds, kwargs, args.runs, device)
             shown = f"{row['ms_per_step']:8.2f} ms/step" if "ms_per_step" in row else row["error"][:200]
             memory = f"  peak +{row['peak_mib_above_start']:.0f} MiB" if "peak_mib_above_start" in row else ""
             print(f"  {name} B={batch} compile={compile_} {mode:19s} {cname:22s} {shown}{memory}", flush=True)
@@ -256,6 +265,14 @@ def bench_model(name, build, smalls, shape, k, batch, args, device, compile_: bo
         out["agreement"] = agreement(model, base, sched, labels, seeds, common)
         print(f"  {name} B={batch} compile={compile_} agreement: {out['agreement']}", flush=True)
     return out
+
+
+def distilled_copy(build, device, w: float):
+    """θ as a guidance-distilled fine-tune samples it: the same network with a scale embedding (`models.scale`, w an
+    input up to max_scale = w; its weights do not change the cost)."""
+    model = build()
+    model.add_scale_embedding(ScaleEmbedding(model.label_width, max_scale=w))
+    return model.to(device).eval()
 
 
 def agreement(model, base, sched, labels, seeds, common) -> dict:
