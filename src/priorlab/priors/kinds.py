@@ -14,7 +14,7 @@ where λ, the prior's base weight, may differ per row (per noise level):
   scale, from `PriorWeights` (`priorlab.priors.weights`).
 - `NoPrior`: no guidance, the conditional prediction alone.
 - `DistilledPrior`: the base-guided prediction (λ = 1) learned by θ itself, w an input (`guidance_distill`, after
-  DogFit, Bahram et al. 2025): eps = eps_θ(x_t, c, w), one pass of θ and none of ψ.
+  DogFit, Bahram, Shateri & Granger 2025): eps = eps_θ(x_t, c, w), one pass of θ and none of ψ.
 
 A prior says what a guided step needs of it (`needs_model_uncond`, `needs_net`, `per_row`, `scale_input`), so that
 the step batches θ's conditional and ∅ rows in one pass, runs ψ only where λ > 0, and gives θ the scale where it
@@ -180,7 +180,7 @@ class CheckedPrior(FittedPrior):
 class DistilledPrior(Prior):
     """The base-guided prediction learned by θ itself, w an input: eps = eps_θ(x_t, c, w), one pass, no ψ.
 
-    A fine-tune trained with `guidance_distill` (`priorlab.training.distill`; DogFit, Bahram et al., arXiv
+    A fine-tune trained with `guidance_distill` (`priorlab.training.distill`; DogFit, Bahram, Shateri & Granger, arXiv
     2508.05685) learned eps_θ(x_t, c, w) ≈ eps_ψ(x_t, ∅) + w·(eps_θ(x_t, c, 1) − eps_ψ(x_t, ∅)) (Eq. 7 of
     Phunyaphibarn et al. 2025 with its base ψ) for w in [1, max_scale]; a model without a scale embedding, or a
     scale outside that range (an extrapolation it was never trained for), is refused (`check_guided`).

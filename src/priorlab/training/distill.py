@@ -1,4 +1,4 @@
-"""Guidance distilled into the fine-tune: one network per sampling step (issue 33; after DogFit, Bahram et al.,
+"""Guidance distilled into the fine-tune: one network per sampling step (issue 33; after DogFit, Bahram, Shateri & Granger,
 "Domain-guided Fine-tuning for Efficient Transfer Learning of Diffusion Models", arXiv 2508.05685, AAAI 2026).
 
 Guidance with the base prior (Phunyaphibarn et al. 2025, Eq. 7) runs two networks per step:
