@@ -1,7 +1,8 @@
 """The guidance scale w as an input of a denoiser: the scale embedding of a guidance-distilled fine-tune.
 
-A fine-tune trained with `guidance_distill` (`priorlab.training.distill`; DogFit, Bahram, Shateri & Granger, arXiv 2508.05685,
-AAAI 2026, Sec. "guidance control") takes w as an input, so that one pass gives the base-prior-guided prediction.
+A fine-tune trained with `guidance_distill` (`priorlab.training.distill`; DogFit, Bahram, Shateri & Granger,
+arXiv 2508.05685, AAAI 2026, Sec. "guidance control") takes w as an input, so that one pass gives the
+base-prior-guided prediction.
 w enters as DogFit's does, beside the class: a small network of w is added to the class embedding, here to the
 output of every label table of the diffusers network (`label_tables`: the UNet's and MLP's `class_embedding`, each
 DiT block's `LabelEmbedding` table) through a forward hook, so diffusers' classes are not edited and the network's

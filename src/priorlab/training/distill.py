@@ -1,5 +1,5 @@
-"""Guidance distilled into the fine-tune: one network per sampling step (issue 33; after DogFit, Bahram, Shateri & Granger,
-"Domain-guided Fine-tuning for Efficient Transfer Learning of Diffusion Models", arXiv 2508.05685, AAAI 2026).
+"""Guidance distilled into the fine-tune: one network per sampling step (issue 33; after DogFit, Bahram, Shateri &
+Granger, "Domain-guided Fine-tuning for Efficient Transfer Learning of Diffusion Models", arXiv 2508.05685, AAAI 2026).
 
 Guidance with the base prior (Phunyaphibarn et al. 2025, Eq. 7) runs two networks per step:
 eps = eps_ψ(x_t, ∅) + w·(eps_θ(x_t, c) − eps_ψ(x_t, ∅)), ψ the frozen base the fine-tune θ started from. With
