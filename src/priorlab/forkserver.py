@@ -16,6 +16,9 @@ Protocol, one JSON object per line. To the server: {"args": [...], "cwd": ..., "
 path} (the files stdout and stderr are appended to, or STDOUT / STDERR: the study's own, which the server holds as
 the descriptors named on its command line). From it: {"pid": pid} for each request, in order, and {"exited": pid,
 "rc": code} as each child ends.
+
+Over 300 lines: the server, the study's client of it and the forked variant speak one protocol and share its
+lifecycle (start, requests, child ends, shutdown), so they stay in one file.
 """
 
 from __future__ import annotations

@@ -35,6 +35,16 @@ class Setting:
 
 
 @torch.no_grad()
+def check_settings(model: Denoiser, settings: list[Setting]) -> None:
+    """Refuse a setting that cannot share a pass (a prior whose weight differs by row) or that the model cannot be
+    guided with (`Prior.check_guided`: prior=distilled on a model without a scale embedding, or outside its range)."""
+    for s in settings:
+        if s.prior.per_row:
+            raise UserError(f"prior={s.prior.name} cannot share a sampling pass; one pass takes the priors of one "
+                            "weight for every row (self, base, none)")  # fmt: skip
+        s.prior.check_guided(model, [s.scale])
+
+
 def sample_many(
     model: Denoiser, labels: Tensor, seeds: Tensor, train_scheduler: DDPMScheduler, sample_shape: tuple[int, ...],
     settings: list[Setting], interval: tuple[float, float] | None = None, sampler: str = "ddim", num_steps: int = 25,
@@ -45,11 +55,7 @@ def sample_many(
     `graphs`: on a GPU, replay each step's prediction of the whole pass from a CUDA graph (`sampling.GraphedStep`;
     one graph per chunk size and guided/unguided step) where every base prior is a priorlab denoiser on the model's
     GPU (`sampling.can_graph`); elsewhere the same computation runs launched."""
-    for s in settings:
-        if s.prior.per_row:
-            raise UserError(f"prior={s.prior.name} cannot share a sampling pass; one pass takes the priors of one "
-                            "weight for every row (self, base, none)")  # fmt: skip
-        s.prior.check_guided(model, [s.scale])
+    check_settings(model, settings)
     device = next(model.parameters()).device
     abar = train_scheduler.alphas_cumprod.to(device)
     k = len(settings)

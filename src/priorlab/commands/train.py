@@ -1,4 +1,8 @@
-"""`priorlab train`: build data, denoiser, module, callbacks and loggers from the config, then fit."""
+"""`priorlab train`: build data, denoiser, module, callbacks and loggers from the config, then fit.
+
+Over 300 lines: the base of a fine-tune (a priorlab folder, a diffusers folder or a hub name), its record and checks,
+and the guidance-distill teacher are all set up here, between the config and the fit; each is a short function.
+"""
 
 from __future__ import annotations
 
