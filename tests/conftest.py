@@ -53,6 +53,8 @@ def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to `n` in this process for the block: a result compared bit for bit with
     another process's must be computed with the thread count that process used (OMP_NUM_THREADS=n there), since
     CPU kernels split their reductions by it."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
