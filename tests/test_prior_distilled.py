@@ -206,3 +206,18 @@ def test_a_results_table_holds_prior_distilled_for_the_distilled_runs_only():
         check_complete(pd.DataFrame(rows("a", plain) + rows("b", both) + short), "results.csv")
     with pytest.raises(UserError, match="the last evaluation of a has no accuracy prior=base w=2"):
         check_complete(pd.DataFrame(rows("a", plain)[:-1] + rows("b", both)), "results.csv")
+
+
+def test_an_export_of_a_distilled_model_says_it_holds_the_plain_network_only(tmp_path):
+    """`priorlab export` writes the diffusers network, which has no scale input: its model card says the one-pass
+    guided prediction stays in the priorlab folder; a plain model's card says nothing of it."""
+    from priorlab.pipelines.export import export_pipeline
+
+    for name, distilled in (("d", True), ("p", False)):
+        model = unet((1, 8, 8), 3, block_out_channels=(8, 16), norm_num_groups=4)
+        if distilled:
+            _distilled(model, max_scale=5.0)
+        save_denoiser(model, DDPMScheduler(), tmp_path / name)
+        card = (export_pipeline(tmp_path / name, tmp_path / f"{name}_exported") / "README.md").read_text()
+        said = "trained with guidance_distill up to w = 5" in card and "plain network (w = 1) only" in card
+        assert said == distilled, card

@@ -111,3 +111,18 @@ def load_scale_embedding(entry, folder: Path) -> ScaleEmbedding:
     except Exception as err:  # truncated file, other shapes
         raise UserError(f"{folder / SCALE_WEIGHTS} could not be loaded ({type(err).__name__}: {err}); {fix}") from err
     return embedding
+
+
+def export_note(denoiser) -> str:
+    """The model card's line on a guidance-distilled model's export ("" for any other): the exported network is the
+    plain one (w = 1); the scale embedding, hooked onto priorlab's wrapper rather than part of the diffusers network,
+    stays in the priorlab folder."""
+    embedding = getattr(denoiser, "scale_embedding", None)
+    if embedding is None:
+        return ""
+    return (
+        f"\n\nThis model was trained with guidance_distill up to w = {embedding.max_scale:g} (after DogFit): in its "
+        "priorlab folder it gives the base-guided prediction in one pass (`prior=distilled`). This export holds "
+        "the plain network (w = 1) only, without its scale embedding; guide it with classifier-free guidance or "
+        "`prior=base`."
+    )

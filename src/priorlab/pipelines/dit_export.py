@@ -26,6 +26,7 @@ from priorlab.models.denoiser import label_tables
 from priorlab.models.hub import source_name
 from priorlab.models.io import SavedModel
 from priorlab.models.latent import Latent
+from priorlab.models.scale import export_note
 
 PIPELINE_NULL = 1000  # the null label DiTPipeline passes (`pipelines.families.DIT`)
 
@@ -102,7 +103,7 @@ A DiT fine-tuned with priorlab from `{source_name(base)}` (weights sha256 {str(b
 training label was replaced by the null class with probability {dropout}, so the model's own unconditional (∅)
 branch was trained on that share of the steps only. The class rows started at the base's null row, the null row is
 the base's. The label table has {PIPELINE_NULL + 1} rows for DiTPipeline's null label {PIPELINE_NULL}; rows
-{d.num_classes} … {PIPELINE_NULL - 1} are unused (they equal the null row).
+{d.num_classes} … {PIPELINE_NULL - 1} are unused (they equal the null row).{export_note(d)}
 
 ```python
 import torch

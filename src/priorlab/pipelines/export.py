@@ -26,6 +26,7 @@ from priorlab import atomic, checks
 from priorlab.errors import UserError
 from priorlab.models.hub import locate, source_name
 from priorlab.models.io import META, SavedModel, check_recorded_base, load_denoiser
+from priorlab.models.scale import export_note
 from priorlab.pipelines.class_pipeline import SOURCE, ClassConditionalPipeline
 from priorlab.pipelines.prior import load_pipeline, load_prior
 from priorlab.priors import DiffusersPrior, PriorNet
@@ -124,7 +125,7 @@ def model_card(saved: SavedModel, name: str) -> str:
               f"{d.prediction_type}", f"- exported from the priorlab model folder `{saved.path}`{stage}"]  # fmt: skip
     if base:
         source.append(f"- fine-tuned from `{source_name(base)}` (weights sha256 {str(base.get('sha256'))[:12]})")
-    lines = "\n".join(source)
+    lines = "\n".join(source) + export_note(d)
     return f"""---
 library_name: diffusers
 tags:
