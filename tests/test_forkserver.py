@@ -101,3 +101,21 @@ def test_a_server_is_forked_only_from_a_process_of_one_thread_that_holds_the_sta
     code = "import os; from priorlab import forkserver; print(forkserver._one_thread(), forkserver.preloaded())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["True", "False"]  # one thread, the stack not imported
+
+
+def test_the_servers_fork_is_not_reported_as_a_fork_of_a_multi_threaded_process(monkeypatch):
+    """Python 3.12 warns at each fork of a process with threads; the server's are libraries' idle ones (`_fork`),
+    and the warning must not reach a study's output. Python 3.12's own warning is stood in for by a fake fork."""
+    import warnings
+
+    def fork_that_warns() -> int:
+        warnings.warn("This process (pid=1) is multi-threaded, use of fork() may lead to deadlocks in the child.",
+                      DeprecationWarning, stacklevel=2)  # fmt: skip
+        return 12345
+
+    monkeypatch.setattr(forkserver.os, "fork", fork_that_warns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert forkserver._fork() == 12345
+        with pytest.raises(DeprecationWarning):  # the stand-in warns outside `_fork`
+            fork_that_warns()

@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -130,7 +131,7 @@ def serve() -> None:
                 for pid in children:  # the study is gone: its runs go too (each resumes from its checkpoint)
                     _signal(pid, signal.SIGTERM)
             else:
-                pid = os.fork()
+                pid = _fork()
                 if pid == 0:
                     _child(json.loads(line))
                 children.add(pid)
@@ -140,6 +141,17 @@ def serve() -> None:
             if done:
                 children.discard(pid)
                 replies.write(json.dumps({"exited": pid, "rc": os.waitstatus_to_exitcode(status)}) + "\n")
+
+
+def _fork() -> int:
+    """os.fork() without Python 3.12's warning that the process is multi-threaded. The server has imported the stack
+    and computes nothing, so its only other threads are libraries' idle ones started at import: one each by torch and
+    Lightning, and a jemalloc background thread (jemalloc registers fork handlers of its own); 4 threads in all,
+    counted in /proc/self/task. The warning reached every study's output on the GPU hosts (Python 3.12)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is multi-threaded, use of fork\(\) may lead to deadlocks",
+                                category=DeprecationWarning)  # fmt: skip
+        return os.fork()
 
 
 def _signal(pid: int, sig: int) -> None:
