@@ -221,3 +221,28 @@ def test_an_export_of_a_distilled_model_says_it_holds_the_plain_network_only(tmp
         card = (export_pipeline(tmp_path / name, tmp_path / f"{name}_exported") / "README.md").read_text()
         said = "trained with guidance_distill up to w = 5" in card and "plain network (w = 1) only" in card
         assert said == distilled, card
+
+
+def test_figure_a_draws_prior_distilled_in_the_panels_of_distilled_fine_tunes_only(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from priorlab.analysis import figures
+
+    rows = []
+    for distill in ("None", "4.0"):
+        for seed in range(2):
+            run = f"finetune/distill={distill}/p=0.1/seed={seed}"
+            priors = (("self", 5.0), ("base", 3.0), *((("distilled", 4.0),) if distill == "4.0" else ()))
+            for prior, fd in priors:
+                rows += [(run, distill, 0.1, seed, 6, prior, w, "fd", fd * w + seed) for w in (1.0, 2.0)]
+    frame = pd.DataFrame(rows, columns=["run", "distill", "cond_dropout", "seed", "step", "prior", "guidance_scale",
+                                        "metric", "value"])  # fmt: skip
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig) or path)
+    figures.fd_vs_scale(frame, tmp_path / "a.png")
+    panels = {
+        ax.get_title().split("\n")[0]: {line.get_label(): line for line in ax.get_lines()} for ax in saved[-1].axes
+    }
+    assert list(panels["distill=4.0"]) == ["prior=self", "prior=base", "prior=distilled"]
+    assert list(panels["distill=None"]) == ["prior=self", "prior=base"]
+    assert list(panels["distill=4.0"]["prior=distilled"].get_ydata()) == pytest.approx([4.5, 8.5])

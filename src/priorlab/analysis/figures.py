@@ -19,9 +19,10 @@ from PIL import Image  # noqa: E402
 from priorlab.analysis.results import axis_columns, bucket_start, extra_priors, final_rows  # noqa: E402
 from priorlab.analysis.stats import mean_ci  # noqa: E402
 from priorlab.keys import BASE, SELF
+from priorlab.priors.modes import DISTILLED
 from priorlab.study.layout import axis_label  # noqa: E402
 
-COLORS = {SELF: "tab:red", BASE: "tab:blue"}
+COLORS = {SELF: "tab:red", BASE: "tab:blue", DISTILLED: "tab:olive"}
 EXTRA_COLORS = ("tab:green", "tab:purple", "tab:orange", "tab:brown")  # the study's extra priors, in name order
 # The values each metric can take: a band (a confidence interval) is drawn inside them, never beyond.
 RANGES = {"accuracy": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0), "fd": (0.0, np.inf),
@@ -78,10 +79,12 @@ def _band(ax, x, groups, label, color, bounds: tuple[float, float] = (-np.inf, n
 
 def fd_vs_scale(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
     """(a) The metric against guidance scale, one panel per condition (rows: the other axes; columns: dropout
-    rates), prior=self vs prior=base and each extra prior, mean and 95% band over seeds."""
+    rates), prior=self vs prior=base, prior=distilled where the study has guidance-distilled fine-tunes, and each extra
+    prior, mean and 95% band over seeds."""
     final = final_rows(frame)
     extras = extra_priors(final[final["metric"] == metric])
-    sub = final[(final["metric"] == metric) & final["prior"].isin(["self", "base", "exact", *extras])]
+    drawn = ["self", "base", *([DISTILLED] if (final["prior"] == DISTILLED).any() else []), *extras]
+    sub = final[(final["metric"] == metric) & final["prior"].isin([*drawn, "exact"])]
     rows = panels(sub)
     rates = sorted(sub["cond_dropout"].unique())
     # each panel its own y scale: a prior that fails at one dropout rate must not flatten the others' curves
@@ -89,8 +92,10 @@ def fd_vs_scale(frame: pd.DataFrame, path: Path, metric: str = "fd") -> Path:
                              layout="constrained")  # fmt: skip
     for row_axes, (title, part) in zip(axes, rows, strict=True):
         for ax, p in zip(row_axes, rates, strict=True):
-            for prior in ("self", "base", *extras):
+            for prior in drawn:
                 s = part[(part["cond_dropout"] == p) & (part["prior"] == prior)]
+                if s.empty:  # prior=distilled in a plain fine-tune's panel
+                    continue
                 scales = sorted(s["guidance_scale"].unique())
                 _band(ax, scales, [s[s["guidance_scale"] == w]["value"] for w in scales], f"prior={prior}",
                       prior_color(prior, extras), metric_range(metric))  # fmt: skip
