@@ -54,24 +54,25 @@ RESULTS = Path(__file__).parent / "results"
 DISTILLED = DistilledPrior()
 
 
+def dit_s(patch_size: int):
+    """A DiT-S at 32 × 32 × 4 latents and 1,000 classes with patches of `patch_size` px: a cheap prior of DiT-B/2."""
+    return dit((4, 32, 32), 1000, num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=patch_size)
+
+
+def small_unet(channels: tuple[int, ...], attention: tuple[bool, ...], groups: int):
+    """A UNet with one layer per block at 32 × 32 × 3 and 10 classes: a cheap prior of UNet-36M."""
+    return unet((3, 32, 32), 10, block_out_channels=channels, attention=attention, layers_per_block=1,
+                norm_num_groups=groups, attention_head_dim=64)  # fmt: skip
+
+
 def small_builders(smoke: bool) -> dict:
     """The cheap prior of each model: the same data shape and schedule, a smaller network."""
     if smoke:
         return {"dit": lambda: dit((4, 8, 8), 10, num_layers=1, num_attention_heads=1, attention_head_dim=8),
                 "unet": lambda: unet((3, 8, 8), 10, block_out_channels=(8, 8), norm_num_groups=4)}  # fmt: skip
     return {
-        "DiT-B/2": lambda: dit(
-            (4, 32, 32), 1000, num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2
-        ),  # DiT-S/2  # fmt: skip
-        "UNet-36M": lambda: unet(
-            (3, 32, 32),
-            10,
-            block_out_channels=(64, 128, 128, 128),
-            attention=(False, True, False, False),
-            layers_per_block=1,
-            norm_num_groups=32,
-            attention_head_dim=64,
-        ),  # fmt: skip
+        "DiT-B/2": lambda: dit_s(2),  # DiT-S/2
+        "UNet-36M": lambda: small_unet((64, 128, 128, 128), (False, True, False, False), 32),
         STUDY: lambda: unet(
             (1, 16, 16), 10, block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, **STUDY_UNET
         ),  # the cheap_prior study's small prior, 1.24M parameters  # fmt: skip
@@ -84,22 +85,13 @@ def lean_builders(smoke: bool) -> dict:
     UNet-36M: a 32-64-128-128 UNet with one layer per block and attention at 8 px (0.166 of the full UNet's activation
     elements, 0.062 of its MACs; the 64-128-128-128 cheap prior: 0.322 and 0.169). DiT-B/2: DiT-S/4, a quarter of
     the tokens (0.126 of the activations, 0.063 of the MACs; DiT-S/2: 0.500 and 0.250). Counts: bench/prior_flops.py."""
+    small = small_builders(smoke)
     if smoke:
-        return small_builders(smoke)
+        return small
     return {
-        "DiT-B/2": lambda: dit(
-            (4, 32, 32), 1000, num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=4
-        ),  # DiT-S/4  # fmt: skip
-        "UNet-36M": lambda: unet(
-            (3, 32, 32),
-            10,
-            block_out_channels=(32, 64, 128, 128),
-            attention=(False, False, True, False),
-            layers_per_block=1,
-            norm_num_groups=16,
-            attention_head_dim=64,
-        ),  # fmt: skip
-        STUDY: small_builders(smoke)[STUDY],
+        "DiT-B/2": lambda: dit_s(4),  # DiT-S/4
+        "UNet-36M": lambda: small_unet((32, 64, 128, 128), (False, False, True, False), 16),
+        STUDY: small[STUDY],
     }
 
 

@@ -150,8 +150,8 @@ def check_recorded_base(model: SavedModel, base: SavedModel) -> str | None:
     sha = content_hash(base.path)
     if sha == record["sha256"]:
         return None
-    if Path(str(record.get("path"))).resolve() == base.path.resolve() or _same_repo(record, base.meta):
-        hub = record.get("hub") if _same_repo(record, base.meta) else None
+    hub = record["hub"] if _same_repo(record, base.meta) else None  # the same hub model, maybe at another commit
+    if hub or Path(str(record.get("path"))).resolve() == base.path.resolve():
         given = f"{base.meta['hub']['repo_id']}@{base.meta['hub']['commit']}" if hub else base.path
         trained = f" ({hub['repo_id']}@{hub.get('commit')})" if hub else ""
         raise UserError(
